@@ -1,0 +1,286 @@
+"""Quality metrics of a ranker and paired bootstrap confidence intervals of their difference.
+
+The gate decides "did the candidate lose quality?" from one held-out set scored by
+both models. Single numbers are not enough: at ads scale an NE change of 0.02% is
+significant, which is far below the noise of a small eval set. So every metric
+difference comes with a *paired* bootstrap interval: the same resampled examples
+score both models, and the shared noise (which examples happen to be hard) cancels.
+
+Metrics (``labels`` are 0/1 click labels, ``probs`` predicted probabilities, shape [n]):
+
+- ``normalized_entropy``: mean log loss / entropy of the base rate (lower is better).
+- ``auc``: probability that a random positive scores above a random negative (ties 1/2).
+- ``calibration``: sum of predicted probabilities / number of positives (1.0 is ideal).
+
+Speed (1e5 to 1e6 examples, 1000 resamples): every metric is written as a ratio of
+sums of per-example columns, so a resample only needs the per-unit sums weighted by
+how often each unit was drawn (one small matrix product). NE and calibration are
+ratios of sums exactly. AUC is resampled through its exact influence function (the
+DeLong placement values), which is additive; its interval matches DeLong's
+variance for paired ROC curves. Above ``max_units`` examples, examples are split into
+``max_units`` random groups that are resampled whole; random groups of iid examples
+are iid, so the interval stays valid while the cost stops growing with n.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+Metric = Literal["ne", "auc", "calibration"]
+METRICS: tuple[str, ...] = ("ne", "auc", "calibration")
+PROB_EPS = 1e-7  # log loss is undefined at p in {0, 1}; clip like the training loss does
+_CHUNK_ELEMS = 4_000_000  # resample counts generated per chunk (bounds memory)
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _as_labels(labels: object) -> np.ndarray:
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise ValueError("labels are empty; evaluate on at least one example")
+    if not np.all((y == 0.0) | (y == 1.0)):
+        raise ValueError("labels must be 0 or 1 (binary click labels); got other values")
+    return y
+
+
+def _as_probs(probs: object, n: int, name: str = "probs") -> np.ndarray:
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if p.shape[0] != n:
+        raise ValueError(f"{name} has {p.shape[0]} values but labels have {n}; score the same examples")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{name} contains NaN or Inf; the model produced non-finite predictions")
+    return p
+
+
+def _check_probs_range(p: np.ndarray, name: str = "probs") -> None:
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(f"{name} must be probabilities in [0, 1]; apply a sigmoid to logits first")
+
+
+def _binary_entropy(rate: np.ndarray | float) -> np.ndarray | float:
+    r = np.clip(rate, PROB_EPS, 1.0 - PROB_EPS)
+    return -(r * np.log(r) + (1.0 - r) * np.log(1.0 - r))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+    p = np.clip(p, eps, 1.0 - eps)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+# ----------------------------------------------------------------- point metrics
+
+
+def normalized_entropy(labels: object, probs: object, eps: float = PROB_EPS) -> float:
+    """NE = mean log loss / entropy of the base rate. labels, probs: [n]. Lower is better."""
+    y = _as_labels(labels)
+    p = _as_probs(probs, y.size)
+    _check_probs_range(p)
+    base_rate = y.mean()
+    if base_rate in (0.0, 1.0):
+        raise ValueError("NE needs both positive and negative labels; the eval set has only one class")
+    return float(_log_loss(y, p, eps).mean() / _binary_entropy(base_rate))
+
+
+def calibration(labels: object, probs: object) -> float:
+    """sum(probs) / sum(labels): 1.0 is calibrated, > 1 over-predicts. labels, probs: [n]."""
+    y = _as_labels(labels)
+    p = _as_probs(probs, y.size)
+    _check_probs_range(p)
+    if y.sum() == 0:
+        raise ValueError("calibration needs at least one positive label")
+    return float(p.sum() / y.sum())
+
+
+def _placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """DeLong placement values: for a positive, the share of negatives it beats (ties 1/2);
+    for a negative, the share of positives that beat it. Returns ([n], auc)."""
+    n_pos = y.sum()
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative labels; the eval set has only one class")
+    order = np.argsort(scores, kind="stable")
+    s_sorted = scores[order]
+    y_sorted = y[order]
+    # tie groups in sorted order
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    pos_g = np.add.reduceat(y_sorted, starts)
+    neg_g = np.add.reduceat(1.0 - y_sorted, starts)
+    neg_below = np.cumsum(neg_g) - neg_g  # negatives strictly lower than the group
+    pos_above = n_pos - np.cumsum(pos_g)  # positives strictly higher than the group
+    group_of = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, s_sorted.size]))
+    v_pos = (neg_below + 0.5 * neg_g)[group_of] / n_neg
+    v_neg = (pos_above + 0.5 * pos_g)[group_of] / n_pos
+    placement_sorted = np.where(y_sorted == 1.0, v_pos, v_neg)
+    placement = np.empty_like(placement_sorted)
+    placement[order] = placement_sorted
+    auc_value = float((pos_g * (neg_below + 0.5 * neg_g)).sum() / (n_pos * n_neg))
+    return placement, auc_value
+
+
+def auc(labels: object, scores: object) -> float:
+    """Area under the ROC curve from ranks (ties count 1/2). labels, scores: [n]."""
+    y = _as_labels(labels)
+    s = _as_probs(scores, y.size, "scores")
+    return _placements(y, s)[1]
+
+
+# ----------------------------------------------------------------- paired bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Paired difference b - a of one metric with a bootstrap confidence interval.
+
+    ``diff = value_b - value_a`` and ``rel_diff = diff / value_a``; ``ci_*`` bound
+    ``diff`` and ``rel_ci_*`` bound ``rel_diff`` at ``confidence``. ``diff_se`` and
+    ``rel_se`` are the bootstrap standard errors (they shrink as 1/sqrt(n)).
+    """
+
+    metric: str
+    value_a: float
+    value_b: float
+    diff: float
+    rel_diff: float
+    ci_lo: float
+    ci_hi: float
+    rel_ci_lo: float
+    rel_ci_hi: float
+    diff_se: float
+    rel_se: float
+    n: int
+    n_units: int
+    n_boot: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return dict(self.__dict__)
+
+
+def _ne_columns(y, pa, pb, eps):
+    cols = np.stack([np.ones_like(y), y, _log_loss(y, pa, eps), _log_loss(y, pb, eps)], axis=1)
+
+    def values(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = _binary_entropy(s[:, 1] / s[:, 0])
+        return s[:, 2] / s[:, 0] / h, s[:, 3] / s[:, 0] / h
+
+    return cols, values
+
+
+def _calibration_columns(y, pa, pb, eps):
+    cols = np.stack([y, pa, pb], axis=1)
+    return cols, lambda s: (s[:, 1] / s[:, 0], s[:, 2] / s[:, 0])
+
+
+def _auc_columns(y, pa, pb, eps):
+    place_a, auc_a = _placements(y, pa)
+    place_b, auc_b = _placements(y, pb)
+    neg = 1.0 - y
+    cols = np.stack([y, neg, y * place_a, neg * place_a, y * place_b, neg * place_b], axis=1)
+
+    def values(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # linearised AUC of a resample: mean placement of its positives + of its negatives - AUC
+        a = s[:, 2] / s[:, 0] + s[:, 3] / s[:, 1] - auc_a
+        b = s[:, 4] / s[:, 0] + s[:, 5] / s[:, 1] - auc_b
+        return a, b
+
+    return cols, values
+
+
+_COLUMNS: dict[str, Callable] = {"ne": _ne_columns, "auc": _auc_columns, "calibration": _calibration_columns}
+_POINT: dict[str, Callable] = {"ne": normalized_entropy, "auc": auc, "calibration": calibration}
+
+
+def _group_units(cols: np.ndarray, max_units: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-unit column sums [G, k]: one unit per example, or max_units random groups."""
+    n = cols.shape[0]
+    if n <= max_units:
+        return cols
+    group = rng.permutation(n) % max_units  # equal-size random groups
+    return np.stack([np.bincount(group, weights=c, minlength=max_units) for c in cols.T], axis=1)
+
+
+def _resampled_sums(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, k] column sums of n_boot resamples (with replacement) of the G units."""
+    g = units.shape[0]
+    chunk = max(1, min(n_boot, _CHUNK_ELEMS // g))
+    out = np.empty((n_boot, units.shape[1]))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.integers(0, g, size=(b, g)) + (np.arange(b) * g)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * g).reshape(b, g)
+        out[start : start + b] = counts @ units
+    return out
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(lo), float(hi), float(samples.std(ddof=1))
+
+
+def paired_bootstrap(
+    labels: object,
+    probs_a: object,
+    probs_b: object,
+    metric: Metric = "ne",
+    n_boot: int = 1000,
+    seed: int | None = None,
+    confidence: float = 0.95,
+    max_units: int = 20_000,
+) -> BootstrapResult:
+    """Paired bootstrap CI of metric(b) - metric(a) on the same examples. labels, probs_*: [n].
+
+    Percentile intervals from ``n_boot`` resamples of the examples (or of ``max_units``
+    random groups of them when n is larger; see the module docstring).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not supported; use one of {list(METRICS)}")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must be in (0.5, 1), e.g. 0.95")
+    if n_boot < 50:
+        raise ValueError(f"n_boot={n_boot} is too few for an interval; use at least 50 (1000 is typical)")
+    if max_units < 100:
+        raise ValueError(f"max_units={max_units} is too few groups; use at least 100")
+    y = _as_labels(labels)
+    pa = _as_probs(probs_a, y.size, "probs_a")
+    pb = _as_probs(probs_b, y.size, "probs_b")
+    if metric != "auc":
+        _check_probs_range(pa, "probs_a")
+        _check_probs_range(pb, "probs_b")
+    value_a, value_b = _POINT[metric](y, pa), _POINT[metric](y, pb)
+    rng = np.random.default_rng(seed)
+    cols, values = _COLUMNS[metric](y, pa, pb, PROB_EPS)
+    units = _group_units(cols, max_units, rng)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot_a, boot_b = values(_resampled_sums(units, n_boot, rng))
+        diff = boot_b - boot_a
+        rel = diff / boot_a
+    keep = np.isfinite(diff) & np.isfinite(rel)
+    if keep.mean() < 0.99:
+        raise ValueError(
+            f"{metric}: {int((~keep).sum())} of {n_boot} resamples had a single class; "
+            "the eval set has too few positives or negatives to give an interval"
+        )
+    lo, hi, se = _interval(diff[keep], confidence)
+    rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence)
+    return BootstrapResult(
+        metric=metric,
+        value_a=value_a,
+        value_b=value_b,
+        diff=value_b - value_a,
+        rel_diff=(value_b - value_a) / value_a,
+        ci_lo=lo,
+        ci_hi=hi,
+        rel_ci_lo=rel_lo,
+        rel_ci_hi=rel_hi,
+        diff_se=se,
+        rel_se=rel_se,
+        n=int(y.size),
+        n_units=int(units.shape[0]),
+        n_boot=int(n_boot),
+        confidence=float(confidence),
+    )
