@@ -1,0 +1,107 @@
+"""``scaled_mm``: cuBLASLt FP8 GEMMs through ``torch._scaled_mm``.
+
+Takes tensorwise or rowwise recipes (both operands the same granularity),
+not e5m2 x e5m2, with K and N multiples of 16 (cuBLASLt's alignment rule; we
+apply it on CPU too so that a plan valid here is valid on a GPU). Runs on
+sm_89+ GPUs and on CPU with torch builds that implement FP8 ``_scaled_mm``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from loka.quantize import quantize_operand
+from loka.recipe import GemmRecipe
+
+from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+
+ALIGN = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fp8_scaled_mm() -> Support:
+    """Probe once whether this torch build runs FP8 _scaled_mm on CPU."""
+    if not hasattr(torch, "_scaled_mm"):
+        return no("torch._scaled_mm is missing from this torch build")
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        one = torch.ones(())
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError) as exc:
+        return no(f"this torch build has no FP8 _scaled_mm on CPU ({str(exc).splitlines()[0]})")
+    return YES
+
+
+def _cuda_support(device: torch.device) -> Support:
+    if not torch.cuda.is_available():
+        return no("CUDA is not available")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return no(f"FP8 tensor cores need sm_89+, this GPU is sm_{major}{minor}")
+    return YES
+
+
+class ScaledMMKernel(GemmKernel):
+    """torch._scaled_mm with tensorwise or rowwise float32 scales."""
+
+    name = "scaled_mm"
+    backend = "scaled_mm"
+    fast_accum = False
+
+    def available(self, device=None) -> Support:
+        device = torch.device(device or "cpu")
+        if not hasattr(torch, "_scaled_mm"):
+            return no("torch._scaled_mm is missing from this torch build")
+        return _cuda_support(device) if device.type == "cuda" else _cpu_fp8_scaled_mm()
+
+    def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
+        if recipe.is_hp:
+            return no("scaled_mm runs FP8 GEMMs only; this GEMM is hp")
+        ga, gb = recipe.a.granularity, recipe.b.granularity
+        if ga != gb or ga not in ("tensorwise", "rowwise"):
+            return no(f"scaled_mm takes tensorwise or rowwise on both operands, got {ga} x {gb}")
+        if recipe.a.format == "e5m2" and recipe.b.format == "e5m2":
+            return no("scaled_mm has no e5m2 x e5m2 GEMM")
+        m, k, n = shape
+        if k % ALIGN:
+            return no(f"K={k} is not a multiple of {ALIGN}")
+        if n % ALIGN:
+            return no(f"N={n} is not a multiple of {ALIGN}")
+        return YES
+
+    def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
+        m, k, n = check_operands(a, b)
+        ok, reason = self.supports(recipe, (m, k, n), a.dtype, a.device)
+        if not ok:
+            raise ValueError(f"scaled_mm cannot run this GEMM [M={m}, K={k}, N={n}]: {reason}")
+        out_dtype = out_dtype or a.dtype
+        a_fp8, sa = quantize_operand(a, recipe.a, scale_a)
+        if isinstance(b, Quantized):
+            b_fp8, sb = b.data, b.scale
+        else:
+            b_fp8, sb = quantize_operand(b, recipe.b, scale_b)
+        rowwise = recipe.a.granularity == "rowwise"
+        if rowwise:
+            # A per-tensor (delayed/static) scale broadcasts onto the rowwise layout.
+            sa = sa.expand(m, 1) if sa.dim() == 0 else sa
+            sb = sb.expand(n, 1) if sb.dim() == 0 else sb
+        # cuBLASLt's rowwise FP8 GEMM writes bf16; an fp32 caller gets that result upcast.
+        mm_dtype = torch.bfloat16 if rowwise and a.is_cuda and out_dtype == torch.float32 else out_dtype
+        out = torch._scaled_mm(
+            a_fp8.contiguous(),
+            b_fp8.contiguous().t(),  # column-major [K, N]
+            scale_a=sa.float().contiguous(),
+            scale_b=(sb.float().reshape(1, n) if rowwise else sb.float()).contiguous(),
+            out_dtype=mm_dtype,
+            use_fast_accum=self.fast_accum,
+        )
+        return out.to(out_dtype)
+
+
+class ScaledMMFastAccumKernel(ScaledMMKernel):
+    """scaled_mm with cuBLASLt fast accumulation (faster on Hopper, less precise)."""
+
+    name = "scaled_mm_fast_accum"
+    fast_accum = True

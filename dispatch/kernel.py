@@ -1,0 +1,131 @@
+"""The GEMM kernel interface every backend implements, and its typed registry.
+
+A *kernel* is one executable implementation of FP8 (or hp) GEMMs on a backend.
+All kernels compute the same thing, ``out[M, N] = a[M, K] · b[N, K]ᵀ`` with both
+operands reduction-last (see loka/recipe.py for how fprop, dgrad and wgrad map
+onto it), and differ in which recipes and shapes they take and how fast they
+are. ``emulated`` is the reference every other kernel is tested against.
+
+Backends are probed lazily: ``available()`` imports libraries and checks the
+device only when asked, and says why not by name (``te: not installed``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from loka.recipe import GEMMS, GemmRecipe
+
+Shape = tuple[int, int, int]  # (M, K, N) of out[M,N] = a[M,K] · b[N,K]ᵀ
+
+
+@dataclass(frozen=True)
+class Support:
+    """Answer of ``available()`` / ``supports()``: ``ok`` and, when not, why."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __iter__(self):  # allows ``ok, reason = kernel.supports(...)``
+        return iter((self.ok, self.reason))
+
+
+YES = Support(True)
+
+
+def no(reason: str) -> Support:
+    return Support(False, reason)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An operand already cast to FP8 (e.g. a weight cached for serving)."""
+
+    data: torch.Tensor  # [rows, K] fp8, row-major
+    scale: torch.Tensor  # dequant scale, shaped as loka.quantize returns it
+
+
+class GemmKernel(ABC):
+    """One implementation of ``out = a · bᵀ`` for some recipes, shapes and devices."""
+
+    name: ClassVar[str]
+    backend: ClassVar[str]
+    gemms: ClassVar[frozenset[str]] = frozenset(GEMMS)
+    hp: ClassVar[bool] = False  # True for kernels that do not quantize
+
+    def available(self, device: torch.device | str | None = None) -> Support:
+        """Whether this kernel can run on ``device`` here (library present, capability)."""
+        return YES
+
+    @abstractmethod
+    def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device: torch.device | str) -> Support:
+        """Whether this kernel computes ``recipe`` at ``shape`` for inputs of ``dtype`` on ``device``."""
+
+    @abstractmethod
+    def mm(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor | Quantized,
+        recipe: GemmRecipe,
+        *,
+        scale_a: torch.Tensor | None = None,
+        scale_b: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """``a[M,K] · b[N,K]ᵀ -> [M,N]``. ``scale_a``/``scale_b`` are precomputed (delayed or
+        static) dequant scales; None means dynamic. ``b`` may be pre-quantized."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({self.backend})>"
+
+
+def check_operands(a: torch.Tensor, b: torch.Tensor | Quantized) -> Shape:
+    """Validate 2-D operands with matching reduction dims; returns (M, K, N)."""
+    b_data = b.data if isinstance(b, Quantized) else b
+    if a.dim() != 2 or b_data.dim() != 2:
+        raise ValueError(f"GEMM operands must be 2-D, got a{tuple(a.shape)} and b{tuple(b_data.shape)}")
+    if a.shape[1] != b_data.shape[1]:
+        raise ValueError(
+            f"reduction dims differ: a is [M={a.shape[0]}, K={a.shape[1]}], b is [N={b_data.shape[0]}, K={b_data.shape[1]}]"
+        )
+    return a.shape[0], a.shape[1], b_data.shape[0]
+
+
+class KernelRegistry:
+    """Name -> kernel, for every backend loka knows (available here or not)."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[str, GemmKernel] = {}
+
+    def register(self, kernel: GemmKernel) -> GemmKernel:
+        if not isinstance(kernel, GemmKernel):
+            raise TypeError(f"register needs a GemmKernel instance, got {type(kernel).__name__}")
+        if kernel.name in self._kernels:
+            raise ValueError(f"a kernel named {kernel.name!r} is already registered")
+        self._kernels[kernel.name] = kernel
+        return kernel
+
+    def get(self, name: str) -> GemmKernel:
+        try:
+            return self._kernels[name]
+        except KeyError:
+            raise ValueError(f"unknown kernel {name!r}; registered kernels: {sorted(self._kernels)}") from None
+
+    def names(self) -> list[str]:
+        return list(self._kernels)
+
+    def __iter__(self):
+        return iter(self._kernels.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._kernels
+
+
+KERNELS = KernelRegistry()

@@ -1,0 +1,14 @@
+"""Registers loka's built-in kernels in ``KERNELS`` (imported for its effect).
+
+Optional backends (torchao, Transformer Engine, Triton) register here too;
+whether they can run on this machine is asked lazily through ``available()``.
+"""
+
+from __future__ import annotations
+
+from loka.dispatch.backend_reference import Bf16Kernel, EmulatedKernel
+from loka.dispatch.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
+from loka.dispatch.kernel import KERNELS
+
+for _kernel in (Bf16Kernel(), EmulatedKernel(), ScaledMMKernel(), ScaledMMFastAccumKernel()):
+    KERNELS.register(_kernel)

@@ -1,0 +1,204 @@
+"""``Float8Linear``: an ``nn.Linear`` whose three GEMMs each run through a chosen kernel.
+
+It *is* an ``nn.Linear`` (same Parameters, same ``state_dict`` keys), so
+checkpoints load in both directions and code that looks for Linears still finds
+it. What changes is the autograd function: for ``y = x Wᵀ + b``
+
+    fprop  y[M,N]  = x[M,K]    · W[N,K]ᵀ      kernels["fprop"]
+    dgrad  dx[M,K] = dy[M,N]   · Wᵀ[K,N]ᵀ     kernels["dgrad"]
+    wgrad  dW[N,K] = dyᵀ[N,M]  · xᵀ[K,M]ᵀ     kernels["wgrad"]
+
+each GEMM is one ``GemmKernel.mm`` call with the recipe's operand casts, so a
+plan can choose a different kernel (or hp) per GEMM. When a kernel cannot take
+a shape seen at run time (e.g. wgrad's K = batch size not a multiple of 16),
+the module either raises (``fallback="error"``) or runs that GEMM in hp and
+records why in ``fallbacks`` (``fallback="hp"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import torch
+from torch import nn
+
+from loka.dispatch.kernel import GemmKernel, Quantized
+from loka.quantize import quantize_operand
+from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
+from loka.scaling import ScaleState
+
+Fallback = Literal["error", "hp"]
+AUTO_PREFERENCE = ("scaled_mm", "emulated")
+
+
+def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: torch.device | str = "cpu") -> tuple[Recipe, dict[str, GemmKernel]]:
+    """Kernel per GEMM from a name, ``"auto"`` or a ``{gemm: name}`` map.
+
+    A GEMM given the ``bf16`` kernel runs in hp, so its recipe becomes hp.
+    ``"auto"`` takes the first of ``AUTO_PREFERENCE`` that is available and
+    takes the recipe (``emulated`` always does).
+    """
+    from loka.dispatch import KERNELS
+
+    names = {g: kernels for g in GEMMS} if isinstance(kernels, str) else dict(kernels)
+    unknown = set(names) - set(GEMMS)
+    if unknown:
+        raise ValueError(f"kernels has unknown GEMM names {sorted(unknown)}; use {list(GEMMS)}")
+    chosen: dict[str, GemmKernel] = {}
+    for gemm in GEMMS:
+        g = recipe.gemm(gemm)
+        name = names.get(gemm, "auto")
+        if g.is_hp or name == "bf16":
+            recipe = recipe.with_gemm(gemm, HP_GEMM)
+            chosen[gemm] = KERNELS.get("bf16")
+            continue
+        if name == "auto":
+            name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
+        kernel = KERNELS.get(name)
+        ok, why = kernel.available(device)
+        if not ok:
+            raise ValueError(f"kernel {name!r} for {gemm} is not available here: {why}")
+        chosen[gemm] = kernel
+    return recipe, chosen
+
+
+def _fits_recipe(kernel: GemmKernel, g, device) -> bool:
+    """Whether ``kernel`` runs here and takes the recipe at an aligned shape."""
+    return bool(kernel.available(device)) and bool(kernel.supports(g, (16, 16, 16), torch.float32, device))
+
+
+class Float8Linear(nn.Linear):
+    """Drop-in ``nn.Linear`` with FP8 GEMMs.
+
+    >>> m = Float8Linear(64, 32, recipe="rowwise", kernels="emulated")
+    >>> m(torch.randn(8, 64)).shape
+    torch.Size([8, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        recipe: Recipe | str = "tensorwise",
+        kernels: str | Mapping[str, str] = "auto",
+        fallback: Fallback = "error",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._configure(recipe, kernels, fallback)
+
+    def _configure(self, recipe, kernels, fallback) -> None:
+        if fallback not in ("error", "hp"):
+            raise ValueError(f"fallback={fallback!r} is not valid; use 'error' or 'hp'")
+        device = self.weight.device
+        self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, device)
+        self.fallback = fallback
+        self.fallbacks: dict[str, str] = {}  # gemm -> why it ran in hp
+        self.scale_state = ScaleState(self.recipe)
+        self._weight_cache: tuple[int, Quantized] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, recipe: Recipe | str = "tensorwise", kernels: str | Mapping[str, str] = "auto", fallback: Fallback = "error") -> "Float8Linear":
+        """Wrap an existing Linear, reusing its Parameters (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        new._configure(recipe, kernels, fallback)
+        return new
+
+    def set_static_scale(self, role: str, scale: float, gemm: str | None = None) -> list[str]:
+        """Calibrated dequant scale for a statically-scaled operand (see loka.scaling)."""
+        return self.scale_state.set_static_scale(role, scale, gemm)
+
+    def extra_repr(self) -> str:
+        ks = ", ".join(f"{g}={self.kernels[g].name}" for g in GEMMS)
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, {ks}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dim is {x.shape[-1]}, this layer takes in_features={self.in_features}")
+        compute_dtype = _compute_dtype(x)
+        x2d = x.reshape(-1, self.in_features)
+        y2d = _Float8LinearFn.apply(x2d, self.weight, self, compute_dtype)
+        y = y2d.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    # --- the three GEMMs, each through its kernel -------------------------------------
+    def run_gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        kernel, g = self.kernels[gemm], self.recipe.gemm(gemm)
+        shape = (a.shape[0], a.shape[1], b.shape[0])
+        if not kernel.hp:
+            ok, why = kernel.supports(g, shape, a.dtype, a.device)
+            if not ok:
+                if self.fallback == "error":
+                    raise ValueError(
+                        f"{gemm} of Float8Linear({self.in_features}, {self.out_features}) with kernel "
+                        f"{kernel.name!r} cannot run [M={shape[0]}, K={shape[1]}, N={shape[2]}]: {why}; pad the "
+                        "shape (loka.mods padding) or pass fallback='hp'"
+                    )
+                self.fallbacks[gemm] = f"{kernel.name}: {why}"
+                kernel, g = self.kernels_hp(), HP_GEMM
+        if kernel.hp:
+            return kernel.mm(a.to(out_dtype), b.to(out_dtype), g, out_dtype=out_dtype)
+        a_role, b_role = GEMM_ROLES[gemm]
+        scale_a = self.scale_state.scale_for(gemm, a_role, a)
+        b_in = self._cached_weight(gemm, b) if b_role == "weight" and not torch.is_grad_enabled() and not self.training else b
+        scale_b = self.scale_state.scale_for(gemm, b_role, b) if not isinstance(b_in, Quantized) else None
+        return kernel.mm(a, b_in, g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+    def kernels_hp(self) -> GemmKernel:
+        from loka.dispatch import KERNELS
+
+        return KERNELS.get("bf16")
+
+    def _cached_weight(self, gemm: str, w: torch.Tensor) -> torch.Tensor | Quantized:
+        """In eval mode the fprop weight is quantized once and reused until it changes."""
+        if gemm != "fprop" or self.recipe.fprop.b.scaling != "dynamic":
+            return w
+        version = self.weight._version
+        if self._weight_cache is None or self._weight_cache[0] != version:
+            data, scale = quantize_operand(w, self.recipe.fprop.b)
+            self._weight_cache = (version, Quantized(data.contiguous(), scale))
+        return self._weight_cache[1]
+
+    def train(self, mode: bool = True):
+        self._weight_cache = None
+        return super().train(mode)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    """y = x Wᵀ with fprop, dgrad and wgrad each through the module's kernels."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, module: Float8Linear, compute_dtype: torch.dtype):
+        ctx.module, ctx.compute_dtype = module, compute_dtype
+        ctx.save_for_backward(x2d, weight)
+        # [M, K] · [N, K]ᵀ -> [M, N]
+        return module.run_gemm("fprop", x2d, weight, compute_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        module, dt = ctx.module, ctx.compute_dtype
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # dgrad: [M, N] · ([K, N])ᵀ -> [M, K]
+            dx = module.run_gemm("dgrad", dy, weight.t().contiguous(), dt).to(x2d.dtype)
+        if ctx.needs_input_grad[1]:
+            # wgrad: [N, M] · ([K, M])ᵀ -> [N, K]
+            dw = module.run_gemm("wgrad", dy.t().contiguous(), x2d.t().contiguous(), dt).to(weight.dtype)
+        return dx, dw, None, None

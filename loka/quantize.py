@@ -1,0 +1,210 @@
+"""Quantize and dequantize tensors to FP8 at every granularity loka supports.
+
+One function does the cast for all recipes so that every kernel, the probe and
+the emulated reference agree bit for bit on what "quantized with recipe R"
+means. Conventions (shared with torch._scaled_mm):
+
+- Scale groups run along the **last** dim, the GEMM's reduction dim. A 2-D
+  ``x[R, C]`` gets a scale of shape ``[]`` (tensorwise), ``[R, 1]`` (rowwise) or
+  ``[ceil(R/br), ceil(C/bc)]`` (blockwise / mx with block ``(br, bc)``).
+- ``scale`` is the **dequantization** multiplier: ``x ≈ x_fp8.float() * scale``.
+- ``scale = max(amax / fmax, 2**-126)``, with ``amax == 0`` giving scale 1, so a
+  zero row or tensor never divides by zero; ``pow2`` rounds the scale *up* to a
+  power of two (exact via frexp), so ``|x| / scale <= fmax`` still holds.
+- The cast saturates: finite values are clamped to ``±fmax`` before rounding
+  to nearest-even. Non-finite values pass through (NaN stays NaN; ±Inf becomes
+  NaN in e4m3, which has no Inf, and stays ±Inf in e5m2).
+- ``nonfinite="skip"`` computes amax over finite values only (so one Inf does
+  not zero a whole group); ``"raise"`` raises :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loka.formats import Float8Format, get_format
+from loka.recipe import GRANULARITIES, OperandRecipe
+
+MIN_SCALE = 2.0**-126  # smallest normal float32: keeps 1/scale finite
+MAX_POW2_EXP = 127
+
+
+class NonFiniteError(ValueError):
+    """Raised when a tensor with NaN/Inf is quantized under ``nonfinite="raise"``."""
+
+
+def _group_shape(shape: torch.Size, granularity: str, block: tuple[int, int]) -> tuple[int, int] | None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not valid; use one of {list(GRANULARITIES)}")
+    if granularity == "tensorwise":
+        return None
+    if granularity == "rowwise":
+        return (1, shape[-1])
+    br, bc = block
+    if br != 1 and len(shape) != 2:
+        raise ValueError(
+            f"{granularity} with {br}x{bc} blocks needs a 2-D tensor, got shape {tuple(shape)}; "
+            "reshape to [rows, reduction] first"
+        )
+    return (br, bc)
+
+
+def _padded_blocks(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    """View a 2-D ``x`` padded with zeros as ``[Rg, br, Cg, bc]`` blocks."""
+    r, c = x.shape
+    pr, pc = (-r) % br, (-c) % bc
+    if pr or pc:
+        x = torch.nn.functional.pad(x, (0, pc, 0, pr))
+    return x.reshape(x.shape[0] // br, br, x.shape[1] // bc, bc)
+
+
+def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] = (1, 128), *, finite_only: bool = True) -> torch.Tensor:
+    """Per-group max of |x| in float32, shaped like the scale (see module doc)."""
+    ax = x.detach().abs().float()
+    if finite_only:
+        ax = torch.where(torch.isfinite(ax), ax, torch.zeros((), dtype=ax.dtype, device=ax.device))
+    group = _group_shape(x.shape, granularity, block)
+    if group is None:
+        return ax.amax() if ax.numel() else torch.zeros((), device=ax.device)
+    br, bc = group
+    if br == 1 and bc == x.shape[-1]:
+        return ax.amax(dim=-1, keepdim=True) if x.shape[-1] else torch.zeros((*x.shape[:-1], 1), device=ax.device)
+    lead = x.shape[:-1]
+    flat = ax.reshape(-1, x.shape[-1]) if br == 1 else ax
+    amax = _padded_blocks(flat, br, bc).amax(dim=(1, 3))
+    return amax.reshape(*lead, amax.shape[-1]) if br == 1 else amax
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: str | Float8Format, pow2: bool = False) -> torch.Tensor:
+    """Dequantization scale(s) from amax(es): ``max(amax / fmax, 2**-126)``, 1 where amax is 0."""
+    f = get_format(fmt)
+    amax = amax.float()
+    scale = torch.where(amax > 0, amax / f.max, torch.ones_like(amax)).clamp_min(MIN_SCALE)
+    if pow2:
+        scale = round_up_pow2(scale)
+    return scale
+
+
+def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= ``scale`` (exact; finite positive inputs)."""
+    mantissa, exponent = torch.frexp(scale)  # scale = m * 2**e, m in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent).clamp(max=MAX_POW2_EXP)
+    return torch.ldexp(torch.ones_like(scale), exponent)
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Broadcast a scale of any granularity to a tensor of ``shape``."""
+    if scale.dim() == 0 or (scale.shape[-1] == 1 and scale.dim() == len(shape)):
+        return scale
+    if block is None:
+        raise ValueError(
+            f"a scale of shape {tuple(scale.shape)} for a tensor of shape {tuple(shape)} is blockwise; "
+            "pass block=(rows, cols) to say how it maps onto the tensor"
+        )
+    br, bc = block
+    out = scale.repeat_interleave(bc, dim=-1)[..., : shape[-1]]
+    if br != 1:
+        out = out.repeat_interleave(br, dim=0)[: shape[0]]
+    return out
+
+
+def saturated_cast(x_scaled: torch.Tensor, fmt: str | Float8Format) -> torch.Tensor:
+    """Round float32 values to FP8, clamping finite values to ±fmax; NaN/Inf pass through."""
+    f = get_format(fmt)
+    x_scaled = x_scaled.float()
+    finite = torch.isfinite(x_scaled)
+    # Not `x_scaled` itself: torch casts Inf to ±448 in e4m3fn, which would hide it.
+    passthrough = x_scaled if f.has_inf else torch.full_like(x_scaled, math.nan)
+    return torch.where(finite, x_scaled.clamp(-f.max, f.max), passthrough).to(f.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | Float8Format = "e4m3",
+    granularity: str = "tensorwise",
+    *,
+    block: tuple[int, int] = (1, 128),
+    scale: torch.Tensor | None = None,
+    pow2_scale: bool = False,
+    nonfinite: str = "skip",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x[..., C]`` to FP8; returns ``(x_fp8, scale)`` (see module doc).
+
+    ``scale`` given (delayed/static scaling) is used as is and broadcast over
+    the groups; otherwise it is computed from the groups' amax (dynamic).
+    """
+    f = get_format(fmt)
+    if not x.is_floating_point():
+        raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"nonfinite={nonfinite!r} is not valid; use 'skip' or 'raise'")
+    if nonfinite == "raise":
+        _raise_if_nonfinite(x)
+    group = _group_shape(x.shape, granularity, block)
+    if scale is None:
+        scale = scale_from_amax(group_amax(x, granularity, block), f, pow2_scale)
+    else:
+        scale = scale.float().clamp_min(MIN_SCALE).to(x.device)
+        scale = round_up_pow2(scale) if pow2_scale else scale
+    x_fp8 = saturated_cast(x.float() / expand_scale(scale, x.shape, group), f)
+    return x_fp8, scale
+
+
+def _raise_if_nonfinite(x: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise NonFiniteError(
+            f"tensor of shape {tuple(x.shape)} has {bad} NaN/Inf values; fix the model's numerics "
+            "or quantize with nonfinite='skip' to ignore them for scaling and count them"
+        )
+
+
+def dequantize(
+    x_fp8: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``x_fp8 * scale`` in float32, cast to ``out_dtype``; ``block`` is needed for blockwise/mx scales."""
+    return (x_fp8.float() * expand_scale(scale, x_fp8.shape, block)).to(out_dtype)
+
+
+def quantize_operand(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an operand as its recipe says (``op`` must not be ``hp``)."""
+    if op.is_hp:
+        raise ValueError("quantize_operand got an hp operand recipe; hp operands are not quantized")
+    return quantize(
+        x, op.format, op.granularity, block=op.block, scale=scale, pow2_scale=op.pow2, nonfinite=op.nonfinite
+    )
+
+
+def operand_block(op: OperandRecipe, shape: torch.Size) -> tuple[int, int] | None:
+    """The group shape ``expand_scale`` needs for a scale made by ``quantize_operand``."""
+    return _group_shape(shape, op.granularity, op.block)
+
+
+def fake_quantize(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize (the ``emulated`` cast), in ``x``'s dtype. hp returns ``x``."""
+    if op.is_hp:
+        return x
+    x_fp8, s = quantize_operand(x, op, scale)
+    return dequantize(x_fp8, s, block=operand_block(op, x.shape), out_dtype=x.dtype)
+
+
+def fraction_underflow_saturate(x: torch.Tensor, op: OperandRecipe) -> tuple[float, float]:
+    """Fractions of nonzero finite values that would flush to zero / clamp at fmax under ``op``."""
+    f = get_format(op.format)
+    x = x.detach().float()
+    finite = torch.isfinite(x) & (x != 0)
+    n = int(finite.sum())
+    if n == 0:
+        return 0.0, 0.0
+    s = scale_from_amax(group_amax(x, op.granularity, op.block), f, op.pow2)
+    y = (x / expand_scale(s, x.shape, _group_shape(x.shape, op.granularity, op.block))).abs()
+    under = int(((y < f.min_subnormal / 2) & finite).sum())
+    sat = int(((y > f.max) & finite).sum())
+    return under / n, sat / n
+
