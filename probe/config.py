@@ -1,0 +1,103 @@
+"""Configuration of a probe run: which sites, when to sample, what to measure, when to stop.
+
+Frozen and validated on construction, so a bad setting fails before training starts
+with a sentence saying what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loka.recipe import GEMMS, RECIPE_NAMES, Recipe, as_recipe
+
+DEFAULT_CANDIDATES = ("tensorwise", "rowwise", "blockwise", "mx")
+# Relative-error thresholds per GEMM. FP8 on well-behaved (Gaussian) operands gives
+# about 0.04 (e4m3 x e4m3, fprop) and 0.06-0.08 (e5m2 gradients x e4m3, dgrad/wgrad);
+# values well above these mean outliers, underflow or saturation at the site.
+DEFAULT_THRESHOLDS = {"fprop": 0.08, "dgrad": 0.12, "wgrad": 0.12}
+
+
+@dataclass(frozen=True)
+class SamplingSchedule:
+    """Which training steps are sampled.
+
+    Steps ``< warmup`` are skipped (early steps are not representative); after that every
+    ``every``-th step is sampled, until ``max_samples`` steps were sampled. Steps that
+    are not sampled install no hooks.
+    """
+
+    warmup: int = 0
+    every: int = 50
+    max_samples: int = 20
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup} must be >= 0 (number of steps to skip first)")
+        if self.every < 1:
+            raise ValueError(f"every={self.every} must be >= 1 (1 samples every step)")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples={self.max_samples} must be >= 1")
+
+    def wants(self, step: int, n_sampled: int) -> bool:
+        return step >= self.warmup and (step - self.warmup) % self.every == 0 and n_sampled < self.max_samples
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What a :class:`~loka.probe.Probe` measures.
+
+    - ``include`` / ``exclude``: fnmatch globs on site fqns (``"over.*"``); empty include = all.
+    - ``candidates``: recipes (names or :class:`loka.Recipe`) whose FP8 error is measured.
+    - ``thresholds``: relative GEMM output error per gemm above which a site is unsafe.
+    - ``confidence``: level of the t-interval on the mean error (0.95 = 95%).
+    - ``min_samples``: sampled steps before a site may be decided.
+    - ``stop_when_decided``: decided sites stop being sampled (their hooks are not installed).
+    - ``max_rows``: cap on the rows of each GEMM operand used for the fp64 reference GEMM
+      (operands are quantized whole, then a random subset of output rows/cols is compared),
+      which bounds the cost of a sampled step on large batches.
+    - ``fit_values``: values per operand kept for distribution fitting.
+    - ``stats``: collect operand statistics (disable to measure errors only).
+    """
+
+    schedule: SamplingSchedule = field(default_factory=SamplingSchedule)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    candidates: tuple = DEFAULT_CANDIDATES
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    confidence: float = 0.95
+    min_samples: int = 3
+    stop_when_decided: bool = True
+    max_rows: int = 1024
+    fit_values: int = 4096
+    stats: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence={self.confidence} must be in [0.5, 1), e.g. 0.95")
+        if self.min_samples < 2:
+            raise ValueError(f"min_samples={self.min_samples} must be >= 2: an interval needs two samples")
+        if self.max_rows < 16:
+            raise ValueError(f"max_rows={self.max_rows} must be >= 16")
+        if not self.candidates:
+            raise ValueError("candidates is empty; name at least one recipe, e.g. ('tensorwise',)")
+        for c in self.candidates:
+            if not isinstance(c, (str, Recipe)):
+                raise ValueError(f"candidate {c!r} must be a recipe name ({list(RECIPE_NAMES)}) or a loka.Recipe")
+        unknown = set(self.thresholds) - set(GEMMS)
+        if unknown:
+            raise ValueError(f"thresholds has unknown gemms {sorted(unknown)}; use {list(GEMMS)}")
+        for g, t in self.thresholds.items():
+            if not t > 0:
+                raise ValueError(f"thresholds[{g!r}]={t} must be > 0 (a relative error)")
+        for attr in ("include", "exclude"):
+            if isinstance(getattr(self, attr), str):
+                raise ValueError(f"{attr} must be a tuple of glob patterns, not one string; write ({getattr(self, attr)!r},)")
+
+    def recipes(self) -> list[Recipe]:
+        """Candidate recipes as :class:`loka.Recipe` objects (names resolved; bf16 dropped)."""
+        out = [as_recipe(c) for c in self.candidates]
+        return [r for r in out if not r.is_hp]
+
+    def threshold(self, gemm: str) -> float:
+        return float(self.thresholds.get(gemm, DEFAULT_THRESHOLDS[gemm]))

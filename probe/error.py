@@ -1,0 +1,156 @@
+"""FP8 error of a site's GEMMs on real operands, with a confidence interval and a decision.
+
+For each sampled micro-batch and candidate recipe, each GEMM ``out = a · bᵀ`` is
+computed twice in float64: once on the captured operands (the hp reference) and once
+on the operands after the recipe's emulated cast (``loka.quantize.fake_quantize``).
+Operands are quantized whole (so scales see every value), then at most ``max_rows``
+random rows of ``a`` and of ``b`` are multiplied, which bounds the fp64 cost while
+keeping an unbiased sample of output entries.
+
+Every sampled *step* gives one observation per (gemm, recipe): the mean relative
+error over that step's micro-batches. Observations give a t-interval on the mean
+error, and a sequential decision: ``safe`` once the interval's upper bound is below
+the threshold, ``unsafe`` once its lower bound is above it, ``undecided`` otherwise.
+A non-finite operand or output makes the observation ``inf`` and the site unsafe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from scipy import stats as sps
+
+from loka.metrics import rel_error
+from loka.quantize import fake_quantize
+from loka.recipe import GemmRecipe, Recipe
+
+SAFE, UNSAFE, UNDECIDED = "safe", "unsafe", "undecided"
+
+
+def gemm_operands(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, gemm: str):
+    """``(a, b)`` of ``gemm`` in NT form from ``x[M,K]``, ``w[N,K]``, ``dy[M,N]``; None if dy is missing."""
+    if gemm == "fprop":
+        return x, w
+    if dy is None:
+        return None
+    if gemm == "dgrad":
+        return dy, w.t().contiguous()  # dx[M,K] = dy[M,N] · (Wᵀ)[K,N]ᵀ
+    return dy.t().contiguous(), x.t().contiguous()  # dW[N,K] = dyᵀ[N,M] · xᵀ[K,M]ᵀ
+
+
+def _row_subset(n: int, max_rows: int, gen: torch.Generator) -> torch.Tensor | None:
+    if n <= max_rows:
+        return None
+    return torch.randperm(n, generator=gen)[:max_rows].sort().values
+
+
+def gemm_error(
+    a: torch.Tensor, b: torch.Tensor, recipe: GemmRecipe, *, max_rows: int = 1024, gen: torch.Generator | None = None
+) -> tuple[float, float]:
+    """``(rel_error, sqnr_db)`` of ``a · bᵀ`` with ``recipe``'s emulated cast vs fp64 on the same operands."""
+    a_q, b_q = fake_quantize(a, recipe.a), fake_quantize(b, recipe.b)
+    gen = gen or torch.Generator().manual_seed(0)
+    ra, rb = _row_subset(a.shape[0], max_rows, gen), _row_subset(b.shape[0], max_rows, gen)
+    if ra is not None:
+        a, a_q = a[ra.to(a.device)], a_q[ra.to(a.device)]
+    if rb is not None:
+        b, b_q = b[rb.to(b.device)], b_q[rb.to(b.device)]
+    ref = a.double() @ b.double().T
+    out = a_q.double() @ b_q.double().T
+    if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
+        return math.inf, -math.inf
+    err = rel_error(ref, out)
+    return err, (-20.0 * math.log10(err) if err > 0 else math.inf)
+
+
+def t_interval(values: list[float], confidence: float) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: Student-t interval on the mean; infinite when n < 2 or a value is inf."""
+    n = len(values)
+    if n == 0:
+        return math.nan, -math.inf, math.inf
+    if any(not math.isfinite(v) for v in values):
+        return math.inf, math.inf, math.inf
+    mean = sum(values) / n
+    if n < 2:
+        return mean, -math.inf, math.inf
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def decide(lo: float, hi: float, n: int, threshold: float, min_samples: int) -> str:
+    """Sequential decision from an interval (see module docstring)."""
+    if math.isinf(lo) and lo > 0:
+        return UNSAFE  # non-finite values seen: unsafe at once
+    if n < min_samples:
+        return UNDECIDED
+    if hi < threshold:
+        return SAFE
+    if lo > threshold:
+        return UNSAFE
+    return UNDECIDED
+
+
+@dataclass
+class ErrorTrack:
+    """Observations of one (site, recipe, gemm): one relative error and SQNR per sampled step."""
+
+    rel_errors: list[float] = field(default_factory=list)
+    sqnrs: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)  # micro-batches behind each observation
+
+    def add(self, step: int, errs: list[tuple[float, float]]) -> None:
+        """One observation from the micro-batches ``errs`` of ``step`` (their mean)."""
+        if errs:
+            self._append(step, sum(e for e, _ in errs) / len(errs), len(errs))
+
+    def _append(self, step: int, rel: float, weight: int) -> None:
+        self.rel_errors.append(rel)
+        self.sqnrs.append(-20.0 * math.log10(rel) if 0 < rel < math.inf else (math.inf if rel == 0 else -math.inf))
+        self.steps.append(step)
+        self.weights.append(weight)
+
+    @classmethod
+    def merged(cls, tracks: list["ErrorTrack"]) -> "ErrorTrack":
+        """Merge tracks of several ranks: one observation per step, weighted by micro-batches."""
+        by_step: dict[int, list[tuple[float, int]]] = {}
+        for t in tracks:
+            for step, rel, w in zip(t.steps, t.rel_errors, t.weights):
+                by_step.setdefault(step, []).append((rel, w))
+        out = cls()
+        for step in sorted(by_step):
+            obs = by_step[step]
+            total = sum(w for _, w in obs)
+            out._append(step, sum(r * w for r, w in obs) / total, total)
+        return out
+
+    def summary(self, threshold: float, confidence: float, min_samples: int) -> dict:
+        mean, lo, hi = t_interval(self.rel_errors, confidence)
+        n = len(self.rel_errors)
+        sqnr = -20.0 * math.log10(mean) if n and 0 < mean < math.inf else (math.inf if mean == 0 else -math.inf)
+        return {
+            "mean": mean,
+            "ci_lo": lo,
+            "ci_hi": hi,
+            "sqnr_db": sqnr,
+            "n": n,
+            "threshold": threshold,
+            "verdict": decide(lo, hi, n, threshold, min_samples),
+        }
+
+
+def micro_batch_errors(
+    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, recipe: Recipe, max_rows: int, gen: torch.Generator
+) -> dict[str, tuple[float, float]]:
+    """``{gemm: (rel_error, sqnr_db)}`` for every GEMM whose operands were captured."""
+    out = {}
+    for gemm in ("fprop", "dgrad", "wgrad"):
+        g = recipe.gemm(gemm)
+        ops = gemm_operands(x, w, dy, gemm)
+        if ops is None or g.is_hp:
+            continue
+        out[gemm] = gemm_error(*ops, g, max_rows=max_rows, gen=gen)
+    return out

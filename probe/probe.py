@@ -1,0 +1,145 @@
+"""The Probe: attach to a model, sample training steps, learn per-site statistics and FP8 error.
+
+Two lines in an existing loop::
+
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=50)))
+    for step, batch in enumerate(loader):
+        with probe.step(step):              # hooks only on sampled steps
+            loss = loss_fn(model(batch))
+            loss.backward()
+            opt.step(); opt.zero_grad()
+    report = probe.report()                 # ProbeReport: .to_json / .to_markdown / .to_html
+
+``probe.step(step)`` also works without ``with``: the next call (or ``probe.finish()``,
+or ``probe.report()``) closes the previous step. What it supports:
+
+- **autocast**: operands are captured in the dtype the GEMM ran in (bf16 under autocast).
+- **gradient accumulation**: every forward/backward pair inside the step is one
+  micro-batch; statistics merge over micro-batches, and the step's error observation
+  is the mean over them.
+- **torch.compile**: hooks are attached to the original module. Dynamo does not see
+  hooks added after compilation, so run sampled steps through ``probe.select(model)``,
+  which returns the original (eager) module on sampled steps and ``model`` otherwise.
+- **DDP**: each rank probes its own shard; ``probe.reduce()`` (a collective: call it
+  on every rank) merges statistics and error observations across ranks.
+
+The probe never changes numerics: hooks only read (detached copies of) tensors.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from loka.recipe import Recipe
+from loka.probe.capture import StepCapture, install
+from loka.probe.config import ProbeConfig
+from loka.probe.site_state import SiteState
+from loka.probe.sites import Site, find_sites, unwrap_compiled
+
+
+class _StepScope:
+    """Returned by :meth:`Probe.step`; a context manager, truthy when the step is sampled."""
+
+    def __init__(self, probe: "Probe", active: bool) -> None:
+        self._probe, self.active = probe, active
+
+    def __bool__(self) -> bool:
+        return self.active
+
+    def __enter__(self) -> "_StepScope":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._probe.finish()
+
+
+class Probe:
+    """Per-site operand statistics and FP8 error of ``model`` learned on sampled steps."""
+
+    def __init__(self, model: nn.Module, config: ProbeConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Probe needs an nn.Module, got {type(model).__name__}")
+        self.config = config or ProbeConfig()
+        self.model = model
+        self.root = unwrap_compiled(model)
+        found = find_sites(self.root, self.config.include, self.config.exclude)
+        if not found:
+            raise ValueError(
+                "no GEMM sites found (no nn.Linear or loka GEMM module matched); check include/exclude "
+                f"patterns include={self.config.include} exclude={self.config.exclude}"
+            )
+        self.modules: dict[str, nn.Module] = {fqn: m for fqn, (_, m) in found.items()}
+        self.state: dict[str, SiteState] = {fqn: SiteState(site) for fqn, (site, _) in found.items()}
+        self.recipes: list[Recipe] = self.config.recipes()
+        names = [r.name for r in self.recipes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate recipes need distinct names, got {names}")
+        self.sampled_steps: list[int] = []
+        self._capture: StepCapture | None = None
+        self.sensitivity: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
+
+    @property
+    def sites(self) -> dict[str, Site]:
+        return {fqn: s.site for fqn, s in self.state.items()}
+
+    def active_sites(self) -> dict[str, nn.Module]:
+        """Sites still being sampled (decided sites stop when ``stop_when_decided``)."""
+        return {fqn: self.modules[fqn] for fqn, s in self.state.items() if not s.done}
+
+    @property
+    def done(self) -> bool:
+        """True when no further step will be sampled (schedule exhausted or all sites decided)."""
+        return len(self.sampled_steps) >= self.config.schedule.max_samples or not self.active_sites()
+
+    def wants(self, step: int) -> bool:
+        return self.config.schedule.wants(step, len(self.sampled_steps)) and bool(self.active_sites())
+
+    def step(self, step: int) -> _StepScope:
+        """Start training step ``step``: hooks are installed only when it is sampled."""
+        self.finish()
+        if not self.wants(step):
+            return _StepScope(self, False)
+        self._capture = install(self.active_sites(), step)
+        return _StepScope(self, True)
+
+    def finish(self) -> None:
+        """End the current step: remove hooks and fold what was captured into the state."""
+        capture, self._capture = self._capture, None
+        if capture is None:
+            return
+        capture.remove_hooks()
+        if not capture.records:
+            return
+        self.sampled_steps.append(capture.step)
+        for fqn, records in capture.records.items():
+            st = self.state[fqn]
+            st.update(capture.step, records, self.recipes, self.config)
+            if self.config.stop_when_decided and st.decided(self.config):
+                st.done = True
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the current step is being sampled (hooks installed)."""
+        return self._capture is not None
+
+    def select(self, model: nn.Module) -> nn.Module:
+        """The module to run this step: the original eager module while sampling, else ``model``.
+
+        For ``torch.compile``'d models, whose compiled graph does not run hooks added later.
+        """
+        return unwrap_compiled(model) if self.sampling else model
+
+    def reduce(self, group=None) -> None:
+        """Merge statistics and error observations across ranks (a collective; call on every rank)."""
+        from loka.probe.distributed import reduce_probe
+
+        self.finish()
+        reduce_probe(self, group)
+
+    def report(self, **meta):
+        """A :class:`~loka.probe.report.ProbeReport` of everything learned so far."""
+        from loka.probe.build import build_report
+
+        self.finish()
+        return build_report(self, **meta)
