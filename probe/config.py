@@ -48,6 +48,7 @@ class ProbeConfig:
 
     - ``include`` / ``exclude``: fnmatch globs on site fqns (``"over.*"``); empty include = all.
     - ``candidates``: recipes (names or :class:`loka.Recipe`) whose FP8 error is measured.
+    - ``predict``: recipes whose error is only *predicted* from fitted distributions (cheap).
     - ``thresholds``: relative GEMM output error per gemm above which a site is unsafe.
     - ``confidence``: level of the t-interval on the mean error (0.95 = 95%).
     - ``min_samples``: sampled steps before a site may be decided.
@@ -63,6 +64,7 @@ class ProbeConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     candidates: tuple = DEFAULT_CANDIDATES
+    predict: tuple = ()
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     confidence: float = 0.95
     min_samples: int = 3
@@ -81,7 +83,7 @@ class ProbeConfig:
             raise ValueError(f"max_rows={self.max_rows} must be >= 16")
         if not self.candidates:
             raise ValueError("candidates is empty; name at least one recipe, e.g. ('tensorwise',)")
-        for c in self.candidates:
+        for c in (*self.candidates, *self.predict):
             if not isinstance(c, (str, Recipe)):
                 raise ValueError(f"candidate {c!r} must be a recipe name ({list(RECIPE_NAMES)}) or a loka.Recipe")
         unknown = set(self.thresholds) - set(GEMMS)

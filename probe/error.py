@@ -46,10 +46,25 @@ def _row_subset(n: int, max_rows: int, gen: torch.Generator) -> torch.Tensor | N
     return torch.randperm(n, generator=gen)[:max_rows].sort().values
 
 
+def _pad_single_column_block(a: torch.Tensor, b: torch.Tensor, recipe: GemmRecipe):
+    """Pad the reduction dim with zeros when a 2-D block spans it whole (K <= block cols).
+
+    A [R/br, 1] block scale is otherwise indistinguishable from a rowwise scale when it is
+    broadcast back; zero columns change neither the amax of any block nor the product.
+    """
+    k = a.shape[1]
+    widths = [op.block[1] for op in (recipe.a, recipe.b) if op.granularity in ("blockwise", "mx") and op.block[0] > 1]
+    if not widths or k > min(widths):
+        return a, b
+    pad = min(widths) + 1 - k
+    return torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, pad))
+
+
 def gemm_error(
     a: torch.Tensor, b: torch.Tensor, recipe: GemmRecipe, *, max_rows: int = 1024, gen: torch.Generator | None = None
 ) -> tuple[float, float]:
     """``(rel_error, sqnr_db)`` of ``a · bᵀ`` with ``recipe``'s emulated cast vs fp64 on the same operands."""
+    a, b = _pad_single_column_block(a, b, recipe)
     a_q, b_q = fake_quantize(a, recipe.a), fake_quantize(b, recipe.b)
     gen = gen or torch.Generator().manual_seed(0)
     ra, rb = _row_subset(a.shape[0], max_rows, gen), _row_subset(b.shape[0], max_rows, gen)

@@ -1,0 +1,145 @@
+"""Turning a Probe's state into a ProbeReport document (see loka/probe/schema.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+
+import torch
+
+from loka.probe.error import SAFE, UNDECIDED, UNSAFE
+from loka.probe.fit import fit_values, gemm_fits, gemm_shape, predict_gemm_error
+from loka.probe.schema import KIND, SCHEMA_VERSION
+from loka.recipe import GEMMS, as_recipe
+
+
+def _config_dict(cfg) -> dict:
+    return {
+        "schedule": dataclasses.asdict(cfg.schedule),
+        "include": list(cfg.include),
+        "exclude": list(cfg.exclude),
+        "candidates": [c if isinstance(c, str) else c.name for c in cfg.candidates],
+        "predict": [c if isinstance(c, str) else c.name for c in cfg.predict],
+        "thresholds": {g: cfg.threshold(g) for g in GEMMS},
+        "confidence": cfg.confidence,
+        "min_samples": cfg.min_samples,
+        "max_rows": cfg.max_rows,
+    }
+
+
+def _fits(st) -> dict:
+    return {role: [f.to_dict() for f in fit_values(v)] for role, v in st.samples.items()}
+
+
+def _predicted(st, fits: dict, predict: tuple) -> dict:
+    """Errors of recipes not measured, predicted from the best fit of each operand."""
+    from loka.probe.fit import Fit
+
+    best = {role: Fit.from_dict(fs[0]) for role, fs in fits.items() if fs}
+    if not st.m_values:
+        return {}
+    m = int(sorted(st.m_values)[len(st.m_values) // 2])
+    out = {}
+    for name in predict:
+        recipe = as_recipe(name)
+        per_gemm = {}
+        for gemm in GEMMS:
+            pair = gemm_fits(best, gemm)
+            if pair is None or recipe.gemm(gemm).is_hp:
+                continue
+            shape = gemm_shape(gemm, m, st.site.in_features, st.site.out_features)
+            per_gemm[gemm] = predict_gemm_error(*pair, recipe.gemm(gemm), shape, trials=2)
+        out[recipe.name] = per_gemm
+    return out
+
+
+def _speedup(timings: dict | None, recipe: str | None) -> float | None:
+    """bf16 time / fastest kernel time for ``recipe``, summed over the GEMMs timed for both."""
+    if not timings or recipe is None:
+        return None
+    best: dict[str, float] = {}
+    for e in timings["entries"]:
+        if e["recipe"] == recipe:
+            best[e["gemm"]] = min(best.get(e["gemm"], math.inf), e["median_ms"])
+    gemms = [g for g in best if g in timings["bf16_ms"]]
+    if not gemms:
+        return None
+    return sum(timings["bf16_ms"][g] for g in gemms) / sum(best[g] for g in gemms)
+
+
+def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
+    """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts."""
+    safe = [r for r, v in recipe_verdicts.items() if v["verdict"] == SAFE]
+    if safe:
+        speedups = {r: _speedup(timings, r) for r in safe}
+        timed = {r: s for r, s in speedups.items() if s is not None}
+        if timed:
+            best = max(timed, key=timed.get)
+        else:
+            best = min(safe, key=lambda r: max(s["mean"] for s in errors[r].values() if s["n"]))
+        sp = speedups[best]
+        speed = "unknown" if sp is None or not timings["representative"] else ("fast" if sp > 1.0 else "slow")
+        reason = f"{best} safe: {recipe_verdicts[best]['reason']}"
+        if speed == "slow":
+            reason += f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
+        return SAFE, best, sp, speed, reason
+    if recipe_verdicts and all(v["verdict"] == UNSAFE for v in recipe_verdicts.values()):
+        first = next(iter(recipe_verdicts))
+        return UNSAFE, None, None, "unknown", f"every candidate unsafe, e.g. {first}: {recipe_verdicts[first]['reason']}"
+    open_ = [r for r, v in recipe_verdicts.items() if v["verdict"] == UNDECIDED]
+    if not open_:
+        return UNDECIDED, None, None, "unknown", "no candidate recipe measured"
+    return UNDECIDED, None, None, "unknown", f"{open_[0]}: {recipe_verdicts[open_[0]]['reason']}"
+
+
+def site_entry(probe, fqn: str) -> dict:
+    st, cfg = probe.state[fqn], probe.config
+    errors = st.gemm_summaries(cfg)
+    recipe_verdicts = st.recipe_verdicts(cfg)
+    fits = _fits(st)
+    timings = probe.timings.get(fqn)
+    verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, timings)
+    return {
+        "fqn": fqn,
+        "module_type": st.site.module_type,
+        "in_features": st.site.in_features,
+        "out_features": st.site.out_features,
+        "m_values": sorted(st.m_values),
+        "micro_batches": st.micro_batches,
+        "steps": list(st.steps),
+        "operands": {role: s.summary() for role, s in st.operands.items() if not s.empty},
+        "fits": fits,
+        "errors": errors,
+        "predicted_errors": _predicted(st, fits, cfg.predict),
+        "recipe_verdicts": recipe_verdicts,
+        "sensitivity": probe.sensitivity.get(fqn, {}),
+        "timings": timings,
+        "verdict": verdict,
+        "speed": speed,
+        "best_recipe": best,
+        "speedup": speedup,
+        "reason": reason,
+    }
+
+
+def build_report(probe, **meta):
+    """A ProbeReport of everything ``probe`` learned (``meta`` is stored as given)."""
+    from loka.probe.report import ProbeReport
+
+    try:
+        from importlib.metadata import version
+
+        loka_version = version("loka")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        loka_version = "unknown"
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "meta": {"loka_version": loka_version, "torch_version": torch.__version__, **meta},
+        "config": _config_dict(probe.config),
+        "sampled_steps": sorted(probe.sampled_steps),
+        "sites": [site_entry(probe, fqn) for fqn in probe.state],
+    }
+    return ProbeReport(doc)

@@ -1,0 +1,131 @@
+"""Fitted operand distributions: predict FP8 error offline and synthesize realistic inputs.
+
+The probe keeps a random subset of each operand's values; :func:`fit_values` fits
+scipy.stats families to them and ranks the fits by the Kolmogorov-Smirnov statistic
+(smaller is better). Families:
+
+- ``normal``, ``laplace``, ``t`` (Student-t): fitted to the signed values.
+- ``lognorm``: fitted to |x| of the nonzero values (location 0), with the fraction of
+  zeros and of positive values kept, so ReLU-like and one-signed operands are modelled.
+
+A fit is then used (a) to predict the FP8 error of a recipe that was not measured on
+the real operands (:func:`predict_gemm_error`: sample operands of the site's shape,
+quantize with the recipe, compare with fp64) and (b) to synthesize inputs for kernel
+timing (:meth:`Fit.sample`). Values are i.i.d.: a fit does not model outlier channels,
+so predictions for rowwise vs tensorwise on operands with outlier channels should be
+checked against the measured ``col_amax_spread`` (see docs/probe.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as sps
+
+from loka.probe.error import gemm_error
+from loka.recipe import GemmRecipe
+
+FAMILIES = ("normal", "laplace", "t", "lognorm")
+_SCIPY = {"normal": sps.norm, "laplace": sps.laplace, "t": sps.t, "lognorm": sps.lognorm}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One fitted family: scipy ``params``, KS statistic, and sign/zero fractions (lognorm)."""
+
+    family: str
+    params: tuple[float, ...]
+    ks: float
+    n: int
+    p_zero: float = 0.0
+    p_pos: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not valid; use one of {list(FAMILIES)}")
+
+    def sample(self, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+        """``shape`` float32 values drawn from the fit (i.i.d.)."""
+        rng = np.random.default_rng(seed)
+        n = math.prod(shape)
+        dist = _SCIPY[self.family](*self.params)
+        if self.family != "lognorm":
+            v = dist.rvs(size=n, random_state=rng)
+        else:
+            mag = dist.rvs(size=n, random_state=rng)
+            sign = np.where(rng.random(n) < self.p_pos / max(1 - self.p_zero, 1e-12), 1.0, -1.0)
+            v = np.where(rng.random(n) < self.p_zero, 0.0, sign * mag)
+        v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.from_numpy(v.astype(np.float32)).reshape(shape)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "params": list(self.params), "ks": self.ks, "n": self.n,
+                "p_zero": self.p_zero, "p_pos": self.p_pos}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fit":
+        return cls(d["family"], tuple(d["params"]), d["ks"], d["n"], d.get("p_zero", 0.0), d.get("p_pos", 0.5))
+
+
+def _fit_one(family: str, v: np.ndarray) -> Fit | None:
+    if family != "lognorm":
+        params = _SCIPY[family].fit(v)
+        ks = sps.kstest(v, _SCIPY[family](*params).cdf).statistic
+        return Fit(family, tuple(float(p) for p in params), float(ks), v.size)
+    mag = np.abs(v[v != 0])
+    if mag.size < 8:
+        return None
+    params = sps.lognorm.fit(mag, floc=0)
+    # KS on |x| against the magnitude model (the sign is modelled separately, exactly).
+    ks = sps.kstest(mag, sps.lognorm(*params).cdf).statistic
+    return Fit("lognorm", tuple(float(p) for p in params), float(ks), v.size,
+               p_zero=float(np.mean(v == 0)), p_pos=float(np.mean(v > 0)))
+
+
+def fit_values(values: torch.Tensor, families: tuple[str, ...] = FAMILIES) -> list[Fit]:
+    """Fits of every family to ``values`` (finite ones), best (smallest KS) first."""
+    v = values.detach().double().flatten().cpu().numpy()
+    v = v[np.isfinite(v)]
+    if v.size < 8 or np.all(v == v[0]):
+        return []
+    fits = []
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"family={family!r} is not valid; use one of {list(FAMILIES)}")
+        with np.errstate(all="ignore"):
+            f = _fit_one(family, v)
+        if f is not None and math.isfinite(f.ks):
+            fits.append(f)
+    return sorted(fits, key=lambda f: f.ks)
+
+
+def predict_gemm_error(
+    fit_a: Fit, fit_b: Fit, recipe: GemmRecipe, shape: tuple[int, int, int], *, trials: int = 3, seed: int = 0,
+    max_rows: int = 1024,
+) -> float:
+    """Mean relative error of ``a[M,K] · b[N,K]ᵀ`` under ``recipe`` on operands drawn from the fits."""
+    m, k, n = shape
+    errs = []
+    for t in range(trials):
+        a = fit_a.sample((m, k), seed=seed + 2 * t)
+        b = fit_b.sample((n, k), seed=seed + 2 * t + 1)
+        errs.append(gemm_error(a, b, recipe, max_rows=max_rows)[0])
+    return float(np.mean(errs))
+
+
+def gemm_fits(fits: dict[str, Fit], gemm: str) -> tuple[Fit, Fit] | None:
+    """The (a, b) operand fits of ``gemm`` from per-role fits, None when one is missing."""
+    from loka.recipe import GEMM_ROLES
+
+    a_role, b_role = GEMM_ROLES[gemm]
+    if a_role not in fits or b_role not in fits:
+        return None
+    return fits[a_role], fits[b_role]
+
+
+def gemm_shape(gemm: str, m: int, k: int, n: int) -> tuple[int, int, int]:
+    """(rows of a, reduction, rows of b) of ``gemm`` for a site ``y[M,N] = x[M,K] · W[N,K]ᵀ``."""
+    return {"fprop": (m, k, n), "dgrad": (m, n, k), "wgrad": (n, m, k)}[gemm]

@@ -1,0 +1,133 @@
+"""ProbeReport: what a probe learned, as versioned JSON, a Markdown table and an HTML page.
+
+The JSON document is the contract with the planner (loka.dispatch); its schema lives in
+:mod:`loka.probe.schema` and is documented field by field in docs/probe.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from loka.probe.schema import ReportSchemaError, decode_floats, encode_floats, validate
+
+
+@dataclass
+class ProbeReport:
+    """A validated probe report document (``doc`` follows the schema)."""
+
+    doc: dict
+
+    def __post_init__(self) -> None:
+        validate(encode_floats(self.doc))
+
+    # ---- access -------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[dict]:
+        return self.doc["sites"]
+
+    def site(self, fqn: str) -> dict:
+        for s in self.sites:
+            if s["fqn"] == fqn:
+                return s
+        raise KeyError(f"no site {fqn!r} in the report; sites: {[s['fqn'] for s in self.sites]}")
+
+    def verdicts(self) -> dict[str, str]:
+        """fqn -> safe / unsafe / undecided."""
+        return {s["fqn"]: s["verdict"] for s in self.sites}
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(encode_floats(self.doc), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbeReport":
+        """Parse and validate; raises :class:`ReportSchemaError` naming the bad field."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReportSchemaError(f"not valid JSON ({exc}); is this a probe report file?") from None
+        validate(doc)
+        return cls(decode_floats(doc))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProbeReport":
+        return cls.from_json(Path(path).read_text())
+
+    def save(self, out_dir: str | Path, stem: str = "probe_report") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.html`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "html": out / f"{stem}.html"}
+        paths["json"].write_text(self.to_json())
+        paths["md"].write_text(self.to_markdown())
+        paths["html"].write_text(self.to_html())
+        return paths
+
+    # ---- Markdown -----------------------------------------------------------------------
+    def recipes(self) -> list[str]:
+        seen: list[str] = []
+        for s in self.sites:
+            for r in s["errors"]:
+                if r not in seen:
+                    seen.append(r)
+        return seen
+
+    def to_markdown(self) -> str:
+        """A summary table: site, shape, stats, error per recipe with CI, speedup, verdict, reason."""
+        recipes = self.recipes()
+        cfg = self.doc["config"]
+        lines = [
+            "# loka probe report",
+            "",
+            f"Sampled steps: {len(self.doc['sampled_steps'])} · confidence {cfg['confidence']:.0%} · "
+            f"thresholds (relative GEMM error) {', '.join(f'{g} {t:g}' for g, t in cfg['thresholds'].items())}",
+            "",
+            "Error per recipe: the worst GEMM's mean relative error [CI low, CI high] (gemm).",
+        ]
+        rep = [s["timings"]["representative"] for s in self.sites if s["timings"]]
+        if rep and not all(rep):
+            lines.append("Timings were taken on CPU: speedups are **not representative** of GPU speed.")
+        lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
+                  "|" + "---|" * (len(recipes) + 6)]
+        for s in self.sites:
+            lines.append(_md_row(s, recipes))
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        from loka.probe.html import render_html
+
+        return render_html(self)
+
+
+def _fmt(v: float) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.3g}"
+
+
+def _md_row(s: dict, recipes: list[str]) -> str:
+    m = s["m_values"]
+    m_str = "?" if not m else (str(m[0]) if len(m) == 1 else f"{m[0]}-{m[-1]}")
+    shape = f"{m_str}×{s['in_features']}×{s['out_features']}"
+    x = s["operands"].get("input", {})
+    stats = f"{_fmt(x.get('amax'))} / {_fmt(x.get('crest_factor'))} / {_fmt(x.get('kurtosis'))}" if x else "–"
+    cells = []
+    for r in recipes:
+        gemms = {g: e for g, e in s["errors"].get(r, {}).items() if e["n"] > 0}
+        if not gemms:
+            cells.append("–")
+            continue
+        g = max(gemms, key=lambda k: gemms[k]["mean"] / gemms[k]["threshold"])
+        e = gemms[g]
+        mark = {"safe": "✓", "unsafe": "✗", "undecided": "?"}[s["recipe_verdicts"][r]["verdict"]]
+        cells.append(f"{mark} {_fmt(e['mean'])} [{_fmt(e['ci_lo'])}, {_fmt(e['ci_hi'])}] ({g})")
+    sp = s["speedup"]
+    speed = "–" if sp is None else f"{sp:.2f}x" + ("" if s["timings"]["representative"] else " (cpu)")
+    verdict = s["verdict"] + (f", {s['speed']}" if s["speed"] != "unknown" else "")
+    reason = s["reason"].replace("|", "/")
+    return f"| `{s['fqn']}` | {shape} | {stats} | " + " | ".join(cells) + f" | {speed} | {verdict} | {reason} |"
