@@ -59,6 +59,18 @@ class GemmKernel(ABC):
     backend: ClassVar[str]
     gemms: ClassVar[frozenset[str]] = frozenset(GEMMS)
     hp: ClassVar[bool] = False  # True for kernels that do not quantize
+    # Whether the FP8 cast is loka.quantize's bit for bit (then tests compare tightly to
+    # ``emulated``; otherwise by SQNR).
+    exact_quantization: ClassVar[bool] = True
+    # "skip": amax ignores NaN/Inf like loka.quantize; "poison": a NaN/Inf in a scale group
+    # makes that group's output non-finite (never hides it).
+    nonfinite_amax: ClassVar[str] = "skip"
+    # True when the code path was written without the hardware to run it (reported by doctor).
+    untested: ClassVar[bool] = False
+
+    def library_version(self) -> str:
+        """Version of the library behind this kernel (part of benchmark cache keys)."""
+        return torch.__version__
 
     def available(self, device: torch.device | str | None = None) -> Support:
         """Whether this kernel can run on ``device`` here (library present, capability)."""

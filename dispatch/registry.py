@@ -8,7 +8,24 @@ from __future__ import annotations
 
 from loka.dispatch.backend_reference import Bf16Kernel, EmulatedKernel
 from loka.dispatch.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
+from loka.dispatch.backend_torchao import (
+    TorchaoBlockwiseKernel,
+    TorchaoFastAccumKernel,
+    TorchaoKernel,
+    TorchaoMXKernel,
+)
+from loka.dispatch.backend_te import TEKernel
 from loka.dispatch.kernel import KERNELS
 
-for _kernel in (Bf16Kernel(), EmulatedKernel(), ScaledMMKernel(), ScaledMMFastAccumKernel()):
+for _kernel in (
+    Bf16Kernel(),
+    EmulatedKernel(),
+    ScaledMMKernel(),
+    ScaledMMFastAccumKernel(),
+    TorchaoKernel(),
+    TorchaoFastAccumKernel(),
+    TorchaoBlockwiseKernel(),
+    TorchaoMXKernel(),
+    TEKernel(),
+):
     KERNELS.register(_kernel)
