@@ -1,0 +1,190 @@
+"""Triton kernels of the fused-quantization FP8 GEMM (see triton_gemm.py for the API).
+
+``out[M, N] = quant(a[M, K]) · b[N, K]ᵀ`` where ``a`` is high precision and
+``b`` is already FP8. The point of the fusion: the usual path reads ``a`` once
+for its amax, reads it again to cast it, writes an FP8 copy to HBM and reads
+that copy in the GEMM. Here each program reads its rows of ``a`` (bf16/fp32)
+straight into registers, computes their rowwise amax, scales, casts and feeds
+the tensor cores; no FP8 copy of ``a`` exists in memory. When ``K`` fits one
+tile (``K <= BLOCK_K``, the common ranker case) ``a`` is read once; otherwise
+a first sweep over K computes the amax and the second quantizes, and the
+second sweep's reads mostly hit L2 (programs that share rows of ``a`` run
+together thanks to the grouped launch order).
+
+Scales are applied once per output in the epilogue: ``acc * scale_a[m] * scale_b[n]``.
+
+This module imports triton at top level and is imported lazily. Whether the
+kernels run compiled or in the interpreter is decided by triton when they are
+defined here (``TRITON_INTERPRET=1`` must be set before this import).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from loka.dispatch.triton_fp8_jit import (
+    finite_abs,
+    fp8_round_emulated,
+    fp8_scale_and_clamp,
+    fp8_scale_from_amax,
+)
+
+# How the kernel gets a's dequant scale (constexpr A_SCALE_MODE).
+A_ROWWISE_DYNAMIC = 0  # per-row amax computed in the kernel (the fused path)
+A_ROWWISE_GIVEN = 1  # scale[M] given (delayed / static scaling)
+A_TENSOR_AMAX = 2  # tensor amax given by the pre-pass below; scale computed here
+A_TENSOR_GIVEN = 3  # scalar scale given
+
+GROUP_M = 8
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a small list for small and
+# skinny shapes (K, N 64..2048); BLOCK_K=256 lets K <= 256 run in one pass.
+_TILES = [
+    (128, 128, 128, 8, 3),
+    (128, 64, 128, 4, 3),
+    (64, 128, 128, 4, 3),
+    (64, 64, 128, 4, 4),
+    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (64, 64, 256, 4, 3),
+    (128, 64, 256, 8, 2),
+]
+INTERPRETER_TILE = (32, 32, 32)
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _TILES
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (they only waste lanes); keep at least one."""
+    n, k = named_args["N"], kwargs.get("K", named_args.get("K"))
+    n_cap, k_cap = max(64, triton.next_power_of_2(n)), max(64, triton.next_power_of_2(k))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _load_a(a_ptr, rm, k0, M, K: tl.constexpr, stride_am, stride_ak, BLOCK_K: tl.constexpr):
+    """a[rm, k0:k0+BLOCK_K] as float32, 0 outside the matrix. [BLOCK_M, BLOCK_K]"""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    return tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
+             A_SCALE_MODE: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequant scale of each row of this program's block of a. [BLOCK_M] float32"""
+    if A_SCALE_MODE == 0:
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
+            amax = tl.maximum(amax, tl.max(finite_abs(a), axis=1))
+        scale = fp8_scale_from_amax(amax, FMAX, POW2)
+    elif A_SCALE_MODE == 1:
+        scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=1.0)
+    elif A_SCALE_MODE == 2:
+        scale = fp8_scale_from_amax(tl.zeros([BLOCK_M], tl.float32) + tl.load(a_scale_ptr), FMAX, POW2)
+    else:
+        scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(a_scale_ptr)
+    return scale
+
+
+@triton.jit
+def _mma(a, a_scale, b, acc, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+         FP8_DTYPE: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr):
+    """acc += quant(a / a_scale) · b.  a [BM, BK] fp32, b [BK, BN] fp8, acc [BM, BN] fp32."""
+    y = fp8_scale_and_clamp(a, a_scale[:, None], FMAX)
+    if EMULATE:
+        # FP8 values held in float32: products of two FP8 values are exact in
+        # float32, so this is the FP8 GEMM with float32 accumulation.
+        acc += tl.dot(fp8_round_emulated(y, MBITS, EMIN), b.to(tl.float32), input_precision="ieee")
+    elif FAST_ACCUM:
+        acc = tl.dot(y.to(FP8_DTYPE), b, acc)
+    else:
+        # Hopper accumulates FP8 products in reduced precision unless told not to.
+        acc = tl.dot(y.to(FP8_DTYPE), b, acc, max_num_imprecise_acc=0)
+    return acc
+
+
+@triton.jit
+def _load_b(b_ptr, rn, k0, N, K: tl.constexpr, stride_bn, stride_bk, BLOCK_K: tl.constexpr):
+    """b[rn, k0:k0+BLOCK_K] transposed to [BLOCK_K, BLOCK_N] (still K-contiguous in memory)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    mask = (rk[:, None] < K) & (rn[None, :] < N)
+    return tl.load(b_ptr + rn[None, :] * stride_bn + rk[:, None] * stride_bk, mask=mask, other=0.0)
+
+
+@triton.jit
+def fp8_gemm_fused_quant_kernel(
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K: tl.constexpr, M_BUCKET,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    A_SCALE_MODE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    POW2: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr,
+    FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FP8_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of out; programs walk M in groups of GROUP_M for L2 reuse of a."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if A_SCALE_MODE == 0 and K <= BLOCK_K:
+        # K fits one tile: read a once, amax and cast from registers.
+        a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K)
+        a_scale = fp8_scale_from_amax(tl.max(finite_abs(a), axis=1), FMAX, POW2)
+        b = _load_b(b_ptr, rn, 0, N, K, stride_bn, stride_bk, BLOCK_K)
+        acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE)
+    else:
+        a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
+                           A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
+            b = _load_b(b_ptr, rn, k0, N, K, stride_bn, stride_bk, BLOCK_K)
+            acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE)
+
+    # Epilogue: dequantize once per output, then bias.
+    out = acc * a_scale[:, None]
+    if B_ROWWISE:
+        out = out * tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
+    else:
+        out = out * tl.load(b_scale_ptr)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+fp8_gemm_fused_quant_tuned = triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "N", "K", "A_SCALE_MODE", "B_ROWWISE", "EMULATE", "FAST_ACCUM"],
+    prune_configs_by={"early_config_prune": _prune},
+)(fp8_gemm_fused_quant_kernel)
+
+
+@triton.jit
+def finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_m, stride_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensorwise pre-pass: atomically max |x| over finite values into amax_ptr[0] (zeroed)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    amax = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None] * stride_m + rk[None, :] * stride_k, mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.max(finite_abs(x.to(tl.float32)), axis=1))
+    tl.atomic_max(amax_ptr, tl.max(amax, axis=0))
