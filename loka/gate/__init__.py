@@ -2,19 +2,34 @@
 
 Compares a candidate against a baseline on the same held-out examples with paired
 bootstrap intervals on NE, AUC and calibration, plus per-site FP8 error from probe
-reports, and says pass / regression / inconclusive. This is what CI runs.
+reports, and says pass / regression / inconclusive. This is what CI runs:
+
+    result = loka.gate.gate("bf16.npz", "fp8.npz")   # EvalOutputs or saved paths
+    print(result.table()); sys.exit(result.exit_code)
 """
 
+from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
+from loka.gate.compare import GateInputError, gate
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
+from loka.gate.result import Check, GateResult
+from loka.gate.sites import ReportError, error_entries
 from loka.gate.stats import BootstrapResult, auc, calibration, normalized_entropy, paired_bootstrap
 
 __all__ = [
+    "DEFAULT_NE_BUDGET",
     "BootstrapResult",
+    "Check",
     "EvalOutputs",
     "EvalOutputsError",
-    "fingerprint",
+    "GateBudget",
+    "GateInputError",
+    "GateResult",
+    "ReportError",
     "auc",
     "calibration",
+    "error_entries",
+    "fingerprint",
+    "gate",
     "normalized_entropy",
     "paired_bootstrap",
 ]

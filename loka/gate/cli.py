@@ -1,0 +1,90 @@
+"""``loka gate``: compare a candidate against a baseline; exit 0 pass, 1 regression, 2 bad input.
+
+    loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
+              [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
+
+A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
+models, different eval sets, bad budget) becomes one clear line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
+from loka.gate.result import EXIT_ERROR
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "gate",
+        help="fail CI when a candidate (FP8 plan, kernel, model version) loses quality",
+        description=(
+            "Compare a candidate against a baseline on the same held-out examples: paired bootstrap "
+            "intervals of NE, AUC and calibration per task, and per-site FP8 error from probe reports. "
+            "Exit 0 pass, 1 regression (or inconclusive), 2 could not evaluate."
+        ),
+    )
+    p.add_argument("--baseline", required=True, help="saved evaluation outputs (.npz from EvalOutputs.save)")
+    p.add_argument("--candidate", required=True, help="saved evaluation outputs of the candidate")
+    p.add_argument("--budget-ne", type=float, default=DEFAULT_NE_BUDGET,
+                   help="max relative NE increase (default 0.0002 = 0.02%%)")  # fmt: skip
+    p.add_argument("--budget-auc", type=float, default=None, help="max absolute AUC drop (default: report only)")
+    p.add_argument("--budget-calibration", type=float, default=None,
+                   help="max absolute calibration change (default: report only)")  # fmt: skip
+    p.add_argument("--budget-site-error", type=float, default=None,
+                   help="relative GEMM error budget per probe site (default: each report entry's threshold)")  # fmt: skip
+    p.add_argument("--report-baseline", default=None, help="probe report JSON of the baseline")
+    p.add_argument("--report-candidate", default=None, help="probe report JSON of the candidate")
+    p.add_argument("--tasks", default="", help="comma-separated tasks to gate (default: all)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0: reruns agree)")
+    p.add_argument("--allow-inconclusive", action="store_true", help="exit 0 when an interval straddles a budget")
+    p.add_argument("--allow-different-models", action="store_true",
+                   help="compare outputs whose meta 'model' differs")  # fmt: skip
+    p.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    p.set_defaults(func=run)
+
+
+def _error(message: str) -> int:
+    print(f"loka gate: could not evaluate: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def run(args: argparse.Namespace) -> int:
+    from loka.gate.compare import GateInputError, gate
+
+    try:
+        budget = GateBudget(
+            ne_rel=args.budget_ne,
+            auc_abs=args.budget_auc,
+            calibration_abs=args.budget_calibration,
+            site_error=args.budget_site_error,
+            confidence=args.confidence,
+            n_boot=args.n_boot,
+            seed=args.seed,
+            tasks=tuple(t for t in args.tasks.split(",") if t),
+            inconclusive_passes=args.allow_inconclusive,
+        )
+        result = gate(
+            args.baseline,
+            args.candidate,
+            budget,
+            baseline_report=args.report_baseline,
+            candidate_report=args.report_candidate,
+            allow_different_models=args.allow_different_models,
+        )
+    except (GateInputError, ValueError) as exc:
+        return _error(str(exc))
+    print(result.table())
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result.to_dict(), f, indent=2)
+        except OSError as exc:
+            return _error(f"cannot write {args.json}: {exc}")
+    return result.exit_code

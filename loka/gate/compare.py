@@ -1,0 +1,176 @@
+"""``gate(baseline, candidate)``: the Python API behind ``loka gate`` and the pytest helper.
+
+Both sides must have scored the *same* held-out examples with the same labels (checked
+through the eval fingerprint; a different order is realigned by example id) and come
+from the same model architecture (``meta["model"]``). Anything else is a bad input:
+``GateInputError`` with the reason, which the CLI turns into exit code 2.
+
+Per task it runs paired bootstraps (``loka.gate.stats``) of NE (relative change, gated
+by ``GateBudget.ne_rel``), AUC and calibration (gated only when given a budget), and,
+when both probe reports are given, the per-site FP8 error checks of ``loka.gate.sites``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+
+from loka.gate.budget import GateBudget
+from loka.gate.outputs import EvalOutputs, EvalOutputsError
+from loka.gate.result import INFO, Check, GateResult, classify_lower, classify_upper
+from loka.gate.sites import ReportError, site_checks
+from loka.gate.stats import BootstrapResult, paired_bootstrap
+
+
+class GateInputError(ValueError):
+    """The two sides cannot be compared (missing file, different models or eval sets)."""
+
+
+def _load(side: str, value: object) -> tuple[EvalOutputs, str]:
+    if isinstance(value, EvalOutputs):
+        return value, side
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return EvalOutputs.load(value), os.fspath(value)
+        except EvalOutputsError as exc:
+            raise GateInputError(f"{side}: {exc}") from None
+    raise GateInputError(f"{side} must be EvalOutputs or the path of a saved one, not {type(value).__name__}")
+
+
+def _check_same_model(base: EvalOutputs, cand: EvalOutputs, allow_different_models: bool) -> None:
+    model_a, model_b = base.meta.get("model") or "", cand.meta.get("model") or ""
+    if model_a and model_b and model_a != model_b and not allow_different_models:
+        raise GateInputError(
+            f"baseline and candidate are different models ({model_a!r} vs {model_b!r}); the gate compares "
+            "versions of one model. Pass allow_different_models=True / --allow-different-models to compare anyway."
+        )
+
+
+def _describe_set_difference(base: EvalOutputs, cand: EvalOutputs) -> str:
+    only_a = np.setdiff1d(base.example_ids, cand.example_ids).size
+    only_b = np.setdiff1d(cand.example_ids, base.example_ids).size
+    if only_a or only_b:
+        return (
+            f"the eval sets differ: {only_a} examples only in the baseline, {only_b} only in the candidate "
+            f"(of {base.n} and {cand.n}); evaluate both on the same held-out examples"
+        )
+    if base.tasks != cand.tasks:
+        return f"the tasks differ: baseline has {list(base.tasks)}, candidate {list(cand.tasks)}"
+    cand = cand.aligned_to(base.example_ids)
+    bad = [t for t in base.tasks if not np.array_equal(base.labels[t], cand.labels[t])]
+    n_bad = int(sum((base.labels[t] != cand.labels[t]).sum() for t in bad))
+    return f"the labels differ on {n_bad} examples (tasks {bad}); both sides must use the same held-out labels"
+
+
+def _aligned(base: EvalOutputs, cand: EvalOutputs) -> EvalOutputs:
+    if base.eval_fingerprint != cand.eval_fingerprint:
+        raise GateInputError(_describe_set_difference(base, cand))
+    return cand.aligned_to(base.example_ids)
+
+
+def _ne_check(task: str, r: BootstrapResult, budget: GateBudget) -> Check:
+    verdict, needed = classify_upper(r.n, r.rel_diff, r.rel_ci_lo, r.rel_ci_hi, budget.ne_rel)
+    return Check(
+        name=f"ne[{task}]", kind="model", baseline=r.value_a, candidate=r.value_b, estimate=r.rel_diff,
+        ci_lo=r.rel_ci_lo, ci_hi=r.rel_ci_hi, budget=f"<= +{budget.ne_rel * 100:.4f}%", verdict=verdict,
+        n=r.n, n_needed=needed, relative=True,
+    )  # fmt: skip
+
+
+def _auc_check(task: str, r: BootstrapResult, budget: GateBudget) -> Check:
+    if budget.auc_abs is None:
+        verdict, needed, rule = INFO, None, "(report)"
+    else:
+        verdict, needed = classify_lower(r.n, r.diff, r.ci_lo, r.ci_hi, -budget.auc_abs)
+        rule = f">= -{budget.auc_abs:.3g}"
+    return Check(
+        name=f"auc[{task}]", kind="model", baseline=r.value_a, candidate=r.value_b, estimate=r.diff,
+        ci_lo=r.ci_lo, ci_hi=r.ci_hi, budget=rule, verdict=verdict, n=r.n, n_needed=needed,
+    )  # fmt: skip
+
+
+def _calibration_check(task: str, r: BootstrapResult, budget: GateBudget) -> Check:
+    if budget.calibration_abs is None:
+        verdict, needed, rule = INFO, None, "(report)"
+    else:
+        # two-sided: the change must stay within +-budget
+        b = budget.calibration_abs
+        up = classify_upper(r.n, r.diff, r.ci_lo, r.ci_hi, b)
+        down = classify_lower(r.n, r.diff, r.ci_lo, r.ci_hi, -b)
+        worst = next((v for v in (up, down) if v[0] == "regression"), None)
+        worst = worst or next((v for v in (up, down) if v[0] == "inconclusive"), up)
+        verdict, needed, rule = worst[0], worst[1], f"within +-{b:.3g}"
+    return Check(
+        name=f"calibration[{task}]", kind="model", baseline=r.value_a, candidate=r.value_b, estimate=r.diff,
+        ci_lo=r.ci_lo, ci_hi=r.ci_hi, budget=rule, verdict=verdict, n=r.n, n_needed=needed,
+    )  # fmt: skip
+
+
+def _tasks(base: EvalOutputs, budget: GateBudget) -> tuple[str, ...]:
+    if not budget.tasks:
+        return base.tasks
+    unknown = [t for t in budget.tasks if t not in base.tasks]
+    if unknown:
+        raise GateInputError(f"tasks {unknown} are not in the outputs; they have {list(base.tasks)}")
+    return tuple(budget.tasks)
+
+
+def _model_checks(base: EvalOutputs, cand: EvalOutputs, budget: GateBudget) -> list[Check]:
+    checks = []
+    for k, task in enumerate(_tasks(base, budget)):
+        y, pa, pb = base.labels[task], base.probs[task], cand.probs[task]
+        seed = None if budget.seed is None else budget.seed + 7919 * k
+        boot = dict(n_boot=budget.n_boot, seed=seed, confidence=budget.confidence)
+        try:
+            checks.append(_ne_check(task, paired_bootstrap(y, pa, pb, "ne", **boot), budget))
+            checks.append(_auc_check(task, paired_bootstrap(y, pa, pb, "auc", **boot), budget))
+            checks.append(_calibration_check(task, paired_bootstrap(y, pa, pb, "calibration", **boot), budget))
+        except ValueError as exc:  # e.g. a task with a single class in this eval set
+            raise GateInputError(f"task {task!r}: {exc}") from None
+    return checks
+
+
+def gate(
+    baseline: EvalOutputs | str | os.PathLike,
+    candidate: EvalOutputs | str | os.PathLike,
+    budget: GateBudget | None = None,
+    *,
+    baseline_report: object = None,
+    candidate_report: object = None,
+    allow_different_models: bool = False,
+    **budget_fields,
+) -> GateResult:
+    """Compare ``candidate`` against ``baseline`` on the same examples; see the module docstring.
+
+    ``budget_fields`` override fields of ``budget`` (e.g. ``ne_rel=0.001``). Reports are
+    probe reports (path, dict or ProbeReport), both or neither. Raises GateInputError
+    when the two cannot be compared.
+    """
+    try:
+        budget = replace(budget or GateBudget(), **budget_fields)
+    except TypeError as exc:
+        raise GateInputError(f"unknown budget field: {exc}") from None
+    base, base_name = _load("baseline", baseline)
+    cand, cand_name = _load("candidate", candidate)
+    _check_same_model(base, cand, allow_different_models)
+    cand = _aligned(base, cand)
+    checks = _model_checks(base, cand, budget)
+    notes: list[str] = []
+    fp_a, fp_b = base.meta.get("model_fingerprint"), cand.meta.get("model_fingerprint")
+    if fp_a and fp_a == fp_b:
+        notes.append(f"baseline and candidate have the same model fingerprint {fp_a}: is this the same model?")
+    if (baseline_report is None) != (candidate_report is None):
+        raise GateInputError("give both probe reports (baseline and candidate) or neither")
+    if baseline_report is not None:
+        try:
+            more, site_notes = site_checks(baseline_report, candidate_report, budget)
+        except ReportError as exc:
+            raise GateInputError(str(exc)) from None
+        checks += more
+        notes += site_notes
+    return GateResult(
+        checks=tuple(checks), n_examples=base.n, confidence=budget.confidence, n_boot=budget.n_boot,
+        baseline=base_name, candidate=cand_name, inconclusive_passes=budget.inconclusive_passes, notes=tuple(notes),
+    )  # fmt: skip
