@@ -130,6 +130,48 @@ class Probe:
         """
         return unwrap_compiled(model) if self.sampling else model
 
+    def measure_sensitivity(self, loss_fn, recipes=None, *, seed: int = 0, progress: bool = False) -> dict:
+        """Loss change from injecting one site's emulated FP8 fprop at a time (see loka.probe.sensitivity).
+
+        ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch. Stored in the report.
+        """
+        from loka.probe.sensitivity import site_sensitivity
+
+        self.finish()
+        for recipe in recipes or self.recipes:
+            res = site_sensitivity(self.modules, loss_fn, recipe, seed=seed, progress=progress)
+            for fqn, entry in res.items():
+                self.sensitivity.setdefault(fqn, {})[getattr(recipe, "name", recipe)] = entry
+        return self.sensitivity
+
+    def time_sites(self, *, device=None, kernels=None, dtype=None, warmup: int = 5, iters: int = 20,
+                   progress: bool = False) -> dict:
+        """Time every candidate kernel at each observed site's shape (median M) vs bf16; stored in the report.
+
+        Inputs are drawn from the operands' fitted distributions. On CPU the timings are
+        recorded but flagged not representative.
+        """
+        import torch
+
+        from loka.probe.fit import fit_values
+        from loka.probe.timing import time_site
+
+        self.finish()
+        dev = torch.device(device or "cpu")
+        dtype = dtype or torch.bfloat16
+        items = [(f, s) for f, s in self.state.items() if s.m_values]
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, desc="timing sites", leave=False)
+        for fqn, st in items:
+            fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
+            m = sorted(st.m_values)[len(st.m_values) // 2]
+            self.timings[fqn] = time_site((m, st.site.in_features, st.site.out_features), self.recipes,
+                                          kernels=kernels, dtype=dtype, device=dev, fits=fits,
+                                          warmup=warmup, iters=iters)
+        return self.timings
+
     def reduce(self, group=None) -> None:
         """Merge statistics and error observations across ranks (a collective; call on every rank)."""
         from loka.probe.distributed import reduce_probe

@@ -1,0 +1,73 @@
+"""Sensitivity: how much one site's FP8 error moves the model's loss.
+
+For each site in turn, a forward hook replaces the site's output with the output of
+the recipe's emulated fprop GEMM (``fake_quantize(x) · fake_quantize(W)ᵀ + b``, in
+float32 like the ``emulated`` kernel) and the loss is recomputed on the same batch; the
+difference to the unmodified loss is the site's sensitivity. Only the forward GEMM is
+injected: dgrad/wgrad errors change the *update*, not this batch's loss. Every
+evaluation runs under ``no_grad`` with the same RNG state, so dropout-like randomness
+does not show up as sensitivity. Summing per-site deltas is a first-order estimate
+of converting several sites at once (interactions are ignored; docs/probe.md).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from loka.quantize import fake_quantize
+from loka.recipe import GemmRecipe, Recipe, as_recipe
+
+
+def emulated_fprop(module: nn.Module, x: torch.Tensor, recipe: GemmRecipe) -> torch.Tensor:
+    """``y[..., N] = fq(x)[..., K] · fq(W)[N, K]ᵀ + b`` computed like the ``emulated`` kernel."""
+    x2d = x.reshape(-1, x.shape[-1])
+    a = fake_quantize(x2d.float(), recipe.a)
+    b = fake_quantize(module.weight.detach().float(), recipe.b)
+    y = (a @ b.t()).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type))
+    y = y.reshape(*x.shape[:-1], b.shape[0])
+    bias = getattr(module, "bias", None)
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+def _inject_hook(recipe: GemmRecipe):
+    def hook(module: nn.Module, args: tuple, output):
+        return emulated_fprop(module, args[0], recipe)
+
+    return hook
+
+
+def _loss(loss_fn: Callable[[], torch.Tensor], seed: int) -> float:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return float(loss_fn())
+
+
+def site_sensitivity(
+    modules: dict[str, nn.Module], loss_fn: Callable[[], torch.Tensor], recipe: Recipe | str, *, seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """``{fqn: {loss_ref, loss_fp8, loss_delta, rel_loss_delta}}`` injecting one site at a time.
+
+    ``loss_fn()`` computes the model's loss on one fixed batch (a closure).
+    """
+    recipe = as_recipe(recipe)
+    ref = _loss(loss_fn, seed)
+    out = {}
+    items = list(modules.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"sensitivity ({recipe.name})", leave=False)
+    for fqn, module in items:
+        handle = module.register_forward_hook(_inject_hook(recipe.fprop))
+        try:
+            loss = _loss(loss_fn, seed)
+        finally:
+            handle.remove()
+        delta = loss - ref
+        out[fqn] = {"loss_ref": ref, "loss_fp8": loss, "loss_delta": delta,
+                    "rel_loss_delta": delta / abs(ref) if ref != 0 else float("inf") * (delta != 0)}
+    return out
