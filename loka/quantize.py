@@ -134,6 +134,7 @@ def quantize(
 
     ``scale`` given (delayed/static scaling) is used as is and broadcast over
     the groups; otherwise it is computed from the groups' amax (dynamic).
+    ``mx`` always uses power-of-two scales.
     """
     f = get_format(fmt)
     if not x.is_floating_point():
@@ -143,6 +144,7 @@ def quantize(
     if nonfinite == "raise":
         _raise_if_nonfinite(x)
     group = _group_shape(x.shape, granularity, block)
+    pow2_scale = pow2_scale or granularity == "mx"  # e8m0 scales are powers of two
     if scale is None:
         scale = scale_from_amax(group_amax(x, granularity, block), f, pow2_scale)
     else:

@@ -1,0 +1,69 @@
+"""loka.convert: the plain swap of Linear sites, with reasons for every skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loka import Float8Linear, convert
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 128),
+        nn.LayerNorm(128),
+        nn.SiLU(),
+        nn.Sequential(nn.Linear(128, 40), nn.ReLU()),
+        nn.Linear(40, 16),
+    )
+
+
+def test_convert_all_reports_converted_and_skipped():
+    model = mlp()
+    params_before = {n: p for n, p in model.named_parameters()}
+    result = convert(model, "rowwise", kernels="scaled_mm")
+    assert result.converted == ["0"]
+    assert "N=40 is not a multiple of 16" in result.skipped["3.0"]
+    assert "K=40 is not a multiple of 16" in result.skipped["4"]
+    assert isinstance(model[0], Float8Linear) and type(model[4]) is nn.Linear
+    # Parameters are reused, not copied: an optimizer built before conversion still works.
+    for n, p in model.named_parameters():
+        assert p is params_before[n]
+
+
+def test_filter_fn_and_fallback():
+    model = mlp()
+    result = convert(model, "tensorwise", kernels="scaled_mm", fallback="hp", module_filter_fn=lambda m, fqn: fqn != "0")
+    assert result.skipped == {"0": "excluded by module_filter_fn"}
+    assert sorted(result.converted) == ["3.0", "4"]
+    y = model(torch.randn(16, 64))
+    assert y.shape == (16, 16) and torch.isfinite(y).all()
+    assert "K=40" in model[4].fallbacks["fprop"]
+    again = convert(model, "tensorwise")
+    assert again.skipped["4"] == "already a Float8Linear"
+
+
+def test_emulated_converts_every_shape_and_trains():
+    model = mlp()
+    result = convert(model, "blockwise", kernels="emulated")
+    assert len(result.converted) == 3 and not result.skipped
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, target = torch.randn(32, 64), torch.randn(32, 16)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="bare Linear"):
+        convert(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="recipe name"):
+        convert(mlp(), "int4")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        convert(mlp(), "rowwise", kernels="cutlass9")
