@@ -1,0 +1,109 @@
+"""``loka gate`` end to end: exit codes 0 / 1 / 2, the table, the JSON, and no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from loka.gate import EvalOutputs
+from loka.gate.cli import register
+
+from .helpers import synthetic_pair
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["gate", *argv, "--n-boot", "300"])
+    return args.func(args)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Paths of a baseline, a harmless candidate and a harmful candidate."""
+    a, good = synthetic_pair(n=6000, noise=0.002)
+    bad = EvalOutputs.build(a.example_ids, a.labels, {"click": np.clip(a.probs["click"] * 1.5, 0, 1)},
+                            model="ranker-a", model_fingerprint="bad")  # fmt: skip
+    paths = {}
+    for name, out in (("base", a), ("good", good), ("bad", bad)):
+        paths[name] = str(tmp_path / f"{name}.npz")
+        out.save(paths[name])
+    return paths
+
+
+def test_pass_exits_0_and_writes_json(saved, tmp_path, capsys):
+    out_json = tmp_path / "result.json"
+    assert _run(["--baseline", saved["base"], "--candidate", saved["good"], "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert "loka gate: PASS" in table and "ne[click]" in table
+    result = json.loads(out_json.read_text())
+    assert result["verdict"] == "pass" and result["exit_code"] == 0
+    assert {c["name"] for c in result["checks"]} == {"ne[click]", "auc[click]", "calibration[click]"}
+
+
+def test_regression_exits_1(saved, capsys):
+    assert _run(["--baseline", saved["base"], "--candidate", saved["bad"]]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out
+    # a loose enough budget lets the same candidate pass
+    assert _run(["--baseline", saved["base"], "--candidate", saved["bad"], "--budget-ne", "10"]) == 0
+
+
+def _assert_bad_input(argv, capsys, match: str) -> None:
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loka gate: could not evaluate:") and match in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_exits_2(saved, tmp_path, capsys):
+    _assert_bad_input(["--baseline", str(tmp_path / "nope.npz"), "--candidate", saved["good"]], capsys, "no such file")
+
+
+def test_not_an_outputs_file_exits_2(saved, tmp_path, capsys):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"\x00garbage")
+    _assert_bad_input(["--baseline", str(junk), "--candidate", saved["good"]], capsys, "not a saved EvalOutputs")
+
+
+def test_different_models_exit_2(saved, tmp_path, capsys):
+    other = EvalOutputs.load(saved["good"])
+    path = str(tmp_path / "other.npz")
+    EvalOutputs(other.example_ids, other.labels, other.probs, {**other.meta, "model": "ranker-b"}).save(path)
+    _assert_bad_input(["--baseline", saved["base"], "--candidate", path], capsys, "different models")
+    assert _run(["--baseline", saved["base"], "--candidate", path, "--allow-different-models"]) == 0
+
+
+def test_different_eval_sets_exit_2(saved, tmp_path, capsys):
+    b = EvalOutputs.load(saved["good"])
+    keep = slice(0, b.n - 10)
+    path = str(tmp_path / "fewer.npz")
+    EvalOutputs(b.example_ids[keep], {t: v[keep] for t, v in b.labels.items()},
+                {t: v[keep] for t, v in b.probs.items()}, b.meta).save(path)  # fmt: skip
+    _assert_bad_input(["--baseline", saved["base"], "--candidate", path], capsys, "eval sets differ")
+
+
+def test_bad_budget_and_one_report_exit_2(saved, tmp_path, capsys):
+    _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--budget-ne", "-1"], capsys, "ne_rel")
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"s": {"fprop": {"mean": 0.1, "ci_lo": 0.0, "ci_hi": 0.2, "threshold": 0.3}}}))
+    _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", str(report)],
+                      capsys, "both probe reports")  # fmt: skip
+    _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", str(report),
+                       "--report-candidate", str(tmp_path / "none.json")], capsys, "no such probe report")  # fmt: skip
+
+
+def test_site_regression_from_reports_exits_1(saved, tmp_path, capsys):
+    def report(mean: float) -> str:
+        path = tmp_path / f"report_{mean}.json"
+        entry = {"mean": mean, "ci_lo": mean * 0.9, "ci_hi": mean * 1.1, "n": 6, "threshold": 0.05}
+        path.write_text(json.dumps({"sites": {"over.0": {"errors": {"tensorwise": {"fprop": entry}}}}}))
+        return str(path)
+
+    args = ["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", report(0.02)]
+    assert _run([*args, "--report-candidate", report(0.02)]) == 0
+    assert _run([*args, "--report-candidate", report(0.2)]) == 1
+    assert "site over.0/tensorwise/fprop" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""Probe-report site checks: entry discovery in any layout and the moved-above-budget rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loka.gate import GateBudget
+from loka.gate.sites import ReportError, error_entries, site_checks
+
+
+def _entry(mean: float, half: float = 0.005, threshold: float | None = 0.05, n: int = 5) -> dict:
+    e = {"mean": mean, "ci_lo": mean - half, "ci_hi": mean + half, "n": n, "sqnr_db": 30.0, "verdict": "safe"}
+    if threshold is not None:
+        e["threshold"] = threshold
+    return e
+
+
+def test_entries_found_in_nested_dicts_and_lists():
+    report = {
+        "meta": {"model": "tiny", "n_steps": 10},
+        "sites": [
+            {"fqn": "over.0", "errors": {"rowwise": {"fprop": _entry(0.01), "dgrad": _entry(0.02)}}},
+            {"fqn": "dense.1", "errors": {"rowwise": {"fprop": _entry(0.03)}}},
+        ],
+    }
+    found = error_entries(report)
+    assert set(found) == {"over.0/rowwise/fprop", "over.0/rowwise/dgrad", "dense.1/rowwise/fprop"}
+    with pytest.raises(ReportError, match="no error entries"):
+        error_entries({"sites": []})
+
+
+def test_moved_above_budget_is_a_regression():
+    base = {"s": {"tensorwise": {"fprop": _entry(0.02), "wgrad": _entry(0.2)}}}
+    cand = {"s": {"tensorwise": {"fprop": _entry(0.09), "wgrad": _entry(0.3)}}}
+    checks, _ = site_checks(base, cand, GateBudget())
+    by_name = {c.name: c for c in checks}
+    assert by_name["site s/tensorwise/fprop"].verdict == "regression"
+    # already over budget in the baseline: reported, not a change
+    assert by_name["site s/tensorwise/wgrad"].verdict == "info"
+
+
+def test_within_budget_straddling_and_new_entries():
+    base = {"s": {"r": {"fprop": _entry(0.01)}}, "gone": {"r": {"fprop": _entry(0.01)}}}
+    cand = {"s": {"r": {"fprop": _entry(0.049, half=0.01)}}, "new": {"r": {"fprop": _entry(0.2)}}}
+    checks, notes = site_checks(base, cand, GateBudget())
+    by_name = {c.name: c for c in checks}
+    straddle = by_name["site s/r/fprop"]
+    assert straddle.verdict == "inconclusive" and straddle.n_needed > straddle.n
+    assert by_name["site new/r/fprop"].verdict == "regression" and "not in baseline" in by_name["site new/r/fprop"].note
+    assert any("gone/r/fprop" in n for n in notes)
+
+
+def test_budget_override_and_missing_threshold():
+    base = {"s": {"r": {"fprop": _entry(0.01, threshold=None)}}}
+    cand = {"s": {"r": {"fprop": _entry(0.04, threshold=None)}}}
+    with pytest.raises(ReportError, match="no threshold"):
+        site_checks(base, cand, GateBudget())
+    checks, _ = site_checks(base, cand, GateBudget(site_error=0.02))
+    assert checks[0].verdict == "regression"
+    checks, _ = site_checks(base, cand, GateBudget(site_error=0.1))
+    assert checks[0].verdict == "pass"
+
+
+def test_non_finite_error_is_a_regression():
+    cand = {"s": {"r": {"fprop": {"mean": math.inf, "ci_lo": math.inf, "ci_hi": math.inf, "n": 3, "threshold": 0.05}}}}
+    checks, _ = site_checks({"s": {"r": {"fprop": _entry(0.01)}}}, cand, GateBudget())
+    assert checks[0].verdict == "regression"
