@@ -1,1 +1,43 @@
-"""TODO"""
+"""loka.models: the bundled reference ads ranker, its data, training, evaluation and serving.
+
+A production-shaped large recommendation model (Wukong interaction over sparse, dense and
+InterFormer-style sequence arches, multi-task CTR/CVR heads) that every loka feature is
+proven and benchmarked on, and that users can train, evaluate and serve on their own data.
+
+    >>> from loka.models import RankerConfig, Ranker, SyntheticStream, train, evaluate
+    >>> cfg = RankerConfig.from_size("tiny")
+    >>> model = Ranker(cfg)
+"""
+
+from .batch import Batch
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
+from .config import SIZES, RankerConfig, criteo_config
+from .evaluate import EvalReport, TaskMetrics, compare, evaluate, predict
+from .optim import RowWiseAdagrad, build_optimizers
+from .precision import apply_precision
+from .ranker import Ranker
+from .synthetic import SyntheticStream
+from .train import TrainConfig, TrainResult, train
+
+__all__ = [
+    "Batch",
+    "EvalReport",
+    "Ranker",
+    "RankerConfig",
+    "RowWiseAdagrad",
+    "SIZES",
+    "SyntheticStream",
+    "TaskMetrics",
+    "TrainConfig",
+    "TrainResult",
+    "apply_precision",
+    "build_optimizers",
+    "compare",
+    "criteo_config",
+    "evaluate",
+    "load_checkpoint",
+    "load_model",
+    "predict",
+    "save_checkpoint",
+    "train",
+]

@@ -71,6 +71,11 @@ class SyntheticStream:
         calib = self._features(self._generator(-1 - teacher_seed), 20_000)
         self.teacher.calibrate(calib, CTR_RATE, CVR_RATE)
 
+    def base_rates(self) -> dict[str, float]:
+        """Target label rates per task (CVR among clicks), used to initialize head biases."""
+        rates = {"ctr": CTR_RATE, "cvr": CVR_RATE}
+        return {t: rates.get(t, CTR_RATE) for t in self.cfg.tasks}
+
     # -- stream position ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size}

@@ -1,0 +1,51 @@
+"""Precision of the ranker's GEMM sites: ``bf16`` (default), ``fp8``, or a loka plan file.
+
+- ``bf16``: no conversion; the trainer autocasts to bf16 where the device supports it.
+- ``fp8``: every Linear through `loka.Float8Linear` via ``loka.convert(model, recipe="tensorwise")``,
+  the naive convert-everything baseline.
+- a path to a plan JSON: ``loka.dispatch.load_plan(path)`` then ``loka.convert(model, plan=plan)``,
+  each site with its planned kernel (or kept in bf16).
+
+Conversion reuses the model's Parameters and keeps nn.Linear's state_dict keys, so a bf16
+checkpoint loads into the converted model and back.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+HP_PRECISIONS = ("bf16", "fp32")
+
+
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless ``precision`` is bf16, fp32, fp8 or an existing plan file."""
+    if precision in HP_PRECISIONS or precision == "fp8":
+        return
+    if not precision.endswith(".json") and not os.path.exists(precision):
+        raise ValueError(f"precision={precision!r} is not 'bf16', 'fp32', 'fp8' or a plan file path; "
+                         "pass one of those (plans are written by `loka plan`).")
+    if not os.path.isfile(precision):
+        raise ValueError(f"plan file {precision!r} does not exist; write it with `loka plan` first.")
+
+
+def apply_precision(model: nn.Module, precision: str):
+    """Convert ``model`` in place for ``precision``; returns loka's ConvertResult or None (hp)."""
+    check_precision(precision)
+    if precision in HP_PRECISIONS:
+        return None
+    import loka
+
+    convert = getattr(loka, "convert", None)
+    if convert is None:
+        raise NotImplementedError("precision='fp8' needs loka.convert, which this loka build lacks.")
+    if precision == "fp8":
+        return convert(model, recipe="tensorwise")
+    import loka.dispatch
+
+    load_plan = getattr(loka.dispatch, "load_plan", None)
+    if load_plan is None:
+        raise NotImplementedError("plan files need loka.dispatch.load_plan, which this loka build "
+                                  "does not provide yet; use precision='bf16' or 'fp8'.")
+    return convert(model, plan=load_plan(precision))
