@@ -96,8 +96,8 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] | None = None) -> torch.Tensor:
     """Broadcast a scale of any granularity to a tensor of ``shape``."""
-    if scale.dim() == 0 or (scale.shape[-1] == 1 and scale.dim() == len(shape)):
-        return scale
+    if scale.dim() == 0 or (scale.shape[-1] == 1 and tuple(scale.shape[:-1]) == tuple(shape[:-1])):
+        return scale  # one scale per tensor or per row: plain broadcasting
     if block is None:
         raise ValueError(
             f"a scale of shape {tuple(scale.shape)} for a tensor of shape {tuple(shape)} is blockwise; "

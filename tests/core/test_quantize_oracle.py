@@ -160,6 +160,12 @@ def test_blockwise_weight_blocks_and_errors():
         dequantize(q, s)
     d = dequantize(q, s, block=(128, 128))
     assert (d - w).abs().max() <= w.abs().max() * E4M3.unit_roundoff * 1.01
+    # One column block: the scale is [Rg, 1] yet not rowwise.
+    w_narrow = torch.randn(256, 64)
+    q, s = quantize(w_narrow, "e4m3", "blockwise", block=(128, 128))
+    assert s.shape == (2, 1)
+    d = dequantize(q, s, block=(128, 128))
+    assert (d - w_narrow).abs().max() <= w_narrow.abs().max() * E4M3.unit_roundoff * 1.01
     with pytest.raises(ValueError, match="2-D"):
         quantize(torch.randn(2, 3, 256), "e4m3", "blockwise", block=(128, 128))
 
