@@ -26,6 +26,7 @@ from .teacher import ADVERTISER, AGE, CATEGORY, DEVICE, HOUR, ITEM, REGION, USER
 CTR_RATE, CVR_RATE = 0.03, 0.10
 _MULTIPLIERS = (2654435761, 2246822519, 3266489917, 668265263, 374761393, 1181783497, 3144134277)
 _PRIME = 2147483647
+_CALIBRATION: dict[tuple, tuple[float, float]] = {}
 
 
 def _hash(x: Tensor, salt: int) -> Tensor:
@@ -68,8 +69,12 @@ class SyntheticStream:
         self.rank, self.world_size = rank, world_size
         self.position = 0  # next batch this rank reads
         self.teacher = Teacher(cfg.sparse_cardinalities, teacher_seed, self.device)
-        calib = self._features(self._generator(-1 - teacher_seed), 20_000)
-        self.teacher.calibrate(calib, CTR_RATE, CVR_RATE)
+        key = (cfg, teacher_seed, self.device.type)
+        if key not in _CALIBRATION:  # the biases depend on the config and teacher only
+            calib = self._features(self._generator(0, seed=-1 - teacher_seed), 20_000)
+            self.teacher.calibrate(calib, CTR_RATE, CVR_RATE)
+            _CALIBRATION[key] = (self.teacher.ctr_bias, self.teacher.cvr_bias)
+        self.teacher.ctr_bias, self.teacher.cvr_bias = _CALIBRATION[key]
 
     def base_rates(self) -> dict[str, float]:
         """Target label rates per task (CVR among clicks), used to initialize head biases."""
@@ -95,9 +100,10 @@ class SyntheticStream:
         return batch
 
     # -- generation --------------------------------------------------------------------------
-    def _generator(self, index: int) -> torch.Generator:
+    def _generator(self, index: int, seed: int | None = None) -> torch.Generator:
+        seed = self.seed if seed is None else seed
         gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + index * 7919 + 12345) % (1 << 62))
+        gen.manual_seed((seed * 1_000_003 + index * 7919 + 12345) % (1 << 62))
         return gen
 
     def batch(self, position: int) -> Batch:

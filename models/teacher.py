@@ -24,14 +24,15 @@ TABLE_ROWS = 1 << 18  # id-effect tables wrap ids beyond this (keeps `large` che
 
 
 def _normal(gen: torch.Generator, shape, std: float, device) -> Tensor:
-    return torch.randn(*shape, generator=gen, device=device) * std
+    return (torch.randn(*shape, generator=gen) * std).to(device)
 
 
 class Teacher:
     """Ground-truth logits for (ctr, cvr | click); built on ``device`` from ``seed``."""
 
     def __init__(self, cardinalities: tuple[int, ...], seed: int, device) -> None:
-        gen = torch.Generator(device=device)
+        # Tables are drawn on CPU so the teacher is the same function on every device.
+        gen = torch.Generator()
         gen.manual_seed(10_007 * seed + 17)
         c = cardinalities
         self.n_cat = c[CATEGORY]
