@@ -1,1 +1,68 @@
-"""TODO"""
+"""loka.mods: reusable rewrites of GEMM-plus-normalization blocks for FP8 stability and speed.
+
+Each mod is ``apply(model, report=None, **options) -> ModResult`` and finds its
+sites by dataflow pattern on a recorded forward pass (``loka.mods.graph``),
+not by class names, so it works on user models with the same patterns:
+
+=====================  ==================  ==============================================
+mod                    exact?              pattern / effect
+=====================  ==================  ==============================================
+scale_migration        exact               Norm -> Linear(s): per-channel scales into W
+row_scale_free         exact (eps; bias)   Linear -> Norm: skip the activation row scale
+padding                exact               K, N padded to multiples of 16
+horizontal_fusion      exact               Linears sharing an input -> one wider GEMM
+fused_norm_quant       exact (serving)     Norm -> FP8 Linear: norm + cast in one pass
+keep_hp                no change           {fqn: reason} kept bf16 (heads, raw, tiny)
+=====================  ==================  ==============================================
+
+Apply mods to a model whose weights are already loaded (checkpoints are
+loaded *before* the mods; see docs/mods.md), then ``loka.convert``.
+"""
+
+from loka.mods import fused_norm_quant, horizontal, keep_hp, padding, row_scale, scale_migration
+from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
+from loka.mods.graph import Dataflow, LinearNorm, NormLinear, record
+from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear
+from loka.mods.horizontal import FusedLinearMember, fuse_linears
+from loka.mods.keep_hp import keep_in_hp, module_filter_fn
+from loka.mods.norms import register_norm
+from loka.mods.padding import PaddedLinear
+from loka.mods.result import ModResult, SiteChange
+from loka.mods.row_scale import RowScaleInvariantLinear
+
+MODS = {
+    m.NAME: m.apply
+    for m in (scale_migration, row_scale, padding, horizontal, fused_norm_quant, keep_hp)
+}
+
+
+def get_mod(name: str):
+    """The ``apply`` function of the mod called ``name``."""
+    try:
+        return MODS[name]
+    except KeyError:
+        raise ValueError(f"unknown mod {name!r}; mods: {sorted(MODS)}") from None
+
+
+__all__ = [
+    "MODS",
+    "Dataflow",
+    "FusedLinearMember",
+    "GroupedLinear",
+    "LinearNorm",
+    "ModResult",
+    "NormLinear",
+    "NormQuantize",
+    "PaddedLinear",
+    "PrequantFloat8Linear",
+    "RowScaleInvariantLinear",
+    "SiteChange",
+    "find_groups",
+    "fuse_linears",
+    "get_mod",
+    "grouped_linear",
+    "keep_in_hp",
+    "module_filter_fn",
+    "record",
+    "register_norm",
+]
