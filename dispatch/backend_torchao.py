@@ -34,6 +34,7 @@ import importlib.util
 import torch
 
 from loka.formats import get_format
+from loka.quantize import MIN_SCALE, round_up_pow2
 from loka.recipe import GemmRecipe
 
 from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
@@ -125,8 +126,10 @@ class TorchaoKernel(_TorchaoBase):
             scale = tensor_to_scale(x, fp8_dtype, scaling_granularity=granularity, axiswise_dim=axis,
                                     round_scales_to_power_of_2=op.pow2)
         else:
-            # delayed/static: loka's dequant scale -> torchao's quant multiplier, broadcast per row.
-            scale = dequant_scale.float().reciprocal()
+            # delayed/static: loka's dequant scale (rounded as loka.quantize does) -> torchao's
+            # quant multiplier, broadcast per row.
+            dequant_scale = dequant_scale.float().clamp_min(MIN_SCALE).to(x.device)
+            scale = (round_up_pow2(dequant_scale) if op.pow2 else dequant_scale).reciprocal()
             scale = scale.expand(x.shape[0], 1).contiguous() if rowwise and scale.dim() == 0 else scale
         role_enum = GemmInputRole[role]
         return hp_tensor_and_scale_to_float8(x, scale, fp8_dtype, mm_config, role_enum, axis)
