@@ -1,0 +1,109 @@
+"""Training: learns, resumes exactly, writes metrics, moves checkpoints across precisions, runs DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import loka
+from loka.models import (Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, load_checkpoint,
+                         load_model, train)
+from loka.models.checkpoint import save_checkpoint
+
+FAST = dict(size="tiny", batch_size=64, progress=False, warmup_steps=2)
+
+
+def _seed():
+    return int(torch.randint(0, 1 << 30, ()))
+
+
+def test_resume_continues_exactly(tmp_path):
+    seed = _seed()
+    full = train(TrainConfig(steps=8, data_seed=seed, seed=seed, **FAST))
+    first = train(TrainConfig(steps=4, data_seed=seed, seed=seed, out_dir=str(tmp_path), **FAST))
+    resumed = train(TrainConfig(steps=8, data_seed=seed, seed=seed, **FAST),
+                    resume=first.checkpoint)
+    assert resumed.first_step == 4
+    assert first.losses + resumed.losses == full.losses
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_metrics_log_and_checkpoint_contents(tmp_path):
+    result = train(TrainConfig(steps=6, log_every=2, checkpoint_every=3, out_dir=str(tmp_path), **FAST))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    assert {"loss", "loss_ctr", "loss_cvr", "examples_per_s"} <= set(lines[0])
+    assert (tmp_path / "checkpoint_0000003.pt").exists()
+    state = load_checkpoint(result.checkpoint)
+    assert state["step"] == 6 and state["stream"]["position"] == 6
+    assert set(state["optimizers"]) == {"dense", "sparse"}
+    model = load_model(result.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 result.model.state_dict().values()))
+
+
+def test_training_lowers_held_out_ctr_ne_on_tiny():
+    cfg = RankerConfig.from_size("tiny")
+    held_out = SyntheticStream(cfg, 4096, seed=_seed())
+    result = train(TrainConfig(steps=40, data_seed=_seed(), **FAST).replace(batch_size=256))
+    report = evaluate(result.model, held_out, n_examples=4096)
+    assert report.tasks["ctr"].ne < 0.99
+
+
+def test_bad_precision_and_missing_plan_are_clear():
+    with pytest.raises(ValueError, match="plan"):
+        TrainConfig(precision="fp4")
+    with pytest.raises(ValueError, match="does not exist"):
+        TrainConfig(precision="/nonexistent/plan.json")
+
+
+def test_bf16_checkpoint_loads_into_fp8_model_and_back(tmp_path):
+    cfg = RankerConfig.from_size("tiny")
+    hp = Ranker(cfg)
+    path = save_checkpoint(tmp_path / "hp.pt", hp)
+    fp8 = Ranker(cfg)
+    result = loka.convert(fp8, recipe="tensorwise", kernels="emulated")
+    assert result.converted
+    fp8.load_state_dict(load_checkpoint(path)["model"])
+    assert all(torch.equal(a, b) for a, b in zip(fp8.state_dict().values(), hp.state_dict().values()))
+    back = Ranker(cfg)
+    back.load_state_dict(fp8.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), hp.state_dict().values()))
+
+
+def test_fp8_training_runs_and_converts_every_linear():
+    result = train(TrainConfig(steps=3, precision="fp8", **FAST))
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in Ranker(RankerConfig.from_size("tiny")).modules())
+    res = result.convert_result
+    assert len(res.converted) + len(res.skipped) == n_linear
+    assert all(isinstance(x, float) and x == x for x in result.losses)
+
+
+def _ddp_worker(rank, world, port, out_dir, seed):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(TrainConfig(steps=3, device="cpu", data_seed=seed, seed=seed,
+                               out_dir=out_dir if rank == 0 else None, **FAST))
+    torch.save(result.model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), _seed()), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
