@@ -16,6 +16,7 @@ from loka.dispatch.backend_torchao import (
 )
 from loka.dispatch.backend_te import TEKernel
 from loka.dispatch.kernel import KERNELS
+from loka.dispatch.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
 for _kernel in (
     Bf16Kernel(),
@@ -27,5 +28,7 @@ for _kernel in (
     TorchaoBlockwiseKernel(),
     TorchaoMXKernel(),
     TEKernel(),
+    TritonFusedQuantKernel(),
+    TritonFusedQuantFastAccumKernel(),
 ):
     KERNELS.register(_kernel)
