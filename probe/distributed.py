@@ -37,8 +37,12 @@ def _collective_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def reduce_operand(stats: OperandStats, n_channels: int, group=None) -> None:
-    """All-reduce one operand's mergeable state in place (every rank gets the merged state)."""
+def reduce_operand(stats: OperandStats, n_channels: int, group=None, replicated: bool = False) -> None:
+    """All-reduce one operand's mergeable state in place (every rank gets the merged state).
+
+    ``replicated``: every rank holds the same tensor (the weight under DDP, or FSDP's
+    gathered weight), so sums are averaged instead of added.
+    """
     shapes = _key_shapes(n_channels)
     device = _collective_device(group)
     for op in ("sum", "max", "min"):
@@ -52,6 +56,8 @@ def reduce_operand(stats: OperandStats, n_channels: int, group=None) -> None:
         flat = torch.cat(parts).to(device)
         dist.all_reduce(flat, op=_REDUCE_OP[op], group=group)
         flat = flat.cpu()
+        if replicated and op == "sum":
+            flat = flat / dist.get_world_size(group)
         offset = 0
         for k in keys:
             n = math.prod(shapes[k])
@@ -79,7 +85,7 @@ def reduce_probe(probe, group=None) -> None:
         dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=group)
         for role, any_rank in zip(ROLES, seen.tolist()):
             if any_rank > 0:  # same decision on every rank, so the collectives line up
-                reduce_operand(st.operands[role], _channels(st.site, role), group)
+                reduce_operand(st.operands[role], _channels(st.site, role), group, replicated=role == "weight")
         _gather_site_objects(st, group)
     steps = [None] * dist.get_world_size(group)
     dist.all_gather_object(steps, probe.sampled_steps, group=group)

@@ -5,7 +5,8 @@ Each statistic is defined once as a pair, like Transformer Engine's debug featur
 every state key says how it merges (``sum``, ``max`` or ``min``). The same merge rule
 serves micro-batches on one process (:meth:`OperandStats.merge`) and DDP ranks
 (``torch.distributed.all_reduce`` with the matching op, see :mod:`loka.probe.distributed`),
-so "merge two halves" and "see both halves" give the same numbers.
+so "merge two halves" and "see both halves" give the same numbers (weights, replicated on
+every rank, are averaged across ranks instead of summed).
 
 Moments are kept as raw power sums in float64 (sum x, x², x³, x⁴), which merge by
 addition; mean, RMS, crest factor and kurtosis are derived from them at the end.
