@@ -16,8 +16,10 @@ tensor: a ``torch.equal`` check, one read of both tensors). If a member is
 called with a different input, the fused GEMM simply runs again on it, so
 the rewrite is exact in every case and fast when the input is shared.
 
-Only Linears with the same bias-ness, dtype and device are grouped (a zero
-bias slice would become trainable and change the model). The fused Linear is
+Only Linears with the same dtype and device are grouped. When every member
+has a bias it lives in the fused Linear (the GEMM epilogue adds it); when only
+some have one, each keeps its own ``bias`` Parameter, added to its slice (a
+zero bias slice in the fused Linear would be trainable and change the model). The fused Linear is
 the child ``fused`` of the first member, so ``loka.convert`` can turn it into
 one Float8Linear (site ``<first member fqn>.fused``).
 """
@@ -78,7 +80,9 @@ class FusedLinearMember(nn.Module):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output(x, self.index)
+        y = self._group.output(x, self.index)
+        bias = self.__dict__.get("_parameters", {}).get("bias")
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slice {self.index} of {self._group.sizes}"
@@ -89,7 +93,7 @@ def fuse_linears(model: nn.Module, fqns: tuple[str, ...]) -> nn.Linear:
     linears = [get_module(model, f) for f in fqns]
     w0 = linears[0].weight
     sizes = [lin.out_features for lin in linears]
-    has_bias = linears[0].bias is not None
+    has_bias = all(lin.bias is not None for lin in linears)  # else members keep their own bias
     fused = nn.Linear(linears[0].in_features, sum(sizes), has_bias, device=w0.device, dtype=w0.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([lin.weight for lin in linears], dim=0))  # [ΣN, K]
@@ -104,6 +108,8 @@ def fuse_linears(model: nn.Module, fqns: tuple[str, ...]) -> nn.Linear:
             member.fused = fused
             group = _FusedGroup(member, sizes)
         member._group = group
+        if not has_bias and lin.bias is not None:
+            member.bias = lin.bias  # the same Parameter
         member.train(lin.training)
         set_module(model, fqn, member)
         members.append(member)
@@ -113,9 +119,9 @@ def fuse_linears(model: nn.Module, fqns: tuple[str, ...]) -> nn.Linear:
 def _compatible(linears: list[nn.Module]) -> str:
     if any(type(lin) is not nn.Linear for lin in linears):
         return "only plain nn.Linear modules are fused (apply fusion before convert)"
-    keys = {(lin.bias is None, lin.weight.dtype, lin.weight.device) for lin in linears}
+    keys = {(lin.weight.dtype, lin.weight.device) for lin in linears}
     if len(keys) > 1:
-        return "members differ in bias-ness, dtype or device"
+        return "members differ in dtype or device"
     return ""
 
 

@@ -73,12 +73,14 @@ def _report_channels(report, fqn: str) -> dict:
 def _capture_inputs(model: nn.Module, sample, fqns: list[str]) -> dict[str, torch.Tensor]:
     """Input of each Linear in ``fqns`` on ``sample``, flattened to [M, K]."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [
-        get_module(model, f).register_forward_pre_hook(
-            lambda m, args, f=f: seen.setdefault(f, args[0].detach().reshape(-1, args[0].shape[-1]).double())
-        )
-        for f in fqns
-    ]
+
+    def hook_for(fqn: str):
+        def hook(module, args) -> None:  # returns None: the input is not replaced
+            seen.setdefault(fqn, args[0].detach().reshape(-1, args[0].shape[-1]).double())
+
+        return hook
+
+    handles = [get_module(model, f).register_forward_pre_hook(hook_for(f)) for f in fqns]
     try:
         with torch.no_grad():
             run_sample(model, sample)

@@ -1,0 +1,78 @@
+"""Fused norm + quantize feeding a pre-quantized FP8 fprop: same output as the unfused FP8 block."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loka import Float8Linear
+from loka.mods import NormQuantize, PrequantFloat8Linear, fused_norm_quant
+
+
+@pytest.mark.parametrize("norm_cls", [nn.LayerNorm, nn.RMSNorm])
+def test_serving_path_matches_unfused_fp8(norm_cls):
+    m = nn.Sequential(norm_cls(48), nn.Linear(48, 32), nn.SiLU())
+    with torch.no_grad():
+        m[0].weight.uniform_(0.5, 2.0)
+    ref = copy.deepcopy(m)
+    ref[1] = Float8Linear.from_linear(ref[1], recipe="rowwise", kernels="emulated")
+    x = torch.randn(20, 48) * 3
+    res = fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="reference")
+    assert res.sites == ["0 -> 1"] and isinstance(m[0], NormQuantize) and isinstance(m[1], PrequantFloat8Linear)
+    with torch.no_grad():
+        y, y_ref = m(x), ref(x)
+    assert m[0].fused_calls == 1 and m[0].handoff.placeholder is None
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_path_is_the_original_block():
+    m = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 16))
+    ref = copy.deepcopy(m)
+    ref[1] = Float8Linear.from_linear(ref[1], recipe="rowwise", kernels="emulated")
+    x = torch.randn(6, 32)
+    fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="reference")
+    y = m(x)
+    torch.testing.assert_close(y, ref(x))
+    y.sum().backward()
+    assert m[0].weight.grad is not None and m[0].fused_calls == 0
+
+
+def test_state_dict_keys_unchanged():
+    m = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 16))
+    keys = set(m.state_dict())
+    fused_norm_quant.apply(m, sample=torch.randn(2, 32), kernels="emulated", backend="reference")
+    assert set(m.state_dict()) == keys
+
+
+def test_placeholder_read_elsewhere_is_nan_not_plausible():
+    norm = NormQuantize(nn.LayerNorm(16), backend="reference")
+    with torch.no_grad():
+        assert torch.isnan(norm(torch.randn(3, 16))).all()
+
+
+def test_shared_norm_output_is_not_fused():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = nn.LayerNorm(16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return y + self.lin(y)
+
+    m = Res()
+    res = fused_norm_quant.apply(m, sample=torch.randn(2, 16), kernels="emulated")
+    assert not res.changes and type(m.norm) is nn.LayerNorm
+
+
+@pytest.mark.requires_sm89
+def test_triton_kernel_path_on_gpu():
+    m = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 512)).cuda().to(torch.bfloat16)
+    ref = copy.deepcopy(m)
+    ref[1] = Float8Linear.from_linear(ref[1], recipe="rowwise", kernels="scaled_mm")
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    fused_norm_quant.apply(m, sample=x, kernels="scaled_mm", backend="triton")
+    with torch.no_grad():
+        y, y_ref = m(x), ref(x)
+    assert (y.float() - y_ref.float()).norm() / y_ref.float().norm() < 2e-2

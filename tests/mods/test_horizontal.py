@@ -1,0 +1,93 @@
+"""Horizontal fusion (shared input) and grouped GEMMs (same shape, different inputs): exact."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import loka
+from loka.mods import GroupedLinear, find_groups, grouped_linear, horizontal, record
+from loka.mods.grouped import grouped_mm_works
+
+from .helpers import NormLinearBlock, TransposedShared
+
+
+def test_shared_input_fusion_exact_and_one_gemm():
+    m = NormLinearBlock().double()
+    ref = copy.deepcopy(m)
+    x = torch.randn(6, 24, dtype=torch.float64)
+    res = horizontal.apply(m, sample=x)
+    assert res.exact and res.data == {"gemms_before": 2, "gemms_after": 1}
+    x1 = torch.randn(10, 24, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y, y_ref = m(x1), ref(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-13, atol=1e-13)
+    assert m.a._group.gemm_calls == 1
+    y.sum().backward()
+    y_ref.sum().backward()
+    fused = m.a.fused
+    assert fused.bias is None and m.a.bias is not None and "bias" not in dict(m.b.named_parameters())
+    torch.testing.assert_close(m.a.bias.grad, ref.a.bias.grad)
+    torch.testing.assert_close(fused.weight.grad[:40], ref.a.weight.grad)
+    torch.testing.assert_close(fused.weight.grad[40:], ref.b.weight.grad)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_equal_but_distinct_inputs_share_the_gemm():
+    m = TransposedShared().double()
+    ref = copy.deepcopy(m)
+    x = torch.randn(3, 12, 5, dtype=torch.float64)
+    horizontal.apply(m, sample=x)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-13, atol=1e-13)
+    assert m.p._group.gemm_calls == 1
+
+
+def test_member_called_on_other_input_recomputes_exactly():
+    m = NormLinearBlock().double()
+    horizontal.apply(m, sample=torch.randn(2, 24, dtype=torch.float64))
+    u, v = torch.randn(4, 24, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64)
+    wa = m.a.fused.weight[:40]
+    torch.testing.assert_close(m.a(u), u @ wa.t() + m.a.bias)
+    torch.testing.assert_close(m.b(v), v @ m.a.fused.weight[40:].t())
+
+
+def test_convert_after_fusion_converts_the_fused_site():
+    m = NormLinearBlock()
+    horizontal.apply(m, sample=torch.randn(2, 24))
+    res = loka.convert(m, "tensorwise", kernels="emulated")
+    assert "a.fused" in res.converted
+    assert torch.isfinite(m(torch.randn(3, 24))).all()
+
+
+@pytest.mark.parametrize("backend", ["bmm", "grouped_mm"])
+def test_grouped_linear_matches_loop(backend):
+    dtype = torch.float64 if backend == "bmm" else torch.bfloat16
+    if backend == "grouped_mm" and not grouped_mm_works("cpu", dtype)[0]:
+        pytest.skip(grouped_mm_works("cpu", dtype)[1])
+    lins = [nn.Linear(32, 16).to(dtype) for _ in range(3)]
+    g = GroupedLinear.from_linears(lins, backend=backend)
+    xs = [torch.randn(8, 32, dtype=dtype) for _ in range(3)]
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    for y, lin, x in zip(g(xs), lins, xs):
+        torch.testing.assert_close(y, lin(x), rtol=tol, atol=tol)
+
+
+def test_grouped_linear_bad_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        GroupedLinear.from_linears([nn.Linear(4, 4), nn.Linear(4, 8)])
+    with pytest.raises(ValueError, match="G, M, K"):
+        grouped_linear(torch.randn(2, 3), torch.randn(2, 4, 3))
+
+
+def test_find_groups_needs_different_inputs():
+    class Towers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, xs):
+            return [t(x) for t, x in zip(self.t, xs)]
+
+    flow = record(Towers(), ([torch.randn(2, 8) for _ in range(3)],))
+    assert find_groups(flow) == [("t.0", "t.1", "t.2")]
