@@ -128,8 +128,10 @@ class RankerConfig:
 
 def criteo_config(size: str = "small", hash_buckets: int = 100_000) -> RankerConfig:
     """A config for Criteo-format data: 13 dense, 26 hashed categorical features, CTR only."""
-    return RankerConfig.from_size(
-        size, n_dense=13, sparse_cardinalities=(hash_buckets,) * 26, multi_hot_cardinalities=(),
+    if size not in SIZES:
+        raise ValueError(f"Unknown ranker size {size!r}; choose one of {sorted(SIZES)}.")
+    return SIZES[size].replace(
+        n_dense=13, sparse_cardinalities=(hash_buckets,) * 26, multi_hot_cardinalities=(),
         history_len=0, tasks=("ctr",), size=f"{size}-criteo")
 
 

@@ -209,7 +209,11 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
     while result.step < config.steps:
         if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
             break
-        batch = next(data).to(ctx.device, non_blocking=True)
+        try:
+            batch = next(data).to(ctx.device, non_blocking=True)
+        except StopIteration:
+            bar.write(f"data ended after step {result.step}; stopping")
+            break
         for name, opt in optimizers.items():
             for g, lr in zip(opt.param_groups, base_lrs[name]):
                 g["lr"] = lr * _lr_scale(result.step, config.warmup_steps)
