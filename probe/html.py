@@ -68,7 +68,8 @@ def error_vs_speedup(report) -> str:
     ax.set_ylabel("mean error / threshold (worst GEMM)")
     ax.text(0.98, 0.02, "safe & fast", transform=ax.transAxes, ha="right", va="bottom", color="green")
     ax.text(0.02, 0.98, "unsafe & slow", transform=ax.transAxes, ha="left", va="top", color="red")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_title("FP8 error vs speed per site")
     return _png(fig)
 
@@ -97,7 +98,8 @@ def error_bars(report) -> str:
     ax.set_xscale("log")
     ax.set_yticks(range(len(sites)), [s["fqn"] for s in sites], fontsize=7)
     ax.set_xlabel("mean error / threshold, with CI (worst GEMM)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
