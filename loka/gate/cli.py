@@ -2,6 +2,8 @@
 
     loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
               [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
+    loka gate --baseline run/checkpoint.pt --baseline-precision bf16 \\
+              --candidate run/checkpoint.pt --candidate-precision plan.json --eval-examples 100000
 
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
@@ -28,8 +30,18 @@ def register(subparsers) -> None:
             "Exit 0 pass, 1 regression (or inconclusive), 2 could not evaluate."
         ),
     )
-    p.add_argument("--baseline", required=True, help="saved evaluation outputs (.npz from EvalOutputs.save)")
-    p.add_argument("--candidate", required=True, help="saved evaluation outputs of the candidate")
+    p.add_argument("--baseline", required=True,
+                   help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint")  # fmt: skip
+    p.add_argument("--candidate", required=True, help="saved evaluation outputs or a ranker checkpoint")
+    p.add_argument("--baseline-precision", default=None,
+                   help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
+    p.add_argument("--candidate-precision", default=None,
+                   help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
+    p.add_argument("--eval-examples", type=int, default=50_000,
+                   help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
+    p.add_argument("--eval-seed", type=int, default=None,
+                   help="checkpoint only: held-out stream seed (default: the checkpoint's eval_seed)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="checkpoint only: device to evaluate on (default cpu)")
     p.add_argument("--budget-ne", type=float, default=DEFAULT_NE_BUDGET,
                    help="max relative NE increase (default 0.0002 = 0.02%%)")  # fmt: skip
     p.add_argument("--budget-auc", type=float, default=None, help="max absolute AUC drop (default: report only)")
@@ -57,6 +69,7 @@ def _error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from loka.gate.compare import GateInputError, gate
+    from loka.gate.inputs import CheckpointEval
 
     try:
         budget = GateBudget(
@@ -70,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             tasks=tuple(t for t in args.tasks.split(",") if t),
             inconclusive_passes=args.allow_inconclusive,
         )
+        how = CheckpointEval(eval_examples=args.eval_examples, eval_seed=args.eval_seed, device=args.device)
         result = gate(
             args.baseline,
             args.candidate,
@@ -77,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             baseline_report=args.report_baseline,
             candidate_report=args.report_candidate,
             allow_different_models=args.allow_different_models,
+            baseline_precision=args.baseline_precision,
+            candidate_precision=args.candidate_precision,
+            checkpoint_eval=how,
         )
     except (GateInputError, ValueError) as exc:
         return _error(str(exc))

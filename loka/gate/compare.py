@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from loka.gate.budget import GateBudget
+from loka.gate.inputs import CheckpointEval, load_side
 from loka.gate.outputs import EvalOutputs, EvalOutputsError
 from loka.gate.result import INFO, Check, GateResult, classify_lower, classify_upper
 from loka.gate.sites import ReportError, site_checks
@@ -28,15 +29,14 @@ class GateInputError(ValueError):
     """The two sides cannot be compared (missing file, different models or eval sets)."""
 
 
-def _load(side: str, value: object) -> tuple[EvalOutputs, str]:
-    if isinstance(value, EvalOutputs):
-        return value, side
-    if isinstance(value, (str, os.PathLike)):
-        try:
-            return EvalOutputs.load(value), os.fspath(value)
-        except EvalOutputsError as exc:
-            raise GateInputError(f"{side}: {exc}") from None
-    raise GateInputError(f"{side} must be EvalOutputs or the path of a saved one, not {type(value).__name__}")
+def _load(side: str, value: object, precision: str | None, how: CheckpointEval | None) -> tuple[EvalOutputs, str]:
+    name = os.fspath(value) if isinstance(value, (str, os.PathLike)) else side
+    if precision:
+        name += f" [{precision}]"
+    try:
+        return load_side(side, value, precision, how), name
+    except (EvalOutputsError, ValueError) as exc:
+        raise GateInputError(f"{side}: {exc}") from None
 
 
 def _check_same_model(base: EvalOutputs, cand: EvalOutputs, allow_different_models: bool) -> None:
@@ -140,9 +140,16 @@ def gate(
     baseline_report: object = None,
     candidate_report: object = None,
     allow_different_models: bool = False,
+    baseline_precision: str | None = None,
+    candidate_precision: str | None = None,
+    checkpoint_eval: CheckpointEval | None = None,
     **budget_fields,
 ) -> GateResult:
     """Compare ``candidate`` against ``baseline`` on the same examples; see the module docstring.
+
+    ``baseline``/``candidate``: EvalOutputs, saved EvalOutputs paths, or ranker checkpoints,
+    evaluated with ``*_precision`` (bf16 / fp8 / plan JSON; default: as trained) on the
+    held-out examples ``checkpoint_eval`` describes (see ``loka.gate.inputs``).
 
     ``budget_fields`` override fields of ``budget`` (e.g. ``ne_rel=0.001``). Reports are
     probe reports (path, dict or ProbeReport), both or neither. Raises GateInputError
@@ -152,8 +159,8 @@ def gate(
         budget = replace(budget or GateBudget(), **budget_fields)
     except TypeError as exc:
         raise GateInputError(f"unknown budget field: {exc}") from None
-    base, base_name = _load("baseline", baseline)
-    cand, cand_name = _load("candidate", candidate)
+    base, base_name = _load("baseline", baseline, baseline_precision, checkpoint_eval)
+    cand, cand_name = _load("candidate", candidate, candidate_precision, checkpoint_eval)
     _check_same_model(base, cand, allow_different_models)
     cand = _aligned(base, cand)
     checks = _model_checks(base, cand, budget)
