@@ -1,0 +1,54 @@
+"""Acceptance for learning: does `small` close half the NE gap to the Bayes floor in 3 minutes?
+
+Trains the `small` ranker on the synthetic stream on CPU for at most ``--seconds`` of training
+time, then evaluates on held-out examples (a different stream seed, same teacher) and prints
+NE, the Bayes floor and the fraction of the gap between NE = 1 and the floor that was closed.
+
+    python bench/ranker_acceptance.py --threads 2 --seconds 180
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from loka.models import SyntheticStream, TrainConfig, evaluate, train
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr-dense", type=float, default=2e-3)
+    parser.add_argument("--lr-sparse", type=float, default=0.05)
+    parser.add_argument("--eval-examples", type=int, default=100_000)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
+                         lr_dense=args.lr_dense, lr_sparse=args.lr_sparse, device="cpu",
+                         max_seconds=args.seconds, out_dir=args.out, log_every=50)
+    start = time.perf_counter()
+    result = train(config)
+    train_s = time.perf_counter() - start
+    held_out = SyntheticStream(result.model.config, 4096, seed=config.eval_seed)
+    report = evaluate(result.model, held_out, n_examples=args.eval_examples)
+    print(report.table())
+    summary = {"size": args.size, "threads": args.threads, "steps": result.step,
+               "train_seconds": round(train_s, 1), "examples_per_s": round(result.examples_per_s),
+               "batch_size": args.batch_size, **{f"{t}_{k}": v for t, m in report.to_dict().items()
+                                                 for k, v in m.items()}}
+    print(json.dumps(summary))
+    closed = report.tasks["ctr"].gap_closed
+    print(f"CTR gap closed: {closed:.1%} ({'PASS' if closed >= 0.5 else 'FAIL'}: need >= 50%)")
+    return 0 if closed >= 0.5 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

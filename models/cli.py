@@ -1,0 +1,146 @@
+"""`loka train`, `loka eval` and `loka serve`: thin command-line layers over loka.models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the reference ranker (synthetic data or Criteo TSV)",
+                       description="Train the reference ads ranker. Example: "
+                                   "loka train --size small --steps 1000 --precision bf16 --out runs/small")
+    p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--precision", default="bf16", help="bf16 | fp32 | fp8 | path to a loka plan JSON")
+    p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, eval results")
+    p.add_argument("--lr-dense", type=float, default=2e-3)
+    p.add_argument("--lr-sparse", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="model init seed")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--eval-examples", type=int, default=50_000, help="held-out examples at the end (0: none)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--criteo", nargs="+", default=None, metavar="TSV",
+                   help="train on Criteo-format files instead of synthetic data")
+    p.add_argument("--criteo-buckets", type=int, default=100_000)
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="malformed Criteo lines: fail, or skip and count them")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from .criteo import CriteoStream
+    from .ranker import Ranker
+    from .train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = data = None
+    eval_examples = args.eval_examples
+    if args.criteo:
+        data = CriteoStream(args.criteo, args.batch_size, args.criteo_buckets, on_error=args.on_error)
+        model = Ranker(data.config(args.size))
+        eval_examples = 0  # no held-out synthetic stream for real data; use `loka eval`
+    config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
+                         precision=args.precision, out_dir=args.out, lr_dense=args.lr_dense,
+                         lr_sparse=args.lr_sparse, seed=args.seed, data_seed=args.data_seed,
+                         device=args.device, compile=args.compile, eval_examples=eval_examples,
+                         max_seconds=args.max_seconds, checkpoint_every=args.checkpoint_every,
+                         log_every=args.log_every, progress=not args.no_progress)
+    result = train(config, model=model, data=data, resume=args.resume)
+    print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s")
+    if args.criteo:
+        print(f"skipped malformed lines: {data.skipped}")
+    if result.evaluation is not None:
+        print(result.evaluation.table())
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a ranker checkpoint on held-out synthetic data",
+                       description="NE / AUC / calibration per task beside the Bayes floor; with "
+                                   "--compare, a paired bootstrap of the NE difference.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--plan", default=None, help="fp8 or a plan file to convert the model with")
+    p.add_argument("--examples", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=1_000_003, help="held-out stream seed")
+    p.add_argument("--outputs", default=None, help="write EvalOutputs (.npz) for `loka gate`")
+    p.add_argument("--compare", default=None, metavar="CHECKPOINT_B", help="paired NE comparison b - a")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .checkpoint import load_checkpoint, load_model
+    from .evaluate import compare, evaluate
+    from .precision import apply_precision
+    from .synthetic import SyntheticStream
+
+    model = load_model(args.checkpoint)
+    if args.plan:
+        apply_precision(model, args.plan)
+    teacher = load_checkpoint(args.checkpoint)["train_config"].get("teacher_seed", 0)
+    stream = SyntheticStream(model.config, min(4096, args.examples), seed=args.seed, teacher_seed=teacher)
+    if args.compare:
+        other = load_model(args.compare)
+        results = compare(model, other, stream, n_examples=args.examples)
+        out = {t: r.to_dict() for t, r in results.items()}
+        print(json.dumps(out, indent=2))
+        return 0
+    report = evaluate(model, stream, n_examples=args.examples, progress=True)
+    if args.outputs:
+        report.outputs.save(args.outputs)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP on loopback",
+                       description="POST /score with one user and N candidates -> N scores per task.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--plan", default=None, help="fp8 or a loka plan file (default: bf16)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--max-batch", type=int, default=1024, help="most examples per batched forward")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long to gather requests")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .engine import InferenceEngine
+    from .serve import ScoringServer
+
+    engine = InferenceEngine.from_checkpoint(args.checkpoint, plan=args.plan, compile=args.compile,
+                                             device=args.device)
+    engine.warmup()
+    server = ScoringServer(engine, args.host, args.port, args.max_batch, args.max_wait_ms)
+    print(f"serving {engine.config.size} ranker ({engine.precision}) at {server.url}/score", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        server.stop()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train`, `eval` and `serve` to the `loka` command."""
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_serve(subparsers)

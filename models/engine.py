@@ -1,0 +1,70 @@
+"""Inference engine: a trained ranker ready to score candidates, loaded once, used many times.
+
+Loads a checkpoint (and optionally a loka plan or ``fp8``), switches to eval mode, converts
+the GEMM sites once (Float8Linear quantizes and caches its weights on the first eval call,
+not per request), optionally compiles, and scores batches: one user's N candidate ads, or
+many users' candidates concatenated by the server's batcher.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+from .batch import Batch
+from .checkpoint import load_checkpoint
+from .config import RankerConfig
+from .distributed import resolve_device
+from .precision import apply_precision
+from .ranker import Ranker
+
+
+class InferenceEngine:
+    """Scores `Batch` es with a frozen ranker. score(batch) -> {task: probabilities [B]} on CPU.
+
+    >>> engine = InferenceEngine(Ranker(RankerConfig.from_size("tiny")))
+    >>> from loka.models import SyntheticStream
+    >>> sorted(engine.score(SyntheticStream(engine.config, 4).batch(0)))
+    ['ctr', 'cvr']
+    """
+
+    def __init__(self, model: Ranker, precision: str = "bf16", compile: bool = False,
+                 device: str = "auto", autocast: bool | None = None) -> None:
+        self.device = resolve_device(device)
+        self.config: RankerConfig = model.config
+        self.precision = precision
+        self.convert_result = apply_precision(model, precision)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if autocast is None:
+            autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = autocast
+        self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._lock = threading.Lock()  # one forward at a time; the batcher provides concurrency
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, plan: str | None = None, **kwargs) -> "InferenceEngine":
+        """Engine from a training checkpoint; ``plan`` is "fp8" or a plan file (default: bf16)."""
+        state = load_checkpoint(path)
+        model = Ranker(RankerConfig.from_dict(state["ranker_config"]))
+        model.load_state_dict(state["model"])
+        return cls(model, precision=plan or "bf16", **kwargs)
+
+    @torch.inference_mode()
+    def score(self, batch: Batch) -> dict[str, Tensor]:
+        """{task: probabilities [B] float32 on CPU} for every example of ``batch``."""
+        batch = batch.to(self.device)
+        with self._lock, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self._forward(batch)
+        return {t: torch.sigmoid(v.float()).cpu() for t, v in logits.items()}
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 16)) -> None:
+        """Run the model once per batch size (compiles, caches FP8 weights)."""
+        from .serving_schema import example_batch
+
+        for b in batch_sizes:
+            self.score(example_batch(self.config, b))
