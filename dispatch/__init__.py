@@ -1,11 +1,18 @@
 """loka.dispatch: choose and run the fastest FP8 kernel per site and GEMM.
 
-The kernel interface and registry (``GemmKernel``, ``KERNELS``), the built-in
-backends, and (in later modules) micro-benchmarks and the budgeted plan.
+- kernels: the ``GemmKernel`` interface and its typed registry ``KERNELS`` with the
+  built-in backends (bf16, emulated, scaled_mm, torchao, te, triton);
+- ``microbench``: time kernels at a site's shape, cached on disk;
+- ``plan(report, budget) -> Plan``: the fastest kernel per GEMM within the budget;
+- ``apply_plan(model, plan)`` (also ``loka.convert(model, plan=plan)``).
 """
 
 from loka.dispatch.kernel import KERNELS, GemmKernel, KernelRegistry, Quantized, Support
 from loka.dispatch import registry as _registry  # noqa: F401  (registers built-in kernels)
+from loka.dispatch.apply import PlanMismatchError, apply_plan, plan_differences
+from loka.dispatch.budget import Budget
+from loka.dispatch.planner import plan
+from loka.dispatch.plans import GemmChoice, Plan, PlanError, SitePlan, load_plan
 
 
 def get_kernel(name: str) -> GemmKernel:
@@ -13,4 +20,21 @@ def get_kernel(name: str) -> GemmKernel:
     return KERNELS.get(name)
 
 
-__all__ = ["KERNELS", "GemmKernel", "KernelRegistry", "Quantized", "Support", "get_kernel"]
+__all__ = [
+    "KERNELS",
+    "Budget",
+    "GemmChoice",
+    "GemmKernel",
+    "KernelRegistry",
+    "Plan",
+    "PlanError",
+    "PlanMismatchError",
+    "Quantized",
+    "SitePlan",
+    "Support",
+    "apply_plan",
+    "get_kernel",
+    "load_plan",
+    "plan",
+    "plan_differences",
+]

@@ -1,0 +1,257 @@
+"""``plan(report, budget)``: the fastest kernel per GEMM and site that the accuracy budget allows.
+
+For every GEMM of every site the planner lists the options: each candidate
+recipe the probe measured whose error bound passes the per-GEMM budget, on the
+fastest kernel that is available here, takes the recipe at the site's shape,
+and was timed faster than bf16 (by the probe's timings, timings passed in, or
+micro-benchmarks run now with ``measure=True``). Each option saves
+``bf16_ms - kernel_ms`` per step and costs ``sensitivity x error`` of the
+model-level budget. An exact multiple-choice knapsack (loka.dispatch.solver)
+picks at most one option per GEMM to maximize the time saved; every GEMM left
+in bf16 gets the reason it was left there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loka.recipe import GEMMS, as_recipe
+
+from loka.dispatch.budget import Budget
+from loka.dispatch.plans import GemmChoice, Plan, SitePlan
+from loka.dispatch.report_view import GemmError, SiteInfo, gemm_shape, report_sites
+from loka.dispatch.solver import Option, solve
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    kernel: str
+    recipe: str
+    ms: float
+    err: GemmError
+
+
+@dataclass
+class _GemmOptions:
+    bf16_ms: float | None
+    candidates: list  # passing budget and faster than bf16, best kernel per recipe
+    reason: str  # why bf16 if no candidate is chosen
+
+
+def plan(
+    report,
+    budget: Budget | None = None,
+    *,
+    timings: dict | None = None,
+    measure: bool = False,
+    device: torch.device | str | None = None,
+    kernels: list[str] | None = None,
+    method: str = "auto",
+    dtype: torch.dtype = torch.bfloat16,
+    refresh: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+) -> Plan:
+    """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
+
+    Timings per site come from ``timings[fqn]`` (the report's timings format), else the
+    report, else (``measure=True``) micro-benchmarks on ``device`` (cached on disk,
+    ``refresh=True`` re-measures). ``kernels`` restricts the kernels considered.
+    ``method``: ``"auto"`` (exact milp, greedy if it fails), ``"exact"`` or ``"greedy"``.
+    """
+    budget = budget or Budget()
+    device = torch.device(device or "cpu")
+    sites = report_sites(report)
+    notes: list[str] = []
+    site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, refresh, cache_dir, progress, notes)
+    coefs = _sensitivities(sites, notes)
+    options, per_gemm = [], {}
+    for site in sites:
+        for gemm in GEMMS:
+            go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype)
+            per_gemm[(site.fqn, gemm)] = go
+            for c in go.candidates:
+                weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
+                options.append(Option(f"{site.fqn}|{gemm}", f"{c.kernel}|{c.recipe}", go.bf16_ms - c.ms, weight))
+    # Without sensitivities every weight is 0, so the cap binds nothing (a note says so).
+    solution = solve(options, budget.max_model_ne_delta, method)
+    if solution.note:
+        notes.append(solution.note)
+    site_plans = [_site_plan(s, per_gemm, solution.chosen, coefs.get(s.fqn), budget) for s in sites]
+    return Plan(sites=site_plans, budget=budget.to_dict(), device=_device_info(site_timings, device, notes),
+                versions=library_versions(), solver=solution.solver, notes=notes,
+                created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _gather_timings(sites, timings, measure, device, dtype, kernels, refresh, cache_dir, progress, notes) -> dict:
+    out = {}
+    for s in sites:
+        t = (timings or {}).get(s.fqn) or s.timings
+        if t is not None:
+            out[s.fqn] = t
+    missing = [s for s in sites if s.fqn not in out]
+    if missing and measure:
+        from loka.dispatch.microbench import time_site_cached
+
+        recipes = sorted({r for s in missing for r in s.errors})
+        for s in missing:
+            out[s.fqn] = time_site_cached((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
+                                          device=device, fits=s.fits, refresh=refresh, cache_dir=cache_dir,
+                                          progress=progress)
+    elif missing:
+        notes.append(f"{len(missing)} sites have no timings; they stay in bf16 (plan with measure=True to time them)")
+    return out
+
+
+def _sensitivities(sites: list[SiteInfo], notes: list[str]) -> dict:
+    """fqn -> sensitivity coefficient; sites without one get the largest measured (conservative)."""
+    known = {s.fqn: s.sensitivity() for s in sites}
+    measured = [v for v in known.values() if v is not None]
+    if not measured:
+        notes.append("the report has no sensitivity measurements: the model-level NE budget is not enforced "
+                     "(run probe.measure_sensitivity to enforce it)")
+        return {}
+    worst = max(measured)
+    unknown = sorted(f for f, v in known.items() if v is None)
+    if unknown:
+        notes.append(f"{len(unknown)} sites lack a sensitivity measurement; they are charged the largest measured "
+                     f"({worst:.3g}): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return {f: (v if v is not None else worst) for f, v in known.items()}
+
+
+def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -> float:
+    if coef is None:
+        return 0.0
+    weight = 1.0 if gemm == "fprop" else budget.backward_weight
+    return coef * err.ci_hi * weight
+
+
+def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype) -> _GemmOptions:
+    shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
+    bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
+    passing, failing = _recipes_within_budget(site, gemm, budget)
+    if bf16_ms is None:
+        return _GemmOptions(None, [], f"kept bf16: no timing for {gemm} at this site")
+    if not passing:
+        if failing:
+            best = min(failing, key=lambda f: f[1])
+            return _GemmOptions(bf16_ms, [], f"kept bf16: {best[2]} ({best[0]})")
+        return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 error measured for {gemm}")
+    best_per_recipe: dict[str, _Candidate] = {}
+    unsupported: list[str] = []
+    for e in (timings or {}).get("entries", []):
+        if e.get("gemm") != gemm or e.get("recipe") not in passing:
+            continue
+        why = _kernel_problem(e["kernel"], e["recipe"], gemm, shape, dtype, device, allowed)
+        if why:
+            unsupported.append(f"{e['kernel']}: {why}")
+            continue
+        c = _Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]])
+        if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
+            best_per_recipe[c.recipe] = c
+    if not best_per_recipe:
+        detail = f" ({'; '.join(sorted(set(unsupported))[:3])})" if unsupported else ""
+        return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available and timed for {sorted(passing)}{detail}")
+    fast = [c for c in best_per_recipe.values() if c.ms > 0 and bf16_ms / c.ms >= budget.min_speedup]
+    if not fast:
+        top = min(best_per_recipe.values(), key=lambda c: c.ms)
+        k = shape[1]
+        return _GemmOptions(bf16_ms, [], f"kept bf16: K={k}, no FP8 kernel faster than bf16 at this shape "
+                                         f"(best {top.kernel}/{top.recipe} {bf16_ms / top.ms:.2f}x)")
+    fast.sort(key=lambda c: (c.ms, c.kernel, c.recipe))
+    return _GemmOptions(bf16_ms, fast, "kept bf16: the model-level NE budget was spent on GEMMs that save more "
+                                       "time per unit of error")
+
+
+def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):
+    passing: dict[str, GemmError] = {}
+    failing: list[tuple[str, float, str]] = []
+    for recipe in sorted(site.errors):
+        e = site.errors[recipe].get(gemm)
+        try:
+            g = as_recipe(recipe).gemm(gemm)
+        except ValueError:
+            failing.append((recipe, math.inf, f"recipe {recipe!r} is not a named loka recipe"))
+            continue
+        if g.is_hp:
+            continue
+        if e is None or e.n == 0:
+            failing.append((recipe, math.inf, f"no {gemm} error measured"))
+            continue
+        why = budget.gemm_check(gemm, e.ci_hi, e.sqnr_db)
+        if why:
+            failing.append((recipe, e.ci_hi, why))
+        else:
+            passing[recipe] = e
+    return passing, failing
+
+
+def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed) -> str | None:
+    from loka.dispatch import KERNELS
+
+    if allowed is not None and name not in allowed:
+        return "not in the kernels allowed"
+    if name not in KERNELS:
+        return "not a registered kernel"
+    kernel = KERNELS.get(name)
+    ok, why = kernel.available(device)
+    if not ok:
+        return why
+    ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
+    return None if ok else why
+
+
+def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budget) -> SitePlan:
+    gemms = {}
+    for gemm in GEMMS:
+        go: _GemmOptions = per_gemm[(site.fqn, gemm)]
+        pick = chosen.get(f"{site.fqn}|{gemm}")
+        cand = next((c for c in go.candidates if f"{c.kernel}|{c.recipe}" == pick), None)
+        if cand is None:
+            gemms[gemm] = GemmChoice(reason=go.reason, bf16_ms=go.bf16_ms)
+            continue
+        limit = budget.max_rel_error[gemm]
+        reason = (f"{cand.kernel}/{cand.recipe}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
+                  f"{cand.err.ci_hi:.1e} (budget {limit:.1e})")
+        gemms[gemm] = GemmChoice(cand.kernel, cand.recipe, reason, cand.err.ci_hi, cand.err.sqnr_db, go.bf16_ms,
+                                 cand.ms, _error_cost(coef, cand.err, gemm, budget))
+    return SitePlan(site.fqn, site.in_features, site.out_features, site.m, gemms, coef)
+
+
+def _device_info(site_timings: dict, device, notes: list[str]) -> dict:
+    names = sorted({t.get("device_name", "unknown") for t in site_timings.values()})
+    rep = all(bool(t.get("representative", False)) for t in site_timings.values()) if site_timings else False
+    if len(names) > 1:
+        notes.append(f"timings come from several devices: {names}")
+    if site_timings and not rep:
+        notes.append("timings are not representative (CPU): do not expect these speedups on a GPU")
+    return {"name": names[0] if len(names) == 1 else (", ".join(names) or str(device)), "representative": rep,
+            "planned_on": str(device)}
+
+
+def library_versions() -> dict:
+    """Versions of torch and every kernel library (None: not installed)."""
+    import importlib.util
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "torchao", "transformer_engine"):
+        version = None
+        if importlib.util.find_spec(mod) is not None:
+            try:
+                from importlib.metadata import version as _v
+
+                version = _v({"transformer_engine": "transformer-engine"}.get(mod, mod))
+            except Exception:  # metadata missing for a source install
+                version = "unknown"
+        out[mod] = version
+    try:
+        from importlib.metadata import version as _v
+
+        out["loka"] = _v("loka")
+    except Exception:  # running from a source tree without metadata
+        out["loka"] = "unknown"
+    return out

@@ -1,0 +1,263 @@
+"""``Plan``: the kernel (or bf16) chosen for every GEMM of every site, as stable, diffable JSON.
+
+A plan is what ``loka plan`` writes and ``loka.convert(model, plan=...)``
+applies. The JSON is versioned (``kind`` + ``schema_version``), written with
+sorted keys and sites sorted by fqn, one site per block, so two plans diff
+line by line. Loading validates the document and names every problem.
+
+Per site it records the shape it was planned for (in/out features, M), per
+GEMM the kernel and recipe (or ``bf16``) with the reason, the probe's error
+bound and the timings behind the choice; per site and in total the expected
+speedup of the site's GEMMs (bf16 time / planned time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loka.recipe import GEMMS, HP_GEMM, GemmRecipe, Recipe, as_recipe
+
+PLAN_KIND = "loka.dispatch.plan"
+PLAN_SCHEMA_VERSION = 1
+BF16 = "bf16"
+
+
+class PlanError(ValueError):
+    """A plan file is malformed, or does not match the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """What one GEMM of a site runs: ``kernel`` + ``recipe`` (both ``"bf16"`` when kept in hp)."""
+
+    kernel: str = BF16
+    recipe: str = BF16
+    reason: str = ""
+    rel_error_hi: float | None = None
+    sqnr_db: float | None = None
+    bf16_ms: float | None = None
+    planned_ms: float | None = None
+    error_cost: float = 0.0
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kernel != BF16
+
+    def gemm_recipe(self, gemm: str) -> GemmRecipe:
+        return HP_GEMM if not self.is_fp8 else as_recipe(self.recipe).gemm(gemm)
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """The plan of one Linear site ``y[M,N] = x[M,K] · W[N,K]ᵀ`` (K = in, N = out features)."""
+
+    fqn: str
+    in_features: int
+    out_features: int
+    m: int
+    gemms: dict  # gemm -> GemmChoice
+    sensitivity: float | None = None  # relative NE per unit relative fprop error
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(c.is_fp8 for c in self.gemms.values())
+
+    def expected_speedup(self) -> float | None:
+        """bf16 time / planned time over this site's GEMMs (None without timings)."""
+        bf16 = [c.bf16_ms for c in self.gemms.values()]
+        planned = [c.planned_ms if c.is_fp8 else c.bf16_ms for c in self.gemms.values()]
+        if any(v is None for v in bf16 + planned) or sum(planned) <= 0:
+            return None
+        return sum(bf16) / sum(planned)
+
+    def recipe(self) -> Recipe:
+        """The site's Recipe (hp for GEMMs kept in bf16), named after its choices."""
+        parts = {g: self.gemms[g].gemm_recipe(g) for g in GEMMS}
+        name = "+".join(f"{g}:{self.gemms[g].recipe}" for g in GEMMS)
+        return Recipe(name=f"plan({name})", **parts)
+
+    def kernels(self) -> dict[str, str]:
+        return {g: self.gemms[g].kernel for g in GEMMS}
+
+    def summary_reason(self) -> str:
+        return "; ".join(f"{g}: {self.gemms[g].reason}" for g in GEMMS)
+
+
+@dataclass
+class Plan:
+    """A plan for a model on one device (see module docstring)."""
+
+    sites: list  # list[SitePlan], sorted by fqn
+    budget: dict
+    device: dict = field(default_factory=dict)  # {"name", "representative"}
+    versions: dict = field(default_factory=dict)
+    solver: str = "milp"
+    notes: list = field(default_factory=list)
+    created_utc: str = ""
+
+    def __post_init__(self) -> None:
+        self.sites = sorted(self.sites, key=lambda s: s.fqn)
+        fqns = [s.fqn for s in self.sites]
+        dup = sorted({f for f in fqns if fqns.count(f) > 1})
+        if dup:
+            raise PlanError(f"plan lists sites more than once: {dup}")
+
+    def site(self, fqn: str) -> SitePlan:
+        for s in self.sites:
+            if s.fqn == fqn:
+                return s
+        raise KeyError(f"no site {fqn!r} in the plan")
+
+    def totals(self) -> dict:
+        """Summed bf16 and planned GEMM time (ms per step), speedup, and error cost."""
+        bf16 = planned = cost = 0.0
+        timed = True
+        for s in self.sites:
+            for c in s.gemms.values():
+                if c.bf16_ms is None:
+                    timed = False
+                    continue
+                bf16 += c.bf16_ms
+                planned += c.planned_ms if c.is_fp8 and c.planned_ms is not None else c.bf16_ms
+                cost += c.error_cost
+        speedup = bf16 / planned if timed and planned > 0 else None
+        return {"bf16_ms": bf16, "planned_ms": planned, "saved_ms": bf16 - planned, "speedup": speedup,
+                "error_cost": cost, "fp8_gemms": sum(c.is_fp8 for s in self.sites for c in s.gemms.values())}
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "kind": PLAN_KIND,
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "created_utc": self.created_utc,
+            "device": self.device,
+            "versions": self.versions,
+            "budget": self.budget,
+            "solver": self.solver,
+            "notes": list(self.notes),
+            "totals": self.totals(),
+            "sites": [_site_dict(s) for s in self.sites],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self.to_dict()), indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Plan":
+        problems = validate_plan_doc(doc)
+        if problems:
+            raise PlanError("invalid plan file:\n  - " + "\n  - ".join(problems))
+        doc = _decode(doc)
+        sites = [_site_from(d) for d in doc["sites"]]
+        return cls(sites=sites, budget=doc["budget"], device=doc["device"], versions=doc["versions"],
+                   solver=doc["solver"], notes=list(doc["notes"]), created_utc=doc["created_utc"])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"not valid JSON ({exc}); is this a plan written by `loka plan`?") from None
+        return cls.from_dict(doc)
+
+    def summary(self) -> str:
+        from loka.dispatch.plan_table import plan_table
+
+        return plan_table(self)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan JSON file; raises :class:`PlanError` listing every problem."""
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"plan file {path} does not exist; write one with `loka plan --report ... --out {path}`")
+    return Plan.from_json(path.read_text())
+
+
+def _site_dict(s: SitePlan) -> dict:
+    d = {"fqn": s.fqn, "in_features": s.in_features, "out_features": s.out_features, "m": s.m,
+         "sensitivity": s.sensitivity, "expected_speedup": s.expected_speedup(),
+         "gemms": {g: asdict(c) for g, c in s.gemms.items()}}
+    return d
+
+
+def _site_from(d: dict) -> SitePlan:
+    gemms = {g: GemmChoice(**d["gemms"][g]) for g in GEMMS}
+    return SitePlan(d["fqn"], d["in_features"], d["out_features"], d["m"], gemms, d.get("sensitivity"))
+
+
+_GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__}
+
+
+def validate_plan_doc(doc) -> list[str]:
+    """Every problem found in a plan document (empty list: valid)."""
+    if not isinstance(doc, dict):
+        return [f"a plan is a JSON object, got {type(doc).__name__}"]
+    if doc.get("kind") != PLAN_KIND:
+        return [f"kind: expected {PLAN_KIND!r}, got {doc.get('kind')!r}; is this a plan file?"]
+    if doc.get("schema_version") != PLAN_SCHEMA_VERSION:
+        return [f"schema_version: this loka reads {PLAN_SCHEMA_VERSION}, the file has {doc.get('schema_version')!r}; "
+                "re-plan with this loka version"]
+    problems = [f"missing key {k!r}" for k in ("created_utc", "device", "versions", "budget", "solver", "notes", "sites")
+                if k not in doc]
+    for i, s in enumerate(doc.get("sites", []) or []):
+        where = f"sites[{i}]" + (f" ({s.get('fqn')})" if isinstance(s, dict) else "")
+        if not isinstance(s, dict):
+            problems.append(f"{where}: expected an object")
+            continue
+        for key, typ in (("fqn", str), ("in_features", int), ("out_features", int), ("m", int), ("gemms", dict)):
+            if not isinstance(s.get(key), typ):
+                problems.append(f"{where}.{key}: expected {typ.__name__}, got {s.get(key)!r}")
+        gemms = s.get("gemms") if isinstance(s.get("gemms"), dict) else {}
+        for g in GEMMS:
+            if g not in gemms:
+                problems.append(f"{where}.gemms: missing {g!r}")
+                continue
+            problems += _gemm_problems(gemms[g], f"{where}.gemms.{g}", g)
+    return problems
+
+
+def _gemm_problems(c, where: str, gemm: str) -> list[str]:
+    if not isinstance(c, dict):
+        return [f"{where}: expected an object"]
+    out = [f"{where}: unknown key {k!r}" for k in c if k not in _GEMM_FIELDS]
+    for k in ("kernel", "recipe"):
+        if not isinstance(c.get(k), str):
+            out.append(f"{where}.{k}: expected a string, got {c.get(k)!r}")
+    if isinstance(c.get("recipe"), str) and c["recipe"] != BF16:
+        try:
+            as_recipe(c["recipe"]).gemm(gemm)
+        except ValueError as exc:
+            out.append(f"{where}.recipe: {exc}")
+    if (c.get("kernel") == BF16) != (c.get("recipe") == BF16):
+        out.append(f"{where}: kernel and recipe must both be 'bf16' or both FP8, got {c.get('kernel')!r}/{c.get('recipe')!r}")
+    return out
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
