@@ -119,3 +119,15 @@ def fp8_encode_emulated(r, MBITS: tl.constexpr, EMIN: tl.constexpr, EXP_BIAS: tl
     sign = tl.where(r.to(tl.int32, bitcast=True) < 0, 0x80, 0)
     sign = tl.where(a != a, 0, sign)  # torch writes NaN with the sign bit clear
     return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def round_to_bf16_emulated(x):
+    """float32 ``x`` rounded to the nearest-even bfloat16 value, kept in float32.
+
+    For the interpreter, whose float32 -> bfloat16 cast truncates: after this the
+    cast is exact. NaN and ±Inf survive (the added bits stay inside the mantissa).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000 as int32
+    return bits.to(tl.float32, bitcast=True)

@@ -28,6 +28,7 @@ from loka.dispatch.triton_fp8_jit import (
     fp8_round_emulated,
     fp8_scale_and_clamp,
     fp8_scale_from_amax,
+    round_to_bf16_emulated,
 )
 
 # How the kernel gets a's dequant scale (constexpr A_SCALE_MODE).
@@ -165,6 +166,9 @@ def fp8_gemm_fused_quant_kernel(
         out = out * tl.load(b_scale_ptr)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EMULATE:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            out = round_to_bf16_emulated(out)  # the interpreter's bf16 cast truncates
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
              out.to(out_ptr.dtype.element_ty), mask=mask)
