@@ -1,0 +1,44 @@
+"""``loka probe`` through its own ``register`` on a fresh parser, with a module:factory model."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from loka.probe import cli
+from loka.probe.report import ProbeReport
+
+TOY = str(Path(__file__).with_name("probe_toy.py")) + ":factory"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="loka")
+    cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_writes_all_three_report_forms(tmp_path, capsys):
+    args = _parse(["probe", "--model", TOY, "--steps", "6", "--every", "2", "--out", str(tmp_path),
+                   "--recipes", "tensorwise,rowwise", "--predict", "mx", "--kernels", "emulated"])
+    assert args.func(args) == 0
+    report = ProbeReport.load(tmp_path / "probe_report.json")
+    assert report.doc["sampled_steps"] == [0, 2, 4]
+    assert {s["fqn"] for s in report.sites} == {"inp", "hidden", "out"}
+    assert all(s["sensitivity"] and s["timings"] for s in report.sites)
+    assert (tmp_path / "probe_report.md").read_text().startswith("# loka probe report")
+    assert "base64" in (tmp_path / "probe_report.html").read_text()
+    assert "| `hidden` |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model, message", [("nosuchsize", "unknown ranker size"), ("json:nothing", "has no attribute")])
+def test_cli_bad_model_is_a_clear_error(tmp_path, capsys, model, message):
+    args = _parse(["probe", "--model", model, "--steps", "1", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_no_sampled_step(tmp_path, capsys):
+    args = _parse(["probe", "--model", TOY, "--steps", "2", "--warmup", "5", "--out", str(tmp_path), "--no-timing"])
+    assert args.func(args) == 2
+    assert "no step was sampled" in capsys.readouterr().err
