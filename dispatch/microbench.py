@@ -129,8 +129,10 @@ def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
             for name in names:
                 kernel = KERNELS.get(name)
                 ok, why = kernel.available(device)
-                if ok:
-                    ok, why = kernel.supports(g, gshape, dtype, device)
+                if not ok:
+                    skipped[name] = why  # once per kernel, not per GEMM and recipe
+                    continue
+                ok, why = kernel.supports(g, gshape, dtype, device)
                 if ok:
                     jobs.append((gemm, kernel, rname))
                 else:
@@ -156,7 +158,7 @@ def time_site_cached(
     """Time a site given as ``shape=(M, K, N)``; returns the probe report's ``timings`` format.
 
     ``{device_name, representative, m, bf16_ms: {gemm: ms}, entries: [{gemm, kernel, recipe,
-    median_ms, p10_ms, p90_ms, iters, cached}], skipped: {"gemm/kernel/recipe": reason}}``.
+    median_ms, p10_ms, p90_ms, iters, cached}], skipped: {"kernel" or "gemm/kernel/recipe": reason}}``.
     """
     device = torch.device(device or "cpu")
     cache = MicrobenchCache(cache_dir, device)

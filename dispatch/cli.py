@@ -1,0 +1,129 @@
+"""``loka plan``, ``loka doctor`` and ``loka bench-kernels``: thin CLI over loka.dispatch.
+
+    loka doctor [--device cuda]
+    loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+    loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def register(subparsers) -> None:
+    doctor = subparsers.add_parser("doctor", help="list every FP8 kernel and whether it runs on this machine")
+    doctor.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
+    doctor.set_defaults(func=_doctor)
+
+    p = subparsers.add_parser("plan", help="choose a kernel (or bf16) per GEMM from a probe report and a budget")
+    p.add_argument("--report", required=True, help="probe report JSON (loka probe ... --out)")
+    p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25'")
+    p.add_argument("--out", required=True, help="where to write plan.json")
+    p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
+    p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
+    p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
+    p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
+    p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
+    p.set_defaults(func=_plan)
+
+    b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
+    b.add_argument("--shape", required=True, help="M,K,N of the site y[M,N] = x[M,K] W[N,K]^T")
+    b.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated recipe names")
+    b.add_argument("--device", default=None)
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--refresh", action="store_true")
+    b.set_defaults(func=_bench)
+
+
+def _device(arg: str | None) -> torch.device:
+    if arg:
+        return torch.device(arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def doctor_text(device: torch.device) -> str:
+    """What this machine has: versions, device, and every kernel with available / reason."""
+    from loka.dispatch import KERNELS
+    from loka.dispatch.planner import library_versions
+
+    versions = library_versions()
+    dev = str(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability(device)
+        dev = f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+    lines = [
+        f"python {platform.python_version()} · " + " · ".join(f"{k} {v or ('none' if k == 'cuda' else 'not installed')}" for k, v in versions.items()),
+        f"device: {dev}",
+        "",
+        f"{'kernel':<22} {'backend':<10} {'status':<12} reason",
+    ]
+    for kernel in KERNELS:
+        ok, why = kernel.available(device)
+        status = "available" if ok else "unavailable"
+        note = why
+        if ok and kernel.untested:
+            note = "code path never run on this kind of machine by loka's tests (untested)"
+        lines.append(f"{kernel.name:<22} {kernel.backend:<10} {status:<12} {note}")
+    return "\n".join(lines)
+
+
+def _doctor(args) -> int:
+    print(doctor_text(_device(args.device)))
+    return 0
+
+
+def _plan(args) -> int:
+    from loka.dispatch import Budget, plan
+
+    try:
+        budget = Budget.parse(args.budget)
+    except ValueError as exc:
+        print(f"loka plan: bad --budget: {exc}", file=sys.stderr)
+        return 2
+    kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    try:
+        p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
+                 kernels=kernels, method=args.solver)
+    except (ValueError, TypeError) as exc:
+        print(f"loka plan: {exc}", file=sys.stderr)
+        return 2
+    p.save(args.out)
+    print(p.summary())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _bench(args) -> int:
+    from loka.dispatch.microbench import time_site_cached
+
+    try:
+        m, k, n = (int(v) for v in args.shape.split(","))
+    except ValueError:
+        print(f"loka bench-kernels: --shape {args.shape!r} must be M,K,N, e.g. 8192,512,512", file=sys.stderr)
+        return 2
+    device = _device(args.device)
+    dtype = torch.bfloat16
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    t = time_site_cached((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh)
+    print(f"device: {t['device_name']}" + ("" if t["representative"] else " (CPU: not representative of GPU speed)"))
+    print(f"{'gemm':<6} {'kernel':<22} {'recipe':<12} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs bf16':>8}")
+    for gemm, ms in t["bf16_ms"].items():
+        print(f"{gemm:<6} {'bf16':<22} {'-':<12} {ms:>10.4f} {'':>8} {'':>8} {'1.00x':>8}")
+        for e in (e for e in t["entries"] if e["gemm"] == gemm):
+            print(f"{gemm:<6} {e['kernel']:<22} {e['recipe']:<12} {e['median_ms']:>10.4f} {e['p10_ms']:>8.4f} "
+                  f"{e['p90_ms']:>8.4f} {ms / e['median_ms']:>7.2f}x")
+    for what, why in sorted(t["skipped"].items()):
+        print(f"skipped {what}: {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run these subcommands without the top-level ``loka`` CLI (for tests and debugging)."""
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args)) if getattr(args, "func", None) else 2
