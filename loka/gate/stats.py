@@ -155,6 +155,7 @@ class BootstrapResult:
     n_units: int
     n_boot: int
     confidence: float
+    n_single_class: int = 0  # resamples dropped because they held one class only
 
     def to_dict(self) -> dict[str, float | int | str]:
         return dict(self.__dict__)
@@ -259,11 +260,13 @@ def paired_bootstrap(
         boot_a, boot_b = values(_resampled_sums(units, n_boot, rng))
         diff = boot_b - boot_a
         rel = diff / boot_a
+    # a resample with no positive (or no negative) has no NE/AUC: the interval is conditional
+    # on both classes being present, and refused when that condition is itself unlikely
     keep = np.isfinite(diff) & np.isfinite(rel)
-    if keep.mean() < 0.99:
+    if keep.mean() < 0.5:
         raise ValueError(
             f"{metric}: {int((~keep).sum())} of {n_boot} resamples had a single class; "
-            "the eval set has too few positives or negatives to give an interval"
+            f"the eval set ({int(y.sum())} positives of {y.size}) is too small to give an interval"
         )
     lo, hi, se = _interval(diff[keep], confidence)
     rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence)
@@ -283,4 +286,5 @@ def paired_bootstrap(
         n_units=int(units.shape[0]),
         n_boot=int(n_boot),
         confidence=float(confidence),
+        n_single_class=int((~keep).sum()),
     )

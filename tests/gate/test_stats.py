@@ -148,3 +148,15 @@ def test_bootstrap_rejects_bad_settings():
         paired_bootstrap(y, p, p, n_boot=5)
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap(y, p, p, confidence=1.5)
+
+
+def test_few_positives_drop_single_class_resamples():
+    rng = np.random.default_rng()
+    n = 400
+    y = np.zeros(n)
+    y[rng.choice(n, 3, replace=False)] = 1.0  # about 5% of resamples have no positive
+    pa, pb = rng.random(n), rng.random(n)
+    r = paired_bootstrap(y, pa, pb, metric="auc", n_boot=400)
+    assert 0 < r.n_single_class < 100 and np.isfinite(r.ci_lo) and np.isfinite(r.ci_hi)
+    with pytest.raises(ValueError, match="only one class"):
+        paired_bootstrap(np.zeros(n), pa, pb, metric="auc")

@@ -1,0 +1,73 @@
+"""Checkpoint inputs: the gate evaluates ranker checkpoints (+ precision) on the same held-out examples."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from loka.gate import GateInputError, gate
+from loka.gate.cli import register
+from loka.gate.inputs import CheckpointEval, is_eval_outputs_file, load_side
+
+models = pytest.importorskip("loka.models.checkpoint")
+from loka.models.config import RankerConfig  # noqa: E402
+from loka.models.ranker import Ranker  # noqa: E402
+
+FAST_EVAL = CheckpointEval(eval_examples=1024, batch_size=512)
+
+
+def _checkpoint(path, *, teacher_seed: int = 0, **config_overrides) -> str:
+    cfg = RankerConfig.from_size("tiny", **config_overrides)
+    model = Ranker(cfg)
+    models.save_checkpoint(path, model, train_config={"teacher_seed": teacher_seed, "eval_seed": 123})
+    return str(path)
+
+
+def test_checkpoint_is_evaluated_to_outputs(tmp_path):
+    ckpt = _checkpoint(tmp_path / "a.pt")
+    out = load_side("baseline", ckpt, "bf16", FAST_EVAL)
+    assert out.n == 1024 and set(out.tasks) >= {"ctr"}
+    assert out.meta["info"]["precision"] == "bf16" and not is_eval_outputs_file(ckpt)
+    saved = tmp_path / "a.npz"
+    out.save(saved)
+    assert is_eval_outputs_file(saved)
+    with pytest.raises(ValueError, match="applies to checkpoints"):
+        load_side("baseline", str(saved), "bf16", FAST_EVAL)
+
+
+def test_same_checkpoint_passes_against_its_saved_outputs(tmp_path):
+    ckpt = _checkpoint(tmp_path / "a.pt")
+    saved = tmp_path / "a.npz"
+    load_side("baseline", ckpt, None, FAST_EVAL).save(saved)
+    r = gate(str(saved), ckpt, checkpoint_eval=FAST_EVAL, n_boot=200)
+    assert r.verdict == "pass" and all(c.estimate == 0.0 for c in r.checks)
+
+
+def test_checkpoints_of_different_models_exit_2(tmp_path, capsys):
+    a = _checkpoint(tmp_path / "a.pt")
+    b = _checkpoint(tmp_path / "b.pt", over_hidden=(16,))
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["gate", "--baseline", a, "--candidate", b, "--eval-examples", "1024"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "different models" in err and "Traceback" not in err
+
+
+def test_checkpoints_with_different_held_out_labels_exit_2(tmp_path):
+    a = _checkpoint(tmp_path / "a.pt", teacher_seed=0)
+    b = _checkpoint(tmp_path / "b.pt", teacher_seed=1)  # another synthetic ground truth
+    with pytest.raises(GateInputError, match="labels differ"):
+        gate(a, b, checkpoint_eval=FAST_EVAL)
+
+
+def test_bad_checkpoint_and_precision(tmp_path):
+    junk = tmp_path / "junk.pt"
+    torch.save({"not": "a checkpoint"}, junk)
+    with pytest.raises(GateInputError, match="neither saved EvalOutputs nor a loka ranker checkpoint"):
+        gate(str(junk), str(junk), checkpoint_eval=FAST_EVAL)
+    ckpt = _checkpoint(tmp_path / "a.pt")
+    with pytest.raises(GateInputError, match="precision"):
+        gate(ckpt, ckpt, baseline_precision="fp7", checkpoint_eval=FAST_EVAL)
