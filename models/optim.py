@@ -71,6 +71,7 @@ def build_optimizers(model: nn.Module, lr_dense: float, lr_sparse: float,
     decay = [p for p in inner.dense_parameters() if p.dim() >= 2]
     no_decay = [p for p in inner.dense_parameters() if p.dim() < 2]
     dense = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=lr_dense)
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr_dense,
+                              foreach=True)  # one fused update instead of a loop over tensors
     sparse = RowWiseAdagrad(inner.embedding_parameters(), lr=lr_sparse)
     return {"dense": dense, "sparse": sparse}

@@ -31,6 +31,19 @@ def gap_buckets(gaps_days: Tensor, n_buckets: int) -> Tensor:
     return torch.round(scaled * (n_buckets - 1)).long().clamp(0, n_buckets - 1)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """Softmax(q kᵀ / sqrt(dh)) v over valid keys. q, k, v [B, H, S, dh], key_mask [B, S] -> [B, H, S, dh].
+
+    Fused SDPA on GPUs; on CPU the explicit form, which is several times faster than the CPU
+    flash kernel at history lengths of tens and identical in value.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, S, S]
+    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 class SequenceBlock(nn.Module):
     """Pre-norm attention + personalized feed-forward.
 
@@ -52,7 +65,7 @@ class SequenceBlock(nn.Module):
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, dh]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        attn = attention(q, k, v, key_mask)
         x = x + self.attn_out(attn.transpose(1, 2).reshape(b, s, d))
         gate = self.ffn_gate(summary).unsqueeze(1)  # [B, 1, ffn_mult*d]
         h = F.silu(self.ffn_in(self.norm2(x))) * (1.0 + gate)

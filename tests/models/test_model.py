@@ -115,3 +115,15 @@ def test_heavy_tailed_and_nonfinite_dense_inputs_stay_finite():
     batch.dense[2, 2] = float("inf")
     out = Ranker(cfg)(batch)
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_cpu_attention_matches_sdpa_with_padding():
+    import torch.nn.functional as F
+
+    from loka.models.sequence import attention
+
+    q, k, v = (torch.randn(3, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(3, 6) < 0.6
+    mask[:, 0] = True  # the CLS token is always valid
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(attention(q, k, v, mask), ref, rtol=1e-10, atol=1e-12)

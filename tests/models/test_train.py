@@ -107,3 +107,23 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def _plan_file(tmp_path):
+    from loka.dispatch import GemmChoice, Plan, SitePlan
+    from loka.recipe import GEMMS
+
+    model = Ranker(RankerConfig.from_size("tiny"))
+    sites = [SitePlan(fqn, m.in_features, m.out_features, 64,
+                      {g: GemmChoice(kernel="emulated", recipe="tensorwise") if "dense" in fqn else GemmChoice()
+                       for g in GEMMS})
+             for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return str(Plan(sites=sites, budget={}).save(tmp_path / "plan.json"))
+
+
+def test_plan_file_precision_converts_the_planned_sites(tmp_path):
+    result = train(TrainConfig(steps=2, precision=_plan_file(tmp_path), **FAST))
+    fp8_sites = [fqn for fqn, m in result.model.named_modules() if isinstance(m, loka.Float8Linear)
+                 and any(not k.hp for k in m.kernels.values())]
+    assert fp8_sites and all("dense" in fqn for fqn in fp8_sites)
+    assert all(x == x for x in result.losses)
