@@ -1,0 +1,65 @@
+"""``loka mods``: list the mods, and show what each would change on the bundled ranker.
+
+    loka mods list
+    loka mods show --size tiny [--batch 64] [--mod padding --mod horizontal_fusion]
+
+``show`` applies each mod to its own fresh copy of the ranker (nothing is
+saved) and prints the ModResult tables: the sites found by pattern, before ->
+after, and the sites skipped with the reason. The full before/after error and
+shape table is ``bench/mods_report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTIONS = {
+    "scale_migration": "exact: Norm -> Linear(s), per-channel scales moved into the Linears' weights",
+    "row_scale_free": "exact up to eps (bias rules): Linear -> Norm skips the activation row scale",
+    "padding": "exact: K, N zero-padded to multiples of 16, output sliced",
+    "horizontal_fusion": "exact: Linears sharing an input become one wider GEMM",
+    "fused_norm_quant": "exact (serving): norm + FP8 cast in one pass, fed to the FP8 GEMM",
+    "keep_hp": "no change: sites kept bf16 (raw dense input, task heads, tiny GEMMs) with reasons",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("mods", help="model adaptations (Mods) for FP8 stability and speed")
+    sub = p.add_subparsers(dest="mods_command", metavar="SUBCOMMAND")
+    lst = sub.add_parser("list", help="list the mods and whether each is exact")
+    lst.set_defaults(func=_list)
+    show = sub.add_parser("show", help="apply mods to a fresh bundled ranker and print what changed")
+    show.add_argument("--size", default="tiny", help="ranker size (tiny, small, ...)")
+    show.add_argument("--batch", type=int, default=64, help="sample batch size for pattern discovery")
+    show.add_argument("--mod", action="append", default=None, help="mod name (repeatable; default: all)")
+    show.set_defaults(func=_show)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _list(args: argparse.Namespace) -> int:
+    from loka.mods import MODS
+
+    for name in MODS:
+        print(f"{name:<20} {DESCRIPTIONS.get(name, '')}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from loka.mods import MODS
+
+    names = args.mod or list(MODS)
+    unknown = [n for n in names if n not in MODS]
+    if unknown:
+        print(f"unknown mod(s) {unknown}; choose from {list(MODS)}")
+        return 2
+    from loka.models.config import RankerConfig
+    from loka.models.ranker import Ranker
+    from loka.models.synthetic import SyntheticStream
+
+    cfg = RankerConfig.from_size(args.size)
+    sample = SyntheticStream(cfg, batch_size=args.batch).batch(0)
+    for name in names:
+        options = {"kernels": "emulated"} if name in ("row_scale_free", "fused_norm_quant") else {}
+        print(MODS[name](Ranker(cfg), sample=sample, **options).table())
+        print()
+    return 0
