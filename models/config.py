@@ -157,8 +157,8 @@ SIZES: dict[str, RankerConfig] = {
         over_hidden=(1024, 512), size="base"),
     "large": RankerConfig(
         embed_dim=128,
-        sparse_cardinalities=(10_000_000, 2_000_000, 100_000, 1024, 8, 500, 8, 24)
-        + (1_000_000,) * 16 + (100_000,) * 16,
+        sparse_cardinalities=(4_000_000, 1_000_000, 100_000, 1024, 8, 500, 8, 24)
+        + (500_000,) * 16 + (50_000,) * 16,
         multi_hot_cardinalities=(1024, 20_000, 200_000, 200_000), multi_hot_len=32, n_dense=64,
         dense_hidden=(1024, 512), n_dense_embeddings=16, history_len=512, n_gap_buckets=32,
         seq_dim=512, seq_heads=8, seq_layers=6, seq_summary_tokens=8, wukong_layers=8,
