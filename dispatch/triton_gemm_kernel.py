@@ -50,7 +50,7 @@ _TILES = [
     (64, 64, 256, 4, 3),
     (128, 64, 256, 8, 2),
 ]
-INTERPRETER_TILE = (32, 32, 32)
+INTERPRETER_TILE = (64, 64, 64)  # few programs: the interpreter pays per program, not per element
 
 
 def _configs() -> list[triton.Config]:

@@ -26,11 +26,13 @@ from triton_interp_driver import INTERPRETING, SKIP_REASON, run_file_under_inter
 
 interp = pytest.mark.skipif(not INTERPRETING, reason=SKIP_REASON)
 SHAPES = [(m, k, n) for m in (1, 7, 64) for k, n in ((16, 16), (48, 64), (64, 48))]
-# (a granularity, b granularity, a dtype, out dtype, with bias)
+# (a granularity, b granularity, a dtype, out dtype, with bias, tile: None = the interpreter's
+# default 64x64x64, one K tile at these sizes; small tiles loop over K and split M and N)
 VARIANTS = [
-    ("rowwise", "rowwise", torch.bfloat16, torch.bfloat16, True),
-    ("tensorwise", "tensorwise", torch.float32, torch.float32, False),
-    ("rowwise", "tensorwise", torch.float32, torch.bfloat16, True),
+    ("rowwise", "rowwise", torch.bfloat16, torch.bfloat16, True, (32, 32, 16)),
+    ("tensorwise", "tensorwise", torch.float32, torch.float32, False, None),
+    ("rowwise", "tensorwise", torch.float32, torch.bfloat16, True, None),
+    ("rowwise", "rowwise", torch.float32, torch.float32, False, (32, 16, 32)),
 ]
 
 
@@ -76,28 +78,28 @@ def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype) -> torch.Tensor:
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
 def test_under_interpreter():
-    run_file_under_interpreter(__file__, min_passed=55)  # every interpreter test of this file plus the two plain ones
+    run_file_under_interpreter(__file__, min_passed=64)  # every interpreter test of this file plus the two plain ones
 
 
 @interp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}".format(*s))
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}-{str(v[2])[6:]}-{str(v[3])[6:]}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}-{str(v[2])[6:]}-{str(v[3])[6:]}-{v[5]}")
 def test_matches_reference(shape, variant):
     m, k, n = shape
-    gran_a, gran_b, a_dtype, out_dtype, with_bias = variant
+    gran_a, gran_b, a_dtype, out_dtype, with_bias, tile = variant
     gen, seed = _gen()
     a = make_a(m, k, gen, a_dtype)
     b_fp8, b_scale = make_b(n, k, gran_b, gen)
     bias = torch.randn(n, generator=gen).to(a_dtype) if with_bias else None
     kw = dict(granularity=gran_a, bias=bias, out_dtype=out_dtype)
-    out = fp8_mm_fused_quant(a, b_fp8, b_scale, **kw)
+    out = fp8_mm_fused_quant(a, b_fp8, b_scale, tile=tile, **kw)
     ref = fp8_mm_fused_quant_reference(a, b_fp8, b_scale, **kw)
     assert out.shape == (m, n) and out.dtype == out_dtype
     err = (out.float() - ref.float()).abs()
     tol = tolerance(a, b_fp8, b_scale, gran_a, bias, out_dtype)
     assert bool((err <= tol).all()), f"seed={seed}: max excess {(err - tol).max().item():.3g}"
     if out_dtype != torch.float32:  # the epilogue rounds the float32 result to nearest even
-        out_fp32 = fp8_mm_fused_quant(a, b_fp8, b_scale, **{**kw, "out_dtype": torch.float32})
+        out_fp32 = fp8_mm_fused_quant(a, b_fp8, b_scale, tile=tile, **{**kw, "out_dtype": torch.float32})
         assert torch.equal(out, out_fp32.to(out_dtype)), f"seed={seed}"
 
 
