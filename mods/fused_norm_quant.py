@@ -140,13 +140,25 @@ class PrequantFloat8Linear(Float8Linear):
         return (a_dq @ w_dq.t()).to(out_dtype)
 
 
+def _fits(recipe: Recipe) -> str:
+    a = recipe.fprop.a
+    if recipe.fprop.is_hp or a.granularity != "rowwise" or a.scaling != "dynamic":
+        return f"the Linear's fprop is {recipe.fprop.describe()}; the fused kernel feeds a dynamic rowwise FP8 fprop"
+    return ""
+
+
 def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "rowwise", kernels="auto",
           backend: str = "auto", flow: Dataflow | None = None) -> ModResult:
-    """Fuse every Norm -> Linear block where the Linear is the norm's only consumer (serving path)."""
+    """Fuse every Norm -> Linear block where the Linear is the norm's only consumer (serving path).
+
+    After the rewrite the model runs ``sample`` once without grad; a block whose
+    Linear did not receive the norm's output directly (e.g. a copy was made in
+    between) is put back and reported as skipped.
+    """
     recipe = as_recipe(recipe)
     flow = flow or record(model, sample)
     shapes = {c.fqn: c for c in flow.calls}
-    changes, skipped = [], []
+    done, skipped = [], []
     for block in flow.norm_to_linear():
         norm = get_module(model, block.norm)
         info, why = norm_info(norm)
@@ -159,13 +171,38 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
             skipped.append((block.norm, f"{lin_fqn} is a {type(lin).__name__}, not a Linear this mod can take"))
             continue
         site_recipe = lin.recipe if isinstance(lin, Float8Linear) else recipe
-        new_lin = PrequantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=kernels)
+        why = _fits(site_recipe)
+        if why:
+            skipped.append((block.norm, why))
+            continue
+        site_kernels = {g: k.name for g, k in lin.kernels.items()} if isinstance(lin, Float8Linear) else kernels
+        new_lin = PrequantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=site_kernels)
         new_norm = NormQuantize(norm, site_recipe.fprop.a.format, backend)
         new_lin.handoff = new_norm.handoff
         set_module(model, block.norm, new_norm)
         set_module(model, lin_fqn, new_lin)
+        done.append((block, norm, lin, new_norm, info))
+    changes = _verify(model, sample, done, shapes, skipped)
+    return ModResult(NAME, EXACT, "norm and FP8 cast of the next Linear's input fused into one pass (serving, no grad)",
+                     tuple(changes), tuple(skipped))
+
+
+def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
+    """Run ``sample`` without grad; put back blocks whose hand-off was not taken."""
+    from loka.mods.graph import run_sample
+
+    with torch.no_grad():
+        run_sample(model, sample)
+    changes = []
+    for block, norm, lin, new_norm, info in done:
+        lin_fqn = block.linears[0]
+        if new_norm.fused_calls == 0 or new_norm.handoff.placeholder is not None:
+            set_module(model, block.norm, norm)
+            set_module(model, lin_fqn, lin)
+            skipped.append((block.norm, f"{lin_fqn} did not receive the norm's output directly (a copy in between)"))
+            continue
+        new_norm.fused_calls = 0
         m = shapes[lin_fqn].in_shape
         changes.append(SiteChange(f"{block.norm} -> {lin_fqn}", f"{info.kind} (hp out) + amax + cast + FP8 GEMM {m}",
                                   "fused norm+quantize (fp8 + row scale out) + FP8 GEMM on it (no grad only)"))
-    return ModResult(NAME, EXACT, "norm and FP8 cast of the next Linear's input fused into one pass (serving, no grad)",
-                     tuple(changes), tuple(skipped))
+    return changes

@@ -160,11 +160,15 @@ def apply(
             continue
         if action == "remove":
             lin.bias = None
-        new = RowScaleInvariantLinear.from_linear(lin, recipe=recipe, kernels=kernels)
+        if isinstance(lin, Float8Linear):  # keep a converted site's recipe and kernels
+            site_recipe, site_kernels = lin.recipe, {g: k.name for g, k in lin.kernels.items()}
+        else:
+            site_recipe, site_kernels = recipe, kernels
+        new = RowScaleInvariantLinear.from_linear(lin, recipe=site_recipe, kernels=site_kernels)
         set_module(model, block.linear, new)
         exact = exact and site_exact
         changes.append(SiteChange(block.linear, f"{type(lin).__name__} -> {info.kind}",
-                                  f"RowScaleInvariantLinear ({recipe.name}, row scale of input not applied; {note})"))
+                                  f"RowScaleInvariantLinear ({site_recipe.name}, row scale of input not applied; {note})"))
     what = "Linears feeding a norm skip the activation row scale (exact up to the norm's eps)"
     if not exact:
         what += "; some biases were dropped, which changes the model"

@@ -76,3 +76,27 @@ def test_triton_kernel_path_on_gpu():
     with torch.no_grad():
         y, y_ref = m(x), ref(x)
     assert (y.float() - y_ref.float()).norm() / y_ref.float().norm() < 2e-2
+
+
+def test_copy_between_norm_and_linear_is_put_back():
+    class Copy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = nn.LayerNorm(16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.lin(self.norm(x).contiguous().clone())
+
+    m = Copy()
+    x = torch.randn(4, 16)
+    ref = m(x)
+    res = fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="reference")
+    assert not res.changes and "directly" in res.skipped[0][1]
+    assert type(m.norm) is nn.LayerNorm and type(m.lin) is nn.Linear
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_non_rowwise_float8_linear_is_skipped():
+    m = nn.Sequential(nn.LayerNorm(32), Float8Linear(32, 16, recipe="tensorwise", kernels="emulated"))
+    res = fused_norm_quant.apply(m, sample=torch.randn(2, 32))
+    assert not res.changes and "rowwise" in res.skipped[0][1]

@@ -32,10 +32,11 @@ def test_pow2_scales_are_bit_exact_in_fp32():
     m = outlier_block(big=1e3).float()
     x = torch.randn(64, 64)
     ref = m(x)
+    w_before = m[1].weight.detach().clone()
     scale_migration.apply(m, sample=x, alpha=0.5, pow2=True)
-    s = m[1].weight  # changed
-    assert not torch.equal(s, outlier_block(big=1e3).float()[1].weight)
-    torch.testing.assert_close(m(x), ref, rtol=2e-6, atol=2e-6)
+    assert not torch.equal(m[1].weight, w_before)
+    # products (W_ij s_j)(y_j / s_j) equal W_ij y_j exactly when s_j is a power of two
+    assert torch.equal(m(x), ref)
 
 
 def test_fp8_error_drops_with_outlier_channels():
