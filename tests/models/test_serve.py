@@ -128,4 +128,8 @@ def test_engine_with_fp8_plan_scores_close_to_bf16(tmp_path):
     lo = fp8.score(batch)
     again = fp8.score(batch)
     torch.testing.assert_close(lo["ctr"], again["ctr"])  # deterministic with cached weights
+    from loka.nn import Float8Linear
+
+    fp8_linears = [m for m in fp8.model.modules() if isinstance(m, Float8Linear)]
+    assert fp8_linears and all(m._weight_cache is not None for m in fp8_linears)  # quantized once
     assert (lo["ctr"] - hp["ctr"]).abs().max() < 0.05
