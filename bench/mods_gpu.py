@@ -17,7 +17,8 @@ Timed with CUDA events (median of ``--iters`` after ``--warmup``):
    ΣN, in bf16 and in FP8 (``torch._scaled_mm`` rowwise, weights pre-quantized,
    activation quantized once per call in both cases).
 3. grouped GEMM: G same-shape Linears on different inputs, G GEMMs vs one
-   ``torch._grouped_mm`` (or ``torch.bmm`` where grouped_mm does not run).
+   ``torch._grouped_mm`` (or ``torch.bmm`` where grouped_mm does not run), and in
+   FP8 G ``_scaled_mm`` vs one ``torch._scaled_grouped_mm`` where it runs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loka.quantize import quantize  # noqa: E402
-from loka.mods.grouped import grouped_linear, grouped_mm_works  # noqa: E402
+from loka.mods.grouped import grouped_linear, grouped_mm_works, scaled_grouped_linear, scaled_grouped_mm_works  # noqa: E402
 
 GPU_NORM_SHAPES = [(4096, 256), (16384, 512), (16384, 1024), (32768, 2048)]
 GPU_FUSION = [(8192, 512, (128, 128, 256)), (16384, 1024, (256, 256, 512)), (32768, 1024, (512, 512, 1024))]
@@ -138,6 +139,16 @@ def bench_grouped(configs, device, dtype, warmup, iters) -> list[dict]:
             row = {"G": g, "M": m, "K": k, "N": n, "grouped_backend": "grouped_mm" if ok else f"bmm ({why})",
                    "separate_ms": timer(lambda: [xs[i] @ ws[i].t() for i in range(g)], warmup, iters, cuda),
                    "grouped_ms": timer(lambda: grouped_linear(xs, ws), warmup, iters, cuda)}
+            if cuda and scaled_grouped_mm_works("cuda")[0]:
+                def sep_fp8():  # quantize both operands per call, like scaled_grouped_linear does
+                    outs = []
+                    for i in range(g):
+                        (xq, sx), (wq, sw) = _fp8_rowwise(xs[i]), _fp8_rowwise(ws[i])
+                        outs.append(torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.reshape(1, -1), out_dtype=torch.bfloat16))
+                    return outs
+
+                row["fp8_separate_ms"] = timer(sep_fp8, warmup, iters, cuda)
+                row["fp8_grouped_ms"] = timer(lambda: scaled_grouped_linear(xs, ws), warmup, iters, cuda)
         rows.append(row)
     return rows
 

@@ -5,7 +5,9 @@ G Linears of the same shape ``[N, K]`` applied to G different inputs
 instead of G, with M·G rows of work. ``torch._grouped_mm`` (and its FP8 form
 ``torch._scaled_grouped_mm``) runs it on builds that have it; elsewhere
 ``torch.bmm`` is the batched fallback. Both are exact in high precision
-(each group's output is the same dot products).
+(each group's output is the same dot products). :func:`scaled_grouped_linear`
+is the FP8 form (``torch._scaled_grouped_mm`` where it runs, else the emulated
+quantize -> dequantize -> bmm reference).
 
 A model calls Linears one at a time, and the inputs of later members may not
 exist when the first is called, so this cannot be a transparent module swap
@@ -55,6 +57,40 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     w_t = weight.transpose(-2, -1)  # [G, K, N]
     out = torch._grouped_mm(x, w_t) if use_grouped else torch.bmm(x, w_t)
     return out if bias is None else out + bias.unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_grouped_mm_works(device_type: str) -> tuple[bool, str]:
+    """Whether ``torch._scaled_grouped_mm`` runs 3-D x 3-D e4m3 with rowwise scales here (probed once)."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return False, "torch._scaled_grouped_mm is missing from this torch build"
+    try:
+        a = torch.ones(2, 16, 16, device=device_type).to(torch.float8_e4m3fn)
+        s = torch.ones(2, 16, device=device_type)
+        torch._scaled_grouped_mm(a, a.transpose(-2, -1), s, s, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return False, f"torch._scaled_grouped_mm failed here ({str(exc).splitlines()[0][:120]})"
+    return True, ""
+
+
+def scaled_grouped_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """FP8 (e4m3, rowwise scales) grouped GEMM: x [G, M, K], weight [G, N, K] -> [G, M, N] in x's dtype.
+
+    ``backend``: ``"scaled_grouped_mm"``, ``"emulated"`` (quantize -> dequantize -> bmm,
+    the reference) or ``"auto"``.
+    """
+    from loka.quantize import dequantize, quantize
+
+    if backend not in ("auto", "scaled_grouped_mm", "emulated"):
+        raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'scaled_grouped_mm' or 'emulated'")
+    x_fp8, s_x = quantize(x, "e4m3", "rowwise")  # [G, M, K], [G, M, 1]
+    w_fp8, s_w = quantize(weight, "e4m3", "rowwise")  # [G, N, K], [G, N, 1]
+    use = backend == "scaled_grouped_mm" or (backend == "auto" and scaled_grouped_mm_works(x.device.type)[0])
+    if use:
+        out = torch._scaled_grouped_mm(x_fp8, w_fp8.transpose(-2, -1), s_x.squeeze(-1).contiguous(),
+                                       s_w.squeeze(-1).contiguous(), out_dtype=torch.bfloat16)
+        return out.to(x.dtype)
+    return torch.bmm(dequantize(x_fp8, s_x), dequantize(w_fp8, s_w).transpose(-2, -1)).to(x.dtype)
 
 
 class GroupedLinear(nn.Module):

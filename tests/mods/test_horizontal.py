@@ -91,3 +91,17 @@ def test_find_groups_needs_different_inputs():
 
     flow = record(Towers(), ([torch.randn(2, 8) for _ in range(3)],))
     assert find_groups(flow) == [("t.0", "t.1", "t.2")]
+
+
+def test_scaled_grouped_linear_matches_per_group_fp8():
+    from loka import Float8Linear
+    from loka.mods.grouped import scaled_grouped_linear
+
+    x, w = torch.randn(3, 24, 32), torch.randn(3, 16, 32)
+    out = scaled_grouped_linear(x, w, backend="emulated")
+    for g in range(3):
+        lin = Float8Linear(32, 16, bias=False, recipe="rowwise", kernels="emulated")
+        with torch.no_grad():
+            lin.weight.copy_(w[g])
+        torch.testing.assert_close(out[g], lin(x[g]), rtol=1e-5, atol=1e-5)
+    assert loka.rel_error(torch.bmm(x, w.transpose(1, 2)), out) < 0.08
