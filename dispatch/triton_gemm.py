@@ -17,6 +17,9 @@ row's amax in registers, casts and multiplies, and never writes an FP8 copy.
 - float32 accumulation (``fast_accum=True`` allows Hopper's faster, less
   precise FP8 accumulation), scales and bias in the epilogue.
 
+``fp8_mm`` runs the same kernel on an ``a`` quantized beforehand (the output of
+``fused_norm_quant``, say), with no alignment rule on M, K, N.
+
 ``fp8_mm_fused_quant_reference`` is the same math in plain PyTorch on top of
 ``loka.quantize.quantize``; it equals the ``emulated`` kernel's result up to
 float32 rounding of the scale products. Runs on CUDA sm_89+ (compiled,
@@ -99,20 +102,25 @@ def _check_inputs(a_hp, b_fp8, b_scale, a_format, granularity, a_scale, bias, ou
         raise ValueError(f"granularity={granularity!r} is not valid; use one of {list(A_GRANULARITIES)}")
     if not a_hp.is_floating_point() or a_hp.dtype in FP8_DTYPES:
         raise TypeError(f"a_hp must be a bf16/fp16/fp32 tensor, got {a_hp.dtype}")
+    rows = _check_b(a_hp, b_fp8, b_scale, bias, out_dtype)
+    if a_scale is not None and a_scale.numel() != (1 if granularity == "tensorwise" else rows):
+        raise ValueError(f"a_scale{tuple(a_scale.shape)} does not match {granularity} scaling of a{tuple(a_hp.shape)}")
+
+
+def _check_b(a, b_fp8, b_scale, bias, out_dtype) -> int:
+    """Check b, its scale, bias and out_dtype against a[..., K]; returns M (rows of a)."""
     if b_fp8.dtype not in FP8_DTYPES or b_fp8.dim() != 2:
         raise TypeError(f"b_fp8 must be a 2-D float8_e4m3fn/float8_e5m2 tensor, got {b_fp8.dtype} {tuple(b_fp8.shape)}")
     n, k = b_fp8.shape
-    if a_hp.dim() < 1 or a_hp.shape[-1] != k:
-        raise ValueError(f"a_hp{tuple(a_hp.shape)} must end in K={k}, b_fp8's reduction dim")
+    if a.dim() < 1 or a.shape[-1] != k:
+        raise ValueError(f"a{tuple(a.shape)} must end in K={k}, b_fp8's reduction dim")
     if b_scale.numel() not in (1, n):
         raise ValueError(f"b_scale{tuple(b_scale.shape)} must be tensorwise (one value) or rowwise [N={n}, 1]")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape [N={n}], got {tuple(bias.shape)}")
     if out_dtype is not None and out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype={out_dtype} is not valid; use one of {list(OUT_DTYPES)}")
-    rows = a_hp.numel() // max(k, 1)
-    if a_scale is not None and a_scale.numel() != (1 if granularity == "tensorwise" else rows):
-        raise ValueError(f"a_scale{tuple(a_scale.shape)} does not match {granularity} scaling of a{tuple(a_hp.shape)}")
+    return a.numel() // max(k, 1)
 
 
 def _given_scale(scale: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
@@ -169,33 +177,97 @@ def fp8_mm_fused_quant(
     ``tile``: fixed ``(BLOCK_M, BLOCK_N, BLOCK_K)`` instead of autotuning.
     """
     _check_inputs(a_hp, b_fp8, b_scale, a_format, granularity, a_scale, bias, out_dtype)
-    ok, reason = triton_available(a_hp.device)
-    if not ok:
-        raise RuntimeError(f"fp8_mm_fused_quant cannot run on {a_hp.device}: {reason}")
+    _require_triton(a_hp.device, "fp8_mm_fused_quant")
     mod = kernels()
+    a2 = a_hp.reshape(-1, b_fp8.shape[1])
+    out = torch.empty((a2.shape[0], b_fp8.shape[0]), dtype=out_dtype or a_hp.dtype, device=a_hp.device)
+    if out.numel():
+        mode, a_scale_arg = _a_scale_arg(mod, a2, granularity, a_scale, pow2_scale)
+        _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, a_format=a_format, pow2_scale=pow2_scale,
+             fast_accum=fast_accum, emulate=emulate, tile=tile, a_is_fp8=False)
+    return out.reshape(*a_hp.shape[:-1], b_fp8.shape[0])
+
+
+def fp8_mm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = False,
+    emulate: bool | None = None,
+    tile: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """The same kernel on an ``a`` quantized beforehand (e.g. by ``fused_norm_quant``).
+
+    ``a_fp8[..., K]`` with a rowwise ``[..., 1]`` or tensorwise scale; any M, K, N
+    (no alignment rule, unlike torch._scaled_mm). Under the interpreter a NaN
+    byte in ``a_fp8`` or ``b_fp8`` reads as 480 (its float8 -> float32 decode).
+    """
+    _check_fp8_inputs(a_fp8, a_scale, b_fp8, b_scale, bias, out_dtype)
+    _require_triton(a_fp8.device, "fp8_mm")
+    mod = kernels()
+    a2 = a_fp8.reshape(-1, b_fp8.shape[1])
+    out = torch.empty((a2.shape[0], b_fp8.shape[0]), dtype=out_dtype, device=a_fp8.device)
+    if out.numel():
+        rowwise = a_scale.numel() > 1 or a_scale.dim() == a_fp8.dim()
+        mode = mod.A_ROWWISE_GIVEN if rowwise else mod.A_TENSOR_GIVEN
+        a_scale_arg = a_scale.float().reshape(-1).contiguous()
+        _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, a_format=FP8_DTYPES[a_fp8.dtype],
+             pow2_scale=False, fast_accum=fast_accum, emulate=emulate, tile=tile, a_is_fp8=True)
+    return out.reshape(*a_fp8.shape[:-1], b_fp8.shape[0])
+
+
+def fp8_mm_reference(a_fp8, a_scale, b_fp8, b_scale, *, bias=None, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """``fp8_mm`` in PyTorch: ``(a @ b.T) * s_a * s_bᵀ + bias``. a[..., K], b[N, K] -> [..., N]"""
+    _check_fp8_inputs(a_fp8, a_scale, b_fp8, b_scale, bias, out_dtype)
     n, k = b_fp8.shape
-    a2 = a_hp.reshape(-1, k)
-    m = a2.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype or a_hp.dtype, device=a_hp.device)
-    if m == 0 or n == 0:
-        return out.reshape(*a_hp.shape[:-1], n)
-    mode, a_scale_arg = _a_scale_arg(mod, a2, granularity, a_scale, pow2_scale)
+    acc = a_fp8.reshape(-1, k).float() @ b_fp8.float().t()
+    out = acc * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    out = out if bias is None else out + bias.float()
+    return out.to(out_dtype).reshape(*a_fp8.shape[:-1], n)
+
+
+def _check_fp8_inputs(a_fp8, a_scale, b_fp8, b_scale, bias, out_dtype) -> None:
+    if a_fp8.dtype not in FP8_DTYPES:
+        raise TypeError(f"a_fp8 must be float8_e4m3fn/float8_e5m2, got {a_fp8.dtype}; use fp8_mm_fused_quant for hp a")
+    rows = _check_b(a_fp8, b_fp8, b_scale, bias, out_dtype)
+    if a_scale.numel() not in (1, rows):
+        raise ValueError(f"a_scale{tuple(a_scale.shape)} must be tensorwise (one value) or rowwise [M={rows}, 1]")
+
+
+def _require_triton(device: torch.device, what: str) -> None:
+    ok, reason = triton_available(device)
+    if not ok:
+        raise RuntimeError(f"{what} cannot run on {device}: {reason}")
+
+
+def _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, *, a_format, pow2_scale, fast_accum, emulate,
+         tile, a_is_fp8) -> None:
+    """Launch the GEMM kernel: autotuned, or on ``tile`` (the interpreter's by default there)."""
+    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+
+    (m, k), n = a2.shape, b_fp8.shape[0]
     interp = interpreting()
-    emulate = interp if emulate is None else emulate
     b_scale_arg = b_scale.float().reshape(-1).contiguous()
-    launch = _launch_args(mod, a_format, emulate, pow2_scale, fast_accum, mode, b_scale_arg.numel() > 1, bias)
+    fmt = fp8_constexprs(a_format)
+    launch = dict(
+        A_SCALE_MODE=mode, B_ROWWISE=b_scale_arg.numel() > 1, HAS_BIAS=bias is not None, POW2=pow2_scale,
+        FAST_ACCUM=fast_accum, EMULATE=interp if emulate is None else emulate, A_IS_FP8=a_is_fp8,
+        FMAX=fmt["FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"], GROUP_M=mod.GROUP_M,
+    )
     args = (a2, b_fp8, out, a_scale_arg, b_scale_arg, bias.contiguous() if bias is not None else b_scale_arg,
             m, n, k, triton_next_pow2(m), *a2.stride(), *b_fp8.stride(), *out.stride())
-    if tile is None and interp:
-        tile = mod.INTERPRETER_TILE
+    tile = mod.INTERPRETER_TILE if tile is None and interp else tile
     if tile is None:
         grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         mod.fp8_gemm_fused_quant_tuned[grid](*args, **launch)
     else:
         bm, bn, bk = tile
-        grid = (_cdiv(m, bm) * _cdiv(n, bn),)
-        mod.fp8_gemm_fused_quant_kernel[grid](*args, **launch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    return out.reshape(*a_hp.shape[:-1], n)
+        mod.fp8_gemm_fused_quant_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)](*args, **launch, BLOCK_M=bm, BLOCK_N=bn,
+                                                                        BLOCK_K=bk)
 
 
 def _a_scale_arg(mod, a2: torch.Tensor, granularity: str, a_scale, pow2_scale: bool) -> tuple[int, torch.Tensor]:
@@ -210,17 +282,6 @@ def _a_scale_arg(mod, a2: torch.Tensor, granularity: str, a_scale, pow2_scale: b
     mod.finite_amax_kernel[(_cdiv(a2.shape[0], bm),)](a2, amax, a2.shape[0], a2.shape[1], *a2.stride(),
                                                      BLOCK_M=bm, BLOCK_K=bk)
     return mod.A_TENSOR_AMAX, amax
-
-
-def _launch_args(mod, a_format, emulate, pow2_scale, fast_accum, mode, b_rowwise, bias) -> dict:
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
-
-    fmt = fp8_constexprs(a_format)
-    return dict(
-        A_SCALE_MODE=mode, B_ROWWISE=b_rowwise, HAS_BIAS=bias is not None, POW2=pow2_scale,
-        FAST_ACCUM=fast_accum, EMULATE=emulate, FMAX=fmt["FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"],
-        FP8_DTYPE=fmt["FP8_DTYPE"], GROUP_M=mod.GROUP_M,
-    )
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -12,6 +12,7 @@ second sweep's reads mostly hit L2 (programs that share rows of ``a`` run
 together thanks to the grouped launch order).
 
 Scales are applied once per output in the epilogue: ``acc * scale_a[m] * scale_b[n]``.
+With ``A_IS_FP8`` the same kernel multiplies an ``a`` quantized beforehand.
 
 This module imports triton at top level and is imported lazily. Whether the
 kernels run compiled or in the interpreter is decided by triton when they are
@@ -70,10 +71,10 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _load_a(a_ptr, rm, k0, M, K: tl.constexpr, stride_am, stride_ak, BLOCK_K: tl.constexpr):
-    """a[rm, k0:k0+BLOCK_K] as float32, 0 outside the matrix. [BLOCK_M, BLOCK_K]"""
+    """a[rm, k0:k0+BLOCK_K] in a's dtype, 0 outside the matrix. [BLOCK_M, BLOCK_K]"""
     rk = k0 + tl.arange(0, BLOCK_K)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
-    return tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
     if A_SCALE_MODE == 0:
         amax = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
+            a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K).to(tl.float32)
             amax = tl.maximum(amax, tl.max(finite_abs(a), axis=1))
         scale = fp8_scale_from_amax(amax, FMAX, POW2)
     elif A_SCALE_MODE == 1:
@@ -98,18 +99,25 @@ def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
 
 @triton.jit
 def _mma(a, a_scale, b, acc, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-         FP8_DTYPE: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr):
-    """acc += quant(a / a_scale) · b.  a [BM, BK] fp32, b [BK, BN] fp8, acc [BM, BN] fp32."""
-    y = fp8_scale_and_clamp(a, a_scale[:, None], FMAX)
+         FP8_DTYPE: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr):
+    """acc += quant(a / a_scale) · b (a hp) or a · b (a FP8).  a [BM, BK], b [BK, BN] fp8, acc [BM, BN] fp32."""
+    if A_IS_FP8:
+        a_q = a  # already quantized; its scale is applied in the epilogue
+    else:
+        y = fp8_scale_and_clamp(a.to(tl.float32), a_scale[:, None], FMAX)
+        if EMULATE:
+            a_q = fp8_round_emulated(y, MBITS, EMIN)
+        else:
+            a_q = y.to(FP8_DTYPE)
     if EMULATE:
         # FP8 values held in float32: products of two FP8 values are exact in
         # float32, so this is the FP8 GEMM with float32 accumulation.
-        acc += tl.dot(fp8_round_emulated(y, MBITS, EMIN), b.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(a_q.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif FAST_ACCUM:
-        acc = tl.dot(y.to(FP8_DTYPE), b, acc)
+        acc = tl.dot(a_q, b, acc)
     else:
         # Hopper accumulates FP8 products in reduced precision unless told not to.
-        acc = tl.dot(y.to(FP8_DTYPE), b, acc, max_num_imprecise_acc=0)
+        acc = tl.dot(a_q, b, acc, max_num_imprecise_acc=0)
     return acc
 
 
@@ -127,7 +135,7 @@ def fp8_gemm_fused_quant_kernel(
     M, N, K: tl.constexpr, M_BUCKET,
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     A_SCALE_MODE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    POW2: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr,
+    POW2: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr,
     FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FP8_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -146,17 +154,17 @@ def fp8_gemm_fused_quant_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if A_SCALE_MODE == 0 and K <= BLOCK_K:
         # K fits one tile: read a once, amax and cast from registers.
-        a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K)
+        a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K).to(tl.float32)
         a_scale = fp8_scale_from_amax(tl.max(finite_abs(a), axis=1), FMAX, POW2)
         b = _load_b(b_ptr, rn, 0, N, K, stride_bn, stride_bk, BLOCK_K)
-        acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE)
+        acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE, A_IS_FP8)
     else:
         a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
                            A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
             b = _load_b(b_ptr, rn, k0, N, K, stride_bn, stride_bk, BLOCK_K)
-            acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE)
+            acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE, A_IS_FP8)
 
     # Epilogue: dequantize once per output, then bias.
     out = acc * a_scale[:, None]
@@ -176,7 +184,7 @@ def fp8_gemm_fused_quant_kernel(
 
 fp8_gemm_fused_quant_tuned = triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "A_SCALE_MODE", "B_ROWWISE", "EMULATE", "FAST_ACCUM"],
+    key=["M_BUCKET", "N", "K", "A_SCALE_MODE", "B_ROWWISE", "EMULATE", "FAST_ACCUM", "A_IS_FP8"],
     prune_configs_by={"early_config_prune": _prune},
 )(fp8_gemm_fused_quant_kernel)
 

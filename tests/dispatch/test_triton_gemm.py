@@ -21,7 +21,13 @@ from loka.recipe import GemmRecipe, OperandRecipe
 
 from loka.dispatch.kernel import Quantized
 from loka.dispatch.backend_reference import EmulatedKernel
-from loka.dispatch.triton_gemm import fp8_mm_fused_quant, fp8_mm_fused_quant_reference, triton_available
+from loka.dispatch.triton_gemm import (
+    fp8_mm,
+    fp8_mm_fused_quant,
+    fp8_mm_fused_quant_reference,
+    fp8_mm_reference,
+    triton_available,
+)
 from triton_interp_driver import INTERPRETING, SKIP_REASON, run_file_under_interpreter
 
 interp = pytest.mark.skipif(not INTERPRETING, reason=SKIP_REASON)
@@ -78,7 +84,7 @@ def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype) -> torch.Tensor:
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
 def test_under_interpreter():
-    run_file_under_interpreter(__file__, min_passed=64)  # every interpreter test of this file plus the two plain ones
+    run_file_under_interpreter(__file__, min_passed=66)  # every interpreter test of this file plus the two plain ones
 
 
 @interp
@@ -202,6 +208,23 @@ def test_backend_matches_emulated(gran_a, gran_b):
         assert rel < 1e-6, f"seed={seed}: relative error {rel:.3g} vs emulated"
 
 
+@interp
+@pytest.mark.parametrize("a_gran,tile", [("rowwise", None), ("tensorwise", (32, 16, 16))])
+def test_prequantized_a(a_gran, tile):
+    """fp8_mm: a quantized beforehand (e.g. by the fused norm), scales in the epilogue."""
+    gen, seed = _gen()
+    a_q, s_a = quantize(make_a(37, 48, gen), "e4m3", a_gran)
+    eye = torch.eye(48).to(torch.float8_e4m3fn)
+    out = fp8_mm(a_q, s_a, eye, torch.ones(()), out_dtype=torch.float32, tile=tile)
+    assert torch.equal(out, dequantize(a_q, s_a)), f"seed={seed}"
+    b_fp8, b_scale = make_b(20, 48, "rowwise", gen)
+    bias = torch.randn(20, generator=gen)
+    out = fp8_mm(a_q, s_a, b_fp8, b_scale, bias=bias, out_dtype=torch.float32, tile=tile)
+    ref = fp8_mm_reference(a_q, s_a, b_fp8, b_scale, bias=bias, out_dtype=torch.float32)
+    mag = (a_q.float().abs() @ b_fp8.float().abs().t()) * s_a.reshape(-1, 1) * b_scale.reshape(1, -1) + bias.abs()
+    assert bool(((out - ref).abs() <= (2 * 48 + 8) * 2.0**-24 * mag).all()), f"seed={seed}"
+
+
 def test_reference_agrees_with_emulated():
     """The reference (scales in the epilogue) is the emulated GEMM (scales on the operands)."""
     gen, seed = _gen()
@@ -228,6 +251,10 @@ def test_bad_inputs_are_refused_with_a_reason():
         fp8_mm_fused_quant(a, b_fp8, torch.ones(3))
     with pytest.raises(ValueError, match="a_scale"):
         fp8_mm_fused_quant(a, b_fp8, b_scale, a_scale=torch.ones(3, 1))
+    with pytest.raises(TypeError, match="fp8_mm_fused_quant"):
+        fp8_mm(a, torch.ones(4, 1), b_fp8, b_scale)
+    with pytest.raises(ValueError, match="a_scale"):
+        fp8_mm(*quantize(a, "e4m3", "rowwise")[:1], torch.ones(5, 1), b_fp8, b_scale)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="checks the compiled (non-interpreted) mode")

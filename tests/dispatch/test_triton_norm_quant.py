@@ -57,7 +57,7 @@ def assert_bytes_are_quantize_of(y_fp8, scale, y_hp, fmt, pow2, seed):
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
 def test_under_interpreter():
-    run_file_under_interpreter(__file__, min_passed=2 * len(CASES) + 7)  # every interpreter test of this file
+    run_file_under_interpreter(__file__, min_passed=2 * len(CASES) + 9)  # every interpreter test of this file
 
 
 @interp
@@ -120,6 +120,28 @@ def test_batched_and_strided_input():
     y_fp8, scale, y_hp = fused_norm_quant(x, w, b, return_hp=True)
     assert y_fp8.shape == (2, 12, 48) and scale.shape == (2, 12, 1)
     assert_bytes_are_quantize_of(y_fp8, scale, y_hp, "e4m3", False, seed)
+
+
+@interp
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_quant_feeds_the_fp8_gemm(kind):
+    """Norm -> Linear in serving: fused norm+quant, then the FP8 GEMM on its output, vs the references."""
+    from loka.dispatch.triton_gemm import fp8_mm, fp8_mm_reference
+
+    gen, seed = _gen()
+    x = make_x(21, 64, gen, torch.bfloat16)
+    w, b = affine(64, kind, gen)
+    weight_fp8, weight_scale = quantize(torch.randn(40, 64, generator=gen) * 0.1, "e4m3", "rowwise")
+    y_fp8, scale = fused_norm_quant(x, w, b, kind=kind)
+    out = fp8_mm(y_fp8, scale, weight_fp8, weight_scale, out_dtype=torch.float32)
+    r_fp8, r_scale, _ = norm_quant_reference(x, w, b, kind=kind)
+    ref = fp8_mm_reference(r_fp8, r_scale, weight_fp8, weight_scale, out_dtype=torch.float32)
+    assert out.shape == (21, 40)
+    # Inputs may differ by one FP8 step where the norms round differently: compare as errors.
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"seed={seed}: relative difference {rel:.3g}"
+    same = fp8_mm_reference(y_fp8, scale, weight_fp8, weight_scale, out_dtype=torch.float32)
+    assert torch.allclose(out, same, rtol=1e-5, atol=1e-5 * same.abs().max().item()), f"seed={seed}"
 
 
 def test_training_use_is_refused():
