@@ -2,11 +2,13 @@
 
 A probe report holds, per site, per recipe, per GEMM, the mean relative error of the
 GEMM output with a confidence interval. The adapter here is deliberately small: it
-accepts a ``ProbeReport`` (anything with ``to_dict()``), a loaded JSON dict, or a path
-to a JSON file, and collects every *error entry* — a dict with numeric ``mean``,
-``ci_lo`` and ``ci_hi`` (optionally ``n`` and ``threshold``) — under the path of keys
-that leads to it (``"over.0.proj/tensorwise/fprop"``). Lists of dicts are keyed by their
-``fqn``/``site``/``name`` field. So the gate does not depend on the report's exact layout.
+accepts a ``loka.probe.ProbeReport``, its JSON file, or any dict / JSON, and collects
+every *error entry* — a dict with numeric ``mean``, ``ci_lo`` and ``ci_hi`` (optionally
+``n`` and ``threshold``) — under the path of keys that leads to it
+(``"over.0.proj/tensorwise/fprop"``). Lists of dicts are keyed by their
+``fqn``/``site``/``name`` field. In a loka probe report only each site's measured
+``errors`` count (not predicted errors), and entries with ``n == 0`` (never measured)
+are skipped. So the gate depends on the report's layout only that little.
 
 Rule (for every entry of the candidate report):
 
@@ -44,14 +46,35 @@ def load_report(report: object) -> dict[str, Any]:
             raise ReportError(f"{report}: no such probe report file")
         try:
             with open(report) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+                return _decode_floats(json.load(f))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ReportError(f"{report}: not a JSON probe report ({exc})") from None
+    if hasattr(report, "doc") and isinstance(report.doc, Mapping):  # loka.probe.ProbeReport
+        return dict(report.doc)
     if hasattr(report, "to_dict"):
         return report.to_dict()
     if isinstance(report, Mapping):
         return dict(report)
     raise ReportError(f"a probe report must be a path, a dict or a ProbeReport, not {type(report).__name__}")
+
+
+def _decode_floats(obj: object) -> object:
+    """Strict-JSON reports write non-finite floats as "inf" / "-inf" / "nan" strings."""
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_floats(v) for v in obj]
+    return obj
+
+
+def _measured_errors_only(doc: dict[str, Any]) -> object:
+    """A loka probe report: only each site's measured ``errors`` (not predictions or stats)."""
+    sites = doc.get("sites")
+    if isinstance(sites, list) and sites and all(isinstance(s, Mapping) and "errors" in s for s in sites):
+        return {str(s.get("fqn", i)): s["errors"] for i, s in enumerate(sites)}
+    return doc
 
 
 def _is_entry(node: object) -> bool:
@@ -66,7 +89,8 @@ def error_entries(report: object) -> dict[str, Mapping[str, Any]]:
 
     def walk(node: object, path: tuple[str, ...]) -> None:
         if _is_entry(node):
-            found["/".join(path)] = node
+            if node.get("n", 1) != 0 and not math.isnan(node["mean"]):  # n == 0: never measured
+                found["/".join(path)] = node
         elif isinstance(node, Mapping):
             for key, child in node.items():
                 walk(child, path if str(key) in _CONTAINER_KEYS else path + (str(key),))
@@ -75,7 +99,7 @@ def error_entries(report: object) -> dict[str, Mapping[str, Any]]:
                 name = next((child[f] for f in _NAME_FIELDS if isinstance(child, Mapping) and f in child), i)
                 walk(child, path + (str(name),))
 
-    walk(load_report(report), ())
+    walk(_measured_errors_only(load_report(report)), ())
     if not found:
         raise ReportError("the probe report holds no error entries (dicts with mean, ci_lo, ci_hi)")
     return found

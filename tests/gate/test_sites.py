@@ -67,3 +67,39 @@ def test_non_finite_error_is_a_regression():
     cand = {"s": {"r": {"fprop": {"mean": math.inf, "ci_lo": math.inf, "ci_hi": math.inf, "n": 3, "threshold": 0.05}}}}
     checks, _ = site_checks({"s": {"r": {"fprop": _entry(0.01)}}}, cand, GateBudget())
     assert checks[0].verdict == "regression"
+
+
+def _probe_report(weight_00: float):
+    """A real loka probe report of a 2-Linear MLP whose second layer has W[0, 0] = weight_00."""
+    import torch
+    from torch import nn
+
+    from loka.probe.config import ProbeConfig, SamplingSchedule
+    from loka.probe.probe import Probe
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.SiLU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        model[3].weight[0, 0] = weight_00
+    cfg = ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=3), candidates=("tensorwise",),
+                      min_samples=2, max_rows=64, fit_values=64, stats=False)  # fmt: skip
+    probe = Probe(model, cfg)
+    for step in range(3):
+        with probe.step(step):
+            probe.select(model)(torch.randn(64, 16)).square().mean().backward()
+    return probe.report()
+
+
+def test_real_probe_reports_non_finite_site_is_caught(tmp_path):
+    pytest.importorskip("loka.probe.probe")
+    base, cand = _probe_report(0.1), _probe_report(float("inf"))
+    checks, _ = site_checks(base, cand, GateBudget())
+    by_name = {c.name: c for c in checks}
+    assert by_name["site 3/tensorwise/fprop"].verdict == "regression"
+    # the same through the strict JSON files the probe writes ("inf" as a string)
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, report in zip(paths, (base, cand)):
+        path.write_text(report.to_json())
+    checks, _ = site_checks(*paths, GateBudget())
+    assert {c.name: c.verdict for c in checks}["site 3/tensorwise/fprop"] == "regression"
+    same, _ = site_checks(base, base, GateBudget())
+    assert "regression" not in {c.verdict for c in same}
