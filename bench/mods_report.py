@@ -85,6 +85,7 @@ def inject_outliers(model, flow, gain: float, channels: int = 2) -> None:
 
 def section_migration(size, batch, steps, seed, gain) -> list[str]:
     lines = [f"### 1. Scale migration Norm -> Linear ({'outlier channels x%g injected' % gain if gain else 'ranker as initialized'})", "",
+             "Probe fprop error (mean over probed steps) of the Linears fed by a norm; alpha chosen for tensorwise.", "",
              "| site | tensorwise before | after | rowwise before | after | input channel-amax spread before | after | alpha |",
              "|---|---|---|---|---|---|---|---|"]
     model, stream = build(size, batch, seed)

@@ -126,7 +126,7 @@ def apply(
     recipe: Recipe | str = "tensorwise",
     pow2: bool = True,
     min_spread: float = 4.0,
-    min_gain: float = 0.0,
+    min_gain: float = 0.02,
     flow: Dataflow | None = None,
 ) -> ModResult:
     """Migrate per-channel scales Norm -> Linear(s) on every exclusive block; see the module doc.

@@ -43,3 +43,27 @@ def test_tiny_ranker_patterns():
     assert {"over.heads.ctr", "over.heads.cvr"} in shared
     assert {"interaction.layers.0.fmb.fm.proj", "interaction.layers.0.lcb.linear",
             "interaction.layers.0.residual.linear"} in shared
+
+
+def test_user_norm_class_registered_by_kind():
+    from torch import nn
+
+    from loka.mods import register_norm
+    from loka.mods.norms import NORM_KINDS
+
+    class MyRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.eps, self.normalized_shape = nn.Parameter(torch.ones(d)), 1e-6, (d,)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    m = nn.Sequential(MyRMSNorm(8), nn.Linear(8, 4))
+    assert record(m, torch.randn(2, 8)).norm_to_linear() == []
+    register_norm(MyRMSNorm, "rmsnorm")
+    try:
+        (nl,) = record(m, torch.randn(2, 8)).norm_to_linear()
+        assert nl.norm == "0" and nl.linears == ("1",) and nl.exclusive
+    finally:
+        NORM_KINDS.pop(MyRMSNorm)
