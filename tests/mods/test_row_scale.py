@@ -95,3 +95,14 @@ def test_norm_with_other_consumers_is_skipped():
     m = Two()
     res = row_scale.apply(m, sample=torch.randn(4, 16), kernels="emulated")
     assert not res.changes and type(m.lin) is nn.Linear
+
+
+@pytest.mark.requires_sm89
+def test_scaled_mm_path_on_gpu():
+    ref = nn.Sequential(nn.Linear(256, 512, bias=False), nn.LayerNorm(512)).cuda().to(torch.bfloat16)
+    modded = copy.deepcopy(ref)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    row_scale.apply(modded, sample=x, recipe="rowwise", kernels="scaled_mm")
+    ref[0] = Float8Linear.from_linear(ref[0], recipe="rowwise", kernels="scaled_mm")
+    with torch.no_grad():
+        assert loka.rel_error(ref(x), modded(x)) < 1e-2
