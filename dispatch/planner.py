@@ -154,8 +154,10 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
             best_per_recipe[c.recipe] = c
     if not best_per_recipe:
-        detail = f" ({'; '.join(sorted(set(unsupported))[:3])})" if unsupported else ""
-        return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available and timed for {sorted(passing)}{detail}")
+        why = sorted(set(unsupported)) or _why_no_kernel(passing, gemm, shape, dtype, device, allowed)
+        detail = f" ({'; '.join(why[:3])})" if why else ""
+        return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available here takes {'/'.join(sorted(passing))} "
+                                         f"at [M={shape[0]}, K={shape[1]}, N={shape[2]}]{detail}")
     fast = [c for c in best_per_recipe.values() if c.ms > 0 and bf16_ms / c.ms >= budget.min_speedup]
     if not fast:
         top = min(best_per_recipe.values(), key=lambda c: c.ms)
@@ -203,6 +205,23 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
         return why
     ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
     return None if ok else why
+
+
+def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
+    """Reasons the kernels available here give for not taking the passing recipes at ``shape``."""
+    from loka.dispatch import KERNELS
+
+    reasons = []
+    for kernel in KERNELS:
+        if kernel.hp or kernel.name == "emulated" or (allowed is not None and kernel.name not in allowed):
+            continue
+        if not kernel.available(device):
+            continue
+        for recipe in sorted(passing):
+            ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
+            if not ok:
+                reasons.append(f"{kernel.name}: {why}")
+    return sorted(set(reasons))
 
 
 def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budget) -> SitePlan:

@@ -114,3 +114,10 @@ def test_greedy_method_is_recorded():
     rep = report(site("a", 256, 512, bf16_ms=1.0, entries=FAST))
     assert plan(rep, method="greedy", progress=False).solver == "greedy"
     assert isinstance(plan(rep, progress=False), Plan)
+
+
+def test_no_kernel_for_the_shape_says_why():
+    rep = report(site("tiny", 13, 4, bf16_ms=1.0, entries=[]))
+    reason = plan(rep, progress=False).site("tiny").gemms["fprop"].reason
+    assert reason.startswith("kept bf16: no FP8 kernel available here takes rowwise at [M=256, K=13, N=4]")
+    assert "N=4 is not a multiple of 16" in reason
