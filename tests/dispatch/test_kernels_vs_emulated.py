@@ -16,6 +16,7 @@ order; others (torchao, te: slightly different scale arithmetic) must be within
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from loka.formats import get_format
 from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GEMM_ROLES, GEMMS, Recipe
+
+from triton_interp_driver import INTERPRETING, ROOT
 
 RECIPES = {
     "tensorwise": Recipe.from_name("tensorwise"),
@@ -176,3 +179,23 @@ def test_cases_cover_every_available_fp8_kernel():
 
 def test_roles_cover_every_gemm():
     assert set(GEMM_ROLES) == set(GEMMS)
+
+
+# Triton kernels run on CPU only under TRITON_INTERPRET=1, which must be set before they are
+# imported; this re-runs the triton cases of this file in such a process (a subset: the
+# interpreter is slow; tests/dispatch/test_triton_gemm.py covers the kernel in depth).
+TRITON_SUBSET = "triton- and not fast_accum and (triton-rowwise- or triton-tensorwise-fprop)"
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter run")
+def test_triton_kernels_match_emulated_under_interpreter():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", __file__,
+           "-k", f"test_kernel_matches_emulated and ({TRITON_SUBSET})"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert "32 passed" in proc.stdout, tail
