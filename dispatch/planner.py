@@ -55,19 +55,22 @@ def plan(
     refresh: bool = False,
     cache_dir=None,
     progress: bool = True,
+    bench: dict | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
     Timings per site come from ``timings[fqn]`` (the report's timings format), else the
     report, else (``measure=True``) micro-benchmarks on ``device`` (cached on disk,
-    ``refresh=True`` re-measures). ``kernels`` restricts the kernels considered.
+    ``refresh=True`` re-measures; ``bench`` passes e.g. ``{"warmup": 5, "iters": 20}``).
+    ``kernels`` restricts the kernels considered.
     ``method``: ``"auto"`` (exact milp, greedy if it fails), ``"exact"`` or ``"greedy"``.
     """
     budget = budget or Budget()
     device = torch.device(device or "cpu")
     sites = report_sites(report)
     notes: list[str] = []
-    site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, refresh, cache_dir, progress, notes)
+    bench = dict(bench or {}, refresh=refresh, cache_dir=cache_dir, progress=progress)
+    site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, bench, notes)
     coefs = _sensitivities(sites, notes)
     options, per_gemm = [], {}
     for site in sites:
@@ -87,7 +90,7 @@ def plan(
                 created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def _gather_timings(sites, timings, measure, device, dtype, kernels, refresh, cache_dir, progress, notes) -> dict:
+def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict, notes) -> dict:
     out = {}
     for s in sites:
         t = (timings or {}).get(s.fqn) or s.timings
@@ -100,8 +103,7 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, refresh, ca
         recipes = sorted({r for s in missing for r in s.errors})
         for s in missing:
             out[s.fqn] = time_site_cached((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
-                                          device=device, fits=s.fits, refresh=refresh, cache_dir=cache_dir,
-                                          progress=progress)
+                                          device=device, fits=s.fits, **bench)
     elif missing:
         notes.append(f"{len(missing)} sites have no timings; they stay in bf16 (plan with measure=True to time them)")
     return out

@@ -121,3 +121,18 @@ def test_no_kernel_for_the_shape_says_why():
     reason = plan(rep, progress=False).site("tiny").gemms["fprop"].reason
     assert reason.startswith("kept bf16: no FP8 kernel available here takes rowwise at [M=256, K=13, N=4]")
     assert "N=4 is not a multiple of 16" in reason
+
+
+def test_plan_measures_sites_without_timings(tmp_path):
+    import torch
+
+    rep = report(site("enc", 32, 16, m=16), site("odd", 13, 4, m=16))
+    kw = dict(measure=True, kernels=["scaled_mm"], dtype=torch.float32, cache_dir=tmp_path, progress=False,
+              bench={"warmup": 0, "iters": 2})
+    p = plan(rep, **kw)
+    enc = p.site("enc").gemms["fprop"]
+    assert enc.bf16_ms is not None and enc.bf16_ms > 0
+    assert "no timing" not in enc.reason
+    assert "K=13 is not a multiple of 16" in p.site("odd").gemms["fprop"].reason
+    assert any("not representative" in n for n in p.notes)
+    assert list(tmp_path.iterdir()), "micro-benchmarks were not cached"
