@@ -7,6 +7,12 @@ output gradient ``dy`` when backward reaches it. A tensor hook observes the grad
 and returns nothing, so autograd's numerics are untouched, and nothing is recorded
 when there is no backward (evaluation) or the output does not require grad.
 
+Large operands are row-sampled at capture time: at most ``capture_rows`` random rows of
+``x`` are copied, and the same rows of ``dy`` (so wgrad's pairing of x and dy rows holds).
+The element count, non-finite count and amax are still taken over the whole tensor
+(three reductions, no copy), so non-finite values are never missed. This bounds both
+the memory and the analysis cost of a sampled step at large batch sizes.
+
 Every forward call of a site is one *micro-batch* record ``(x, W, dy)``; gradient
 accumulation (several forward/backward pairs per step) and a module called several
 times per forward simply give several records, each paired with its own ``dy``.
@@ -15,6 +21,7 @@ Hooks are removed when the step ends, so unsampled steps run no probe code at al
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +33,21 @@ from torch.utils.hooks import RemovableHandle
 class MicroBatch:
     """One forward call of a site: operands in the GEMM layout, reduction dim last."""
 
-    x: torch.Tensor  # [M, K] input, as the GEMM saw it (bf16 under autocast)
+    x: torch.Tensor  # [m, K] input rows kept (m <= M), as the GEMM saw them (bf16 under autocast)
     w: torch.Tensor  # [N, K] weight, in the dtype the GEMM used
-    dy: torch.Tensor | None = None  # [M, N] output gradient, None until/unless backward ran
+    m: int  # M, the rows of the whole input
+    x_full: torch.Tensor  # [numel, nonfinite, finite amax] of the whole input (float64)
+    rows: torch.Tensor | None = None  # kept row indices, None when all rows are kept
+    dy: torch.Tensor | None = None  # [m, N] output gradient rows, None until/unless backward ran
+    dy_full: torch.Tensor | None = None
+
+
+def exact_counts(t: torch.Tensor) -> torch.Tensor:
+    """``[numel, nonfinite, finite amax]`` of ``t`` as a float64 tensor on ``t``'s device (no sync)."""
+    finite = torch.isfinite(t)
+    amax = torch.where(finite, t.abs(), torch.zeros((), dtype=t.dtype, device=t.device)).amax() if t.numel() else t.new_zeros(())
+    return torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device),
+                        (~finite).sum().double(), amax.double()])
 
 
 @dataclass
@@ -36,6 +55,8 @@ class StepCapture:
     """Everything captured at the active sites during one sampled step."""
 
     step: int
+    capture_rows: int = 1 << 62
+    seed: int = 0
     records: dict[str, list[MicroBatch]] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
 
@@ -66,10 +87,13 @@ def _forward_hook(fqn: str, capture: StepCapture):
             return
         x = args[0].detach()
         dtype = _gemm_dtype(x, module.weight)
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype, copy=True)
+        x2d = x.reshape(-1, x.shape[-1])
+        records = capture.records.setdefault(fqn, [])
+        rows = _kept_rows(x2d.shape[0], capture, fqn, len(records))
+        kept = x2d.to(dtype, copy=True) if rows is None else x2d[rows.to(x2d.device)].to(dtype)
         w = module.weight.detach().to(dtype, copy=True)
-        rec = MicroBatch(x=x2d, w=w)
-        capture.records.setdefault(fqn, []).append(rec)
+        rec = MicroBatch(x=kept, w=w, m=int(x2d.shape[0]), x_full=exact_counts(x2d.to(dtype)), rows=rows)
+        records.append(rec)
         if output.requires_grad and torch.is_grad_enabled():
             output.register_hook(_grad_hook(rec))
 
@@ -78,16 +102,27 @@ def _forward_hook(fqn: str, capture: StepCapture):
 
 def _grad_hook(rec: MicroBatch):
     def hook(grad: torch.Tensor) -> None:
-        dy = grad.detach().reshape(-1, grad.shape[-1]).clone()
-        rec.dy = dy if rec.dy is None else rec.dy + dy  # output reused twice: grads add up
+        dy2d = grad.detach().reshape(-1, grad.shape[-1])
+        dy = dy2d.clone() if rec.rows is None else dy2d[rec.rows.to(dy2d.device)]
+        rec.dy_full = exact_counts(dy2d)
+        rec.dy = dy  # a tensor hook sees the total gradient of the output, once per backward
         return None
 
     return hook
 
 
-def install(sites: dict[str, nn.Module], step: int) -> StepCapture:
+def _kept_rows(m: int, capture: StepCapture, fqn: str, call: int) -> torch.Tensor | None:
+    if m <= capture.capture_rows:
+        return None
+    # Seeded by (seed, step, site, call) so reruns sample the same rows; the global RNG is untouched.
+    key = f"{capture.seed}/{capture.step}/{fqn}/{call}".encode()
+    g = torch.Generator().manual_seed(zlib.crc32(key))
+    return torch.randperm(m, generator=g)[: capture.capture_rows].sort().values
+
+
+def install(sites: dict[str, nn.Module], step: int, capture_rows: int | None = None, seed: int = 0) -> StepCapture:
     """Hook every module in ``sites`` (fqn -> module) for one step; call ``remove_hooks`` after."""
-    capture = StepCapture(step=step)
+    capture = StepCapture(step=step, capture_rows=capture_rows or (1 << 62), seed=seed)
     for fqn, module in sites.items():
         capture.handles.append(module.register_forward_hook(_forward_hook(fqn, capture)))
     return capture

@@ -56,6 +56,8 @@ class ProbeConfig:
     - ``max_rows``: cap on the rows of each GEMM operand used for the fp64 reference GEMM
       (operands are quantized whole, then a random subset of output rows/cols is compared),
       which bounds the cost of a sampled step on large batches.
+    - ``capture_rows``: rows of each activation/gradient copied on a sampled step (random rows,
+      the same for ``x`` and ``dy``); count, non-finite count and amax stay exact over all rows.
     - ``fit_values``: values per operand kept for distribution fitting.
     - ``stats``: collect operand statistics (disable to measure errors only).
     """
@@ -70,6 +72,7 @@ class ProbeConfig:
     min_samples: int = 3
     stop_when_decided: bool = True
     max_rows: int = 1024
+    capture_rows: int = 2048
     fit_values: int = 4096
     stats: bool = True
     seed: int = 0
@@ -81,6 +84,8 @@ class ProbeConfig:
             raise ValueError(f"min_samples={self.min_samples} must be >= 2: an interval needs two samples")
         if self.max_rows < 16:
             raise ValueError(f"max_rows={self.max_rows} must be >= 16")
+        if self.capture_rows < 16:
+            raise ValueError(f"capture_rows={self.capture_rows} must be >= 16")
         if not self.candidates:
             raise ValueError("candidates is empty; name at least one recipe, e.g. ('tensorwise',)")
         for c in (*self.candidates, *self.predict):

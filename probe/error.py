@@ -1,11 +1,11 @@
 """FP8 error of a site's GEMMs on real operands, with a confidence interval and a decision.
 
 For each sampled micro-batch and candidate recipe, each GEMM ``out = a · bᵀ`` is
-computed twice in float64: once on the captured operands (the hp reference) and once
-on the operands after the recipe's emulated cast (``loka.quantize.fake_quantize``).
-Operands are quantized whole (so scales see every value), then at most ``max_rows``
-random rows of ``a`` and of ``b`` are multiplied, which bounds the fp64 cost while
-keeping an unbiased sample of output entries.
+computed twice: in float64 on the captured operands (the hp reference) and in float32
+(FP8 tensor cores' accumulation) on the operands after the recipe's emulated cast
+(``loka.quantize.fake_quantize``). Scales always see the whole operand; then at most
+``max_rows`` random rows of ``a`` and of ``b`` are multiplied, which bounds the cost
+while keeping an unbiased sample of output entries.
 
 Every sampled *step* gives one observation per (gemm, recipe): the mean relative
 error over that step's micro-batches. Observations give a t-interval on the mean
@@ -23,7 +23,7 @@ import torch
 from scipy import stats as sps
 
 from loka.metrics import rel_error
-from loka.quantize import fake_quantize
+from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GemmRecipe, Recipe
 
 SAFE, UNSAFE, UNDECIDED = "safe", "unsafe", "undecided"
@@ -60,24 +60,61 @@ def _pad_single_column_block(a: torch.Tensor, b: torch.Tensor, recipe: GemmRecip
     return torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, pad))
 
 
+def _fake_quantize_rows(t: torch.Tensor, op, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t[rows], fake_quantize(t, op)[rows])``, quantizing only the kept rows when groups allow it.
+
+    Groups of one row (rowwise, 1xN blocks, mx) do not see other rows, and a tensorwise
+    scale is computed from the whole tensor first, so only 2-D blocks of several rows
+    (128x128 weights) need the whole tensor quantized.
+    """
+    if rows is None:
+        return t, fake_quantize(t, op)
+    rows = rows.to(t.device)
+    if op.is_hp:
+        return t[rows], t[rows]
+    if op.granularity == "tensorwise":
+        scale = scale_from_amax(group_amax(t, "tensorwise"), op.format, op.pow2)
+        return t[rows], fake_quantize(t[rows], op, scale)
+    if op.granularity == "rowwise" or op.block[0] == 1:
+        return t[rows], fake_quantize(t[rows], op)
+    return t[rows], fake_quantize(t, op)[rows]
+
+
+def gemm_errors(
+    a: torch.Tensor, b: torch.Tensor, recipes: list[GemmRecipe], *, max_rows: int = 1024,
+    gen: torch.Generator | None = None,
+) -> list[tuple[float, float]]:
+    """``[(rel_error, sqnr_db)]`` of ``a · bᵀ`` under each recipe's emulated cast vs fp64 on the same operands.
+
+    The fp64 reference and the kept rows are shared by every recipe. The FP8 product
+    multiplies the dequantized operands in float32, the accumulation precision of FP8
+    tensor cores (and of the ``emulated`` kernel).
+    """
+    gen = gen or torch.Generator().manual_seed(0)
+    ra, rb = _row_subset(a.shape[0], max_rows, gen), _row_subset(b.shape[0], max_rows, gen)
+    a_kept = a if ra is None else a[ra.to(a.device)]
+    b_kept = b if rb is None else b[rb.to(b.device)]
+    ref = a_kept.double() @ b_kept.double().T
+    ref_ok = bool(torch.isfinite(ref).all())
+    out = []
+    for recipe in recipes:
+        a_p, b_p = _pad_single_column_block(a, b, recipe)
+        _, a_q = _fake_quantize_rows(a_p, recipe.a, ra)
+        _, b_q = _fake_quantize_rows(b_p, recipe.b, rb)
+        fp8 = a_q.float() @ b_q.float().T
+        if not (ref_ok and torch.isfinite(fp8).all()):
+            out.append((math.inf, -math.inf))
+            continue
+        err = rel_error(ref, fp8)
+        out.append((err, -20.0 * math.log10(err) if err > 0 else math.inf))
+    return out
+
+
 def gemm_error(
     a: torch.Tensor, b: torch.Tensor, recipe: GemmRecipe, *, max_rows: int = 1024, gen: torch.Generator | None = None
 ) -> tuple[float, float]:
-    """``(rel_error, sqnr_db)`` of ``a · bᵀ`` with ``recipe``'s emulated cast vs fp64 on the same operands."""
-    a, b = _pad_single_column_block(a, b, recipe)
-    a_q, b_q = fake_quantize(a, recipe.a), fake_quantize(b, recipe.b)
-    gen = gen or torch.Generator().manual_seed(0)
-    ra, rb = _row_subset(a.shape[0], max_rows, gen), _row_subset(b.shape[0], max_rows, gen)
-    if ra is not None:
-        a, a_q = a[ra.to(a.device)], a_q[ra.to(a.device)]
-    if rb is not None:
-        b, b_q = b[rb.to(b.device)], b_q[rb.to(b.device)]
-    ref = a.double() @ b.double().T
-    out = a_q.double() @ b_q.double().T
-    if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
-        return math.inf, -math.inf
-    err = rel_error(ref, out)
-    return err, (-20.0 * math.log10(err) if err > 0 else math.inf)
+    """``(rel_error, sqnr_db)`` of one recipe (see :func:`gemm_errors`)."""
+    return gemm_errors(a, b, [recipe], max_rows=max_rows, gen=gen)[0]
 
 
 def t_interval(values: list[float], confidence: float) -> tuple[float, float, float]:
@@ -158,14 +195,16 @@ class ErrorTrack:
 
 
 def micro_batch_errors(
-    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, recipe: Recipe, max_rows: int, gen: torch.Generator
-) -> dict[str, tuple[float, float]]:
-    """``{gemm: (rel_error, sqnr_db)}`` for every GEMM whose operands were captured."""
-    out = {}
+    x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, recipes: list[Recipe], max_rows: int,
+    gen: torch.Generator,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{recipe name: {gemm: (rel_error, sqnr_db)}}`` for every GEMM whose operands were captured."""
+    out: dict[str, dict[str, tuple[float, float]]] = {r.name: {} for r in recipes}
     for gemm in ("fprop", "dgrad", "wgrad"):
-        g = recipe.gemm(gemm)
         ops = gemm_operands(x, w, dy, gemm)
-        if ops is None or g.is_hp:
+        todo = [r for r in recipes if not r.gemm(gemm).is_hp]
+        if ops is None or not todo:
             continue
-        out[gemm] = gemm_error(*ops, g, max_rows=max_rows, gen=gen)
+        for r, err in zip(todo, gemm_errors(*ops, [r.gemm(gemm) for r in todo], max_rows=max_rows, gen=gen)):
+            out[r.name][gemm] = err
     return out

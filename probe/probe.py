@@ -100,7 +100,7 @@ class Probe:
         self.finish()
         if not self.wants(step):
             return _StepScope(self, False)
-        self._capture = install(self.active_sites(), step)
+        self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
         return _StepScope(self, True)
 
     def finish(self) -> None:

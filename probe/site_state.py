@@ -37,20 +37,21 @@ class SiteState:
         self.steps.append(step)
         self.micro_batches += len(records)
         for i, rec in enumerate(records):
-            self.m_values.add(int(rec.x.shape[0]))
+            self.m_values.add(rec.m)
             if cfg.stats:
-                self.operands["input"].update(rec.x, step)
+                self.operands["input"].update(rec.x, step, full=rec.x_full)
                 if i == 0:  # the weight is the same for every micro-batch of a step
                     self.operands["weight"].update(rec.w, step)
                 if rec.dy is not None:
-                    self.operands["grad_output"].update(rec.dy, step)
+                    self.operands["grad_output"].update(rec.dy, step, full=rec.dy_full)
             self._keep_values(rec, cfg.fit_values, gen, first=i == 0)
-        for recipe in recipes:
-            per_gemm: dict[str, list] = {g: [] for g in GEMMS}
-            for rec in records:
-                for gemm, err in micro_batch_errors(rec.x, rec.w, rec.dy, recipe, cfg.max_rows, gen).items():
-                    per_gemm[gemm].append(err)
-            tracks = self.errors.setdefault(recipe.name, {g: ErrorTrack() for g in GEMMS})
+        per_recipe: dict[str, dict[str, list]] = {r.name: {g: [] for g in GEMMS} for r in recipes}
+        for rec in records:
+            for name, per_gemm in micro_batch_errors(rec.x, rec.w, rec.dy, recipes, cfg.max_rows, gen).items():
+                for gemm, err in per_gemm.items():
+                    per_recipe[name][gemm].append(err)
+        for name, per_gemm in per_recipe.items():
+            tracks = self.errors.setdefault(name, {g: ErrorTrack() for g in GEMMS})
             for gemm, errs in per_gemm.items():
                 tracks[gemm].add(step, errs)
 
@@ -59,8 +60,8 @@ class SiteState:
         for role, t in (("input", rec.x), ("weight", rec.w if first else None), ("grad_output", rec.dy)):
             if t is None or cap <= 0:
                 continue
-            flat = t.detach().flatten().float().cpu()
-            take = flat[torch.randperm(flat.numel(), generator=gen)[:cap]]
+            flat = t.detach().flatten()
+            take = flat[torch.randint(flat.numel(), (min(cap, flat.numel()),), generator=gen).to(flat.device)].float().cpu()
             kept = torch.cat([self.samples[role], take]) if role in self.samples else take
             if kept.numel() > cap:
                 kept = kept[torch.randperm(kept.numel(), generator=gen)[:cap]]

@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from loka.quantize import fraction_underflow_saturate
+from loka.formats import get_format
+from loka.quantize import _group_shape, group_amax, scale_from_amax
 from loka.recipe import GRANULARITIES, Recipe
 
 # log2-magnitude histogram: bin i counts nonzero finite values with floor(log2|x|) == LOG2_MIN + i,
@@ -33,11 +34,27 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """One 2-D tensor in the forms every statistic needs, computed once: ``x`` float32,
+    ``finite`` mask, ``ax`` = |x| with non-finite values set to 0."""
+
+    x: torch.Tensor
+    finite: torch.Tensor
+    ax: torch.Tensor
+
+    @classmethod
+    def of(cls, x2d: torch.Tensor) -> "Prepared":
+        x = x2d.detach().float()
+        finite = torch.isfinite(x)
+        return cls(x, finite, torch.where(finite, x.abs(), torch.zeros((), device=x.device)))
+
+
+@dataclass(frozen=True)
 class Statistic:
-    """One statistic: ``compute(x2d) -> state`` and the merge op of every state key."""
+    """One statistic: ``compute(prepared, role) -> state`` and the merge op of every state key."""
 
     name: str
-    compute: Callable[[torch.Tensor, str], State]
+    compute: Callable[[Prepared, str], State]
     merge_ops: dict[str, str]
 
 
@@ -45,47 +62,45 @@ def _f64(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float64).cpu()
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    return x[torch.isfinite(x)]
-
-
-def _moments(x: torch.Tensor, role: str) -> State:
-    xf = _finite(x).double()
+def _moments(p: Prepared, role: str) -> State:
+    xd = p.x[p.finite].double()
+    x2 = xd * xd
     return {
-        "count": _f64(x.numel()),
-        "nonfinite": _f64(x.numel() - xf.numel()),
-        "zeros": _f64(int((xf == 0).sum())),
-        "s1": xf.sum().cpu(),
-        "s2": (xf * xf).sum().cpu(),
-        "s3": (xf**3).sum().cpu(),
-        "s4": (xf**4).sum().cpu(),
+        "count": _f64(p.x.numel()),
+        "nonfinite": _f64(p.x.numel() - xd.numel()),
+        "n": _f64(xd.numel()),
+        "zeros": _f64(int((xd == 0).sum())),
+        "s1": xd.sum().cpu(),
+        "s2": x2.sum().cpu(),
+        "s3": (x2 * xd).sum().cpu(),
+        "s4": (x2 * x2).sum().cpu(),
     }
 
 
-def _extremes(x: torch.Tensor, role: str) -> State:
-    xf = _finite(x).float()
-    if xf.numel() == 0:
+def _extremes(p: Prepared, role: str) -> State:
+    if not bool(p.finite.any()):
         return {"amax": _f64(0.0), "min": _f64(math.inf), "max": _f64(-math.inf)}
-    return {"amax": _f64(xf.abs().max().item()), "min": _f64(xf.min().item()), "max": _f64(xf.max().item())}
+    big = torch.tensor(math.inf, device=p.x.device)
+    lo = torch.where(p.finite, p.x, big).min()
+    hi = torch.where(p.finite, p.x, -big).max()
+    return {"amax": _f64(p.ax.max().item()), "min": _f64(lo.item()), "max": _f64(hi.item())}
 
 
-def _log2_hist(x: torch.Tensor, role: str) -> State:
-    xf = _finite(x).float()
-    xf = xf[xf != 0]
-    _, exp = torch.frexp(xf)  # |x| = m * 2**exp, m in [0.5, 1) -> floor(log2|x|) = exp - 1
+def _log2_hist(p: Prepared, role: str) -> State:
+    nz = p.ax[p.ax > 0]
+    _, exp = torch.frexp(nz)  # |x| = m * 2**exp, m in [0.5, 1) -> floor(log2|x|) = exp - 1
     idx = (exp - 1).clamp(LOG2_MIN, LOG2_MAX) - LOG2_MIN
     return {"log2_hist": torch.bincount(idx.long().cpu(), minlength=N_LOG2_BINS).double()}
 
 
-def _channel_amax(x: torch.Tensor, role: str) -> State:
+def _channel_amax(p: Prepared, role: str) -> State:
     """Per-column amax (channels along the reduction dim) and the worst row's amax spread."""
-    ax = x.detach().abs().float()
-    ax = torch.where(torch.isfinite(ax), ax, torch.zeros((), device=ax.device))
+    ax = p.ax
     if ax.numel() == 0:
-        return {"col_amax": torch.zeros(x.shape[-1], dtype=torch.float64), "row_spread_max": _f64(1.0)}
+        return {"col_amax": torch.zeros(ax.shape[-1], dtype=torch.float64), "row_spread_max": _f64(1.0)}
     row = ax.amax(dim=1)
-    med = row.median().item()
-    spread = row.max().item() / med if med > 0 else (1.0 if row.max().item() == 0 else math.inf)
+    med, top = row.median().item(), row.max().item()
+    spread = top / med if med > 0 else (1.0 if top == 0 else math.inf)
     return {"col_amax": ax.amax(dim=0).double().cpu(), "row_spread_max": _f64(spread)}
 
 
@@ -96,16 +111,39 @@ def _check_operand(role: str, granularity: str, fmt: str):
     return replace(op, format=fmt)
 
 
-def _range_fractions(x: torch.Tensor, role: str) -> State:
-    xf = x.detach().float()
-    n = int((torch.isfinite(xf) & (xf != 0)).sum())
-    out: State = {"range_n": _f64(n)}
-    for fmt in FORMATS_CHECKED:
-        for g in GRANULARITIES:
-            under, sat = fraction_underflow_saturate(xf, _check_operand(role, g, fmt))
-            # fraction * n recovers the integer counts exactly, and counts merge by addition.
-            out[f"under/{fmt}/{g}"] = _f64(round(under * n))
-            out[f"sat/{fmt}/{g}"] = _f64(round(sat * n))
+def _count_below(ax: torch.Tensor, scale: torch.Tensor, group, lo: float) -> int:
+    """Count of positive ``ax`` with ``ax / scale < lo``, comparing against each group's scale
+    in place instead of broadcasting the scale to the tensor's shape."""
+    if group is None or (group[0] == 1 and group[1] >= ax.shape[-1]):
+        return int(((ax < lo * scale) & (ax > 0)).sum())
+    br, bc = group
+    r, c = ax.shape
+    pad = torch.nn.functional.pad(ax, (0, (-c) % bc, 0, (-r) % br))
+    blocks = pad.reshape(pad.shape[0] // br, br, pad.shape[1] // bc, bc)
+    s = scale.reshape(blocks.shape[0], 1, blocks.shape[2], 1)
+    return int(((blocks < lo * s) & (blocks > 0)).sum())
+
+
+def _range_fractions(p: Prepared, role: str) -> State:
+    """Counts of nonzero finite values that would underflow to zero, per format and granularity.
+
+    The same rule as ``loka.quantize.fraction_underflow_saturate`` (dynamic scale from the
+    group's finite amax; a value underflows when ``|x| / scale`` is below half the smallest
+    subnormal), computed once per granularity for both formats. Under dynamic scaling
+    nothing saturates (the scale is chosen so amax maps to fmax); saturation is what
+    *delayed* scaling risks, measured by ``saturation_delayed`` against the previous
+    sample's amax (see :meth:`OperandStats.update`).
+    """
+    ax = p.ax
+    out: State = {"range_n": _f64(int((ax > 0).sum()))}
+    for g in GRANULARITIES:
+        op = _check_operand(role, g, "e4m3")
+        group = _group_shape(ax.shape, g, op.block)
+        amax = group_amax(ax, g, op.block, finite_only=False)
+        for fmt in FORMATS_CHECKED:
+            f = get_format(fmt)
+            scale = scale_from_amax(amax, f, op.pow2)
+            out[f"under/{fmt}/{g}"] = _f64(_count_below(ax, scale, group, f.min_subnormal / 2))
     return out
 
 
@@ -114,14 +152,13 @@ def _range_keys() -> dict[str, str]:
     for fmt in FORMATS_CHECKED:
         for g in GRANULARITIES:
             keys[f"under/{fmt}/{g}"] = "sum"
-            keys[f"sat/{fmt}/{g}"] = "sum"
     return keys
 
 
 STATISTICS: dict[str, Statistic] = {
     s.name: s
     for s in (
-        Statistic("moments", _moments, {k: "sum" for k in ("count", "nonfinite", "zeros", "s1", "s2", "s3", "s4")}),
+        Statistic("moments", _moments, {k: "sum" for k in ("count", "nonfinite", "n", "zeros", "s1", "s2", "s3", "s4")}),
         Statistic("extremes", _extremes, {"amax": "max", "min": "min", "max": "max"}),
         Statistic("log2_hist", _log2_hist, {"log2_hist": "sum"}),
         Statistic("channel_amax", _channel_amax, {"col_amax": "max", "row_spread_max": "max"}),
@@ -161,24 +198,33 @@ class OperandStats:
     state: State = field(default_factory=dict)
     step_amax: dict[int, float] = field(default_factory=dict)
 
-    def update(self, x: torch.Tensor, step: int) -> None:
-        """Add one tensor (any shape, last dim = reduction dim) seen at ``step``."""
-        x2d = as_2d(x.detach())
+    def update(self, x: torch.Tensor, step: int, full: torch.Tensor | None = None) -> None:
+        """Add one tensor (any shape, last dim = reduction dim) seen at ``step``.
+
+        ``full``: ``[numel, nonfinite, finite amax]`` of the whole tensor when ``x`` holds only
+        sampled rows of it (see loka.probe.capture); count, non-finite count and amax are then
+        exact while the other statistics describe the sampled rows.
+        """
+        prep = Prepared.of(as_2d(x.detach()))
         new: State = {}
         for stat in STATISTICS.values():
-            new.update(stat.compute(x2d, self.role))
-        new["over_prev_amax"] = _f64(self._count_over_prev_amax(x2d, step))
+            new.update(stat.compute(prep, self.role))
+        if full is not None:
+            full = full.double().cpu()
+            new["count"], new["nonfinite"] = full[0].clone(), full[1].clone()
+            new["amax"] = torch.maximum(new["amax"], full[2])
+        new["over_prev_amax"] = _f64(self._count_over_prev_amax(prep, step))
         self.merge_state(new)
         amax = float(new["amax"])
         self.step_amax[step] = max(self.step_amax.get(step, 0.0), amax)
 
-    def _count_over_prev_amax(self, x2d: torch.Tensor, step: int) -> int:
+    def _count_over_prev_amax(self, p: Prepared, step: int) -> int:
         """Values above the previous sampled step's amax: what delayed scaling would saturate."""
         earlier = [k for k in self.step_amax if k < step]
         if not earlier:
             return 0
         prev = self.step_amax[max(earlier)]
-        return int((x2d.detach().float().abs() > prev).sum()) if prev > 0 else 0
+        return int((p.ax > prev).sum()) if prev > 0 else 0
 
     def merge_state(self, other: State) -> None:
         for key, value in other.items():
@@ -209,7 +255,7 @@ class OperandStats:
 
 
 def _moment_summary(s: State) -> dict:
-    n = float(s["count"]) - float(s["nonfinite"])
+    n = float(s["n"])  # finite values behind the power sums (sampled rows)
     if n <= 0:
         return {"mean": 0.0, "rms": 0.0, "std": 0.0, "crest_factor": 0.0, "kurtosis": 0.0}
     m1, m2, m3, m4 = (float(s[k]) / n for k in ("s1", "s2", "s3", "s4"))
@@ -259,6 +305,7 @@ def summarize(s: State, step_amax: dict[int, float]) -> dict:
     n_range = max(float(s["range_n"]), 1.0)
     out = {
         "count": int(s["count"]),
+        "sampled_values": int(s["n"]),
         "nonfinite": int(s["nonfinite"]),
         "zeros": int(s["zeros"]),
         "amax": float(s["amax"]),
@@ -269,7 +316,6 @@ def summarize(s: State, step_amax: dict[int, float]) -> dict:
         "amax_drift_log2": amax_drift(step_amax),
         "log2_hist": {"log2_min": LOG2_MIN, "counts": [int(c) for c in s["log2_hist"]]},
         "underflow": {f: {g: float(s[f"under/{f}/{g}"]) / n_range for g in GRANULARITIES} for f in FORMATS_CHECKED},
-        "saturation": {f: {g: float(s[f"sat/{f}/{g}"]) / n_range for g in GRANULARITIES} for f in FORMATS_CHECKED},
         "saturation_delayed": float(s.get("over_prev_amax", torch.zeros(()))) / n_range,
     }
     return out

@@ -171,3 +171,17 @@ def test_config_validation_messages():
         ProbeConfig(thresholds={"fwd": 0.1})
     with pytest.raises(ValueError, match="not valid"):
         Probe(ToyMLP(), ProbeConfig(candidates=("nope",)))
+
+
+def test_large_operands_are_row_sampled_with_exact_counts():
+    m = ToyMLP()
+    probe = Probe(m, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=1), capture_rows=32, **FAST))
+    x, y = make_batch(0, batch_size=200)
+    x[150, 3] = float("inf")  # most likely not among the kept rows: must still be counted
+    x[10, 4] = 100.0
+    with probe.step(0):
+        loss_fn(m, (x, y)).backward()
+    s = probe.report().site("inp")["operands"]["input"]
+    assert s["count"] == x.numel() and s["nonfinite"] == 1
+    assert s["amax"] == 100.0 and s["sampled_values"] <= 32 * 16
+    assert probe.state["inp"].m_values == {200}
