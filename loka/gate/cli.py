@@ -13,7 +13,6 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         try:
             with open(args.json, "w") as f:
-                json.dump(result.to_dict(), f, indent=2)
+                f.write(result.to_json())
         except OSError as exc:
             return _error(f"cannot write {args.json}: {exc}")
     return result.exit_code

@@ -12,6 +12,7 @@ when both probe reports are given, the per-site FP8 error checks of ``loka.gate.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -43,9 +44,22 @@ def _check_same_model(base: EvalOutputs, cand: EvalOutputs, allow_different_mode
     model_a, model_b = base.meta.get("model") or "", cand.meta.get("model") or ""
     if model_a and model_b and model_a != model_b and not allow_different_models:
         raise GateInputError(
-            f"baseline and candidate are different models ({model_a!r} vs {model_b!r}); the gate compares "
-            "versions of one model. Pass allow_different_models=True / --allow-different-models to compare anyway."
+            f"baseline and candidate are different models ({_model_difference(model_a, model_b)}); the gate "
+            "compares versions of one model. Pass allow_different_models=True / --allow-different-models "
+            "to compare anyway."
         )
+
+
+def _model_difference(model_a: str, model_b: str) -> str:
+    """The differing fields when both are JSON configs (as the ranker writes), else both names."""
+    try:
+        cfg_a, cfg_b = json.loads(model_a), json.loads(model_b)
+    except (TypeError, ValueError):
+        cfg_a = cfg_b = None
+    if isinstance(cfg_a, dict) and isinstance(cfg_b, dict):
+        keys = sorted(k for k in set(cfg_a) | set(cfg_b) if cfg_a.get(k) != cfg_b.get(k))
+        return ", ".join(f"{k}: {cfg_a.get(k)!r} vs {cfg_b.get(k)!r}" for k in keys[:5])
+    return f"{model_a[:80]!r} vs {model_b[:80]!r}"
 
 
 def _describe_set_difference(base: EvalOutputs, cand: EvalOutputs) -> str:

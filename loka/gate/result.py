@@ -12,6 +12,7 @@ A check compares an interval with a budget:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -120,6 +121,10 @@ class GateResult:
             "checks": [c.to_dict() for c in self.checks],
         }
 
+    def to_json(self, indent: int | None = 2) -> str:
+        """Strict JSON (non-finite floats written as "inf" / "-inf" / "nan")."""
+        return json.dumps(_finite_json(self.to_dict()), indent=indent, allow_nan=False)
+
     def table(self) -> str:
         """Readable summary: one row per check with its interval, budget and verdict."""
         pct = round(self.confidence * 100)
@@ -158,6 +163,16 @@ class GateResult:
                 "(see 'need n=') or accept with inconclusive_passes / --allow-inconclusive."
             )
         return "\n".join(lines)
+
+
+def _finite_json(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def _num(v: float) -> str:

@@ -223,6 +223,17 @@ def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float, flo
     return float(lo), float(hi), float(samples.std(ddof=1))
 
 
+def _check_bootstrap_args(metric: str, n_boot: int, confidence: float, max_units: int) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not supported; use one of {list(METRICS)}")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must be in (0.5, 1), e.g. 0.95")
+    if n_boot < 50:
+        raise ValueError(f"n_boot={n_boot} is too few for an interval; use at least 50 (1000 is typical)")
+    if max_units < 100:
+        raise ValueError(f"max_units={max_units} is too few groups; use at least 100")
+
+
 def paired_bootstrap(
     labels: object,
     probs_a: object,
@@ -238,14 +249,7 @@ def paired_bootstrap(
     Percentile intervals from ``n_boot`` resamples of the examples (or of ``max_units``
     random groups of them when n is larger; see the module docstring).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r} is not supported; use one of {list(METRICS)}")
-    if not 0.5 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must be in (0.5, 1), e.g. 0.95")
-    if n_boot < 50:
-        raise ValueError(f"n_boot={n_boot} is too few for an interval; use at least 50 (1000 is typical)")
-    if max_units < 100:
-        raise ValueError(f"max_units={max_units} is too few groups; use at least 100")
+    _check_bootstrap_args(metric, n_boot, confidence, max_units)
     y = _as_labels(labels)
     pa = _as_probs(probs_a, y.size, "probs_a")
     pb = _as_probs(probs_b, y.size, "probs_b")

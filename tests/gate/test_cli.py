@@ -107,3 +107,21 @@ def test_site_regression_from_reports_exits_1(saved, tmp_path, capsys):
     assert _run([*args, "--report-candidate", report(0.02)]) == 0
     assert _run([*args, "--report-candidate", report(0.2)]) == 1
     assert "site over.0/tensorwise/fprop" in capsys.readouterr().out
+
+
+def test_json_is_strict_with_non_finite_site_errors(saved, tmp_path):
+    inf_entry = {"mean": float("inf"), "ci_lo": float("inf"), "ci_hi": float("inf"), "n": 2, "threshold": 0.05}
+    ok_entry = {"mean": 0.01, "ci_lo": 0.0, "ci_hi": 0.02, "n": 2, "threshold": 0.05}
+    reports = []
+    for name, entry in (("a", ok_entry), ("b", inf_entry)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"s": {"r": {"fprop": entry}}}))
+        reports.append(str(path))
+    out_json = tmp_path / "result.json"
+    argv = ["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", reports[0],
+            "--report-candidate", reports[1], "--json", str(out_json)]  # fmt: skip
+    assert _run(argv) == 1
+    text = out_json.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    site = next(c for c in json.loads(text)["checks"] if c["kind"] == "site")
+    assert site["verdict"] == "regression" and site["ci_hi"] == "inf"

@@ -53,7 +53,7 @@ def test_checkpoints_of_different_models_exit_2(tmp_path, capsys):
     args = parser.parse_args(["gate", "--baseline", a, "--candidate", b, "--eval-examples", "1024"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
-    assert "different models" in err and "Traceback" not in err
+    assert "different models" in err and "over_hidden" in err and "Traceback" not in err
 
 
 def test_checkpoints_with_different_held_out_labels_exit_2(tmp_path):
