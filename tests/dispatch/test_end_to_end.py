@@ -24,7 +24,7 @@ from loka.probe.probe import Probe
 from loka.probe.workload import ranker_workload
 from loka.recipe import GEMMS
 
-KERNELS = ["scaled_mm", "torchao"]
+KERNELS = ["scaled_mm"]  # one kernel keeps the micro-benchmarks short; every kernel is tested elsewhere
 PROBED = ("interaction.layers.0.fmb.mlp.*", "over.trunk.*", "sequence.blocks.0.ffn_*", "over.heads.ctr")
 
 
@@ -94,7 +94,7 @@ def test_probe_plan_convert_train_tiny_ranker(tmp_path):
         assert {g: mod.kernels[g].name for g in GEMMS} == s.kernels()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for step in range(4, 12):
+    for step in range(4, 9):
         batch = wl.make_batch(step)
         loss = wl.loss_fn(model, batch)
         opt.zero_grad()
