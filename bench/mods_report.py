@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loka import Float8Linear, rel_error  # noqa: E402
-from loka.mods import fused_norm_quant, horizontal, keep_hp, padding, record, row_scale, scale_migration  # noqa: E402
+from loka.mods import find_groups, fused_norm_quant, horizontal, keep_hp, padding, record, row_scale, scale_migration  # noqa: E402
 from loka.mods.result import get_module  # noqa: E402
 
 
@@ -176,6 +176,10 @@ def section_shapes(size, batch, seed) -> list[str]:
                   "| site(s) | before | after |", "|---|---|---|"]
         lines += [f"| `{c.fqn}` | {c.before} | {c.after} |" for c in res.changes]
         lines += ["", *(f"- skipped `{fqn}`: {why}" for fqn, why in res.skipped), ""]
+    model, stream = build(size, batch, seed)
+    groups = find_groups(record(model, stream.batch(1000)))
+    lines += ["Same-shape Linears on different inputs (grouped-GEMM candidates): "
+              + (", ".join(" + ".join(g) for g in groups) if groups else "none in this model"), ""]
     return lines
 
 

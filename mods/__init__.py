@@ -11,6 +11,7 @@ scale_migration        exact               Norm -> Linear(s): per-channel scales
 row_scale_free         exact (eps; bias)   Linear -> Norm: skip the activation row scale
 padding                exact               K, N padded to multiples of 16
 horizontal_fusion      exact               Linears sharing an input -> one wider GEMM
+grouped_gemm           exact               same-shape Linears, different inputs -> grouped
 fused_norm_quant       exact (serving)     Norm -> FP8 Linear: norm + cast in one pass
 keep_hp                no change           {fqn: reason} kept bf16 (heads, raw, tiny)
 =====================  ==================  ==============================================
@@ -19,7 +20,7 @@ Apply mods to a model whose weights are already loaded (checkpoints are
 loaded *before* the mods; see docs/mods.md), then ``loka.convert``.
 """
 
-from loka.mods import fused_norm_quant, horizontal, keep_hp, padding, row_scale, scale_migration
+from loka.mods import fused_norm_quant, grouped_rewrite, horizontal, keep_hp, padding, row_scale, scale_migration
 from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
 from loka.mods.graph import Dataflow, LinearNorm, NormLinear, record
 from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear
@@ -32,7 +33,7 @@ from loka.mods.row_scale import RowScaleInvariantLinear
 
 MODS = {
     m.NAME: m.apply
-    for m in (scale_migration, row_scale, padding, horizontal, fused_norm_quant, keep_hp)
+    for m in (scale_migration, row_scale, padding, horizontal, grouped_rewrite, fused_norm_quant, keep_hp)
 }
 
 

@@ -18,6 +18,7 @@ DESCRIPTIONS = {
     "row_scale_free": "exact up to eps (bias rules): Linear -> Norm skips the activation row scale",
     "padding": "exact: K, N zero-padded to multiples of 16, output sliced",
     "horizontal_fusion": "exact: Linears sharing an input become one wider GEMM",
+    "grouped_gemm": "exact: same-shape Linears on different inputs -> one grouped GEMM (fx rewrite)",
     "fused_norm_quant": "exact (serving): norm + FP8 cast in one pass, fed to the FP8 GEMM",
     "keep_hp": "no change: sites kept bf16 (raw dense input, task heads, tiny GEMMs) with reasons",
 }
