@@ -133,7 +133,8 @@ class TEKernel(GemmKernel):
         if op.granularity == "blockwise":
             bw = importlib.import_module("transformer_engine.pytorch.tensor.float8_blockwise_tensor")
             dim = 2 if op.block == (128, 128) else 1
-            return bw.Float8BlockQuantizer(fp8, rowwise=True, columnwise=False, block_scaling_dim=dim)
+            return bw.Float8BlockQuantizer(fp8, rowwise=True, columnwise=False, block_scaling_dim=dim,
+                                            force_pow_2_scales=op.pow2)
         mx = importlib.import_module("transformer_engine.pytorch.tensor.mxfp8_tensor")
         return mx.MXFP8Quantizer(fp8, rowwise=True, columnwise=False)
 

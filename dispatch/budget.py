@@ -93,7 +93,16 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
-        """From a CLI string: ``"wgrad=0.05,fprop=0.06,ne=2e-4,sqnr_fprop=25,min_speedup=1.05"``."""
+        """From a CLI string: ``"wgrad=0.05,fprop=0.06,ne=2e-4,sqnr_fprop=25,min_speedup=1.05"``,
+        or a path to a JSON file holding ``Budget.to_dict()``'s fields."""
+        if text.strip().endswith(".json"):
+            import json
+            from pathlib import Path
+
+            path = Path(text.strip())
+            if not path.exists():
+                raise ValueError(f"budget file {path} does not exist")
+            return cls.from_dict(json.loads(path.read_text()))
         rel, sqnr, kw = dict(DEFAULT_MAX_REL_ERROR), {}, {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")

@@ -110,6 +110,14 @@ def test_budget_validation_and_parse():
     assert Budget.from_dict(b.to_dict()) == b
 
 
+def test_budget_from_json_file(tmp_path):
+    b = Budget.parse("fprop=0.05,ne=3e-4")
+    (tmp_path / "budget.json").write_text(json.dumps(b.to_dict()))
+    assert Budget.parse(str(tmp_path / "budget.json")) == b
+    with pytest.raises(ValueError, match="does not exist"):
+        Budget.parse(str(tmp_path / "missing.json"))
+
+
 def test_greedy_method_is_recorded():
     rep = report(site("a", 256, 512, bf16_ms=1.0, entries=FAST))
     assert plan(rep, method="greedy", progress=False).solver == "greedy"
