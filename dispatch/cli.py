@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("plan", help="choose a kernel (or bf16) per GEMM from a probe report and a budget")
     p.add_argument("--report", required=True, help="probe report JSON (loka probe ... --out)")
-    p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25'")
+    p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
     p.add_argument("--out", required=True, help="where to write plan.json")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")

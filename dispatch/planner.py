@@ -199,6 +199,8 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
 
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
+    if name == "emulated":
+        return "emulated is the numerical reference, never planned"
     if name not in KERNELS:
         return "not a registered kernel"
     kernel = KERNELS.get(name)

@@ -144,3 +144,9 @@ def test_plan_measures_sites_without_timings(tmp_path):
     assert "K=13 is not a multiple of 16" in p.site("odd").gemms["fprop"].reason
     assert any("not representative" in n for n in p.notes)
     assert list(tmp_path.iterdir()), "micro-benchmarks were not cached"
+
+
+def test_emulated_is_never_planned():
+    entries = [(g, "emulated", "rowwise", 0.01) for g in GEMMS] + [(g, "scaled_mm", "rowwise", 0.9) for g in GEMMS]
+    p = plan(report(site("a", 256, 512, bf16_ms=1.0, entries=entries)), progress=False)
+    assert all(p.site("a").gemms[g].kernel == "scaled_mm" for g in GEMMS)
