@@ -123,7 +123,9 @@ def _make_handler(engine: InferenceEngine, batcher: Batcher):
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
-                return self._reply(411, {"error": "a Content-Length header is required"})
+                length = -1
+            if length < 0:
+                return self._reply(411, {"error": "a non-negative Content-Length header is required"})
             if length > MAX_BODY_BYTES:
                 return self._reply(413, {"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES}"})
             try:

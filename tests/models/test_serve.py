@@ -83,7 +83,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_scores(served):
     (lambda r: r["candidates"][0]["sparse"].update({"1": 10**9}), "out of range"),
     (lambda r: r["candidates"][0]["sparse"].pop("3"), "missing"),
     (lambda r: r["candidates"][0]["dense"].update({"0": "high"}), "finite number"),
-    (lambda r: r["user"]["history"].update({"items": [1, 2]}), "equal length"),
+    (lambda r: r["user"]["history"]["items"].append(1), "equal length"),
     (lambda r: r["user"]["history"].update({"items": [1] * 99, "actions": [1] * 99, "gaps_days": [1.0] * 99}),
      "at most"),
     (lambda r: r["user"]["sparse"].update({"x": 1}), "feature index"),
@@ -133,3 +133,19 @@ def test_engine_with_fp8_plan_scores_close_to_bf16(tmp_path):
     fp8_linears = [m for m in fp8.model.modules() if isinstance(m, Float8Linear)]
     assert fp8_linears and all(m._weight_cache is not None for m in fp8_linears)  # quantized once
     assert (lo["ctr"] - hp["ctr"]).abs().max() < 0.05
+
+
+def test_missing_or_negative_content_length_is_refused(served):
+    import http.client
+
+    _, _, server = served
+    host, port = server.httpd.server_address[:2]
+    for headers in ({"Content-Length": "-5"}, {}):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.putrequest("POST", "/score")
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
+        conn.close()
