@@ -65,10 +65,46 @@ class _FusedGroup:
             return False
         if c is x:
             return x._version == self._version
-        return c.shape == x.shape and c.dtype == x.dtype and c.device == x.device and torch.equal(c, x)
+        if not (c.shape == x.shape and c.dtype == x.dtype and c.device == x.device and torch.equal(c, x)):
+            return False
+        if torch.is_grad_enabled() and (c.requires_grad or x.requires_grad):
+            # equal values are not enough under autograd: the slice's gradient flows into c's
+            # graph, which is only right when c and x are the same views of the same source.
+            return _autograd_source(c) == _autograd_source(x)
+        return True
 
     def clear(self) -> None:
         self._x, self._outputs, self._served = None, (), set()
+
+
+# Backward nodes of view/copy ops: a chain of them maps a gradient to the source unchanged in value.
+_VIEW_GRAD_FNS = frozenset({
+    "CloneBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "UnsqueezeBackward0", "TBackward0", "AliasBackward0", "ToCopyBackward0",
+})
+
+
+def _saved_ints(fn) -> tuple:
+    out = []
+    for k in dir(fn):
+        if k.startswith("_saved_"):
+            try:
+                v = getattr(fn, k)
+            except RuntimeError:  # freed by an earlier backward
+                continue
+            if isinstance(v, (int, tuple, list, torch.Size)):
+                out.append((k, tuple(v) if isinstance(v, (list, torch.Size)) else v))
+    return tuple(out)
+
+
+def _autograd_source(t: torch.Tensor) -> tuple:
+    """(signature of the view/copy chain above ``t``, id of the node it starts from)."""
+    fn, chain = t.grad_fn, []
+    while fn is not None and type(fn).__name__ in _VIEW_GRAD_FNS and fn.next_functions:
+        chain.append((type(fn).__name__, _saved_ints(fn)))
+        fn = fn.next_functions[0][0]
+    return tuple(chain), id(fn) if fn is not None else id(t)
 
 
 class FusedLinearMember(nn.Module):

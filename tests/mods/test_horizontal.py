@@ -116,3 +116,38 @@ def test_scaled_grouped_linear_on_gpu_matches_emulated():
     out = scaled_grouped_linear(x, w)  # _scaled_grouped_mm where it runs, else emulated
     ref = scaled_grouped_linear(x, w, backend="emulated")
     assert loka.rel_error(ref.float(), out.float()) < 1e-2
+
+
+def test_equal_values_from_different_sources_keep_their_gradients():
+    class TwoSources(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.q = nn.Parameter(torch.zeros(4, 8)), nn.Parameter(torch.zeros(4, 8))  # equal at init
+            self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 5)
+
+        def forward(self, _):
+            return self.a(self.p * 1.0).sum() + 2 * self.b(self.q * 1.0).sum()
+
+    m = TwoSources().double()
+    ref = copy.deepcopy(m)
+    flow_sample = torch.zeros(1)
+    from loka.mods import fuse_linears
+
+    fuse_linears(m, ("a", "b"))  # forced: they do not share an input in the dataflow sense
+    m(flow_sample).backward()
+    ref(flow_sample).backward()
+    torch.testing.assert_close(m.p.grad, ref.p.grad)
+    torch.testing.assert_close(m.q.grad, ref.q.grad)
+    assert m.a._group.gemm_calls == 2  # equal values, different sources: not shared
+
+
+def test_transposed_copies_share_under_autograd():
+    m = TransposedShared().double()
+    ref = copy.deepcopy(m)
+    x1 = torch.randn(3, 12, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    horizontal.apply(m, sample=x1.detach())
+    m(x1).square().sum().backward()
+    ref(x2).square().sum().backward()
+    assert m.p._group.gemm_calls == 1
+    torch.testing.assert_close(x1.grad, x2.grad)
