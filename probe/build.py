@@ -25,6 +25,9 @@ def _config_dict(cfg) -> dict:
         "confidence": cfg.confidence,
         "min_samples": cfg.min_samples,
         "max_rows": cfg.max_rows,
+        "capture_rows": cfg.capture_rows,
+        "sensitivity_threshold": cfg.sensitivity_threshold,
+        "overhead_budget": cfg.overhead_budget,
     }
 
 
@@ -93,10 +96,26 @@ def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> 
     return UNDECIDED, None, None, "unknown", f"{open_[0]}: {recipe_verdicts[open_[0]]['reason']}"
 
 
+def _apply_sensitivity(recipe_verdicts: dict, sensitivity: dict, threshold: float | None) -> dict:
+    """A recipe whose emulated fprop alone moves the loss by more than ``threshold`` (relative) is unsafe."""
+    if threshold is None:
+        return recipe_verdicts
+    out = dict(recipe_verdicts)
+    for name, v in recipe_verdicts.items():
+        sens = sensitivity.get(name)
+        if sens is None or v["verdict"] == UNSAFE or not abs(sens["rel_loss_delta"]) > threshold:
+            continue
+        out[name] = {"verdict": UNSAFE,
+                     "reason": f"sensitive: FP8 fprop here alone moves the loss by {abs(sens['rel_loss_delta']):.2%} "
+                               f"(> {threshold:.2%}) on a sampled batch"}
+    return out
+
+
 def site_entry(probe, fqn: str) -> dict:
     st, cfg = probe.state[fqn], probe.config
     errors = st.gemm_summaries(cfg)
-    recipe_verdicts = st.recipe_verdicts(cfg)
+    recipe_verdicts = _apply_sensitivity(st.recipe_verdicts(cfg), probe.sensitivity.get(fqn, {}),
+                                         cfg.sensitivity_threshold)
     fits = _fits(st)
     timings = probe.timings.get(fqn)
     verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, timings)

@@ -21,6 +21,7 @@ Hooks are removed when the step ends, so unsampled steps run no probe code at al
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class StepCapture:
     capture_rows: int = 1 << 62
     seed: int = 0
     records: dict[str, list[MicroBatch]] = field(default_factory=dict)
+    hook_seconds: float = 0.0  # time spent inside the hooks (probe cost paid during the step)
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def remove_hooks(self) -> None:
@@ -83,6 +85,13 @@ def _autocast_on(device_type: str) -> bool:
 
 def _forward_hook(fqn: str, capture: StepCapture):
     def hook(module: nn.Module, args: tuple, output) -> None:
+        t0 = time.perf_counter()
+        try:
+            _capture_forward(module, args, output)
+        finally:
+            capture.hook_seconds += time.perf_counter() - t0
+
+    def _capture_forward(module: nn.Module, args: tuple, output) -> None:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
             return
         x = args[0].detach()
@@ -95,17 +104,19 @@ def _forward_hook(fqn: str, capture: StepCapture):
         rec = MicroBatch(x=kept, w=w, m=int(x2d.shape[0]), x_full=exact_counts(x2d.to(dtype)), rows=rows)
         records.append(rec)
         if output.requires_grad and torch.is_grad_enabled():
-            output.register_hook(_grad_hook(rec))
+            output.register_hook(_grad_hook(rec, capture))
 
     return hook
 
 
-def _grad_hook(rec: MicroBatch):
+def _grad_hook(rec: MicroBatch, capture: StepCapture):
     def hook(grad: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         dy2d = grad.detach().reshape(-1, grad.shape[-1])
         dy = dy2d.clone() if rec.rows is None else dy2d[rec.rows.to(dy2d.device)]
         rec.dy_full = exact_counts(dy2d)
         rec.dy = dy  # a tensor hook sees the total gradient of the output, once per backward
+        capture.hook_seconds += time.perf_counter() - t0
         return None
 
     return hook

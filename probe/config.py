@@ -60,6 +60,11 @@ class ProbeConfig:
       the same for ``x`` and ``dy``); count, non-finite count and amax stay exact over all rows.
     - ``fit_values``: values per operand kept for distribution fitting.
     - ``stats``: collect operand statistics (disable to measure errors only).
+    - ``sensitivity_threshold``: a recipe is also unsafe at a site when injecting its FP8 fprop
+      there alone changes the loss of a sampled batch by more than this fraction (0.002 = 0.2%;
+      only once :meth:`Probe.measure_sensitivity` ran; None disables it).
+    - ``overhead_budget``: if set (e.g. 0.05), a due sample is postponed while the probe's
+      measured time would exceed this fraction of training time (see loka.probe.overhead).
     """
 
     schedule: SamplingSchedule = field(default_factory=SamplingSchedule)
@@ -75,6 +80,8 @@ class ProbeConfig:
     capture_rows: int = 2048
     fit_values: int = 4096
     stats: bool = True
+    overhead_budget: float | None = None
+    sensitivity_threshold: float | None = 2e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +91,10 @@ class ProbeConfig:
             raise ValueError(f"min_samples={self.min_samples} must be >= 2: an interval needs two samples")
         if self.max_rows < 16:
             raise ValueError(f"max_rows={self.max_rows} must be >= 16")
+        if self.overhead_budget is not None and not 0 < self.overhead_budget < 1:
+            raise ValueError(f"overhead_budget={self.overhead_budget} must be in (0, 1), e.g. 0.05, or None")
+        if self.sensitivity_threshold is not None and not self.sensitivity_threshold > 0:
+            raise ValueError(f"sensitivity_threshold={self.sensitivity_threshold} must be > 0 (a relative loss change) or None")
         if self.capture_rows < 16:
             raise ValueError(f"capture_rows={self.capture_rows} must be >= 16")
         if not self.candidates:

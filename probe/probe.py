@@ -33,6 +33,7 @@ from torch import nn
 from loka.recipe import Recipe
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
+from loka.probe.overhead import OverheadClock
 from loka.probe.site_state import SiteState
 from loka.probe.sites import Site, find_sites, unwrap_compiled
 
@@ -75,7 +76,10 @@ class Probe:
         if len(set(names)) != len(names):
             raise ValueError(f"candidate recipes need distinct names, got {names}")
         self.sampled_steps: list[int] = []
+        self.deferred_steps: list[int] = []  # due by the schedule, postponed by the overhead budget
         self._capture: StepCapture | None = None
+        self._due = False
+        self._clock = OverheadClock()
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
 
@@ -93,13 +97,24 @@ class Probe:
         return len(self.sampled_steps) >= self.config.schedule.max_samples or not self.active_sites()
 
     def wants(self, step: int) -> bool:
-        return self.config.schedule.wants(step, len(self.sampled_steps)) and bool(self.active_sites())
+        """Whether ``step`` will be sampled: due by the schedule (or deferred) and within the budget."""
+        if len(self.sampled_steps) >= self.config.schedule.max_samples or not self.active_sites():
+            return False
+        due = self._due or self.config.schedule.wants(step, len(self.sampled_steps))
+        if due and not self._clock.affordable(self.config.overhead_budget):
+            if not self._due:
+                self.deferred_steps.append(step)
+            self._due = True
+            return False
+        return due
 
     def step(self, step: int) -> _StepScope:
         """Start training step ``step``: hooks are installed only when it is sampled."""
         self.finish()
+        self._clock.mark()
         if not self.wants(step):
             return _StepScope(self, False)
+        self._due = False
         self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
         return _StepScope(self, True)
 
@@ -111,12 +126,18 @@ class Probe:
         capture.remove_hooks()
         if not capture.records:
             return
-        self.sampled_steps.append(capture.step)
-        for fqn, records in capture.records.items():
-            st = self.state[fqn]
-            st.update(capture.step, records, self.recipes, self.config)
-            if self.config.stop_when_decided and st.decided(self.config):
-                st.done = True
+        with self._clock.probe_work(hook_seconds=capture.hook_seconds):
+            self.sampled_steps.append(capture.step)
+            for fqn, records in capture.records.items():
+                st = self.state[fqn]
+                st.update(capture.step, records, self.recipes, self.config)
+                if self.config.stop_when_decided and st.decided(self.config):
+                    st.done = True
+
+    @property
+    def overhead(self) -> dict:
+        """Seconds spent in the probe (hooks + analysis) and in training between ``step`` calls."""
+        return self._clock.summary()
 
     @property
     def sampling(self) -> bool:
@@ -158,7 +179,8 @@ class Probe:
 
         self.finish()
         dev = torch.device(device or "cpu")
-        dtype = dtype or torch.bfloat16
+        # bf16 GEMMs on CPU are emulated and slow: time CPU runs in float32 (not representative anyway).
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         items = [(f, s) for f, s in self.state.items() if s.m_values]
         if progress:
             from tqdm.auto import tqdm

@@ -115,8 +115,9 @@ def time_site(
 ) -> dict:
     """Time a site ``y[M,N] = x[M,K] · W[N,K]ᵀ`` given as ``shape=(M, K, N)``.
 
-    Returns the report's ``timings`` entry: ``{device_name, representative, m, bf16_ms: {gemm: ms},
-    entries: [{gemm, kernel, recipe, median_ms, p10_ms, p90_ms, iters}]}``. Kernels that are not
+    Returns the report's ``timings`` entry: ``{device_name, representative, m, dtype, bf16_ms: {gemm: ms},
+    entries: [{gemm, kernel, recipe, median_ms, p10_ms, p90_ms, iters}]}``; ``bf16_ms`` is the hp
+    kernel's time in ``dtype`` (the operands' dtype; bf16 on GPU). Kernels that are not
     available here or do not support a recipe/shape are skipped (listed under ``skipped``).
     """
     from loka.dispatch import KERNELS
@@ -125,6 +126,7 @@ def time_site(
     names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]
     bf16 = KERNELS.get("bf16")
     out = {"device_name": device_name(dev), "representative": dev.type == "cuda", "m": int(shape[0]),
+           "dtype": str(dtype).replace("torch.", ""),
            "bf16_ms": {}, "entries": [], "skipped": {}}
     for gemm in gemms:
         a, b = _operands(gemm, shape, fits, dtype, dev, seed=len(out["entries"]))

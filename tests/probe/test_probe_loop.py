@@ -185,3 +185,20 @@ def test_large_operands_are_row_sampled_with_exact_counts():
     assert s["count"] == x.numel() and s["nonfinite"] == 1
     assert s["amax"] == 100.0 and s["sampled_values"] <= 32 * 16
     assert probe.state["inp"].m_values == {200}
+
+
+def test_overhead_budget_postpones_samples():
+    import time
+
+    m = ToyMLP()
+    cfg = ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=50), stop_when_decided=False,
+                      overhead_budget=0.05, **FAST)
+    probe = Probe(m, cfg)
+    for step in range(6):
+        with probe.step(step):
+            loss_fn(m, make_batch(step)).backward()
+            time.sleep(0.01)  # a training step far cheaper than one probe analysis
+    assert probe.sampled_steps == [0]  # the first sample is always taken; later ones do not fit
+    assert probe.deferred_steps == [1]  # due from step 1 on, postponed
+    o = probe.overhead
+    assert o["probe_s"] > 0 and o["train_s"] > 0.05 and o["samples"] == 1
