@@ -74,6 +74,10 @@ def test_probe_plan_convert_train_tiny_ranker(tmp_path):
                 assert s.gemms[g].reason.startswith("kept bf16: ")
     assert any("not representative" in n for n in cpu_plan.notes)
 
+    # The saved report file plans the same as the in-memory report.
+    path = report.save(tmp_path / "report")["json"]
+    assert plan(path, budget, timings=timings, progress=False).to_dict()["sites"] == cpu_plan.to_dict()["sites"]
+
     gpu_like = plan(report, budget, timings=_hypothetical_fast(timings), progress=False)
     fp8_sites = [s for s in gpu_like.sites if s.is_fp8]
     assert fp8_sites, gpu_like.summary()
