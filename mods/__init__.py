@@ -28,6 +28,7 @@ from loka.mods.horizontal import FusedLinearMember, fuse_linears
 from loka.mods.keep_hp import keep_in_hp, module_filter_fn
 from loka.mods.norms import register_norm
 from loka.mods.padding import PaddedLinear
+from loka.mods.pipeline import DEFAULT_ORDER, apply_all
 from loka.mods.result import ModResult, SiteChange
 from loka.mods.row_scale import RowScaleInvariantLinear
 
@@ -46,8 +47,10 @@ def get_mod(name: str):
 
 
 __all__ = [
+    "DEFAULT_ORDER",
     "MODS",
     "Dataflow",
+    "apply_all",
     "FusedLinearMember",
     "GroupedLinear",
     "LinearNorm",
