@@ -20,7 +20,7 @@ W cached in FP8 rowwise as when serving) it times, per call:
 - ``scaled_mm ceiling``: ``torch._scaled_mm`` on an x quantized beforehand
   (what FP8 could give if quantization were free);
 - ``triton fused`` / ``triton fused fast-acc``: ``fp8_mm_fused_quant``
-  (autotuned during warm-up; the chosen tile is reported).
+  (autotuned during warm-up; the chosen tile BLOCK_MxBLOCK_NxBLOCK_KxN_TILES is reported).
 
 and the Triton result's relative error against its PyTorch reference. The
 issue's target: ``triton fused`` beats ``scaled_mm+quant`` at M=8192, K=N in 256..1024.
@@ -112,7 +112,7 @@ def bench_shape(shape, args, device) -> list[str]:
     except Exception as exc:  # reported in the table
         err = f"n/a: {type(exc).__name__}"
     tile_str = "interpreter tile" if device.type == "cpu" else (
-        "x".join(str(tile.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) if tile else "?")
+        "x".join(str(tile.kwargs[key]) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "N_TILES")) if tile else "?")
     return ([f"{m}x{k}x{n}"] + [cell(times[c]) for c in COLUMNS]
             + [ratio(times["bf16"], times["triton fused"]), ratio(times["scaled_mm+quant"], times["triton fused"]),
                ratio(times["bf16"], times["scaled_mm ceiling"]), tile_str, err])

@@ -166,7 +166,7 @@ def fp8_mm_fused_quant(
     out_dtype: torch.dtype | None = None,
     fast_accum: bool = False,
     emulate: bool | None = None,
-    tile: tuple[int, int, int] | None = None,
+    tile: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """FP8 GEMM of a high-precision ``a[..., K]`` and FP8 ``b[N, K]`` -> ``[..., N]`` (see module doc).
 
@@ -174,7 +174,7 @@ def fp8_mm_fused_quant(
     delayed/static scaling); None quantizes dynamically inside the kernel.
     ``emulate``: do the FP8 cast in float32 arithmetic and the dot in float32
     (bit-exact with the native path; default only under the interpreter).
-    ``tile``: fixed ``(BLOCK_M, BLOCK_N, BLOCK_K)`` instead of autotuning.
+    ``tile``: fixed ``(BLOCK_M, BLOCK_N, BLOCK_K[, N_TILES])`` instead of autotuning.
     """
     _check_inputs(a_hp, b_fp8, b_scale, a_format, granularity, a_scale, bias, out_dtype)
     _require_triton(a_hp.device, "fp8_mm_fused_quant")
@@ -198,7 +198,7 @@ def fp8_mm(
     out_dtype: torch.dtype = torch.bfloat16,
     fast_accum: bool = False,
     emulate: bool | None = None,
-    tile: tuple[int, int, int] | None = None,
+    tile: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """The same kernel on an ``a`` quantized beforehand (e.g. by ``fused_norm_quant``).
 
@@ -260,14 +260,13 @@ def _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, *, a_format, pow
     )
     args = (a2, b_fp8, out, a_scale_arg, b_scale_arg, bias.contiguous() if bias is not None else b_scale_arg,
             m, n, k, triton_next_pow2(m), *a2.stride(), *b_fp8.stride(), *out.stride())
-    tile = mod.INTERPRETER_TILE if tile is None and interp else tile
-    if tile is None:
-        grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"] * meta["N_TILES"]),)  # noqa: E731
+    if tile is None and not interp:
         mod.fp8_gemm_fused_quant_tuned[grid](*args, **launch)
-    else:
-        bm, bn, bk = tile
-        mod.fp8_gemm_fused_quant_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)](*args, **launch, BLOCK_M=bm, BLOCK_N=bn,
-                                                                        BLOCK_K=bk)
+        return
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "N_TILES")
+    blocks = mod.INTERPRETER_TILE if tile is None else dict(zip(names, (*tile, 1)))  # N_TILES defaults to 1
+    mod.fp8_gemm_fused_quant_kernel[grid](*args, **launch, **blocks)
 
 
 def _a_scale_arg(mod, a2: torch.Tensor, granularity: str, a_scale, pow2_scale: bool) -> tuple[int, torch.Tensor]:

@@ -6,10 +6,13 @@ for its amax, reads it again to cast it, writes an FP8 copy to HBM and reads
 that copy in the GEMM. Here each program reads its rows of ``a`` (bf16/fp32)
 straight into registers, computes their rowwise amax, scales, casts and feeds
 the tensor cores; no FP8 copy of ``a`` exists in memory. When ``K`` fits one
-tile (``K <= BLOCK_K``, the common ranker case) ``a`` is read once; otherwise
-a first sweep over K computes the amax and the second quantizes, and the
-second sweep's reads mostly hit L2 (programs that share rows of ``a`` run
-together thanks to the grouped launch order).
+tile (``K <= BLOCK_K``, the common ranker case) ``a`` is read and quantized
+once per program and the quantized tile stays in registers while the program
+walks ``N_TILES`` tiles of N (so a is quantized ``cdiv(N, BLOCK_N * N_TILES)``
+times, not once per output tile). Otherwise a first sweep over K computes the
+amax and the second quantizes, per output tile; the second sweep's reads
+mostly hit L2 (programs that share rows of ``a`` run together thanks to the
+grouped launch order).
 
 Scales are applied once per output in the epilogue: ``acc * scale_a[m] * scale_b[n]``.
 With ``A_IS_FP8`` the same kernel multiplies an ``a`` quantized beforehand.
@@ -39,33 +42,45 @@ A_TENSOR_AMAX = 2  # tensor amax given by the pre-pass below; scale computed her
 A_TENSOR_GIVEN = 3  # scalar scale given
 
 GROUP_M = 8
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a small list for small and
-# skinny shapes (K, N 64..2048); BLOCK_K=256 lets K <= 256 run in one pass.
+# (BLOCK_M, BLOCK_N, BLOCK_K, N_TILES, num_warps, num_stages): a small list for
+# small and skinny shapes (K, N 64..2048). BLOCK_K=256 lets K <= 256 run in one
+# pass; N_TILES > 1 (one-pass only) reuses a program's quantized a across N tiles.
 _TILES = [
-    (128, 128, 128, 8, 3),
-    (128, 64, 128, 4, 3),
-    (64, 128, 128, 4, 3),
-    (64, 64, 128, 4, 4),
-    (128, 128, 64, 4, 4),
-    (128, 256, 64, 8, 3),
-    (64, 64, 256, 4, 3),
-    (128, 64, 256, 8, 2),
+    (128, 128, 128, 1, 8, 3),
+    (128, 64, 128, 1, 4, 3),
+    (64, 128, 128, 1, 4, 3),
+    (64, 64, 128, 1, 4, 4),
+    (128, 128, 64, 1, 4, 4),
+    (128, 256, 64, 1, 8, 3),
+    (64, 64, 256, 1, 4, 3),
+    (128, 64, 256, 1, 8, 2),
+    (64, 128, 128, 4, 4, 3),
+    (128, 128, 128, 4, 8, 3),
+    (64, 128, 256, 4, 4, 3),
+    (128, 128, 256, 2, 8, 2),
+    (64, 256, 128, 4, 8, 3),
 ]
-INTERPRETER_TILE = (64, 64, 64)  # few programs: the interpreter pays per program, not per element
+# Few programs: the interpreter pays per program, not per element.
+INTERPRETER_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, N_TILES=1)
 
 
 def _configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in _TILES
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "N_TILES": nt}, num_warps=w, num_stages=s)
+        for bm, bn, bk, nt, w, s in _TILES
     ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (they only waste lanes); keep at least one."""
+    """Drop tiles much larger than the problem and N_TILES that cannot pay off; keep at least one."""
     n, k = named_args["N"], kwargs.get("K", named_args.get("K"))
     n_cap, k_cap = max(64, triton.next_power_of_2(n)), max(64, triton.next_power_of_2(k))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+
+    def useful(c):
+        bn, bk, nt = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
+        return bn <= n_cap and bk <= k_cap and (nt == 1 or (k <= bk and bn * nt <= n_cap))
+
+    kept = [c for c in configs if useful(c)]
     return kept or configs[:1]
 
 
@@ -98,9 +113,9 @@ def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
 
 
 @triton.jit
-def _mma(a, a_scale, b, acc, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-         FP8_DTYPE: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr):
-    """acc += quant(a / a_scale) · b (a hp) or a · b (a FP8).  a [BM, BK], b [BK, BN] fp8, acc [BM, BN] fp32."""
+def _quantize_a(a, a_scale, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                FP8_DTYPE: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr):
+    """FP8 tile of a / a_scale (native), or its FP8 values held in float32 (emulated). [BM, BK]"""
     if A_IS_FP8:
         a_q = a  # already quantized; its scale is applied in the epilogue
     else:
@@ -109,6 +124,12 @@ def _mma(a, a_scale, b, acc, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.c
             a_q = fp8_round_emulated(y, MBITS, EMIN)
         else:
             a_q = y.to(FP8_DTYPE)
+    return a_q
+
+
+@triton.jit
+def _dot(a_q, b, acc, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr):
+    """acc += a_q · b.  a_q [BM, BK], b [BK, BN] FP8, acc [BM, BN] float32."""
     if EMULATE:
         # FP8 values held in float32: products of two FP8 values are exact in
         # float32, so this is the FP8 GEMM with float32 accumulation.
@@ -116,9 +137,32 @@ def _mma(a, a_scale, b, acc, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.c
     elif FAST_ACCUM:
         acc = tl.dot(a_q, b, acc)
     else:
-        # Hopper accumulates FP8 products in reduced precision unless told not to.
-        acc = tl.dot(a_q, b, acc, max_num_imprecise_acc=0)
+        # Hopper's FP8 tensor cores accumulate in reduced precision; promote the
+        # partial sums into the float32 accumulator every PROMOTE_K products
+        # (as cuBLAS does without fast accumulation). 0 would make triton fall
+        # back to float16 MMAs (no wgmma), checked in the sm_90 PTX.
+        PROMOTE_K: tl.constexpr = 128 if a_q.shape[1] > 128 else a_q.shape[1]
+        acc = tl.dot(a_q, b, acc, max_num_imprecise_acc=PROMOTE_K)
     return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, a_scale, b_scale_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on,
+                B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr):
+    """Epilogue: dequantize once per output (acc * s_a[m] * s_b[n]), add bias, store."""
+    out = acc * a_scale[:, None]
+    if B_ROWWISE:
+        out = out * tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
+    else:
+        out = out * tl.load(b_scale_ptr)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EMULATE:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            out = round_to_bf16_emulated(out)  # the interpreter's bf16 cast truncates
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,49 +181,53 @@ def fp8_gemm_fused_quant_kernel(
     A_SCALE_MODE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     POW2: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr,
     FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FP8_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_TILES: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of out; programs walk M in groups of GROUP_M for L2 reuse of a."""
+    """N_TILES tiles [BLOCK_M, BLOCK_N] of out along N; programs walk M in groups of GROUP_M (L2 reuse of a)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N * N_TILES)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_first = pid_n * BLOCK_N * N_TILES
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if A_SCALE_MODE == 0 and K <= BLOCK_K:
-        # K fits one tile: read a once, amax and cast from registers.
-        a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K).to(tl.float32)
-        a_scale = fp8_scale_from_amax(tl.max(finite_abs(a), axis=1), FMAX, POW2)
-        b = _load_b(b_ptr, rn, 0, N, K, stride_bn, stride_bk, BLOCK_K)
-        acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE, A_IS_FP8)
+    if K <= BLOCK_K:
+        # K fits one tile: read and quantize a once, keep it in registers for every N tile.
+        a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K)
+        if A_SCALE_MODE == 0:
+            a_scale = fp8_scale_from_amax(tl.max(finite_abs(a.to(tl.float32)), axis=1), FMAX, POW2)
+        else:
+            a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
+                               A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
+        a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, FP8_DTYPE, EMULATE, A_IS_FP8)
+        for t in range(N_TILES):
+            n0 = n_first + t * BLOCK_N
+            if n0 < N:
+                rn = n0 + tl.arange(0, BLOCK_N)
+                b = _load_b(b_ptr, rn, 0, N, K, stride_bn, stride_bk, BLOCK_K)
+                acc = _dot(a_q, b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FAST_ACCUM, EMULATE)
+                _store_tile(out_ptr, acc, a_scale, b_scale_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on,
+                            B_ROWWISE, HAS_BIAS, EMULATE)
     else:
         a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
                            A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
-            b = _load_b(b_ptr, rn, k0, N, K, stride_bn, stride_bk, BLOCK_K)
-            acc = _mma(a, a_scale, b, acc, FMAX, MBITS, EMIN, FP8_DTYPE, FAST_ACCUM, EMULATE, A_IS_FP8)
-
-    # Epilogue: dequantize once per output, then bias.
-    out = acc * a_scale[:, None]
-    if B_ROWWISE:
-        out = out * tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
-    else:
-        out = out * tl.load(b_scale_ptr)
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if EMULATE:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            out = round_to_bf16_emulated(out)  # the interpreter's bf16 cast truncates
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+        for t in range(N_TILES):
+            n0 = n_first + t * BLOCK_N
+            if n0 < N:
+                rn = n0 + tl.arange(0, BLOCK_N)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
+                    b = _load_b(b_ptr, rn, k0, N, K, stride_bn, stride_bk, BLOCK_K)
+                    a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, FP8_DTYPE, EMULATE, A_IS_FP8)
+                    acc = _dot(a_q, b, acc, FAST_ACCUM, EMULATE)
+                _store_tile(out_ptr, acc, a_scale, b_scale_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on,
+                            B_ROWWISE, HAS_BIAS, EMULATE)
 
 
 fp8_gemm_fused_quant_tuned = triton.autotune(

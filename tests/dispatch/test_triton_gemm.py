@@ -33,12 +33,13 @@ from triton_interp_driver import INTERPRETING, SKIP_REASON, run_file_under_inter
 interp = pytest.mark.skipif(not INTERPRETING, reason=SKIP_REASON)
 SHAPES = [(m, k, n) for m in (1, 7, 64) for k, n in ((16, 16), (48, 64), (64, 48))]
 # (a granularity, b granularity, a dtype, out dtype, with bias, tile: None = the interpreter's
-# default 64x64x64, one K tile at these sizes; small tiles loop over K and split M and N)
+# default 64x64x64, one K tile at these sizes; small tiles loop over K and split M and N;
+# a 4th entry N_TILES > 1 makes each program walk several N tiles, some past N)
 VARIANTS = [
     ("rowwise", "rowwise", torch.bfloat16, torch.bfloat16, True, (32, 32, 16)),
     ("tensorwise", "tensorwise", torch.float32, torch.float32, False, None),
-    ("rowwise", "tensorwise", torch.float32, torch.bfloat16, True, None),
-    ("rowwise", "rowwise", torch.float32, torch.float32, False, (32, 16, 32)),
+    ("rowwise", "tensorwise", torch.float32, torch.bfloat16, True, (16, 16, 64, 3)),
+    ("rowwise", "rowwise", torch.float32, torch.float32, False, (32, 16, 32, 2)),
 ]
 
 
@@ -111,7 +112,7 @@ def test_matches_reference(shape, variant):
 
 @interp
 @pytest.mark.parametrize("k", [16, 48, 64])
-@pytest.mark.parametrize("tile", [(16, 16, 64), (16, 32, 16)], ids=["one-K-tile", "K-loop"])
+@pytest.mark.parametrize("tile", [(16, 16, 64, 2), (16, 32, 16)], ids=["one-K-tile", "K-loop"])
 @pytest.mark.parametrize("fmt,pow2", [("e4m3", False), ("e4m3", True), ("e5m2", False)])
 def test_fused_quantization_is_bit_exact(k, tile, fmt, pow2):
     """With b = I (one exact product per output) the fp32 output IS the dequantized a."""
