@@ -202,3 +202,25 @@ def time_serving_buckets(
         raise ValueError(f"m_buckets={m_buckets!r} must be a non-empty list of batch sizes >= 1")
     return {int(m): time_site_cached((int(m), in_features, out_features), recipes, gemms=("fprop",), **kwargs)
             for m in sorted(set(m_buckets))}
+
+
+def combine_buckets(per_bucket: dict[int, dict]) -> dict:
+    """One timings entry for a serving site: fprop times summed over the M buckets.
+
+    A kernel/recipe counts only if it was timed at every bucket (a kernel that cannot take
+    one of the batch sizes cannot serve the site). ``m`` is the largest bucket.
+    """
+    ms = sorted(per_bucket)
+    first = per_bucket[ms[0]]
+    sums: dict[tuple, float] = {}
+    counts: dict[tuple, int] = {}
+    for t in per_bucket.values():
+        for e in t["entries"]:
+            key = (e["gemm"], e["kernel"], e["recipe"])
+            sums[key] = sums.get(key, 0.0) + e["median_ms"]
+            counts[key] = counts.get(key, 0) + 1
+    entries = [{"gemm": g, "kernel": k, "recipe": r, "median_ms": v, "p10_ms": v, "p90_ms": v, "iters": 0}
+               for (g, k, r), v in sorted(sums.items()) if counts[(g, k, r)] == len(ms)]
+    return {"device_name": first["device_name"], "representative": first["representative"], "m": ms[-1],
+            "m_buckets": ms, "bf16_ms": {"fprop": sum(t["bf16_ms"]["fprop"] for t in per_bucket.values())},
+            "entries": entries, "skipped": {k: v for t in per_bucket.values() for k, v in t["skipped"].items()}}

@@ -56,13 +56,15 @@ def plan(
     cache_dir=None,
     progress: bool = True,
     bench: dict | None = None,
+    m_buckets: list[int] | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
     Timings per site come from ``timings[fqn]`` (the report's timings format), else the
     report, else (``measure=True``) micro-benchmarks on ``device`` (cached on disk,
     ``refresh=True`` re-measures; ``bench`` passes e.g. ``{"warmup": 5, "iters": 20}``).
-    ``kernels`` restricts the kernels considered.
+    ``kernels`` restricts the kernels considered. ``m_buckets`` makes a *serving* plan: only
+    fprop, timed now at each declared batch size M and summed (backward GEMMs stay bf16).
     ``method``: ``"auto"`` (exact milp, greedy if it fails), ``"exact"`` or ``"greedy"``.
     """
     budget = budget or Budget()
@@ -70,7 +72,10 @@ def plan(
     sites = report_sites(report)
     notes: list[str] = []
     bench = dict(bench or {}, refresh=refresh, cache_dir=cache_dir, progress=progress)
-    site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, bench, notes)
+    if m_buckets:
+        site_timings = _serving_timings(sites, m_buckets, device, dtype, kernels, bench, notes)
+    else:
+        site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, bench, notes)
     coefs = _sensitivities(sites, notes)
     options, per_gemm = [], {}
     for site in sites:
@@ -109,6 +114,20 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
     return out
 
 
+def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, notes) -> dict:
+    from loka.dispatch.microbench import combine_buckets, time_serving_buckets
+
+    notes.append(f"serving plan: fprop only, timed at M in {sorted(set(int(m) for m in m_buckets))} and summed")
+    recipes = sorted({r for s in sites for r in s.errors})
+    out = {}
+    for s in sites:
+        per_bucket = time_serving_buckets(s.in_features, s.out_features, list(m_buckets), recipes, kernels=kernels,
+                                          dtype=dtype, device=device, fits=s.fits, **bench)
+        out[s.fqn] = combine_buckets(per_bucket)
+        s.m = out[s.fqn]["m"]
+    return out
+
+
 def _sensitivities(sites: list[SiteInfo], notes: list[str]) -> dict:
     """fqn -> sensitivity coefficient; sites without one get the largest measured (conservative)."""
     known = {s.fqn: s.sensitivity() for s in sites}
@@ -137,6 +156,8 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
     passing, failing = _recipes_within_budget(site, gemm, budget)
     if bf16_ms is None:
+        if timings and "m_buckets" in timings:
+            return _GemmOptions(None, [], f"kept bf16: serving plan, {gemm} does not run")
         return _GemmOptions(None, [], f"kept bf16: no timing for {gemm} at this site")
     if not passing:
         if failing:

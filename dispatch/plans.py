@@ -67,11 +67,10 @@ class SitePlan:
 
     def expected_speedup(self) -> float | None:
         """bf16 time / planned time over this site's GEMMs (None without timings)."""
-        bf16 = [c.bf16_ms for c in self.gemms.values()]
-        planned = [c.planned_ms if c.is_fp8 else c.bf16_ms for c in self.gemms.values()]
-        if any(v is None for v in bf16 + planned) or sum(planned) <= 0:
-            return None
-        return sum(bf16) / sum(planned)
+        timed = [c for c in self.gemms.values() if c.bf16_ms is not None]  # serving plans time fprop only
+        bf16 = sum(c.bf16_ms for c in timed)
+        planned = sum(c.planned_ms if c.is_fp8 and c.planned_ms is not None else c.bf16_ms for c in timed)
+        return bf16 / planned if timed and planned > 0 else None
 
     def recipe(self) -> Recipe:
         """The site's Recipe (hp for GEMMs kept in bf16), named after its choices."""
@@ -112,18 +111,16 @@ class Plan:
         raise KeyError(f"no site {fqn!r} in the plan")
 
     def totals(self) -> dict:
-        """Summed bf16 and planned GEMM time (ms per step), speedup, and error cost."""
+        """Summed bf16 and planned time of the timed GEMMs (ms per step), speedup, and error cost."""
         bf16 = planned = cost = 0.0
-        timed = True
         for s in self.sites:
             for c in s.gemms.values():
-                if c.bf16_ms is None:
-                    timed = False
+                cost += c.error_cost
+                if c.bf16_ms is None:  # untimed GEMMs (no timings, or serving plans' backward)
                     continue
                 bf16 += c.bf16_ms
                 planned += c.planned_ms if c.is_fp8 and c.planned_ms is not None else c.bf16_ms
-                cost += c.error_cost
-        speedup = bf16 / planned if timed and planned > 0 else None
+        speedup = bf16 / planned if planned > 0 else None
         return {"bf16_ms": bf16, "planned_ms": planned, "saved_ms": bf16 - planned, "speedup": speedup,
                 "error_cost": cost, "fp8_gemms": sum(c.is_fp8 for s in self.sites for c in s.gemms.values())}
 

@@ -150,3 +150,17 @@ def test_emulated_is_never_planned():
     entries = [(g, "emulated", "rowwise", 0.01) for g in GEMMS] + [(g, "scaled_mm", "rowwise", 0.9) for g in GEMMS]
     p = plan(report(site("a", 256, 512, bf16_ms=1.0, entries=entries)), progress=False)
     assert all(p.site("a").gemms[g].kernel == "scaled_mm" for g in GEMMS)
+
+
+def test_serving_plan_times_fprop_at_declared_batch_sizes(tmp_path):
+    import torch
+
+    rep = report(site("enc", 32, 16, m=4096, sensitivity={"rowwise": 1e-6}))
+    p = plan(rep, m_buckets=[8, 32], kernels=["scaled_mm"], dtype=torch.float32, cache_dir=tmp_path,
+             progress=False, bench={"warmup": 0, "iters": 2})
+    s = p.site("enc")
+    assert s.m == 32
+    assert s.gemms["dgrad"].reason == "kept bf16: serving plan, dgrad does not run"
+    assert s.gemms["fprop"].bf16_ms is not None
+    assert any("serving plan" in n for n in p.notes)
+    assert s.expected_speedup() is not None and p.totals()["speedup"] is not None
