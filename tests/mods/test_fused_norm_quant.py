@@ -100,3 +100,35 @@ def test_non_rowwise_float8_linear_is_skipped():
     m = nn.Sequential(nn.LayerNorm(32), Float8Linear(32, 16, recipe="tensorwise", kernels="emulated"))
     res = fused_norm_quant.apply(m, sample=torch.randn(2, 32))
     assert not res.changes and "rowwise" in res.skipped[0][1]
+
+
+_INTERPRETER_SCRIPT = """
+import copy, torch
+from torch import nn
+from loka.mods import fused_norm_quant
+torch.manual_seed(int.from_bytes(__import__('os').urandom(4), 'little'))
+m = nn.Sequential(nn.LayerNorm(48), nn.Linear(48, 32))
+ref = copy.deepcopy(m)
+x = torch.randn(20, 48) * 3
+r1 = fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="triton")
+r2 = fused_norm_quant.apply(ref, sample=x, kernels="emulated", backend="reference")
+assert r1.changes and r2.changes
+with torch.no_grad():
+    y, y_ref = m(x), ref(x)
+assert m[0].fused_calls == 1
+err = ((y - y_ref).norm() / y_ref.norm()).item()
+assert err < 1e-2, err
+print("OK", err)
+"""
+
+
+def test_triton_kernel_under_interpreter():
+    """The Triton path of NormQuantize, run by the Triton CPU interpreter in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

@@ -20,17 +20,21 @@ def test_tiny_ranker_modded_then_converted():
     ref = copy.deepcopy(model)
     sample = stream.batch(0)
     policy = keep_in_hp(model, sample=sample, min_dim=0)
-    results = apply_all(model, sample=sample, options={
-        "padding": {"module_filter_fn": module_filter_fn(policy)},
-        "row_scale_free": {"kernels": "emulated"},
-    })
+    options = {"padding": {"module_filter_fn": module_filter_fn(policy)}, "row_scale_free": {"kernels": "emulated"}}
+    results = apply_all(model, sample=sample, options=options)
+    # the documented checkpoint order: load the original checkpoint, then mod
+    reloaded = Ranker(cfg)
+    reloaded.load_state_dict(ref.state_dict())
+    apply_all(reloaded, sample=sample, options=options)
+    reloaded.load_state_dict(model.state_dict())  # and a modded state_dict loads into the same mods
     assert all(r.exact for r in results)
     assert any(r.changes for r in results if r.name == "horizontal_fusion")
     batch = stream.batch(1)
     with torch.no_grad():
-        out, out_ref = model(batch), ref(batch)
+        out, out_ref, out_reloaded = model(batch), ref(batch), reloaded(batch)
     for task in out:
         assert loka.rel_error(out_ref[task], out[task]) < 1e-5
+        assert torch.equal(out_reloaded[task], out[task])
     res = loka.convert(model, "rowwise", kernels="emulated", module_filter_fn=module_filter_fn(policy))
     assert res.converted and not set(res.converted) & set(policy)
     logits = model(batch)
