@@ -2,6 +2,7 @@
 
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+              [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
 """
 
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
+    p.add_argument("--m-buckets", default=None, help="serving plan: comma-separated batch sizes, e.g. 1,64,512")
     p.set_defaults(func=_plan)
 
     b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
@@ -86,8 +88,9 @@ def _plan(args) -> int:
         return 2
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
     try:
+        buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
-                 kernels=kernels, method=args.solver)
+                 kernels=kernels, method=args.solver, m_buckets=buckets)
     except (ValueError, TypeError) as exc:
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
