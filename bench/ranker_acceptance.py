@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from loka.models import RankerConfig, SyntheticStream, TrainConfig, evaluate, train
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
 
 
 class CpuBudget:
@@ -51,20 +51,28 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr-dense", type=float, default=2e-3)
     parser.add_argument("--lr-sparse", type=float, default=0.05)
+    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--sparse-cardinalities", default=None,
+                        help="comma-separated override of the size's sparse_cardinalities")
     parser.add_argument("--eval-examples", type=int, default=100_000)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          lr_dense=args.lr_dense, lr_sparse=args.lr_sparse, device="cpu",
-                         max_seconds=args.seconds, out_dir=args.out, log_every=50)
-    data = None
+                         max_seconds=args.seconds, out_dir=args.out, log_every=50,
+                         lr_schedule=args.schedule)
+    cfg = RankerConfig.from_size(args.size)
+    if args.sparse_cardinalities:
+        cards = tuple(int(x) for x in args.sparse_cardinalities.split(","))
+        cfg = cfg.replace(sparse_cardinalities=cards)
+    data = SyntheticStream(cfg, args.batch_size, seed=config.data_seed, device="cpu")
     if args.cpu_seconds:
         config = config.replace(max_seconds=None)
-        stream = SyntheticStream(RankerConfig.from_size(args.size), args.batch_size, device="cpu")
-        data = CpuBudget(stream, args.cpu_seconds)
+        data = CpuBudget(data, args.cpu_seconds)
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = train(config, data=data)
+    torch.manual_seed(config.seed)
+    result = train(config, model=Ranker(cfg), data=data)
     train_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     held_out = SyntheticStream(result.model.config, 4096, seed=config.eval_seed)
     report = evaluate(result.model, held_out, n_examples=args.eval_examples)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class TrainConfig:
     lr_sparse: float = 0.05
     weight_decay: float = 1e-5
     warmup_steps: int = 20
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
     precision: str = "bf16"
     autocast: str = "auto"
     seed: int = 0
@@ -71,6 +74,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1.")
         if self.lr_dense <= 0 or self.lr_sparse <= 0:
             raise ValueError("Learning rates must be > 0.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError("lr_schedule must be 'constant' or 'cosine' (decays to min_lr_ratio at `steps`).")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("min_lr_ratio must be in [0, 1].")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError("autocast must be 'auto', 'on' or 'off'.")
         if self.checkpoint_every < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
@@ -114,8 +121,16 @@ def _autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _lr_scale(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+def _lr_scale(step: int, config: "TrainConfig") -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at ``config.steps``."""
+    warm = config.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(config.steps - warm, 1))
+    low = config.min_lr_ratio
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class _Logger:
@@ -216,7 +231,7 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
             break
         for name, opt in optimizers.items():
             for g, lr in zip(opt.param_groups, base_lrs[name]):
-                g["lr"] = lr * _lr_scale(result.step, config.warmup_steps)
+                g["lr"] = lr * _lr_scale(result.step, config)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
             losses = task_losses(runner(batch), batch)
         loss = sum(losses.values())
