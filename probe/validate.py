@@ -67,3 +67,27 @@ def conversion_errors(
     if "dx" in seen:
         out["dgrad"] = rel_error(dy @ w, seen["dx"].reshape(-1, site.in_features).double())
     return out
+
+
+def conversion_loss_delta(
+    model: nn.Module, fqn: str, recipe, loss_fn: Callable[[nn.Module], torch.Tensor], *, kernels: str = "emulated",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Loss on one batch before and after converting site ``fqn`` (alone) for real, in a copy of ``model``.
+
+    Returns ``{loss_ref, loss_fp8, loss_delta, rel_loss_delta}`` like :mod:`loka.probe.sensitivity`.
+    """
+    from loka.convert import convert
+
+    def loss(m: nn.Module) -> float:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            return float(loss_fn(m))
+
+    m = copy.deepcopy(model)
+    ref = loss(m)
+    res = convert(m, recipe, module_filter_fn=lambda mod, name: name == fqn, kernels=kernels, fallback="hp")
+    if fqn not in res.converted:
+        raise ValueError(f"site {fqn!r} was not converted: {res.skipped.get(fqn, 'not a Linear')}")
+    fp8 = loss(m)
+    return {"loss_ref": ref, "loss_fp8": fp8, "loss_delta": fp8 - ref, "rel_loss_delta": (fp8 - ref) / abs(ref)}
