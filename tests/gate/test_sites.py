@@ -92,14 +92,16 @@ def _probe_report(weight_00: float):
 def test_real_probe_reports_non_finite_site_is_caught(tmp_path):
     pytest.importorskip("loka.probe.probe")
     base, cand = _probe_report(0.1), _probe_report(float("inf"))
-    checks, _ = site_checks(base, cand, GateBudget())
+    # a loose budget keeps the baseline's few-sample intervals (t with 1-2 dof) within it
+    budget = GateBudget(site_error=1.0)
+    checks, _ = site_checks(base, cand, budget)
     by_name = {c.name: c for c in checks}
     assert by_name["site 3/tensorwise/fprop"].verdict == "regression"
     # the same through the strict JSON files the probe writes ("inf" as a string)
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for path, report in zip(paths, (base, cand)):
         path.write_text(report.to_json())
-    checks, _ = site_checks(*paths, GateBudget())
+    checks, _ = site_checks(*paths, budget)
     assert {c.name: c.verdict for c in checks}["site 3/tensorwise/fprop"] == "regression"
     same, _ = site_checks(base, base, GateBudget())
     assert "regression" not in {c.verdict for c in same}
