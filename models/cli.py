@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -59,6 +60,8 @@ def _run_train(args) -> int:
                          max_seconds=args.max_seconds, checkpoint_every=args.checkpoint_every,
                          log_every=args.log_every, progress=not args.no_progress)
     result = train(config, model=model, data=data, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s")
     if args.criteo:
         print(f"skipped malformed lines: {data.skipped}")
