@@ -142,7 +142,9 @@ def _model_checks(base: EvalOutputs, cand: EvalOutputs, budget: GateBudget) -> l
             checks.append(_auc_check(task, paired_bootstrap(y, pa, pb, "auc", **boot), budget))
             checks.append(_calibration_check(task, paired_bootstrap(y, pa, pb, "calibration", **boot), budget))
         except ValueError as exc:  # e.g. a task with a single class in this eval set
-            raise GateInputError(f"task {task!r}: {exc}") from None
+            raise GateInputError(
+                f"task {task!r}: {exc} (gate the other tasks with GateBudget.tasks / --tasks)"
+            ) from None
     return checks
 
 

@@ -122,3 +122,13 @@ def test_classify_helpers():
     assert classify_upper(100, 0.5, 0.0, 1.5, 1.0) == ("inconclusive", 400)
     assert classify_lower(100, -0.5, -1.5, 0.0, -1.0) == ("inconclusive", 400)
     assert n_needed(100, 1.0, 0.0, 2.0, 1.0) is None
+
+
+def test_task_without_positives_is_a_bad_input_that_names_the_way_out():
+    a, b = synthetic_pair(n=2000, tasks=("click", "purchase"))
+    no_pos = {**a.labels, "purchase": np.zeros(a.n)}
+    a2 = EvalOutputs(a.example_ids, no_pos, a.probs, a.meta)
+    b2 = EvalOutputs(b.example_ids, no_pos, b.probs, b.meta)
+    with pytest.raises(GateInputError, match=r"'purchase'.*one class.*--tasks"):
+        gate(a2, b2, **FAST)
+    assert gate(a2, b2, tasks=("click",), **FAST).verdict == "pass"
