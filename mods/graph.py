@@ -121,7 +121,9 @@ class Dataflow:
         return found
 
     def reaches(self, start: int, targets: set[int]) -> bool:
-        """Whether any value in ``targets`` is computed (transitively) from ``start``."""
+        """Whether any value in ``targets`` is ``start`` or computed (transitively) from it."""
+        if start in targets:
+            return True
         seen, todo = {start}, [start]
         while todo:
             for nxt in self.edges.get(todo.pop(), ()):

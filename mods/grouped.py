@@ -131,14 +131,21 @@ class GroupedLinear(nn.Module):
 
 
 def find_groups(flow: Dataflow, min_members: int = 2) -> list[tuple[str, ...]]:
-    """Same-shape Linears (K, N, M rows) called once each on *different* inputs."""
+    """Same-shape Linears (K, N, M rows), each called once on a *different* input, none of whose
+    input is computed from another member's output (so all inputs can exist before any runs)."""
     by_shape: dict[tuple, list] = defaultdict(list)
     for c in flow.calls:
         if c.kind == "linear" and len(flow.calls_of(c.fqn)) == 1:
             by_shape[(c.in_shape, c.out_shape)].append(c)
     groups = []
     for calls in by_shape.values():
-        distinct = {c.input: c.fqn for c in calls}  # one member per input value
-        if len(distinct) >= min_members:
-            groups.append(tuple(distinct.values()))
+        chosen: list = []
+        for c in calls:
+            if any(c.input == o.input for o in chosen):
+                continue  # shares an input: horizontal fusion's case
+            if any(flow.reaches(o.output, {c.input}) or flow.reaches(c.output, {o.input}) for o in chosen):
+                continue
+            chosen.append(c)
+        if len(chosen) >= min_members:
+            groups.append(tuple(c.fqn for c in chosen))
     return groups

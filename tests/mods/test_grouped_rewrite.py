@@ -83,3 +83,18 @@ def test_untraceable_container_is_reported():
 
     res = grouped_rewrite.apply(Wrap(), sample=torch.randn(3, 2, 16))
     assert not res.changes and "not fx-traceable" in res.skipped[0][1]
+
+
+def test_find_groups_excludes_dependent_members():
+    from loka.mods import find_groups, record
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, y):
+            return self.b(self.a(x)), self.c(y)
+
+    groups = find_groups(record(Stack(), (torch.randn(2, 8), torch.randn(2, 8))))
+    assert groups == [("a", "c")]

@@ -59,3 +59,9 @@ def test_registry_and_result_table():
         assert "unknown mod" in str(e)
     else:
         raise AssertionError("get_mod accepted an unknown name")
+
+
+def test_linear_feeding_a_linear_directly_is_not_a_head():
+    m = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 1))
+    policy = keep_in_hp(m, sample=torch.randn(2, 8), min_dim=0, raw_inputs=False)
+    assert set(policy) == {"1"}
