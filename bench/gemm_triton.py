@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from triton_timing import cell, environment_lines, markdown_table, ratio, try_time
+from triton_timing import cell, environment_lines, markdown_table, raise_recompile_limit, ratio, try_time
 
 DEFAULT_SHAPES = [
     (8192, 256, 256), (8192, 512, 512), (8192, 1024, 1024), (8192, 2048, 2048),
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         print("no CUDA GPU here; use --dry-run on CPU", file=sys.stderr)
         return 2
     if not args.no_compile:
-        torch._dynamo.config.cache_size_limit = 64  # one recompile per shape must not fall back to eager
+        raise_recompile_limit(64)  # one recompile per shape must not fall back to eager
     from loka.dispatch.triton_gemm import triton_available
 
     ok, reason = triton_available(device)

@@ -32,7 +32,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from triton_timing import Timing, cell, environment_lines, markdown_table, median_or_none, ratio, try_time
+from triton_timing import (
+    Timing,
+    cell,
+    environment_lines,
+    markdown_table,
+    median_or_none,
+    raise_recompile_limit,
+    ratio,
+    try_time,
+)
 
 DEFAULT_SHAPES = [(m, n) for m in (8192, 32768) for n in (256, 512, 1024, 2048, 4096)]
 DRY_SHAPES = [(64, 48), (33, 256)]
@@ -122,7 +131,7 @@ def main(argv=None) -> int:
         print("no CUDA GPU here; use --dry-run on CPU", file=sys.stderr)
         return 2
     if not args.no_compile:
-        torch._dynamo.config.cache_size_limit = 64  # per-shape recompiles must not fall back to eager
+        raise_recompile_limit(64)  # per-shape recompiles must not fall back to eager
     from loka.dispatch.triton_gemm import triton_available
 
     ok, reason = triton_available(device)

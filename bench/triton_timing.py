@@ -105,5 +105,12 @@ def ratio(base: Timing | str, other: Timing | str) -> str:
     return f"{b / o:.2f}x" if b and o else "n/a"
 
 
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo recompile per shape instead of silently falling back to eager (design.md)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
 def cell(t: Timing | str) -> str:
     return t.cell() if isinstance(t, Timing) else t
