@@ -9,7 +9,8 @@ against it. The rules implemented here are that module's:
 - ``scale = max(amax / fmax, 2**-126)``, 1 where amax is 0, optionally rounded
   up to a power of two;
 - ``x / scale`` with IEEE division (``div_rn``, not the approximate ``/``),
-  clamped to ``±fmax``, non-finite results become NaN (e4m3 has no Inf);
+  clamped to ``±fmax``, non-finite results become NaN (e4m3 has no Inf; for
+  e5m2 loka.quantize keeps ±Inf, these kernels write NaN: the one deviation);
 - round to nearest even.
 
 The cast itself has two implementations, picked by the constexpr ``EMULATE``:

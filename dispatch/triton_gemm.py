@@ -4,8 +4,9 @@ Why this exists: rankers are made of small and skinny GEMMs (M 1k..32k, K, N
 64..2048). At those sizes the FP8 GEMM itself is cheap and the per-call
 quantization of the activation (an amax pass, a cast pass, an FP8 copy in HBM)
 is what makes FP8 slower than bf16 (design.md, "Numbers that decide"). The
-Triton kernel here reads the high-precision activation once, computes each
-row's amax in registers, casts and multiplies, and never writes an FP8 copy.
+Triton kernel here reads the high-precision activation straight into
+registers, computes each row's amax there, casts and multiplies, and never
+writes an FP8 copy (triton_gemm_kernel.py says how often a is re-read).
 
     out[M, N] = (quant(a_hp)[M, K] · b_fp8[N, K]ᵀ) * scale_a[M, 1] * scale_bᵀ[1, N] + bias[N]
 
