@@ -1,19 +1,34 @@
 """loka.probe: learn per-site operand statistics and FP8 error during real training steps.
 
-See :mod:`loka.probe.probe` for how to wrap a training loop and docs/probe.md for the
-report schema.
+See :mod:`loka.probe.probe` for how to wrap a training loop and docs/probe.md for what
+is measured and the report's JSON schema.
 """
 
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
+from loka.probe.fit import Fit, fit_values, predict_gemm_error
 from loka.probe.probe import Probe
+from loka.probe.report import ProbeReport
+from loka.probe.schema import SCHEMA_VERSION, ReportSchemaError
 from loka.probe.sites import Site, find_sites
+from loka.probe.timing import Timing, time_fn, time_site
+from loka.probe.workload import Workload
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_THRESHOLDS",
+    "SCHEMA_VERSION",
+    "Fit",
     "Probe",
     "ProbeConfig",
+    "ProbeReport",
+    "ReportSchemaError",
     "SamplingSchedule",
     "Site",
+    "Timing",
+    "Workload",
     "find_sites",
+    "fit_values",
+    "predict_gemm_error",
+    "time_fn",
+    "time_site",
 ]

@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from scipy import stats as sps
-
 from loka.metrics import rel_error
 from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GemmRecipe, Recipe
@@ -127,6 +125,8 @@ def t_interval(values: list[float], confidence: float) -> tuple[float, float, fl
     mean = sum(values) / n
     if n < 2:
         return mean, -math.inf, math.inf
+    from scipy import stats as sps  # imported here: keeps `import loka.probe` (and `loka --help`) fast
+
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half

@@ -23,13 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats as sps
-
 from loka.probe.error import gemm_error
 from loka.recipe import GemmRecipe
 
 FAMILIES = ("normal", "laplace", "t", "lognorm")
-_SCIPY = {"normal": sps.norm, "laplace": sps.laplace, "t": sps.t, "lognorm": sps.lognorm}
+
+
+def _scipy(family: str):
+    """The scipy.stats distribution of ``family`` (scipy is imported on first use)."""
+    from scipy import stats as sps
+
+    return {"normal": sps.norm, "laplace": sps.laplace, "t": sps.t, "lognorm": sps.lognorm}[family]
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Fit:
         """``shape`` float32 values drawn from the fit (i.i.d.)."""
         rng = np.random.default_rng(seed)
         n = math.prod(shape)
-        dist = _SCIPY[self.family](*self.params)
+        dist = _scipy(self.family)(*self.params)
         if self.family != "lognorm":
             v = dist.rvs(size=n, random_state=rng)
         else:
@@ -74,10 +78,12 @@ T_FIT_VALUES = 1000  # Student-t has no closed-form fit; its optimizer is the sl
 
 
 def _fit_one(family: str, v: np.ndarray) -> Fit | None:
+    from scipy import stats as sps
+
     if family != "lognorm":
         sub = v[:: max(1, v.size // T_FIT_VALUES)] if family == "t" else v
-        params = _SCIPY[family].fit(sub)
-        ks = sps.kstest(v, _SCIPY[family](*params).cdf).statistic
+        params = _scipy(family).fit(sub)
+        ks = sps.kstest(v, _scipy(family)(*params).cdf).statistic
         return Fit(family, tuple(float(p) for p in params), float(ks), v.size)
     mag = np.abs(v[v != 0])
     if mag.size < 8:
