@@ -73,9 +73,18 @@ def fp8_scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
 
 
 @triton.jit
-def fp8_scale_and_clamp(x, scale, FMAX: tl.constexpr):
-    """``x / scale`` clamped to ±FMAX, NaN where the quotient is not finite (float32)."""
-    y = tl.math.div_rn(x, scale)
+def fp8_scale_and_clamp(x, scale, FMAX: tl.constexpr, POW2: tl.constexpr):
+    """``x / scale`` clamped to ±FMAX, NaN where the quotient is not finite (float32).
+
+    With power-of-two scales the reciprocal is exact, so a multiply gives the
+    IEEE quotient bit for bit; otherwise the division is IEEE ``div_rn`` (about
+    ten instructions per element; a reciprocal multiply would differ from
+    loka.quantize near FP8 rounding ties).
+    """
+    if POW2:
+        y = x * tl.math.div_rn(1.0, scale)
+    else:
+        y = tl.math.div_rn(x, scale)
     finite = tl.abs(y) < float("inf")
     y_clamped = tl.minimum(tl.maximum(y, -FMAX), FMAX)
     return tl.where(finite, y_clamped, float("nan"))

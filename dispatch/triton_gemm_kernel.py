@@ -117,13 +117,13 @@ def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
 
 
 @triton.jit
-def _quantize_a(a, a_scale, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+def _quantize_a(a, a_scale, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, POW2: tl.constexpr,
                 FP8_DTYPE: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr):
     """FP8 tile of a / a_scale (native), or its FP8 values held in float32 (emulated). [BM, BK]"""
     if A_IS_FP8:
         a_q = a  # already quantized; its scale is applied in the epilogue
     else:
-        y = fp8_scale_and_clamp(a.to(tl.float32), a_scale[:, None], FMAX)
+        y = fp8_scale_and_clamp(a.to(tl.float32), a_scale[:, None], FMAX, POW2)
         if EMULATE:
             a_q = fp8_round_emulated(y, MBITS, EMIN)
         else:
@@ -208,7 +208,7 @@ def fp8_gemm_fused_quant_kernel(
         else:
             a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
                                A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
-        a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, FP8_DTYPE, EMULATE, A_IS_FP8)
+        a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, POW2, FP8_DTYPE, EMULATE, A_IS_FP8)
         for t in range(N_TILES):
             n0 = n_first + t * BLOCK_N
             if n0 < N:
@@ -228,7 +228,7 @@ def fp8_gemm_fused_quant_kernel(
                 for k0 in range(0, K, BLOCK_K):
                     a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K)
                     b = _load_b(b_ptr, rn, k0, N, K, stride_bn, stride_bk, BLOCK_K)
-                    a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, FP8_DTYPE, EMULATE, A_IS_FP8)
+                    a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, POW2, FP8_DTYPE, EMULATE, A_IS_FP8)
                     acc = _dot(a_q, b, acc, FAST_ACCUM, EMULATE)
                 _store_tile(out_ptr, acc, a_scale, b_scale_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on,
                             B_ROWWISE, HAS_BIAS, EMULATE)

@@ -60,7 +60,7 @@ def norm_quant_kernel(
         tl.store(y_hp_ptr + rm[:, None] * N + rn[None, :], y, mask=mask)
 
     scale = fp8_scale_from_amax(tl.max(finite_abs(y), axis=1), FMAX, POW2)
-    q = fp8_scale_and_clamp(y, scale[:, None], FMAX)
+    q = fp8_scale_and_clamp(y, scale[:, None], FMAX, POW2)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     if EMULATE:
         # out_ptr is the FP8 output viewed as uint8: the byte is built by hand.
