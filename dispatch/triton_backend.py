@@ -14,6 +14,11 @@ e4m3/e5m2 on either side, any M, K, N (tiles are masked; no alignment rule).
 Does not take ``nonfinite="raise"`` on a (the fused kernel skips NaN/Inf for
 the amax and cannot raise without a separate pass over a) nor blockwise/MX.
 Runs on CUDA sm_89+ (compiled, autotuned) and on CPU under TRITON_INTERPRET=1.
+
+Where it should pay: fprop and dgrad of small/skinny sites (K <= 256 quantizes
+a once per program). wgrad's a is dyᵀ, a transposed view whose reduction dim
+is the batch: it is read with strided loads and K is large, so expect it slow
+there; the micro-benchmarks decide per site.
 """
 
 from __future__ import annotations
