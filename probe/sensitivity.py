@@ -40,7 +40,7 @@ def _inject_hook(recipe: GemmRecipe):
 
 
 def _loss(loss_fn: Callable[[], torch.Tensor], seed: int) -> float:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
         torch.manual_seed(seed)
         return float(loss_fn())
 
@@ -71,3 +71,8 @@ def site_sensitivity(
         out[fqn] = {"loss_ref": ref, "loss_fp8": loss, "loss_delta": delta,
                     "rel_loss_delta": delta / abs(ref) if ref != 0 else float("inf") * (delta != 0)}
     return out
+
+
+def _rng_devices() -> list[int]:
+    """CUDA devices whose RNG state is saved and restored around a loss evaluation."""
+    return [torch.cuda.current_device()] if torch.cuda.is_initialized() else []

@@ -90,7 +90,7 @@ def _log2_hist(p: Prepared, role: str) -> State:
     nz = p.ax[p.ax > 0]
     _, exp = torch.frexp(nz)  # |x| = m * 2**exp, m in [0.5, 1) -> floor(log2|x|) = exp - 1
     idx = (exp - 1).clamp(LOG2_MIN, LOG2_MAX) - LOG2_MIN
-    return {"log2_hist": torch.bincount(idx.long().cpu(), minlength=N_LOG2_BINS).double()}
+    return {"log2_hist": torch.bincount(idx.long(), minlength=N_LOG2_BINS).double().cpu()}
 
 
 def _channel_amax(p: Prepared, role: str) -> State:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from loka.metrics import rel_error
+from loka.probe.sensitivity import _rng_devices
 
 
 def _site(model: nn.Module, fqn: str) -> nn.Module:
@@ -80,7 +81,7 @@ def conversion_loss_delta(
     from loka.convert import convert
 
     def loss(m: nn.Module) -> float:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
             torch.manual_seed(seed)
             return float(loss_fn(m))
 
@@ -91,3 +92,4 @@ def conversion_loss_delta(
         raise ValueError(f"site {fqn!r} was not converted: {res.skipped.get(fqn, 'not a Linear')}")
     fp8 = loss(m)
     return {"loss_ref": ref, "loss_fp8": fp8, "loss_delta": fp8 - ref, "rel_loss_delta": (fp8 - ref) / abs(ref)}
+
