@@ -41,7 +41,7 @@ def test_apply_converts_planned_sites_with_mixed_kernels():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(32, 64), torch.randn(32, 1)
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()

@@ -184,7 +184,7 @@ def test_roles_cover_every_gemm():
 # Triton kernels run on CPU only under TRITON_INTERPRET=1, which must be set before they are
 # imported; this re-runs the triton cases of this file in such a process (a subset: the
 # interpreter is slow; tests/dispatch/test_triton_gemm.py covers the kernel in depth).
-TRITON_SUBSET = "triton- and not fast_accum and (triton-rowwise- or triton-tensorwise-fprop)"
+TRITON_SUBSET = "triton-rowwise-"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter run")
@@ -198,4 +198,4 @@ def test_triton_kernels_match_emulated_under_interpreter():
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    assert "32 passed" in proc.stdout, tail
+    assert "24 passed" in proc.stdout, tail
