@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from loka.dispatch import KERNELS
-from loka.formats import get_format
 from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GEMM_ROLES, GEMMS, Recipe
