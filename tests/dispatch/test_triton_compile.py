@@ -71,6 +71,7 @@ def test_gemm_compiles_to_fp8_wgmma_for_sm90(fast_accum, k, tile):
     assert mmas and all("e4m3.e4m3" in m and m.startswith("wgmma") for m in mmas), mmas
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # the activation cast, in registers
     assert "div.rn.f32" in ptx  # IEEE division, as loka.quantize divides
+    assert ".ftz" not in ptx  # subnormal activations are kept, not flushed to zero
 
 
 def test_norm_quant_compiles_with_the_native_cast_for_sm90():

@@ -67,11 +67,14 @@ def make_b(n: int, k: int, granularity: str, gen: torch.Generator) -> tuple[torc
     return quantize(w, "e4m3", granularity)
 
 
-def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype) -> torch.Tensor:
+def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype, tensor_cores: str | None = None) -> torch.Tensor:
     """Bound on |kernel - reference| from float32 accumulation order and the output rounding.
 
     Both sum the same exact products in float32 in different orders (<= 2K u |terms|
     each way), apply scales (a few u) and round to out_dtype (<= 1 ulp apart).
+    ``tensor_cores``: Hopper's FP8 MMAs keep about 14 mantissa bits while they
+    accumulate; "precise" (promoted to float32 every 128 products) adds 2**-12
+    of the magnitude, "fast" (never promoted) K * 2**-19 of it.
     """
     k = b_fp8.shape[1]
     a_q, s_a = quantize(a, "e4m3", granularity)
@@ -80,7 +83,8 @@ def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype) -> torch.Tensor:
         mag = mag + bias.float().abs()
     u = 2.0**-24
     out_ulp = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[out_dtype]
-    return (2 * k + 8) * u * mag + out_ulp * mag + 1e-45
+    hopper = {None: 0.0, "precise": 2.0**-12, "fast": max(2.0**-12, k * 2.0**-19)}[tensor_cores]
+    return (2 * k + 8) * u * mag + out_ulp * mag + hopper * mag + 1e-45
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
@@ -280,10 +284,28 @@ def test_gpu_native_matches_reference_and_emulated_cast(m, k, n, gran):
     kw = dict(granularity=gran, bias=bias, out_dtype=torch.float32)
     out = fp8_mm_fused_quant(a, b_fp8, b_scale, **kw)
     ref = fp8_mm_fused_quant_reference(a, b_fp8, b_scale, **kw)
-    tol = tolerance(a, b_fp8, b_scale, gran, bias, torch.float32)
+    tol = tolerance(a, b_fp8, b_scale, gran, bias, torch.float32, tensor_cores="precise")
     assert bool(((out - ref).abs() <= tol).all()), f"seed={seed}"
-    emu = fp8_mm_fused_quant(a, b_fp8, b_scale, emulate=True, **kw)
+    emu = fp8_mm_fused_quant(a, b_fp8, b_scale, emulate=True, tile=(32, 32, 64), **kw)  # fp32 FMA dot: small tile
     assert bool(((out - emu).abs() <= 2 * tol).all()), f"seed={seed}: native vs emulated cast"
+
+
+@pytest.mark.requires_sm89
+@pytest.mark.parametrize("k,tile", [(256, (64, 128, 256, 4)), (200, (128, 128, 256, 2)), (1024, (128, 64, 128, 1)),
+                                    (96, (64, 256, 128, 4))])
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_gpu_every_tile_shape_matches_reference(k, tile, fast_accum):
+    """Explicit tiles: one-pass with several N tiles per program, odd K, the K loop."""
+    gen, seed = _gen()
+    a = make_a(777, k, gen, torch.bfloat16).cuda()
+    b_fp8, b_scale = (t.cuda() for t in make_b(1000, k, "rowwise", gen))
+    out = fp8_mm_fused_quant(a, b_fp8, b_scale, out_dtype=torch.float32, tile=tile, fast_accum=fast_accum)
+    ref = fp8_mm_fused_quant_reference(a, b_fp8, b_scale, out_dtype=torch.float32)
+    tol = tolerance(a, b_fp8, b_scale, "rowwise", None, torch.float32, tensor_cores="fast" if fast_accum else "precise")
+    assert bool(((out - ref).abs() <= tol).all()), f"seed={seed}"
+    a_q, s_a = quantize(a, "e4m3", "rowwise")
+    out8 = fp8_mm(a_q, s_a, b_fp8, b_scale, out_dtype=torch.float32, tile=tile, fast_accum=fast_accum)
+    assert bool(((out8 - ref).abs() <= tol).all()), f"seed={seed}: pre-quantized a"
 
 
 @pytest.mark.requires_sm89
