@@ -66,33 +66,32 @@ def _e5m2_forward(model, scale: float):
     return candidate
 
 
-def _loka_plan(model):
-    """probe -> plan on this machine -> convert, on a copy of ``model``."""
+@pytest.fixture(scope="module")
+def loka_plan(trained):
+    """The plan loka makes for the trained ranker on this machine: probe -> plan."""
     from loka.dispatch import Budget, plan
     from loka.probe.config import ProbeConfig, SamplingSchedule
     from loka.probe.probe import Probe
     from loka.probe.workload import ranker_workload
 
-    candidate = copy.deepcopy(model)
+    probed = copy.deepcopy(trained[0])
     wl = ranker_workload("tiny", batch_size=128, seed=3)
     cfg = ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=2), candidates=("rowwise",),
                       min_samples=2, max_rows=64, fit_values=64, stats=False)  # fmt: skip
-    probe = Probe(candidate, cfg)
+    probe = Probe(probed, cfg)
     for step in range(2):
         with probe.step(step):
-            wl.loss_fn(probe.select(candidate), wl.make_batch(step)).backward()
-    candidate.zero_grad(set_to_none=True)
-    the_plan = plan(probe.report(model="tiny"), Budget(), progress=False)
-    loka.convert(candidate, plan=the_plan)
-    return candidate, the_plan
+            wl.loss_fn(probe.select(probed), wl.make_batch(step)).backward()
+    return plan(probe.report(model="tiny"), Budget(), progress=False)
 
 
-def test_loka_plan_passes(trained):
+def test_loka_plan_passes(trained, loka_plan):
     model, stream, baseline = trained
-    candidate, the_plan = _loka_plan(model)
+    candidate = copy.deepcopy(model)
+    loka.convert(candidate, plan=loka_plan)
     outputs = evaluate(candidate, stream, n_examples=EVAL_EXAMPLES).outputs
     result = gate(baseline, outputs, **FAST)
-    assert result.exit_code == 0 and result.verdict == "pass", result.table() + "\n" + the_plan.summary()
+    assert result.exit_code == 0 and result.verdict == "pass", result.table() + "\n" + loka_plan.summary()
 
 
 def test_e5m2_without_scaling_is_not_passed(trained):
@@ -111,3 +110,25 @@ def test_mis_scaled_e5m2_is_a_regression(trained):
     assert ne_ctr.verdict == "regression" and result.exit_code == 1, result.table()
     with pytest.raises(AssertionError, match="REGRESSION"):
         loka.testing.assert_no_regression(baseline, outputs, **FAST)
+
+
+def test_cli_checkpoint_with_plan_file_passes(trained, loka_plan, tmp_path, capsys):
+    """``loka gate`` on a checkpoint: bf16 against the same checkpoint converted by a plan JSON."""
+    import argparse
+
+    from loka.gate.cli import register
+    from loka.models.checkpoint import save_checkpoint
+
+    model, _, _ = trained
+    ckpt = save_checkpoint(tmp_path / "checkpoint.pt", model, train_config={"eval_seed": 1_000_003, "teacher_seed": 0})
+    plan_path = loka_plan.save(tmp_path / "plan.json")
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())
+    argv = ["gate", "--baseline", str(ckpt), "--baseline-precision", "bf16", "--candidate", str(ckpt),
+            "--candidate-precision", str(plan_path), "--eval-examples", str(EVAL_EXAMPLES), "--n-boot", "400",
+            "--json", str(tmp_path / "gate.json")]  # fmt: skip
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert f"[{plan_path}]" in out.out and "loka gate: PASS" in out.out
