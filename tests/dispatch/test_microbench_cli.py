@@ -74,3 +74,10 @@ def test_plan_cli_writes_a_plan_and_prints_the_table(tmp_path, capsys):
     assert json.loads(out.read_text())["kind"] == "loka.dispatch.plan"
     assert _run(["plan", "--report", str(rep), "--budget", "wgrad", "--out", str(out)]) == 2
     assert _run(["doctor", "--device", "cpu"]) == 0
+
+
+def test_commands_are_wired_into_the_loka_cli(capsys):
+    from loka.cli import main
+
+    assert main(["doctor", "--device", "cpu"]) == 0
+    assert "scaled_mm" in capsys.readouterr().out
