@@ -61,6 +61,7 @@ _TILES = [
     (64, 128, 256, 4, 8, 3),
     (128, 128, 256, 2, 8, 2),
     (64, 256, 128, 4, 8, 3),
+    (64, 128, 64, 4, 4, 3),
 ]
 # Few programs: the interpreter pays per program, not per element.
 INTERPRETER_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, N_TILES=1)
