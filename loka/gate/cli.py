@@ -13,7 +13,9 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.result import EXIT_ERROR
@@ -58,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    p.add_argument("--save-outputs", default=None, metavar="DIR",
+                   help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
+                        "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -66,8 +71,14 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
+def _save_outputs(out_dir: str, base, cand) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    base.save(os.path.join(out_dir, "baseline.npz"))
+    cand.save(os.path.join(out_dir, "candidate.npz"))
+
+
 def run(args: argparse.Namespace) -> int:
-    from loka.gate.compare import GateInputError, gate
+    from loka.gate.compare import GateInputError, gate, load_input
     from loka.gate.inputs import CheckpointEval
 
     try:
@@ -83,19 +94,21 @@ def run(args: argparse.Namespace) -> int:
             inconclusive_passes=args.allow_inconclusive,
         )
         how = CheckpointEval(eval_examples=args.eval_examples, eval_seed=args.eval_seed, device=args.device)
+        base, base_name = load_input("baseline", args.baseline, args.baseline_precision, how)
+        cand, cand_name = load_input("candidate", args.candidate, args.candidate_precision, how)
+        if args.save_outputs:
+            _save_outputs(args.save_outputs, base, cand)
         result = gate(
-            args.baseline,
-            args.candidate,
+            base,
+            cand,
             budget,
             baseline_report=args.report_baseline,
             candidate_report=args.report_candidate,
             allow_different_models=args.allow_different_models,
-            baseline_precision=args.baseline_precision,
-            candidate_precision=args.candidate_precision,
-            checkpoint_eval=how,
         )
-    except (GateInputError, ValueError) as exc:
+    except (GateInputError, ValueError, OSError) as exc:
         return _error(str(exc))
+    result = replace(result, baseline=base_name, candidate=cand_name)
     print(result.table())
     if args.json:
         try:

@@ -30,7 +30,10 @@ class GateInputError(ValueError):
     """The two sides cannot be compared (missing file, different models or eval sets)."""
 
 
-def _load(side: str, value: object, precision: str | None, how: CheckpointEval | None) -> tuple[EvalOutputs, str]:
+def load_input(
+    side: str, value: object, precision: str | None = None, how: CheckpointEval | None = None
+) -> tuple[EvalOutputs, str]:
+    """(EvalOutputs, display name) of one side; GateInputError when it cannot be loaded or evaluated."""
     name = os.fspath(value) if isinstance(value, (str, os.PathLike)) else side
     if precision:
         name += f" [{precision}]"
@@ -175,8 +178,8 @@ def gate(
         budget = replace(budget or GateBudget(), **budget_fields)
     except TypeError as exc:
         raise GateInputError(f"unknown budget field: {exc}") from None
-    base, base_name = _load("baseline", baseline, baseline_precision, checkpoint_eval)
-    cand, cand_name = _load("candidate", candidate, candidate_precision, checkpoint_eval)
+    base, base_name = load_input("baseline", baseline, baseline_precision, checkpoint_eval)
+    cand, cand_name = load_input("candidate", candidate, candidate_precision, checkpoint_eval)
     _check_same_model(base, cand, allow_different_models)
     cand = _aligned(base, cand)
     checks = _model_checks(base, cand, budget)

@@ -125,3 +125,11 @@ def test_json_is_strict_with_non_finite_site_errors(saved, tmp_path):
     assert "Infinity" not in text and "NaN" not in text
     site = next(c for c in json.loads(text)["checks"] if c["kind"] == "site")
     assert site["verdict"] == "regression" and site["ci_hi"] == "inf"
+
+
+def test_save_outputs_writes_both_sides(saved, tmp_path, capsys):
+    out_dir = tmp_path / "outs"
+    assert _run(["--baseline", saved["base"], "--candidate", saved["good"], "--save-outputs", str(out_dir)]) == 0
+    again = EvalOutputs.load(out_dir / "candidate.npz")
+    assert again.eval_fingerprint == EvalOutputs.load(saved["good"]).eval_fingerprint
+    assert f"baseline={saved['base']}" in capsys.readouterr().out
