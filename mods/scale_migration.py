@@ -15,9 +15,11 @@ on the calibration batch. With ``pow2=True`` (default) every ``s_j`` is a
 power of two, so the reparametrization is bit-exact in any float dtype (barring
 under/overflow); otherwise it is exact in fp64 and within rounding in fp32.
 
-With a probe report, blocks whose consuming site shows no outlier channels
-(``col_amax_spread`` below ``min_spread``) are skipped, and a report that
-carries per-channel ``col_amax`` for the input supplies ``amax_x``.
+With probe statistics, blocks whose consuming site shows no outlier channels
+(``col_amax_spread`` below ``min_spread``) are skipped, and the per-channel
+``col_amax`` of the input (kept by a live ``Probe``; the saved JSON report has
+only the spread and the outlier channel indices) supplies ``amax_x``: the
+maximum over every probed step, not just the calibration batch.
 """
 
 from __future__ import annotations
@@ -59,11 +61,19 @@ def fprop_error(x: torch.Tensor, w: torch.Tensor, recipe: Recipe) -> float:
 
 
 def _report_channels(report, fqn: str) -> dict:
-    """The probe report's input summary for site ``fqn`` ({} when absent)."""
+    """Input statistics of site ``fqn``: from a live ``loka.probe.Probe`` (with the per-channel
+    ``col_amax`` vector), a ``ProbeReport`` (summary: spread, outlier channels) or a plain
+    ``{fqn: {...}}`` dict; {} when absent."""
     if report is None:
         return {}
     if isinstance(report, dict):
         return report.get(fqn, {})
+    state = getattr(report, "state", None)
+    if isinstance(state, dict):  # a live Probe keeps the merged per-channel statistics
+        op = getattr(state.get(fqn), "operands", {}).get("input")
+        if op is None or "col_amax" not in op.state:
+            return {}
+        return {**op.summary(), "col_amax": op.state["col_amax"]}
     try:
         return report.site(fqn).get("operands", {}).get("input", {})
     except KeyError:

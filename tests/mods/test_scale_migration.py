@@ -97,3 +97,25 @@ def test_checkpoint_is_loaded_before_the_mod():
     fresh.load_state_dict(ckpt)  # load, then mod
     scale_migration.apply(fresh, sample=x, alpha=0.5)
     torch.testing.assert_close(fresh(x), trained(x), rtol=1e-12, atol=1e-12)
+
+
+def test_live_probe_supplies_per_channel_amax():
+    from loka.probe import Probe, ProbeConfig, SamplingSchedule
+
+    m = outlier_block(big=1e4)
+    ref = copy.deepcopy(m)
+    probe = Probe(m, ProbeConfig(candidates=("tensorwise",), fit_values=16,
+                                 schedule=SamplingSchedule(every=1, max_samples=2)))
+    for step in range(2):
+        with probe.step(step):
+            m(torch.randn(64, 64, dtype=torch.float64)).sum().backward()
+    m.zero_grad(set_to_none=True)
+    from loka.mods.scale_migration import _report_channels
+
+    stats = _report_channels(probe, "1")
+    assert stats["col_amax"].shape == (64,) and stats["col_amax_spread"] > 100
+    x = torch.randn(32, 64, dtype=torch.float64)
+    res = scale_migration.apply(m, probe, sample=x, recipe="tensorwise")
+    (site,) = res.data.values()
+    assert site["error_after"] < 0.85 * site["error_before"]
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-10, atol=1e-10)
