@@ -71,6 +71,16 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
+def _check_reports(baseline_report: str | None, candidate_report: str | None) -> None:
+    from loka.gate.sites import error_entries
+
+    if (baseline_report is None) != (candidate_report is None):
+        raise ValueError("give both probe reports (--report-baseline and --report-candidate) or neither")
+    for report in (baseline_report, candidate_report):
+        if report is not None:
+            error_entries(report)  # raises ReportError (a ValueError) saying what is wrong
+
+
 def _save_outputs(out_dir: str, base, cand) -> None:
     os.makedirs(out_dir, exist_ok=True)
     base.save(os.path.join(out_dir, "baseline.npz"))
@@ -93,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             tasks=tuple(t for t in args.tasks.split(",") if t),
             inconclusive_passes=args.allow_inconclusive,
         )
+        _check_reports(args.report_baseline, args.report_candidate)  # before any slow evaluation
         how = CheckpointEval(eval_examples=args.eval_examples, eval_seed=args.eval_seed, device=args.device)
         base, base_name = load_input("baseline", args.baseline, args.baseline_precision, how)
         cand, cand_name = load_input("candidate", args.candidate, args.candidate_precision, how)

@@ -151,6 +151,17 @@ def _model_checks(base: EvalOutputs, cand: EvalOutputs, budget: GateBudget) -> l
     return checks
 
 
+def _site_results(baseline_report: object, candidate_report: object, budget: GateBudget) -> tuple[list, list]:
+    if (baseline_report is None) != (candidate_report is None):
+        raise GateInputError("give both probe reports (baseline and candidate) or neither")
+    if baseline_report is None:
+        return [], []
+    try:
+        return site_checks(baseline_report, candidate_report, budget)
+    except ReportError as exc:
+        raise GateInputError(str(exc)) from None
+
+
 def gate(
     baseline: EvalOutputs | str | os.PathLike,
     candidate: EvalOutputs | str | os.PathLike,
@@ -178,24 +189,16 @@ def gate(
         budget = replace(budget or GateBudget(), **budget_fields)
     except TypeError as exc:
         raise GateInputError(f"unknown budget field: {exc}") from None
+    # the cheap checks first, so a bad report fails before a checkpoint is evaluated
+    site_results, notes = _site_results(baseline_report, candidate_report, budget)
     base, base_name = load_input("baseline", baseline, baseline_precision, checkpoint_eval)
     cand, cand_name = load_input("candidate", candidate, candidate_precision, checkpoint_eval)
     _check_same_model(base, cand, allow_different_models)
     cand = _aligned(base, cand)
-    checks = _model_checks(base, cand, budget)
-    notes: list[str] = []
+    checks = _model_checks(base, cand, budget) + site_results
     fp_a, fp_b = base.meta.get("model_fingerprint"), cand.meta.get("model_fingerprint")
     if fp_a and fp_a == fp_b:
-        notes.append(f"baseline and candidate have the same model fingerprint {fp_a}: is this the same model?")
-    if (baseline_report is None) != (candidate_report is None):
-        raise GateInputError("give both probe reports (baseline and candidate) or neither")
-    if baseline_report is not None:
-        try:
-            more, site_notes = site_checks(baseline_report, candidate_report, budget)
-        except ReportError as exc:
-            raise GateInputError(str(exc)) from None
-        checks += more
-        notes += site_notes
+        notes.insert(0, f"baseline and candidate have the same model fingerprint {fp_a}: is this the same model?")
     return GateResult(
         checks=tuple(checks), n_examples=base.n, confidence=budget.confidence, n_boot=budget.n_boot,
         baseline=base_name, candidate=cand_name, inconclusive_passes=budget.inconclusive_passes, notes=tuple(notes),
