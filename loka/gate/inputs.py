@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
 
@@ -53,6 +54,8 @@ def load_side(
 ) -> EvalOutputs:
     """EvalOutputs for one side of the gate from an EvalOutputs, a saved file or a checkpoint."""
     if isinstance(value, EvalOutputs):
+        if precision is not None:
+            raise EvalOutputsError(f"{side}: a precision/plan applies to checkpoints, not to EvalOutputs")
         return value
     if not isinstance(value, (str, os.PathLike)):
         raise EvalOutputsError(f"{side} must be EvalOutputs or a path, not {type(value).__name__}")
@@ -95,7 +98,7 @@ def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: Che
     stream = SyntheticStream(model.config, min(how.batch_size, how.eval_examples), seed=seed,
                              teacher_seed=train_cfg.get("teacher_seed", 0), device=how.device)  # fmt: skip
     out = evaluate(model, stream, n_examples=how.eval_examples).outputs
-    plan_id = fingerprint(open(precision, "rb").read()) if os.path.isfile(precision) else precision
+    plan_id = fingerprint(Path(precision).read_bytes()) if os.path.isfile(precision) else precision
     meta = dict(out.meta)
     # the state dict is the same for bf16 and FP8 conversions: the precision makes the model
     meta["model_fingerprint"] = fingerprint(str(meta.get("model_fingerprint", "")), plan_id)
