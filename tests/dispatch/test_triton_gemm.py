@@ -243,6 +243,22 @@ def test_reference_agrees_with_emulated():
         assert bool(((ref - emu).abs() <= tol).all()), f"seed={seed} {gran}"
 
 
+@pytest.mark.parametrize("n,k", [(64, 64), (256, 256), (1024, 256), (512, 1024), (2048, 2048), (48, 200)])
+def test_autotune_pruning_keeps_valid_tiles(n, k):
+    """The GPU autotuner's pruning (plain Python, checked here without a GPU)."""
+    from loka.dispatch import triton_gemm_kernel as mod
+
+    configs = mod._configs()
+    kept = mod._prune(configs, {"N": n, "K": k, "M": 8192})
+    assert kept
+    for c in kept:
+        bn, bk, nt = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
+        assert bk <= 128 or k <= bk, "BLOCK_K > 128 only where K fits one tile"
+        assert nt == 1 or k <= bk, "several N tiles per program only where a is quantized once"
+    if k <= 256 and n >= 256:
+        assert any(c.kwargs["N_TILES"] > 1 for c in kept)
+
+
 def test_bad_inputs_are_refused_with_a_reason():
     b_fp8, b_scale = quantize(torch.randn(8, 16), "e4m3", "rowwise")
     a = torch.randn(4, 16)
