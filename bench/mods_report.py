@@ -133,7 +133,7 @@ def section_row_scale(size, batch, seed) -> list[str]:
              "Error of the block output (the norm's) vs fp64; rowwise fprop. The Linears' biases are",
              "dropped in a copy first (this ranker's Linears have biases: `bias='drop'` is model-changing),",
              "so all columns compare the same bias-free block.", "",
-             "| block | tensorwise Float8Linear | rowwise Float8Linear (row scale applied) | RowScaleInvariantLinear (row scale skipped) | |skipped - applied| / |ref| |",
+             "| block | tensorwise Float8Linear | rowwise Float8Linear (row scale applied) | RowScaleInvariantLinear (row scale skipped) | rel. difference, skipped vs applied |",
              "|---|---|---|---|---|"]
     for b in blocks:
         lin, norm = get_module(model, b.linear), get_module(model, b.norm)
