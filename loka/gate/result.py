@@ -134,8 +134,9 @@ class GateResult:
         )
         rows = [("check", "baseline", "candidate", "change", f"{pct}% CI", "budget", "verdict")]
         quiet_sites = [c for c in self.checks if c.kind == "site" and c.verdict in (PASS, INFO)]
+        quiet_ids = {id(c) for c in quiet_sites}
         for c in self.checks:
-            if c in quiet_sites:
+            if id(c) in quiet_ids:
                 continue
             rows.append(
                 (
@@ -190,7 +191,8 @@ def _delta(v: float, c: Check) -> str:
 def _verdict_text(c: Check) -> str:
     text = c.verdict.upper() if c.verdict in (REGRESSION, INCONCLUSIVE) else c.verdict
     if c.verdict == INCONCLUSIVE:
-        text += f" (need n={c.n_needed})" if c.n_needed else " (estimate on the budget)"
+        unit = " probe samples" if c.kind == "site" else ""
+        text += f" (need n={c.n_needed}{unit})" if c.n_needed else " (estimate on the budget)"
     if c.note:
         text += f" [{c.note}]"
     return text
