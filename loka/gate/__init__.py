@@ -9,7 +9,8 @@ reports, and says pass / regression / inconclusive. This is what CI runs:
 """
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
-from loka.gate.compare import GateInputError, gate
+from loka.gate.compare import GateInputError, gate, load_input
+from loka.gate.inputs import CheckpointEval
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
 from loka.gate.result import Check, GateResult
 from loka.gate.sites import ReportError, error_entries
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_NE_BUDGET",
     "BootstrapResult",
     "Check",
+    "CheckpointEval",
     "EvalOutputs",
     "EvalOutputsError",
     "GateBudget",
@@ -30,6 +32,7 @@ __all__ = [
     "error_entries",
     "fingerprint",
     "gate",
+    "load_input",
     "normalized_entropy",
     "paired_bootstrap",
 ]
