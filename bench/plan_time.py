@@ -8,6 +8,11 @@ CPU smoke run (tiny ranker, a few steps; NOT representative, checks the script o
 
     python bench/plan_time.py --cpu-smoke
 
+The CPU acceptance run of issue 5 (probe -> plan -> convert -> train on the ``small``
+ranker, every decision explained in the printed plan table; timings not representative):
+
+    python bench/plan_time.py --cpu --ranker small --batch 256 --steps 3
+
 Steps: train the ranker for ``--steps`` steps under the probe (bf16 autocast on GPU),
 measure site sensitivity, plan with on-device micro-benchmarks (``measure=True``,
 cached; ``--refresh`` re-measures), then measure what the plan predicts:
@@ -87,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--refresh", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny ranker on CPU, a few steps (checks the script)")
+    ap.add_argument("--cpu", action="store_true", help="--ranker/--batch on CPU (not representative)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         device, size, batch, steps, iters, warmup = torch.device("cpu"), "tiny", 64, 3, 3, 1
+    elif args.cpu:
+        device, size, batch, steps, iters, warmup = torch.device("cpu"), args.ranker, args.batch, args.steps, 3, 1
     else:
         if not torch.cuda.is_available():
             print("plan_time: no CUDA GPU here; use --cpu-smoke to check the script on CPU", file=sys.stderr)
