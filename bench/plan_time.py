@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     b = wl.make_batch(steps)
     probe.measure_sensitivity(lambda: wl.loss_fn(wl.model, b), progress=True)
     report = probe.report(model=f"ranker-{size}")
-    p = plan(report, Budget.parse(args.budget), measure=True, device=device, dtype=dtype, refresh=args.refresh)
+    p = plan(report, Budget.parse(args.budget), measure=True, device=device, dtype=dtype, refresh=args.refresh,
+             bench={"warmup": warmup, "iters": iters})
     pred = p.totals()
     site_bf16, site_fp8 = measure_sites(p, dtype, device, iters, warmup)
     step_bf16 = measure_step(wl, device, autocast, iters, warmup)
