@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from loka import as_recipe
 from loka.mods import scale_migration
 from loka.mods.scale_migration import fprop_error, migration_scales
 
@@ -49,7 +50,7 @@ def test_fp8_error_drops_with_outlier_channels():
     torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
     # the chosen scales really are what lowers the error (recompute independently)
     y = m[0](x).detach()
-    assert fprop_error(y, m[1].weight.detach().double(), __import__("loka").as_recipe("tensorwise")) == pytest.approx(site["error_after"], rel=1e-6)
+    assert fprop_error(y, m[1].weight.detach().double(), as_recipe("tensorwise")) == pytest.approx(site["error_after"], rel=1e-6)
 
 
 def test_non_exclusive_norm_is_skipped():
