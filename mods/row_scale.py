@@ -18,9 +18,10 @@ When this is exact (real arithmetic), and when it changes the model:
   caveat); the constant is removed, since LayerNorm subtracts the mean.
 - Any other bias: ``Norm(z + b)`` is not row-scale invariant, and moving
   ``b`` after the norm is not the same function. The site is skipped unless
-  ``bias="drop"``, which removes the bias and CHANGES THE MODEL (the result
-  says so); useful when training from scratch, where the norm's own affine
-  bias makes the Linear's redundant.
+  ``bias="drop"`` (remove it) or ``bias="move"`` (add it to the norm's affine
+  bias: ``Norm(z)·w + β + b``); both CHANGE THE MODEL and the result says so.
+  Useful when training from scratch, where the norm's own affine bias makes
+  the Linear's redundant.
 - The norm must be the Linear's only consumer (checked on the recorded
   dataflow); the norm's input must be the Linear's output channels.
 
@@ -123,7 +124,10 @@ def _bias_verdict(lin: nn.Linear, kind: str, bias: str) -> tuple[str, bool, str]
         return "remove", True, "constant bias removed (LayerNorm subtracts the mean)"
     if bias == "drop":
         return "remove", False, "bias DROPPED (model changed)"
-    return "skip", True, "has a bias that does not cancel in the norm; pass bias='drop' to remove it (changes the model)"
+    if bias == "move":
+        return "move", False, "bias MOVED after the norm, added to its affine bias (model changed)"
+    return "skip", True, ("has a bias that does not cancel in the norm; pass bias='drop' or bias='move' "
+                          "(both change the model)")
 
 
 def apply(
@@ -138,11 +142,12 @@ def apply(
 ) -> ModResult:
     """Swap each exclusive Linear -> Norm Linear for a :class:`RowScaleInvariantLinear`.
 
-    ``bias``: ``"keep"`` (skip sites whose bias does not cancel) or ``"drop"``
-    (remove it: model-changing, opt-in). Parameters are reused, not copied.
+    ``bias``: ``"keep"`` (skip sites whose bias does not cancel), ``"drop"`` (remove
+    it) or ``"move"`` (add it to the norm's affine bias); the last two change the
+    model (opt-in; ``ModResult.exact`` is then False). Parameters are reused.
     """
-    if bias not in ("keep", "drop"):
-        raise ValueError(f"bias={bias!r} is not valid; use 'keep' (exact only) or 'drop' (changes the model)")
+    if bias not in ("keep", "drop", "move"):
+        raise ValueError(f"bias={bias!r} is not valid; use 'keep' (exact only), 'drop' or 'move' (both change the model)")
     recipe = as_recipe(recipe)
     flow = flow or record(model, sample)
     changes, skipped, exact = [], [], True
@@ -155,10 +160,15 @@ def apply(
             skipped.append((block.linear, why))
             continue
         action, site_exact, note = _bias_verdict(lin, info.kind, bias)
+        if action == "move" and getattr(norm, "bias", None) is None:
+            action, note = "skip", "bias='move' needs a norm with an affine bias to carry it"
         if action == "skip":
             skipped.append((block.linear, note))
             continue
-        if action == "remove":
+        if action == "move":
+            with torch.no_grad():
+                norm.bias.add_(lin.bias.to(norm.bias.dtype))
+        if action in ("remove", "move"):
             lin.bias = None
         if isinstance(lin, Float8Linear):  # keep a converted site's recipe and kernels
             site_recipe, site_kernels = lin.recipe, {g: k.name for g, k in lin.kernels.items()}
@@ -171,5 +181,5 @@ def apply(
                                   f"RowScaleInvariantLinear ({site_recipe.name}, row scale of input not applied; {note})"))
     what = "Linears feeding a norm skip the activation row scale (exact up to the norm's eps)"
     if not exact:
-        what += "; some biases were dropped, which changes the model"
+        what += "; some biases were dropped or moved after the norm, which changes the model"
     return ModResult(NAME, exact, what, tuple(changes), tuple(skipped))

@@ -74,6 +74,14 @@ def test_bias_rules():
     assert not res.changes and "bias='drop'" in res.skipped[0][1]
     res = row_scale.apply(const_rms, sample=x, kernels="emulated", bias="drop")
     assert res.changes and not res.exact
+    moved = _block(nn.LayerNorm, bias=True)
+    b, beta = moved[0].bias.detach().clone(), moved[1].bias.detach().clone()
+    res = row_scale.apply(moved, sample=x, kernels="emulated", bias="move")
+    assert res.changes and not res.exact and "MOVED" in res.changes[0].after
+    torch.testing.assert_close(moved[1].bias.detach(), beta + b)
+    no_norm_bias = _block(nn.RMSNorm, bias=True)
+    res = row_scale.apply(no_norm_bias, sample=x, kernels="emulated", bias="move")
+    assert not res.changes and "affine bias" in res.skipped[0][1]
     assert y.shape == const(x).shape
 
 
