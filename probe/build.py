@@ -97,17 +97,18 @@ def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> 
 
 
 def _apply_sensitivity(recipe_verdicts: dict, sensitivity: dict, threshold: float | None) -> dict:
-    """A recipe whose emulated fprop alone moves the loss by more than ``threshold`` (relative) is unsafe."""
+    """A recipe whose emulated fprop alone raises the loss by more than ``threshold`` (relative; the
+    interval's lower bound over the sensitivity batches) is unsafe at the site."""
     if threshold is None:
         return recipe_verdicts
     out = dict(recipe_verdicts)
     for name, v in recipe_verdicts.items():
         sens = sensitivity.get(name)
-        if sens is None or v["verdict"] == UNSAFE or not abs(sens["rel_loss_delta"]) > threshold:
+        if sens is None or v["verdict"] == UNSAFE or not sens["ci_lo"] > threshold:
             continue
         out[name] = {"verdict": UNSAFE,
-                     "reason": f"sensitive: FP8 fprop here alone moves the loss by {abs(sens['rel_loss_delta']):.2%} "
-                               f"(> {threshold:.2%}) on a sampled batch"}
+                     "reason": f"sensitive: FP8 fprop here alone raises the loss by {sens['rel_loss_delta']:.2%} "
+                               f"(CI low {sens['ci_lo']:.2%} > {threshold:.2%}, {sens['n']} batches)"}
     return out
 
 

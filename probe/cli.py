@@ -38,6 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
     p.add_argument("--kernels", default="", help="kernels to time, comma-separated (default: every available one)")
     p.add_argument("--no-timing", action="store_true", help="skip kernel timing")
+    p.add_argument("--sensitivity-batches", type=int, default=4, help="batches for the loss sensitivity (default 4)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-site loss sensitivity")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -100,8 +101,8 @@ def run(args) -> int:
               "run more steps or sample more often", file=sys.stderr)
         return 2
     if not args.no_sensitivity:
-        batch = workload.make_batch(args.steps)
-        probe.measure_sensitivity(lambda: workload.loss_fn(workload.model, batch), progress=True)
+        batches = [workload.make_batch(args.steps + i) for i in range(max(args.sensitivity_batches, 1))]
+        probe.measure_sensitivity(lambda b: workload.loss_fn(workload.model, b), batches=batches, progress=True)
     if not args.no_timing:
         probe.time_sites(device=args.device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2, iters=5 if args.device == "cpu" else 20)
     report = probe.report(model=workload.name, steps=args.steps, device=args.device)

@@ -61,8 +61,9 @@ class ProbeConfig:
     - ``fit_values``: values per operand kept for distribution fitting.
     - ``stats``: collect operand statistics (disable to measure errors only).
     - ``sensitivity_threshold``: a recipe is also unsafe at a site when injecting its FP8 fprop
-      there alone changes the loss of a sampled batch by more than this fraction (0.002 = 0.2%;
-      only once :meth:`Probe.measure_sensitivity` ran; None disables it).
+      there alone raises the loss by more than this fraction (0.002 = 0.2%), judged by the lower
+      bound of the interval over the sensitivity batches (only once
+      :meth:`Probe.measure_sensitivity` ran on >= 2 batches; None disables it).
     - ``overhead_budget``: if set (e.g. 0.05), a due sample is postponed while the probe's
       measured time would exceed this fraction of training time (see loka.probe.overhead).
     """

@@ -151,16 +151,19 @@ class Probe:
         """
         return unwrap_compiled(model) if self.sampling else model
 
-    def measure_sensitivity(self, loss_fn, recipes=None, *, seed: int = 0, progress: bool = False) -> dict:
+    def measure_sensitivity(self, loss_fn, recipes=None, *, batches=None, seed: int = 0, progress: bool = False) -> dict:
         """Loss change from injecting one site's emulated FP8 fprop at a time (see loka.probe.sensitivity).
 
-        ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch. Stored in the report.
+        ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch; or, with ``batches``,
+        ``loss_fn(batch)`` is evaluated on each (an interval needs >= 2). Stored in the report.
         """
         from loka.probe.sensitivity import site_sensitivity
 
         self.finish()
+        fns = loss_fn if batches is None else [lambda b=b: loss_fn(b) for b in batches]
         for recipe in recipes or self.recipes:
-            res = site_sensitivity(self.modules, loss_fn, recipe, seed=seed, progress=progress)
+            res = site_sensitivity(self.modules, fns, recipe, seed=seed, confidence=self.config.confidence,
+                                   progress=progress)
             for fqn, entry in res.items():
                 self.sensitivity.setdefault(fqn, {})[getattr(recipe, "name", recipe)] = entry
         return self.sensitivity

@@ -26,7 +26,8 @@ VERDICT = {"verdict": VERDICTS, "reason": str}
 TIMING_ENTRY = {"gemm": ("fprop", "dgrad", "wgrad"), "kernel": str, "recipe": str, "median_ms": NUM,
                 "p10_ms": NUM, "p90_ms": NUM, "iters": int}
 TIMINGS = {"device_name": str, "representative": bool, "m": int, "bf16_ms": {"*": NUM}, "entries": [TIMING_ENTRY]}
-SENSITIVITY = {"loss_ref": NUM, "loss_fp8": NUM, "loss_delta": NUM, "rel_loss_delta": NUM}
+SENSITIVITY = {"loss_ref": NUM, "loss_fp8": NUM, "loss_delta": NUM, "rel_loss_delta": NUM,
+               "abs_rel_loss_delta": NUM, "ci_lo": NUM, "ci_hi": NUM, "n": int}
 FIT = {"family": str, "params": [NUM], "ks": NUM, "n": int, "p_zero": NUM, "p_pos": NUM}
 
 SITE = {

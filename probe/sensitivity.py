@@ -8,10 +8,16 @@ injected: dgrad/wgrad errors change the *update*, not this batch's loss. Every
 evaluation runs under ``no_grad`` with the same RNG state, so dropout-like randomness
 does not show up as sensitivity. Summing per-site deltas is a first-order estimate
 of converting several sites at once (interactions are ignored; docs/probe.md).
+
+FP8 noise moves a batch's loss up or down (first order, random sign) and raises the
+expected loss only at second order. With several batches the report therefore gives
+both the mean magnitude (how much the site moves the loss: a ranking for a budget) and
+the signed mean with a t-interval (a systematic increase, which makes a site unsafe).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -46,15 +52,22 @@ def _loss(loss_fn: Callable[[], torch.Tensor], seed: int) -> float:
 
 
 def site_sensitivity(
-    modules: dict[str, nn.Module], loss_fn: Callable[[], torch.Tensor], recipe: Recipe | str, *, seed: int = 0,
-    progress: bool = False,
+    modules: dict[str, nn.Module], loss_fn: Callable[[], torch.Tensor] | list[Callable[[], torch.Tensor]],
+    recipe: Recipe | str, *, seed: int = 0, confidence: float = 0.95, progress: bool = False,
 ) -> dict[str, dict]:
-    """``{fqn: {loss_ref, loss_fp8, loss_delta, rel_loss_delta}}`` injecting one site at a time.
+    """Inject one site at a time; per site ``{loss_ref, loss_fp8, loss_delta, rel_loss_delta,
+    abs_rel_loss_delta, ci_lo, ci_hi, n}``.
 
-    ``loss_fn()`` computes the model's loss on one fixed batch (a closure).
+    ``loss_fn()`` computes the model's loss on one fixed batch (a closure), or is a list of such
+    closures (one per batch). ``rel_loss_delta`` is the mean over batches of the signed relative
+    change, with a t-interval ``[ci_lo, ci_hi]`` (infinite with one batch); ``abs_rel_loss_delta``
+    the mean magnitude, i.e. how much the site's FP8 error moves the loss on a batch.
     """
+    from loka.probe.error import t_interval
+
     recipe = as_recipe(recipe)
-    ref = _loss(loss_fn, seed)
+    fns = loss_fn if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+    refs = [_loss(f, seed) for f in fns]
     out = {}
     items = list(modules.items())
     if progress:
@@ -64,12 +77,15 @@ def site_sensitivity(
     for fqn, module in items:
         handle = module.register_forward_hook(_inject_hook(recipe.fprop))
         try:
-            loss = _loss(loss_fn, seed)
+            losses = [_loss(f, seed) for f in fns]
         finally:
             handle.remove()
-        delta = loss - ref
-        out[fqn] = {"loss_ref": ref, "loss_fp8": loss, "loss_delta": delta,
-                    "rel_loss_delta": delta / abs(ref) if ref != 0 else float("inf") * (delta != 0)}
+        rel = [(l - r) / abs(r) if r != 0 else (math.inf if l != r else 0.0) for l, r in zip(losses, refs)]
+        mean, lo, hi = t_interval(rel, confidence)
+        n = len(fns)
+        out[fqn] = {"loss_ref": sum(refs) / n, "loss_fp8": sum(losses) / n,
+                    "loss_delta": sum(l - r for l, r in zip(losses, refs)) / n, "rel_loss_delta": mean,
+                    "abs_rel_loss_delta": sum(abs(v) for v in rel) / n, "ci_lo": lo, "ci_hi": hi, "n": n}
     return out
 
 

@@ -11,17 +11,17 @@ from loka.probe.report import ProbeReport
 from loka.probe.validate import conversion_errors, conversion_loss_delta
 from loka.probe.workload import ranker_workload
 
-SITES = ("dense.*", "over.*", "interaction.layers.0.fmb.mlp.*")
+SITES = ("dense.*", "over.*")
 
 
 @pytest.mark.slow
 def test_tiny_ranker_probe_verdicts_agree_with_real_conversion(tmp_path):
     torch.manual_seed(0)
     w = ranker_workload("tiny", batch_size=128)
-    cfg = ProbeConfig(schedule=SamplingSchedule(every=2, max_samples=4), candidates=("tensorwise", "rowwise"),
+    cfg = ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=3), candidates=("tensorwise", "rowwise"),
                       include=SITES, fit_values=512)
     probe = Probe(w.model, cfg)
-    train_with_probe(w, probe, 8, lr=1e-3, device="cpu", autocast=False, progress=False)
+    train_with_probe(w, probe, 3, lr=1e-3, device="cpu", autocast=False, progress=False)
     batch = w.make_batch(1000)
     loss_fn = lambda m: w.loss_fn(m, batch)  # noqa: E731
     probe.measure_sensitivity(lambda: loss_fn(w.model))
@@ -31,6 +31,7 @@ def test_tiny_ranker_probe_verdicts_agree_with_real_conversion(tmp_path):
     assert paths["md"].read_text().count("| `") == len(report.sites) and "base64" in paths["html"].read_text()
 
     verdicts = report.verdicts()
+    print({s["fqn"]: (s["verdict"], s["reason"]) for s in report.sites})
     assert "unsafe" in verdicts.values() and "safe" in verdicts.values(), verdicts
     for s in report.sites:
         assert s["reason"]

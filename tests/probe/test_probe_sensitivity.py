@@ -41,3 +41,23 @@ def test_sensitivity_leaves_the_model_unchanged_and_lands_in_the_report():
     assert loss_fn(model, batch).item() == before
     s = probe.report().site("hidden")["sensitivity"]["rowwise"]
     assert s["loss_ref"] == pytest.approx(before) and "rel_loss_delta" in s
+
+
+def test_systematic_loss_increase_makes_the_site_unsafe():
+    """A regression fitted exactly: any FP8 error raises the loss on every batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    batches = [torch.randn(64, 32) for _ in range(4)]
+    targets = [model(x).detach() + 1e-3 * torch.randn(64, 16) for x in batches]
+    data = list(zip(batches, targets))
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=3), candidates=("rowwise",)))
+    for step in range(3):
+        with probe.step(step):
+            x, t = data[step]
+            torch.nn.functional.mse_loss(model(x), t).backward()
+    probe.measure_sensitivity(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]), batches=data)
+    s = probe.report().site("0")
+    sens = s["sensitivity"]["rowwise"]
+    assert sens["n"] == 4 and sens["ci_lo"] > 1.0 and sens["abs_rel_loss_delta"] >= abs(sens["rel_loss_delta"])
+    assert s["recipe_verdicts"]["rowwise"]["verdict"] == "unsafe"
+    assert s["reason"].startswith("every candidate unsafe") and "sensitive" in s["reason"]
