@@ -23,7 +23,7 @@ loaded *before* the mods; see docs/mods.md), then ``loka.convert``.
 from loka.mods import fused_norm_quant, grouped_rewrite, horizontal, keep_hp, padding, row_scale, scale_migration
 from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
 from loka.mods.graph import Dataflow, LinearNorm, NormLinear, record
-from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear
+from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear, scaled_grouped_linear
 from loka.mods.horizontal import FusedLinearMember, fuse_linears
 from loka.mods.keep_hp import keep_in_hp, module_filter_fn
 from loka.mods.norms import register_norm
@@ -69,4 +69,5 @@ __all__ = [
     "module_filter_fn",
     "record",
     "register_norm",
+    "scaled_grouped_linear",
 ]

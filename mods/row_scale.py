@@ -39,12 +39,19 @@ from torch import nn
 from loka.mods.graph import Dataflow, record
 from loka.mods.norms import norm_info
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
-from loka.nn import Float8Linear, _compute_dtype
+from loka.nn import Float8Linear
 from loka.quantize import dequantize, operand_block, quantize_operand
 from loka.recipe import Recipe, as_recipe
 
 NAME = "row_scale_free"
 EXACT = True  # with bias="drop" on a site with a non-removable bias the result says exact=False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM's dtype: autocast's when it is on (as in Float8Linear), else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class RowScaleInvariantLinear(Float8Linear):
