@@ -53,6 +53,9 @@ def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> lis
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} is not registered here")
             continue
         kernel = KERNELS.get(choice.kernel)
+        if gemm not in kernel.gemms:
+            problems.append(f"{sp.fqn}: kernel {choice.kernel!r} does not implement {gemm}")
+            continue
         ok, why = kernel.available(device)
         if not ok:
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} is not available here: {why}")

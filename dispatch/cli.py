@@ -61,7 +61,7 @@ def doctor_text(device: torch.device) -> str:
         f"python {platform.python_version()} · " + " · ".join(f"{k} {v or ('none' if k == 'cuda' else 'not installed')}" for k, v in versions.items()),
         f"device: {dev}",
         "",
-        f"{'kernel':<22} {'backend':<10} {'status':<12} reason",
+        f"{'kernel':<22} {'backend':<10} {'recipes':<34} {'status':<12} reason",
     ]
     for kernel in KERNELS:
         ok, why = kernel.available(device)
@@ -69,8 +69,19 @@ def doctor_text(device: torch.device) -> str:
         note = why
         if ok and kernel.untested:
             note = "code path never run on this kind of machine by loka's tests (untested)"
-        lines.append(f"{kernel.name:<22} {kernel.backend:<10} {status:<12} {note}")
+        lines.append(f"{kernel.name:<22} {kernel.backend:<10} {_recipes_taken(kernel, device):<34} {status:<12} {note}")
     return "\n".join(lines)
+
+
+def _recipes_taken(kernel, device: torch.device) -> str:
+    """Named recipes the kernel takes for fprop at an aligned shape (what it could be planned for)."""
+    from loka.recipe import RECIPE_NAMES, as_recipe
+
+    if kernel.hp:
+        return "hp"
+    names = [r for r in RECIPE_NAMES if r not in ("bf16", "rowwise_with_gw_hp")
+             and kernel.supports(as_recipe(r).fprop, (256, 256, 256), torch.bfloat16, device)]
+    return ",".join(names) or "-"
 
 
 def _doctor(args) -> int:

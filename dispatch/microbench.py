@@ -128,6 +128,8 @@ def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
                 continue
             for name in names:
                 kernel = KERNELS.get(name)
+                if gemm not in kernel.gemms:
+                    continue
                 ok, why = kernel.available(device)
                 if not ok:
                     skipped[name] = why  # once per kernel, not per GEMM and recipe

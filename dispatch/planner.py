@@ -225,6 +225,8 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
     if name not in KERNELS:
         return "not a registered kernel"
     kernel = KERNELS.get(name)
+    if gemm not in kernel.gemms:
+        return f"implements {sorted(kernel.gemms)} only"
     ok, why = kernel.available(device)
     if not ok:
         return why
