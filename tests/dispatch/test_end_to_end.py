@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 import loka
@@ -61,6 +62,7 @@ def _hypothetical_fast(timings: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_probe_plan_convert_train_tiny_ranker(tmp_path):
     wl, report = _probe_tiny()
     timings = _cpu_timings(report, tmp_path)
