@@ -61,3 +61,21 @@ def test_systematic_loss_increase_makes_the_site_unsafe():
     assert sens["n"] == 4 and sens["ci_lo"] > 1.0 and sens["abs_rel_loss_delta"] >= abs(sens["rel_loss_delta"])
     assert s["recipe_verdicts"]["rowwise"]["verdict"] == "unsafe"
     assert s["reason"].startswith("every candidate unsafe") and "sensitive" in s["reason"]
+
+
+def test_unsafe_verdict_agrees_with_real_conversion():
+    """The exactly-fitted regression again: the verdict and a real conversion agree that FP8 hurts."""
+    from loka.probe.validate import conversion_loss_delta
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    data = [(x, model(x).detach() + 1e-3 * torch.randn(64, 16)) for x in (torch.randn(64, 32) for _ in range(3))]
+    loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=3), candidates=("tensorwise",)))
+    for step in range(3):
+        with probe.step(step):
+            loss(model, data[step]).backward()
+    probe.measure_sensitivity(lambda b: loss(model, b), batches=data)
+    assert probe.report().site("0")["verdict"] == "unsafe"
+    real = conversion_loss_delta(model, "0", "tensorwise", lambda m: loss(m, data[0]))
+    assert real["rel_loss_delta"] > ProbeConfig().sensitivity_threshold
