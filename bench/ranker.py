@@ -1,0 +1,320 @@
+"""The ranker, side by side: bf16 vs naive FP8 (torchao) vs Transformer Engine vs the loka plan.
+
+One command, on a GPU (H100-class; writes bench/results/<device>-<date>.md and .json):
+
+    python bench/ranker.py --size large --out bench/results/
+
+CPU smoke run (tiny ranker, a few steps, no torch.compile; writes to a temporary directory,
+the file says the timings are NOT representative):
+
+    python bench/ranker.py --size tiny --cpu-smoke
+
+In ONE process, on the same batches and from the same initial weights, every variant
+(see bench/ranker_variants.py: ``bf16``, ``torchao-tensorwise``, ``torchao-rowwise``,
+``te``, ``loka-plan``) is trained for ``--warmup`` + ``--steps`` steps and then:
+
+- **training step**: median (p10-p90) of the timed steps (loka.probe.timing.time_fn: CUDA
+  events on GPU, perf_counter on CPU), examples/s, achieved GEMM TFLOP/s and MFU
+  (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name);
+- **quality**: NE per task on the same held-out examples, and the paired relative NE
+  difference to bf16 with a 95% bootstrap interval (loka.gate.paired_bootstrap);
+- **inference**: p50/p99 latency of one eval-mode, no-grad forward at each ``--infer-batch-sizes``
+  (each call timed on its own; loka's Float8Linear quantizes its weights once, in eval mode;
+  torchao's modules quantize weights and activations per call, as trained).
+
+``--plan plan.json`` gives the loka plan; without it the plan is made here (a short probe of
+``--probe-steps`` steps, then ``loka.dispatch.plan(measure=True)`` on this device) and saved
+next to the results. torch.compile: dynamo is reset between variants and its recompile limit
+raised (the header says so), so a variant never falls back to eager silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench modules
+
+from ranker_flops import count_gemm_flops, peak_for  # noqa: E402
+from ranker_report import RunInfo, VariantResult, render  # noqa: E402
+from ranker_variants import BUILDERS, VARIANTS, Unavailable, library_versions  # noqa: E402
+from triton_timing import raise_recompile_limit  # noqa: E402
+
+GPU_DEFAULTS = dict(threads=None, batch_size=8192, warmup=10, steps=50, eval_examples=65536, infer_batch_sizes="1,64,512,4096",
+                    infer_iters=100, probe_steps=20, compile="on")
+SMOKE_DEFAULTS = dict(threads=1, batch_size=64, warmup=1, steps=3, eval_examples=1024, infer_batch_sizes="1,16",
+                      infer_iters=5, probe_steps=2, compile="off")
+RECOMPILE_LIMIT = 64
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="large", help="loka.models ranker size (tiny, small, base, large)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--plan", default=None, help="loka plan JSON for the loka-plan variant (default: make one here)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/ on GPU, a temp dir on CPU)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny settings on CPU; NOT representative")
+    for name, kind in (("batch_size", int), ("warmup", int), ("steps", int), ("eval_examples", int),
+                       ("infer_batch_sizes", str), ("infer_iters", int), ("probe_steps", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--compile", choices=("on", "off"), default=None, help="torch.compile the variants (GPU default on)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (--cpu-smoke: 1; more threads than free cores make CPU steps erratic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    defaults = SMOKE_DEFAULTS if args.cpu_smoke else GPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    args.infer_batch_sizes = [int(b) for b in args.infer_batch_sizes.split(",")]
+    if min([args.batch_size, args.steps, args.eval_examples, args.infer_iters] + args.infer_batch_sizes) < 1:
+        p.error("--batch-size, --steps, --eval-examples, --infer-iters and the batch sizes must be >= 1")
+    return args
+
+
+def configure_dynamo() -> str:
+    """Reset-and-raise policy of torch.compile for this run, as a sentence for the header."""
+    raise_recompile_limit(RECOMPILE_LIMIT)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    loud = hasattr(cfg, "fail_on_recompile_limit_hit")
+    if loud:
+        cfg.fail_on_recompile_limit_hit = True  # an eager fallback would be an error row, not a silent slow row
+    return (f"torch.compile: torch._dynamo.reset() before every variant; torch._dynamo.config.{name} raised to "
+            f"{getattr(cfg, name)}" + ("; fail_on_recompile_limit_hit=True" if loud else ""))
+
+
+class Setup:
+    """What every variant shares: the base model (on CPU), the training batches, the held-out stream."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        from loka.models import Ranker, RankerConfig, SyntheticStream
+
+        self.device = device
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.cfg = RankerConfig.from_size(args.size)
+        torch.manual_seed(args.seed)
+        self.base = Ranker(self.cfg)
+        stream = SyntheticStream(self.cfg, args.batch_size, seed=args.seed, device=device)
+        self.base.over.init_bias(stream.base_rates())
+        n_batches = min(args.warmup + args.steps, 64)  # reused in order when there are more steps
+        self.batches = [stream.batch(i) for i in range(n_batches)]
+        self.held_out = SyntheticStream(self.cfg, min(4096, args.eval_examples), seed=1_000_003, device=device)
+
+    def fresh_model(self) -> torch.nn.Module:
+        return copy.deepcopy(self.base).to(self.device)
+
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
+def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool):
+    """A short probe on a copy of the base model, then a plan timed on this device; saved to out_dir."""
+    from loka.dispatch import Budget, plan
+    from loka.models.train import task_losses
+    from loka.probe.cli import train_with_probe
+    from loka.probe.config import ProbeConfig, SamplingSchedule
+    from loka.probe.probe import Probe
+    from loka.probe.workload import Workload
+
+    model = setup.fresh_model()
+    batches = setup.batches
+    wl = Workload(model, lambda i: batches[i % len(batches)],
+                  lambda m, b: sum(task_losses(m(b), b).values()), name=f"ranker-{args.size}")
+    steps = args.probe_steps
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=max(1, steps // 10)),
+                                     candidates=("tensorwise", "rowwise")))
+    train_with_probe(wl, probe, steps, lr=1e-3, device=str(setup.device), autocast=setup.autocast, progress=show)
+    probe.measure_sensitivity(lambda: wl.loss_fn(model, batches[0]), progress=show)
+    report = probe.report(model=f"ranker-{args.size}")
+    dtype = torch.bfloat16 if setup.autocast else torch.float32
+    bench = {"warmup": 2, "iters": 5} if args.cpu_smoke else {"warmup": 5, "iters": 20}
+    p = plan(report, Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench)
+    path = p.save(out_dir / f"plan-{args.size}.json")
+    del model, probe
+    return p, (f"loka plan made here: probe of {steps} steps on a copy of the base model, then "
+               f"loka.dispatch.plan(measure=True) on this device; saved to {path}")
+
+
+def latency(fn, batch, iters: int, warmup: int, device) -> tuple[float, float]:
+    """(p50, p99) ms of ``fn(batch)``, each call timed on its own by loka's timer."""
+    from loka.probe.timing import time_fn
+
+    for _ in range(warmup):
+        fn(batch)
+    samples = sorted(time_fn(lambda: fn(batch), warmup=0, iters=1, device=device).median_ms for _ in range(iters))
+    pick = lambda q: samples[min(len(samples) - 1, round(q * (len(samples) - 1)))]  # noqa: E731
+    return pick(0.5), pick(0.99)
+
+
+def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[VariantResult, dict | None]:
+    """Build, train, evaluate and serve one variant; returns its result and its held-out predictions."""
+    from loka.models import build_optimizers, predict
+    from loka.models.train import task_losses
+    from loka.probe.timing import time_fn
+
+    result = VariantResult(name)
+    torch._dynamo.reset()
+    try:
+        built = BUILDERS[name](setup.fresh_model(), device=setup.device, plan=plan)
+    except Unavailable as exc:
+        result.status = str(exc)
+        return result, None
+    model, result.sites, result.notes = built.model, built.sites_cell(), list(built.notes)
+    result.compiled = built.compile and args.compile == "on"
+    runner = torch.compile(model) if result.compiled else model
+    opts = build_optimizers(model, lr_dense=2e-3, lr_sparse=0.05, weight_decay=1e-5)
+    position = [0]
+
+    def step():
+        batch = setup.batches[position[0] % len(setup.batches)]
+        position[0] += 1
+        with setup.amp(), built.forward_context():
+            loss = sum(task_losses(runner(batch), batch).values())
+        loss.backward()
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t = time_fn(step, warmup=args.warmup, iters=args.steps, device=setup.device)
+    result.step_ms = (t.median_ms, t.p10_ms, t.p90_ms)
+    with setup.amp(), built.forward_context():
+        pred = predict(model, setup.held_out, args.eval_examples)
+    result.ne = ne_per_task(pred, list(setup.cfg.tasks))
+    model.eval()
+
+    @torch.no_grad()  # not inference_mode: torchao's rowwise Float8Linear cannot reshape its cast input there
+    def serve(batch):
+        with setup.amp(), built.forward_context():
+            return runner(batch)
+
+    for b, batch in infer_batches.items():
+        result.latency_ms[b] = latency(serve, batch, args.infer_iters, max(2, args.warmup), setup.device)
+    return result, pred
+
+
+def ne_per_task(pred: dict, tasks: list[str]) -> dict[str, float]:
+    from loka.gate import normalized_entropy
+
+    out = {}
+    for i, task in enumerate(tasks):
+        keep = pred["weights"][:, i] > 0
+        out[task] = float(normalized_entropy(pred["labels"][keep, i], pred["probs"][keep, i]))
+    return out
+
+
+def paired_vs_bf16(results: list[VariantResult], preds: dict[str, dict], tasks: list[str]) -> None:
+    from loka.gate import paired_bootstrap
+
+    base = preds.get("bf16")
+    if base is None:
+        return
+    for r in results:
+        if r.name == "bf16" or r.name not in preds:
+            continue
+        for i, task in enumerate(tasks):
+            keep = base["weights"][:, i] > 0
+            r.ne_vs_bf16[task] = paired_bootstrap(base["labels"][keep, i], base["probs"][keep, i],
+                                                  preds[r.name]["probs"][keep, i], metric="ne", n_boot=500, seed=0)
+
+
+def resolve_device(args) -> torch.device | None:
+    if args.cpu_smoke:
+        return torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/ranker.py: no CUDA GPU here; use --cpu-smoke (or --device cpu) to check it on CPU",
+              file=sys.stderr)
+        return None
+    return device
+
+
+def results_dir(args, device: torch.device) -> Path:
+    """--out, else bench/results/ on GPU; CPU figures never land in bench/results/ by default."""
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" if device.type == "cuda"
+                                           else Path(tempfile.mkdtemp(prefix="loka-ranker-bench-")))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args)
+    if device is None:
+        return 2
+    from loka.dispatch import load_plan
+    from loka.models import SyntheticStream
+    from loka.probe.timing import device_name
+
+    show = not args.no_progress
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = results_dir(args, device)
+    settings = [configure_dynamo() if args.compile == "on" else "torch.compile: off (--compile off)"]
+    setup = Setup(args, device)
+    settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
+                    "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")
+    flops = count_gemm_flops(copy.deepcopy(setup.base), setup.batches[0].slice(0, 4).to("cpu"), 4)
+    plan = None
+    if "loka-plan" in args.variants:
+        if args.plan:
+            plan, how = load_plan(args.plan), f"loka plan: {args.plan} (given)"
+        else:
+            plan, how = make_plan(setup, args, out_dir, show)
+        settings.append(how)
+    infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=device).batch(0) for b in args.infer_batch_sizes}
+    results, preds = [], {}
+    for name in args.variants:
+        if show:
+            print(f"bench/ranker.py: {name} ...", file=sys.stderr)
+        try:
+            r, pred = run_variant(name, setup, args, plan, infer_batches)
+        except Exception as exc:  # one failing variant is a row with the error, the others still run
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            r, pred = VariantResult(name, status=f"error: {type(exc).__name__}: {first}"), None
+        results.append(r)
+        if pred is not None:
+            preds[name] = pred
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tasks = list(setup.cfg.tasks)
+    paired_vs_bf16(results, preds, tasks)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    dev_name = device_name(device)
+    cli = argv if argv is not None else sys.argv[1:]
+    info = RunInfo(command="python bench/ranker.py " + " ".join(shlex.quote(a) for a in cli),
+                   date_utc=now.strftime("%Y-%m-%d %H:%M"), device=dev_name, representative=device.type == "cuda",
+                   versions=library_versions(), size=args.size, batch_size=args.batch_size, warmup=args.warmup,
+                   steps=args.steps, eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name),
+                   settings=settings)
+    text = render(results, info, tasks, args.infer_batch_sizes)
+    stem = ("cpu" if device.type != "cuda" else _slug(dev_name)) + f"-{now:%Y-%m-%d}"
+    (out_dir / f"{stem}.md").write_text(text)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
+                                                      "variants": [r.to_dict() for r in results]}, indent=2))
+    print(text)
+    print(f"wrote {out_dir / (stem + '.md')}", file=sys.stderr)
+    return 0
+
+
+def _slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The Markdown (and JSON) that bench/ranker.py writes: one row per variant, nothing dropped.
+
+Kept apart from the runner so the tables can be read (and tested) without running anything.
+A variant that did not run has its row with the reason in every table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ranker_flops import GemmFlops, Peak
+
+
+@dataclass
+class VariantResult:
+    """What one variant measured; ``status`` is "ok" or why it did not (fully) run."""
+
+    name: str
+    status: str = "ok"
+    sites: str = ""
+    compiled: bool = False
+    step_ms: tuple[float, float, float] | None = None  # median, p10, p90
+    ne: dict[str, float] = field(default_factory=dict)
+    ne_vs_bf16: dict[str, object] = field(default_factory=dict)  # task -> BootstrapResult
+    latency_ms: dict[int, tuple[float, float]] = field(default_factory=dict)  # batch -> (p50, p99)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "sites": self.sites, "compiled": self.compiled,
+                "step_ms": self.step_ms, "ne": self.ne,
+                "ne_vs_bf16": {t: dataclasses.asdict(r) for t, r in self.ne_vs_bf16.items()},
+                "latency_ms": {str(b): v for b, v in self.latency_ms.items()}, "notes": self.notes}
+
+
+@dataclass
+class RunInfo:
+    """Where, how and on what the variants ran (the header of the file)."""
+
+    command: str
+    date_utc: str
+    device: str
+    representative: bool
+    versions: dict[str, str]
+    size: str
+    batch_size: int
+    warmup: int
+    steps: int
+    eval_examples: int
+    flops: GemmFlops
+    peak: Peak | None
+    settings: list[str]
+
+
+def _status_row(r: VariantResult, n_cols: int) -> str:
+    return f"| {r.name} | " + " | ".join([r.status] + ["—"] * (n_cols - 2)) + " |"
+
+
+def training_table(results: list[VariantResult], info: RunInfo) -> list[str]:
+    lines = ["| variant | FP8 sites | compiled | step ms, median (p10–p90) | examples/s | TFLOP/s | MFU | vs bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = next((r.step_ms[0] for r in results if r.name == "bf16" and r.step_ms), None)
+    flops = info.flops.train_step(info.batch_size)
+    for r in results:
+        if r.step_ms is None:
+            lines.append(_status_row(r, 8))
+            continue
+        med, p10, p90 = r.step_ms
+        tflops = flops / (med * 1e-3) / 1e12
+        mfu = f"{100 * tflops / info.peak.bf16:.1f}%" if info.peak else "n/a"
+        speed = f"{base / med:.2f}x" if base else "n/a"
+        lines.append(f"| {r.name} | {r.sites} | {'yes' if r.compiled else 'no'} | {med:.3f} ({p10:.3f}–{p90:.3f}) | "
+                     f"{info.batch_size / (med * 1e-3):,.0f} | {tflops:.3g} | {mfu} | {speed} |")
+    return lines
+
+
+def _ne_delta_cell(res) -> str:
+    if res is None:
+        return "—"
+    return f"{100 * res.rel_diff:+.3f}% [{100 * res.rel_ci_lo:+.3f}%, {100 * res.rel_ci_hi:+.3f}%]"
+
+
+def quality_table(results: list[VariantResult], tasks: list[str]) -> list[str]:
+    head = " | ".join(f"NE {t}" for t in tasks) + " | " + " | ".join(f"ΔNE {t} vs bf16 (95% CI)" for t in tasks)
+    lines = [f"| variant | {head} |", "|---|" + "---|" * (2 * len(tasks))]
+    for r in results:
+        if not r.ne:
+            lines.append(_status_row(r, 1 + 2 * len(tasks)))
+            continue
+        ne = " | ".join(f"{r.ne[t]:.5f}" for t in tasks)
+        delta = " | ".join(_ne_delta_cell(r.ne_vs_bf16.get(t)) if r.name != "bf16" else "(baseline)" for t in tasks)
+        lines.append(f"| {r.name} | {ne} | {delta} |")
+    return lines
+
+
+def latency_table(results: list[VariantResult], batch_sizes: list[int]) -> list[str]:
+    lines = ["| variant | " + " | ".join(f"B={b} p50 / p99 ms" for b in batch_sizes) + " |",
+             "|---|" + "---|" * len(batch_sizes)]
+    for r in results:
+        if not r.latency_ms:
+            lines.append(_status_row(r, 1 + len(batch_sizes)))
+            continue
+        cells = [f"{r.latency_ms[b][0]:.3f} / {r.latency_ms[b][1]:.3f}" if b in r.latency_ms else "—"
+                 for b in batch_sizes]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def header(info: RunInfo) -> list[str]:
+    lines = [f"# Ranker benchmark: `{info.size}`, batch {info.batch_size}, {info.device}", ""]
+    if not info.representative:
+        lines += ["**CPU run: timings are NOT representative of GPU speed; this file only shows the "
+                  "benchmark runs end to end.**", ""]
+    lines += [f"- command: `{info.command}`", f"- date (UTC): {info.date_utc}", f"- device: {info.device}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()),
+              f"- training: {info.warmup} warm-up + {info.steps} timed steps per variant, the same batches in the "
+              f"same order from the same initial weights; NE on the same {info.eval_examples} held-out examples",
+              f"- GEMM FLOPs: {info.flops.describe()}",
+              "- peak: " + (f"{info.peak.describe()}; MFU = achieved TFLOP/s / bf16 dense peak for every variant"
+                            if info.peak else "n/a (no tensor-core peak for this device); MFU n/a")]
+    lines += [f"- {s}" for s in info.settings]
+    return lines
+
+
+def render(results: list[VariantResult], info: RunInfo, tasks: list[str], batch_sizes: list[int]) -> str:
+    lines = header(info)
+    lines += ["", "## Training step", ""] + training_table(results, info)
+    lines += ["", f"## Quality after {info.warmup + info.steps} steps", ""] + quality_table(results, tasks)
+    lines += ["", "## Inference latency (eval mode, no grad)", ""] + latency_table(results, batch_sizes)
+    notes = [f"- {r.name}: {n}" for r in results for n in r.notes]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
+    return "\n".join(lines) + "\n"

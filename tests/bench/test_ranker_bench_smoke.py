@@ -1,0 +1,104 @@
+"""bench/ranker.py runs end to end on CPU at tiny size and its table has a row for every variant.
+
+The loka-plan variant gets a plan made from a hand-built report (no probe, no micro-benchmarks),
+which converts the sites torch._scaled_mm takes (it runs on CPU too), so the row exercises loka's Float8Linear.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+GEMMS = ("fprop", "dgrad", "wgrad")
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_ranker", ROOT / "bench" / "ranker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _site(fqn: str, k: int, n: int, m: int) -> dict:
+    err = {"mean": 0.01, "ci_lo": 0.008, "ci_hi": 0.012, "sqnr_db": 38.0, "n": 3, "threshold": 0.1, "verdict": "safe"}
+    entries = [{"gemm": g, "kernel": "scaled_mm", "recipe": "tensorwise", "median_ms": 0.5, "p10_ms": 0.5,
+                "p90_ms": 0.5, "iters": 3} for g in GEMMS]
+    return {"fqn": fqn, "in_features": k, "out_features": n, "m_values": [m],
+            "errors": {"tensorwise": {g: err for g in GEMMS}},
+            "sensitivity": {"tensorwise": {"loss_ref": 1.0, "loss_fp8": 1.0, "loss_delta": 0.0, "rel_loss_delta": 1e-7}},
+            "timings": {"device_name": "test", "representative": False, "m": m, "bf16_ms": {g: 1.0 for g in GEMMS},
+                        "entries": entries}}
+
+
+def _tiny_plan(path: Path) -> Path:
+    from loka.dispatch import Budget, plan
+    from loka.models import Ranker, RankerConfig
+
+    model = Ranker(RankerConfig.from_size("tiny"))
+    sites = [_site(fqn, m.in_features, m.out_features, 64) for fqn, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)]
+    p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+    return p.save(path)
+
+
+def _rows(text: str, section: str) -> dict[str, list[str]]:
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in body.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_cpu_smoke_table_has_every_variant(tmp_path):
+    bench = _load_bench()
+    plan_path = _tiny_plan(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    rc = bench.main(["--size", "tiny", "--cpu-smoke", "--plan", str(plan_path), "--out", str(out), "--steps", "2",
+                     "--eval-examples", "512", "--infer-batch-sizes", "1,8", "--infer-iters", "3", "--no-progress"])
+    assert rc == 0
+    md = list(out.glob("cpu-*.md"))
+    assert len(md) == 1, "one Markdown file named after the device and date"
+    text = md[0].read_text()
+    assert "NOT representative" in text and "python bench/ranker.py --size tiny --cpu-smoke" in text
+    assert re.search(r"versions: torch \S+, triton \S+, torchao \S+, transformer_engine ", text)
+    train, quality, latency = (_rows(text, s) for s in ("Training step", "Quality", "Inference latency"))
+    for table in (train, quality, latency):
+        assert list(table) == ["bf16", "torchao-tensorwise", "torchao-rowwise", "te", "loka-plan"]
+    for name in ("bf16", "torchao-tensorwise", "torchao-rowwise", "loka-plan"):
+        assert float(train[name][2].split()[0]) > 0, f"{name} did not run: {train[name]}"
+        assert train[name][5] == "n/a", "no MFU on CPU"
+        assert all(math.isfinite(float(v)) for v in quality[name][:2])
+    assert int(train["torchao-rowwise"][0].split("/")[0]) > 0, "torchao converted no Linear"
+    assert int(train["loka-plan"][0].split("/")[0]) > 0, "the plan's FP8 sites were not converted"
+    from loka.dispatch.backend_te import te_import
+
+    support = te_import()
+    if not support.ok:
+        assert train["te"][0] == support.reason and support.reason.startswith("te: ")
+    assert quality["loka-plan"][2].endswith("]"), "paired NE interval vs bf16"
+    doc = json.loads(md[0].with_suffix(".json").read_text())
+    assert [v["name"] for v in doc["variants"]] == list(train)
+
+
+def test_cpu_results_never_default_to_bench_results():
+    bench = _load_bench()
+    args = bench.parse_args(["--size", "tiny", "--cpu-smoke"])
+    out = bench.results_dir(args, torch.device("cpu"))
+    try:
+        assert (ROOT / "bench" / "results") not in out.resolve().parents and out.resolve() != ROOT / "bench" / "results"
+    finally:
+        out.rmdir()
+
+
+def test_bad_variant_is_refused(capsys):
+    bench = _load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "bf16,fp4"])
+    assert "unknown variants ['fp4']" in capsys.readouterr().err
+    assert sys.modules.get("ranker_variants") is not None
