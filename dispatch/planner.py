@@ -57,6 +57,7 @@ def plan(
     progress: bool = True,
     bench: dict | None = None,
     m_buckets: list[int] | None = None,
+    keep_bf16: dict[str, str] | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -66,8 +67,15 @@ def plan(
     ``kernels`` restricts the kernels considered. ``m_buckets`` makes a *serving* plan: only
     fprop, timed now at each declared batch size M and summed (backward GEMMs stay bf16).
     ``method``: ``"auto"`` (exact milp, greedy if it fails), ``"exact"`` or ``"greedy"``.
+    ``keep_bf16``: ``{fqn: reason}`` of sites a policy keeps in bf16 (e.g.
+    ``loka.mods.keep_in_hp``); they get no FP8 candidate and the reason in the plan.
     """
     budget = budget or Budget()
+    keep_bf16 = dict(keep_bf16 or {})
+    unknown_keep = sorted(set(keep_bf16) - {s.fqn for s in report_sites(report)})
+    if unknown_keep:
+        raise ValueError(f"keep_bf16 names sites the report does not have: {unknown_keep}; "
+                         "use the fqns of the probed model (after its mods)")
     device = torch.device(device or "cpu")
     sites = report_sites(report)
     notes: list[str] = []
@@ -80,7 +88,11 @@ def plan(
     options, per_gemm = [], {}
     for site in sites:
         for gemm in GEMMS:
-            go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype)
+            if site.fqn in keep_bf16:
+                bf16_ms = (site_timings.get(site.fqn) or {}).get("bf16_ms", {}).get(gemm)
+                go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
+            else:
+                go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype)
             per_gemm[(site.fqn, gemm)] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)

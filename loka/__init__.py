@@ -11,10 +11,30 @@ from loka.quantize import NonFiniteError, dequantize, fake_quantize, quantize, q
 from loka.recipe import GemmRecipe, OperandRecipe, Recipe, as_recipe
 from loka.nn import Float8Linear
 from loka.convert import ConvertResult, convert
+from loka.dispatch import Budget, Plan, apply_plan, load_plan, plan
+from loka.probe import Probe, ProbeConfig, SamplingSchedule
+from loka.probe.report import ProbeReport
+from loka.mods import ModResult, keep_in_hp
+from loka.mods.pipeline import apply_all as apply_mods
+from loka.gate import EvalOutputs, GateBudget
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "EvalOutputs",
+    "GateBudget",
+    "ModResult",
+    "Plan",
+    "Probe",
+    "ProbeConfig",
+    "ProbeReport",
+    "SamplingSchedule",
+    "apply_mods",
+    "apply_plan",
+    "keep_in_hp",
+    "load_plan",
+    "plan",
     "E4M3",
     "E5M2",
     "FORMATS",

@@ -58,7 +58,7 @@ def convert(
     *,
     module_filter_fn: FilterFn | None = None,
     kernels: str | Mapping[str, str] = "auto",
-    fallback: Fallback = "error",
+    fallback: Fallback | None = None,
     plan=None,
     **plan_options,
 ) -> ConvertResult:
@@ -67,14 +67,23 @@ def convert(
     ``module_filter_fn(module, fqn) -> bool`` chooses sites (all Linears by
     default). Sites whose dims a chosen kernel cannot take are skipped with the
     reason, unless ``fallback="hp"``, which converts them and runs those GEMMs
-    in hp. ``plan`` (a ``loka.dispatch.Plan``) overrides recipe and kernels per site.
+    in hp. ``plan`` (a ``loka.dispatch.Plan`` or a plan JSON path, also accepted
+    in place of ``recipe``) sets recipe and kernels per site; with a plan,
+    ``fallback`` defaults to ``"hp"`` and ``plan_options`` go to ``apply_plan``.
     """
+    if plan is None and _is_plan(recipe):
+        plan, recipe = recipe, None
     if plan is not None:
         from loka.dispatch import apply_plan
 
+        if module_filter_fn is not None or kernels != "auto":
+            raise ValueError("with a plan, kernels and sites come from the plan; drop module_filter_fn and kernels")
+        if fallback is not None:
+            plan_options["fallback"] = fallback
         return apply_plan(model, plan, **plan_options)
     if plan_options:
         raise TypeError(f"unexpected options without a plan: {sorted(plan_options)}")
+    fallback = fallback or "error"
     recipe = as_recipe(recipe)
     result = ConvertResult()
     for fqn, module, parent, child_name in _linears_post_order(model):
@@ -93,6 +102,15 @@ def convert(
         setattr(parent, child_name, new)
         result.converted.append(fqn)
     return result
+
+
+def _is_plan(obj) -> bool:
+    """A Plan object, or a path to a plan JSON file (recipe names never end in .json)."""
+    from pathlib import Path
+
+    if isinstance(obj, Path) or (isinstance(obj, str) and obj.endswith(".json")):
+        return True
+    return type(obj).__name__ == "Plan" and hasattr(obj, "sites")
 
 
 def _linears_post_order(model: nn.Module):

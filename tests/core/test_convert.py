@@ -67,3 +67,30 @@ def test_bad_inputs():
         convert(mlp(), "int4")
     with pytest.raises(ValueError, match="unknown kernel"):
         convert(mlp(), "rowwise", kernels="cutlass9")
+
+
+
+def _one_site_plan(model: nn.Module, fqn: str):
+    """A plan that puts every GEMM of ``fqn`` on scaled_mm/rowwise (hand-built report, as a probe writes it)."""
+    from loka.dispatch import Budget, plan
+
+    lin = model.get_submodule(fqn)
+    err = {"mean": 0.03, "ci_lo": 0.02, "ci_hi": 0.04, "sqnr_db": 30.0, "n": 5}
+    timings = {"device_name": "test", "representative": False, "m": 32, "dtype": "bfloat16",
+               "bf16_ms": {g: 1.0 for g in ("fprop", "dgrad", "wgrad")},
+               "entries": [{"gemm": g, "kernel": "scaled_mm", "recipe": "rowwise", "median_ms": 0.5}
+                           for g in ("fprop", "dgrad", "wgrad")]}
+    site = {"fqn": fqn, "in_features": lin.in_features, "out_features": lin.out_features, "m_values": [32],
+            "errors": {"rowwise": {g: dict(err) for g in ("fprop", "dgrad", "wgrad")}}, "timings": timings}
+    return plan({"schema_version": 1, "sites": [site]}, Budget(), progress=False)
+
+
+def test_plan_given_in_place_of_recipe(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32))
+    p = _one_site_plan(model, "0")
+    path = p.save(tmp_path / "plan.json")
+    result = convert(model, str(path))  # positional plan path
+    assert result.converted == ["0"]
+    assert model[0].kernels["fprop"].name == "scaled_mm"
+    with pytest.raises(ValueError, match="come from the plan"):
+        convert(nn.Sequential(nn.Linear(64, 32)), p, kernels="emulated")
