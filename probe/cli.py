@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     for g, t in DEFAULT_THRESHOLDS.items():
         p.add_argument(f"--threshold-{g}", type=float, default=t, help=f"relative-error threshold for {g} (default {t})")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    p.add_argument("--overhead-budget", type=float, default=None,
+                   help="postpone samples while the probe would exceed this fraction of training time (e.g. 0.05)")
     p.add_argument("--include", action="append", default=[], help="fqn glob of sites to probe (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="fqn glob of sites to skip (repeatable)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -53,6 +55,7 @@ def config_from_args(args) -> ProbeConfig:
         schedule=SamplingSchedule(warmup=args.warmup, every=args.every, max_samples=args.max_samples),
         include=tuple(args.include), exclude=tuple(args.exclude), candidates=_split(args.recipes),
         predict=_split(args.predict), confidence=args.confidence, seed=args.seed,
+        overhead_budget=args.overhead_budget,
         thresholds={g: getattr(args, f"threshold_{g}") for g in DEFAULT_THRESHOLDS},
     )
 
