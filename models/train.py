@@ -152,8 +152,9 @@ class _Logger:
 def _build(config: TrainConfig, model, data, resume, ctx: DistContext):
     cfg = model.config if model is not None else RankerConfig.from_size(config.size)
     if model is None:
-        torch.manual_seed(config.seed)
-        model = Ranker(cfg)
+        with torch.random.fork_rng(devices=[]):  # seed the init without resetting the caller's RNG
+            torch.manual_seed(config.seed)
+            model = Ranker(cfg)
     if data is None:
         data = SyntheticStream(cfg, config.batch_size, seed=config.data_seed,
                                teacher_seed=config.teacher_seed, device=ctx.device,
