@@ -23,7 +23,9 @@ or ``probe.report()``) closes the previous step. What it supports:
 - **DDP**: each rank probes its own shard; ``probe.reduce()`` (a collective: call it
   on every rank) merges statistics and error observations across ranks.
 
-The probe never changes numerics: hooks only read (detached copies of) tensors.
+The probe never changes numerics: hooks only read (detached copies of) tensors. Its cost
+is bounded by the schedule, by ``capture_rows`` / ``max_rows`` and, optionally, by
+``overhead_budget`` (see :mod:`loka.probe.overhead`); ``probe.overhead`` reports it.
 """
 
 from __future__ import annotations
