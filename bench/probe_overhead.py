@@ -65,9 +65,10 @@ def main(argv=None) -> dict:
     _run_block(base, base_opt, range(-3, 0))  # warm up allocators and lazy imports outside the timing
     _run_block(probed, probed_opt, range(-3, 0))
     totals = {"baseline": [0.0, 0.0], "probed": [0.0, 0.0]}
-    for start in range(0, args.steps, args.every):
+    for i, start in enumerate(range(0, args.steps, args.every)):
         block = range(start, min(start + args.every, args.steps))
-        for name, (w, opt, p) in (("probed", (probed, probed_opt, probe)), ("baseline", (base, base_opt, None))):
+        arms = [("probed", (probed, probed_opt, probe)), ("baseline", (base, base_opt, None))]
+        for name, (w, opt, p) in arms[:: 1 if i % 2 == 0 else -1]:  # alternate which arm runs first
             wall, cpu = _run_block(w, opt, block, p)
             totals[name][0] += wall
             totals[name][1] += cpu
