@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import os
 import shlex
@@ -49,8 +50,8 @@ from ranker_report import RunInfo, VariantResult, render  # noqa: E402
 from ranker_variants import BUILDERS, VARIANTS, Unavailable, library_versions  # noqa: E402
 from triton_timing import raise_recompile_limit  # noqa: E402
 
-GPU_DEFAULTS = dict(threads=None, batch_size=8192, warmup=10, steps=50, eval_examples=65536, infer_batch_sizes="1,64,512,4096",
-                    infer_iters=100, probe_steps=20, compile="on")
+GPU_DEFAULTS = dict(threads=None, batch_size=8192, warmup=10, steps=50, eval_examples=65536,
+                    infer_batch_sizes="1,64,512,4096", infer_iters=100, probe_steps=20, compile="on")
 SMOKE_DEFAULTS = dict(threads=1, batch_size=64, warmup=1, steps=3, eval_examples=1024, infer_batch_sizes="1,16",
                       infer_iters=5, probe_steps=2, compile="off")
 RECOMPILE_LIMIT = 64
@@ -146,7 +147,10 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
     bench = {"warmup": 2, "iters": 5} if args.cpu_smoke else {"warmup": 5, "iters": 20}
     p = plan(report, Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench)
     path = p.save(out_dir / f"plan-{args.size}.json")
-    del model, probe
+    del model, probe, wl  # the probed copy (and its Adam state) must not stay on the device
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
     return p, (f"loka plan made here: probe of {steps} steps on a copy of the base model, then "
                f"loka.dispatch.plan(measure=True) on this device; saved to {path}")
 
@@ -204,8 +208,16 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
             return runner(batch)
 
     for b, batch in infer_batches.items():
-        result.latency_ms[b] = latency(serve, batch, args.infer_iters, max(2, args.warmup), setup.device)
+        try:
+            result.latency_ms[b] = latency(serve, batch, args.infer_iters, max(2, args.warmup), setup.device)
+        except Exception as exc:  # e.g. a kernel that refuses M at batch 1: that cell, not the row
+            result.latency_ms[b] = _error_text(exc)
     return result, pred
+
+
+def _error_text(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"error: {type(exc).__name__}: {first}"
 
 
 def ne_per_task(pred: dict, tasks: list[str]) -> dict[str, float]:
@@ -252,14 +264,59 @@ def results_dir(args, device: torch.device) -> Path:
     return out
 
 
+def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
+    """Every variant in turn (one on the device at a time), then the paired NE vs bf16."""
+    from loka.models import SyntheticStream
+
+    infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=setup.device).batch(0)
+                     for b in args.infer_batch_sizes}
+    results, preds = [], {}
+    for name in args.variants:
+        if show:
+            print(f"bench/ranker.py: {name} ...", file=sys.stderr)
+        try:
+            r, pred = run_variant(name, setup, args, plan, infer_batches)
+        except Exception as exc:  # one failing variant is a row with the error, the others still run
+            r, pred = VariantResult(name, status=_error_text(exc)), None
+        results.append(r)
+        if pred is not None:
+            preds[name] = pred
+        gc.collect()
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+    paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+    return results
+
+
+def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path) -> Path:
+    """<device>-<date>.md and .json in ``out_dir``; prints the Markdown."""
+    from loka.probe.timing import device_name
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    dev_name = device_name(setup.device)
+    cli = argv if argv is not None else sys.argv[1:]
+    info = RunInfo(command="python bench/ranker.py " + " ".join(shlex.quote(a) for a in cli),
+                   date_utc=now.strftime("%Y-%m-%d %H:%M"), device=dev_name,
+                   representative=setup.device.type == "cuda", versions=library_versions(), size=args.size,
+                   batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
+                   eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name), settings=settings)
+    text = render(results, info, list(setup.cfg.tasks), args.infer_batch_sizes)
+    stem = ("cpu" if setup.device.type != "cuda" else _slug(dev_name)) + f"-{now:%Y-%m-%d}"
+    path = out_dir / f"{stem}.md"
+    path.write_text(text)
+    path.with_suffix(".json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
+                                                     "variants": [r.to_dict() for r in results]}, indent=2))
+    print(text)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args)
     if device is None:
         return 2
     from loka.dispatch import load_plan
-    from loka.models import SyntheticStream
-    from loka.probe.timing import device_name
 
     show = not args.no_progress
     if args.threads:
@@ -269,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args, device)
     settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
                     "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")
-    flops = count_gemm_flops(copy.deepcopy(setup.base), setup.batches[0].slice(0, 4).to("cpu"), 4)
+    flops = count_gemm_flops(setup.base, setup.batches[0].slice(0, 4).to("cpu"), 4)
     plan = None
     if "loka-plan" in args.variants:
         if args.plan:
@@ -277,38 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plan, how = make_plan(setup, args, out_dir, show)
         settings.append(how)
-    infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=device).batch(0) for b in args.infer_batch_sizes}
-    results, preds = [], {}
-    for name in args.variants:
-        if show:
-            print(f"bench/ranker.py: {name} ...", file=sys.stderr)
-        try:
-            r, pred = run_variant(name, setup, args, plan, infer_batches)
-        except Exception as exc:  # one failing variant is a row with the error, the others still run
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            r, pred = VariantResult(name, status=f"error: {type(exc).__name__}: {first}"), None
-        results.append(r)
-        if pred is not None:
-            preds[name] = pred
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    tasks = list(setup.cfg.tasks)
-    paired_vs_bf16(results, preds, tasks)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    dev_name = device_name(device)
-    cli = argv if argv is not None else sys.argv[1:]
-    info = RunInfo(command="python bench/ranker.py " + " ".join(shlex.quote(a) for a in cli),
-                   date_utc=now.strftime("%Y-%m-%d %H:%M"), device=dev_name, representative=device.type == "cuda",
-                   versions=library_versions(), size=args.size, batch_size=args.batch_size, warmup=args.warmup,
-                   steps=args.steps, eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name),
-                   settings=settings)
-    text = render(results, info, tasks, args.infer_batch_sizes)
-    stem = ("cpu" if device.type != "cuda" else _slug(dev_name)) + f"-{now:%Y-%m-%d}"
-    (out_dir / f"{stem}.md").write_text(text)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
-                                                      "variants": [r.to_dict() for r in results]}, indent=2))
-    print(text)
-    print(f"wrote {out_dir / (stem + '.md')}", file=sys.stderr)
+    results = run_all(args, setup, plan, show)
+    write_results(results, args, argv, setup, flops, settings, out_dir)
     return 0
 
 

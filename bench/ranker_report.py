@@ -23,7 +23,7 @@ class VariantResult:
     step_ms: tuple[float, float, float] | None = None  # median, p10, p90
     ne: dict[str, float] = field(default_factory=dict)
     ne_vs_bf16: dict[str, object] = field(default_factory=dict)  # task -> BootstrapResult
-    latency_ms: dict[int, tuple[float, float]] = field(default_factory=dict)  # batch -> (p50, p99)
+    latency_ms: dict[int, tuple[float, float] | str] = field(default_factory=dict)  # batch -> (p50, p99) or error
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -100,10 +100,15 @@ def latency_table(results: list[VariantResult], batch_sizes: list[int]) -> list[
         if not r.latency_ms:
             lines.append(_status_row(r, 1 + len(batch_sizes)))
             continue
-        cells = [f"{r.latency_ms[b][0]:.3f} / {r.latency_ms[b][1]:.3f}" if b in r.latency_ms else "—"
-                 for b in batch_sizes]
+        cells = [_latency_cell(r.latency_ms.get(b)) for b in batch_sizes]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _latency_cell(value) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else f"{value[0]:.3f} / {value[1]:.3f}"
 
 
 def header(info: RunInfo) -> list[str]:

@@ -33,7 +33,8 @@ def _site(fqn: str, k: int, n: int, m: int) -> dict:
                 "p90_ms": 0.5, "iters": 3} for g in GEMMS]
     return {"fqn": fqn, "in_features": k, "out_features": n, "m_values": [m],
             "errors": {"tensorwise": {g: err for g in GEMMS}},
-            "sensitivity": {"tensorwise": {"loss_ref": 1.0, "loss_fp8": 1.0, "loss_delta": 0.0, "rel_loss_delta": 1e-7}},
+            "sensitivity": {"tensorwise": {"loss_ref": 1.0, "loss_fp8": 1.0, "loss_delta": 0.0,
+                                           "rel_loss_delta": 1e-7}},
             "timings": {"device_name": "test", "representative": False, "m": m, "bf16_ms": {g: 1.0 for g in GEMMS},
                         "entries": entries}}
 
