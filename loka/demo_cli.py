@@ -8,14 +8,38 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the end-to-end demo on the bundled ranker")
     p.add_argument("--mlp", action="store_true", help="only the per-layer FP8 error table of a small MLP")
+    p.add_argument("--size", default="auto", help="ranker size (default: small on CPU, base on CUDA)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default="runs/demo", help="where reports, plan and checkpoints go")
+    p.add_argument("--warm-steps", type=int, default=None, help="bf16 steps before probing")
+    p.add_argument("--continue-steps", type=int, default=None, help="steps of bf16 vs FP8 after conversion")
+    p.add_argument("--eval-examples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not args.mlp:
+        return _run_ranker(args)
     from loka import demo_mlp
 
     print("FP8 error at each Linear's output, every Linear converted, vs the fp32 model")
     print("(errors accumulate: a layer's figure includes the error of the layers before it)\n")
     print(demo_mlp.run(seed=args.seed))
+    return 0
+
+
+def _run_ranker(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from loka.demo import DemoConfig, run
+
+    cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed)
+    given = {"warm_steps": args.warm_steps, "continue_steps": args.continue_steps, "eval_examples": args.eval_examples}
+    try:
+        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        print(f"loka demo: {exc}")
+        return 2
+    run(cfg)
     return 0
