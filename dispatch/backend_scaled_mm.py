@@ -43,6 +43,18 @@ def _cuda_support(device: torch.device) -> Support:
     return YES
 
 
+def scaled_mm_recipe_problem(recipe: GemmRecipe, who: str) -> str | None:
+    """Why torch._scaled_mm (used by ``who``) cannot take ``recipe``, or None if it can."""
+    if recipe.is_hp:
+        return f"{who} runs FP8 GEMMs only; this GEMM is hp"
+    ga, gb = recipe.a.granularity, recipe.b.granularity
+    if ga != gb or ga not in ("tensorwise", "rowwise"):
+        return f"{who} takes tensorwise or rowwise on both operands, got {ga} x {gb}"
+    if recipe.a.format == "e5m2" and recipe.b.format == "e5m2":
+        return f"{who} (torch._scaled_mm) has no e5m2 x e5m2 GEMM"
+    return None
+
+
 class ScaledMMKernel(GemmKernel):
     """torch._scaled_mm with tensorwise or rowwise float32 scales."""
 
@@ -57,13 +69,9 @@ class ScaledMMKernel(GemmKernel):
         return _cuda_support(device) if device.type == "cuda" else _cpu_fp8_scaled_mm()
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
-        if recipe.is_hp:
-            return no("scaled_mm runs FP8 GEMMs only; this GEMM is hp")
-        ga, gb = recipe.a.granularity, recipe.b.granularity
-        if ga != gb or ga not in ("tensorwise", "rowwise"):
-            return no(f"scaled_mm takes tensorwise or rowwise on both operands, got {ga} x {gb}")
-        if recipe.a.format == "e5m2" and recipe.b.format == "e5m2":
-            return no("scaled_mm has no e5m2 x e5m2 GEMM")
+        problem = scaled_mm_recipe_problem(recipe, "scaled_mm")
+        if problem:
+            return no(problem)
         m, k, n = shape
         if k % ALIGN:
             return no(f"K={k} is not a multiple of {ALIGN}")

@@ -92,13 +92,11 @@ class TorchaoKernel(_TorchaoBase):
         return why if why else no(f"torchao runs torch._scaled_mm: {why.reason}")
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
-        if recipe.is_hp:
-            return no("torchao runs FP8 GEMMs only; this GEMM is hp")
-        ga, gb = recipe.a.granularity, recipe.b.granularity
-        if ga != gb or ga not in ("tensorwise", "rowwise"):
-            return no(f"torchao float8 takes tensorwise or rowwise on both operands, got {ga} x {gb}")
-        if recipe.a.format == "e5m2" and recipe.b.format == "e5m2":
-            return no("torchao (torch._scaled_mm) has no e5m2 x e5m2 GEMM")
+        from loka.dispatch.backend_scaled_mm import scaled_mm_recipe_problem
+
+        problem = scaled_mm_recipe_problem(recipe, "torchao")
+        if problem:
+            return no(problem)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return no(f"torchao casts float32/bfloat16/float16 inputs, got {dtype}")
         _, _, n = shape
