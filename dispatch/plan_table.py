@@ -23,7 +23,10 @@ def plan_table(plan) -> str:
         f"# loka plan ({len(plan.sites)} sites, device: {dev.get('name', 'unknown')}, solver: {plan.solver})",
         "",
     ]
-    if dev and not dev.get("representative", True):
+    if dev.get("source") == "model":
+        lines += ["Timings are **predicted** by a GPU speed model, not measured: speedups below rank kernels, "
+                  "they are not measurements.", ""]
+    elif dev and not dev.get("representative", True):
         lines += ["Timings are **not representative** (taken on CPU): speedups below say nothing about GPU speed.", ""]
     lines += ["| site | M×K×N | fprop | dgrad | wgrad | speedup | why |", "|---|---|---|---|---|---|---|"]
     for s in plan.sites:

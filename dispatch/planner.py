@@ -285,10 +285,17 @@ def _device_info(site_timings: dict, device, notes: list[str]) -> dict:
     rep = all(bool(t.get("representative", False)) for t in site_timings.values()) if site_timings else False
     if len(names) > 1:
         notes.append(f"timings come from several devices: {names}")
-    if site_timings and not rep:
+    modelled = bool(site_timings) and all(t.get("source") == "model" for t in site_timings.values())
+    if modelled:
+        notes.append("timings are predicted by a GPU speed model (loka.dispatch.costmodel), not measured: "
+                     "they rank kernels; measure on the GPU before trusting a speedup")
+    elif site_timings and not rep:
         notes.append("timings are not representative (CPU): do not expect these speedups on a GPU")
-    return {"name": names[0] if len(names) == 1 else (", ".join(names) or str(device)), "representative": rep,
+    info = {"name": names[0] if len(names) == 1 else (", ".join(names) or str(device)), "representative": rep,
             "planned_on": str(device)}
+    if modelled:
+        info["source"] = "model"
+    return info
 
 
 def library_versions() -> dict:

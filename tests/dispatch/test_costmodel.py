@@ -60,3 +60,16 @@ def test_bad_device_model():
     with pytest.raises(ValueError, match="bf16_tflops"):
         DeviceModel("x", 0, 1, 1)
     assert H100_SXM.fp8_tflops > H100_SXM.bf16_tflops
+
+
+def test_plan_on_modelled_timings_says_they_are_predicted():
+    from dispatch_report_fixtures import report, site
+
+    from loka.dispatch import plan
+    from loka.dispatch.costmodel import model_timings
+
+    rep = report(site("a", 256, 512, m=8192))
+    p = plan(rep, timings=model_timings(rep, ["scaled_mm"]), progress=False)
+    assert p.device["source"] == "model"
+    assert any("speed model" in n for n in p.notes) and not any("(CPU)" in n for n in p.notes)
+    assert "**predicted**" in p.summary()
