@@ -71,8 +71,39 @@ def _speedup(timings: dict | None, recipe: str | None) -> float | None:
     return sum(timings["bf16_ms"][g] for g in gemms) / sum(best[g] for g in gemms)
 
 
+# Kernels the speed model predicts when a site has no representative timing: cuBLAS with a
+# separate quantization pass, and the Triton kernel that fuses the activation's quantization.
+MODELED_KERNELS = ("scaled_mm", "triton")
+
+
+def modeled_timings(st, recipes) -> dict | None:
+    """The H100 speed model's timings of ``recipes`` at the site's median M (None if it never ran)."""
+    from loka.dispatch.costmodel import model_site_timings
+
+    if not st.m_values or not recipes:
+        return None
+    m = int(sorted(st.m_values)[len(st.m_values) // 2])
+    return model_site_timings((m, st.site.in_features, st.site.out_features), list(recipes), list(MODELED_KERNELS))
+
+
+def speed_timings(site: dict) -> dict | None:
+    """The timings a site entry's speed rests on: measured on a GPU, else the speed model's."""
+    t = site.get("timings")
+    return t if t and t["representative"] else site.get("modeled_timings")
+
+
+def _speed_phrase(timings: dict, best: str, sp: float) -> str:
+    if timings.get("source") == "model":
+        return (f"; but {best} is predicted slower than bf16 at this shape on {timings['device_name']} "
+                f"({sp:.2f}x incl. quantization; measure on the GPU with Probe.time_sites)")
+    return f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
+
+
 def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
-    """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts."""
+    """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts.
+
+    ``timings``: representative (GPU) timings, else the speed model's (see :func:`speed_timings`).
+    """
     safe = [r for r, v in recipe_verdicts.items() if v["verdict"] == SAFE]
     if safe:
         speedups = {r: _speedup(timings, r) for r in safe}
@@ -82,10 +113,10 @@ def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> 
         else:
             best = min(safe, key=lambda r: max(s["mean"] for s in errors[r].values() if s["n"]))
         sp = speedups[best]
-        speed = "unknown" if sp is None or not timings["representative"] else ("fast" if sp > 1.0 else "slow")
+        speed = "unknown" if sp is None else ("fast" if sp > 1.0 else "slow")
         reason = f"{best} safe: {recipe_verdicts[best]['reason']}"
         if speed == "slow":
-            reason += f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
+            reason += _speed_phrase(timings, best, sp)
         return SAFE, best, sp, speed, reason
     if recipe_verdicts and all(v["verdict"] == UNSAFE for v in recipe_verdicts.values()):
         first = next(iter(recipe_verdicts))
@@ -119,7 +150,9 @@ def site_entry(probe, fqn: str) -> dict:
                                          cfg.sensitivity_threshold)
     fits = _fits(st)
     timings = probe.timings.get(fqn)
-    verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, timings)
+    modeled = None if timings and timings["representative"] else modeled_timings(st, list(errors))
+    verdict, best, speedup, speed, reason = _site_verdict(
+        recipe_verdicts, errors, timings if timings and timings["representative"] else modeled)
     return {
         "fqn": fqn,
         "module_type": st.site.module_type,
@@ -135,8 +168,10 @@ def site_entry(probe, fqn: str) -> dict:
         "recipe_verdicts": recipe_verdicts,
         "sensitivity": probe.sensitivity.get(fqn, {}),
         "timings": timings,
+        "modeled_timings": modeled,
         "verdict": verdict,
         "speed": speed,
+        "speed_source": None if speed == "unknown" else ("model" if modeled else "measured"),
         "best_recipe": best,
         "speedup": speedup,
         "reason": reason,

@@ -52,7 +52,8 @@ class ProbeConfig:
     - ``thresholds``: relative GEMM output error per gemm above which a site is unsafe.
     - ``confidence``: level of the t-interval on the mean error (0.95 = 95%).
     - ``min_samples``: sampled steps before a site may be decided.
-    - ``stop_when_decided``: decided sites stop being sampled (their hooks are not installed).
+    - ``stop_when_decided``: a decided (site, recipe) is not measured again, and a site whose
+      every recipe is decided stops being sampled (its hooks are not installed).
     - ``max_rows``: cap on the rows of each GEMM operand used for the fp64 reference GEMM
       (operands are quantized whole, then a random subset of output rows/cols is compared),
       which bounds the cost of a sampled step on large batches.

@@ -36,9 +36,9 @@ def _worst_ratio(site: dict, recipe: str) -> tuple[float, float, float] | None:
 
 
 def _speedup_of(site: dict, recipe: str) -> float | None:
-    from loka.probe.build import _speedup
+    from loka.probe.build import _speedup, speed_timings
 
-    return _speedup(site["timings"], recipe)
+    return _speedup(speed_timings(site), recipe)
 
 
 def error_vs_speedup(report) -> str:
@@ -64,7 +64,9 @@ def error_vs_speedup(report) -> str:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel("speedup vs bf16 (fastest kernel)" + ("" if any_timing else " — not timed, shown at 1"))
+    modeled = any(s.get("speed_source") == "model" for s in report.sites)
+    ax.set_xlabel("speedup vs bf16 (fastest kernel" + (", speed model where not timed on a GPU" if modeled else "")
+                  + ")" + ("" if any_timing else " — not timed, shown at 1"))
     ax.set_ylabel("mean error / threshold (worst GEMM)")
     ax.text(0.98, 0.02, "safe & fast", transform=ax.transAxes, ha="right", va="bottom", color="green")
     ax.text(0.02, 0.98, "unsafe & slow", transform=ax.transAxes, ha="left", va="top", color="red")

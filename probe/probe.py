@@ -132,7 +132,9 @@ class Probe:
             self.sampled_steps.append(capture.step)
             for fqn, records in capture.records.items():
                 st = self.state[fqn]
-                st.update(capture.step, records, self.recipes, self.config)
+                # A (site, recipe) already decided is not measured again (its interval is final).
+                recipes = st.open_recipes(self.recipes, self.config) if self.config.stop_when_decided else self.recipes
+                st.update(capture.step, records, recipes, self.config)
                 if self.config.stop_when_decided and st.decided(self.config):
                     st.done = True
 

@@ -89,7 +89,11 @@ class ProbeReport:
         ]
         rep = [s["timings"]["representative"] for s in self.sites if s["timings"]]
         if rep and not all(rep):
-            lines.append("Timings were taken on CPU: speedups are **not representative** of GPU speed.")
+            lines.append("Timings were taken on CPU: they are **not representative** of GPU speed and decide nothing.")
+        modeled = {s["modeled_timings"]["device_name"] for s in self.sites if s.get("modeled_timings")}
+        if modeled:
+            lines.append(f"Speedups marked (model) are predicted by the speed model of {', '.join(sorted(modeled))} "
+                         "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
         lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
                   "|" + "---|" * (len(recipes) + 6)]
         for s in self.sites:
@@ -127,7 +131,7 @@ def _md_row(s: dict, recipes: list[str]) -> str:
         mark = {"safe": "✓", "unsafe": "✗", "undecided": "?"}[s["recipe_verdicts"][r]["verdict"]]
         cells.append(f"{mark} {_fmt(e['mean'])} [{_fmt(e['ci_lo'])}, {_fmt(e['ci_hi'])}] ({g})")
     sp = s["speedup"]
-    speed = "–" if sp is None else f"{sp:.2f}x" + ("" if s["timings"]["representative"] else " (cpu)")
+    speed = "–" if sp is None else f"{sp:.2f}x" + (" (model)" if s.get("speed_source") == "model" else "")
     verdict = s["verdict"] + (f", {s['speed']}" if s["speed"] != "unknown" else "")
     reason = s["reason"].replace("|", "/")
     return f"| `{s['fqn']}` | {shape} | {stats} | " + " | ".join(cells) + f" | {speed} | {verdict} | {reason} |"

@@ -82,6 +82,11 @@ class SiteState:
             out[name] = combine_verdict(measured, self.nonfinite())
         return out
 
+    def open_recipes(self, recipes: list[Recipe], cfg: ProbeConfig) -> list[Recipe]:
+        """The recipes of ``recipes`` still undecided at this site (never measured counts as undecided)."""
+        verdicts = self.recipe_verdicts(cfg)
+        return [r for r in recipes if verdicts.get(r.name, {"verdict": UNDECIDED})["verdict"] == UNDECIDED]
+
     def nonfinite(self) -> int:
         return sum(int(float(s.state.get("nonfinite", 0))) for s in self.operands.values())
 

@@ -36,17 +36,26 @@ State = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Prepared:
     """One 2-D tensor in the forms every statistic needs, computed once: ``x`` float32,
-    ``finite`` mask, ``ax`` = |x| with non-finite values set to 0."""
+    ``ax`` = |x| with non-finite values set to 0, and the ``finite`` mask (None when
+    ``all_finite``: the common case skips the mask and the copies it would cost)."""
 
     x: torch.Tensor
-    finite: torch.Tensor
+    finite: torch.Tensor | None
     ax: torch.Tensor
+    all_finite: bool
 
     @classmethod
     def of(cls, x2d: torch.Tensor) -> "Prepared":
         x = x2d.detach().float()
+        ax = x.abs()
+        if x.numel() and bool(torch.isfinite(ax.amax())):  # amax is NaN/Inf exactly when a value is
+            return cls(x, None, ax, True)
         finite = torch.isfinite(x)
-        return cls(x, finite, torch.where(finite, x.abs(), torch.zeros((), device=x.device)))
+        return cls(x, finite, torch.where(finite, ax, torch.zeros((), device=x.device)), not x.numel())
+
+    def finite_values(self) -> torch.Tensor:
+        """The finite values of ``x``, flattened."""
+        return self.x.flatten() if self.all_finite else self.x[self.finite]
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ def _f64(v) -> torch.Tensor:
 
 
 def _moments(p: Prepared, role: str) -> State:
-    xd = p.x[p.finite].double()
+    xd = p.finite_values().double()
     x2 = xd * xd
     return {
         "count": _f64(p.x.numel()),
@@ -78,11 +87,16 @@ def _moments(p: Prepared, role: str) -> State:
 
 
 def _extremes(p: Prepared, role: str) -> State:
-    if not bool(p.finite.any()):
+    if p.all_finite:
+        if not p.x.numel():
+            return {"amax": _f64(0.0), "min": _f64(math.inf), "max": _f64(-math.inf)}
+        lo, hi = p.x.min(), p.x.max()
+    elif not bool(p.finite.any()):
         return {"amax": _f64(0.0), "min": _f64(math.inf), "max": _f64(-math.inf)}
-    big = torch.tensor(math.inf, device=p.x.device)
-    lo = torch.where(p.finite, p.x, big).min()
-    hi = torch.where(p.finite, p.x, -big).max()
+    else:
+        big = torch.tensor(math.inf, device=p.x.device)
+        lo = torch.where(p.finite, p.x, big).min()
+        hi = torch.where(p.finite, p.x, -big).max()
     return {"amax": _f64(p.ax.max().item()), "min": _f64(lo.item()), "max": _f64(hi.item())}
 
 

@@ -47,7 +47,18 @@ def test_verdicts_have_reasons(report):
     assert all(s["reason"] for s in report.sites)
     hidden = report.site("hidden")
     assert hidden["verdict"] == "safe" and hidden["best_recipe"] in ("tensorwise", "rowwise")
-    assert hidden["speed"] == "unknown"  # CPU timings are not representative
+    # CPU timings are not representative: speed comes from the H100 speed model at the site's shape.
+    from loka.dispatch.costmodel import bf16_us, kernel_us
+    from loka.dispatch.report_view import gemm_shape
+
+    shapes = [gemm_shape(g, 64, hidden["in_features"], hidden["out_features"]) for g in ("fprop", "dgrad", "wgrad")]
+    best = hidden["best_recipe"]
+    expected = sum(bf16_us(*sh) for sh in shapes) / sum(
+        min(kernel_us(k, best, g, *sh) for k in ("scaled_mm", "triton")) for g, sh in zip(("fprop", "dgrad", "wgrad"), shapes))
+    assert hidden["speed_source"] == "model" and hidden["speedup"] == pytest.approx(expected, rel=1e-6)
+    assert hidden["speed"] == ("fast" if expected > 1 else "slow")
+    if hidden["speed"] == "slow":
+        assert "predicted slower than bf16" in hidden["reason"] and "speed model" in hidden["reason"]
 
 
 def _broken(report, edit):

@@ -100,3 +100,29 @@ def test_channel_count_change_is_a_clear_error():
     s.update(torch.randn(4, 8), step=0)
     with pytest.raises(ValueError, match="channel count changed"):
         s.update(torch.randn(4, 9), step=1)
+
+
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "all"])
+def test_statistics_with_and_without_nonfinite_values_match_float64(bad):
+    """The all-finite fast path and the masked path give the same numbers as numpy on the finite values."""
+    from loka.probe.capture import exact_counts
+
+    x = torch.randn(37, 19) * torch.logspace(-3, 2, 19)
+    if bad == "all":
+        x.fill_(float("nan"))
+    elif bad is not None:
+        idx = torch.randperm(x.numel())[:5]
+        x.view(-1)[idx] = float(bad)
+    _, s = _summary(x)
+    v = x.double().flatten().numpy()
+    fin = v[np.isfinite(v)]
+    assert s["count"] == v.size and s["nonfinite"] == v.size - fin.size
+    counts = exact_counts(x)
+    assert counts[0] == v.size and counts[1] == v.size - fin.size
+    if fin.size:
+        assert s["amax"] == pytest.approx(np.abs(fin).max(), rel=1e-6)
+        assert counts[2] == pytest.approx(np.abs(fin).max(), rel=1e-6)
+        assert s["min"] == pytest.approx(fin.min(), rel=1e-6) and s["max"] == pytest.approx(fin.max(), rel=1e-6)
+        assert s["mean"] == pytest.approx(fin.mean(), rel=1e-9, abs=1e-12)
+    else:
+        assert s["amax"] == 0 and counts[2] == 0
