@@ -11,9 +11,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="auto", help="ranker size (default: small on CPU, base on CUDA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="runs/demo", help="where reports, plan and checkpoints go")
-    p.add_argument("--warm-steps", type=int, default=None, help="bf16 steps before probing")
-    p.add_argument("--continue-steps", type=int, default=None, help="steps of bf16 vs FP8 after conversion")
-    p.add_argument("--eval-examples", type=int, default=None)
+    p.add_argument("--warm-steps", type=int, default=None, help="bf16 steps before probing (CPU 150, CUDA 300)")
+    p.add_argument("--probe-steps", type=int, default=None, help="training steps each probe watches (CPU 24, CUDA 40)")
+    p.add_argument("--continue-steps", type=int, default=None,
+                   help="steps of bf16 vs FP8 after conversion (CPU 100, CUDA 200)")
+    p.add_argument("--eval-examples", type=int, default=None, help="held-out examples for the gate (CPU 65536)")
+    p.add_argument("--fp8", default="auto", choices=("auto", "plan", "safe-sites"),
+                   help="FP8 model trained next to bf16: the plan; every accuracy-safe site; auto = the plan "
+                        "unless it keeps everything in bf16")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -30,14 +35,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_ranker(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from loka.demo import DemoConfig, run
 
-    cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed)
-    given = {"warm_steps": args.warm_steps, "continue_steps": args.continue_steps, "eval_examples": args.eval_examples}
+    given = {"warm_steps": args.warm_steps, "probe_steps": args.probe_steps, "continue_steps": args.continue_steps,
+             "eval_examples": args.eval_examples}
     try:
-        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8, **given)
     except ValueError as exc:
         print(f"loka demo: {exc}")
         return 2

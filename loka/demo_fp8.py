@@ -1,0 +1,93 @@
+"""Which FP8 model ``loka demo`` trains next to bf16, and what the speed model expects of it.
+
+Normally that is the plan: ``convert(model, plan=plan)``. At the ``small`` ranker's
+shapes (K, N <= 288) no FP8 kernel beats bf16 on an H100 once the quantization is
+counted (design.md: FP8 pays from K, N around 1024 at large M), so the plan keeps
+every site in bf16, and training "in FP8" would train bf16 twice. To still show
+what FP8 does to NE, the demo then converts every site that the probe found
+accuracy-safe and no policy keeps in bf16, with the safe recipe that torch._scaled_mm
+runs (tensorwise or rowwise, lower error first), and says plainly that this model is
+*not* the plan and that the speed model expects it to be slower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+WHATIF_RECIPES = ("tensorwise", "rowwise")  # what torch._scaled_mm runs on H100
+
+
+@dataclass
+class Fp8Choice:
+    """The FP8 model's provenance: ``"plan"`` or ``"safe-sites"`` (see module docstring)."""
+
+    kind: str
+    sites: dict[str, str] = field(default_factory=dict)  # fqn -> recipe
+    expected_speedup: float | None = None
+    note: str = ""
+
+
+def safe_site_recipes(report, keep: dict[str, str]) -> dict[str, str]:
+    """{fqn: recipe} of every accuracy-safe site not kept in bf16, with its lowest-error safe recipe."""
+    out = {}
+    for s in report.sites:
+        if s["fqn"] in keep or s["verdict"] != "safe" or s["in_features"] % 16 or s["out_features"] % 16:
+            continue
+        safe = [r for r in WHATIF_RECIPES if s["recipe_verdicts"].get(r, {}).get("verdict") == "safe"]
+        if safe:
+            out[s["fqn"]] = min(safe, key=lambda r: max([e["ci_hi"] for e in s["errors"][r].values() if e["n"] > 0],
+                                                        default=float("inf")))
+    return out
+
+
+def convert_safe_sites(model: nn.Module, recipes: dict[str, str]) -> dict[str, str]:
+    """Convert each site of ``recipes`` with its recipe; returns {fqn: reason} of sites left in bf16."""
+    from loka.convert import convert
+
+    skipped: dict[str, str] = {}
+    for recipe in sorted(set(recipes.values())):
+        chosen = {f for f, r in recipes.items() if r == recipe}
+        result = convert(model, recipe, module_filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+        skipped.update({f: why for f, why in result.skipped.items() if f in chosen})
+    return skipped
+
+
+def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -> float | None:
+    """Expected GEMM speedup (H100 speed model) of converting ``recipes`` instead of following ``plan``."""
+    from loka.dispatch.costmodel import H100_SXM, bf16_us, kernel_us
+    from loka.dispatch.report_view import gemm_shape
+
+    bf16 = fp8 = 0.0
+    for sp in plan.sites:
+        for gemm in sp.gemms:
+            shape = gemm_shape(gemm, sp.m, sp.in_features, sp.out_features)
+            t_bf16 = bf16_us(*shape, H100_SXM)
+            bf16 += t_bf16
+            fp8 += kernel_us(kernel, recipes[sp.fqn], gemm, *shape, H100_SXM) if sp.fqn in recipes else t_bf16
+    return bf16 / fp8 if fp8 > 0 else None
+
+
+def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str) -> Fp8Choice:
+    """Convert ``model`` in place: by the plan, or (``mode`` "safe-sites", or "auto" with an all-bf16 plan)
+    every accuracy-safe site; returns what was done."""
+    from loka.convert import convert
+
+    if mode == "plan" or (mode == "auto" and plan.totals()["fp8_gemms"] > 0):
+        result = convert(model, plan=plan)
+        print(f"FP8 model = the plan: {len(result.converted)} sites converted, {len(result.skipped)} kept in bf16")
+        return Fp8Choice("plan", {f: "plan" for f in result.converted}, plan.totals()["speedup"])
+    recipes = safe_site_recipes(report, keep)
+    skipped = convert_safe_sites(model, recipes)
+    recipes = {f: r for f, r in recipes.items() if f not in skipped}
+    speedup = modelled_speedup(plan, recipes)
+    sp = "-" if speedup is None else f"{speedup:.2f}x"
+    why = ("the plan keeps every site in bf16" if mode == "auto" else "--fp8 safe-sites")
+    note = (f"{why}, so to show FP8's effect on NE the FP8 model converts every accuracy-safe site the "
+            f"keep-in-hp policy allows ({len(recipes)} sites, tensorwise/rowwise). This is NOT the plan: the "
+            f"H100 speed model expects these GEMMs {sp} as fast as bf16 (slower), which is why the plan left them.")
+    print(f"FP8 model = accuracy-safe sites: {note}")
+    for fqn, why_skip in skipped.items():
+        print(f"  {fqn}: left in bf16 ({why_skip})")
+    return Fp8Choice("safe-sites", recipes, speedup, note)

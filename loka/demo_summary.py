@@ -1,0 +1,137 @@
+"""The summary ``loka demo`` ends with: what a model owner reads after the stages scroll by.
+
+Per site: shape, the probe's verdict, the plan's kernels and why, and what the trained FP8
+model ran there. Then expected speedup (the plan's and, when it differs, the FP8 model's)
+next to the measured one, NE bf16 vs FP8 per task with its paired interval and (when the
+gate cannot decide) how many held-out examples would, the gate's verdict, the served
+requests, where the files are, and how long each stage took.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from loka.recipe import GEMMS
+
+
+def _plan_cell(sp) -> str:
+    cells = {g: (f"{c.kernel}/{c.recipe}" if c.is_fp8 else "bf16") for g, c in sp.gemms.items()}
+    if len(set(cells.values())) == 1:
+        return next(iter(cells.values()))
+    return " ".join(f"{g}={cells[g]}" for g in GEMMS)
+
+
+def _why(sp) -> str:
+    """The site's plan reason, once when every GEMM shares it (policy, speed), else per GEMM."""
+    reasons = [sp.gemms[g].reason for g in GEMMS]
+    if all(r.startswith("kept bf16 by policy") for r in reasons):
+        return reasons[0]
+    if all("no FP8 kernel faster than bf16" in r for r in reasons):
+        best = [r.split("(best ", 1)[1].rstrip(")") for r in reasons if "(best " in r]
+        return "kept bf16: no FP8 kernel faster than bf16 here" + (f" (best {', '.join(best)})" if best else "")
+    return "; ".join(f"{g}: {r}" for g, r in zip(GEMMS, reasons))
+
+
+def summary_rows(report, plan, fp8) -> list[dict]:
+    """One row per planned site: shape, probe verdict + reason, chosen kernels, expected speedup, trained FP8."""
+    probed = {s["fqn"]: s for s in report.sites}
+    rows = []
+    for sp in plan.sites:
+        site = probed.get(sp.fqn, {})
+        trained = fp8.sites.get(sp.fqn)
+        rows.append({
+            "site": sp.fqn,
+            "shape": f"{sp.m}x{sp.in_features}x{sp.out_features}",
+            "probe": site.get("verdict", "?") + (f" ({site['best_recipe']})" if site.get("best_recipe") else ""),
+            "probe_reason": site.get("reason", ""),
+            "plan": _plan_cell(sp),
+            "why": _why(sp),
+            "speedup": sp.expected_speedup(),
+            "fp8_model": "bf16" if trained is None else ("plan" if trained == "plan" else f"FP8 {trained}"),
+        })
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """Two lines a site: shape, probe verdict, plan kernels, expected speedup, what trained; then the plan's why."""
+    w = max(len(r["site"]) for r in rows) + 1
+    p = max(len(r["probe"]) for r in rows) + 1
+    k = max(len(r["plan"]) for r in rows) + 1
+    lines = [f"{'site':<{w}} {'M x K x N':<14} {'probe':<{p}} {'plan kernels':<{k}} {'exp.':>6}  FP8 model trained"]
+    for r in rows:
+        sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(f"{r['site']:<{w}} {r['shape']:<14} {r['probe']:<{p}} {r['plan']:<{k}} {sp:>6}  {r['fp8_model']}")
+        lines.append(f"{'':<{w}}   why: {r['why']}")
+    return "\n".join(lines)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def speed_lines(cfg, plan, fp8, runs) -> tuple[list[str], float]:
+    bf16_run, fp8_run = runs
+    measured = bf16_run.wall_s / fp8_run.wall_s
+    source = "H100 speed model" if cfg.device == "cpu" else "timed on this GPU"
+    lines = [f"expected GEMM speedup of the plan ({source}): {_x(plan.totals()['speedup'])}"]
+    if fp8.kind != "plan":
+        lines.append(f"expected GEMM speedup of the trained FP8 model (accuracy-safe sites, H100 speed model): "
+                     f"{_x(fp8.expected_speedup)}; it is not the plan")
+    tail = " (CPU: FP8 is emulated here; not representative of GPU speed)" if cfg.device == "cpu" else ""
+    lines.append(f"measured training speed, FP8 model / bf16, {cfg.continue_steps} steps each: {measured:.2f}x{tail}")
+    return lines, measured
+
+
+def ne_lines(gate_result, eval_examples: int) -> list[str]:
+    lines = []
+    for c in gate_result.checks:
+        if c.kind != "model" or not c.name.startswith("ne"):
+            continue
+        line = (f"{c.name} bf16 {c.baseline:.5f} -> FP8 {c.candidate:.5f}: {c.estimate:+.4%} "
+                f"[{c.ci_lo:+.4%}, {c.ci_hi:+.4%}] (budget {c.budget}): {c.verdict}")
+        if c.verdict == "inconclusive" and c.n_needed:
+            line += (f"; the interval straddles the budget: about {c.n_needed:,} held-out examples would decide "
+                     f"(now {eval_examples:,}; --eval-examples)")
+        lines.append(line)
+    meaning = {"pass": "FP8 stays within the NE budget on every task",
+               "regression": "FP8 costs more NE than the budget allows on some task: do not ship this FP8 model",
+               "inconclusive": "the held-out set is too small to tell; evaluate on more examples"}
+    lines.append(f"gate: {gate_result.verdict} ({meaning.get(gate_result.verdict, '')}; details in gate.json)")
+    return lines
+
+
+def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_result, served, report_paths,
+                  stages) -> dict:
+    """Print the end-of-demo summary and write it to ``out/summary.json``; returns it."""
+    print(f"\n=== summary {'=' * 64}")
+    rows = summary_rows(report, plan, fp8)
+    print(format_summary(rows))
+    if fp8.note:
+        print(f"\nnote: {fp8.note}")
+    speed, measured = speed_lines(cfg, plan, fp8, runs)
+    print("\n" + "\n".join(speed))
+    print("\n".join(ne_lines(gate_result, cfg.eval_examples)))
+    lat = sorted(served["latency_ms"])
+    print(f"served {len(lat)} requests of 64 candidates from the FP8 model: median {lat[len(lat) // 2]:.1f} ms")
+    html = report_paths.get("html")
+    print(f"\nprobe report (HTML): {html}\nplan: {plan_path}\ngate: {out / 'gate.json'}\nsummary: "
+          f"{out / 'summary.json'}")
+    print("time per stage: " + ", ".join(f"{t.split('.')[0]}. {s:.0f} s" for t, s in stages.items())
+          + f"; total {sum(stages.values()) / 60:.1f} min")
+    summary = {
+        "config": asdict(cfg),
+        "sites": rows,
+        "plan_totals": plan.totals(),
+        "fp8_model": {"kind": fp8.kind, "sites": fp8.sites, "expected_speedup": fp8.expected_speedup,
+                      "note": fp8.note},
+        "measured_train_speedup": measured,
+        "representative": cfg.device == "cuda",
+        "gate": gate_result.to_dict(),
+        "serve": served,
+        "stage_seconds": stages,
+        "paths": {"report_html": str(html), "plan": str(plan_path)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
