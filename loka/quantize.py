@@ -20,7 +20,6 @@ means. Conventions (shared with torch._scaled_mm):
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -64,7 +63,7 @@ def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] = (1, 1
     """Per-group max of |x| in float32, shaped like the scale (see module doc)."""
     ax = x.detach().abs().float()
     if finite_only:
-        ax = torch.where(torch.isfinite(ax), ax, torch.zeros((), dtype=ax.dtype, device=ax.device))
+        ax = torch.nan_to_num(ax, nan=0.0, posinf=0.0)  # |x| >= 0: NaN and +Inf are the non-finite values
     group = _group_shape(x.shape, granularity, block)
     if group is None:
         return ax.amax() if ax.numel() else torch.zeros((), device=ax.device)
@@ -114,10 +113,13 @@ def saturated_cast(x_scaled: torch.Tensor, fmt: str | Float8Format) -> torch.Ten
     """Round float32 values to FP8, clamping finite values to ±fmax; NaN/Inf pass through."""
     f = get_format(fmt)
     x_scaled = x_scaled.float()
+    if not f.has_inf:
+        # Not `x_scaled` itself: torch casts Inf to ±448 in e4m3fn, which would hide it. x - x is
+        # +0 for finite x (so x - (x - x) == x, signed zeros included) and NaN for ±Inf/NaN, and
+        # clamp keeps NaN: all in float arithmetic, which is several times cheaper than a mask.
+        return (x_scaled - (x_scaled - x_scaled)).clamp(-f.max, f.max).to(f.dtype)
     finite = torch.isfinite(x_scaled)
-    # Not `x_scaled` itself: torch casts Inf to ±448 in e4m3fn, which would hide it.
-    passthrough = x_scaled if f.has_inf else torch.full_like(x_scaled, math.nan)
-    return torch.where(finite, x_scaled.clamp(-f.max, f.max), passthrough).to(f.dtype)
+    return torch.where(finite, x_scaled.clamp(-f.max, f.max), x_scaled).to(f.dtype)
 
 
 def quantize(

@@ -14,6 +14,7 @@ addition; mean, RMS, crest factor and kurtosis are derived from them at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -118,6 +119,7 @@ def _channel_amax(p: Prepared, role: str) -> State:
     return {"col_amax": ax.amax(dim=0).double().cpu(), "row_spread_max": _f64(spread)}
 
 
+@functools.lru_cache(maxsize=None)
 def _check_operand(role: str, granularity: str, fmt: str):
     """The operand recipe a named recipe uses for ``role``, in ``fmt`` (for underflow/saturation)."""
     recipe = Recipe.from_name(granularity)
@@ -138,26 +140,38 @@ def _count_below(ax: torch.Tensor, scale: torch.Tensor, group, lo: float) -> int
     return int(((blocks < lo * s) & (blocks > 0)).sum())
 
 
+# Underflow fractions are counted on at most this many rows of a captured operand (evenly
+# strided): each group's scale still comes from the whole operand, so the counts are an
+# unbiased sample, at a fraction of the cost on activations of many rows.
+RANGE_ROWS = 128
+
+
 def _range_fractions(p: Prepared, role: str) -> State:
     """Counts of nonzero finite values that would underflow to zero, per format and granularity.
 
     The same rule as ``loka.quantize.fraction_underflow_saturate`` (dynamic scale from the
     group's finite amax; a value underflows when ``|x| / scale`` is below half the smallest
-    subnormal), computed once per granularity for both formats. Under dynamic scaling
-    nothing saturates (the scale is chosen so amax maps to fmax); saturation is what
-    *delayed* scaling risks, measured by ``saturation_delayed`` against the previous
-    sample's amax (see :meth:`OperandStats.update`).
+    subnormal), computed once per granularity for both formats, on the rows of
+    :data:`RANGE_ROWS`. Under dynamic scaling nothing saturates (the scale is chosen so amax
+    maps to fmax); saturation is what *delayed* scaling risks, measured by
+    ``saturation_delayed`` against the previous sample's amax (see :meth:`OperandStats.update`).
     """
     ax = p.ax
-    out: State = {"range_n": _f64(int((ax > 0).sum()))}
+    rows = None if ax.shape[0] <= RANGE_ROWS else torch.arange(0, ax.shape[0], -(-ax.shape[0] // RANGE_ROWS), device=ax.device)
+    sub = ax if rows is None else ax[rows]
+    out: State = {"range_n": _f64(int((sub > 0).sum()))}
     for g in GRANULARITIES:
         op = _check_operand(role, g, "e4m3")
         group = _group_shape(ax.shape, g, op.block)
         amax = group_amax(ax, g, op.block, finite_only=False)
+        if rows is not None and group is not None and group[0] > 1:  # 2-D blocks: each kept row's blocks
+            amax, group = amax[rows // group[0]], (1, group[1])
+        elif rows is not None and group is not None:  # groups within a row
+            amax = amax[rows]
         for fmt in FORMATS_CHECKED:
             f = get_format(fmt)
             scale = scale_from_amax(amax, f, op.pow2)
-            out[f"under/{fmt}/{g}"] = _f64(_count_below(ax, scale, group, f.min_subnormal / 2))
+            out[f"under/{fmt}/{g}"] = _f64(_count_below(sub, scale, group, f.min_subnormal / 2))
     return out
 
 

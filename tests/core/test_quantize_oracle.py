@@ -53,6 +53,7 @@ def test_saturated_cast_matches_ml_dtypes(fmt):
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
     both = ~np.isnan(ref)
     np.testing.assert_array_equal(ours[both], ref[both])
+    np.testing.assert_array_equal(np.signbit(ours[both]), np.signbit(ref[both]))  # signed zeros too
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])

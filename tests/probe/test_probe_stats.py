@@ -44,14 +44,37 @@ def test_log2_histogram_counts_every_nonzero_finite_value():
     assert counts == torch.bincount(expected, minlength=len(counts)).tolist()
 
 
-def test_range_fractions_match_loka_quantize():
-    x = torch.randn(64, 256) * torch.logspace(-12, 0, 256)  # wide range: tensorwise e4m3 underflows
-    _, s = _summary(x, role="input")
+@pytest.mark.parametrize("rows", [64, 1000])  # all rows counted / a strided subset (RANGE_ROWS)
+@pytest.mark.parametrize("role", ["input", "weight", "grad_output"])
+def test_range_fractions_match_loka_quantize(rows, role):
+    from loka.probe.stats import RANGE_ROWS, _check_operand
+
+    x = torch.randn(rows, 300) * torch.logspace(-12, 0, 300)  # wide range: tensorwise e4m3 underflows
+    x[3] = 0.0
+    _, s = _summary(x, role=role)
+    kept = torch.arange(0, rows, -(-rows // RANGE_ROWS)) if rows > RANGE_ROWS else torch.arange(rows)
     for g in ("tensorwise", "rowwise", "blockwise", "mx"):
-        op = Recipe.from_name(g).fprop.a
-        under, _ = fraction_underflow_saturate(x, op)
-        assert s["underflow"]["e4m3"][g] == pytest.approx(under, abs=1e-12)
+        for fmt in ("e4m3", "e5m2"):
+            op = _check_operand(role, g, fmt)
+            under = _underflow_on_rows(x, op, kept)
+            assert s["underflow"][fmt][g] == pytest.approx(under, abs=1e-12), (g, fmt)
     assert s["underflow"]["e4m3"]["tensorwise"] > s["underflow"]["e4m3"]["mx"]
+    if rows <= RANGE_ROWS:  # whole operand: the same number as loka.quantize's own helper
+        under, _ = fraction_underflow_saturate(x, _check_operand(role, "rowwise", "e4m3"))
+        assert s["underflow"]["e4m3"]["rowwise"] == pytest.approx(under, abs=1e-12)
+
+
+def _underflow_on_rows(x, op, kept):
+    """Reference: scales from the whole operand (fp64), underflow counted on the ``kept`` rows only."""
+    from loka.formats import get_format
+    from loka.quantize import _group_shape, expand_scale, group_amax, scale_from_amax
+
+    f = get_format(op.format)
+    group = _group_shape(x.shape, op.granularity, op.block)
+    scale = expand_scale(scale_from_amax(group_amax(x, op.granularity, op.block), f, op.pow2), x.shape, group)
+    y = (x.double() / scale.double()).abs()[kept]
+    nz = x[kept] != 0
+    return float(((y < f.min_subnormal / 2) & nz).sum()) / float(nz.sum())
 
 
 def test_outlier_channels_and_spread():
