@@ -51,9 +51,8 @@ class Ranker(nn.Module):
         ], dim=1)  # [B, n_ctx, D]
         parts = [context]
         if self.sequence is not None:
-            items = self.sparse.embed_items(batch.hist_items)
-            parts.append(self.sequence(items, batch.hist_actions, batch.hist_gaps,
-                                       batch.hist_mask, context).to(context.dtype))
+            parts.append(self.sequence(batch.hist_items, batch.hist_actions, batch.hist_gaps,
+                                       batch.hist_mask, context, self.sparse.embed_items).to(context.dtype))
         x = torch.cat(parts, dim=1)  # [B, n_embeddings, D]
         logits = self.over(self.interaction(x))
         return {task: v.float() for task, v in logits.items()}

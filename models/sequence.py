@@ -8,19 +8,23 @@ what. Padding is masked everywhere; the CLS tokens are always valid, so no atten
 empty even for users without history.
 
 Attention's QKᵀ and AV products run in fused scaled-dot-product attention; every weight GEMM
-(qkv, out, ffn_in, ffn_gate, ffn_out, projections) is an `nn.Linear` site.
+(qkv, out, ffn_in, ffn_gate, ffn_out, projections) is an `nn.Linear` site. On CPU the tokens
+are packed with trailing padding cut away (`HistoryLayout`): most histories are far shorter
+than ``history_len``, so the blocks run on about a third of the padded tokens; each Linear
+still runs once per step, on the packed ``[N, d]`` tokens.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import RankerConfig
-from .layers import masked_mean
+from .history_layout import HistoryLayout
 
 MAX_GAP_DAYS = 1000.0
 
@@ -35,19 +39,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
     """Softmax(q kᵀ / sqrt(dh)) v over valid keys. q, k, v [B, H, S, dh], key_mask [B, S] -> [B, H, S, dh].
 
     Fused SDPA on GPUs; on CPU the explicit form, which is several times faster than the CPU
-    flash kernel at history lengths of tens and identical in value.
+    flash kernel at history lengths of tens and identical in value. There the scale and the
+    mask ride in one ``baddbmm`` (an additive -inf bias), instead of a multiply and a
+    masked_fill over the [B, H, S, S] scores in each direction.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, S, S]
-    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    b, h, s, dh = q.shape
+    bias = torch.zeros(b, 1, 1, s, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf")).expand(b, h, s, s)
+    scores = torch.baddbmm(bias.reshape(b * h, s, s), q.reshape(b * h, s, dh),
+                           k.reshape(b * h, s, dh).transpose(1, 2), alpha=dh ** -0.5)  # [B*H, S, S]
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * h, s, dh)).view(b, h, s, dh)
 
 
 class SequenceBlock(nn.Module):
-    """Pre-norm attention + personalized feed-forward.
+    """Pre-norm attention + personalized feed-forward on packed tokens.
 
-    x [B, S, d], key_mask [B, S] bool, summary [B, d] -> [B, S, d].
+    x [N, d] packed as ``layout`` says, summary [B, d] -> [N, d].
     """
 
     def __init__(self, d: int, heads: int, ffn_mult: int) -> None:
@@ -61,22 +70,27 @@ class SequenceBlock(nn.Module):
         self.ffn_gate = nn.Linear(d, ffn_mult * d)  # personalization from the summary
         self.ffn_out = nn.Linear(ffn_mult * d, d)
 
-    def forward(self, x: Tensor, key_mask: Tensor, summary: Tensor) -> Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, dh]
-        attn = attention(q, k, v, key_mask)
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(b, s, d))
-        gate = self.ffn_gate(summary).unsqueeze(1)  # [B, 1, ffn_mult*d]
-        h = F.silu(self.ffn_in(self.norm2(x))) * (1.0 + gate)
+    def forward(self, x: Tensor, layout: HistoryLayout, summary: Tensor) -> Tensor:
+        d, heads = x.shape[-1], self.heads
+        qkv = self.qkv(self.norm1(x))  # [N, 3d], all chunks in one GEMM
+        parts = []
+        for (n, s), part, mask in zip(layout.chunks, qkv.split(layout.tokens_per_chunk),
+                                      layout.key_mask.split(layout.tokens_per_chunk)):
+            # one copy to [3, n, H, s, dh] instead of one per q, k, v
+            q, k, v = part.view(n, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4).contiguous()
+            parts.append(attention(q, k, v, mask.view(n, s)).transpose(1, 2).reshape(n * s, d))
+        x = x + self.attn_out(torch.cat(parts) if len(parts) > 1 else parts[0])
+        gate = layout.per_token(1.0 + self.ffn_gate(summary))  # [N, ffn_mult*d]
+        h = F.silu(self.ffn_in(self.norm2(x))) * gate
         return x + self.ffn_out(h)
 
 
 class SequenceArch(nn.Module):
     """History -> seq_summary_tokens embeddings of width D.
 
-    item_emb [B, T, D] (from the shared item table), actions [B, T] int64, gaps [B, T] float days,
-    mask [B, T] bool, context [B, n_ctx, D] (non-sequence embeddings) -> [B, K, D].
+    item_ids [B, T] int64, actions [B, T] int64, gaps [B, T] float days, mask [B, T] bool,
+    context [B, n_ctx, D] (non-sequence embeddings), embed_items (the shared item table:
+    ids [...] -> [..., D]) -> [B, K, D]. Only the slots the layout keeps are embedded.
     """
 
     def __init__(self, cfg: RankerConfig, n_context: int) -> None:
@@ -92,19 +106,27 @@ class SequenceArch(nn.Module):
             SequenceBlock(dm, cfg.seq_heads, cfg.seq_ffn_mult) for _ in range(cfg.seq_layers))
         self.norm = nn.LayerNorm(dm)
         self.out_proj = nn.Linear(2 * dm, d)
+        self.pack_history = True  # False: always the padded layout (the reference)
 
-    def forward(self, item_emb: Tensor, actions: Tensor, gaps: Tensor, mask: Tensor,
-                context: Tensor) -> Tensor:
+    def forward(self, item_ids: Tensor, actions: Tensor, gaps: Tensor, mask: Tensor,
+                context: Tensor, embed_items: Callable[[Tensor], Tensor]) -> Tensor:
         b = context.shape[0]
-        events = item_emb + self.action_emb(actions) + self.gap_emb(gap_buckets(gaps, self.n_gap_buckets))
-        tokens = self.input_proj(events)  # [B, T, dm]
+        layout = self.layout(mask)
+        events = (embed_items(layout.kept_history(item_ids)) + self.action_emb(layout.kept_history(actions))
+                  + self.gap_emb(gap_buckets(layout.kept_history(gaps), self.n_gap_buckets)))  # [N_h, D]
         summary = F.silu(self.summary_proj(context.flatten(1)))  # [B, dm]
         cls = self.cls_proj(summary).view(b, self.k, self.dm)  # [B, K, dm]
-        x = torch.cat([cls, tokens], dim=1)  # [B, K+T, dm]
-        key_mask = torch.cat([torch.ones(b, self.k, dtype=torch.bool, device=mask.device), mask], 1)
+        x = layout.pack(cls, self.input_proj(events))  # [N, dm], N <= B*(K+T)
         for block in self.blocks:
-            x = block(x, key_mask, summary)
+            x = block(x, layout, summary)
         x = self.norm(x)
-        pooled = masked_mean(x[:, self.k:], mask, dim=1)  # [B, dm]; zeros without history
-        both = torch.cat([x[:, : self.k], pooled.unsqueeze(1).expand(b, self.k, self.dm)], dim=-1)
+        pooled = layout.pool_events(x, b)  # [B, dm]; zeros without history
+        cls_out = layout.cls_tokens(x, self.k)  # [B, K, dm]
+        both = torch.cat([cls_out, pooled.unsqueeze(1).expand(b, self.k, self.dm)], dim=-1)
         return self.out_proj(both)  # [B, K, D]
+
+    def layout(self, mask: Tensor) -> HistoryLayout:
+        """Packed (padding cut) on CPU; padded where sizes read from the mask would sync a device."""
+        if self.pack_history and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            return HistoryLayout.packed(mask, self.k)
+        return HistoryLayout.padded(mask, self.k)

@@ -52,5 +52,5 @@ class SparseArch(nn.Module):
         return torch.stack(out, dim=1)
 
     def embed_items(self, item_ids: Tensor) -> Tensor:
-        """History item ids [B, T] -> [B, T, D] through the shared item table."""
+        """History item ids [...] -> [..., D] through the shared item table."""
         return self.tables[self.history_item_feature](item_ids)
