@@ -229,7 +229,9 @@ def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: 
         report.outputs.save(out / f"eval_{label}.npz")
         outputs[label] = report
         print(f"{label}:\n{report.table()}")
-    result = gate(outputs["bf16"].outputs, outputs["fp8"].outputs, allow_different_models=True)
+    paths = [out / "eval_bf16.npz", out / "eval_fp8.npz"]
+    print(f"same as: loka gate {paths[0]} {paths[1]} --allow-different-models")
+    result = gate(*paths, allow_different_models=True)  # padding mods change the module tree, not the function
     (out / "gate.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     print(result.table())
     return outputs, result
@@ -299,11 +301,13 @@ def run(cfg: DemoConfig | None = None) -> dict:
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
     plan, plan_path = make_plan(report, cfg, keep, out)
+    modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
     fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8)
 
     label = "FP8 plan" if fp8.kind == "plan" else "FP8 (accuracy-safe sites)"
     stages.start(f"6. continue training {cfg.continue_steps} steps: bf16 and {label} side by side, same data")
-    bf16_run = continue_training(copy.deepcopy(warm.model), cfg, "bf16")
+    print("(bf16 = the modded model unconverted; the mods are exact, so FP8 is the only difference)")
+    bf16_run = continue_training(modded_bf16, cfg, "bf16")
     fp8_run = continue_training(modded, cfg, "fp8")
 
     stages.start(f"7. gate: {label} vs bf16 on the same {cfg.eval_examples:,} held-out examples")

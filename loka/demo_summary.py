@@ -29,8 +29,9 @@ def _why(sp) -> str:
     if all(r.startswith("kept bf16 by policy") for r in reasons):
         return reasons[0]
     if all("no FP8 kernel faster than bf16" in r for r in reasons):
-        best = [r.split("(best ", 1)[1].rstrip(")") for r in reasons if "(best " in r]
-        return "kept bf16: no FP8 kernel faster than bf16 here" + (f" (best {', '.join(best)})" if best else "")
+        best = list(dict.fromkeys(r.split("(best ", 1)[1].rstrip(")") for r in reasons if "(best " in r))
+        return ("kept bf16: no FP8 kernel faster than bf16 here, quantization included"
+                + (f" (best per GEMM: {', '.join(best)})" if best else ""))
     return "; ".join(f"{g}: {r}" for g, r in zip(GEMMS, reasons))
 
 
@@ -57,8 +58,8 @@ def summary_rows(report, plan, fp8) -> list[dict]:
 def format_summary(rows: list[dict]) -> str:
     """Two lines a site: shape, probe verdict, plan kernels, expected speedup, what trained; then the plan's why."""
     w = max(len(r["site"]) for r in rows) + 1
-    p = max(len(r["probe"]) for r in rows) + 1
-    k = max(len(r["plan"]) for r in rows) + 1
+    p = max([len(r["probe"]) for r in rows] + [len("probe")]) + 1
+    k = max([len(r["plan"]) for r in rows] + [len("plan kernels")]) + 1
     lines = [f"{'site':<{w}} {'M x K x N':<14} {'probe':<{p}} {'plan kernels':<{k}} {'exp.':>6}  FP8 model trained"]
     for r in rows:
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
@@ -98,7 +99,8 @@ def ne_lines(gate_result, eval_examples: int) -> list[str]:
     meaning = {"pass": "FP8 stays within the NE budget on every task",
                "regression": "FP8 costs more NE than the budget allows on some task: do not ship this FP8 model",
                "inconclusive": "the held-out set is too small to tell; evaluate on more examples"}
-    lines.append(f"gate: {gate_result.verdict} ({meaning.get(gate_result.verdict, '')}; details in gate.json)")
+    lines.append(f"gate: {gate_result.verdict} ({meaning.get(gate_result.verdict, '')}; details in gate.json). "
+                 "The intervals cover the held-out sample only, not run-to-run training variation.")
     return lines
 
 
