@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench 
 from ranker_flops import count_gemm_flops, peak_for  # noqa: E402
 from ranker_report import RunInfo, VariantResult, render  # noqa: E402
 from ranker_variants import BUILDERS, VARIANTS, Unavailable, library_versions  # noqa: E402
+from ranker_limits import time_limit  # noqa: E402
 from triton_timing import raise_recompile_limit  # noqa: E402
 
 GPU_DEFAULTS = dict(threads=None, batch_size=8192, warmup=10, steps=50, eval_examples=65536,
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("infer_batch_sizes", str), ("infer_iters", int), ("probe_steps", int)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--compile", choices=("on", "off"), default=None, help="torch.compile the variants (GPU default on)")
+    p.add_argument("--compile-backend", choices=("inductor", "aot_eager"), default="inductor",
+                   help="torch.compile backend: inductor (generated kernels; on CPU a C++ compile per kernel) or "
+                        "aot_eager (dynamo + AOTAutograd tracing only, no codegen: checks that every variant traces)")
+    p.add_argument("--variant-timeout", type=float, default=None,
+                   help="seconds one variant may take (build, compile, train, eval, serve); past it the variant is "
+                        "a row with the reason and the next one runs (default: no limit)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (--cpu-smoke: 1; more threads than free cores make CPU steps erratic)")
     p.add_argument("--seed", type=int, default=0)
@@ -85,10 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.infer_batch_sizes = [int(b) for b in args.infer_batch_sizes.split(",")]
     if min([args.batch_size, args.steps, args.eval_examples, args.infer_iters] + args.infer_batch_sizes) < 1:
         p.error("--batch-size, --steps, --eval-examples, --infer-iters and the batch sizes must be >= 1")
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step, where torch.compile compiles, is timed on its own)")
+    if args.variant_timeout is not None and args.variant_timeout <= 0:
+        p.error("--variant-timeout must be > 0 seconds")
     return args
 
 
-def configure_dynamo() -> str:
+def configure_dynamo(backend: str = "inductor") -> str:
     """Reset-and-raise policy of torch.compile for this run, as a sentence for the header."""
     raise_recompile_limit(RECOMPILE_LIMIT)
     cfg = torch._dynamo.config
@@ -96,8 +107,11 @@ def configure_dynamo() -> str:
     loud = hasattr(cfg, "fail_on_recompile_limit_hit")
     if loud:
         cfg.fail_on_recompile_limit_hit = True  # an eager fallback would be an error row, not a silent slow row
-    return (f"torch.compile: torch._dynamo.reset() before every variant; torch._dynamo.config.{name} raised to "
-            f"{getattr(cfg, name)}" + ("; fail_on_recompile_limit_hit=True" if loud else ""))
+    return (f"torch.compile (backend {backend}): torch._dynamo.reset() before every variant; "
+            f"torch._dynamo.config.{name} raised to {getattr(cfg, name)}"
+            + ("; fail_on_recompile_limit_hit=True" if loud else "")
+            + ("; aot_eager traces (dynamo + AOTAutograd) but generates no kernels: step times are eager speed"
+               if backend == "aot_eager" else ""))
 
 
 class Setup:
@@ -181,7 +195,7 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
         return result, None
     model, result.sites, result.notes = built.model, built.sites_cell(), list(built.notes)
     result.compiled = built.compile and args.compile == "on"
-    runner = torch.compile(model) if result.compiled else model
+    runner = torch.compile(model, backend=args.compile_backend) if result.compiled else model
     opts = build_optimizers(model, lr_dense=2e-3, lr_sparse=0.05, weight_decay=1e-5)
     position = [0]
 
@@ -195,7 +209,8 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    t = time_fn(step, warmup=args.warmup, iters=args.steps, device=setup.device)
+    result.first_step_s = _first_step_seconds(step, setup.device)
+    t = time_fn(step, warmup=args.warmup - 1, iters=args.steps, device=setup.device)
     result.step_ms = (t.median_ms, t.p10_ms, t.p90_ms)
     with setup.amp(), built.forward_context():
         pred = predict(model, setup.held_out, args.eval_examples)
@@ -213,6 +228,17 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
         except Exception as exc:  # e.g. a kernel that refuses M at batch 1: that cell, not the row
             result.latency_ms[b] = _error_text(exc)
     return result, pred
+
+
+def _first_step_seconds(step, device: torch.device) -> float:
+    """Wall time of the first training step: where torch.compile traces and generates code."""
+    import time
+
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def _error_text(exc: Exception) -> str:
@@ -275,7 +301,8 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
         if show:
             print(f"bench/ranker.py: {name} ...", file=sys.stderr)
         try:
-            r, pred = run_variant(name, setup, args, plan, infer_batches)
+            with time_limit(args.variant_timeout, name):
+                r, pred = run_variant(name, setup, args, plan, infer_batches)
         except Exception as exc:  # one failing variant is a row with the error, the others still run
             r, pred = VariantResult(name, status=_error_text(exc)), None
         results.append(r)
@@ -322,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = results_dir(args, device)
-    settings = [configure_dynamo() if args.compile == "on" else "torch.compile: off (--compile off)"]
+    settings = [configure_dynamo(args.compile_backend) if args.compile == "on" else "torch.compile: off (--compile off)"]
+    if args.variant_timeout:
+        settings.append(f"time limit per variant: {args.variant_timeout:g} s (--variant-timeout)")
     setup = Setup(args, device)
     settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
                     "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")

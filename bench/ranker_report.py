@@ -21,6 +21,7 @@ class VariantResult:
     sites: str = ""
     compiled: bool = False
     step_ms: tuple[float, float, float] | None = None  # median, p10, p90
+    first_step_s: float | None = None  # the first training step, torch.compile's tracing and codegen included
     ne: dict[str, float] = field(default_factory=dict)
     ne_vs_bf16: dict[str, object] = field(default_factory=dict)  # task -> BootstrapResult
     latency_ms: dict[int, tuple[float, float] | str] = field(default_factory=dict)  # batch -> (p50, p99) or error
@@ -28,7 +29,7 @@ class VariantResult:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "sites": self.sites, "compiled": self.compiled,
-                "step_ms": self.step_ms, "ne": self.ne,
+                "step_ms": self.step_ms, "first_step_s": self.first_step_s, "ne": self.ne,
                 "ne_vs_bf16": {t: dataclasses.asdict(r) for t, r in self.ne_vs_bf16.items()},
                 "latency_ms": {str(b): v for b, v in self.latency_ms.items()}, "notes": self.notes}
 
@@ -57,20 +58,22 @@ def _status_row(r: VariantResult, n_cols: int) -> str:
 
 
 def training_table(results: list[VariantResult], info: RunInfo) -> list[str]:
-    lines = ["| variant | FP8 sites | compiled | step ms, median (p10–p90) | examples/s | TFLOP/s | MFU | vs bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | FP8 sites | compiled | step ms, median (p10–p90) | examples/s | TFLOP/s | MFU | vs bf16 "
+             "| first step s (incl. compile) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = next((r.step_ms[0] for r in results if r.name == "bf16" and r.step_ms), None)
     flops = info.flops.train_step(info.batch_size)
     for r in results:
         if r.step_ms is None:
-            lines.append(_status_row(r, 8))
+            lines.append(_status_row(r, 9))
             continue
         med, p10, p90 = r.step_ms
         tflops = flops / (med * 1e-3) / 1e12
         mfu = f"{100 * tflops / info.peak.bf16:.1f}%" if info.peak else "n/a"
         speed = f"{base / med:.2f}x" if base else "n/a"
         lines.append(f"| {r.name} | {r.sites} | {'yes' if r.compiled else 'no'} | {med:.3f} ({p10:.3f}–{p90:.3f}) | "
-                     f"{info.batch_size / (med * 1e-3):,.0f} | {tflops:.3g} | {mfu} | {speed} |")
+                     f"{info.batch_size / (med * 1e-3):,.0f} | {tflops:.3g} | {mfu} | {speed} | "
+                     f"{'—' if r.first_step_s is None else f'{r.first_step_s:.1f}'} |")
     return lines
 
 

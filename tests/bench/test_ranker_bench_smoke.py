@@ -103,3 +103,16 @@ def test_bad_variant_is_refused(capsys):
         bench.parse_args(["--variants", "bf16,fp4"])
     assert "unknown variants ['fp4']" in capsys.readouterr().err
     assert sys.modules.get("ranker_variants") is not None
+
+
+def test_variant_past_its_time_limit_is_a_row_with_the_reason(tmp_path):
+    bench = _load_bench()
+    out = tmp_path / "out"
+    rc = bench.main(["--size", "tiny", "--cpu-smoke", "--variants", "bf16", "--out", str(out), "--steps", "1",
+                     "--eval-examples", "64", "--infer-batch-sizes", "1", "--infer-iters", "1", "--no-progress",
+                     "--variant-timeout", "0.001"])
+    assert rc == 0
+    text = next(out.glob("cpu-*.md")).read_text()
+    assert "time limit per variant: 0.001 s" in text
+    row = _rows(text, "Training step")["bf16"]
+    assert row[0] == "error: VariantTimeout: bf16 did not finish within 0.001 s (--variant-timeout)"
