@@ -94,8 +94,8 @@ def speed_timings(site: dict) -> dict | None:
 
 def _speed_phrase(timings: dict, best: str, sp: float) -> str:
     if timings.get("source") == "model":
-        return (f"; but {best} is predicted slower than bf16 at this shape on {timings['device_name']} "
-                f"({sp:.2f}x incl. quantization; measure on the GPU with Probe.time_sites)")
+        return (f"; but {best} is predicted slower than bf16 at this shape: {sp:.2f}x incl. quantization by the "
+                f"{timings['device_name']} (measure on the GPU with Probe.time_sites)")
     return f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
 
 

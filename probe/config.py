@@ -78,8 +78,8 @@ class ProbeConfig:
     confidence: float = 0.95
     min_samples: int = 3
     stop_when_decided: bool = True
-    max_rows: int = 1024
-    capture_rows: int = 2048
+    max_rows: int = 256
+    capture_rows: int = 1024
     fit_values: int = 4096
     stats: bool = True
     overhead_budget: float | None = None

@@ -16,6 +16,7 @@ A non-finite operand or output makes the observation ``inf`` and the site unsafe
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -130,11 +131,17 @@ def t_interval(values: list[float], confidence: float) -> tuple[float, float, fl
     mean = sum(values) / n
     if n < 2:
         return mean, -math.inf, math.inf
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = _t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+@functools.lru_cache(maxsize=1024)
+def _t_quantile(q: float, df: int) -> float:
+    """Student-t quantile (cached: a probe asks for the same few (q, df) thousands of times)."""
     from scipy import stats as sps  # imported here: keeps `import loka.probe` (and `loka --help`) fast
 
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    return float(sps.t.ppf(q, df))
 
 
 def decide(lo: float, hi: float, n: int, threshold: float, min_samples: int) -> str:

@@ -84,6 +84,11 @@ class Probe:
         self._clock = OverheadClock()
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
+        # Import scipy's t distribution now (about a second, once) rather than inside the
+        # training loop at the second sampled step, where it would count as probe overhead.
+        from loka.probe.error import _t_quantile
+
+        _t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
 
     @property
     def sites(self) -> dict[str, Site]:

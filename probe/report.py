@@ -92,7 +92,7 @@ class ProbeReport:
             lines.append("Timings were taken on CPU: they are **not representative** of GPU speed and decide nothing.")
         modeled = {s["modeled_timings"]["device_name"] for s in self.sites if s.get("modeled_timings")}
         if modeled:
-            lines.append(f"Speedups marked (model) are predicted by the speed model of {', '.join(sorted(modeled))} "
+            lines.append(f"Speedups marked (model) are predicted by the {', '.join(sorted(modeled))} "
                          "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
         lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
                   "|" + "---|" * (len(recipes) + 6)]

@@ -58,6 +58,31 @@ class Prepared:
         """The finite values of ``x``, flattened."""
         return self.x.flatten() if self.all_finite else self.x[self.finite]
 
+    @functools.cached_property
+    def rows(self) -> torch.Tensor | None:
+        """At most :data:`STATS_ROWS` evenly strided row indices (None: every row)."""
+        return strided_rows(self.x.shape[0], STATS_ROWS, self.x.device)
+
+    @functools.cached_property
+    def sample(self) -> "Prepared":
+        """The same forms on :attr:`rows` (the value-level statistics' sample)."""
+        if self.rows is None:
+            return self
+        r = self.rows
+        return Prepared(self.x[r], None if self.finite is None else self.finite[r], self.ax[r], self.all_finite)
+
+
+# Value-level statistics (moments, histogram, underflow) are computed on at most this many
+# evenly strided rows of a captured operand: the captured rows are already a sample of the
+# batch, and a few hundred rows pin these numbers down at a fraction of the cost. Count,
+# non-finite count, amax, min/max and per-channel amax use every captured row.
+STATS_ROWS = 256
+
+
+def strided_rows(n: int, cap: int, device=None) -> torch.Tensor | None:
+    """``cap`` or fewer row indices spread evenly over ``n`` rows, or None when ``n <= cap``."""
+    return None if n <= cap else torch.arange(0, n, -(-n // cap), device=device)
+
 
 @dataclass(frozen=True)
 class Statistic:
@@ -73,11 +98,12 @@ def _f64(v) -> torch.Tensor:
 
 
 def _moments(p: Prepared, role: str) -> State:
-    xd = p.finite_values().double()
+    xd = p.sample.finite_values().double()
     x2 = xd * xd
+    nonfinite = 0 if p.all_finite else int((~p.finite).sum())
     return {
         "count": _f64(p.x.numel()),
-        "nonfinite": _f64(p.x.numel() - xd.numel()),
+        "nonfinite": _f64(nonfinite),
         "n": _f64(xd.numel()),
         "zeros": _f64(int((xd == 0).sum())),
         "s1": xd.sum().cpu(),
@@ -102,7 +128,8 @@ def _extremes(p: Prepared, role: str) -> State:
 
 
 def _log2_hist(p: Prepared, role: str) -> State:
-    nz = p.ax[p.ax > 0]
+    ax = p.sample.ax
+    nz = ax[ax > 0]
     _, exp = torch.frexp(nz)  # |x| = m * 2**exp, m in [0.5, 1) -> floor(log2|x|) = exp - 1
     idx = (exp - 1).clamp(LOG2_MIN, LOG2_MAX) - LOG2_MIN
     return {"log2_hist": torch.bincount(idx.long(), minlength=N_LOG2_BINS).double().cpu()}
@@ -140,34 +167,26 @@ def _count_below(ax: torch.Tensor, scale: torch.Tensor, group, lo: float) -> int
     return int(((blocks < lo * s) & (blocks > 0)).sum())
 
 
-# Underflow fractions are counted on at most this many rows of a captured operand (evenly
-# strided): each group's scale still comes from the whole operand, so the counts are an
-# unbiased sample, at a fraction of the cost on activations of many rows.
-RANGE_ROWS = 128
-
-
 def _range_fractions(p: Prepared, role: str) -> State:
     """Counts of nonzero finite values that would underflow to zero, per format and granularity.
 
     The same rule as ``loka.quantize.fraction_underflow_saturate`` (dynamic scale from the
     group's finite amax; a value underflows when ``|x| / scale`` is below half the smallest
-    subnormal), computed once per granularity for both formats, on the rows of
-    :data:`RANGE_ROWS`. Under dynamic scaling nothing saturates (the scale is chosen so amax
+    subnormal), computed once per granularity for both formats, on the sampled rows
+    (:data:`STATS_ROWS`) with each group's scale from the whole operand. Under dynamic scaling nothing saturates (the scale is chosen so amax
     maps to fmax); saturation is what *delayed* scaling risks, measured by
     ``saturation_delayed`` against the previous sample's amax (see :meth:`OperandStats.update`).
     """
-    ax = p.ax
-    rows = None if ax.shape[0] <= RANGE_ROWS else torch.arange(0, ax.shape[0], -(-ax.shape[0] // RANGE_ROWS), device=ax.device)
-    sub = ax if rows is None else ax[rows]
+    ax, rows, sub = p.ax, p.rows, p.sample.ax
     out: State = {"range_n": _f64(int((sub > 0).sum()))}
     for g in GRANULARITIES:
         op = _check_operand(role, g, "e4m3")
         group = _group_shape(ax.shape, g, op.block)
-        amax = group_amax(ax, g, op.block, finite_only=False)
         if rows is not None and group is not None and group[0] > 1:  # 2-D blocks: each kept row's blocks
-            amax, group = amax[rows // group[0]], (1, group[1])
-        elif rows is not None and group is not None:  # groups within a row
-            amax = amax[rows]
+            amax = group_amax(ax, g, op.block, finite_only=False)[rows // group[0]]
+            group = (1, group[1])
+        else:  # one group per tensor (whole operand) or groups within a row (kept rows only)
+            amax = group_amax(ax if group is None else sub, g, op.block, finite_only=False)
         for fmt in FORMATS_CHECKED:
             f = get_format(fmt)
             scale = scale_from_amax(amax, f, op.pow2)

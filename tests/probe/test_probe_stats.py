@@ -44,22 +44,22 @@ def test_log2_histogram_counts_every_nonzero_finite_value():
     assert counts == torch.bincount(expected, minlength=len(counts)).tolist()
 
 
-@pytest.mark.parametrize("rows", [64, 1000])  # all rows counted / a strided subset (RANGE_ROWS)
+@pytest.mark.parametrize("rows", [64, 1000])  # all rows counted / a strided subset (STATS_ROWS)
 @pytest.mark.parametrize("role", ["input", "weight", "grad_output"])
 def test_range_fractions_match_loka_quantize(rows, role):
-    from loka.probe.stats import RANGE_ROWS, _check_operand
+    from loka.probe.stats import STATS_ROWS, _check_operand
 
     x = torch.randn(rows, 300) * torch.logspace(-12, 0, 300)  # wide range: tensorwise e4m3 underflows
     x[3] = 0.0
     _, s = _summary(x, role=role)
-    kept = torch.arange(0, rows, -(-rows // RANGE_ROWS)) if rows > RANGE_ROWS else torch.arange(rows)
+    kept = torch.arange(0, rows, -(-rows // STATS_ROWS)) if rows > STATS_ROWS else torch.arange(rows)
     for g in ("tensorwise", "rowwise", "blockwise", "mx"):
         for fmt in ("e4m3", "e5m2"):
             op = _check_operand(role, g, fmt)
             under = _underflow_on_rows(x, op, kept)
             assert s["underflow"][fmt][g] == pytest.approx(under, abs=1e-12), (g, fmt)
     assert s["underflow"]["e4m3"]["tensorwise"] > s["underflow"]["e4m3"]["mx"]
-    if rows <= RANGE_ROWS:  # whole operand: the same number as loka.quantize's own helper
+    if rows <= STATS_ROWS:  # whole operand: the same number as loka.quantize's own helper
         under, _ = fraction_underflow_saturate(x, _check_operand(role, "rowwise", "e4m3"))
         assert s["underflow"]["e4m3"]["rowwise"] == pytest.approx(under, abs=1e-12)
 
