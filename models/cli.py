@@ -17,8 +17,10 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precision", default="bf16", help="bf16 | fp32 | fp8 | path to a loka plan JSON")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, eval results")
-    p.add_argument("--lr-dense", type=float, default=2e-3)
-    p.add_argument("--lr-sparse", type=float, default=0.05)
+    p.add_argument("--lr-dense", type=float, default=None, help="AdamW lr (default: TrainConfig's)")
+    p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
+    p.add_argument("--schedule", default=None, choices=("constant", "cosine"),
+                   help="learning-rate schedule over --steps (default: TrainConfig's)")
     p.add_argument("--seed", type=int, default=0, help="model init seed")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -53,9 +55,11 @@ def _run_train(args) -> int:
         data = CriteoStream(args.criteo, args.batch_size, args.criteo_buckets, on_error=args.on_error)
         model = Ranker(data.config(args.size))
         eval_examples = 0  # no held-out synthetic stream for real data; use `loka eval`
+    recipe = {k: v for k, v in (("lr_dense", args.lr_dense), ("lr_sparse", args.lr_sparse),
+                                ("lr_schedule", args.schedule)) if v is not None}
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
-                         precision=args.precision, out_dir=args.out, lr_dense=args.lr_dense,
-                         lr_sparse=args.lr_sparse, seed=args.seed, data_seed=args.data_seed,
+                         precision=args.precision, out_dir=args.out, **recipe,
+                         seed=args.seed, data_seed=args.data_seed,
                          device=args.device, compile=args.compile, eval_examples=eval_examples,
                          max_seconds=args.max_seconds, checkpoint_every=args.checkpoint_every,
                          log_every=args.log_every, progress=not args.no_progress)

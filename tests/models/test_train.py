@@ -15,7 +15,9 @@ from loka.models import (Ranker, RankerConfig, SyntheticStream, TrainConfig, eva
                          load_model, train)
 from loka.models.checkpoint import save_checkpoint
 
-FAST = dict(size="tiny", batch_size=64, progress=False, warmup_steps=2)
+# A constant schedule: a run of N steps then a resume to 2N equals 2N straight (a cosine
+# schedule spans `steps`, so a shorter first run would follow a different one).
+FAST = dict(size="tiny", batch_size=64, progress=False, warmup_steps=2, lr_schedule="constant")
 
 
 def _seed():
