@@ -79,8 +79,12 @@ class HistoryLayout:
         example = order[sorted_ex]
         is_hist = slot >= k
         hist_slot = (slot - k).clamp_min(0)
-        hist_rows = (example * t + hist_slot)[is_hist]
-        hist_index = torch.cumsum(is_hist, 0) - 1  # packed history row, valid where is_hist
+        # Kept history slots with the same trick (no boolean indexing: no device sync, no graph break).
+        n_hist = sum(n * (w - k) for n, w in chunks)
+        hist_ex = torch.arange(b, device=dev).repeat_interleave(width - k, output_size=n_hist)
+        hist_starts = torch.cumsum(width - k, 0) - (width - k)
+        hist_rows = order[hist_ex] * t + torch.arange(n_hist, device=dev) - hist_starts[hist_ex]
+        hist_index = hist_starts[sorted_ex] + hist_slot  # packed history row, valid where is_hist
         rows = torch.where(is_hist, b * k + hist_index, example * k + slot.clamp_max(k - 1))
         real = is_hist & mask.flatten()[(example * t + hist_slot).clamp_max(b * t - 1)] if t else is_hist
         key_mask = ~is_hist | real
