@@ -96,3 +96,36 @@ def test_cancellation_site_is_unsafe_and_plain_site_safe():
     g = Recipe.from_name("rowwise").fprop
     assert gemm_error(x, w, g)[0] > 0.5
     assert gemm_error(torch.randn(64, 64), w, g)[0] < 0.08
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recipes_measured_together_equal_direct_emulation(dtype):
+    """gemm_errors stacks the recipes of one operand; each result must equal quantizing alone.
+
+    K=100 makes the 128x128 weight blocks span the reduction dim (the padded path), and a
+    row subset (max_rows=32) exercises scales from kept rows vs the whole operand."""
+    from loka.probe.error import _row_subset, gemm_errors
+
+    a = (torch.randn(70, 100) * torch.logspace(-2, 1, 100)).to(dtype)
+    b = (torch.randn(50, 100) * 0.1).to(dtype)
+    names = ["tensorwise", "rowwise", "blockwise", "mx"]
+    gemms = [Recipe.from_name(n).fprop for n in names]
+    seed = int(torch.randint(0, 1 << 30, ()))
+    got = gemm_errors(a, b, gemms, max_rows=32, gen=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    ra, rb = _row_subset(70, 32, gen), _row_subset(50, 32, gen)
+    ref = a[ra].double() @ b[rb].double().T
+    for name, g, (err, _) in zip(names, gemms, got):
+        pad = 129 - 100 if name == "blockwise" else 0  # zero columns: same blocks' amax, same product
+        ap, bp = (torch.nn.functional.pad(t, (0, pad)) for t in (a, b))
+        out = fake_quantize(ap, g.a)[ra].float() @ fake_quantize(bp, g.b)[rb].float().T
+        assert err == pytest.approx(rel_error(ref, out), rel=1e-5), name
+
+
+def test_nonfinite_operand_makes_every_recipe_infinite_but_not_the_others_shape():
+    from loka.probe.error import gemm_errors
+
+    a, b = torch.randn(16, 48), torch.randn(8, 48)
+    a[3, 7] = float("nan")
+    errs = gemm_errors(a, b, [Recipe.from_name(n).fprop for n in ("tensorwise", "mx")])
+    assert all(e == math.inf and s == -math.inf for e, s in errs)
