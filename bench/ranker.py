@@ -5,9 +5,12 @@ One command, on a GPU (H100-class; writes bench/results/<device>-<date>.md and .
     python bench/ranker.py --size large --out bench/results/
 
 CPU smoke run (tiny ranker, a few steps, no torch.compile; writes to a temporary directory,
-the file says the timings are NOT representative):
+the file says the timings are NOT representative); ``--compile on`` adds torch.compile, whose
+inductor backend compiles one C++ file per generated kernel on CPU (minutes per variant, see
+bench/README.md):
 
     python bench/ranker.py --size tiny --cpu-smoke
+    python bench/ranker.py --size tiny --cpu-smoke --compile on
 
 In ONE process, on the same batches and from the same initial weights, every variant
 (see bench/ranker_variants.py: ``bf16``, ``torchao-tensorwise``, ``torchao-rowwise``,
