@@ -18,3 +18,16 @@ def test_serve_bench_runs_engine_and_http(tmp_path):
     rows = json.loads(out.read_text())
     assert len(rows) == 4
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in rows)
+
+
+def test_probe_acceptance_runs_and_checks_verdicts(tmp_path):
+    """bench/probe_acceptance.py at tiny size: writes the three report forms and checks verdicts."""
+    out = tmp_path / "probe"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_acceptance.py"), "--size", "tiny", "--steps", "3",
+                          "--every", "1", "--batch-size", "64", "--sensitivity-batches", "2", "--check-batches", "2",
+                          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode in (0, 1), res.stderr[-2000:]  # 1 = a verdict disagreed (printed), not a crash
+    assert {p.name for p in out.iterdir()} >= {"probe_report.json", "probe_report.md", "probe_report.html"}
+    summary = [line for line in res.stdout.splitlines() if line.startswith("tiny:")]
+    assert summary and "verdicts checked against real conversion" in summary[0], res.stdout[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == ("PASS" if res.returncode == 0 else "FAIL")
