@@ -110,16 +110,16 @@ def configure_dynamo(backend: str = "inductor") -> str:
     loud = hasattr(cfg, "fail_on_recompile_limit_hit")
     if loud:
         cfg.fail_on_recompile_limit_hit = True  # an eager fallback would be an error row, not a silent slow row
-    # The ranker's history layout indexes with boolean masks (data-dependent shapes). Without capturing them,
-    # dynamo breaks the graph there and re-traces the resumed frame on every call (tiny, CPU: 0.92 s a step
-    # instead of 13 ms); captured, each variant compiles once per grad mode and batch shape.
+    # Data-dependent shapes (boolean indexing, nonzero) would break the graph, and dynamo then re-traced the
+    # resumed frame on every call (the ranker's history layout did once; tiny, CPU: 0.92 s a step instead of
+    # 13 ms); captured, each variant compiles once per grad mode and batch shape.
     cfg.capture_dynamic_output_shape_ops = True
     cfg.capture_scalar_outputs = True
     return (f"torch.compile (backend {backend}): torch._dynamo.reset() before every variant; "
             f"torch._dynamo.config.{name} raised to {getattr(cfg, name)}"
             + ("; fail_on_recompile_limit_hit=True" if loud else "")
-            + "; capture_dynamic_output_shape_ops=True and capture_scalar_outputs=True (no graph break at the "
-              "history layout's boolean indexing)"
+            + "; capture_dynamic_output_shape_ops=True and capture_scalar_outputs=True (no graph break at "
+              "data-dependent shapes)"
             + ("; aot_eager traces (dynamo + AOTAutograd) but generates no kernels: step times are eager speed"
                if backend == "aot_eager" else ""))
 
