@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
 from .batch import Batch
 from .engine import InferenceEngine
 from .serving_schema import RequestError, parse_request

@@ -1,7 +1,6 @@
 """``loka probe`` through its own ``register`` on a fresh parser, with a module:factory model."""
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,6 @@ import torch
 from scipy import stats as sps
 
 from loka.quantize import fraction_underflow_saturate
-from loka.recipe import Recipe
 from loka.probe.stats import LOG2_MIN, OperandStats, amax_drift
 
 
