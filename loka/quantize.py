@@ -20,7 +20,6 @@ means. Conventions (shared with torch._scaled_mm):
 
 from __future__ import annotations
 
-
 import torch
 
 from loka.formats import Float8Format, get_format

@@ -63,14 +63,3 @@ class MLP(nn.Module):
 def signed_log1p(x: Tensor) -> Tensor:
     """sign(x) * log(1 + |x|): tames heavy tails (counts, prices, outliers) before any GEMM."""
     return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """Mean of x over ``dim`` where mask is True; zeros where nothing is valid.
-
-    x [B, T, D], mask [B, T] -> [B, D].
-    """
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    total = (x * weights).sum(dim)
-    count = weights.sum(dim).clamp_min(1.0)
-    return total / count

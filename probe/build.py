@@ -150,9 +150,9 @@ def site_entry(probe, fqn: str) -> dict:
                                          cfg.sensitivity_threshold)
     fits = _fits(st)
     timings = probe.timings.get(fqn)
-    modeled = None if timings and timings["representative"] else modeled_timings(st, list(errors))
-    verdict, best, speedup, speed, reason = _site_verdict(
-        recipe_verdicts, errors, timings if timings and timings["representative"] else modeled)
+    measured = timings if timings and timings["representative"] else None
+    modeled = None if measured else modeled_timings(st, list(errors))
+    verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, measured or modeled)
     return {
         "fqn": fqn,
         "module_type": st.site.module_type,

@@ -114,12 +114,10 @@ def _moments(p: Prepared, role: str) -> State:
 
 
 def _extremes(p: Prepared, role: str) -> State:
-    if p.all_finite:
-        if not p.x.numel():
-            return {"amax": _f64(0.0), "min": _f64(math.inf), "max": _f64(-math.inf)}
-        lo, hi = p.x.min(), p.x.max()
-    elif not bool(p.finite.any()):
+    if not p.x.numel() or (not p.all_finite and not bool(p.finite.any())):
         return {"amax": _f64(0.0), "min": _f64(math.inf), "max": _f64(-math.inf)}
+    if p.all_finite:
+        lo, hi = p.x.min(), p.x.max()
     else:
         big = torch.tensor(math.inf, device=p.x.device)
         lo = torch.where(p.finite, p.x, big).min()
@@ -173,9 +171,10 @@ def _range_fractions(p: Prepared, role: str) -> State:
     The same rule as ``loka.quantize.fraction_underflow_saturate`` (dynamic scale from the
     group's finite amax; a value underflows when ``|x| / scale`` is below half the smallest
     subnormal), computed once per granularity for both formats, on the sampled rows
-    (:data:`STATS_ROWS`) with each group's scale from the whole operand. Under dynamic scaling nothing saturates (the scale is chosen so amax
-    maps to fmax); saturation is what *delayed* scaling risks, measured by
-    ``saturation_delayed`` against the previous sample's amax (see :meth:`OperandStats.update`).
+    (:data:`STATS_ROWS`) with each group's scale from the whole operand. Under dynamic
+    scaling nothing saturates (the scale is chosen so amax maps to fmax); saturation is what
+    *delayed* scaling risks, measured by ``saturation_delayed`` against the previous sample's
+    amax (see :meth:`OperandStats.update`).
     """
     ax, rows, sub = p.ax, p.rows, p.sample.ax
     out: State = {"range_n": _f64(int((sub > 0).sum()))}
