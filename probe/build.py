@@ -28,6 +28,7 @@ def _config_dict(cfg) -> dict:
         "capture_rows": cfg.capture_rows,
         "sensitivity_threshold": cfg.sensitivity_threshold,
         "overhead_budget": cfg.overhead_budget,
+        "background": cfg.background,
     }
 
 

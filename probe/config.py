@@ -67,6 +67,9 @@ class ProbeConfig:
       :meth:`Probe.measure_sensitivity` ran on >= 2 batches; None disables it).
     - ``overhead_budget``: if set (e.g. 0.05), a due sample is postponed while the probe's
       measured time would exceed this fraction of training time (see loka.probe.overhead).
+    - ``background``: analyse a sampled step's captures on a worker thread while training
+      goes on (same results; see :mod:`loka.probe.probe`); False analyses them in
+      ``finish`` on the training thread.
     """
 
     schedule: SamplingSchedule = field(default_factory=SamplingSchedule)
@@ -83,6 +86,7 @@ class ProbeConfig:
     fit_values: int = 4096
     stats: bool = True
     overhead_budget: float | None = None
+    background: bool = True
     sensitivity_threshold: float | None = 2e-3
     seed: int = 0
 

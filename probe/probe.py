@@ -26,10 +26,26 @@ or ``probe.report()``) closes the previous step. What it supports:
 The probe never changes numerics: hooks only read (detached copies of) tensors. Its cost
 is bounded by the schedule, by ``capture_rows`` / ``max_rows`` and, optionally, by
 ``overhead_budget`` (see :mod:`loka.probe.overhead`); ``probe.overhead`` reports it.
+
+**Background analysis** (``ProbeConfig(background=True)``, the default): when a sampled
+step ends, the hooks come off and the analysis of what they captured (statistics, FP8
+errors of every candidate, decisions) runs on one worker thread while training goes on;
+the training thread only copies operands in the hooks. Results are the same as in the
+foreground (same operations, same seeded row samples, same order): everything that
+reads them (``state``, ``report``, ``reduce``, the next due sample, which needs the
+decisions) first waits for the analysis in flight, which after a few training steps has
+long finished. On CPU this moves the analysis to another core; it helps the wall time
+when training leaves a core free (say, one training thread on a 2-core machine) and costs
+CPU time all the same (``probe.overhead["background_s"]``). ``background=False`` runs the
+analysis in ``finish`` on the training thread.
 """
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 from torch import nn
 
 from loka.recipe import Recipe
@@ -72,7 +88,7 @@ class Probe:
                 f"patterns include={self.config.include} exclude={self.config.exclude}"
             )
         self.modules: dict[str, nn.Module] = {fqn: m for fqn, (_, m) in found.items()}
-        self.state: dict[str, SiteState] = {fqn: SiteState(site) for fqn, (site, _) in found.items()}
+        self._state: dict[str, SiteState] = {fqn: SiteState(site) for fqn, (site, _) in found.items()}
         self.recipes: list[Recipe] = self.config.recipes()
         names = [r.name for r in self.recipes]
         if len(set(names)) != len(names):
@@ -82,6 +98,8 @@ class Probe:
         self._capture: StepCapture | None = None
         self._due = False
         self._clock = OverheadClock()
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         # Import scipy's t distribution now (about a second, once) rather than inside the
@@ -91,12 +109,28 @@ class Probe:
         _t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
 
     @property
+    def state(self) -> dict[str, SiteState]:
+        """fqn -> what the probe learned at that site (waits for a background analysis in flight)."""
+        self.wait()
+        return self._state
+
+    def wait(self) -> None:
+        """Block until the background analysis of the last sampled step (if any) is done.
+
+        Re-raises an exception the analysis raised. Called by everything that reads results.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with self._clock.waiting():
+                pending.result()
+
+    @property
     def sites(self) -> dict[str, Site]:
         return {fqn: s.site for fqn, s in self.state.items()}
 
     def active_sites(self) -> dict[str, nn.Module]:
         """Sites still being sampled (decided sites stop when ``stop_when_decided``)."""
-        return {fqn: self.modules[fqn] for fqn, s in self.state.items() if not s.done}
+        return {fqn: self.modules[fqn] for fqn, s in self.state.items() if not s.done}  # waits: decisions
 
     @property
     def done(self) -> bool:
@@ -105,10 +139,13 @@ class Probe:
 
     def wants(self, step: int) -> bool:
         """Whether ``step`` will be sampled: due by the schedule (or deferred) and within the budget."""
-        if len(self.sampled_steps) >= self.config.schedule.max_samples or not self.active_sites():
+        if len(self.sampled_steps) >= self.config.schedule.max_samples:
             return False
         due = self._due or self.config.schedule.wants(step, len(self.sampled_steps))
-        if due and not self._clock.affordable(self.config.overhead_budget):
+        # Only a due step needs the decisions (and so waits for a background analysis).
+        if not due or not self.active_sites():
+            return False
+        if not self._clock.affordable(self.config.overhead_budget):
             if not self._due:
                 self.deferred_steps.append(step)
             self._due = True
@@ -126,22 +163,54 @@ class Probe:
         return _StepScope(self, True)
 
     def finish(self) -> None:
-        """End the current step: remove hooks and fold what was captured into the state."""
+        """End the current step: remove hooks and fold what was captured into the state.
+
+        With ``background=True`` the folding runs on the worker thread (see the module doc).
+        """
         capture, self._capture = self._capture, None
         if capture is None:
             return
         capture.remove_hooks()
         if not capture.records:
             return
+        self.sampled_steps.append(capture.step)
+        if not self.config.background:
+            with self._clock.probe_work(hook_seconds=capture.hook_seconds):
+                self._analyze(capture)
+            return
+        self.wait()  # at most one analysis in flight (the previous one is normally long done)
         with self._clock.probe_work(hook_seconds=capture.hook_seconds):
-            self.sampled_steps.append(capture.step)
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loka-probe")
+            self._pending = self._worker.submit(self._analyze_in_background, capture)
+
+    def _analyze_in_background(self, capture) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._analyze(capture)
+        finally:
+            self._clock.add_background(time.perf_counter() - t0)
+
+    def _analyze(self, capture) -> None:
+        """Fold one sampled step's records into the sites' states and decide what can be decided."""
+        # Grad mode and autocast are per thread: the analysis runs in full precision without
+        # autograd whichever thread runs it and whatever context the training loop is in.
+        with torch.no_grad(), _autocast_off(capture):
             for fqn, records in capture.records.items():
-                st = self.state[fqn]
+                st = self._state[fqn]
                 # A (site, recipe) already decided is not measured again (its interval is final).
                 recipes = st.open_recipes(self.recipes, self.config) if self.config.stop_when_decided else self.recipes
                 st.update(capture.step, records, recipes, self.config)
                 if self.config.stop_when_decided and st.decided(self.config):
                     st.done = True
+
+    def close(self) -> None:
+        """Wait for the analysis in flight and stop the worker thread (``report`` still works)."""
+        self.finish()
+        self.wait()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     @property
     def overhead(self) -> dict:
@@ -219,3 +288,11 @@ class Probe:
 
         self.finish()
         return build_report(self, **meta)
+
+
+def _autocast_off(capture):
+    """A context with autocast disabled on the captured tensors' device type."""
+    for records in capture.records.values():
+        if records:
+            return torch.autocast(records[0].x.device.type, enabled=False)
+    return torch.autocast("cpu", enabled=False)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from loka.formats import get_format
-from loka.quantize import _group_shape, group_amax, scale_from_amax
+from loka.quantize import _group_shape, scale_from_amax
 from loka.recipe import GRANULARITIES, Recipe
 
 # log2-magnitude histogram: bin i counts nonzero finite values with floor(log2|x|) == LOG2_MIN + i,
@@ -152,17 +152,29 @@ def _check_operand(role: str, granularity: str, fmt: str):
     return replace(op, format=fmt)
 
 
-def _count_below(ax: torch.Tensor, scale: torch.Tensor, group, lo: float) -> int:
-    """Count of positive ``ax`` with ``ax / scale < lo``, comparing against each group's scale
-    in place instead of broadcasting the scale to the tensor's shape."""
-    if group is None or (group[0] == 1 and group[1] >= ax.shape[-1]):
-        return int(((ax < lo * scale) & (ax > 0)).sum())
+def _abs_group_amax(ax: torch.Tensor, group) -> torch.Tensor:
+    """Per-group max of ``ax`` (already |x|, finite), shaped ``[Rg, Cg]`` (``[]`` for one group)."""
+    if group is None:
+        return ax.amax()
     br, bc = group
     r, c = ax.shape
+    if br == 1 and bc >= c:
+        return ax.amax(dim=1, keepdim=True)
     pad = torch.nn.functional.pad(ax, (0, (-c) % bc, 0, (-r) % br))
-    blocks = pad.reshape(pad.shape[0] // br, br, pad.shape[1] // bc, bc)
-    s = scale.reshape(blocks.shape[0], 1, blocks.shape[2], 1)
-    return int(((blocks < lo * s) & (blocks > 0)).sum())
+    return pad.reshape(pad.shape[0] // br, br, pad.shape[1] // bc, bc).amax(dim=(1, 3))
+
+
+def _count_below(ax: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor, group) -> int:
+    """Count of positive ``ax`` below its group's ``bound`` (``[]``, ``[R, 1]`` or ``[R, Cg]``),
+    compared block by block in place instead of broadcasting the bound to ``ax``'s shape."""
+    if bound.dim() == 0 or bound.shape[-1] == 1:
+        return int(((ax < bound) & pos).sum())
+    r, c = ax.shape
+    bc = group[1]
+    pc = (-c) % bc
+    ax_b = torch.nn.functional.pad(ax, (0, pc)).view(r, -1, bc)
+    pos_b = torch.nn.functional.pad(pos, (0, pc)).view(r, -1, bc)
+    return int(((ax_b < bound.unsqueeze(-1)) & pos_b).sum())
 
 
 def _range_fractions(p: Prepared, role: str) -> State:
@@ -177,19 +189,20 @@ def _range_fractions(p: Prepared, role: str) -> State:
     amax (see :meth:`OperandStats.update`).
     """
     ax, rows, sub = p.ax, p.rows, p.sample.ax
-    out: State = {"range_n": _f64(int((sub > 0).sum()))}
+    pos = sub > 0
+    out: State = {"range_n": _f64(int(pos.sum()))}
     for g in GRANULARITIES:
         op = _check_operand(role, g, "e4m3")
         group = _group_shape(ax.shape, g, op.block)
         if rows is not None and group is not None and group[0] > 1:  # 2-D blocks: each kept row's blocks
-            amax = group_amax(ax, g, op.block, finite_only=False)[rows // group[0]]
+            amax = _abs_group_amax(ax, group)[rows // group[0]]
             group = (1, group[1])
         else:  # one group per tensor (whole operand) or groups within a row (kept rows only)
-            amax = group_amax(ax if group is None else sub, g, op.block, finite_only=False)
+            amax = _abs_group_amax(ax if group is None else sub, group)
         for fmt in FORMATS_CHECKED:
             f = get_format(fmt)
-            scale = scale_from_amax(amax, f, op.pow2)
-            out[f"under/{fmt}/{g}"] = _f64(_count_below(sub, scale, group, f.min_subnormal / 2))
+            bound = scale_from_amax(amax, f, op.pow2) * (f.min_subnormal / 2)
+            out[f"under/{fmt}/{g}"] = _f64(_count_below(sub, pos, bound, group))
     return out
 
 

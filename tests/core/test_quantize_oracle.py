@@ -15,10 +15,14 @@ from loka.quantize import (
     NonFiniteError,
     dequantize,
     expand_scale,
+    fake_quantize,
     quantize,
+    quantize_operand,
+    round_to_format,
     round_up_pow2,
     saturated_cast,
 )
+from loka.recipe import OperandRecipe
 
 ML_DTYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 BLOCKS = {"tensorwise": (1, 128), "rowwise": (1, 128), "blockwise": (1, 128), "mx": (1, 32)}
@@ -54,6 +58,50 @@ def test_saturated_cast_matches_ml_dtypes(fmt):
     both = ~np.isnan(ref)
     np.testing.assert_array_equal(ours[both], ref[both])
     np.testing.assert_array_equal(np.signbit(ours[both]), np.signbit(ref[both]))  # signed zeros too
+
+
+def ties_and_neighbours(fmt: str) -> torch.Tensor:
+    """Every finite value of ``fmt``, every midpoint between neighbours (the ties) and the
+    float32 values one ulp either side of each midpoint, both signs."""
+    codes = np.arange(256, dtype=np.uint8).view(ML_DTYPES[fmt]).astype(np.float32)
+    v = np.unique(np.abs(codes[np.isfinite(codes)]))
+    mid = ((v[:-1].astype(np.float64) + v[1:]) / 2).astype(np.float32)
+    pts = np.concatenate([v, mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf))])
+    pts = pts[pts <= get_format(fmt).max]
+    return torch.from_numpy(np.concatenate([pts, -pts]))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_round_to_format_matches_ml_dtypes(fmt):
+    x = torch.cat([edge_values(fmt), ties_and_neighbours(fmt)])
+    f = get_format(fmt)
+    saturated = torch.where(torch.isfinite(x), x.clamp(-f.max, f.max), x if f.has_inf else torch.nan)
+    ours = round_to_format(saturated, fmt).numpy()
+    ref = oracle_cast(x, fmt)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    both = ~np.isnan(ref)
+    np.testing.assert_array_equal(ours[both], ref[both])
+    np.testing.assert_array_equal(np.signbit(ours[both]), np.signbit(ref[both]))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("granularity", ["tensorwise", "rowwise", "blockwise", "mx"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fake_quantize_equals_quantize_then_dequantize(fmt, granularity, pow2):
+    rows, cols = 37, 200
+    x = torch.randn(rows, cols) * torch.exp(torch.randn(rows, 1) * 4)
+    x[3] = 0.0
+    x[4, :5] = torch.tensor([math.inf, -math.inf, math.nan, -0.0, torch.finfo(torch.float32).tiny / 4])
+    x[6] = -x[6].abs()  # a row whose smallest values round to -0
+    block = (16, 32) if granularity == "blockwise" else BLOCKS[granularity]
+    op = OperandRecipe(format=fmt, granularity=granularity, block=block, pow2_scale=pow2)
+    x_fp8, scale = quantize_operand(x, op)
+    ref = dequantize(x_fp8, scale, block=None if granularity in ("tensorwise", "rowwise") else block).numpy()
+    ours = fake_quantize(x, op).numpy()
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    both = ~np.isnan(ref)
+    np.testing.assert_array_equal(ours[both], ref[both])
+    np.testing.assert_array_equal(np.signbit(ours[both]), np.signbit(ref[both]))
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])

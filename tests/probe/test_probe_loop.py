@@ -104,6 +104,7 @@ def test_autocast_operands_are_captured_in_bf16():
     probe.state["hidden"].update = spy
     with probe.step(0), torch.autocast("cpu", dtype=torch.bfloat16):
         loss_fn(m, make_batch(0)).backward()
+    probe.wait()  # the analysis runs on the probe's worker thread
     assert seen["dtypes"] == (torch.bfloat16,) * 3
 
 
