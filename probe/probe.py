@@ -181,11 +181,7 @@ class Probe:
         self.wait()  # at most one analysis in flight (the previous one is normally long done)
         with self._clock.probe_work(hook_seconds=capture.hook_seconds):
             if self._worker is None:
-                # The worker uses as many intra-op threads as training does (an OpenMP thread
-                # count is per thread, so a new thread would otherwise take every core).
-                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loka-probe",
-                                                  initializer=torch.set_num_threads,
-                                                  initargs=(torch.get_num_threads(),))
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loka-probe")
             self._pending = self._worker.submit(self._analyze_in_background, capture)
 
     def _analyze_in_background(self, capture) -> None:

@@ -57,24 +57,17 @@ def test_background_report_equals_foreground_report(nan_step):
 
 
 def test_analysis_runs_on_the_worker_thread(monkeypatch):
-    threads, intra_op = [], []
+    threads = []
     orig = SiteState.update
 
     def spy(self, *args, **kwargs):
         threads.append(threading.current_thread().name)
-        intra_op.append(torch.get_num_threads())
         return orig(self, *args, **kwargs)
 
     monkeypatch.setattr(SiteState, "update", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        probe, _ = _run(True, steps=3)
-        probe.wait()
-    finally:
-        torch.set_num_threads(before)
+    probe, _ = _run(True, steps=3)
+    probe.wait()
     assert threads and all(name.startswith("loka-probe") for name in threads)
-    assert set(intra_op) == {1}  # as many intra-op threads as the training thread had
     assert probe.overhead["background_s"] > 0
     threads.clear()
     _run(False, steps=3)
