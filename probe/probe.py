@@ -42,6 +42,7 @@ analysis in ``finish`` on the training thread.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -182,12 +183,15 @@ class Probe:
         with self._clock.probe_work(hook_seconds=capture.hook_seconds):
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loka-probe")
-            self._pending = self._worker.submit(self._analyze_in_background, capture)
+            self._pending = self._worker.submit(self._analyze_in_background, capture, _capture_stream(capture))
 
-    def _analyze_in_background(self, capture) -> None:
+    def _analyze_in_background(self, capture, stream) -> None:
         t0 = time.perf_counter()
         try:
-            self._analyze(capture)
+            # On a GPU the analysis goes on the stream the captures were made on, so it is
+            # ordered after the copies (a new thread would otherwise use the default stream).
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._analyze(capture)
         finally:
             self._clock.add_background(time.perf_counter() - t0)
 
@@ -288,6 +292,14 @@ class Probe:
 
         self.finish()
         return build_report(self, **meta)
+
+
+def _capture_stream(capture):
+    """The current CUDA stream of the captured tensors' device, or None off CUDA."""
+    for records in capture.records.values():
+        if records and records[0].x.is_cuda:
+            return torch.cuda.current_stream(records[0].x.device)
+    return None
 
 
 def _autocast_off(capture):

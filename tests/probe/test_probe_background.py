@@ -15,15 +15,15 @@ from probe_toy import ToyMLP, loss_fn, make_batch
 FAST = dict(candidates=("tensorwise", "rowwise", "mx"), min_samples=2)
 
 
-def _run(background: bool, steps: int = 7, nan_step: int | None = None):
+def _run(background: bool, steps: int = 7, nan_step: int | None = None, device: str = "cpu"):
     torch.manual_seed(0)
-    model = ToyMLP()
+    model = ToyMLP().to(device)
     probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=2, max_samples=10),
                                      background=background, **FAST))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     for step in range(steps):
-        x, y = make_batch(step)
+        x, y = (t.to(device) for t in make_batch(step))
         if step == nan_step:
             x = x.clone()
             x[1, 2] = float("nan")
@@ -54,6 +54,15 @@ def test_background_report_equals_foreground_report(nan_step):
     assert any(s["errors"] for s in a["sites"])  # errors were measured, not two empty reports
     if nan_step is not None:
         assert any(s["verdict"] == "unsafe" and "non-finite" in s["reason"] for s in b["sites"])
+
+
+@pytest.mark.requires_cuda
+def test_background_report_equals_foreground_report_on_cuda():
+    fg, losses_fg = _run(False, device="cuda")
+    bg, losses_bg = _run(True, device="cuda")
+    np.testing.assert_array_equal(losses_fg, losses_bg)
+    a, b = _without_timings(fg.report()), _without_timings(bg.report())
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def test_analysis_runs_on_the_worker_thread(monkeypatch):
