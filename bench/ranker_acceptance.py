@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--decay-sparse", action=argparse.BooleanOptionalAction,
                         default=defaults.decay_sparse,
                         help="apply the schedule to the embeddings' Adagrad too")
+    parser.add_argument("--task-weights", default=",".join(f"{t}={w:g}" for t, w in defaults.task_weights),
+                        help="comma-separated task=weight pairs scaling each task's loss (others 1)")
     parser.add_argument("--sparse-cardinalities", default=None,
                         help="comma-separated override of the size's sparse_cardinalities")
     parser.add_argument("--eval-examples", type=int, default=100_000)
@@ -74,7 +76,9 @@ def main() -> int:
                          lr_dense=args.lr_dense, lr_sparse=args.lr_sparse, device="cpu",
                          max_seconds=args.seconds, out_dir=args.out, log_every=50,
                          lr_schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
-                         warmup_steps=args.warmup_steps, decay_sparse=args.decay_sparse)
+                         warmup_steps=args.warmup_steps, decay_sparse=args.decay_sparse,
+                         task_weights=tuple((t, float(w)) for t, w in
+                                            (pair.split("=") for pair in args.task_weights.split(",") if pair)))
     cfg = RankerConfig.from_size(args.size)
     if args.sparse_cardinalities:
         cards = tuple(int(x) for x in args.sparse_cardinalities.split(","))

@@ -37,8 +37,14 @@ class TrainConfig:
     """How to train. ``steps`` counts optimizer steps; each rank sees ``batch_size`` examples a step.
 
     The default recipe (AdamW 3e-3, row-wise Adagrad 0.1, 20 warm-up steps, cosine decay to 0.1x
-    at ``steps``) is the one `small` was measured with (see models/README.md, acceptance). The
-    cosine spans ``steps``: resume with the same ``steps`` to continue the same schedule.
+    at ``steps``, CVR loss weighted 0.1) is the one `small` was measured with (see
+    models/README.md, acceptance). The cosine spans ``steps``: resume with the same ``steps`` to
+    continue the same schedule.
+    task_weights: (task, weight) pairs multiplying each task's loss in the total (tasks not
+    named weigh 1). Each task's loss is a mean over the examples it applies to, so CVR's mean
+    over the ~15 clicks of a 512 batch would otherwise weigh each click about 34x an
+    impression in CTR's; at weight 0.1 its noisy gradient no longer drowns the CTR signal in
+    the shared trunk and tables (models/README.md, acceptance).
     decay_sparse: apply the schedule to the embeddings' Adagrad too (False: warm-up only).
     precision: "bf16" | "fp32" | "fp8" | path to a loka plan JSON. autocast: "auto" (bf16 on
     devices that support it fast, i.e. CUDA with bf16; off on CPU), "on" or "off".
@@ -56,6 +62,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     decay_sparse: bool = True
+    task_weights: tuple[tuple[str, float], ...] = (("cvr", 0.1),)
     precision: str = "bf16"
     autocast: str = "auto"
     seed: int = 0
@@ -87,6 +94,8 @@ class TrainConfig:
             raise ValueError("autocast must be 'auto', 'on' or 'off'.")
         if self.checkpoint_every < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every, eval_examples and warmup_steps must be >= 0.")
+        if any(w < 0 for _, w in self.task_weights):
+            raise ValueError("task_weights must be (task, weight) pairs with weight >= 0.")
         check_precision(self.precision)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -109,13 +118,20 @@ class TrainResult:
 
 
 def task_losses(logits: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-    """Weighted binary cross-entropy per task (weights zero where a task does not apply)."""
+    """Binary cross-entropy per task, averaged over the examples it applies to (label weights
+    are zero where a task does not apply). `total_loss` combines them with task weights."""
     out = {}
     for i, (task, z) in enumerate(logits.items()):
         w = batch.label_weights[:, i]
         bce = F.binary_cross_entropy_with_logits(z.float(), batch.labels[:, i], reduction="none")
         out[task] = (w * bce).sum() / w.sum().clamp_min(1.0)
     return out
+
+
+def total_loss(losses: dict[str, Tensor], task_weights=()) -> Tensor:
+    """sum of weight * loss over tasks; ``task_weights``: (task, weight) pairs, others weigh 1."""
+    weights = dict(task_weights)
+    return sum(weights.get(task, 1.0) * v for task, v in losses.items())
 
 
 def _autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
@@ -244,7 +260,7 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
                 g["lr"] = lr * _lr_scale(result.step, config, name)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
             losses = task_losses(runner(batch), batch)
-        loss = sum(losses.values())
+        loss = total_loss(losses, config.task_weights)
         loss.backward()
         for opt in optimizers.values():
             opt.step()

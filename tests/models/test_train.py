@@ -144,3 +144,14 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert scales[60] == pytest.approx(0.55, abs=0.01) and scales[-1] == pytest.approx(0.1, abs=0.001)
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
+
+
+def test_task_weights_scale_each_task_in_the_total_loss():
+    from loka.models.train import total_loss
+
+    losses = {"ctr": torch.tensor(0.2), "cvr": torch.tensor(0.5)}
+    assert float(total_loss(losses)) == pytest.approx(0.7)
+    assert float(total_loss(losses, (("cvr", 0.1),))) == pytest.approx(0.25)
+    assert TrainConfig().task_weights == (("cvr", 0.1),)
+    with pytest.raises(ValueError):
+        TrainConfig(task_weights=(("cvr", -1.0),))
