@@ -151,7 +151,7 @@ class Setup:
 def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool):
     """A short probe on a copy of the base model, then a plan timed on this device; saved to out_dir."""
     from loka.dispatch import Budget, plan
-    from loka.models.train import task_losses
+    from loka.models.train import task_losses, total_loss
     from loka.probe.cli import train_with_probe
     from loka.probe.config import ProbeConfig, SamplingSchedule
     from loka.probe.probe import Probe
@@ -160,7 +160,7 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
     model = setup.fresh_model()
     batches = setup.batches
     wl = Workload(model, lambda i: batches[i % len(batches)],
-                  lambda m, b: sum(task_losses(m(b), b).values()), name=f"ranker-{args.size}")
+                  lambda m, b: total_loss(task_losses(m(b), b)), name=f"ranker-{args.size}")
     steps = args.probe_steps
     probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=max(1, steps // 10)),
                                      candidates=("tensorwise", "rowwise")))
@@ -193,7 +193,7 @@ def latency(fn, batch, iters: int, warmup: int, device) -> tuple[float, float]:
 def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[VariantResult, dict | None]:
     """Build, train, evaluate and serve one variant; returns its result and its held-out predictions."""
     from loka.models import build_optimizers, predict
-    from loka.models.train import task_losses
+    from loka.models.train import task_losses, total_loss
     from loka.probe.timing import time_fn
 
     result = VariantResult(name)
@@ -213,7 +213,7 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
         batch = setup.batches[position[0] % len(setup.batches)]
         position[0] += 1
         with setup.amp(), built.forward_context():
-            loss = sum(task_losses(runner(batch), batch).values())
+            loss = total_loss(task_losses(runner(batch), batch))
         loss.backward()
         for opt in opts.values():
             opt.step()

@@ -21,6 +21,7 @@ import time
 import torch
 
 from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
+from loka.models.cli import parse_task_weights
 
 # About what `small` reaches in 360 CPU-seconds (~85 ms a step at batch 512, one core); the
 # cosine schedule spans these steps, so a slower machine ends it a little before its tail.
@@ -64,8 +65,9 @@ def main() -> int:
     parser.add_argument("--decay-sparse", action=argparse.BooleanOptionalAction,
                         default=defaults.decay_sparse,
                         help="apply the schedule to the embeddings' Adagrad too")
-    parser.add_argument("--task-weights", default=",".join(f"{t}={w:g}" for t, w in defaults.task_weights),
-                        help="comma-separated task=weight pairs scaling each task's loss (others 1)")
+    parser.add_argument("--task-weights", default=None,
+                        help="comma-separated task=weight pairs scaling each task's loss (others 1; "
+                             "default: TrainConfig's, cvr=0.1; '' for equal weights)")
     parser.add_argument("--sparse-cardinalities", default=None,
                         help="comma-separated override of the size's sparse_cardinalities")
     parser.add_argument("--eval-examples", type=int, default=100_000)
@@ -77,8 +79,7 @@ def main() -> int:
                          max_seconds=args.seconds, out_dir=args.out, log_every=50,
                          lr_schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
                          warmup_steps=args.warmup_steps, decay_sparse=args.decay_sparse,
-                         task_weights=tuple((t, float(w)) for t, w in
-                                            (pair.split("=") for pair in args.task_weights.split(",") if pair)))
+                         task_weights=parse_task_weights(args.task_weights))
     cfg = RankerConfig.from_size(args.size)
     if args.sparse_cardinalities:
         cards = tuple(int(x) for x in args.sparse_cardinalities.split(","))

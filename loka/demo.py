@@ -122,7 +122,7 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
     ``time_kernels``: also time each site's candidate kernels at its shape on this device.
     ``html``: also write the HTML report with plots (else JSON and Markdown only).
     """
-    from loka.models.train import task_losses
+    from loka.models.train import task_losses, total_loss
     from loka.probe import Probe, ProbeConfig, SamplingSchedule
     from loka.probe.cli import train_with_probe
     from loka.probe.workload import Workload
@@ -131,7 +131,7 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
     stream = _stream(work.config, cfg.batch_size, cfg.seed + 17, cfg.device)
 
     def loss_fn(m, batch):
-        return sum(task_losses(m(batch), batch).values())
+        return total_loss(task_losses(m(batch), batch))
 
     schedule = SamplingSchedule(warmup=0, every=cfg.probe_every, max_samples=max(3, cfg.probe_steps // cfg.probe_every))
     probe = Probe(work, ProbeConfig(schedule=schedule, seed=cfg.seed))

@@ -21,6 +21,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
     p.add_argument("--schedule", default=None, choices=("constant", "cosine"),
                    help="learning-rate schedule over --steps (default: TrainConfig's)")
+    p.add_argument("--task-weights", default=None, metavar="TASK=W,...",
+                   help="loss weight per task, e.g. cvr=0.1 (default: TrainConfig's, CVR 0.1)")
     p.add_argument("--seed", type=int, default=0, help="model init seed")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -56,7 +58,8 @@ def _run_train(args) -> int:
         model = Ranker(data.config(args.size))
         eval_examples = 0  # no held-out synthetic stream for real data; use `loka eval`
     recipe = {k: v for k, v in (("lr_dense", args.lr_dense), ("lr_sparse", args.lr_sparse),
-                                ("lr_schedule", args.schedule)) if v is not None}
+                                ("lr_schedule", args.schedule),
+                                ("task_weights", parse_task_weights(args.task_weights))) if v is not None}
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          precision=args.precision, out_dir=args.out, **recipe,
                          seed=args.seed, data_seed=args.data_seed,
@@ -74,6 +77,22 @@ def _run_train(args) -> int:
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def parse_task_weights(text: str | None) -> tuple[tuple[str, float], ...] | None:
+    """``"cvr=0.1,ctr=1"`` -> (("cvr", 0.1), ("ctr", 1.0)); None stays None (the defaults)."""
+    if text is None:
+        return None
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, weight = item.partition("=")
+        try:
+            pairs.append((task.strip(), float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not task.strip():
+            raise SystemExit(f"loka train: --task-weights expects TASK=WEIGHT pairs like cvr=0.1, got {item!r}")
+    return tuple(pairs)
 
 
 def _add_eval(sub) -> None:

@@ -41,7 +41,8 @@ class TrainConfig:
     models/README.md, acceptance). The cosine spans ``steps``: resume with the same ``steps`` to
     continue the same schedule.
     task_weights: (task, weight) pairs multiplying each task's loss in the total (tasks not
-    named weigh 1). Each task's loss is a mean over the examples it applies to, so CVR's mean
+    named weigh 1); None (the default) is ``DEFAULT_TASK_WEIGHTS`` for the tasks the model has,
+    while weights given explicitly must name tasks of the model. Each task's loss is a mean over the examples it applies to, so CVR's mean
     over the ~15 clicks of a 512 batch would otherwise weigh each click about 34x an
     impression in CTR's; at weight 0.1 its noisy gradient no longer drowns the CTR signal in
     the shared trunk and tables (models/README.md, acceptance).
@@ -62,7 +63,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     decay_sparse: bool = True
-    task_weights: tuple[tuple[str, float], ...] = (("cvr", 0.1),)
+    task_weights: tuple[tuple[str, float], ...] | None = None
     precision: str = "bf16"
     autocast: str = "auto"
     seed: int = 0
@@ -94,8 +95,12 @@ class TrainConfig:
             raise ValueError("autocast must be 'auto', 'on' or 'off'.")
         if self.checkpoint_every < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every, eval_examples and warmup_steps must be >= 0.")
-        if any(w < 0 for _, w in self.task_weights):
-            raise ValueError("task_weights must be (task, weight) pairs with weight >= 0.")
+        if self.task_weights is not None:
+            pairs = [tuple(p) for p in self.task_weights]
+            if any(len(p) != 2 or not isinstance(p[0], str) or not float(p[1]) >= 0 for p in pairs):
+                raise ValueError(f"task_weights={self.task_weights!r} must be (task, weight) pairs with "
+                                 "weight >= 0, e.g. (('cvr', 0.1),).")
+            object.__setattr__(self, "task_weights", tuple((t, float(w)) for t, w in pairs))
         check_precision(self.precision)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -128,10 +133,29 @@ def task_losses(logits: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
     return out
 
 
-def total_loss(losses: dict[str, Tensor], task_weights=()) -> Tensor:
-    """sum of weight * loss over tasks; ``task_weights``: (task, weight) pairs, others weigh 1."""
-    weights = dict(task_weights)
-    return sum(weights.get(task, 1.0) * v for task, v in losses.items())
+# CVR's loss is a mean over the few clicked examples of a batch: weighted 0.1 in the total
+# (models/README.md, acceptance for learning).
+DEFAULT_TASK_WEIGHTS: tuple[tuple[str, float], ...] = (("cvr", 0.1),)
+
+
+def resolve_task_weights(task_weights, tasks) -> dict[str, float]:
+    """{task: weight} for every task of the model; None means ``DEFAULT_TASK_WEIGHTS``."""
+    tasks = tuple(tasks)
+    if task_weights is None:
+        given = {t: w for t, w in DEFAULT_TASK_WEIGHTS if t in tasks}
+    else:
+        given = dict(task_weights)
+        unknown = sorted(set(given) - set(tasks))
+        if unknown:
+            raise ValueError(f"task_weights name {unknown}, which the model does not have; "
+                             f"its tasks are {list(tasks)}.")
+    return {t: float(given.get(t, 1.0)) for t in tasks}
+
+
+def total_loss(losses: dict[str, Tensor], task_weights=None) -> Tensor:
+    """Sum of weight x loss over tasks; ``task_weights`` as in `TrainConfig` (None: the defaults)."""
+    weights = resolve_task_weights(task_weights, losses)
+    return sum(weights[task] * v for task, v in losses.items())
 
 
 def _autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
@@ -214,6 +238,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     config = (config or TrainConfig()).replace(**overrides) if overrides else (config or TrainConfig())
     ctx = init_distributed(config.device)
     model, data, optimizers, step, convert_result = _build(config, model, data, resume, ctx)
+    resolve_task_weights(config.task_weights, model.config.tasks)  # unknown task names fail here
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir and ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

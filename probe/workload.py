@@ -28,13 +28,13 @@ class Workload:
 
 
 def ranker_workload(size: str, *, batch_size: int = 256, seed: int = 0, device: str = "cpu") -> Workload:
-    """The bundled ranker of ``size`` on its synthetic stream (loss: sum of the task losses)."""
+    """The bundled ranker of ``size`` on its synthetic stream (loss: the training loss, task-weighted)."""
     import torch
 
     from loka.models.config import RankerConfig
     from loka.models.ranker import Ranker
     from loka.models.synthetic import SyntheticStream
-    from loka.models.train import task_losses
+    from loka.models.train import task_losses, total_loss
 
     cfg = RankerConfig.from_size(size)
     torch.manual_seed(seed)
@@ -42,7 +42,7 @@ def ranker_workload(size: str, *, batch_size: int = 256, seed: int = 0, device: 
     stream = SyntheticStream(cfg, batch_size=batch_size, seed=seed, device=device)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        return sum(task_losses(m(batch), batch).values())
+        return total_loss(task_losses(m(batch), batch))
 
     return Workload(model, stream.batch, loss_fn, name=f"ranker-{size}")
 

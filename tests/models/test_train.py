@@ -147,11 +147,30 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_task_weights_scale_each_task_in_the_total_loss():
-    from loka.models.train import total_loss
+    from loka.models.train import DEFAULT_TASK_WEIGHTS, total_loss
 
     losses = {"ctr": torch.tensor(0.2), "cvr": torch.tensor(0.5)}
-    assert float(total_loss(losses)) == pytest.approx(0.7)
-    assert float(total_loss(losses, (("cvr", 0.1),))) == pytest.approx(0.25)
-    assert TrainConfig().task_weights == (("cvr", 0.1),)
-    with pytest.raises(ValueError):
+    assert DEFAULT_TASK_WEIGHTS == (("cvr", 0.1),) and TrainConfig().task_weights is None
+    assert float(total_loss(losses)) == pytest.approx(0.2 + 0.1 * 0.5)  # None: the defaults
+    assert float(total_loss(losses, ())) == pytest.approx(0.7)  # explicit: equal weights
+    assert float(total_loss(losses, (("ctr", 2.0),))) == pytest.approx(0.9)
+    assert float(total_loss({"ctr": torch.tensor(0.2)})) == pytest.approx(0.2)  # CTR-only (Criteo) model
+    with pytest.raises(ValueError, match="weight >= 0"):
         TrainConfig(task_weights=(("cvr", -1.0),))
+    with pytest.raises(ValueError, match="does not have"):
+        total_loss(losses, (("ctcvr", 1.0),))
+
+
+def test_unknown_task_weight_fails_before_training():
+    with pytest.raises(ValueError, match=r"\['clicks'\].*does not have"):
+        train(TrainConfig(size="tiny", steps=1, device="cpu", progress=False, task_weights=(("clicks", 1.0),)))
+
+
+def test_cli_parses_task_weights():
+    from loka.models.cli import parse_task_weights
+
+    assert parse_task_weights(None) is None
+    assert parse_task_weights("") == ()
+    assert parse_task_weights("cvr=0.1, ctr=2") == (("cvr", 0.1), ("ctr", 2.0))
+    with pytest.raises(SystemExit, match="TASK=WEIGHT"):
+        parse_task_weights("cvr:0.1")
