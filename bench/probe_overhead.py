@@ -1,11 +1,17 @@
 """Probe overhead: how much slower is training with the probe attached, sampling every N steps?
 
-Trains two copies of the same ranker (same seed, same batches): a baseline and one wrapped
-in ``probe.step(step)``. Blocks of ``--every`` steps alternate between the two, so a
-shared machine's load hits both alike; every probed block starts with a sampled step
-(while the schedule and the decisions still want one). Reports wall and process-CPU
-time of each arm and the overhead ``probed / baseline - 1``, plus the probe's own
-accounting (time in hooks + analysis vs training).
+One ranker is trained on its synthetic stream in pairs of blocks of ``--every`` steps: a
+*probed* block (each step wrapped in ``probe.step(step)``; its first step is sampled while
+the schedule and the decisions still want one) and a *plain* block (no probe call at all)
+on the same batches, in alternating order. The probe never changes numerics, so both blocks
+of a pair run the same model on the same batches (a step's cost depends on its batch, e.g.
+on the histories' lengths); comparing blocks of one model (rather than two model copies,
+which differ in speed by several percent for reasons unrelated to the probe) and alternating
+their order cancels a shared machine's drifts. A probed block also waits, at its end, for
+any background analysis still running, so none of the probe's work spills into a plain
+block. ``--steps`` counts probed steps (the run trains twice as many). Reports wall and
+process-CPU time of each kind and the overhead ``probed / plain - 1``, plus the probe's own
+accounting.
 
     python bench/probe_overhead.py --size small --steps 500 --every 50 --threads 1
 
@@ -15,6 +21,7 @@ probe's measured share would exceed it). The probe analyses sampled steps on a b
 thread by default; ``--foreground`` analyses them on the training thread instead. With one
 training thread on a 2-core machine the background analysis runs on the other core: wall
 time then shows what training loses, process CPU time what the machine spends.
+``--control`` attaches a probe that never samples: the noise floor of the comparison.
 """
 
 from __future__ import annotations
@@ -29,13 +36,9 @@ from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.workload import ranker_workload
 
 
-def _arm(size: str, batch_size: int, seed: int):
-    w = ranker_workload(size, batch_size=batch_size, seed=seed)
-    return w, torch.optim.Adam(w.model.parameters(), lr=1e-3)
-
-
 def _run_block(w, opt, steps, probe=None):
-    """Run ``steps`` (a range) on one arm; returns (wall s, cpu s)."""
+    """Run ``steps`` (a range); with ``probe``, wrap each step and wait for its analysis at the end.
+    Returns (wall s, cpu s)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     for step in steps:
         batch = w.make_batch(step)
@@ -46,6 +49,8 @@ def _run_block(w, opt, steps, probe=None):
         opt.zero_grad(set_to_none=True)
         if scope is not None:
             scope.__exit__(None, None, None)
+    if probe is not None:
+        probe.wait()  # the block pays for its own background analysis
     return time.perf_counter() - t_wall, time.process_time() - t_cpu
 
 
@@ -58,44 +63,59 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budget", type=float, default=None, help="ProbeConfig.overhead_budget (default: off)")
     ap.add_argument("--foreground", action="store_true", help="analyse on the training thread (background=False)")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A run: the probe is attached and called every step but never samples "
+                         "(the noise floor of the arm-vs-arm comparison)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    base, base_opt = _arm(args.size, args.batch_size, 0)
-    probed, probed_opt = _arm(args.size, args.batch_size, 0)
-    probe = Probe(probed.model, ProbeConfig(schedule=SamplingSchedule(every=args.every, max_samples=20),
-                                            overhead_budget=args.budget, background=not args.foreground))
-    _run_block(base, base_opt, range(-3, 0))  # warm up allocators and lazy imports outside the timing
-    _run_block(probed, probed_opt, range(-3, 0))
-    totals = {"baseline": [0.0, 0.0], "probed": [0.0, 0.0]}
+    w = ranker_workload(args.size, batch_size=args.batch_size, seed=0)
+    opt = torch.optim.Adam(w.model.parameters(), lr=1e-3)
+    warmup = 1 << 40 if args.control else 0  # control: no step is ever due
+    probe = Probe(w.model, ProbeConfig(schedule=SamplingSchedule(warmup=warmup, every=args.every, max_samples=20),
+                                       overhead_budget=args.budget, background=not args.foreground))
+    _run_block(w, opt, range(-3, 0))  # warm up allocators and lazy imports outside the timing
+    totals = {"plain": [0.0, 0.0], "probed": [0.0, 0.0]}
+    pairs = []  # (probed wall, plain wall) per pair of blocks
     for i, start in enumerate(range(0, args.steps, args.every)):
+        # Both blocks of a pair train on the same batches (a step's cost depends on its batch,
+        # e.g. on the histories' lengths), the probed one as steps start.. of the probe's run.
         block = range(start, min(start + args.every, args.steps))
-        arms = [("probed", (probed, probed_opt, probe)), ("baseline", (base, base_opt, None))]
-        for name, (w, opt, p) in arms[:: 1 if i % 2 == 0 else -1]:  # alternate which arm runs first
-            wall, cpu = _run_block(w, opt, block, p)
-            totals[name][0] += wall
-            totals[name][1] += cpu
+        for kind in (("probed", "plain") if i % 2 == 0 else ("plain", "probed")):  # alternate the order
+            wall, cpu = _run_block(w, opt, block, probe if kind == "probed" else None)
+            totals[kind][0] += wall
+            totals[kind][1] += cpu
+            if kind == "probed":
+                pair_probed = wall
+            else:
+                pair_plain = wall
+        pairs.append((pair_probed, pair_plain))
     probe.close()
     result = {
         "size": args.size, "steps": args.steps, "every": args.every, "batch_size": args.batch_size,
-        "threads": args.threads, "budget": args.budget, "background": not args.foreground, "torch": torch.__version__,
-        "baseline_wall_s": totals["baseline"][0], "probed_wall_s": totals["probed"][0],
-        "baseline_cpu_s": totals["baseline"][1], "probed_cpu_s": totals["probed"][1],
-        "overhead_wall": totals["probed"][0] / totals["baseline"][0] - 1,
-        "overhead_cpu": totals["probed"][1] / totals["baseline"][1] - 1,
+        "threads": args.threads, "budget": args.budget, "background": not args.foreground, "control": args.control, "torch": torch.__version__,
+        "plain_wall_s": totals["plain"][0], "probed_wall_s": totals["probed"][0],
+        "plain_cpu_s": totals["plain"][1], "probed_cpu_s": totals["probed"][1],
+        "overhead_wall": totals["probed"][0] / totals["plain"][0] - 1,
+        "overhead_cpu": totals["probed"][1] / totals["plain"][1] - 1,
+        "pair_overheads_wall": [a / b - 1 for a, b in pairs],
         "probe_self_accounting": probe.overhead,
+        # the training thread's measured time in the probe (hooks, foreground analysis, waits)
+        # over the probed blocks' training time: the direct figure, free of block-to-block noise
+        "overhead_direct": probe.overhead["probe_s"] / max(totals["probed"][0] - probe.overhead["probe_s"], 1e-9),
         "sampled_steps": probe.sampled_steps, "deferred_steps": probe.deferred_steps,
         "sites_decided": sum(s.done for s in probe.state.values()), "sites": len(probe.state),
     }
-    print(f"ranker {args.size}, {args.steps} steps, batch {args.batch_size}, every {args.every}, "
+    print(f"ranker {args.size}, {args.steps} probed + {args.steps} plain steps, batch {args.batch_size}, every {args.every}, "
           f"{args.threads} thread(s), budget {args.budget}, "
-          f"analysis {'foreground' if args.foreground else 'background'}")
-    print(f"  baseline: wall {result['baseline_wall_s']:.1f} s, cpu {result['baseline_cpu_s']:.1f} s")
+          f"analysis {'foreground' if args.foreground else 'background'}{', CONTROL (never samples)' if args.control else ''}")
+    print(f"  plain:    wall {result['plain_wall_s']:.1f} s, cpu {result['plain_cpu_s']:.1f} s")
     print(f"  probed:   wall {result['probed_wall_s']:.1f} s, cpu {result['probed_cpu_s']:.1f} s")
-    print(f"  overhead: wall {result['overhead_wall']:+.1%}, cpu {result['overhead_cpu']:+.1%} "
-          f"(probe's own accounting {probe.overhead['fraction']:.1%}; "
-          f"background analysis {probe.overhead['background_s']:.1f} s)")
+    print(f"  overhead: wall {result['overhead_wall']:+.1%}, cpu {result['overhead_cpu']:+.1%} (probed vs plain blocks); "
+          f"direct {result['overhead_direct']:.1%} (training thread's time in the probe); "
+          f"background analysis {probe.overhead['background_s']:.1f} s")
+    print("  per pair (wall): " + " ".join(f"{a / b - 1:+.1%}" for a, b in pairs))
     print(f"  sampled steps {probe.sampled_steps}; sites decided {result['sites_decided']}/{result['sites']}")
     if args.out:
         with open(args.out, "w") as f:
