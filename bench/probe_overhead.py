@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--foreground", action="store_true", help="analyse on the training thread (background=False)")
     ap.add_argument("--control", action="store_true",
                     help="A/A run: the probe is attached and called every step but never samples "
-                         "(the noise floor of the arm-vs-arm comparison)")
+                         "(the noise floor of the probed-vs-plain comparison)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,15 +82,12 @@ def main(argv=None) -> dict:
         # Both blocks of a pair train on the same batches (a step's cost depends on its batch,
         # e.g. on the histories' lengths), the probed one as steps start.. of the probe's run.
         block = range(start, min(start + args.every, args.steps))
+        walls = {}
         for kind in (("probed", "plain") if i % 2 == 0 else ("plain", "probed")):  # alternate the order
-            wall, cpu = _run_block(w, opt, block, probe if kind == "probed" else None)
-            totals[kind][0] += wall
+            walls[kind], cpu = _run_block(w, opt, block, probe if kind == "probed" else None)
+            totals[kind][0] += walls[kind]
             totals[kind][1] += cpu
-            if kind == "probed":
-                pair_probed = wall
-            else:
-                pair_plain = wall
-        pairs.append((pair_probed, pair_plain))
+        pairs.append((walls["probed"], walls["plain"]))
     probe.close()
     result = {
         "size": args.size, "steps": args.steps, "every": args.every, "batch_size": args.batch_size,

@@ -85,12 +85,12 @@ def parse_task_weights(text: str | None) -> tuple[tuple[str, float], ...] | None
         return None
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        task, sep, weight = item.partition("=")
+        task, _, weight = (part.strip() for part in item.partition("="))
         try:
-            pairs.append((task.strip(), float(weight)))
+            pairs.append((task, float(weight)))
         except ValueError:
-            sep = ""
-        if not sep or not task.strip():
+            task = ""
+        if not task:
             raise SystemExit(f"loka train: --task-weights expects TASK=WEIGHT pairs like cvr=0.1, got {item!r}")
     return tuple(pairs)
 

@@ -294,17 +294,20 @@ class Probe:
         return build_report(self, **meta)
 
 
+def _capture_device(capture) -> torch.device:
+    """The device the captured tensors are on (CPU when nothing was captured)."""
+    for records in capture.records.values():
+        if records:
+            return records[0].x.device
+    return torch.device("cpu")
+
+
 def _capture_stream(capture):
     """The current CUDA stream of the captured tensors' device, or None off CUDA."""
-    for records in capture.records.values():
-        if records and records[0].x.is_cuda:
-            return torch.cuda.current_stream(records[0].x.device)
-    return None
+    device = _capture_device(capture)
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
 def _autocast_off(capture):
     """A context with autocast disabled on the captured tensors' device type."""
-    for records in capture.records.values():
-        if records:
-            return torch.autocast(records[0].x.device.type, enabled=False)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(_capture_device(capture).type, enabled=False)

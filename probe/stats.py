@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from loka.formats import get_format
-from loka.quantize import _group_shape, scale_from_amax
+from loka.quantize import _group_shape, group_amax, scale_from_amax
 from loka.recipe import GRANULARITIES, Recipe
 
 # log2-magnitude histogram: bin i counts nonzero finite values with floor(log2|x|) == LOG2_MIN + i,
@@ -152,18 +152,6 @@ def _check_operand(role: str, granularity: str, fmt: str):
     return replace(op, format=fmt)
 
 
-def _abs_group_amax(ax: torch.Tensor, group) -> torch.Tensor:
-    """Per-group max of ``ax`` (already |x|, finite), shaped ``[Rg, Cg]`` (``[]`` for one group)."""
-    if group is None:
-        return ax.amax()
-    br, bc = group
-    r, c = ax.shape
-    if br == 1 and bc >= c:
-        return ax.amax(dim=1, keepdim=True)
-    pad = torch.nn.functional.pad(ax, (0, (-c) % bc, 0, (-r) % br))
-    return pad.reshape(pad.shape[0] // br, br, pad.shape[1] // bc, bc).amax(dim=(1, 3))
-
-
 def _count_below(ax: torch.Tensor, pos: torch.Tensor, bound: torch.Tensor, group) -> int:
     """Count of positive ``ax`` below its group's ``bound`` (``[]``, ``[R, 1]`` or ``[R, Cg]``),
     compared block by block in place instead of broadcasting the bound to ``ax``'s shape."""
@@ -195,10 +183,10 @@ def _range_fractions(p: Prepared, role: str) -> State:
         op = _check_operand(role, g, "e4m3")
         group = _group_shape(ax.shape, g, op.block)
         if rows is not None and group is not None and group[0] > 1:  # 2-D blocks: each kept row's blocks
-            amax = _abs_group_amax(ax, group)[rows // group[0]]
+            amax = group_amax(ax, g, op.block, finite_only=False)[rows // group[0]]
             group = (1, group[1])
         else:  # one group per tensor (whole operand) or groups within a row (kept rows only)
-            amax = _abs_group_amax(ax if group is None else sub, group)
+            amax = group_amax(ax if group is None else sub, g, op.block, finite_only=False)
         for fmt in FORMATS_CHECKED:
             f = get_format(fmt)
             bound = scale_from_amax(amax, f, op.pow2) * (f.min_subnormal / 2)
