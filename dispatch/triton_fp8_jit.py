@@ -6,8 +6,10 @@ norm + quantize (triton_norm_quant_kernel.py) must quantize exactly like
 against it. The rules implemented here are that module's:
 
 - amax over finite values only (NaN/Inf do not poison a row's scale);
-- ``scale = max(amax / fmax, 2**-126)``, 1 where amax is 0, optionally rounded
-  up to a power of two;
+- ``scale = max(amax * RCP_FMAX, 2**-126)``, 1 where amax is 0, optionally
+  rounded up to a power of two; ``RCP_FMAX`` is ``Float8Format.rcp_max``, the
+  float32 nearest to ``1 / fmax``, so kernel and reference multiply the same
+  bits (why a multiply and not a division: loka/quantize.py's docstring);
 - ``x / scale`` with IEEE division (``div_rn``, not the approximate ``/``),
   clamped to ``±fmax``, non-finite results become NaN (e4m3 has no Inf; for
   e5m2 loka.quantize keeps ±Inf, these kernels write NaN: the one deviation);
@@ -35,13 +37,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from loka.formats import get_format
+
 # Constexpr parameters of each FP8 format, in the names the device functions take.
 FP8_CONSTEXPRS: dict[str, dict[str, object]] = {
-    # FMAX: largest finite; MBITS: stored mantissa bits; EMIN: exponent of the
-    # smallest normal; EXP_BIAS; NAN_BYTE / INF_BYTE: the encodings torch uses
-    # (INF_BYTE < 0: the format has no Inf).
-    "e4m3": dict(FMAX=448.0, MBITS=3, EMIN=-6, EXP_BIAS=7, NAN_BYTE=0x7F, INF_BYTE=-1),
-    "e5m2": dict(FMAX=57344.0, MBITS=2, EMIN=-14, EXP_BIAS=15, NAN_BYTE=0x7E, INF_BYTE=0x7C),
+    # FMAX: largest finite; RCP_FMAX: float32 nearest 1/FMAX (the scale rule's
+    # factor); MBITS: stored mantissa bits; EMIN: exponent of the smallest normal;
+    # EXP_BIAS; NAN_BYTE / INF_BYTE: the encodings torch uses (INF_BYTE < 0: no Inf).
+    name: dict(FMAX=get_format(name).max, RCP_FMAX=get_format(name).rcp_max, **codes)
+    for name, codes in (
+        ("e4m3", dict(MBITS=3, EMIN=-6, EXP_BIAS=7, NAN_BYTE=0x7F, INF_BYTE=-1)),
+        ("e5m2", dict(MBITS=2, EMIN=-14, EXP_BIAS=15, NAN_BYTE=0x7E, INF_BYTE=0x7C)),
+    )
 }
 
 
@@ -60,9 +67,16 @@ def finite_abs(x):
 
 
 @triton.jit
-def fp8_scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
-    """Dequant scale from a finite amax >= 0: ``max(amax / FMAX, 2**-126)``, 1 if amax == 0."""
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, FMAX), 1.0)
+def fp8_scale_from_amax(amax, RCP_FMAX: tl.constexpr, POW2: tl.constexpr):
+    """Dequant scale from a finite amax >= 0: ``max(amax * RCP_FMAX, 2**-126)``, 1 if amax == 0.
+
+    ``RCP_FMAX`` is exactly a float32, so triton's float32 constant holds it
+    without rounding and the product is one ``mul.rn.f32``, the same bits as
+    ``loka.quantize.scale_from_amax``. The zero test is on the bits (amax >= 0),
+    so a subnormal amax counts as nonzero even where the GPU flushes subnormals.
+    """
+    positive = amax.to(tl.int32, bitcast=True) > 0
+    scale = tl.where(positive, amax * RCP_FMAX, 1.0)
     scale = tl.maximum(scale, 1.1754943508222875e-38)  # 2**-126, the smallest normal float32
     if POW2:
         # Round up to a power of two: keep the exponent when the mantissa is 0, else add 1.

@@ -99,7 +99,7 @@ def _load_a(a_ptr, rm, k0, M, K: tl.constexpr, stride_am, stride_ak, BLOCK_K: tl
 
 @triton.jit
 def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
-             A_SCALE_MODE: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+             A_SCALE_MODE: tl.constexpr, RCP_FMAX: tl.constexpr, POW2: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dequant scale of each row of this program's block of a. [BLOCK_M] float32"""
     if A_SCALE_MODE == 0:
@@ -107,11 +107,11 @@ def _a_scale(a_ptr, a_scale_ptr, rm, M, K: tl.constexpr, stride_am, stride_ak,
         for k0 in range(0, K, BLOCK_K):
             a = _load_a(a_ptr, rm, k0, M, K, stride_am, stride_ak, BLOCK_K).to(tl.float32)
             amax = tl.maximum(amax, tl.max(finite_abs(a), axis=1))
-        scale = fp8_scale_from_amax(amax, FMAX, POW2)
+        scale = fp8_scale_from_amax(amax, RCP_FMAX, POW2)
     elif A_SCALE_MODE == 1:
         scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=1.0)
     elif A_SCALE_MODE == 2:
-        scale = fp8_scale_from_amax(tl.zeros([BLOCK_M], tl.float32) + tl.load(a_scale_ptr), FMAX, POW2)
+        scale = fp8_scale_from_amax(tl.zeros([BLOCK_M], tl.float32) + tl.load(a_scale_ptr), RCP_FMAX, POW2)
     else:
         scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(a_scale_ptr)
     return scale
@@ -185,7 +185,7 @@ def fp8_gemm_fused_quant_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     A_SCALE_MODE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     POW2: tl.constexpr, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr, A_IS_FP8: tl.constexpr,
-    FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FP8_DTYPE: tl.constexpr,
+    FMAX: tl.constexpr, RCP_FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FP8_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_TILES: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -205,10 +205,10 @@ def fp8_gemm_fused_quant_kernel(
         # K fits one tile: read and quantize a once, keep it in registers for every N tile.
         a = _load_a(a_ptr, rm, 0, M, K, stride_am, stride_ak, BLOCK_K)
         if A_SCALE_MODE == 0:
-            a_scale = fp8_scale_from_amax(tl.max(finite_abs(a.to(tl.float32)), axis=1), FMAX, POW2)
+            a_scale = fp8_scale_from_amax(tl.max(finite_abs(a.to(tl.float32)), axis=1), RCP_FMAX, POW2)
         else:
             a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
-                               A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
+                               A_SCALE_MODE, RCP_FMAX, POW2, BLOCK_M, BLOCK_K)
         a_q = _quantize_a(a, a_scale, FMAX, MBITS, EMIN, POW2, FP8_DTYPE, EMULATE, A_IS_FP8)
         for t in range(N_TILES):
             n0 = n_first + t * BLOCK_N
@@ -220,7 +220,7 @@ def fp8_gemm_fused_quant_kernel(
                             B_ROWWISE, HAS_BIAS, EMULATE)
     else:
         a_scale = _a_scale(a_ptr, a_scale_ptr, rm, M, K, stride_am, stride_ak,
-                           A_SCALE_MODE, FMAX, POW2, BLOCK_M, BLOCK_K)
+                           A_SCALE_MODE, RCP_FMAX, POW2, BLOCK_M, BLOCK_K)
         for t in range(N_TILES):
             n0 = n_first + t * BLOCK_N
             if n0 < N:

@@ -41,7 +41,7 @@ def norm_quant_kernel(
     M, N, stride_xm, stride_om, eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_HP: tl.constexpr,
     POW2: tl.constexpr, EMULATE: tl.constexpr,
-    FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXP_BIAS: tl.constexpr,
+    FMAX: tl.constexpr, RCP_FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXP_BIAS: tl.constexpr,
     NAN_BYTE: tl.constexpr, INF_BYTE: tl.constexpr, FP8_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -59,7 +59,7 @@ def norm_quant_kernel(
     if STORE_HP:
         tl.store(y_hp_ptr + rm[:, None] * N + rn[None, :], y, mask=mask)
 
-    scale = fp8_scale_from_amax(tl.max(finite_abs(y), axis=1), FMAX, POW2)
+    scale = fp8_scale_from_amax(tl.max(finite_abs(y), axis=1), RCP_FMAX, POW2)
     q = fp8_scale_and_clamp(y, scale[:, None], FMAX, POW2)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     if EMULATE:

@@ -8,6 +8,7 @@ fp16 with two mantissa bits; it is the default for gradients.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,6 +44,16 @@ class Float8Format:
     def unit_roundoff(self) -> float:
         """Largest relative rounding error for normal values (eps / 2)."""
         return self.eps / 2
+
+    @property
+    def rcp_max(self) -> float:
+        """``1 / max`` rounded to the nearest float32, held exactly in a Python float.
+
+        Every FP8 scale in loka is ``amax * rcp_max`` (one float32 multiply; the
+        rule and why are in loka/quantize.py's docstring); kernels take this
+        constant from here so that they and the reference multiply by the same bits.
+        """
+        return struct.unpack("<f", struct.pack("<f", 1.0 / self.max))[0]
 
 
 E4M3 = Float8Format(

@@ -8,14 +8,33 @@ means. Conventions (shared with torch._scaled_mm):
   ``x[R, C]`` gets a scale of shape ``[]`` (tensorwise), ``[R, 1]`` (rowwise) or
   ``[ceil(R/br), ceil(C/bc)]`` (blockwise / mx with block ``(br, bc)``).
 - ``scale`` is the **dequantization** multiplier: ``x ≈ x_fp8.float() * scale``.
-- ``scale = max(amax / fmax, 2**-126)``, with ``amax == 0`` giving scale 1, so a
-  zero row or tensor never divides by zero; ``pow2`` rounds the scale *up* to a
-  power of two (exact via frexp), so ``|x| / scale <= fmax`` still holds.
+- ``scale = max(amax * rcp_fmax, 2**-126)`` in float32, with ``rcp_fmax`` the
+  float32 nearest to ``1 / fmax`` (``Float8Format.rcp_max``) and ``amax == 0``
+  giving scale 1, so a zero row or tensor never divides by zero; ``pow2`` rounds
+  the scale *up* to a power of two (exact via frexp). ``|x| / scale`` may exceed
+  fmax by an ulp; the saturating cast below clamps it.
+- The cast divides: ``x / scale`` is one IEEE (correctly rounded) float32
+  division, with the scale a tensor on ``x``'s device; the Triton kernels use
+  ``div_rn`` (with pow2 scales, a multiply by the exact reciprocal: the same bits).
 - The cast saturates: finite values are clamped to ``±fmax`` before rounding
   to nearest-even. Non-finite values pass through (NaN stays NaN; ±Inf becomes
   NaN in e4m3, which has no Inf, and stays ±Inf in e5m2).
 - ``nonfinite="skip"`` computes amax over finite values only (so one Inf does
   not zero a whole group); ``"raise"`` raises :class:`NonFiniteError`.
+
+Why the scale is a multiply and the cast a division. A rule that must give the
+same bits on every device has to survive each backend's rewriting. One float32
+multiply by an exactly representable constant is correctly rounded everywhere:
+CPU and CUDA eager (constant as a Python float or a tensor), Triton (``*`` is
+``mul.rn.f32``) and torch.compile (inductor keeps a multiply a multiply). A
+division by ``fmax`` is not: CUDA eager evaluates ``tensor / python_scalar`` as
+``tensor * fl32(1 / scalar)`` (what it computed before this rule, while the CPU
+divided: scales 1 ulp apart for half of all amax values, found on an H200 on
+2026-11-30), inductor rewrites division by a constant as a multiply by its
+reciprocal, and Triton's ``/`` is an approximate division. For the element
+cast no such constant exists (the scale is data), so the cast keeps a real
+division, written as tensor / tensor in eager and ``div_rn`` in Triton; a
+reciprocal multiply there would move elements that sit on FP8 rounding ties.
 """
 
 from __future__ import annotations
@@ -78,10 +97,13 @@ def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] = (1, 1
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: str | Float8Format, pow2: bool = False) -> torch.Tensor:
-    """Dequantization scale(s) from amax(es): ``max(amax / fmax, 2**-126)``, 1 where amax is 0."""
+    """Dequantization scale(s) from amax(es): ``max(amax * rcp_fmax, 2**-126)``, 1 where amax is 0.
+
+    The one scale rule of loka (module doc): every kernel computes it the same way.
+    """
     f = get_format(fmt)
     amax = amax.float()
-    scale = torch.where(amax > 0, amax / f.max, torch.ones_like(amax)).clamp_min(MIN_SCALE)
+    scale = torch.where(amax > 0, amax * f.rcp_max, torch.ones_like(amax)).clamp_min(MIN_SCALE)
     if pow2:
         scale = round_up_pow2(scale)
     return scale

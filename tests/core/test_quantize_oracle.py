@@ -49,6 +49,21 @@ def oracle_cast(x: torch.Tensor, fmt: str) -> np.ndarray:
     return out.astype(ML_DTYPES[fmt]).astype(np.float32)
 
 
+def oracle_scale(amax: np.ndarray, fmt: str, pow2: bool) -> np.ndarray:
+    """The scale rule computed in float64 and rounded once to float32 (independent of loka.quantize).
+
+    ``amax * fl32(1 / fmax)``: the product of two float32 values is exact in float64, so
+    rounding it to float32 is the correctly rounded float32 multiply the rule prescribes.
+    """
+    rcp = np.float64(np.float32(1.0 / np.float64(get_format(fmt).max)))
+    amax = np.asarray(amax, dtype=np.float32).astype(np.float64)
+    scale = np.where(amax > 0, amax * rcp, 1.0).astype(np.float32)
+    scale = np.maximum(scale, np.float32(2.0**-126))
+    if pow2:
+        scale = np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
+    return scale
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_saturated_cast_matches_ml_dtypes(fmt):
     x = edge_values(fmt)
@@ -119,13 +134,17 @@ def test_format_limits_match_ml_dtypes(fmt):
 def test_quantize_matches_oracle(fmt, granularity, pow2):
     rows, cols = 37, 200  # not multiples of any block
     x = torch.randn(rows, cols) * torch.exp(torch.randn(rows, 1) * 3)
+    tiny = torch.finfo(torch.float32).tiny
     x[3] = 0.0  # a zero row
-    x[5, :7] = torch.finfo(torch.float32).tiny / 4  # float32 subnormals
+    x[5, :7] = tiny / 4  # float32 subnormals
+    x[6] = torch.randn(cols) * tiny / 8  # a row whose amax is subnormal
+    x[7] = torch.randn(cols) * 1e37  # huge amax (x / scale stays finite)
+    x[8] = torch.randn(cols).clamp(-1, 1) * get_format(fmt).max * 2.0**-20
+    x[8, ::50] = get_format(fmt).max * 2.0**-20  # amax = fmax * 2**k: a power-of-two quotient
     block = BLOCKS[granularity]
     x_fp8, scale = quantize(x, fmt, granularity, block=block, pow2_scale=pow2)
 
-    # Oracle: amax per group in numpy, scale, divide, cast with ml_dtypes.
-    f = get_format(fmt)
+    # Oracle: amax per group in numpy, scale (float64 rounded once), divide, cast with ml_dtypes.
     ax = np.abs(x.numpy())
     if granularity == "tensorwise":
         amax = np.array(ax.max(), dtype=np.float32)
@@ -135,10 +154,7 @@ def test_quantize_matches_oracle(fmt, granularity, pow2):
         bc = block[1]
         pad = np.pad(ax, ((0, 0), (0, (-cols) % bc)))
         amax = pad.reshape(rows, -1, bc).max(axis=2)
-    ref_scale = np.where(amax > 0, amax / np.float32(f.max), np.float32(1.0)).astype(np.float32)
-    ref_scale = np.maximum(ref_scale, np.float32(MIN_SCALE))
-    if pow2 or granularity == "mx":
-        ref_scale = np.exp2(np.ceil(np.log2(ref_scale.astype(np.float64)))).astype(np.float32)
+    ref_scale = oracle_scale(amax, fmt, pow2 or granularity == "mx")
     if granularity in ("blockwise", "mx"):
         full = np.repeat(ref_scale, block[1], axis=1)[:, :cols]
     else:

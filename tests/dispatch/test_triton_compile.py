@@ -56,7 +56,7 @@ def _gemm_ptx(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_war
              "stride_om": "i32"}
     constexprs = dict(K=k, stride_ak=1, stride_bk=1, stride_on=1, A_SCALE_MODE=mod.A_ROWWISE_DYNAMIC, B_ROWWISE=True,
                       HAS_BIAS=True, POW2=False, FAST_ACCUM=fast_accum, EMULATE=False, A_IS_FP8=False,
-                      FMAX=fmt["FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"],
+                      FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"],
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_TILES=nt, GROUP_M=mod.GROUP_M)
     divisible = ["a_ptr", "b_ptr", "out_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "N", "stride_am", "stride_bn",
                  "stride_om"]

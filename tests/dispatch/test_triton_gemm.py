@@ -132,7 +132,7 @@ def tie_rows(m: int, gen: torch.Generator) -> torch.Tensor:
     """Rows [amax, values within one float32 ulp of FP8 rounding ties]: there ``x / scale`` and
     ``x * (1 / scale)`` round to different FP8 values, so only IEEE division matches quantize."""
     amax = torch.rand(m, generator=gen) * 100 + 1
-    scale = amax / 448
+    scale = (amax.double() * float(torch.tensor(1 / 448, dtype=torch.float32))).float()  # the scale rule, in float64
     ties = 1 + (2 * torch.arange(8) + 1) / 16  # midpoints between e4m3 values in [1, 2)
     x0 = ties[None, :] * scale[:, None]
     up, down = torch.nextafter(x0, torch.full_like(x0, 1e9)), torch.nextafter(x0, torch.zeros_like(x0))
