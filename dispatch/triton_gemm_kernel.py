@@ -134,21 +134,33 @@ def _quantize_a(a, a_scale, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.co
 
 @triton.jit
 def _dot(a_q, b, acc, FAST_ACCUM: tl.constexpr, EMULATE: tl.constexpr):
-    """acc += a_q · b.  a_q [BM, BK], b [BK, BN] FP8, acc [BM, BN] float32."""
+    """acc + a_q · b; acc None starts a fresh sum.  a_q [BM, BK], b [BK, BN] FP8, acc [BM, BN] float32.
+
+    Precise mode is two-level accumulation (as cuBLAS without fast accumulation
+    and DeepGEMM do): Hopper's FP8 MMAs keep about 14 mantissa bits while they
+    accumulate, so each BLOCK_K chunk (<= 128 products in the K loop) is summed
+    by the tensor cores into a fresh partial that is then added to the running
+    float32 sum on the CUDA cores. Passing the running sum as the dot's
+    accumulator with ``max_num_imprecise_acc`` does not survive triton 3.6-3.9:
+    the pipeliner splits a dot whose A comes from registers into K=32/64 pieces
+    marked ``maxNumImpreciseAcc = 2**30`` and chains them on one accumulator
+    (seen in the sm_90 TTGIR; test_triton_compile.py checks the float32 adds).
+    ``max_num_imprecise_acc=0`` would make triton fall back to float16 MMAs.
+    """
     if EMULATE:
         # FP8 values held in float32: products of two FP8 values are exact in
         # float32, so this is the FP8 GEMM with float32 accumulation.
-        acc += tl.dot(a_q.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        part = tl.dot(a_q.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = part if acc is None else acc + part
     elif FAST_ACCUM:
-        acc = tl.dot(a_q, b, acc)
+        zero = tl.zeros([a_q.shape[0], b.shape[1]], tl.float32)
+        out = tl.dot(a_q, b, zero if acc is None else acc)
     else:
-        # Hopper's FP8 tensor cores accumulate in reduced precision; promote the
-        # partial sums into the float32 accumulator every PROMOTE_K products
-        # (as cuBLAS does without fast accumulation). 0 would make triton fall
-        # back to float16 MMAs (no wgmma), checked in the sm_90 PTX.
         PROMOTE_K: tl.constexpr = 128 if a_q.shape[1] > 128 else a_q.shape[1]
-        acc = tl.dot(a_q, b, acc, max_num_imprecise_acc=PROMOTE_K)
-    return acc
+        zero = tl.zeros([a_q.shape[0], b.shape[1]], tl.float32)
+        part = tl.dot(a_q, b, zero, max_num_imprecise_acc=PROMOTE_K)
+        out = part if acc is None else acc + part
+    return out
 
 
 @triton.jit
@@ -215,7 +227,7 @@ def fp8_gemm_fused_quant_kernel(
             if n0 < N:
                 rn = n0 + tl.arange(0, BLOCK_N)
                 b = _load_b(b_ptr, rn, 0, N, K, stride_bn, stride_bk, BLOCK_K)
-                acc = _dot(a_q, b, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), FAST_ACCUM, EMULATE)
+                acc = _dot(a_q, b, None, FAST_ACCUM, EMULATE)
                 _store_tile(out_ptr, acc, a_scale, b_scale_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_on,
                             B_ROWWISE, HAS_BIAS, EMULATE)
     else:

@@ -25,6 +25,12 @@ pytestmark = [
 
 def _compile_ptx(fn, types: dict[str, str], constexprs: dict[str, object], divisible: list[str], num_warps: int,
                  num_stages: int = 3) -> str:
+    return _compile(fn, types, constexprs, divisible, num_warps, num_stages)["ptx"]
+
+
+def _compile(fn, types: dict[str, str], constexprs: dict[str, object], divisible: list[str], num_warps: int,
+             num_stages: int = 3) -> dict[str, str]:
+    """Every stage's text (``ttir``, ``ttgir``, ``ptx``, ...) of ``fn`` compiled for sm_90."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -42,25 +48,31 @@ def _compile_ptx(fn, types: dict[str, str], constexprs: dict[str, object], divis
                                                                                        num_stages=num_stages))
     except FileNotFoundError as exc:  # no ptxas in this triton install
         pytest.skip(f"triton's CUDA toolchain is missing here: {exc}")
-    return compiled.asm["ptx"]
+    return compiled.asm
 
 
 def _gemm_ptx(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_warps: int) -> str:
+    return _gemm_asm(fast_accum, k, tile, num_warps)["ptx"]
+
+
+def _gemm_asm(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_warps: int,
+              a_is_fp8: bool = False) -> dict[str, str]:
     from loka.dispatch import triton_gemm_kernel as mod
     from loka.dispatch.triton_fp8_jit import fp8_constexprs
 
     fmt = fp8_constexprs("e4m3")
     bm, bn, bk, nt = tile
-    types = {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+    types = {"a_ptr": "*fp8e4nv" if a_is_fp8 else "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
              "bias_ptr": "*fp32", "M": "i32", "N": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_bn": "i32",
              "stride_om": "i32"}
-    constexprs = dict(K=k, stride_ak=1, stride_bk=1, stride_on=1, A_SCALE_MODE=mod.A_ROWWISE_DYNAMIC, B_ROWWISE=True,
-                      HAS_BIAS=True, POW2=False, FAST_ACCUM=fast_accum, EMULATE=False, A_IS_FP8=False,
+    a_mode = mod.A_ROWWISE_GIVEN if a_is_fp8 else mod.A_ROWWISE_DYNAMIC
+    constexprs = dict(K=k, stride_ak=1, stride_bk=1, stride_on=1, A_SCALE_MODE=a_mode, B_ROWWISE=True,
+                      HAS_BIAS=True, POW2=False, FAST_ACCUM=fast_accum, EMULATE=False, A_IS_FP8=a_is_fp8,
                       FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"],
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_TILES=nt, GROUP_M=mod.GROUP_M)
     divisible = ["a_ptr", "b_ptr", "out_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "N", "stride_am", "stride_bn",
                  "stride_om"]
-    return _compile_ptx(mod.fp8_gemm_fused_quant_kernel, types, constexprs, divisible, num_warps)
+    return _compile(mod.fp8_gemm_fused_quant_kernel, types, constexprs, divisible, num_warps)
 
 
 @pytest.mark.parametrize("fast_accum,k,tile", [(False, 256, (64, 128, 256, 4)), (True, 1024, (128, 128, 128, 1))],
@@ -72,6 +84,24 @@ def test_gemm_compiles_to_fp8_wgmma_for_sm90(fast_accum, k, tile):
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # the activation cast, in registers
     assert "div.rn.f32" in ptx  # IEEE division, as loka.quantize divides
     assert ".ftz" not in ptx  # subnormal activations are kept, not flushed to zero
+
+
+@pytest.mark.parametrize("a_is_fp8", [False, True], ids=["fused-quant", "fp8_mm"])
+def test_precise_mode_adds_every_k_tile_in_float32(a_is_fp8):
+    """Two-level accumulation survives triton's pipeliner: in precise mode no MMA runs with
+    promotion disabled (``maxNumImpreciseAcc = 2**30``) and each K tile's partial is added to
+    the running sum with float32 adds (one per accumulator element and thread). triton 3.6
+    and 3.9 split the former single dot on the running sum into such MMAs when A comes from
+    registers (the fused path; fp8_mm's A from shared memory was not split), so the K loop
+    accumulated in the tensor cores' reduced precision (found on an H200, 2026-11-30)."""
+    bm, bn, warps = 128, 128, 8
+    precise = _gemm_asm(False, 1024, (bm, bn, 128, 1), warps, a_is_fp8)
+    promotions = set(re.findall(r"maxNumImpreciseAcc = (\d+)", precise["ttgir"]))
+    assert promotions and all(int(p) <= 128 for p in promotions), promotions
+    adds = len(re.findall(r"^\s*add(?:\.rn)?\.f32\b", precise["ptx"], flags=re.M))
+    assert adds >= bm * bn // (32 * warps), f"{adds} float32 adds: the K tiles are not summed in float32"
+    fast = _gemm_asm(True, 1024, (bm, bn, 128, 1), warps, a_is_fp8)
+    assert "maxNumImpreciseAcc = 1073741824" in fast["ttgir"], "fast mode must not promote (the test tells them apart)"
 
 
 def test_norm_quant_compiles_with_the_native_cast_for_sm90():

@@ -89,7 +89,7 @@ def tolerance(a, b_fp8, b_scale, granularity, bias, out_dtype, tensor_cores: str
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
 def test_under_interpreter():
-    run_file_under_interpreter(__file__, min_passed=66)  # every interpreter test of this file plus the two plain ones
+    run_file_under_interpreter(__file__, min_passed=70)  # every interpreter test of this file plus the two plain ones
 
 
 @interp
@@ -230,6 +230,27 @@ def test_prequantized_a(a_gran, tile):
     assert bool(((out - ref).abs() <= (2 * 48 + 8) * 2.0**-24 * mag).all()), f"seed={seed}"
 
 
+@interp
+@pytest.mark.parametrize("fast_accum", [False, True])
+@pytest.mark.parametrize("k", [72, 128])
+def test_accumulation_modes_over_several_k_tiles(fast_accum, k):
+    """The native dot's two accumulation paths (precise: a fresh partial per K tile added to the
+    running sum) give the reference's sum when K spans several BLOCK_K, the last one partial.
+    ``fp8_mm`` with ``emulate=False``: a is FP8 already, so no cast runs in the interpreter."""
+    gen, seed = _gen()
+    a_q, s_a = quantize(make_a(19, k, gen), "e4m3", "rowwise")
+    b_fp8, b_scale = make_b(24, k, "rowwise", gen)
+    out = fp8_mm(a_q, s_a, b_fp8, b_scale, out_dtype=torch.float32, tile=(16, 16, 16), emulate=False,
+                 fast_accum=fast_accum)
+    ref = fp8_mm_reference(a_q, s_a, b_fp8, b_scale, out_dtype=torch.float32)
+    mag = (a_q.float().abs() @ b_fp8.float().abs().t()) * s_a.reshape(-1, 1) * b_scale.reshape(1, -1)
+    assert bool(((out - ref).abs() <= (2 * k + 8) * 2.0**-24 * mag).all()), f"seed={seed}"
+    a = make_a(19, k, gen)  # the fused path, emulated cast, K loop of 16-wide tiles
+    out = fp8_mm_fused_quant(a, b_fp8, b_scale, out_dtype=torch.float32, tile=(16, 16, 16), fast_accum=fast_accum)
+    ref = fp8_mm_fused_quant_reference(a, b_fp8, b_scale, out_dtype=torch.float32)
+    assert bool(((out - ref).abs() <= tolerance(a, b_fp8, b_scale, "rowwise", None, torch.float32)).all()), seed
+
+
 def test_reference_agrees_with_emulated():
     """The reference (scales in the epilogue) is the emulated GEMM (scales on the operands)."""
     gen, seed = _gen()
@@ -333,3 +354,26 @@ def test_gpu_native_cast_is_bit_exact(k):
     out = fp8_mm_fused_quant(a, eye, torch.ones((), device="cuda"), out_dtype=torch.float32)
     a_q, s_a = quantize(a, "e4m3", "rowwise")
     assert torch.equal(out, dequantize(a_q, s_a)), f"seed={seed}"
+
+
+@pytest.mark.requires_sm89
+@pytest.mark.parametrize("prequantized", [False, True], ids=["fused", "fp8_mm"])
+def test_gpu_precise_accumulation_beats_fast_at_large_k(prequantized):
+    """At K=8192 the precise mode (float32 promotion every K tile) is measurably more accurate
+    than Hopper's fast accumulation; before the two-level sum both gave the same error."""
+    gen, seed = _gen()
+    m, k, n = 256, 8192, 256
+    a = torch.rand(m, k, generator=gen).to(torch.bfloat16).cuda()  # positive: the running sum only grows
+    b_fp8, b_scale = (t.cuda() for t in quantize(torch.rand(n, k, generator=gen), "e4m3", "rowwise"))
+    a_q, s_a = quantize(a, "e4m3", "rowwise")
+    exact = (a_q.double() @ b_fp8.double().t()) * s_a.double() * b_scale.double().reshape(1, -1)  # fp64 reference
+    errors = {}
+    for fast in (False, True):
+        if prequantized:
+            out = fp8_mm(a_q, s_a, b_fp8, b_scale, out_dtype=torch.float32, fast_accum=fast)
+        else:
+            out = fp8_mm_fused_quant(a, b_fp8, b_scale, out_dtype=torch.float32, fast_accum=fast)
+        errors[fast] = ((out.double() - exact).abs() / exact.abs()).mean().item()
+    print(f"seed={seed} mean relative error: precise {errors[False]:.3g}, fast {errors[True]:.3g}")
+    assert errors[False] < 0.5 * errors[True], f"seed={seed}: {errors}"
+    assert errors[False] < 2.0**-12, f"seed={seed}: precise error {errors[False]:.3g}"  # tolerance()'s "precise" term
