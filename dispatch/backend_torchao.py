@@ -20,7 +20,7 @@ So every GEMM of a site is covered, and a site can mix torchao with others.
 How torchao's cast differs from loka.quantize (why the shared test compares by
 SQNR, not bit for bit, unless scales are powers of two): torchao multiplies by
 ``fmax / amax`` (a float32 rounded from float64) where loka divides by
-``amax / fmax``; it clamps amax at 1e-12 instead of the scale at 2**-126; and
+``amax * fl32(1 / fmax)``; it clamps amax at 1e-12 instead of the scale at 2**-126; and
 its amax is not NaN/Inf-aware (one Inf in a group makes that group's output
 NaN). The blockwise and MX kernels need a GPU and were written against
 torchao 0.18's prototype API without one: they are marked untested.

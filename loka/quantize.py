@@ -30,11 +30,15 @@ CPU and CUDA eager (constant as a Python float or a tensor), Triton (``*`` is
 division by ``fmax`` is not: CUDA eager evaluates ``tensor / python_scalar`` as
 ``tensor * fl32(1 / scalar)`` (what it computed before this rule, while the CPU
 divided: scales 1 ulp apart for half of all amax values, found on an H200 on
-2026-11-30), inductor rewrites division by a constant as a multiply by its
-reciprocal, and Triton's ``/`` is an approximate division. For the element
-cast no such constant exists (the scale is data), so the cast keeps a real
-division, written as tensor / tensor in eager and ``div_rn`` in Triton; a
-reciprocal multiply there would move elements that sit on FP8 rounding ties.
+2026-11-30), inductor on GPU rewrites division by a constant as a multiply by
+its reciprocal (torch 2.13 ``div_prim``), and Triton's ``/`` is an approximate
+``div.full.f32``. For the element cast no such constant exists (the scale is
+data), so the cast keeps a real division, written as tensor / tensor in eager
+and ``div_rn`` in Triton; a reciprocal multiply there would move elements that
+sit on FP8 rounding ties. One known gap: under torch.compile on CUDA inductor
+emits the cast as Triton's approximate ``/`` unless
+``TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1``, so compiled FP8 values may differ
+from eager on ties (the scales do not).
 """
 
 from __future__ import annotations
