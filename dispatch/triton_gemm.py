@@ -257,7 +257,8 @@ def _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, *, a_format, pow
     launch = dict(
         A_SCALE_MODE=mode, B_ROWWISE=b_scale_arg.numel() > 1, HAS_BIAS=bias is not None, POW2=pow2_scale,
         FAST_ACCUM=fast_accum, EMULATE=interp if emulate is None else emulate, A_IS_FP8=a_is_fp8,
-        FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"], GROUP_M=mod.GROUP_M,
+        FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"],
+        GROUP_M=mod.GROUP_M,
     )
     args = (a2, b_fp8, out, a_scale_arg, b_scale_arg, bias.contiguous() if bias is not None else b_scale_arg,
             m, n, k, triton_next_pow2(m), *a2.stride(), *b_fp8.stride(), *out.stride())

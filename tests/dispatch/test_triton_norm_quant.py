@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,7 +58,7 @@ def assert_bytes_are_quantize_of(y_fp8, scale, y_hp, fmt, pow2, seed):
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the driver of the interpreter tests")
 def test_under_interpreter():
-    run_file_under_interpreter(__file__, min_passed=2 * len(CASES) + 9)  # every interpreter test of this file
+    run_file_under_interpreter(__file__, min_passed=2 * len(CASES) + 13)  # every interpreter test of this file
 
 
 @interp
@@ -142,6 +143,28 @@ def test_norm_quant_feeds_the_fp8_gemm(kind):
     assert rel < 2e-2, f"seed={seed}: relative difference {rel:.3g}"
     same = fp8_mm_reference(y_fp8, scale, weight_fp8, weight_scale, out_dtype=torch.float32)
     assert torch.allclose(out, same, rtol=1e-5, atol=1e-5 * same.abs().max().item()), f"seed={seed}"
+
+
+def oracle_scale(amax: np.ndarray, fmt: str, pow2: bool) -> np.ndarray:
+    """The scale rule ``max(amax * fl32(1/fmax), 2**-126)`` in float64, rounded once (not loka's code)."""
+    rcp = np.float64(np.float32(1.0 / np.float64(get_format(fmt).max)))
+    amax = amax.astype(np.float32).astype(np.float64)
+    scale = np.maximum(np.where(amax > 0, amax * rcp, 1.0).astype(np.float32), np.float32(2.0**-126))
+    return np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32) if pow2 else scale
+
+
+@interp
+@pytest.mark.parametrize("fmt,pow2", [("e4m3", False), ("e4m3", True), ("e5m2", False), ("e5m2", True)])
+def test_kernel_scales_equal_an_independent_oracle(fmt, pow2):
+    """The kernel's scales against the rule computed in numpy from its own ``y``, for rows whose
+    amax spans float32: subnormal (weights near 2**-149), ordinary and huge."""
+    gen, seed = _gen()
+    for lo, hi in ((-149, -112), (-40, 40), (60, 110)):
+        w = torch.exp2(torch.empty(48).uniform_(lo, hi, generator=gen)) * torch.randn(48, generator=gen).sign()
+        _, scale, y_hp = fused_norm_quant(make_x(16, 48, gen), w, None, kind="rmsnorm", fmt=fmt, pow2_scale=pow2,
+                                          return_hp=True)
+        ref = oracle_scale(np.abs(y_hp.numpy()).max(axis=1, keepdims=True), fmt, pow2)
+        assert np.array_equal(scale.numpy(), ref), f"seed={seed} weights 2**[{lo}, {hi}]"
 
 
 def test_training_use_is_refused():
