@@ -62,13 +62,14 @@ def _gemm_asm(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_war
 
     fmt = fp8_constexprs("e4m3")
     bm, bn, bk, nt = tile
-    types = {"a_ptr": "*fp8e4nv" if a_is_fp8 else "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-             "bias_ptr": "*fp32", "M": "i32", "N": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_bn": "i32",
+    types = {"a_ptr": "*fp8e4nv" if a_is_fp8 else "*bf16", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16",
+             "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": "*fp32", "M": "i32", "N": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_bn": "i32",
              "stride_om": "i32"}
     a_mode = mod.A_ROWWISE_GIVEN if a_is_fp8 else mod.A_ROWWISE_DYNAMIC
     constexprs = dict(K=k, stride_ak=1, stride_bk=1, stride_on=1, A_SCALE_MODE=a_mode, B_ROWWISE=True,
                       HAS_BIAS=True, POW2=False, FAST_ACCUM=fast_accum, EMULATE=False, A_IS_FP8=a_is_fp8,
-                      FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"], FP8_DTYPE=fmt["FP8_DTYPE"],
+                      FMAX=fmt["FMAX"], RCP_FMAX=fmt["RCP_FMAX"], MBITS=fmt["MBITS"], EMIN=fmt["EMIN"],
+                      FP8_DTYPE=fmt["FP8_DTYPE"],
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_TILES=nt, GROUP_M=mod.GROUP_M)
     divisible = ["a_ptr", "b_ptr", "out_ptr", "a_scale_ptr", "b_scale_ptr", "bias_ptr", "N", "stride_am", "stride_bn",
                  "stride_om"]
