@@ -77,13 +77,18 @@ def _configs() -> list[triton.Config]:
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much larger than the problem and N_TILES that cannot pay off; keep at least one."""
     n, k = named_args["N"], kwargs.get("K", named_args.get("K"))
+    fast = kwargs.get("FAST_ACCUM", named_args.get("FAST_ACCUM", True))
     n_cap, k_cap = max(64, triton.next_power_of_2(n)), max(64, triton.next_power_of_2(k))
 
     def useful(c):
-        bn, bk, nt = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
+        bm, bn, bk, nt = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
         one_pass = k <= bk
         # BLOCK_K > 128 is for one-pass only (in a pipelined K loop triton 3.9 rejects it for sm_90).
-        return bn <= n_cap and bk <= k_cap and (one_pass or bk <= 128) and (nt == 1 or (one_pass and bn * nt <= n_cap))
+        # A precise K loop holds two accumulators (running sum + partial): 128x256 spills
+        # (ptxas -v for sm_90, triton 3.6: 255 registers, 388 bytes of spill stores).
+        fits = fast or one_pass or bm * bn <= 128 * 128
+        return (bn <= n_cap and bk <= k_cap and (one_pass or bk <= 128) and fits
+                and (nt == 1 or (one_pass and bn * nt <= n_cap)))
 
     kept = [c for c in configs if useful(c)]
     return kept or configs[:1]

@@ -305,18 +305,20 @@ def test_reference_agrees_with_emulated():
         assert bool(((ref - emu).abs() <= tol).all()), f"seed={seed} {gran}"
 
 
+@pytest.mark.parametrize("fast_accum", [False, True])
 @pytest.mark.parametrize("n,k", [(64, 64), (256, 256), (1024, 256), (512, 1024), (2048, 2048), (48, 200)])
-def test_autotune_pruning_keeps_valid_tiles(n, k):
+def test_autotune_pruning_keeps_valid_tiles(n, k, fast_accum):
     """The GPU autotuner's pruning (plain Python, checked here without a GPU)."""
     from loka.dispatch import triton_gemm_kernel as mod
 
     configs = mod._configs()
-    kept = mod._prune(configs, {"N": n, "K": k, "M": 8192})
+    kept = mod._prune(configs, {"N": n, "K": k, "M": 8192}, FAST_ACCUM=fast_accum)
     assert kept
     for c in kept:
-        bn, bk, nt = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
+        bm, bn, bk, nt = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["N_TILES"]
         assert bk <= 128 or k <= bk, "BLOCK_K > 128 only where K fits one tile"
         assert nt == 1 or k <= bk, "several N tiles per program only where a is quantized once"
+        assert fast_accum or k <= bk or bm * bn <= 128 * 128, "a precise K loop's two accumulators must fit"
     if k <= 256 and n >= 256:
         assert any(c.kwargs["N_TILES"] > 1 for c in kept)
 
