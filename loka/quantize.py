@@ -11,8 +11,9 @@ means. Conventions (shared with torch._scaled_mm):
 - ``scale = max(amax * rcp_fmax, 2**-126)`` in float32, with ``rcp_fmax`` the
   float32 nearest to ``1 / fmax`` (``Float8Format.rcp_max``) and ``amax == 0``
   giving scale 1, so a zero row or tensor never divides by zero; ``pow2`` rounds
-  the scale *up* to a power of two (exact via frexp). ``|x| / scale`` may exceed
-  fmax by an ulp; the saturating cast below clamps it.
+  the scale *up* to a power of two (exact via frexp). ``|x| / scale <= fmax``
+  still holds after rounding: ``rcp_fmax`` is 0.75 ulp above ``1 / fmax`` for
+  both formats, so the scale is at most a quarter ulp below ``amax / fmax``.
 - The cast divides: ``x / scale`` is one IEEE (correctly rounded) float32
   division, with the scale a tensor on ``x``'s device; the Triton kernels use
   ``div_rn`` (with pow2 scales, a multiply by the exact reciprocal: the same bits).

@@ -49,6 +49,7 @@ def test_rcp_max_is_the_float32_nearest_to_one_over_fmax():
         above = float(np.nextafter(np.float32(r), np.float32(1)))
         assert abs(Fraction(r) - exact) < abs(Fraction(below) - exact)
         assert abs(Fraction(r) - exact) < abs(Fraction(above) - exact)
+        assert Fraction(r) > exact, "rounded up: why amax / scale never exceeds fmax (quantize's docstring)"
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
@@ -61,6 +62,15 @@ def test_scale_from_amax_matches_float64_rounded_once(fmt, pow2):
     assert bad.size == 0, f"seed={seed}: amax {amax[bad[:5]]} -> {ours[bad[:5]]}, expected {ref[bad[:5]]}"
     assert np.isfinite(ours).all() and (ours >= 2.0**-126).all()
     assert (ours[amax == 0] == 1).all()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_quotient_of_amax_never_exceeds_fmax(fmt):
+    """``fl32(amax / scale) <= fmax`` for every amax: the cast never needs to clamp the group's amax."""
+    amax, seed = random_amax(20000, fmt)
+    scale = scale_from_amax(torch.from_numpy(amax), fmt).numpy()
+    quotient = amax / scale  # float32 IEEE division, as the cast does it
+    assert quotient.max() <= np.float32(get_format(fmt).max), f"seed={seed}"
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
