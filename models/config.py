@@ -20,6 +20,23 @@ import json
 from dataclasses import dataclass
 
 
+ARCH_VERSION = 2
+"""The ranker architecture this loka builds; weights of another version do not load into it."""
+
+ARCH_CHANGES = {
+    2: "architecture 2 (loka issue 15): one fused embedding table over all features (the "
+       "state dict's sparse.tables/bags and sequence.action_emb/gap_emb became sparse.table), "
+       "jagged history tokens, and re-shaped base/large sizes (interaction-dominated, "
+       "activation checkpointing)",
+}
+
+
+def _arch_change_message(version) -> str:
+    return (f"This checkpoint or config is of ranker architecture {version}; this loka builds "
+            f"architecture {ARCH_VERSION}, whose weights differ: {ARCH_CHANGES[ARCH_VERSION]}. "
+            "Retrain with this loka (loka train ...), or load it with the loka that wrote it.")
+
+
 def _positive(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"RankerConfig.{name} must be positive, got {value}; pass a value >= 1.")
@@ -37,6 +54,11 @@ class RankerConfig:
     Interaction: ``wukong_layers`` Wukong layers, each emitting ``fm_embeddings`` (FM block, rank
     ``fm_rank``) + ``lcb_embeddings`` (linear compression block) embeddings.
     Over: trunk MLP ``over_hidden``, one logit per name in ``tasks``.
+    Training memory: ``checkpoint_blocks`` recomputes each sequence block and Wukong layer in
+    backward instead of keeping its activations; ``embedding_dtype`` "float32" or "bfloat16"
+    for the fused embedding table.
+    ``arch_version`` is `ARCH_VERSION` for configs this loka builds; a checkpoint of an older
+    architecture is refused by `from_dict` with the change named (see `ARCH_CHANGES`).
     """
 
     embed_dim: int = 8
@@ -62,7 +84,10 @@ class RankerConfig:
     fm_hidden: int = 32
     over_hidden: tuple[int, ...] = (32,)
     tasks: tuple[str, ...] = ("ctr", "cvr")
+    checkpoint_blocks: bool = False
+    embedding_dtype: str = "float32"
     size: str = "custom"
+    arch_version: int = 2
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "n_dense", "n_dense_embeddings", "n_actions", "n_gap_buckets",
@@ -82,6 +107,10 @@ class RankerConfig:
                              "history shares; pick 0..len(sparse_cardinalities)-1.")
         if self.seq_dim % self.seq_heads:
             raise ValueError(f"seq_dim={self.seq_dim} must be divisible by seq_heads={self.seq_heads}.")
+        if self.embedding_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"embedding_dtype must be 'float32' or 'bfloat16', got {self.embedding_dtype!r}.")
+        if self.arch_version != ARCH_VERSION:
+            raise ValueError(_arch_change_message(self.arch_version))
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError("tasks must be a non-empty tuple of distinct names, e.g. ('ctr', 'cvr').")
 
@@ -120,6 +149,9 @@ class RankerConfig:
             raise ValueError(f"Unknown RankerConfig fields {sorted(unknown)}; "
                              "was the checkpoint written by a newer loka?")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        data.setdefault("arch_version", 1)  # configs of architecture 1 did not record it
+        if data["arch_version"] != ARCH_VERSION:
+            raise ValueError(_arch_change_message(data["arch_version"]))
         return cls(**data)
 
     def to_json(self) -> str:

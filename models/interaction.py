@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import RankerConfig
 from .layers import MLP, BatchMatmul
@@ -94,8 +95,12 @@ class InteractionArch(nn.Module):
             n = n_out
         self.layers = nn.ModuleList(layers)
         self.n_out = n_out
+        self.checkpoint_blocks = cfg.checkpoint_blocks
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
-            x = layer(x)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)  # recomputed in backward
+            else:
+                x = layer(x)
         return x

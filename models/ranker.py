@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .batch import Batch
 from .config import RankerConfig
 from .dense import DenseArch
+from .history_layout import HistoryLayout
 from .interaction import InteractionArch
 from .over import OverArch
 from .sequence import SequenceArch
@@ -44,21 +45,25 @@ class Ranker(nn.Module):
         self.interaction = InteractionArch(cfg)
         self.over = OverArch(cfg, self.interaction.n_out)
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        context = torch.cat([
-            self.sparse(batch.sparse, batch.multi_hot, batch.multi_hot_mask),
-            self.dense(batch.dense).to(self._embedding_dtype()),
-        ], dim=1)  # [B, n_ctx, D]
+    def forward(self, batch: Batch, layout: HistoryLayout | None = None) -> dict[str, Tensor]:
+        """Logits per task. ``layout``: the history's `HistoryLayout` when built outside the step
+        (`history_layout`: its sizes are read on the host, a device sync on GPUs)."""
+        history = None
+        if self.sequence is not None:
+            layout = self.history_layout(batch) if layout is None else layout
+            history = self.sequence.event_ids(layout, batch.hist_items, batch.hist_actions, batch.hist_gaps)
+        embedded, events = self.sparse(batch.sparse, batch.multi_hot, batch.multi_hot_mask, history)
+        context = torch.cat([embedded, self.dense(batch.dense).to(embedded.dtype)], dim=1)  # [B, n_ctx, D]
         parts = [context]
         if self.sequence is not None:
-            parts.append(self.sequence(batch.hist_items, batch.hist_actions, batch.hist_gaps,
-                                       batch.hist_mask, context, self.sparse.embed_items).to(context.dtype))
+            parts.append(self.sequence(events, context, layout).to(context.dtype))
         x = torch.cat(parts, dim=1)  # [B, n_embeddings, D]
         logits = self.over(self.interaction(x))
         return {task: v.float() for task, v in logits.items()}
 
-    def _embedding_dtype(self) -> torch.dtype:
-        return self.sparse.tables[0].weight.dtype
+    def history_layout(self, batch: Batch) -> HistoryLayout | None:
+        """The tokens of the batch's history (None without a sequence arch); see `HistoryLayout`."""
+        return None if self.sequence is None else self.sequence.layout(batch.hist_mask)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, Tensor]:
@@ -69,11 +74,8 @@ class Ranker(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the embedding tables (trained by row-wise Adagrad)."""
-        tables = list(self.sparse.tables) + list(self.sparse.bags)
-        if self.sequence is not None:
-            tables += [self.sequence.action_emb, self.sequence.gap_emb]
-        return [t.weight for t in tables]
+        """Parameters of the fused embedding table (trained by row-wise Adagrad)."""
+        return [self.sparse.table.weight]
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every other parameter (trained by AdamW)."""

@@ -1,56 +1,97 @@
-"""Sparse arch: one embedding table per categorical feature, pooled tables for multi-hot ones.
+"""Sparse arch: every embedding table of the ranker fused into one, looked up once per step.
 
-Production rankers spend most of their parameters here; each feature has its own table sized
-by its cardinality. Multi-hot features (e.g. a user's interest categories) are pooled with
-`nn.EmbeddingBag` (mean over the valid ids). The tables are trained by row-wise Adagrad
-(`loka.models.optim`), not AdamW, since only a few rows are touched per step.
+Production rankers spend most of their parameters here, and look their tables up as one fused
+operation (FBGEMM's table-batched embedding, torchrec's EmbeddingBagCollection): the tables
+are rows of one concatenated table, each feature's ids shifted by its table's first row, and
+one `embedding_bag` call with per-bag offsets returns every embedding of the step:
+
+- single-hot features: bags of one id;
+- multi-hot features (e.g. a user's interest categories): bags of L ids weighted by
+  1 / (valid ids), i.e. the mean over the valid ones (padding weighs 0);
+- history events: bags of three ids, item (the item table, shared with the candidate as
+  production rankers do) + action type + time-gap bucket, summed.
+
+The gradient is sparse (only the rows a batch touched) and row-wise Adagrad
+(`loka.models.optim`) keeps one accumulator per row and updates only those rows, so a step
+costs in proportion to the batch, not to the table. The table can be stored in bf16
+(``RankerConfig.embedding_dtype``); the optimizer state stays float32.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .config import RankerConfig
 
 
+def table_sizes(cfg: RankerConfig) -> tuple[int, ...]:
+    """Rows of each fused table, in order: sparse features, multi-hot features, then (with a
+    history) action types and time-gap buckets."""
+    history = (cfg.n_actions, cfg.n_gap_buckets) if cfg.history_len else ()
+    return tuple(cfg.sparse_cardinalities) + tuple(cfg.multi_hot_cardinalities) + history
+
+
 class SparseArch(nn.Module):
-    """Embeds single-hot and multi-hot ids.
+    """Embeds single-hot ids, multi-hot bags and history events in one fused lookup.
 
     sparse [B, n_sparse] int64, multi_hot [B, n_multi_hot, L] int64, multi_hot_mask [B, n_multi_hot, L]
-    -> [B, n_sparse + n_multi_hot, D].
+    bool, history (item, action, gap bucket ids, each [N_h] int64, or None)
+    -> (context [B, n_sparse + n_multi_hot, D], events [N_h, D] or None).
 
     >>> arch = SparseArch(RankerConfig.from_size("tiny"))
-    >>> arch(torch.zeros(3, 8, dtype=torch.long), torch.zeros(3, 1, 4, dtype=torch.long),
-    ...      torch.ones(3, 1, 4, dtype=torch.bool)).shape
+    >>> ctx, _ = arch(torch.zeros(3, 8, dtype=torch.long), torch.zeros(3, 1, 4, dtype=torch.long),
+    ...               torch.ones(3, 1, 4, dtype=torch.bool))
+    >>> ctx.shape
     torch.Size([3, 9, 8])
     """
 
     def __init__(self, cfg: RankerConfig) -> None:
         super().__init__()
-        d = cfg.embed_dim
-        self.tables = nn.ModuleList(nn.Embedding(card, d) for card in cfg.sparse_cardinalities)
-        # Row 0 is padding so masked ids drop out of the mean.
-        self.bags = nn.ModuleList(
-            nn.EmbeddingBag(card + 1, d, mode="mean", padding_idx=0)
-            for card in cfg.multi_hot_cardinalities)
-        self.history_item_feature = cfg.history_item_feature
+        sizes = table_sizes(cfg)
+        dtype = torch.bfloat16 if cfg.embedding_dtype == "bfloat16" else torch.float32
+        self.n_sparse, self.n_multi_hot = cfg.n_sparse, cfg.n_multi_hot
+        self.item_table = cfg.history_item_feature
+        self.table = nn.EmbeddingBag(sum(sizes), cfg.embed_dim, mode="sum", sparse=True, dtype=dtype)
+        starts = torch.cumsum(torch.tensor((0,) + sizes), 0)
+        self.register_buffer("row_offsets", starts[:-1].clone(), persistent=False)  # [n_tables]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for table in list(self.tables) + list(self.bags):
-            nn.init.normal_(table.weight, std=0.05)
-        for bag in self.bags:
-            with torch.no_grad():
-                bag.weight[0].zero_()
+        """Feature tables ~ N(0, 0.05²); action and gap tables ~ N(0, 1) (nn.Embedding's init)."""
+        n_features = self.n_sparse + self.n_multi_hot
+        with torch.no_grad():
+            w = self.table.weight
+            split = int(self.row_offsets[n_features]) if n_features < len(self.row_offsets) else len(w)
+            nn.init.normal_(w[:split], std=0.05)
+            nn.init.normal_(w[split:])
 
-    def forward(self, sparse: Tensor, multi_hot: Tensor, multi_hot_mask: Tensor) -> Tensor:
-        out = [table(sparse[:, i]) for i, table in enumerate(self.tables)]
-        for j, bag in enumerate(self.bags):
-            ids = torch.where(multi_hot_mask[:, j], multi_hot[:, j] + 1, 0)
-            out.append(bag(ids))
-        return torch.stack(out, dim=1)
-
-    def embed_items(self, item_ids: Tensor) -> Tensor:
-        """History item ids [...] -> [..., D] through the shared item table."""
-        return self.tables[self.history_item_feature](item_ids)
+    def forward(self, sparse: Tensor, multi_hot: Tensor, multi_hot_mask: Tensor,
+                history: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        b, n_s, n_m = sparse.shape[0], self.n_sparse, self.n_multi_hot
+        off, w = self.row_offsets, self.table.weight
+        ids = [(sparse + off[:n_s]).flatten()]  # [B*n_s], bags of 1
+        weights = [torch.ones(b * n_s, dtype=w.dtype, device=sparse.device)]
+        starts = [torch.arange(b * n_s, device=sparse.device)]
+        length = multi_hot.shape[-1] if n_m else 0
+        if n_m:
+            ids.append((multi_hot + off[n_s:n_s + n_m, None]).flatten())  # [B*n_m*L], bags of L
+            valid = multi_hot_mask.to(w.dtype)
+            weights.append((valid / valid.sum(-1, keepdim=True).clamp_min(1)).flatten())
+            starts.append(b * n_s + length * torch.arange(b * n_m, device=sparse.device))
+        n_events = 0
+        if history is not None:
+            item, action, gap = history
+            n_events = item.shape[0]
+            rows = torch.stack([item + off[self.item_table], action + off[n_s + n_m],
+                                gap + off[n_s + n_m + 1]], 1)  # [N_h, 3], bags of 3
+            ids.append(rows.flatten())
+            weights.append(torch.ones(3 * n_events, dtype=w.dtype, device=sparse.device))
+            starts.append(b * (n_s + n_m * length) + 3 * torch.arange(n_events, device=sparse.device))
+        out = F.embedding_bag(torch.cat(ids), w, torch.cat(starts), mode="sum", sparse=True,
+                              per_sample_weights=torch.cat(weights))  # [bags, D]
+        single, multi, events = out.split([b * n_s, b * n_m, n_events])  # bags are example-major
+        d = w.shape[1]
+        context = torch.cat([single.view(b, n_s, d), multi.view(b, n_m, d)], dim=1)
+        return context, (events if history is not None else None)
