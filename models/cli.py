@@ -1,4 +1,4 @@
-"""`loka train`, `loka eval` and `loka serve`: thin command-line layers over loka.models."""
+"""`loka train`, `loka eval`, `loka serve` and `loka info`: thin command-line layers over loka.models."""
 
 from __future__ import annotations
 
@@ -165,8 +165,52 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameters, FLOPs per arch and peak memory of a training step",
+                       description="Estimate one bf16 training step of a ranker size on fake CPU "
+                                   "tensors (no GPU, no real allocation): parameters, GEMM FLOPs per "
+                                   "example per arch (useful and executed) and peak GPU memory. "
+                                   "Example: loka info --size large --batch 8192")
+    p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
+    p.add_argument("--batch", type=int, default=8192, help="examples per step (default 8192)")
+    p.add_argument("--checkpoint-blocks", choices=("on", "off"), default=None,
+                   help="override the size's activation checkpointing")
+    p.add_argument("--embedding-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="override the size's embedding table dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the history lengths")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the estimate as JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from pathlib import Path
+
+    from .config import RankerConfig
+    from .estimate import estimate_step
+
+    if args.batch < 1:
+        raise SystemExit(f"loka info: --batch must be >= 1, got {args.batch}")
+    overrides = {}
+    if args.checkpoint_blocks:
+        overrides["checkpoint_blocks"] = args.checkpoint_blocks == "on"
+    if args.embedding_dtype:
+        overrides["embedding_dtype"] = args.embedding_dtype
+    try:
+        cfg = RankerConfig.from_size(args.size, **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"loka info: {exc}") from exc
+    estimate = estimate_step(cfg, args.batch, seed=args.seed)
+    print(estimate.table())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(estimate.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `train`, `eval` and `serve` to the `loka` command."""
+    """Add `train`, `eval`, `serve` and `info` to the `loka` command."""
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_serve(subparsers)
+    _add_info(subparsers)

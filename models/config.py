@@ -5,8 +5,9 @@ logged, diffed and stored in a checkpoint. Named sizes:
 
 - ``tiny``: unit tests; well under 1 M parameters and a training step in milliseconds on CPU.
 - ``small``: the CPU demo (learns the synthetic teacher in a few minutes on 2 cores).
-- ``base`` / ``large``: H100-class shapes (batch 4096-16384, hidden widths 1024-4096,
-  histories of hundreds of events).
+- ``base`` / ``large``: H100-class shapes (batch 8192, interaction widths 2048-8192,
+  histories of hundreds of events), dominated by the interaction arch; `loka info` prints their
+  FLOPs per arch and estimated peak memory.
 
 Feature layout (shared with `loka.models.synthetic`): single-hot sparse features are indexed
 ``0..n_sparse-1``; the table of feature ``history_item_feature`` also embeds the item ids of
@@ -178,14 +179,17 @@ SIZES: dict[str, RankerConfig] = {
         n_dense_embeddings=4, history_len=32, n_gap_buckets=24, seq_dim=32, seq_heads=2,
         seq_layers=1, seq_summary_tokens=2, wukong_layers=2, fm_embeddings=8, lcb_embeddings=8,
         fm_rank=8, fm_hidden=128, over_hidden=(128, 64), size="small"),
+    # base / large (architecture 2): the dense interaction arch dominates, as in Wukong: at
+    # large, interaction + over hold about 65% of a training step's GEMM FLOPs, 98% of those at
+    # K, N >= 2048 (`loka info --size large --batch 8192`); large recomputes its blocks.
     "base": RankerConfig(
         embed_dim=64,
         sparse_cardinalities=(2_000_000, 500_000, 20_000, 256, 8, 200, 8, 24)
         + (100_000,) * 10 + (10_000,) * 8,
         multi_hot_cardinalities=(256, 5_000, 50_000), multi_hot_len=16, n_dense=32,
         dense_hidden=(512, 256), n_dense_embeddings=8, history_len=256, n_gap_buckets=32,
-        seq_dim=256, seq_heads=4, seq_layers=4, seq_summary_tokens=4, wukong_layers=4,
-        fm_embeddings=24, lcb_embeddings=24, fm_rank=24, fm_hidden=1024,
+        seq_dim=128, seq_heads=2, seq_layers=2, seq_summary_tokens=4, wukong_layers=4,
+        fm_embeddings=32, lcb_embeddings=32, fm_rank=32, fm_hidden=2048,
         over_hidden=(1024, 512), size="base"),
     "large": RankerConfig(
         embed_dim=128,
@@ -193,7 +197,7 @@ SIZES: dict[str, RankerConfig] = {
         + (500_000,) * 16 + (50_000,) * 16,
         multi_hot_cardinalities=(1024, 20_000, 200_000, 200_000), multi_hot_len=32, n_dense=64,
         dense_hidden=(1024, 512), n_dense_embeddings=16, history_len=512, n_gap_buckets=32,
-        seq_dim=512, seq_heads=8, seq_layers=6, seq_summary_tokens=8, wukong_layers=8,
-        fm_embeddings=32, lcb_embeddings=32, fm_rank=32, fm_hidden=4096,
-        over_hidden=(4096, 2048, 1024), size="large"),
+        seq_dim=256, seq_heads=4, seq_layers=3, seq_summary_tokens=8, wukong_layers=8,
+        fm_embeddings=32, lcb_embeddings=32, fm_rank=32, fm_hidden=8192,
+        over_hidden=(4096, 2048, 1024), checkpoint_blocks=True, size="large"),
 }

@@ -52,20 +52,22 @@ class SparseArch(nn.Module):
         sizes = table_sizes(cfg)
         dtype = torch.bfloat16 if cfg.embedding_dtype == "bfloat16" else torch.float32
         self.n_sparse, self.n_multi_hot = cfg.n_sparse, cfg.n_multi_hot
+        self.n_feature_rows = sum(sizes[:cfg.n_sparse + cfg.n_multi_hot])
         self.item_table = cfg.history_item_feature
         self.table = nn.EmbeddingBag(sum(sizes), cfg.embed_dim, mode="sum", sparse=True, dtype=dtype)
         starts = torch.cumsum(torch.tensor((0,) + sizes), 0)
         self.register_buffer("row_offsets", starts[:-1].clone(), persistent=False)  # [n_tables]
+        # Set by `loka.models.estimate` on fake tensors: the meta kernel of the sparse backward
+        # cannot size a gradient whose row count depends on data, so its memory is modelled.
+        self.estimated_grads: list | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Feature tables ~ N(0, 0.05²); action and gap tables ~ N(0, 1) (nn.Embedding's init)."""
-        n_features = self.n_sparse + self.n_multi_hot
         with torch.no_grad():
             w = self.table.weight
-            split = int(self.row_offsets[n_features]) if n_features < len(self.row_offsets) else len(w)
-            nn.init.normal_(w[:split], std=0.05)
-            nn.init.normal_(w[split:])
+            nn.init.normal_(w[:self.n_feature_rows], std=0.05)
+            nn.init.normal_(w[self.n_feature_rows:])
 
     def forward(self, sparse: Tensor, multi_hot: Tensor, multi_hot_mask: Tensor,
                 history: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -89,9 +91,30 @@ class SparseArch(nn.Module):
             ids.append(rows.flatten())
             weights.append(torch.ones(3 * n_events, dtype=w.dtype, device=sparse.device))
             starts.append(b * (n_s + n_m * length) + 3 * torch.arange(n_events, device=sparse.device))
-        out = F.embedding_bag(torch.cat(ids), w, torch.cat(starts), mode="sum", sparse=True,
-                              per_sample_weights=torch.cat(weights))  # [bags, D]
+        ids, starts, weights = torch.cat(ids), torch.cat(starts), torch.cat(weights)
+        if self.estimated_grads is not None:
+            out = _SparseGradEstimate.apply(w, ids, starts, weights, self.estimated_grads)
+        else:
+            out = F.embedding_bag(ids, w, starts, mode="sum", sparse=True,
+                                  per_sample_weights=weights)  # [bags, D]
         single, multi, events = out.split([b * n_s, b * n_m, n_events])  # bags are example-major
         d = w.shape[1]
         context = torch.cat([single.view(b, n_s, d), multi.view(b, n_m, d)], dim=1)
         return context, (events if history is not None else None)
+
+
+class _SparseGradEstimate(torch.autograd.Function):
+    """The fused lookup whose backward allocates what its sparse gradient holds (one row of
+    values and one index per looked-up id) and keeps it in ``holder`` instead of returning it."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, starts: Tensor, weights: Tensor, holder: list) -> Tensor:
+        ctx.save_for_backward(ids, weights)
+        ctx.holder, ctx.dim = holder, weight.shape[1]
+        return F.embedding_bag(ids, weight, starts, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ids, _ = ctx.saved_tensors
+        ctx.holder.append((grad.new_empty(ids.shape[0], ctx.dim), ids.new_empty(1, ids.shape[0])))
+        return None, None, None, None, None

@@ -48,6 +48,13 @@ def _student_t(gen, shape, df: int, device) -> Tensor:
     return z / torch.sqrt(chi2 / df)
 
 
+def history_length(gen: torch.Generator, b: int, t: int, device=None) -> Tensor:
+    """History lengths [B] float (floor and clamp to [0, t] for events): log-normal around t / 6,
+    and no history for one user in ten. `loka.models.estimate` draws masks from it too."""
+    length = torch.exp(math.log(max(t / 6, 1.0)) + torch.randn(b, generator=gen, device=device))
+    return torch.where(torch.rand(b, generator=gen, device=device) < 0.1, 0.0, length)
+
+
 class SyntheticStream:
     """Batches of ``batch_size`` synthetic examples for ``cfg``; iterate or index by position.
 
@@ -180,8 +187,7 @@ class SyntheticStream:
             items, actions, gaps, mask = Batch.empty_history(b, dev)
             return {"hist_items": items, "hist_actions": actions, "hist_gaps": gaps,
                     "hist_mask": mask, "hist_cats": items, "hist_converted_cat": torch.zeros(b, device=dev)}
-        length = torch.exp(math.log(max(t / 6, 1.0)) + torch.randn(b, generator=gen, device=dev))
-        length = torch.where(torch.rand(b, generator=gen, device=dev) < 0.1, 0.0, length)
+        length = history_length(gen, b, t, dev)
         mask = torch.arange(t, device=dev) < length.floor().clamp(0, t)[:, None]  # [B, T]
         from_fav = torch.rand(b, t, generator=gen, device=dev) < 0.5
         coin = torch.randint(0, 2, (b, t), generator=gen, device=dev)
