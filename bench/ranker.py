@@ -18,7 +18,9 @@ In ONE process, on the same batches and from the same initial weights, every var
 
 - **training step**: median (p10-p90) of the timed steps (loka.probe.timing.time_fn: CUDA
   events on GPU, perf_counter on CPU), examples/s, achieved GEMM TFLOP/s and MFU
-  (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name);
+  (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name;
+  MFU of the useful work, histories packed, and of the executed work, histories padded as the
+  device runs them), and peak device memory (torch.cuda.max_memory_allocated);
 - **quality**: NE per task on the same held-out examples, and the paired relative NE
   difference to bf16 with a 95% bootstrap interval (loka.gate.paired_bootstrap);
 - **inference**: p50/p99 latency of one eval-mode, no-grad forward at each ``--infer-batch-sizes``
@@ -198,6 +200,8 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
 
     result = VariantResult(name)
     torch._dynamo.reset()
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
     try:
         built = BUILDERS[name](setup.fresh_model(), device=setup.device, plan=plan)
     except Unavailable as exc:
@@ -237,6 +241,8 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
             result.latency_ms[b] = latency(serve, batch, args.infer_iters, max(2, args.warmup), setup.device)
         except Exception as exc:  # e.g. a kernel that refuses M at batch 1: that cell, not the row
             result.latency_ms[b] = _error_text(exc)
+    if setup.device.type == "cuda":  # the memory estimate of a variant is checked against this
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30
     return result, pred
 
 
@@ -325,7 +331,7 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
     return results
 
 
-def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path) -> Path:
+def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None) -> Path:
     """<device>-<date>.md and .json in ``out_dir``; prints the Markdown."""
     from loka.probe.timing import device_name
 
@@ -336,12 +342,14 @@ def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: P
                    date_utc=now.strftime("%Y-%m-%d %H:%M"), device=dev_name,
                    representative=setup.device.type == "cuda", versions=library_versions(), size=args.size,
                    batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
-                   eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name), settings=settings)
+                   eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name), settings=settings,
+                   flops_executed=flops_executed)
     text = render(results, info, list(setup.cfg.tasks), args.infer_batch_sizes)
     stem = ("cpu" if setup.device.type != "cuda" else _slug(dev_name)) + f"-{now:%Y-%m-%d}"
     path = out_dir / f"{stem}.md"
     path.write_text(text)
     path.with_suffix(".json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
+                                                     "flops": _flops_json(info),
                                                      "variants": [r.to_dict() for r in results]}, indent=2))
     print(text)
     print(f"wrote {path}", file=sys.stderr)
@@ -365,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args, device)
     settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
                     "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")
-    flops = count_gemm_flops(setup.base, setup.batches[0].slice(0, 4).to("cpu"), 4)
+    sample = setup.batches[0].slice(0, 4).to("cpu")
+    flops = count_gemm_flops(setup.base, sample, 4)
+    # On CUDA the histories stay padded: the device executes more GEMM work than the examples need.
+    flops_executed = count_gemm_flops(setup.base, sample, 4, padded=True) if device.type == "cuda" else None
     plan = None
     if "loka-plan" in args.variants:
         if args.plan:
@@ -374,8 +385,16 @@ def main(argv: list[str] | None = None) -> int:
             plan, how = make_plan(setup, args, out_dir, show)
         settings.append(how)
     results = run_all(args, setup, plan, show)
-    write_results(results, args, argv, setup, flops, settings, out_dir)
+    write_results(results, args, argv, setup, flops, settings, out_dir, flops_executed)
     return 0
+
+
+def _flops_json(info: RunInfo) -> dict:
+    """Per-step GEMM FLOPs (useful and executed) and the bf16 peak, for readers of the JSON."""
+    executed = info.flops_executed or info.flops
+    return {"train_step_useful": info.flops.train_step(info.batch_size),
+            "train_step_executed": executed.train_step(info.batch_size),
+            "peak_bf16_tflops": info.peak.bf16 if info.peak else None}
 
 
 def _slug(name: str) -> str:
