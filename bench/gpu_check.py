@@ -8,9 +8,10 @@ every stage's status, time and figures), ``gpu_check.log`` (every stage's output
 
 1. ``doctor``: versions, the device and ``loka doctor``;
 2. ``gpu_tests``: ``pytest -m "requires_cuda or requires_sm89"``: counts and failing tests;
-3. ``ranker_base``: bench/ranker.py at ``base``: bf16, loka's plan made on the device (probe +
-   measured kernels), torchao tensorwise and rowwise: step time, examples/s, MFU on useful and
-   on executed FLOPs, ΔNE vs bf16 with its interval, inference p50/p99, peak memory;
+3. ``ranker_base``: bench/ranker.py at ``base``: bf16, torchao rowwise and tensorwise, loka's
+   plan made on the device (probe + measured kernels; made last, so the other rows are saved
+   even if it fails): step time, examples/s, MFU on useful and on executed FLOPs, ΔNE vs bf16
+   with its interval, inference p50/p99, peak memory;
 4. ``kernels``: bench/gpu_check_kernels.py: the ranker's own GEMM shapes (fprop, dgrad, wgrad),
    bf16 vs every FP8 kernel with its quantization vs the pre-quantized ceiling, CUDA graphs;
 5. ``probe_overhead``: bench/probe_overhead.py at ``base`` on the device;
@@ -86,7 +87,7 @@ def gpu_stages(args, work: Path, out: Path) -> list[Stage]:
         Stage("gpu_tests", f'pytest -m "{TEST_MARKERS}"', _pytest(args.tests, out), 100,
               lambda: report.collect_tests(out / "gpu_tests.xml")),
         Stage("ranker_base", "ranker `base` side by side (eager unless --ranker-compile on)",
-              _py(*ranker, "--size", "base", "--variants", "bf16,loka-plan,torchao-tensorwise,torchao-rowwise",
+              _py(*ranker, "--size", "base", "--variants", "bf16,torchao-rowwise,torchao-tensorwise,loka-plan",
                   "--steps", "10", "--warmup", "3", "--eval-examples", "16384", "--infer-batch-sizes", "512,4096",
                   "--infer-iters", "20", "--probe-steps", "6", "--variant-timeout", "30", "--out", str(rb)),
               150, lambda: report.collect_ranker(rb)),

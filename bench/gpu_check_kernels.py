@@ -129,9 +129,9 @@ def time_gemm(shape, dtype, device, args) -> dict:
     from loka.timer import time_fn, try_time
 
     m, k, n = shape
-    gen = torch.Generator(device="cpu").manual_seed(m * 31 + k * 7 + n)
-    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    b = (torch.randn(n, k, generator=gen) * 0.05).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(m * 31 + k * 7 + n)  # drawn on the device: M reaches 2M rows
+    a = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
+    b = torch.randn(n, k, generator=gen, device=device, dtype=dtype) * 0.05
     only = set(args.kernels.split(",")) if args.kernels else None
     fns, skipped = candidates(a, b, shape, dtype, device, only)
     per_call = time_fn(fns["bf16"], warmup=args.warmup, iters=args.iters, device=device)

@@ -28,8 +28,9 @@ In ONE process, on the same batches and from the same initial weights, every var
   torchao's modules quantize weights and activations per call, as trained).
 
 ``--plan plan.json`` gives the loka plan; without it the plan is made here (a short probe of
-``--probe-steps`` steps, then ``loka.dispatch.plan(measure=True)`` on this device) and saved
-next to the results. torch.compile: dynamo is reset between variants and its recompile limit
+``--probe-steps`` steps, then ``loka.dispatch.plan(measure=True)`` on this device) when the
+``loka-plan`` variant's turn comes, and saved next to the results (a plan that cannot be made
+is that row's error). The results are rewritten after every variant. torch.compile: dynamo is reset between variants and its recompile limit
 raised (the header says so), so a variant never falls back to eager silently.
 """
 
@@ -306,8 +307,13 @@ def results_dir(args, device: torch.device) -> Path:
     return out
 
 
-def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
-    """Every variant in turn (one on the device at a time), then the paired NE vs bf16."""
+def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[VariantResult]:
+    """Every variant in turn (one on the device at a time) and the paired NE vs bf16.
+
+    ``get_plan()`` is called when the ``loka-plan`` variant's turn comes (so the variants before
+    it are measured even if making the plan fails or runs long); ``on_result(results)`` after
+    each variant, so a run stopped from outside still leaves the rows measured so far.
+    """
     from loka.models import SyntheticStream
 
     infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=setup.device).batch(0)
@@ -317,6 +323,7 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
         if show:
             print(f"bench/ranker.py: {name} ...", file=sys.stderr)
         try:
+            plan = get_plan() if name == "loka-plan" else None
             with time_limit(args.variant_timeout, name):
                 r, pred = run_variant(name, setup, args, plan, infer_batches)
         except Exception as exc:  # one failing variant is a row with the error, the others still run
@@ -327,12 +334,15 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
         gc.collect()
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
-    paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+        paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+        if on_result is not None:
+            on_result(results)
     return results
 
 
-def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None) -> Path:
-    """<device>-<date>.md and .json in ``out_dir``; prints the Markdown."""
+def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None,
+                  quiet: bool = False) -> Path:
+    """<device>-<date>.md and .json in ``out_dir``; prints the Markdown unless ``quiet``."""
     from loka.probe.timing import device_name
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -351,8 +361,9 @@ def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: P
     path.with_suffix(".json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
                                                      "flops": _flops_json(info),
                                                      "variants": [r.to_dict() for r in results]}, indent=2))
-    print(text)
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(text)
+        print(f"wrote {path}", file=sys.stderr)
     return path
 
 
@@ -377,15 +388,27 @@ def main(argv: list[str] | None = None) -> int:
     flops = count_gemm_flops(setup.base, sample, 4)
     # On CUDA the histories stay padded: the device executes more GEMM work than the examples need.
     flops_executed = count_gemm_flops(setup.base, sample, 4, padded=True) if device.type == "cuda" else None
-    plan = None
-    if "loka-plan" in args.variants:
-        if args.plan:
-            plan, how = load_plan(args.plan), f"loka plan: {args.plan} (given)"
-        else:
-            plan, how = make_plan(setup, args, out_dir, show)
-        settings.append(how)
-    results = run_all(args, setup, plan, show)
-    write_results(results, args, argv, setup, flops, settings, out_dir, flops_executed)
+    made: dict = {}
+
+    def get_plan():
+        """The loka plan, given or made here (once); a failure is the loka-plan row's error."""
+        if "plan" not in made:
+            try:
+                if args.plan:
+                    made["plan"], how = load_plan(args.plan), f"loka plan: {args.plan} (given)"
+                else:
+                    made["plan"], how = make_plan(setup, args, out_dir, show)
+            except Exception as exc:
+                made["plan"], how = exc, f"loka plan: could not be made here ({_error_text(exc)})"
+            settings.append(how)
+        if isinstance(made["plan"], Exception):
+            raise made["plan"]
+        return made["plan"]
+
+    def save(results, quiet=True):
+        return write_results(results, args, argv, setup, flops, settings, out_dir, flops_executed, quiet=quiet)
+
+    save(run_all(args, setup, get_plan, show, on_result=save), quiet=False)
     return 0
 
 
