@@ -21,7 +21,7 @@ cannot be captured falls back to back-to-back calls per event pair and its row s
 ``bf16 (per call)`` is the same bf16 GEMM timed one call per event pair: the gap between
 the two is the launch overhead a per-call timer would have reported. L2 is not flushed.
 
-The JSON is rewritten after every shape, so a run stopped at its time limit keeps what it
+The JSON is rewritten after every GEMM, so a run stopped at its time limit keeps what it
 timed. On CPU (``--device cpu``, the smoke mode) every figure is flagged not representative.
 """
 
@@ -159,7 +159,7 @@ def parse_args(argv):
     p.add_argument("--sample-ms", type=float, default=2.0, help="about how long one timed sample lasts")
     p.add_argument("--max-calls", type=int, default=50, help="most back-to-back calls per sample")
     p.add_argument("--kernels", default=None, help="comma-separated FP8 kernel names (default: every one)")
-    p.add_argument("--json", required=True, help="where to write the table (rewritten after every shape)")
+    p.add_argument("--json", required=True, help="where to write the table (rewritten after every GEMM)")
     args = p.parse_args(argv)
     if min(args.batch, args.max_shapes, args.iters, args.max_calls) < 1 or args.warmup < 0:
         p.error("--batch, --max-shapes, --iters and --max-calls must be >= 1, --warmup >= 0")
@@ -187,9 +187,10 @@ def main(argv=None) -> int:
         for gemm in GEMMS:
             row = time_gemm(gemm_shape(gemm, site["m"], site["k"], site["n"]), dtype, device, args)
             doc["rows"].append(dict(site=[site["m"], site["k"], site["n"]], gemm=gemm, **row))
-        doc["elapsed_s"] = time.perf_counter() - t0
-        path.write_text(json.dumps(doc, indent=1))  # a run stopped later keeps these rows
-        print(f"gpu_check_kernels: {site['m']}x{site['k']}x{site['n']} done ({doc['elapsed_s']:.1f} s)", flush=True)
+            doc["elapsed_s"] = time.perf_counter() - t0
+            path.write_text(json.dumps(doc, indent=1))  # a run stopped later keeps these rows
+            print(f"gpu_check_kernels: {gemm} of {site['m']}x{site['k']}x{site['n']} done ({doc['elapsed_s']:.1f} s)",
+                  flush=True)
     doc["done"] = True
     path.write_text(json.dumps(doc, indent=1))
     return 0
