@@ -193,6 +193,9 @@ def run_stage(stage: Stage, result: report.StageResult, limit_s: float, log: Pat
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             result.status, result.reason = "timed out", f"ran past its {limit_s:.0f} s limit and was stopped"
+        except BaseException:  # the check itself is being stopped: never leave a stage running behind it
+            _kill_group(proc)
+            raise
     result.elapsed_s = time.perf_counter() - t0
     lines = log.read_text(errors="replace").splitlines()
     result.log_tail = lines[-40:]
@@ -288,15 +291,39 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
-    only = set(args.only.split(",")) if args.only else None
     header = {"command": "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "commit": _commit(), "versions": _versions(), "budget_s": args.budget_s, "elapsed_s": 0.0,
               "device": "cpu (smoke)" if args.cpu_smoke else "(not read yet)", "representative": False,
               "work": str(work)}
-    results = [report.StageResult(s.name, s.what, shlex.join(s.argv[1:] if s.argv[0] == sys.executable else s.argv),
-                                  s.limit_s) for s in stages]
-    print(f"gpu_check: budget {args.budget_s:g} s; plan: " + ", ".join(f"{s.name} {s.limit_s:g} s" for s in stages))
+    results = [report.StageResult(s.name, s.what, "python " + shlex.join(s.argv[1:]), s.limit_s) for s in stages]
+    print(f"gpu_check: budget {args.budget_s:g} s; plan: " + ", ".join(f"{s.name} {s.limit_s:g} s" for s in stages),
+          flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: stop the stage, keep the summary
+    try:
+        run_all(stages, results, header, args, out, work)
+    except KeyboardInterrupt:
+        for r in results:
+            if r.status == "running":
+                r.status, r.reason = "stopped", "the check itself was interrupted while this stage ran"
+        report.write(out, header, results)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text = (out / "gpu_check.md").read_text()
+    print(text)
+    table = [line for line in text.splitlines() if line.startswith("|")][:len(stages) + 2]
+    print("\n".join(["", "gpu_check: stages (the summary above is in " + str(out / "gpu_check.md") + "):"] + table))
+    return 0
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def run_all(stages: list[Stage], results: list[report.StageResult], header: dict, args, out: Path, work: Path):
+    """Every stage in turn under the budget; the summary rewritten as each starts and ends."""
+    only = set(args.only.split(",")) if args.only else None
     t0 = time.perf_counter()
     with open(out / "gpu_check.log", "w") as log:
         for stage, result in zip(stages, results):
@@ -321,8 +348,6 @@ def main(argv=None) -> int:
             print(f"gpu_check: {stage.name}: {result.status}"
                   + (f" ({result.elapsed_s:.1f} s)" if result.elapsed_s is not None else "")
                   + (f": {result.reason}" if result.reason else ""), flush=True)
-    print((out / "gpu_check.md").read_text())
-    return 0
 
 
 def stage_env(path: Path, device: str | None) -> int:

@@ -93,3 +93,18 @@ def test_bad_options_are_refused_by_name(tmp_path):
         proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path / "o"),
                                *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_gpu_tests_past_their_limit_still_report_what_ran(tmp_path):
+    fake = tmp_path / "test_slow_gpu.py"
+    fake.write_text("import time\nimport pytest\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_quick():\n    assert True\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_hangs():\n    time.sleep(120)\n")
+    proc, doc, _md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake),
+                          "--limit", "gpu_tests=6", timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = next(s for s in doc["stages"] if s["name"] == "gpu_tests")
+    assert stage["status"] == "timed out" and stage["elapsed_s"] < 6 + 15
+    # SIGINT first: pytest wrote its JUnit report, with the test that finished before the limit.
+    assert stage["figures"].get("passed", 0) >= 1, stage
+    assert "6 s limit" in stage["reason"]
