@@ -16,7 +16,7 @@ In ONE process, on the same batches and from the same initial weights, every var
 (see bench/ranker_variants.py: ``bf16``, ``torchao-tensorwise``, ``torchao-rowwise``,
 ``te``, ``loka-plan``) is trained for ``--warmup`` + ``--steps`` steps and then:
 
-- **training step**: median (p10-p90) of the timed steps (loka.probe.timing.time_fn: CUDA
+- **training step**: median (p10-p90) of the timed steps (loka.timer.time_fn: CUDA
   events on GPU, perf_counter on CPU), examples/s, achieved GEMM TFLOP/s and MFU
   (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name;
   MFU of the useful work, histories packed, and of the executed work, histories padded as the
@@ -184,7 +184,7 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
 
 def latency(fn, batch, iters: int, warmup: int, device) -> tuple[float, float]:
     """(p50, p99) ms of ``fn(batch)``, each call timed on its own by loka's timer."""
-    from loka.probe.timing import time_fn
+    from loka.timer import time_fn
 
     for _ in range(warmup):
         fn(batch)
@@ -197,7 +197,7 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
     """Build, train, evaluate and serve one variant; returns its result and its held-out predictions."""
     from loka.models import build_optimizers, predict
     from loka.models.train import task_losses, total_loss
-    from loka.probe.timing import time_fn
+    from loka.timer import time_fn
 
     result = VariantResult(name)
     torch._dynamo.reset()
@@ -343,7 +343,7 @@ def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[Va
 def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None,
                   quiet: bool = False) -> Path:
     """<device>-<date>.md and .json in ``out_dir``; prints the Markdown unless ``quiet``."""
-    from loka.probe.timing import device_name
+    from loka.timer import device_name
 
     now = datetime.datetime.now(datetime.timezone.utc)
     dev_name = device_name(setup.device)
