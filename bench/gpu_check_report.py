@@ -100,7 +100,7 @@ def collect_kernels(work: Path) -> tuple[dict, list[str]]:
         return {}, ["(the kernel table wrote nothing: it stopped before its first shape, see the log)"]
     doc = json.loads(path.read_text())
     lines = [f"- device: {doc['device']}; ranker `{doc['size']}` at batch {doc['batch']}, bf16 operands; "
-             f"{len(doc['sites'])} of {doc['sites_total']} site shapes (most FLOPs first)"
+             f"the {len(doc['sites'])} of {doc['sites_total']} site shapes with the most FLOPs (timed smallest first)"
              + ("" if doc.get("done") else "; **stopped before the last shape**"),
              "- time: ms per call, median (p10–p90); `graph×N`: N calls captured in one CUDA graph per timed "
              "replay; `events×N`: N back-to-back calls per CUDA event pair; `bf16 (per call)`: one call per "
