@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+
+
+def _clear_errors(command: str):
+    """Bad input (ValueError: a bad flag value, an unsafe or foreign checkpoint, a malformed
+    data line) ends as one line on stderr and exit status 2, not a traceback."""
+    def wrap(run):
+        @functools.wraps(run)
+        def inner(args) -> int:
+            try:
+                return run(args)
+            except ValueError as exc:
+                print(f"loka {command}: error: {exc}", file=sys.stderr)
+                return 2
+        return inner
+    return wrap
 
 
 def _add_train(sub) -> None:
@@ -42,6 +58,7 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+@_clear_errors("train")
 def _run_train(args) -> int:
     import torch
 
@@ -109,6 +126,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_run_eval)
 
 
+@_clear_errors("eval")
 def _run_eval(args) -> int:
     from .checkpoint import load_checkpoint, load_model
     from .evaluate import compare, evaluate
@@ -147,6 +165,7 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
+@_clear_errors("serve")
 def _run_serve(args) -> int:
     from .engine import InferenceEngine
     from .serve import ScoringServer
