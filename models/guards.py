@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .batch import Batch
 
+
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 10  # a run that cannot take a finite step for this long has diverged
 
@@ -75,22 +76,52 @@ def optimizer_tensors(optimizers: dict) -> list[tuple[str, Tensor]]:
     return out
 
 
-def diagnose(model: nn.Module, batch: Batch, losses: dict[str, Tensor], step: int) -> tuple[str, bool]:
-    """(where the first non-finite value of ``step`` is, whether skipping the step cannot help),
-    looked for in the order a NaN spreads: weights, inputs, task losses, gradients."""
+def diagnose(model: nn.Module, losses: dict[str, Tensor], rerun) -> tuple[str, bool]:
+    """(where the first non-finite value of this step is, whether skipping the step cannot help),
+    looked for in the order a NaN spreads: weights, module outputs (``rerun()`` repeats the
+    step's forward), task losses, gradients."""
     weights = first_nonfinite(model.named_parameters())
     if weights is not None:
-        return (f"parameter {weights} is already NaN/Inf at step {step + 1} (an earlier update made "
+        return (f"parameter {weights} is already NaN/Inf (an earlier update made "
                 "it so: too high a learning rate, or an overflow)"), True
-    inputs = first_nonfinite([("dense features", batch.dense), ("history gaps", batch.hist_gaps)])
-    if inputs is not None:
-        return f"the input batch of step {step + 1} has NaN/Inf in its {inputs}", False
-    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v.detach()).item()}
+    bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v.detach()).item()}
     if bad:
-        return f"the loss of step {step + 1} is non-finite ({', '.join(f'{k}={v}' for k, v in bad.items())})", False
+        module = first_nonfinite_output(model, rerun)
+        where = f"; the first module output with NaN/Inf is {module}" if module is not None else ""
+        return f"the loss is non-finite ({', '.join(f'{k}={v}' for k, v in bad.items())}){where}", False
     grad = first_nonfinite((n, p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else p.grad)
                            for n, p in model.named_parameters())
-    return f"the gradient of {grad} is NaN/Inf at step {step + 1} (finite loss: an overflow in backward)", False
+    return f"the gradient of {grad} is NaN/Inf (finite loss: an overflow in backward)", False
+
+
+def first_nonfinite_output(model: nn.Module, rerun) -> str | None:
+    """The fqn of the first module (in completion order) whose output holds NaN/Inf when
+    ``rerun()`` runs the forward again; forward hooks are removed afterwards."""
+    names = {id(m): (n or "the model's output") for n, m in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module, args, output) -> None:
+        if not found and any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(output)):
+            found.append(names[id(module)])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            rerun()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _tensors(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def check_before_save(model: nn.Module, optimizers: dict, step: int) -> None:

@@ -11,6 +11,7 @@ slice of the stream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -291,6 +292,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
                          convert_result=convert_result)
     saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main)
+    saver.last = Path(resume) if resume else None
     with StopSignals() as signals, ctx.watch():
         _loop(config, runner, data, optimizers, result, ctx, saver, signals)
     result.stopped_by = signals.name
@@ -323,8 +325,7 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
         for name, opt in optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-            losses = task_losses(runner(batch), batch)
+        losses = task_losses(_forward(runner, batch, ctx.device.type, autocast), batch)
         loss = total_loss(losses, config.task_weights)
         loss.backward()
         finite = torch.isfinite(loss.detach()) & grads_finite(result.model)
@@ -334,7 +335,8 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
                 opt.step()
             skips_in_a_row = 0
         else:
-            skips_in_a_row = _nonfinite(config, result, batch, losses, saver, skips_in_a_row)
+            rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
+            skips_in_a_row = _nonfinite(config, result, rerun, losses, saver, skips_in_a_row)
             bar.write(f"step {result.step + 1}: NaN/Inf loss or gradient; update skipped")
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -354,9 +356,14 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
     logger.close()
 
 
-def _nonfinite(config, result: TrainResult, batch, losses, saver: RunSaver, skips_in_a_row: int) -> int:
+def _forward(runner, batch: Batch, device_type: str, autocast: bool) -> dict[str, Tensor]:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        return runner(batch)
+
+
+def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skips_in_a_row: int) -> int:
     """Stop (NonFiniteError) or count a skipped step; returns the new run of skips."""
-    where, fatal = diagnose(result.model, batch, losses, result.step)
+    where, fatal = diagnose(result.model, losses, rerun)
     last = f"the last checkpoint is {saver.last}" if saver.last else "no checkpoint was written"
     if config.nonfinite == "stop" or fatal or skips_in_a_row + 1 >= MAX_CONSECUTIVE_SKIPS:
         raise NonFiniteError(
