@@ -77,8 +77,8 @@ class DistContext:
             who = "every rank answered a check afterwards (a lost connection, not a frozen rank)"
         except RuntimeError as check:
             who = _missing_ranks(str(check))
-        return (f"rank {self.rank}: a collective failed ({first}); {who}. The collective timeout is "
-                f"{self.timeout_s:g} s (dist_timeout_s, --dist-timeout).")
+        return (f"{who} (seen from rank {self.rank}, whose collective failed: {first}); the collective "
+                f"timeout is {self.timeout_s:g} s (dist_timeout_s, --dist-timeout).")
 
 
 def _missing_ranks(message: str) -> str:
