@@ -128,12 +128,12 @@ class RunSaver:
     """Writes this run's checkpoints (rank 0, with an out_dir): guarded against NaN/Inf, with
     everything an exact resume needs (RNG, run id, the plan's text), periodic ones rotated."""
 
-    def __init__(self, config, model, optimizers, data, run_id: str, is_main: bool) -> None:
+    def __init__(self, config, model, optimizers, data, run_id: str, is_main: bool, last=None) -> None:
         self.config, self.model, self.optimizers, self.data = config, model, optimizers, data
         self.out_dir = Path(config.out_dir) if config.out_dir and is_main else None
         self.extra = {"run_id": run_id, **plan_record(config.precision)}
         self.schedule = CheckpointSchedule(config.checkpoint_every, config.checkpoint_minutes)
-        self.last: Path | None = None
+        self.last: Path | None = Path(last) if last else None  # the newest good checkpoint
 
     def save(self, name: str, step: int) -> Path | None:
         if self.out_dir is None:

@@ -229,7 +229,10 @@ class _Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> "_Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
 
@@ -291,8 +294,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
         runner = torch.compile(runner)
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
                          convert_result=convert_result)
-    saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main)
-    saver.last = Path(resume) if resume else None
+    saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main, last=resume)
     with StopSignals() as signals, ctx.watch():
         _loop(config, runner, data, optimizers, result, ctx, saver, signals)
     result.stopped_by = signals.name
@@ -305,10 +307,15 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
 
 def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext,
           saver: RunSaver, signals: StopSignals) -> None:
+    with _Logger(result.out_dir, ctx.is_main) as logger, tqdm(
+            total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
+            desc="train", unit="step", dynamic_ncols=True) as bar:
+        _steps(config, runner, data, optimizers, result, ctx, saver, signals, logger, bar)
+
+
+def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistContext, saver: RunSaver,
+           signals: StopSignals, logger: "_Logger", bar) -> None:
     autocast = _autocast_enabled(config, ctx.device)
-    logger = _Logger(result.out_dir, ctx.is_main)
-    bar = tqdm(total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
-               desc="train", unit="step", dynamic_ncols=True)
     base_lrs = {"dense": config.lr_dense, "sparse": config.lr_sparse}  # never the restored, scheduled ones
     start, seen, skips_in_a_row = time.perf_counter(), 0, 0
     runner.train()
@@ -352,8 +359,6 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
                         "examples_per_s": result.examples_per_s, "skipped_steps": result.skipped_steps,
                         "elapsed_s": time.perf_counter() - start})
         saver.periodic(result.step)
-    bar.close()
-    logger.close()
 
 
 def _forward(runner, batch: Batch, device_type: str, autocast: bool) -> dict[str, Tensor]:
