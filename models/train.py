@@ -3,9 +3,11 @@
 AdamW for the dense parameters and row-wise Adagrad for the embedding tables; bf16 autocast
 where the device supports it; precision bf16 / fp8 / a loka plan (see `precision.py`);
 a tqdm bar with loss and examples/s; a JSONL metrics log; checkpoints that resume exactly
-(model, optimizers, stream position, step). Under ``torchrun --nproc_per_node=N`` the same
+from any step (model, optimizers, schedule, RNG, stream position, precision; `resume.py`),
+written periodically, on SIGTERM/SIGINT and never over another run (`run_dir.py`), and
+never with NaN/Inf in them (`guards.py`). Under ``torchrun --nproc_per_node=N`` the same
 function runs data-parallel (DDP; gloo on CPU, nccl on CUDA), each rank reading its own
-slice of the stream.
+slice of the stream, with collectives bounded by ``dist_timeout_s``.
 """
 
 from __future__ import annotations
