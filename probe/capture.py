@@ -49,8 +49,8 @@ class MicroBatch:
 
 
 # Reductions over a whole activation or gradient go CHUNK_ELEMENTS at a time, so their
-# temporaries (a cast, one work buffer, a count's internals) stay a fixed size whatever the
-# operand's size: at most about 16 bytes per chunk element (64 MiB) on any device.
+# temporaries (a chunk cast to the GEMM's dtype and one work buffer) stay a fixed size whatever
+# the operand's size: at most 16 bytes per chunk element (64 MiB), 4 (16 MiB) for bf16.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -77,10 +77,20 @@ def exact_counts(t: torch.Tensor, dtype: torch.dtype | None = None, *, allow_syn
     for c in _chunks(t, CHUNK_ELEMENTS):
         c = c.to(dtype)  # a chunk-sized cast: values out of dtype's range become Inf, as in the GEMM
         work = c - c  # 0 where c is finite, NaN where it is NaN or +-Inf
-        nonfinite.append(torch.count_nonzero(work))
+        nonfinite.append(_count_nan(work, t.device.type))
         torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0, out=work)
         amax.append(torch.linalg.vector_norm(work, float("inf")))
+        del c, work  # free this chunk's buffers before the next chunk allocates its own
     return torch.stack([numel, torch.stack(nonfinite).sum().double(), torch.stack(amax).amax().double()])
+
+
+def _count_nan(work: torch.Tensor, device_type: str) -> torch.Tensor:
+    """The NaN count of ``work`` (0 or NaN everywhere; overwritten), without a temporary on CPU
+    (``count_nonzero`` is one pass there) nor elsewhere, where ``count_nonzero`` is
+    ``(x != 0).sum()``: a bool mask and an int64 copy of it."""
+    if device_type == "cpu":
+        return torch.count_nonzero(work)
+    return work.nan_to_num_(nan=1.0).sum(dtype=torch.float32)  # exact: a chunk has < 2**24 elements
 
 
 def _chunks(t: torch.Tensor, size: int):
