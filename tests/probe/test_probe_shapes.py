@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loka.formats import get_format
+from loka.quantize import scale_from_amax
 from loka.recipe import GRANULARITIES, Recipe
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.stats import STATS_ROWS, OperandStats
@@ -49,13 +50,11 @@ def _ref_group_amax(ax: np.ndarray, block) -> np.ndarray:
     return np.repeat(np.repeat(g, br, axis=0), bc, axis=1)[:r, :c]
 
 
-def _ref_scale(amax: np.ndarray, fmax: float, pow2: bool) -> np.ndarray:
-    """float64 division rounded to float32, at least 2**-126, 1 for a zero amax; rounded up to 2**e for MX."""
-    scale = np.where(amax > 0, (amax / fmax).astype(np.float32).astype(np.float64), 1.0)
-    scale = np.maximum(scale, 2.0**-126)
-    if pow2:
-        scale = 2.0 ** np.ceil(np.log2(scale))
-    return scale
+def _ref_scale(amax: np.ndarray, fmt: str, pow2: bool) -> np.ndarray:
+    """The scale of each group's amax by loka's one scale rule (``scale_from_amax``, tested
+    against its own independent oracle in tests of loka.quantize): what is checked here is the
+    grouping, the row sampling and the counting around it, all brute force."""
+    return scale_from_amax(torch.from_numpy(amax.astype(np.float32)), fmt, pow2).double().numpy()
 
 
 def _ref_stats(x: torch.Tensor, role: str) -> dict:
@@ -71,7 +70,7 @@ def _ref_stats(x: torch.Tensor, role: str) -> dict:
     for g in GRANULARITIES:
         for fmt in ("e4m3", "e5m2"):
             block, pow2, f = _operand(role, g, fmt)
-            scale = _ref_scale(_ref_group_amax(ax, block), f.max, pow2)[kept]
+            scale = _ref_scale(_ref_group_amax(ax, block), fmt, pow2)[kept]
             under[(fmt, g)] = float((nz & (axs < scale * (f.min_subnormal / 2))).sum()) / max(float(nz.sum()), 1.0)
     return {
         "count": v.size, "nonfinite": int((~fin).sum()), "amax": ax.max(initial=0.0),
