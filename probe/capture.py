@@ -70,7 +70,7 @@ def exact_counts(t: torch.Tensor, dtype: torch.dtype | None = None, *, allow_syn
     may_sync = t.device.type == "cpu" if allow_sync is None else allow_sync
     if may_sync:
         # Rounding to ``dtype`` is monotone, so the cast of max|t| is the max of the cast values.
-        amax = torch.linalg.vector_norm(t, float("inf")).to(dtype).double()
+        amax = _max_abs(t).to(dtype).double()
         if bool(torch.isfinite(amax)):
             return torch.stack([numel, amax.new_zeros(()), amax])
     nonfinite, amax = [], []
@@ -79,9 +79,16 @@ def exact_counts(t: torch.Tensor, dtype: torch.dtype | None = None, *, allow_syn
         work = c - c  # 0 where c is finite, NaN where it is NaN or +-Inf
         nonfinite.append(_count_nan(work, t.device.type))
         torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0, out=work)
-        amax.append(torch.linalg.vector_norm(work, float("inf")))
+        amax.append(_max_abs(work))
         del c, work  # free this chunk's buffers before the next chunk allocates its own
     return torch.stack([numel, torch.stack(nonfinite).sum().double(), torch.stack(amax).amax().double()])
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    """``max|t|`` in one pass with no temporary (NaN if any value is NaN): ``aminmax`` is several
+    times faster on CPU than ``abs().amax()`` (which copies) or an inf-norm."""
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(-lo, hi)
 
 
 def _count_nan(work: torch.Tensor, device_type: str) -> torch.Tensor:
