@@ -20,6 +20,16 @@ from loka.recipe import GRANULARITIES, Recipe
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.stats import STATS_ROWS, OperandStats
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Hundreds of small tensors gain nothing from intra-op threads, and on a shared 2-core
+    machine threads spinning against other work make this sweep 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EDGES = range(32, 1101, 32)
 SIZES = sorted({1, 2, 3, 1100} | {e + d for e in EDGES for d in (-1, 0, 1, 2)})
 # Every size as rows and as columns; the other side cycles through a few sizes on either side
