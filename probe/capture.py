@@ -81,7 +81,8 @@ def exact_counts(t: torch.Tensor, dtype: torch.dtype | None = None, *, allow_syn
         torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0, out=work)
         amax.append(_max_abs(work))
         del c, work  # free this chunk's buffers before the next chunk allocates its own
-    return torch.stack([numel, torch.stack(nonfinite).sum().double(), torch.stack(amax).amax().double()])
+    nonfinite_sum = torch.stack(nonfinite).double().sum()  # float64 before summing: exact past 2**24
+    return torch.stack([numel, nonfinite_sum, torch.stack(amax).amax().double()])
 
 
 def _max_abs(t: torch.Tensor) -> torch.Tensor:
