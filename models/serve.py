@@ -89,6 +89,10 @@ class _ClientGone(Exception):
     pass
 
 
+class _BodyDrained(Exception):
+    """Marks a 413 whose body was read to the end: the connection can carry another request."""
+
+
 async def _send(send, status: int, body: bytes, content_type: bytes, close: bool = False) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if close:  # the request body was not read: the connection cannot carry another request
@@ -119,8 +123,9 @@ class ScoringApp:
                 self.metrics.observe(path, 200, time.perf_counter() - start)
                 return
             status, payload = 200, await self._route(scope, receive)
-        except _HTTPError as err:
-            status, payload, close = err.status, {"error": str(err)}, err.status in (408, 413, 503)
+        except _HTTPError as err:  # unless the body was read, the connection cannot carry another request
+            status, payload = err.status, {"error": str(err)}
+            close = err.status in (408, 413, 503) and not isinstance(err.__cause__, _BodyDrained)
         except _ClientGone:
             return
         except Exception as exc:  # the service answers JSON even for its own bugs
@@ -154,7 +159,7 @@ class ScoringApp:
         if declared is None and b"transfer-encoding" not in headers:
             raise _HTTPError(411, "a Content-Length header (or a chunked body) is required")
         if declared is not None and int(declared) > self.config.max_body_bytes:  # h11 checked it is a number
-            raise _HTTPError(413, f"body of {int(declared)} bytes exceeds the limit of {self.config.max_body_bytes}")
+            await self._refuse_body(receive, 0, declared=int(declared))
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_inflight)
         try:
@@ -184,23 +189,55 @@ class ScoringApp:
             self.metrics.leave()
             self._slots.release()
 
+    async def _receive(self, receive, deadline: float) -> dict:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise _HTTPError(408, f"the body did not arrive within {self.config.read_timeout_s:g}s") from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        return message
+
     async def _read_body(self, receive) -> bytes:
         """The whole body, within ``read_timeout_s`` and ``max_body_bytes`` (chunked bodies too)."""
         chunks, size = [], 0
         deadline = time.monotonic() + self.config.read_timeout_s
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                raise _HTTPError(408, f"the body did not arrive within {self.config.read_timeout_s:g}s") from None
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            size += len(message.get("body", b""))
-            if size > self.config.max_body_bytes:
-                raise _HTTPError(413, f"body exceeds the limit of {self.config.max_body_bytes} bytes")
+            message = await self._receive(receive, deadline)
+            more = message.get("more_body", False)
             chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
+            size += len(chunks[-1])
+            if size > self.config.max_body_bytes:
+                chunks.clear()
+                await self._refuse_body(receive, size, more, deadline=deadline)
+            if not more:
                 return b"".join(chunks)
+
+    async def _refuse_body(self, receive, read: int, more: bool = True, declared: int | None = None,
+                           deadline: float | None = None):
+        """Raise 413, after reading and dropping the rest of a body up to twice the limit.
+
+        Closing a socket with unread data makes the kernel send a reset, which destroys the
+        413 on its way to a client that is still sending: so a body up to twice the limit is
+        drained (nothing is kept) and the connection stays usable; a larger one gets the 413
+        at once and the connection is closed.
+        """
+        limit = self.config.max_body_bytes
+        size = f"{declared} bytes" if declared is not None else f"{read}+ bytes" if more else f"{read} bytes"
+        error = _HTTPError(413, f"a body of {size} exceeds the limit of {limit} bytes (--max-body-bytes)")
+        if declared is not None and declared > 2 * limit:
+            raise error
+        deadline = time.monotonic() + self.config.read_timeout_s if deadline is None else deadline
+        try:
+            while more and read <= 2 * limit:
+                message = await self._receive(receive, deadline)
+                read += len(message.get("body", b""))
+                more = message.get("more_body", False)
+        except _HTTPError:  # the rest did not come in time: answer 413 and close
+            raise error from None
+        if more:
+            raise error
+        raise error from _BodyDrained()
 
     def close(self) -> None:
         self._parse_pool.shutdown(wait=False, cancel_futures=True)
