@@ -244,7 +244,7 @@ class ScoringApp:
 
 
 class _HeadDeadlineH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol plus a deadline for each request head.
+    """uvicorn's HTTP/1.1 protocol plus a deadline for each request head, and TCP_NODELAY.
 
     uvicorn closes idle keep-alive connections, but waits forever for a client that sends its
     request line and headers slowly or never; here an incomplete head is dropped after
@@ -271,6 +271,11 @@ class _HeadDeadlineH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # uvicorn writes a response's head and body separately: with Nagle's algorithm the
+            # body waits for the client's delayed ACK of the head, 40 ms on every answer
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_head_deadline()
 
     def handle_events(self) -> None:
