@@ -41,7 +41,7 @@ def _serve(args) -> int:
     torch.manual_seed(0)
     engine = InferenceEngine(Ranker(RankerConfig.from_size(args.size)), device="cpu")
     engine.warmup()
-    server = ScoringServer(engine, port=0, max_inflight=args.max_inflight)
+    server = ScoringServer(engine, port=0, max_inflight=args.max_inflight, request_timeout_s=args.request_timeout)
     print(f"serving {server.url}", flush=True)
     server.serve_forever()
     return 0
@@ -72,7 +72,7 @@ def _request_body(size: str, n: int) -> bytes:
     return json.dumps(batch_to_request(SyntheticStream(RankerConfig.from_size(size), n, seed=n).batch(0))).encode()
 
 
-def _client(host, port, body, deadline, latencies, outcomes, lock) -> None:
+def _client(host, port, body, deadline, latencies, outcomes, lock, expected) -> None:
     conn = None
     first = True
     while first or time.perf_counter() < deadline:
@@ -92,19 +92,20 @@ def _client(host, port, body, deadline, latencies, outcomes, lock) -> None:
             conn = None
         with lock:
             outcomes[outcome] += 1
-            if outcome == 200:
+            if outcome == expected:
                 latencies.append(elapsed)
     if conn is not None:
         conn.close()
 
 
-def run_cell(host: str, port: int, body: bytes, clients: int, seconds: float, sampler: _RssSampler) -> dict:
+def run_cell(host: str, port: int, body: bytes, clients: int, seconds: float, sampler: _RssSampler,
+             expected: int = 200) -> dict:
     latencies: list[float] = []
     outcomes: Counter = Counter()
     lock = threading.Lock()
     sampler.peak = 0.0
     start = time.perf_counter()
-    threads = [threading.Thread(target=_client, args=(host, port, body, start + seconds, latencies, outcomes, lock))
+    threads = [threading.Thread(target=_client, args=(host, port, body, start + seconds, latencies, outcomes, lock, expected))
                for _ in range(clients)]
     for t in threads:
         t.start()
@@ -113,15 +114,15 @@ def run_cell(host: str, port: int, body: bytes, clients: int, seconds: float, sa
     wall = time.perf_counter() - start
     latencies.sort()
     p = lambda q: 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
-    return {"clients": clients, "requests": sum(outcomes.values()), "ok": outcomes.get(200, 0),
-            "errors": {str(k): v for k, v in outcomes.items() if k != 200}, "wall_s": wall,
-            "req_per_s": outcomes.get(200, 0) / wall, "p50_ms": p(0.5), "p99_ms": p(0.99),
+    return {"clients": clients, "requests": sum(outcomes.values()), "ok": outcomes.get(expected, 0),
+            "errors": {str(k): v for k, v in outcomes.items() if k != expected}, "wall_s": wall,
+            "req_per_s": outcomes.get(expected, 0) / wall, "p50_ms": p(0.5), "p99_ms": p(0.99),
             "mean_ms": 1e3 * statistics.fmean(latencies) if latencies else float("nan"), "peak_rss_mb": sampler.peak}
 
 
 def _start_server(args) -> tuple[subprocess.Popen, str, int]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--size", args.size, "--threads", str(args.threads),
-           "--max-inflight", str(args.max_inflight)]
+           "--max-inflight", str(args.max_inflight), "--request-timeout", str(args.request_timeout)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("serving http://"):
@@ -132,7 +133,7 @@ def _start_server(args) -> tuple[subprocess.Popen, str, int]:
 
 
 def _table(rows: list[dict]) -> str:
-    out = ["| candidates | clients | requests | ok | errors | req/s | p50 ms | p99 ms | peak RSS MB |",
+    out = ["| candidates | clients | requests | answered as expected | errors | req/s | p50 ms | p99 ms | peak RSS MB |",
            "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
@@ -149,6 +150,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="closed-loop window per cell")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the server")
     p.add_argument("--max-inflight", type=int, default=4, help="the server's --max-inflight")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="the server's wait for a slot and a result before 503 (its default is 30 s; "
+                        "128 clients of 4096 candidates queue longer than that on 2 CPUs)")
+    p.add_argument("--abuse-clients", type=int, default=96,
+                   help="then this many clients at once send one --abuse-mb body each (answered 400)")
+    p.add_argument("--abuse-mb", type=float, default=7.0)
     p.add_argument("--max-rss-mb", type=float, default=2000.0, help="fail if the server's RSS exceeds this")
     p.add_argument("--out", default=None, help="write the results (markdown) here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -168,6 +175,13 @@ def main() -> int:
                                                                                  args.seconds, sampler)}
                 rows.append(row)
                 print(_table([row]).splitlines()[-1], flush=True)
+        if args.abuse_clients:
+            pad = b" " * int(args.abuse_mb * (1 << 20))
+            junk = b'{"candidates": [' + pad + b"]}"  # valid JSON, refused (no candidates) once read
+            row = {"candidates": f"{args.abuse_mb:g} MB junk", **run_cell(host, port, junk, args.abuse_clients, 0.0,
+                                                                          sampler, expected=400)}
+            rows.append(row)
+            print(_table([row]).splitlines()[-1], flush=True)
         rss_end = _rss_mb(proc.pid)
     finally:
         sampler.stop.set()

@@ -280,3 +280,15 @@ def test_serve_config_rejects_bad_limits():
         ServeConfig(port=70000)
     with pytest.raises(TypeError, match="read_timeout_s"):
         ServeConfig(read_timeout_s="10")
+
+
+def test_the_readme_curl_example_is_a_valid_tiny_request(server):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "models" / "README.md").read_text()
+    example = re.search(r"curl -s http://127\.0\.0\.1:8080/score .* -d '(\{.*\})'", readme)
+    assert example, "models/README.md lost its curl example"
+    status, raw = _request(server, "POST", "/score", example.group(1).encode())
+    scores = _strict_json(raw)["scores"]
+    assert status == 200 and len(scores["ctr"]) == 2 == len(scores["cvr"])
