@@ -150,6 +150,8 @@ def _add_serve(sub) -> None:
                    help="requests read, parsed and scored at once (bounds memory); others wait")
     p.add_argument("--max-connections", type=int, default=1024, help="past this, requests get 503")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds for a request head, and for its body")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for a slot, and for its scores, before 503")
     p.set_defaults(func=_run_serve)
 
 
@@ -159,7 +161,8 @@ def _run_serve(args) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
-                         max_connections=args.max_connections, read_timeout_s=args.read_timeout)
+                         max_connections=args.max_connections, read_timeout_s=args.read_timeout,
+                         request_timeout_s=args.request_timeout)
     engine = InferenceEngine.from_checkpoint(args.checkpoint, plan=args.plan, compile=args.compile,
                                              device=args.device)
     engine.warmup()

@@ -65,6 +65,8 @@ class ServeConfig:
     backlog: int = 2048
 
     def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise TypeError(f"ServeConfig.host must be an address like '127.0.0.1', got {self.host!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "host" and (isinstance(value, bool) or not isinstance(value, (int, float))):
