@@ -64,10 +64,6 @@ class Batcher:
         self.queue.put(_Pending(batch, future))
         return future
 
-    def score(self, batch: Batch, timeout: float = 30.0) -> dict[str, list[float]]:
-        """Blocking `submit`: raises TimeoutError after ``timeout`` seconds."""
-        return self.submit(batch).result(timeout)
-
     def close(self) -> None:
         self.queue.put(None)
         self.worker.join(timeout=5)
