@@ -17,6 +17,7 @@ Any problem raises `RequestError` naming the field, so the server answers 400.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import torch
@@ -111,10 +112,12 @@ def _error_message(err: ValidationError, raw: bytes | None) -> str:
     first = err.errors(include_url=False)[0]
     where, msg = _where(first["loc"]), first["msg"]
     if first["type"] == "json_invalid":
-        if raw is not None and "column" in msg:  # one-line bodies: column = byte offset + 1
-            line, col = (int(x) for x in msg.rsplit("line ", 1)[1].split(" column "))
-            offset = sum(len(x) + 1 for x in raw.split(b"\n")[:line - 1]) + col - 1
-            return f"the body is not valid JSON at {_json_path_at(raw, offset)}: {msg}"
+        at = re.search(r"at line (\d+) column (\d+)$", msg)
+        if raw is not None and at:
+            line, col = int(at[1]), int(at[2])
+            offset = sum(len(x) + 1 for x in raw.split(b"\n", line - 1)[:line - 1]) + col - 1
+            path = _json_path_at(raw, offset)
+            return f"the body is not valid JSON{'' if path == 'body' else ' at ' + path}: {msg}"
         return f"the body is not valid JSON: {msg}"
     if first["type"] == "string_pattern_mismatch":
         msg = f"feature index {first['input']!r} must be a decimal number in ASCII digits, like \"3\" (no leading zeros)"

@@ -185,3 +185,12 @@ def test_parse_request_names_the_field(mutate, message):
     with pytest.raises(RequestError) as err:
         parse_request(cfg, request)
     assert message in str(err.value)
+
+
+def test_json_syntax_errors_name_the_path_on_any_line():
+    cfg = RankerConfig.from_size("tiny")
+    raw = b'{"user": {"sparse": {"0": 1, "5": "a\\"b,c"}},\n "candidates": [\n  {"sparse": {"1": 2}},\n  {"sparse": {"1": 2, "2": [[tru]]}}]}'
+    with pytest.raises(RequestError, match=r"not valid JSON at candidates\[1\]\.sparse\.2\[0\]\[0\]: .*line 4"):
+        parse_request(cfg, raw)
+    with pytest.raises(RequestError, match="not valid JSON: .*EOF"):
+        parse_request(cfg, b"")
