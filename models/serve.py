@@ -332,7 +332,7 @@ class ScoringServer:
         self.app = ScoringApp(engine, self.batcher, config, lambda: len(self._server.server_state.connections))
         protocol = functools.partial(_HeadDeadlineH11, head_timeout=config.read_timeout_s)
         self._server = uvicorn.Server(uvicorn.Config(
-            self.app, http=protocol, lifespan="off", log_level="warning", access_log=False,
+            self.app, http=protocol, ws="none", lifespan="off", log_level="warning", access_log=False,
             backlog=config.backlog, timeout_keep_alive=config.keep_alive_s,
             timeout_graceful_shutdown=config.graceful_timeout_s))
         self._thread: threading.Thread | None = None

@@ -259,6 +259,12 @@ def test_every_answer_is_json_and_metrics_count_them(server):
     for method, path, status in (("GET", "/nope", 404), ("GET", "/score", 405), ("POST", "/health", 405)):
         got, raw = _request(server, method, path, b"{}" if method == "POST" else None)
         assert got == status and path in _strict_json(raw)["error"]
+    for head in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n"):
+        sock = _raw_connect(server)  # malformed or oversized (> 16 KiB) heads: uvicorn's 400, as JSON
+        sock.sendall(head)
+        reply = _read_until_closed(sock)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 400") and "malformed" in _strict_json(reply.split(b"\r\n\r\n", 1)[1])["error"]
     metrics = _request(server, "GET", "/metrics")[1].decode()
     assert 'loka_serve_responses_total{path="other",status="404"}' in metrics
     assert "loka_serve_score_seconds_count" in metrics and "process_resident_memory_bytes" in metrics
