@@ -5,19 +5,20 @@ GET /health -> ``{"status": "ok", ...}``; GET /metrics -> Prometheus text. Reque
 concurrent clients share forwards through the `Batcher`.
 
 Why not a hand-rolled server: the previous `http.server` one had a listen backlog of 5 (bursts
-lost connections to resets), a thread per client and no timeouts (slow clients held threads
-forever), and no bound on memory. Here uvicorn's HTTP/1.1 (keep-alive, backlog 2048, one event
+lost connections to resets), a thread per client and no socket timeout (slow clients held
+threads), and no bound on memory. Here uvicorn's HTTP/1.1 (keep-alive, backlog 2048, one event
 loop) carries an app that bounds everything a client controls (`ServeConfig`):
 
 - a request head must arrive within ``read_timeout_s`` (uvicorn itself only times out idle
   keep-alive connections) and so must the body, else the connection is closed / 408;
-- a body over ``max_body_bytes`` is refused with 413 before it is read;
+- a body over ``max_body_bytes`` gets 413 (one up to twice the limit is read and dropped first,
+  so that the answer is not lost to a TCP reset; a larger declared one is refused unread);
 - at most ``max_inflight`` requests are read, parsed and scored at once (others wait for a
   slot, at most ``request_timeout_s``, then 503), so memory is bounded by about
   ``max_inflight * max_body_bytes`` plus the parsed batches; past ``max_connections`` open
   connections a request gets 503 at once;
-- every answer is JSON (``allow_nan=False``): bad input 4xx naming the field, non-finite model
-  scores 500 (`NonFiniteScores`), an internal error 500 with its type.
+- every answer is JSON (``allow_nan=False``): bad input 4xx naming the field, a malformed HTTP
+  head 400, non-finite model scores 500 (`NonFiniteScores`), an internal error 500 with its type.
 
 `stop()` (or SIGTERM/SIGINT under `serve_forever`) is graceful: the listener closes, requests
 in flight finish (up to ``graceful_timeout_s``), then the batcher stops.
