@@ -13,7 +13,7 @@ Shapes: every distinct (K, N) of the ranker's Linear sites (``--ranker``: a
 loka.models size, built on the meta device, nothing allocated) or ``--kn``,
 crossed with the batch sizes ``--m``; per site shape the three GEMMs (fprop,
 dgrad, wgrad) are timed in their own shapes. Per GEMM it times, with
-loka.probe.timing.time_fn (CUDA events, warm-up, median and p10/p90 of
+loka.timer.time_fn (CUDA events, warm-up, median and p10/p90 of
 ``--iters`` calls):
 
 - ``bf16``: the hp GEMM (the baseline);
@@ -38,7 +38,7 @@ import torch
 
 from loka.dispatch import KERNELS
 from loka.dispatch.report_view import gemm_shape
-from loka.probe.timing import device_name, time_fn
+from loka.timer import device_name, time_fn
 from loka.quantize import quantize
 from loka.recipe import GEMMS, HP_GEMM, as_recipe
 

@@ -42,7 +42,7 @@ from loka.nn import Float8Linear
 from loka.probe.cli import train_with_probe
 from loka.probe.config import ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
-from loka.probe.timing import device_name, time_fn
+from loka.timer import device_name, time_fn
 from loka.probe.workload import ranker_workload
 
 

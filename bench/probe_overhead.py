@@ -36,9 +36,15 @@ from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.workload import ranker_workload
 
 
-def _run_block(w, opt, steps, probe=None):
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _run_block(w, opt, steps, probe=None, device: str = "cpu"):
     """Run ``steps`` (a range); with ``probe``, wrap each step and wait for its analysis at the end.
-    Returns (wall s, cpu s)."""
+    Returns (wall s, cpu s); on a CUDA device the block's queued work is waited for at both ends."""
+    _sync(device)
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     for step in steps:
         batch = w.make_batch(step)
@@ -51,6 +57,7 @@ def _run_block(w, opt, steps, probe=None):
             scope.__exit__(None, None, None)
     if probe is not None:
         probe.wait()  # the block pays for its own background analysis
+    _sync(device)
     return time.perf_counter() - t_wall, time.process_time() - t_cpu
 
 
@@ -66,16 +73,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--control", action="store_true",
                     help="A/A run: the probe is attached and called every step but never samples "
                          "(the noise floor of the probed-vs-plain comparison)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA each block waits for the device at its ends)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    w = ranker_workload(args.size, batch_size=args.batch_size, seed=0)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here")
+    w = ranker_workload(args.size, batch_size=args.batch_size, seed=0, device=args.device)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-3)
     warmup = 1 << 40 if args.control else 0  # control: no step is ever due
     probe = Probe(w.model, ProbeConfig(schedule=SamplingSchedule(warmup=warmup, every=args.every, max_samples=20),
                                        overhead_budget=args.budget, background=not args.foreground))
-    _run_block(w, opt, range(-3, 0))  # warm up allocators and lazy imports outside the timing
+    _run_block(w, opt, range(-3, 0), device=args.device)  # warm up allocators and lazy imports outside the timing
     totals = {"plain": [0.0, 0.0], "probed": [0.0, 0.0]}
     pairs = []  # (probed wall, plain wall) per pair of blocks
     for i, start in enumerate(range(0, args.steps, args.every)):
@@ -84,14 +94,14 @@ def main(argv=None) -> dict:
         block = range(start, min(start + args.every, args.steps))
         walls = {}
         for kind in (("probed", "plain") if i % 2 == 0 else ("plain", "probed")):  # alternate the order
-            walls[kind], cpu = _run_block(w, opt, block, probe if kind == "probed" else None)
+            walls[kind], cpu = _run_block(w, opt, block, probe if kind == "probed" else None, args.device)
             totals[kind][0] += walls[kind]
             totals[kind][1] += cpu
         pairs.append((walls["probed"], walls["plain"]))
     probe.close()
     result = {
         "size": args.size, "steps": args.steps, "every": args.every, "batch_size": args.batch_size,
-        "threads": args.threads, "budget": args.budget, "background": not args.foreground, "control": args.control, "torch": torch.__version__,
+        "threads": args.threads, "device": args.device, "budget": args.budget, "background": not args.foreground, "control": args.control, "torch": torch.__version__,
         "plain_wall_s": totals["plain"][0], "probed_wall_s": totals["probed"][0],
         "plain_cpu_s": totals["plain"][1], "probed_cpu_s": totals["probed"][1],
         "overhead_wall": totals["probed"][0] / totals["plain"][0] - 1,
@@ -103,6 +113,7 @@ def main(argv=None) -> dict:
         "overhead_direct": probe.overhead["probe_s"] / max(totals["probed"][0] - probe.overhead["probe_s"], 1e-9),
         "sampled_steps": probe.sampled_steps, "deferred_steps": probe.deferred_steps,
         "sites_decided": sum(s.done for s in probe.state.values()), "sites": len(probe.state),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
     }
     print(f"ranker {args.size}, {args.steps} probed + {args.steps} plain steps, batch {args.batch_size}, every {args.every}, "
           f"{args.threads} thread(s), budget {args.budget}, "

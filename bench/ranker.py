@@ -16,9 +16,11 @@ In ONE process, on the same batches and from the same initial weights, every var
 (see bench/ranker_variants.py: ``bf16``, ``torchao-tensorwise``, ``torchao-rowwise``,
 ``te``, ``loka-plan``) is trained for ``--warmup`` + ``--steps`` steps and then:
 
-- **training step**: median (p10-p90) of the timed steps (loka.probe.timing.time_fn: CUDA
+- **training step**: median (p10-p90) of the timed steps (loka.timer.time_fn: CUDA
   events on GPU, perf_counter on CPU), examples/s, achieved GEMM TFLOP/s and MFU
-  (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name);
+  (bench/ranker_flops.py: FLOPs counted from the Linear/BatchMatmul shapes, peak by device name;
+  MFU of the useful work, histories packed, and of the executed work, histories padded as the
+  device runs them), and peak device memory (torch.cuda.max_memory_allocated);
 - **quality**: NE per task on the same held-out examples, and the paired relative NE
   difference to bf16 with a 95% bootstrap interval (loka.gate.paired_bootstrap);
 - **inference**: p50/p99 latency of one eval-mode, no-grad forward at each ``--infer-batch-sizes``
@@ -26,8 +28,9 @@ In ONE process, on the same batches and from the same initial weights, every var
   torchao's modules quantize weights and activations per call, as trained).
 
 ``--plan plan.json`` gives the loka plan; without it the plan is made here (a short probe of
-``--probe-steps`` steps, then ``loka.dispatch.plan(measure=True)`` on this device) and saved
-next to the results. torch.compile: dynamo is reset between variants and its recompile limit
+``--probe-steps`` steps, then ``loka.dispatch.plan(measure=True)`` on this device) when the
+``loka-plan`` variant's turn comes, and saved next to the results (a plan that cannot be made
+is that row's error). The results are rewritten after every variant. torch.compile: dynamo is reset between variants and its recompile limit
 raised (the header says so), so a variant never falls back to eager silently.
 """
 
@@ -181,7 +184,7 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
 
 def latency(fn, batch, iters: int, warmup: int, device) -> tuple[float, float]:
     """(p50, p99) ms of ``fn(batch)``, each call timed on its own by loka's timer."""
-    from loka.probe.timing import time_fn
+    from loka.timer import time_fn
 
     for _ in range(warmup):
         fn(batch)
@@ -194,10 +197,12 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
     """Build, train, evaluate and serve one variant; returns its result and its held-out predictions."""
     from loka.models import build_optimizers, predict
     from loka.models.train import task_losses, total_loss
-    from loka.probe.timing import time_fn
+    from loka.timer import time_fn
 
     result = VariantResult(name)
     torch._dynamo.reset()
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
     try:
         built = BUILDERS[name](setup.fresh_model(), device=setup.device, plan=plan)
     except Unavailable as exc:
@@ -237,6 +242,8 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
             result.latency_ms[b] = latency(serve, batch, args.infer_iters, max(2, args.warmup), setup.device)
         except Exception as exc:  # e.g. a kernel that refuses M at batch 1: that cell, not the row
             result.latency_ms[b] = _error_text(exc)
+    if setup.device.type == "cuda":  # the memory estimate of a variant is checked against this
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30
     return result, pred
 
 
@@ -300,8 +307,13 @@ def results_dir(args, device: torch.device) -> Path:
     return out
 
 
-def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
-    """Every variant in turn (one on the device at a time), then the paired NE vs bf16."""
+def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[VariantResult]:
+    """Every variant in turn (one on the device at a time) and the paired NE vs bf16.
+
+    ``get_plan()`` is called when the ``loka-plan`` variant's turn comes (so the variants before
+    it are measured even if making the plan fails or runs long); ``on_result(results)`` after
+    each variant, so a run stopped from outside still leaves the rows measured so far.
+    """
     from loka.models import SyntheticStream
 
     infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=setup.device).batch(0)
@@ -311,6 +323,7 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
         if show:
             print(f"bench/ranker.py: {name} ...", file=sys.stderr)
         try:
+            plan = get_plan() if name == "loka-plan" else None
             with time_limit(args.variant_timeout, name):
                 r, pred = run_variant(name, setup, args, plan, infer_batches)
         except Exception as exc:  # one failing variant is a row with the error, the others still run
@@ -321,13 +334,16 @@ def run_all(args, setup: Setup, plan, show: bool) -> list[VariantResult]:
         gc.collect()
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
-    paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+        paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+        if on_result is not None:
+            on_result(results)
     return results
 
 
-def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path) -> Path:
-    """<device>-<date>.md and .json in ``out_dir``; prints the Markdown."""
-    from loka.probe.timing import device_name
+def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None,
+                  quiet: bool = False) -> Path:
+    """<device>-<date>.md and .json in ``out_dir``; prints the Markdown unless ``quiet``."""
+    from loka.timer import device_name
 
     now = datetime.datetime.now(datetime.timezone.utc)
     dev_name = device_name(setup.device)
@@ -336,15 +352,18 @@ def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: P
                    date_utc=now.strftime("%Y-%m-%d %H:%M"), device=dev_name,
                    representative=setup.device.type == "cuda", versions=library_versions(), size=args.size,
                    batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
-                   eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name), settings=settings)
+                   eval_examples=args.eval_examples, flops=flops, peak=peak_for(dev_name), settings=settings,
+                   flops_executed=flops_executed)
     text = render(results, info, list(setup.cfg.tasks), args.infer_batch_sizes)
     stem = ("cpu" if setup.device.type != "cuda" else _slug(dev_name)) + f"-{now:%Y-%m-%d}"
     path = out_dir / f"{stem}.md"
     path.write_text(text)
     path.with_suffix(".json").write_text(json.dumps({"info": {k: str(v) for k, v in info.__dict__.items()},
+                                                     "flops": _flops_json(info),
                                                      "variants": [r.to_dict() for r in results]}, indent=2))
-    print(text)
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(text)
+        print(f"wrote {path}", file=sys.stderr)
     return path
 
 
@@ -365,17 +384,40 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args, device)
     settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
                     "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")
-    flops = count_gemm_flops(setup.base, setup.batches[0].slice(0, 4).to("cpu"), 4)
-    plan = None
-    if "loka-plan" in args.variants:
-        if args.plan:
-            plan, how = load_plan(args.plan), f"loka plan: {args.plan} (given)"
-        else:
-            plan, how = make_plan(setup, args, out_dir, show)
-        settings.append(how)
-    results = run_all(args, setup, plan, show)
-    write_results(results, args, argv, setup, flops, settings, out_dir)
+    sample = setup.batches[0].slice(0, 4).to("cpu")
+    flops = count_gemm_flops(setup.base, sample, 4)
+    # On CUDA the histories stay padded: the device executes more GEMM work than the examples need.
+    flops_executed = count_gemm_flops(setup.base, sample, 4, padded=True) if device.type == "cuda" else None
+    made: dict = {}
+
+    def get_plan():
+        """The loka plan, given or made here (once); a failure is the loka-plan row's error."""
+        if "plan" not in made:
+            try:
+                if args.plan:
+                    made["plan"], how = load_plan(args.plan), f"loka plan: {args.plan} (given)"
+                else:
+                    made["plan"], how = make_plan(setup, args, out_dir, show)
+            except Exception as exc:
+                made["plan"], how = exc, f"loka plan: could not be made here ({_error_text(exc)})"
+            settings.append(how)
+        if isinstance(made["plan"], Exception):
+            raise made["plan"]
+        return made["plan"]
+
+    def save(results, quiet=True):
+        return write_results(results, args, argv, setup, flops, settings, out_dir, flops_executed, quiet=quiet)
+
+    save(run_all(args, setup, get_plan, show, on_result=save), quiet=False)
     return 0
+
+
+def _flops_json(info: RunInfo) -> dict:
+    """Per-step GEMM FLOPs (useful and executed) and the bf16 peak, for readers of the JSON."""
+    executed = info.flops_executed or info.flops
+    return {"train_step_useful": info.flops.train_step(info.batch_size),
+            "train_step_executed": executed.train_step(info.batch_size),
+            "peak_bf16_tflops": info.peak.bf16 if info.peak else None}
 
 
 def _slug(name: str) -> str:

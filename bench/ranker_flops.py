@@ -9,7 +9,9 @@ that this file owns:
   wgrad; for BatchMatmul the two backward products have the same cost). Every site's M
   grows linearly with the batch (M = B, B·D or B·T), so counting a few examples and
   scaling is exact. Attention inside ``F.scaled_dot_product_attention`` and the
-  element-wise work are not counted: MFU here is *GEMM-site* MFU.
+  element-wise work are not counted: MFU here is *GEMM-site* MFU. Two counts: *useful*
+  (histories packed, padding cut: the work the examples need) and *executed* (histories
+  padded to ``history_len``, as the ranker runs on a CUDA device; on CPU the two agree).
 - **Peak**: dense (no sparsity) bf16 and FP8 tensor-core TFLOP/s from the vendors' data
   sheets, matched on the CUDA device name; unknown devices and CPUs get ``None`` ("n/a").
 """
@@ -83,8 +85,14 @@ class GemmFlops:
                 "attention inside SDPA and element-wise work not counted)")
 
 
-def count_gemm_flops(model: nn.Module, batch, n_examples: int) -> GemmFlops:
-    """Forward GEMM FLOPs per example of ``model(batch)``; ``batch`` holds ``n_examples`` examples."""
+def count_gemm_flops(model: nn.Module, batch, n_examples: int, *, padded: bool = False) -> GemmFlops:
+    """Forward GEMM FLOPs per example of ``model(batch)``; ``batch`` holds ``n_examples`` examples.
+
+    ``padded=False`` counts the *useful* work: on CPU the ranker packs its histories (padding
+    cut away). ``padded=True`` counts what a CUDA device *executes*: there the histories stay
+    padded to ``history_len`` (reading sizes from the mask would sync the device), so every
+    sequence GEMM runs on B·(K+T) tokens whether they are real or not.
+    """
     from loka.models.layers import BatchMatmul
 
     total = [0.0]
@@ -108,12 +116,18 @@ def count_gemm_flops(model: nn.Module, batch, n_examples: int) -> GemmFlops:
         elif isinstance(module, BatchMatmul):
             handles.append(module.register_forward_hook(bmm_hook))
     was_training = model.training
+    packers = [m for m in model.modules() if hasattr(m, "pack_history")]
+    packing = [m.pack_history for m in packers]
     try:
         model.eval()
+        for m in packers:
+            m.pack_history = m.pack_history and not padded
         with torch.no_grad():
             model(batch)
     finally:
         model.train(was_training)
+        for m, flag in zip(packers, packing):
+            m.pack_history = flag
         for h in handles:
             h.remove()
     return GemmFlops(total[0] / n_examples, len(seen["linear"]), len(seen["bmm"]))

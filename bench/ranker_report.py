@@ -26,12 +26,14 @@ class VariantResult:
     ne_vs_bf16: dict[str, object] = field(default_factory=dict)  # task -> BootstrapResult
     latency_ms: dict[int, tuple[float, float] | str] = field(default_factory=dict)  # batch -> (p50, p99) or error
     notes: list[str] = field(default_factory=list)
+    peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated over the variant (None on CPU)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "sites": self.sites, "compiled": self.compiled,
                 "step_ms": self.step_ms, "first_step_s": self.first_step_s, "ne": self.ne,
                 "ne_vs_bf16": {t: dataclasses.asdict(r) for t, r in self.ne_vs_bf16.items()},
-                "latency_ms": {str(b): v for b, v in self.latency_ms.items()}, "notes": self.notes}
+                "latency_ms": {str(b): v for b, v in self.latency_ms.items()}, "notes": self.notes,
+                "peak_mem_gib": self.peak_mem_gib}
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RunInfo:
     flops: GemmFlops
     peak: Peak | None
     settings: list[str]
+    flops_executed: GemmFlops | None = None  # what the device runs (padded histories on CUDA); None: = flops
 
 
 def _status_row(r: VariantResult, n_cols: int) -> str:
@@ -58,22 +61,25 @@ def _status_row(r: VariantResult, n_cols: int) -> str:
 
 
 def training_table(results: list[VariantResult], info: RunInfo) -> list[str]:
-    lines = ["| variant | FP8 sites | compiled | step ms, median (p10–p90) | examples/s | TFLOP/s | MFU | vs bf16 "
-             "| first step s (incl. compile) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | FP8 sites | compiled | step ms, median (p10–p90) | examples/s | TFLOP/s | MFU | "
+             "MFU executed | vs bf16 | first step s (incl. compile) | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r.step_ms[0] for r in results if r.name == "bf16" and r.step_ms), None)
     flops = info.flops.train_step(info.batch_size)
+    executed = (info.flops_executed or info.flops).train_step(info.batch_size)
     for r in results:
         if r.step_ms is None:
-            lines.append(_status_row(r, 9))
+            lines.append(_status_row(r, 11))
             continue
         med, p10, p90 = r.step_ms
         tflops = flops / (med * 1e-3) / 1e12
         mfu = f"{100 * tflops / info.peak.bf16:.1f}%" if info.peak else "n/a"
+        mfu_exec = f"{100 * executed / (med * 1e-3) / 1e12 / info.peak.bf16:.1f}%" if info.peak else "n/a"
         speed = f"{base / med:.2f}x" if base else "n/a"
+        mem = "—" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.1f}"
         lines.append(f"| {r.name} | {r.sites} | {'yes' if r.compiled else 'no'} | {med:.3f} ({p10:.3f}–{p90:.3f}) | "
-                     f"{info.batch_size / (med * 1e-3):,.0f} | {tflops:.3g} | {mfu} | {speed} | "
-                     f"{'—' if r.first_step_s is None else f'{r.first_step_s:.1f}'} |")
+                     f"{info.batch_size / (med * 1e-3):,.0f} | {tflops:.3g} | {mfu} | {mfu_exec} | {speed} | "
+                     f"{'—' if r.first_step_s is None else f'{r.first_step_s:.1f}'} | {mem} |")
     return lines
 
 
@@ -123,9 +129,13 @@ def header(info: RunInfo) -> list[str]:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()),
               f"- training: {info.warmup} warm-up + {info.steps} timed steps per variant, the same batches in the "
               f"same order from the same initial weights; NE on the same {info.eval_examples} held-out examples",
-              f"- GEMM FLOPs: {info.flops.describe()}",
+              f"- GEMM FLOPs (useful: histories packed, padding cut): {info.flops.describe()}",
+              "- GEMM FLOPs executed: " + (f"{info.flops_executed.describe()} (histories padded, as the device runs "
+                                           "them); `MFU executed` is of these" if info.flops_executed
+                                           else "the same as useful on this device"),
               "- peak: " + (f"{info.peak.describe()}; MFU = achieved TFLOP/s / bf16 dense peak for every variant"
-                            if info.peak else "n/a (no tensor-core peak for this device); MFU n/a")]
+                            if info.peak else "n/a (no tensor-core peak for this device); MFU n/a"),
+              "- peak GiB: torch.cuda.max_memory_allocated over the variant (build, training, eval, inference)"]
     lines += [f"- {s}" for s in info.settings]
     return lines
 

@@ -66,6 +66,8 @@ def _build_torchao(recipe: str) -> Callable[..., Built]:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         except ImportError as exc:
+            if getattr(exc, "name", None) == "torchao":
+                raise Unavailable("torchao: not installed (pip install torchao)") from None
             raise Unavailable(f"torchao: float8 training not importable ({exc})") from None
         n = _n_linears(model)
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),

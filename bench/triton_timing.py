@@ -1,71 +1,36 @@
 """Timing and reporting helpers shared by bench/gemm_triton.py and bench/norm_quant.py.
 
-GPU times come from CUDA events around each call (after warm-up), summarized by
-the median and the 10th/90th percentiles; CPU times (dry runs under the Triton
-interpreter) come from perf_counter and are marked not representative. L2 is
-not flushed between calls, as in a model where a layer's input was just written.
+Times come from loka's one timer (loka.timer.time_fn): CUDA events around each call
+on GPU (after warm-up), summarized by the median and the 10th/90th percentiles; CPU
+times (dry runs under the Triton interpreter) come from perf_counter and are marked
+not representative. L2 is not flushed between calls, as in a model where a layer's
+input was just written.
 """
 
 from __future__ import annotations
 
 import datetime
-import statistics
 import sys
-import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from loka.timer import Timing
+from loka.timer import time_fn as _time_fn
+from loka.timer import try_time as _try_time
 
-@dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call: median and 10th/90th percentiles over ``iters`` calls."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    iters: int
-
-    def cell(self) -> str:
-        return f"{self.median_ms:.4f} ({self.p10_ms:.4f}-{self.p90_ms:.4f})"
-
-
-def _quantiles(samples: list[float]) -> Timing:
-    s = sorted(samples)
-    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
-    return Timing(statistics.median(s), pick(0.1), pick(0.9), len(s))
+__all__ = ["Timing", "cell", "environment_lines", "markdown_table", "median_or_none", "raise_recompile_limit",
+           "ratio", "time_fn", "try_time"]
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 50) -> Timing:
-    """Time ``fn()`` per call on ``device`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return _quantiles(samples)
-    torch.cuda.synchronize(device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    """Time ``fn()`` per call on ``device`` with loka's one timer (:func:`loka.timer.time_fn`)."""
+    return _time_fn(fn, warmup=warmup, iters=iters, device=device)
 
 
 def try_time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing | str:
     """``time_fn`` or the reason the candidate cannot run here (reported in the table, not hidden)."""
-    try:
-        return time_fn(fn, device, warmup, iters)
-    except Exception as exc:  # a candidate that fails is a table cell, not a crash
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"n/a: {type(exc).__name__}: {first[:80]}"
+    return _try_time(fn, warmup=warmup, iters=iters, device=device)
 
 
 def environment_lines(device: torch.device, argv: list[str] | None = None) -> list[str]:

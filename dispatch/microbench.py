@@ -4,7 +4,7 @@ For a site ``y[M,N] = x[M,K] · W[N,K]ᵀ`` (M as seen by the probe, or a list o
 M buckets for serving), every kernel that is available here and takes a
 candidate recipe at each GEMM's shape is timed *including its quantization*
 (``kernel.mm`` on high-precision inputs, dynamic scaling), next to ``bf16``,
-with the probe's timer (``loka.probe.timing.time_fn``: warm-up, CUDA events on
+with loka's one timer (``loka.timer.time_fn``: warm-up, CUDA events on
 GPU, median and p10/p90). Inputs are drawn from the probe's fitted operand
 distributions when given (ReLU-like activations and heavy-tailed gradients
 make casts and amax passes behave differently than N(0,1) data).
@@ -27,22 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe
+from loka.timer import device_name, time_fn
 
 from loka.dispatch.report_view import gemm_shape
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loka" / "microbench"
 
 
-def _time_fn():
-    from loka.probe.timing import time_fn
-
-    return time_fn
-
-
 def device_key(device: torch.device) -> dict:
     """What identifies a machine for timing purposes."""
-    from loka.probe.timing import device_name
-
     info = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda, "driver": None}
     if device.type == "cuda" and hasattr(torch._C, "_cuda_getDriverVersion"):
         info["driver"] = torch._C._cuda_getDriverVersion()
@@ -183,7 +176,7 @@ def time_site_cached(
                 operands[gemm] = (_draw((fits or {}).get(a_role), m, k, 1, dtype, device),
                                   _draw((fits or {}).get(b_role), n, k, 2, dtype, device))
             a, b = operands[gemm]
-            t = _time_fn()(lambda: kernel.mm(a, b, recipe, out_dtype=dtype), warmup=warmup, iters=iters, device=device)
+            t = time_fn(lambda: kernel.mm(a, b, recipe, out_dtype=dtype), warmup=warmup, iters=iters, device=device)
             timing = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "iters": t.iters,
                       "representative": t.representative}
             cache.put(key, timing)

@@ -109,7 +109,7 @@ def warm_up(cfg: DemoConfig):
 
     tc = TrainConfig(size=cfg.size, steps=cfg.warm_steps, batch_size=cfg.batch_size, device=cfg.device,
                      seed=cfg.seed, data_seed=cfg.seed, out_dir=str(Path(cfg.out_dir) / "bf16_warm"),
-                     progress=cfg.progress)
+                     progress=cfg.progress, overwrite=True)  # the demo's own directory: rerunnable
     result = train(tc)
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.examples_per_s:,.0f} examples/s")
     return result
@@ -208,7 +208,8 @@ def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
     from loka.models import TrainConfig, train
 
     tc = TrainConfig(size=cfg.size, steps=cfg.continue_steps, batch_size=cfg.batch_size, device=cfg.device,
-                     seed=cfg.seed, warmup_steps=0, out_dir=str(Path(cfg.out_dir) / label), progress=cfg.progress)
+                     seed=cfg.seed, warmup_steps=0, out_dir=str(Path(cfg.out_dir) / label), progress=cfg.progress,
+                     overwrite=True)
     data = _stream(model.config, cfg.batch_size, cfg.seed, cfg.device, start=cfg.warm_steps)
     t0 = time.perf_counter()
     result = train(tc, model=model, data=data)

@@ -1,13 +1,21 @@
-"""Training checkpoints: model, optimizers, data-stream position, step, configs.
+"""Training checkpoints: model, optimizers, data-stream position, step, RNG, configs.
 
-One `torch.save` file written atomically (temp file + rename), so a crash mid-write never
-leaves a truncated checkpoint that a resume would trust. Weights are saved with nn.Linear's
-keys whatever the precision, so a checkpoint moves between bf16 and FP8-converted models.
+One `torch.save` file of tensors and plain data (dicts, lists, numbers, strings) only, so it
+is read back with ``torch.load(weights_only=True)``: a file that holds any other Python object
+is refused instead of executed (a pickle can run arbitrary code when it is loaded, and loka
+reads checkpoints handed to `eval`, `serve`, `gate` and `train --resume`).
+
+Written atomically and durably (temp file, fsync, rename, fsync of the directory), so a
+crash or a power cut mid-write never leaves a truncated checkpoint that a resume would trust.
+Weights are saved with nn.Linear's keys whatever the precision, so a checkpoint moves
+between bf16 and FP8-converted models.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -19,14 +27,22 @@ from .ranker import Ranker
 FORMAT = "loka.models.checkpoint/1"
 
 
+class UnsafeCheckpointError(ValueError):
+    """The file holds Python objects beyond tensors and plain data; it was not loaded."""
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: dict | None = None,
                     stream_state: dict | None = None, step: int = 0, train_config: dict | None = None,
-                    precision: str = "bf16") -> Path:
-    """Write a checkpoint at ``path`` (parent dirs created); returns the path."""
+                    precision: str = "bf16", extra: dict | None = None) -> Path:
+    """Write a checkpoint at ``path`` (parent dirs created); returns the path.
+
+    ``extra``: more plain-data entries (RNG states, run id, plan text); tensors and plain
+    Python data only, or the file could not be loaded back safely.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inner = _unwrap(model)
@@ -40,20 +56,87 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizers: dict 
         "train_config": train_config or {},
         "precision": precision,
         "rng": torch.get_rng_state(),
+        **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(state, f))
     return path
 
 
+def write_atomic(path: Path, write) -> None:
+    """``write(file)`` into ``path.tmp``, fsync it, rename over ``path``, fsync the directory.
+
+    A failed write removes its temp file; a reader sees the old file or the new one, whole.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable; some filesystems/platforms cannot open a directory (skip them)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # e.g. a filesystem without directory fsync: the rename itself already happened
+    finally:
+        os.close(fd)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with one-line errors: a file that needs any Python
+    object beyond tensors and plain data raises `UnsafeCheckpointError` and runs nothing."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        global_name = _unsafe_global(exc)
+        if global_name is None:
+            raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}).") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it needs the Python object {global_name}, not only tensors "
+            "and plain data; loka reads weights-only checkpoints and never runs code from a file. "
+            "Load only files you trust, saved by loka.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: "
+                         f"{_first_line(exc)}).") from None
+
+
+def _unsafe_global(exc: BaseException) -> str | None:
+    """``io.open`` from torch's "Unsupported global: GLOBAL io.open was not allowed" message."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """The checkpoint dict; ValueError with the reason if it is not a loka ranker checkpoint."""
+    """The checkpoint dict; ValueError with the reason if it is not a loka ranker checkpoint.
+
+    Loaded with ``weights_only=True``: `UnsafeCheckpointError` (a ValueError) for a file
+    that would need to run code to be read.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist.")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = safe_torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a loka ranker checkpoint (expected format {FORMAT}).")
+    for key, kind in (("ranker_config", dict), ("model", dict)):
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{path}: checkpoint field {key!r} is missing or not a {kind.__name__}.")
     return state
 
 

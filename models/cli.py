@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import sys
+
+
+def _clear_errors(command: str):
+    """Bad input (ValueError: a bad flag value, an unsafe or foreign checkpoint, a malformed
+    data line) ends as one line on stderr and exit status 2, not a traceback."""
+    def wrap(run):
+        @functools.wraps(run)
+        def inner(args) -> int:
+            try:
+                return run(args)
+            except ValueError as exc:
+                print(f"loka {command}: error: {exc}", file=sys.stderr)
+                return 2
+        return inner
+    return wrap
 
 
 def _add_train(sub) -> None:
@@ -15,7 +32,9 @@ def _add_train(sub) -> None:
     p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--precision", default="bf16", help="bf16 | fp32 | fp8 | path to a loka plan JSON")
+    p.add_argument("--precision", default=None,
+                   help="bf16 | fp32 | fp8 | path to a loka plan JSON (default: bf16; on --resume the "
+                        "checkpoint's own precision)")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, eval results")
     p.add_argument("--lr-dense", type=float, default=None, help="AdamW lr (default: TrainConfig's)")
     p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
@@ -30,7 +49,19 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--eval-examples", type=int, default=50_000, help="held-out examples at the end (0: none)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="write checkpoint_<step>.pt every STEPS steps (0: off; default: TrainConfig's, 1000)")
+    p.add_argument("--checkpoint-minutes", type=float, default=None, metavar="MIN",
+                   help="also every MIN minutes (0: off; default 10)")
+    p.add_argument("--keep-checkpoints", type=int, default=None, metavar="K",
+                   help="keep the newest K periodic checkpoints (default 3)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run already in --out (default: refuse)")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=None,
+                   help="a NaN/Inf loss or gradient: stop with an error naming where (default), "
+                        "or skip that step's update")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SEC",
+                   help="data-parallel: fail after SEC seconds without an answer from a rank (default 300)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--criteo", nargs="+", default=None, metavar="TSV",
                    help="train on Criteo-format files instead of synthetic data")
@@ -42,10 +73,13 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+@_clear_errors("train")
 def _run_train(args) -> int:
     import torch
 
     from .criteo import CriteoStream
+    from .distributed import RankTimeoutError
+    from .guards import NonFiniteError
     from .ranker import Ranker
     from .train import TrainConfig, train
 
@@ -59,14 +93,23 @@ def _run_train(args) -> int:
         eval_examples = 0  # no held-out synthetic stream for real data; use `loka eval`
     recipe = {k: v for k, v in (("lr_dense", args.lr_dense), ("lr_sparse", args.lr_sparse),
                                 ("lr_schedule", args.schedule),
-                                ("task_weights", parse_task_weights(args.task_weights))) if v is not None}
+                                ("task_weights", parse_task_weights(args.task_weights)),
+                                ("checkpoint_every", args.checkpoint_every),
+                                ("checkpoint_minutes", args.checkpoint_minutes),
+                                ("keep_checkpoints", args.keep_checkpoints),
+                                ("nonfinite", args.on_nonfinite),
+                                ("dist_timeout_s", args.dist_timeout)) if v is not None}
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          precision=args.precision, out_dir=args.out, **recipe,
                          seed=args.seed, data_seed=args.data_seed,
                          device=args.device, compile=args.compile, eval_examples=eval_examples,
-                         max_seconds=args.max_seconds, checkpoint_every=args.checkpoint_every,
+                         max_seconds=args.max_seconds, overwrite=args.overwrite,
                          log_every=args.log_every, progress=not args.no_progress)
-    result = train(config, model=model, data=data, resume=args.resume)
+    try:
+        result = train(config, model=model, data=data, resume=args.resume)
+    except (NonFiniteError, RankTimeoutError) as exc:
+        print(f"loka train: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
     print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s")
@@ -76,6 +119,10 @@ def _run_train(args) -> int:
         print(result.evaluation.table())
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint}")
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.step}; continue with --resume "
+              f"{result.checkpoint or '(no --out: nothing saved)'}", file=sys.stderr)
+        return 128 + getattr(signal, result.stopped_by)  # the shell's convention for a signal
     return 0
 
 
@@ -109,6 +156,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_run_eval)
 
 
+@_clear_errors("eval")
 def _run_eval(args) -> int:
     from .checkpoint import load_checkpoint, load_model
     from .evaluate import compare, evaluate
@@ -135,7 +183,8 @@ def _run_eval(args) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP on loopback",
-                       description="POST /score with one user and N candidates -> N scores per task.")
+                       description="POST /score with one user and N candidates -> N scores per task; "
+                                   "GET /health, GET /metrics. Limits: see models/README.md.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--plan", default=None, help="fp8 or a loka plan file (default: bf16)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -144,24 +193,34 @@ def _add_serve(sub) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--max-batch", type=int, default=1024, help="most examples per batched forward")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long to gather requests")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-inflight", type=int, default=4,
+                   help="requests read, parsed and scored at once (bounds memory); others wait")
+    p.add_argument("--max-connections", type=int, default=1024, help="past this, requests get 503")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds for a request head, and for its body")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for a slot, and for its scores, before 503")
     p.set_defaults(func=_run_serve)
 
 
+@_clear_errors("serve")
 def _run_serve(args) -> int:
     from .engine import InferenceEngine
-    from .serve import ScoringServer
+    from .serve import ScoringServer, ServeConfig
 
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
+                         max_connections=args.max_connections, read_timeout_s=args.read_timeout,
+                         request_timeout_s=args.request_timeout)
     engine = InferenceEngine.from_checkpoint(args.checkpoint, plan=args.plan, compile=args.compile,
                                              device=args.device)
     engine.warmup()
-    server = ScoringServer(engine, args.host, args.port, args.max_batch, args.max_wait_ms)
+    server = ScoringServer(engine, config)
     print(f"serving {engine.config.size} ranker ({engine.precision}) at {server.url}/score", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGINT/SIGTERM: graceful shutdown
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
-    finally:
-        server.stop()
+        print("stopped", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ position (file, line) is checkpointable like the synthetic stream's.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,18 @@ class ParsedLine:
     sparse: list[int]
 
 
+# Strict forms: Python's int() also takes " 7 ", "1_000", "0x1f" and non-ASCII digits ("١٢"),
+# none of which is a Criteo value; 18 digits keep every integer exact in int64 and finite.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_HEX = re.compile(r"[0-9a-fA-F]{1,64}")
+
+
 def hash_category(value: str, column: int, buckets: int) -> int:
     """Stable id in [1, buckets) for a hex category of ``column``; 0 is reserved for empty."""
     if not value:
         return 0
+    if not _HEX.fullmatch(value):
+        raise ValueError(f"{value!r} is not hexadecimal")
     mixed = (int(value, 16) * 2654435761 + (column + 1) * 1_000_003) % 2_147_483_647
     return 1 + mixed % (buckets - 1)
 
@@ -54,16 +63,16 @@ def parse_line(line: str, buckets: int) -> ParsedLine:
         raise ValueError(f"label must be 0 or 1, got {fields[0]!r}")
     dense = []
     for j, value in enumerate(fields[1 : 1 + N_INT]):
-        try:
-            dense.append(float(int(value)) if value else 0.0)
-        except ValueError:
-            raise ValueError(f"integer column I{j + 1} has {value!r}") from None
+        if value and not _INTEGER.fullmatch(value):
+            raise ValueError(f"integer column I{j + 1} has {value[:40]!r}, not an integer of at most 18 "
+                             "ASCII digits")
+        dense.append(float(int(value)) if value else 0.0)
     sparse = []
     for j, value in enumerate(fields[1 + N_INT :]):
         try:
             sparse.append(hash_category(value, j, buckets))
         except ValueError:
-            raise ValueError(f"categorical column C{j + 1} has {value!r}, not hexadecimal") from None
+            raise ValueError(f"categorical column C{j + 1} has {value[:40]!r}, not hexadecimal") from None
     return ParsedLine(float(fields[0]), dense, sparse)
 
 

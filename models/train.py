@@ -3,14 +3,17 @@
 AdamW for the dense parameters and row-wise Adagrad for the embedding tables; bf16 autocast
 where the device supports it; precision bf16 / fp8 / a loka plan (see `precision.py`);
 a tqdm bar with loss and examples/s; a JSONL metrics log; checkpoints that resume exactly
-(model, optimizers, stream position, step). Under ``torchrun --nproc_per_node=N`` the same
+from any step (model, optimizers, schedule, RNG, stream position, precision; `resume.py`),
+written periodically, on SIGTERM/SIGINT and never over another run (`run_dir.py`), and
+never with NaN/Inf in them (`guards.py`). Under ``torchrun --nproc_per_node=N`` the same
 function runs data-parallel (DDP; gloo on CPU, nccl on CUDA), each rank reading its own
-slice of the stream.
+slice of the stream, with collectives bounded by ``dist_timeout_s``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -23,11 +26,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .batch import Batch
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
+from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, check_labels, diagnose,
+                     grads_finite)
 from .optim import build_optimizers
 from .precision import apply_precision, check_precision
+from .resume import restore_rng, resume_precision
+from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
 from .synthetic import SyntheticStream
 
@@ -47,10 +54,21 @@ class TrainConfig:
     impression in CTR's; at weight 0.1 its noisy gradient no longer drowns the CTR signal in
     the shared trunk and tables (models/README.md, acceptance).
     decay_sparse: apply the schedule to the embeddings' Adagrad too (False: warm-up only).
-    precision: "bf16" | "fp32" | "fp8" | path to a loka plan JSON. autocast: "auto" (bf16 on
-    devices that support it fast, i.e. CUDA with bf16; off on CPU), "on" or "off".
+    precision: "bf16" | "fp32" | "fp8" | path to a loka plan JSON; None (the default) is bf16 for
+    a new run and the checkpoint's own precision (and plan) on resume, so an FP8 run resumes
+    in FP8. autocast: "auto" (bf16 on devices that support it fast, i.e. CUDA with bf16; off
+    on CPU), "on" or "off".
     out_dir: where metrics.jsonl, checkpoints and eval results go (None: nothing written).
+    A directory holding another run is refused unless ``overwrite``.
+    checkpoint_every / checkpoint_minutes: write ``checkpoint_<step>.pt`` every N steps and
+    every M minutes (0 turns either off), keeping the newest ``keep_checkpoints``; SIGTERM
+    or SIGINT ends the run after the current step with ``checkpoint.pt`` written.
+    nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise `NonFiniteError` naming
+    where it appeared; no checkpoint is written) or "skip" (drop that step's update and go
+    on; a parameter already NaN/Inf still stops). See `guards.py`.
     max_seconds: stop early once training has run this long (the step reached is reported).
+    dist_timeout_s: how long a collective may wait for another rank before the run fails
+    naming the rank that stopped answering (data-parallel runs only).
     """
 
     size: str = "small"
@@ -64,7 +82,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     decay_sparse: bool = True
     task_weights: tuple[tuple[str, float], ...] | None = None
-    precision: str = "bf16"
+    precision: str | None = None
     autocast: str = "auto"
     seed: int = 0
     data_seed: int = 0
@@ -73,10 +91,15 @@ class TrainConfig:
     compile: bool = False
     out_dir: str | None = None
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1000
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: int = 3
+    overwrite: bool = False
+    nonfinite: str = "stop"
     eval_examples: int = 0
     eval_seed: int = 1_000_003
     max_seconds: float | None = None
+    dist_timeout_s: float = 300.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,8 +108,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 1.")
-        if self.lr_dense <= 0 or self.lr_sparse <= 0:
-            raise ValueError("Learning rates must be > 0.")
+        if not (0 < self.lr_dense < math.inf and 0 < self.lr_sparse < math.inf):
+            raise ValueError(f"Learning rates must be finite and > 0, got lr_dense={self.lr_dense}, "
+                             f"lr_sparse={self.lr_sparse}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError("lr_schedule must be 'constant' or 'cosine' (decays to min_lr_ratio at `steps`).")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -95,13 +119,25 @@ class TrainConfig:
             raise ValueError("autocast must be 'auto', 'on' or 'off'.")
         if self.checkpoint_every < 0 or self.eval_examples < 0 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every, eval_examples and warmup_steps must be >= 0.")
+        self._check_run_limits()
         if self.task_weights is not None:
             pairs = [tuple(p) for p in self.task_weights]
             if any(len(p) != 2 or not isinstance(p[0], str) or not float(p[1]) >= 0 for p in pairs):
                 raise ValueError(f"task_weights={self.task_weights!r} must be (task, weight) pairs with "
                                  "weight >= 0, e.g. (('cvr', 0.1),).")
             object.__setattr__(self, "task_weights", tuple((t, float(w)) for t, w in pairs))
-        check_precision(self.precision)
+        if self.precision is not None:
+            check_precision(self.precision)
+
+    def _check_run_limits(self) -> None:
+        if not 0 <= self.checkpoint_minutes < math.inf or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_minutes must be >= 0 (0: off) and keep_checkpoints >= 1.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={self.nonfinite!r}: choose one of {NONFINITE_POLICIES}.")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds={self.max_seconds} must be > 0 (None: no time limit).")
+        if not 0 < self.dist_timeout_s < math.inf:
+            raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be a finite number of seconds > 0.")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -120,6 +156,8 @@ class TrainResult:
     checkpoint: Path | None = None
     evaluation: object | None = None
     convert_result: object | None = None
+    skipped_steps: int = 0
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
 def task_losses(logits: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
@@ -193,12 +231,15 @@ class _Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> "_Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
 
 
-def _build(config: TrainConfig, model, data, resume, ctx: DistContext):
+def _build(config: TrainConfig, model, data, state, ctx: DistContext):
     cfg = model.config if model is not None else RankerConfig.from_size(config.size)
     if model is None:
         with torch.random.fork_rng(devices=[]):  # seed the init without resetting the caller's RNG
@@ -208,7 +249,6 @@ def _build(config: TrainConfig, model, data, resume, ctx: DistContext):
         data = SyntheticStream(cfg, config.batch_size, seed=config.data_seed,
                                teacher_seed=config.teacher_seed, device=ctx.device,
                                rank=ctx.rank, world_size=ctx.world_size)
-    state = load_checkpoint(resume) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
     elif hasattr(data, "base_rates"):
@@ -222,6 +262,7 @@ def _build(config: TrainConfig, model, data, resume, ctx: DistContext):
             opt.load_state_dict(state["optimizers"][name])
         if state.get("stream") is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(state["stream"])
+        restore_rng(state)
         step = int(state["step"])
     return model, data, optimizers, step, convert_result
 
@@ -232,82 +273,111 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
 
     ``model``: start from this Ranker (default: a fresh one of ``config.size``). ``data``: an
     iterator of `Batch` (default: the synthetic stream; give it ``state_dict``/``load_state_dict``
-    to make its position part of checkpoints). ``resume``: a checkpoint to continue from.
+    to make its position part of checkpoints). ``resume``: a checkpoint to continue from,
+    exactly (weights, optimizers, schedule, RNG, data position, precision/plan).
     Keyword overrides replace TrainConfig fields, e.g. ``train(size="tiny", steps=10)``.
+    Raises `NonFiniteError` (guards.py) when training meets NaN/Inf under nonfinite="stop".
     """
     config = (config or TrainConfig()).replace(**overrides) if overrides else (config or TrainConfig())
-    ctx = init_distributed(config.device)
-    model, data, optimizers, step, convert_result = _build(config, model, data, resume, ctx)
+    state = load_checkpoint(resume) if resume else None
+    config = config.replace(precision=resume_precision(config.precision, state, resume))
+    ctx = init_distributed(config.device, config.dist_timeout_s)
+    model, data, optimizers, step, convert_result = _build(config, model, data, state, ctx)
     resolve_task_weights(config.task_weights, model.config.tasks)  # unknown task names fail here
+    run_id = (state or {}).get("run_id") or new_run_id()
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir and ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_out_dir(out_dir, run_id, Path(resume) if resume else None, config.overwrite)
         (out_dir / "config.json").write_text(json.dumps(
-            {"train": dataclasses.asdict(config), "ranker": model.config.to_dict()}, indent=2))
+            {"run_id": run_id, "train": dataclasses.asdict(config), "ranker": model.config.to_dict()},
+            indent=2))
     runner = wrap_ddp(model, ctx)
     if config.compile:
         runner = torch.compile(runner)
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
                          convert_result=convert_result)
-    _loop(config, runner, data, optimizers, result, ctx)
-    if out_dir and ctx.is_main:
-        result.checkpoint = save_checkpoint(
-            out_dir / "checkpoint.pt", model, optimizers, _stream_state(data), result.step,
-            dataclasses.asdict(config), config.precision)
-    if config.eval_examples and ctx.is_main:
+    saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main, last=resume)
+    with StopSignals() as signals, ctx.watch():
+        _loop(config, runner, data, optimizers, result, ctx, saver, signals)
+    result.stopped_by = signals.name
+    result.checkpoint = saver.save("checkpoint.pt", result.step)
+    if config.eval_examples and ctx.is_main and not result.stopped_by:
         result.evaluation = _final_eval(config, model, ctx, out_dir)
     ctx.barrier()
     return result
 
 
-def _stream_state(data) -> dict | None:
-    return data.state_dict() if hasattr(data, "state_dict") else None
+def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext,
+          saver: RunSaver, signals: StopSignals) -> None:
+    with _Logger(result.out_dir, ctx.is_main) as logger, tqdm(
+            total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
+            desc="train", unit="step", dynamic_ncols=True) as bar:
+        _steps(config, runner, data, optimizers, result, ctx, saver, signals, logger, bar)
 
 
-def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext) -> None:
+def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistContext, saver: RunSaver,
+           signals: StopSignals, logger: "_Logger", bar) -> None:
     autocast = _autocast_enabled(config, ctx.device)
-    logger = _Logger(result.out_dir, ctx.is_main)
-    bar = tqdm(total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
-               desc="train", unit="step", dynamic_ncols=True)
-    base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in optimizers.items()}
-    start, seen = time.perf_counter(), 0
+    base_lrs = {"dense": config.lr_dense, "sparse": config.lr_sparse}  # never the restored, scheduled ones
+    start, seen, skips_in_a_row = time.perf_counter(), 0, 0
     runner.train()
     while result.step < config.steps:
-        if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+        timed_out = config.max_seconds is not None and time.perf_counter() - start > config.max_seconds
+        if ctx.any_rank(timed_out or signals.signum is not None):
             break
         try:
             batch = next(data).to(ctx.device, non_blocking=True)
         except StopIteration:
             bar.write(f"data ended after step {result.step}; stopping")
             break
+        check_labels(batch, result.model.config.tasks)
         for name, opt in optimizers.items():
-            for g, lr in zip(opt.param_groups, base_lrs[name]):
-                g["lr"] = lr * _lr_scale(result.step, config, name)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-            losses = task_losses(runner(batch), batch)
+            for g in opt.param_groups:
+                g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
+        losses = task_losses(_forward(runner, batch, ctx.device.type, autocast), batch)
         loss = total_loss(losses, config.task_weights)
         loss.backward()
+        finite = torch.isfinite(loss.detach()) & grads_finite(result.model)
+        loss_value, ok = torch.stack([loss.detach().double(), finite.double()]).tolist()
+        if ok:
+            for opt in optimizers.values():
+                opt.step()
+            skips_in_a_row = 0
+        else:
+            rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
+            skips_in_a_row = _nonfinite(config, result, rerun, losses, saver, skips_in_a_row)
+            bar.write(f"step {result.step + 1}: NaN/Inf loss or gradient; update skipped")
         for opt in optimizers.values():
-            opt.step()
             opt.zero_grad(set_to_none=True)
         result.step += 1
         seen += batch.size * ctx.world_size
-        result.losses.append(float(loss.detach()))
+        result.losses.append(loss_value)
         result.examples_per_s = seen / max(time.perf_counter() - start, 1e-9)
         bar.update(1)
         if result.step % config.log_every == 0 or result.step == config.steps:
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", ex_s=f"{result.examples_per_s:,.0f}")
             logger.log({"step": result.step, "loss": result.losses[-1],
                         **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
-                        "examples_per_s": result.examples_per_s,
+                        "examples_per_s": result.examples_per_s, "skipped_steps": result.skipped_steps,
                         "elapsed_s": time.perf_counter() - start})
-        if (config.checkpoint_every and result.step % config.checkpoint_every == 0
-                and result.out_dir and ctx.is_main):
-            save_checkpoint(result.out_dir / f"checkpoint_{result.step:07d}.pt",
-                            result.model, optimizers, _stream_state(data),
-                            result.step, dataclasses.asdict(config), config.precision)
-    bar.close()
-    logger.close()
+        saver.periodic(result.step)
+
+
+def _forward(runner, batch: Batch, device_type: str, autocast: bool) -> dict[str, Tensor]:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        return runner(batch)
+
+
+def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skips_in_a_row: int) -> int:
+    """Stop (NonFiniteError) or count a skipped step; returns the new run of skips."""
+    where, fatal = diagnose(result.model, losses, rerun)
+    last = f"the last checkpoint is {saver.last}" if saver.last else "no checkpoint was written"
+    if config.nonfinite == "stop" or fatal or skips_in_a_row + 1 >= MAX_CONSECUTIVE_SKIPS:
+        raise NonFiniteError(
+            f"training stopped at step {result.step + 1}: {where}; {last}. Lower the learning "
+            "rate, fix the data, or skip such steps with nonfinite='skip' (--on-nonfinite skip).")
+    result.skipped_steps += 1
+    return skips_in_a_row + 1
 
 
 def _final_eval(config: TrainConfig, model: Ranker, ctx: DistContext, out_dir: Path | None):

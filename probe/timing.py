@@ -1,7 +1,8 @@
 """Timing kernels at a site's real shape: is FP8 *fast* there?
 
-:func:`time_fn` is the one timer loka uses (the dispatch package reuses it, adding an
-on-disk cache). Its signature is stable::
+:func:`time_fn` is loka's one timer, defined in :mod:`loka.timer` and re-exported here for
+the probe's callers (the dispatch package reuses it too, adding an on-disk cache). Its
+signature is stable::
 
     time_fn(fn, *, warmup=10, iters=50, device=None) -> Timing
 
@@ -17,75 +18,13 @@ distributions (or standard normal when no fit is given).
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable
-
 import torch
 
 from loka.probe.fit import Fit, gemm_shape
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
+from loka.timer import Timing, device_name, time_fn
 
-
-@dataclass(frozen=True)
-class Timing:
-    """Per-call wall time of a function, in milliseconds."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    iters: int
-    device_name: str
-    representative: bool  # False on CPU: not a measure of GPU speed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
-    s = sorted(times_ms)
-    if len(s) == 1:
-        return s[0], s[0], s[0]
-    q = statistics.quantiles(s, n=10, method="inclusive")
-    return statistics.median(s), q[0], q[-1]
-
-
-def time_fn(fn: Callable[[], object], *, warmup: int = 10, iters: int = 50, device: torch.device | str | None = None) -> Timing:
-    """Median / p10 / p90 per-call time of ``fn()`` over ``iters`` timed calls after ``warmup``.
-
-    ``device`` (default cpu) says how to time: CUDA events on a CUDA device, perf_counter on CPU.
-    """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    dev = torch.device(device or "cpu")
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(dev)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    med, p10, p90 = _quantiles(times)
-    return Timing(med, p10, p90, iters, device_name(dev), dev.type == "cuda")
+__all__ = ["Timing", "device_name", "time_fn", "time_site"]
 
 
 def _operands(gemm: str, shape: tuple[int, int, int], fits: dict[str, Fit] | None, dtype, device, seed: int):

@@ -83,3 +83,42 @@ def test_trains_a_criteo_shaped_ranker(tmp_path, rng):
     result = train(TrainConfig(size="tiny", steps=100, batch_size=32, progress=False), model=model, data=stream)
     assert result.step == 7  # the data ended after 200 lines; training stops there
     assert all(x == x for x in result.losses)
+
+
+@pytest.mark.parametrize("value", [str(10**400), "١٢", "1_000", " 7 ", "+3", "0x10", "7.5", "1e3",
+                                   "9" * 19])
+def test_values_int_would_accept_or_overflow_on_are_bad_values(tmp_path, rng, value):
+    """One bad integer: a CriteoFormatError naming the column with on_error='fail', the line
+    skipped and counted with 'skip', never parsed as a number nor an OverflowError."""
+    lines = [_line(rng) for _ in range(5)]
+    fields = lines[3].rstrip("\n").split("\t")
+    column = rng.randrange(13)
+    fields[1 + column] = value
+    lines[3] = "\t".join(fields) + "\n"
+    path = tmp_path / "odd.tsv"
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(CriteoFormatError, match=rf"odd.tsv:4: integer column I{column + 1} has"):
+        list(CriteoStream([path], batch_size=8))
+    stream = CriteoStream([path], batch_size=8, on_error="skip")
+    batches = list(stream)
+    assert sum(b.size for b in batches) == 4 and stream.skipped == 1
+
+
+@pytest.mark.parametrize("value", ["٣a", " ab", "a_b", "0xab", "ab "])
+def test_categories_must_be_plain_ascii_hex(tmp_path, rng, value):
+    fields = _line(rng).rstrip("\n").split("\t")
+    fields[14] = value
+    path = tmp_path / "cat.tsv"
+    path.write_text("\t".join(fields) + "\n", encoding="utf-8")
+    stream = CriteoStream([path], on_error="skip")
+    assert list(stream) == [] and stream.skipped == 1
+
+
+def test_valid_integers_still_parse_exactly(tmp_path, rng):
+    fields = _line(rng).rstrip("\n").split("\t")
+    values = [rng.randint(-10**17, 10**17) for _ in range(13)]
+    fields[1:14] = [str(v) for v in values]
+    path = tmp_path / "ok.tsv"
+    path.write_text("\t".join(fields) + "\n")
+    (batch,) = list(CriteoStream([path]))
+    assert batch.dense[0].tolist() == [float(torch.tensor(float(v))) for v in values]

@@ -1,0 +1,152 @@
+"""A training run's output directory: when checkpoints are written, how many are kept, and
+whose directory it is.
+
+Why: a long run must not lose its work. Checkpoints are written every ``checkpoint_every``
+steps and every ``checkpoint_minutes`` minutes by default, and once more when SIGTERM or
+SIGINT asks the run to stop (the current step finishes first). Periodic files
+``checkpoint_<step>.pt`` are rotated (the last ``keep_checkpoints`` stay); ``checkpoint.pt``
+is the run's latest end point. A directory that holds another run is never written over
+without ``overwrite``, and temp files a killed writer left behind are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .checkpoint import save_checkpoint
+from .guards import check_before_save
+from .resume import plan_record, rng_record
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "eval.json", "eval_outputs.npz")
+PERIODIC_GLOB = "checkpoint_[0-9]*.pt"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def dir_run_id(out_dir: Path) -> str | None:
+    """The run id recorded in ``out_dir/config.json`` (None: none recorded)."""
+    try:
+        return json.loads((out_dir / "config.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim_out_dir(out_dir: Path, run_id: str, resume: Path | None, overwrite: bool) -> None:
+    """Make ``out_dir`` this run's: remove stale temp files; refuse (ValueError) if it holds a
+    different run, unless ``overwrite`` (then that run's files are removed).
+
+    Same run: resuming a checkpoint that lives in ``out_dir`` or carries its run id.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob("*.tmp"):  # a writer killed mid-write; the file it replaced is intact
+        tmp.unlink(missing_ok=True)
+    existing = [p for p in (out_dir / f for f in RUN_FILES) if p.exists()]
+    existing += sorted(out_dir.glob(PERIODIC_GLOB))
+    if not existing:
+        return
+    same = resume is not None and (resume.resolve().parent == out_dir.resolve()
+                                   or dir_run_id(out_dir) in (run_id,))
+    if same:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise ValueError(f"{out_dir} already holds another run ({names}); continue it with "
+                         f"--resume {out_dir / 'checkpoint.pt'}, replace it with --overwrite "
+                         "(overwrite=True), or choose another --out.")
+    for path in existing:
+        path.unlink(missing_ok=True)
+
+
+class CheckpointSchedule:
+    """When the next periodic checkpoint is due: every ``every_steps`` steps or ``minutes``
+    minutes since the last one (0 turns either off)."""
+
+    def __init__(self, every_steps: int, minutes: float) -> None:
+        self.every_steps, self.seconds = every_steps, minutes * 60.0
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every_steps and step % self.every_steps == 0
+        by_time = self.seconds and time.monotonic() - self.last >= self.seconds
+        return bool(by_steps or by_time)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def rotate(out_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``checkpoint_<step>.pt`` files."""
+    periodic = sorted(out_dir.glob(PERIODIC_GLOB))
+    for path in periodic[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the run to stop after the current step (which then
+    writes a checkpoint) instead of killing it; a second signal stops at once.
+
+    Handlers are installed only in the main thread (Python allows no other); elsewhere the
+    run keeps the default behaviour. ``signum`` is the signal received, or None.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+class RunSaver:
+    """Writes this run's checkpoints (rank 0, with an out_dir): guarded against NaN/Inf, with
+    everything an exact resume needs (RNG, run id, the plan's text), periodic ones rotated."""
+
+    def __init__(self, config, model, optimizers, data, run_id: str, is_main: bool, last=None) -> None:
+        self.config, self.model, self.optimizers, self.data = config, model, optimizers, data
+        self.out_dir = Path(config.out_dir) if config.out_dir and is_main else None
+        self.extra = {"run_id": run_id, **plan_record(config.precision)}
+        self.schedule = CheckpointSchedule(config.checkpoint_every, config.checkpoint_minutes)
+        self.last: Path | None = Path(last) if last else None  # the newest good checkpoint
+
+    def save(self, name: str, step: int) -> Path | None:
+        if self.out_dir is None:
+            return None
+        check_before_save(self.model, self.optimizers, step)
+        stream = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        self.last = save_checkpoint(self.out_dir / name, self.model, self.optimizers, stream, step,
+                                    dataclasses.asdict(self.config), self.config.precision,
+                                    extra={**self.extra, **rng_record()})
+        self.schedule.saved()
+        return self.last
+
+    def periodic(self, step: int) -> None:
+        if self.out_dir is not None and self.schedule.due(step):
+            self.save(f"checkpoint_{step:07d}.pt", step)
+            rotate(self.out_dir, self.config.keep_checkpoints)

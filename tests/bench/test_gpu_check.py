@@ -1,0 +1,110 @@
+"""bench/gpu_check.py: its CPU smoke run has every stage with a status, and a stage that fails or
+hangs is a row with the reason, never the end of the run (stages injected with --inject)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ["doctor", "gpu_tests", "ranker_base", "kernels", "probe_overhead", "ranker_large"]
+STATUSES = {"ok", "failed", "timed out", "skipped"}
+
+
+def _run(tmp_path: Path, *extra: str, timeout: float = 200) -> tuple[subprocess.CompletedProcess, dict, str]:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work"),
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    doc = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
+    md = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
+    return proc, doc, md
+
+
+def _md_rows(md: str) -> dict[str, list[str]]:
+    table = md.split("| # | stage |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:] if line.startswith("|")]
+    return {cells[1].strip(): [c.strip() for c in cells[2:]] for cells in rows}
+
+
+@pytest.mark.slow
+def test_cpu_smoke_every_stage_has_a_status_and_a_failing_or_hanging_stage_is_a_row(tmp_path):
+    proc, doc, md = _run(tmp_path, "--cpu-smoke", "--inject", "broken=fail", "--inject", "hang=timeout:2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert list(stages) == ["broken", "hang"] + STAGES, "injected stages run first, then every stage in order"
+    assert all(s["status"] in STATUSES for s in stages.values())
+    # The injected failure and hang are rows with their reasons; every real stage still ran after them.
+    assert stages["broken"]["status"] == "failed" and "injected failure" in stages["broken"]["reason"]
+    assert stages["hang"]["status"] == "timed out" and "2 s limit" in stages["hang"]["reason"]
+    assert stages["hang"]["elapsed_s"] < 2 + 12, "the hung stage's process group was stopped near its limit"
+    for name in STAGES:
+        assert stages[name]["status"] == "ok", (name, stages[name]["reason"], stages[name]["log_tail"][-10:])
+    header = doc["header"]
+    assert header["representative"] is False and header["versions"]["torch"] != "not installed"
+    assert header["commit"] and header["command"].startswith("python bench/gpu_check.py ") and "--cpu-smoke" in header["command"]
+    # Figures come from each stage's own outputs.
+    assert "loka doctor" in md and "bf16" in stages["doctor"]["figures"]["doctor"]
+    tests = stages["gpu_tests"]["figures"]
+    assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0 and tests["skipped"] == tests["tests"]
+    variants = [v["name"] for v in stages["ranker_base"]["figures"]["variants"]]
+    assert variants == ["bf16", "torchao-tensorwise", "loka-plan"]
+    kernels = stages["kernels"]["figures"]
+    assert [r["gemm"] for r in kernels["rows"]] == ["fprop", "dgrad", "wgrad"] and kernels["done"]
+    for row in kernels["rows"]:
+        labels = [e["what"] for e in row["entries"]]
+        assert labels[:2] == ["bf16 (per call)", "bf16"] and any(w.startswith("ceiling") for w in labels)
+        assert all(e["median_ms"] > 0 and not e["representative"] for e in row["entries"] if "error" not in e)
+    assert stages["probe_overhead"]["figures"]["steps"] == 4
+    # The Markdown has the same rows, each with its status and reason.
+    rows = _md_rows(md)
+    assert list(rows) == list(stages)
+    assert rows["broken"][1] == "failed" and "injected failure" in rows["broken"][3]
+    assert rows["hang"][1] == "timed out"
+    assert "NOT representative" in md
+
+
+def test_failing_gpu_tests_are_counted_and_named_from_junit(tmp_path):
+    fake = tmp_path / "test_fake_gpu.py"
+    fake.write_text("import pytest\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_wrong_scale():\n    assert 1.0 == 2.0, 'scale off by one ulp'\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_right():\n    assert True\n\n"
+                    "def test_not_gpu():\n    assert False\n")
+    proc, doc, md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake), timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert [stages[n]["status"] for n in STAGES] == ["skipped", "failed"] + ["skipped"] * 4
+    assert stages["doctor"]["reason"] == "not in --only"
+    figures = stages["gpu_tests"]["figures"]
+    # The unmarked test is deselected by -m; of the two marked ones one fails.
+    assert (figures["tests"], figures["passed"], figures["failures"]) == (2, 1, 1)
+    assert [f["test"].split("::")[-1] for f in figures["failed"]] == ["test_wrong_scale"]
+    assert "scale off by one ulp" in figures["failed"][0]["message"]
+    assert stages["gpu_tests"]["reason"].startswith("1 failed, 0 errors of 2")
+    assert "test_wrong_scale" in md
+
+
+def test_bad_options_are_refused_by_name(tmp_path):
+    for extra, message in ((["--limit", "nosuch=3"], "unknown stages ['nosuch']"),
+                           (["--inject", "x=explode"], "use NAME=fail|timeout|ok")):
+        proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path / "o"),
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_gpu_tests_past_their_limit_still_report_what_ran(tmp_path):
+    fake = tmp_path / "test_slow_gpu.py"
+    fake.write_text("import time\nimport pytest\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_quick():\n    assert True\n\n"
+                    "@pytest.mark.requires_cuda\ndef test_hangs():\n    time.sleep(120)\n")
+    proc, doc, _md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake),
+                          "--limit", "gpu_tests=6", timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = next(s for s in doc["stages"] if s["name"] == "gpu_tests")
+    assert stage["status"] == "timed out" and stage["elapsed_s"] < 6 + 15
+    # SIGINT first: pytest wrote its JUnit report, with the test that finished before the limit.
+    assert stage["figures"].get("passed", 0) >= 1, stage
+    assert "6 s limit" in stage["reason"]
