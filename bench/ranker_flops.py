@@ -71,6 +71,7 @@ class GemmFlops:
     fwd_per_example: float
     linear_sites: int
     bmm_sites: int
+    counted_on_step: bool = False  # from a whole training step (loka.models.estimate): 1/3 of it
 
     def train_step(self, batch_size: int) -> float:
         """fprop + dgrad + wgrad: 3 GEMMs of the forward's size, i.e. 6·M·K·N per Linear."""
@@ -80,6 +81,10 @@ class GemmFlops:
         return self.fwd_per_example * batch_size
 
     def describe(self) -> str:
+        if self.counted_on_step:
+            return (f"{3 * self.fwd_per_example / 1e6:.3f} MFLOP per example per training step over "
+                    f"{self.linear_sites} Linear + {self.bmm_sites} BatchMatmul sites and attention "
+                    "(counted on the timed batches by loka.models.estimate; inference: a third)")
         return (f"{self.fwd_per_example / 1e6:.3f} MFLOP forward per example over {self.linear_sites} Linear + "
                 f"{self.bmm_sites} BatchMatmul sites (train 6·M·K·N, inference 2·M·K·N; "
                 "attention inside SDPA and element-wise work not counted)")

@@ -53,7 +53,7 @@ class RunInfo:
     flops: GemmFlops
     peak: Peak | None
     settings: list[str]
-    flops_executed: GemmFlops | None = None  # what the device runs (padded histories on CUDA); None: = flops
+    flops_executed: GemmFlops | None = None  # what the device runs (with recomputation); None: = flops
 
 
 def _status_row(r: VariantResult, n_cols: int) -> str:
@@ -129,10 +129,10 @@ def header(info: RunInfo) -> list[str]:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()),
               f"- training: {info.warmup} warm-up + {info.steps} timed steps per variant, the same batches in the "
               f"same order from the same initial weights; NE on the same {info.eval_examples} held-out examples",
-              f"- GEMM FLOPs (useful: histories packed, padding cut): {info.flops.describe()}",
-              "- GEMM FLOPs executed: " + (f"{info.flops_executed.describe()} (histories padded, as the device runs "
-                                           "them); `MFU executed` is of these" if info.flops_executed
-                                           else "the same as useful on this device"),
+              f"- GEMM FLOPs (useful: the real examples once, jagged histories): {info.flops.describe()}",
+              "- GEMM FLOPs executed: " + (f"{info.flops_executed.describe()} (activation recomputation and "
+                                           "flash attention's recomputed scores included); `MFU executed` is of "
+                                           "these" if info.flops_executed else "the same as useful on this device"),
               "- peak: " + (f"{info.peak.describe()}; MFU = achieved TFLOP/s / bf16 dense peak for every variant"
                             if info.peak else "n/a (no tensor-core peak for this device); MFU n/a"),
               "- peak GiB: torch.cuda.max_memory_allocated over the variant (build, training, eval, inference)"]

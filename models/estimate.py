@@ -220,6 +220,20 @@ def _count_flops(cfg: RankerConfig, batch: Batch, layout) -> tuple[dict, list]:
     return out, sites
 
 
+def count_step_flops(cfg: RankerConfig, batches: list[Batch]) -> dict[str, float]:
+    """Training-step GEMM FLOPs per example of the real ``batches`` (CPU tensors), summed over
+    arches: {"useful", "executed"}. Counted on fake tensors, so any size costs seconds."""
+    useful = executed = examples = 0.0
+    for batch in batches:
+        layout = (HistoryLayout.jagged_tokens(batch.hist_mask, cfg.seq_summary_tokens, attention="flash-estimate")
+                  if cfg.history_len else None)
+        per_arch, _ = _count_flops(cfg, batch, layout)
+        useful += batch.size * sum(v["useful"] for v in per_arch.values())
+        executed += batch.size * sum(v["executed"] for v in per_arch.values())
+        examples += batch.size
+    return {"useful": useful / examples, "executed": executed / examples}
+
+
 def _adamw_with_state(model: Ranker) -> torch.optim.Optimizer:
     """AdamW over the dense parameters with its two states per element already allocated, as
     in every step after the first (the peak of a later step holds them)."""

@@ -176,9 +176,9 @@ class SequenceArch(nn.Module):
         return self.out_proj(both)  # [B, K, D]
 
     def layout(self, mask: Tensor) -> HistoryLayout:
-        """Jagged (real tokens only); padded when ``pack_history`` is off (the reference) or under
-        torch.compile, where data-dependent sizes would break the graph (pass a layout built
-        outside instead: `Ranker.history_layout`)."""
-        if self.pack_history and not torch.compiler.is_compiling():
+        """Jagged (real tokens only); padded when ``pack_history`` is off (the reference), on the
+        meta device (no sizes to read), or under torch.compile, where data-dependent sizes
+        would break the graph (pass a layout built outside instead: `Ranker.history_layout`)."""
+        if self.pack_history and not torch.compiler.is_compiling() and mask.device.type != "meta":
             return HistoryLayout.jagged_tokens(mask, self.k)
         return HistoryLayout.padded(mask, self.k)

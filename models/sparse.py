@@ -60,6 +60,8 @@ class SparseArch(nn.Module):
         # Set by `loka.models.estimate` on fake tensors: the meta kernel of the sparse backward
         # cannot size a gradient whose row count depends on data, so its memory is modelled.
         self.estimated_grads: list | None = None
+        # False: a dense gradient, for generic loops whose optimizer takes no sparse ones (Adam).
+        self.sparse_grad = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,7 +97,7 @@ class SparseArch(nn.Module):
         if self.estimated_grads is not None:
             out = _SparseGradEstimate.apply(w, ids, starts, weights, self.estimated_grads)
         else:
-            out = F.embedding_bag(ids, w, starts, mode="sum", sparse=True,
+            out = F.embedding_bag(ids, w, starts, mode="sum", sparse=self.sparse_grad,
                                   per_sample_weights=weights)  # [bags, D]
         single, multi, events = out.split([b * n_s, b * n_m, n_events])  # bags are example-major
         d = w.shape[1]

@@ -39,6 +39,7 @@ def ranker_workload(size: str, *, batch_size: int = 256, seed: int = 0, device: 
     cfg = RankerConfig.from_size(size)
     torch.manual_seed(seed)
     model = Ranker(cfg).to(device)
+    model.sparse.sparse_grad = False  # the loops that train a workload use torch.optim.Adam (dense only)
     stream = SyntheticStream(cfg, batch_size=batch_size, seed=seed, device=device)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:

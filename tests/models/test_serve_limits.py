@@ -212,7 +212,7 @@ def test_non_finite_scores_answer_500_in_valid_json_and_only_for_their_request()
     model = Ranker(cfg)
     bad_id = int(torch.randint(0, cfg.sparse_cardinalities[2], ()))
     with torch.no_grad():
-        model.sparse.tables[2].weight[bad_id] = float("nan")  # one corrupt embedding row
+        model.sparse.table.weight[model.sparse.row_offsets[2] + bad_id] = float("nan")  # one corrupt row of table 2
     batch = SyntheticStream(cfg, 6, seed=int(torch.randint(0, 1 << 30, ()))).batch(0)
     batch.sparse[:, 2] = (bad_id + 1) % cfg.sparse_cardinalities[2]
     good = json.dumps(batch_to_request(batch)).encode()
