@@ -19,8 +19,10 @@ Budgets are frozen and validated on construction.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from loka.recipe import GEMMS
 
@@ -96,9 +98,6 @@ class Budget:
         """From a CLI string: ``"wgrad=0.05,fprop=0.06,ne=2e-4,sqnr_fprop=25,min_speedup=1.05"``,
         or a path to a JSON file holding ``Budget.to_dict()``'s fields."""
         if text.strip().endswith(".json"):
-            import json
-            from pathlib import Path
-
             path = Path(text.strip())
             if not path.exists():
                 raise ValueError(f"budget file {path} does not exist")

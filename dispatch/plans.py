@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loka.dispatch.plan_table import plan_table
 from loka.recipe import GEMMS, HP_GEMM, GemmRecipe, Recipe, as_recipe
 
 PLAN_KIND = "loka.dispatch.plan"
@@ -167,8 +168,6 @@ class Plan:
         return cls.from_dict(doc)
 
     def summary(self) -> str:
-        from loka.dispatch.plan_table import plan_table
-
         return plan_table(self)
 
 

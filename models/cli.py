@@ -7,6 +7,18 @@ import json
 import os
 import sys
 
+import torch
+
+from .checkpoint import load_checkpoint, load_model
+from .criteo import CriteoStream
+from .engine import InferenceEngine
+from .evaluate import compare, evaluate
+from .precision import apply_precision
+from .ranker import Ranker
+from .serve import ScoringServer
+from .synthetic import SyntheticStream
+from .train import TrainConfig, train
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the reference ranker (synthetic data or Criteo TSV)",
@@ -43,12 +55,6 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import torch
-
-    from .criteo import CriteoStream
-    from .ranker import Ranker
-    from .train import TrainConfig, train
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model = data = None
@@ -110,11 +116,6 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .checkpoint import load_checkpoint, load_model
-    from .evaluate import compare, evaluate
-    from .precision import apply_precision
-    from .synthetic import SyntheticStream
-
     model = load_model(args.checkpoint)
     if args.plan:
         apply_precision(model, args.plan)
@@ -148,9 +149,6 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from .engine import InferenceEngine
-    from .serve import ScoringServer
-
     engine = InferenceEngine.from_checkpoint(args.checkpoint, plan=args.plan, compile=args.compile,
                                              device=args.device)
     engine.warmup()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """DDP-wrapped model when running data-parallel, else the model itself."""
     if ctx.world_size <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

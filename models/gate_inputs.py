@@ -1,24 +1,35 @@
-"""What ``loka gate`` accepts on each side: saved EvalOutputs, or a ranker checkpoint (+ plan).
+"""A ranker checkpoint as one side of the gate: checkpoint (+ precision) -> EvalOutputs.
 
-A saved ``EvalOutputs`` (``.npz``) is used as is. A checkpoint of the bundled ranker
-(``loka.models`` format) is evaluated here: its weights are loaded, converted for
-``precision`` (``bf16``, ``fp32``, ``fp8`` or a plan JSON; default the precision it was
-trained with), and scored on the held-out synthetic stream its training config names
-(``eval_seed``, ``teacher_seed``), so two checkpoints of one run are scored on the
-same examples. Both files are zip archives; an EvalOutputs file is recognised by its
-metadata entry.
+The gate (``loka.gate``) compares EvalOutputs and never builds a model; this module is
+where the bundled ranker meets it (``loka gate`` wires it in for ``.pt`` inputs). A
+checkpoint of the ranker (``loka.models`` format, ``.pt``) is evaluated here: its weights
+are loaded, converted for ``precision`` (``bf16``, ``fp32``, ``fp8`` or a plan JSON;
+default the precision it was trained with), and scored on the held-out synthetic stream
+its training config names (``eval_seed``, ``teacher_seed``), so two checkpoints of one
+run are scored on the same examples. A saved ``EvalOutputs`` (``.npz``) is used as is;
+any other file is refused.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
+import torch
 
-_OUTPUTS_MARKER = "meta_json.npy"
+from loka.gate import GateResult, gate
+from loka.gate.compare import GateInputError, read_outputs
+from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint, is_eval_outputs_file
+
+from .checkpoint import load_checkpoint
+from .config import RankerConfig
+from .evaluate import evaluate
+from .precision import apply_precision
+from .ranker import Ranker
+from .synthetic import SyntheticStream
+
+CHECKPOINT_SUFFIX = ".pt"
 
 
 @dataclass(frozen=True)
@@ -41,46 +52,26 @@ class CheckpointEval:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
 
-def is_eval_outputs_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file written by ``EvalOutputs.save``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return _OUTPUTS_MARKER in zf.namelist()
-
-
 def load_side(
     side: str, value: object, precision: str | None = None, how: CheckpointEval | None = None
 ) -> EvalOutputs:
     """EvalOutputs for one side of the gate from an EvalOutputs, a saved file or a checkpoint."""
-    if isinstance(value, EvalOutputs):
-        if precision is not None:
-            raise EvalOutputsError(f"{side}: a precision/plan applies to checkpoints, not to EvalOutputs")
-        return value
-    if not isinstance(value, (str, os.PathLike)):
-        raise EvalOutputsError(f"{side} must be EvalOutputs or a path, not {type(value).__name__}")
-    if not os.path.isfile(value):
-        raise EvalOutputsError(f"{side}: {value}: no such file")
-    if is_eval_outputs_file(value):
-        if precision is not None:
-            raise EvalOutputsError(f"{side}: a precision/plan applies to checkpoints, not to saved outputs {value}")
-        return EvalOutputs.load(value)
-    return evaluate_checkpoint(value, precision, how or CheckpointEval())
+    if is_checkpoint(value):
+        return evaluate_checkpoint(value, precision, how or CheckpointEval())
+    if precision is not None:
+        raise EvalOutputsError(f"{side}: a precision/plan applies to checkpoints ({CHECKPOINT_SUFFIX}), not to "
+                               f"saved outputs {value}")
+    return read_outputs(side, value)
+
+
+def is_checkpoint(value: object) -> bool:
+    """A path to an existing ``.pt`` file that is not saved EvalOutputs: a ranker checkpoint to evaluate."""
+    return (isinstance(value, (str, os.PathLike)) and os.fspath(value).endswith(CHECKPOINT_SUFFIX)
+            and os.path.isfile(value) and not is_eval_outputs_file(value))
 
 
 def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: CheckpointEval) -> EvalOutputs:
     """Load a ranker checkpoint, convert it for ``precision`` and score its held-out stream."""
-    try:
-        import torch
-
-        from loka.models.checkpoint import load_checkpoint
-        from loka.models.config import RankerConfig
-        from loka.models.evaluate import evaluate
-        from loka.models.precision import apply_precision
-        from loka.models.ranker import Ranker
-        from loka.models.synthetic import SyntheticStream
-    except ImportError as exc:
-        raise EvalOutputsError(f"checkpoint inputs need loka.models, which failed to import: {exc}") from None
     try:
         state = load_checkpoint(path, map_location="cpu")
     except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
@@ -104,3 +95,35 @@ def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: Che
     meta["model_fingerprint"] = fingerprint(str(meta.get("model_fingerprint", "")), plan_id)
     meta["info"] = {**dict(meta.get("info") or {}), "checkpoint": os.fspath(path), "precision": precision}
     return EvalOutputs(out.example_ids, out.labels, out.probs, meta)
+
+
+def gate_checkpoints(
+    baseline: object,
+    candidate: object,
+    *,
+    baseline_precision: str | None = None,
+    candidate_precision: str | None = None,
+    checkpoint_eval: CheckpointEval | None = None,
+    **gate_options,
+) -> GateResult:
+    """``loka.gate.gate`` of two sides that may be ranker checkpoints (each evaluated first, same examples).
+
+    ``*_precision``: bf16 / fp32 / fp8 / plan JSON for a checkpoint side (default: as
+    trained); ``gate_options`` go to ``gate``. Raises GateInputError when a side cannot be
+    loaded or evaluated.
+    """
+    sides = []
+    for side, value, precision in (("baseline", baseline, baseline_precision),
+                                   ("candidate", candidate, candidate_precision)):  # fmt: skip
+        try:
+            sides.append(load_side(side, value, precision, checkpoint_eval))
+        except (EvalOutputsError, ValueError) as exc:
+            raise GateInputError(f"{side}: {exc}") from None
+    return gate(*sides, **gate_options)
+
+
+def checkpoint_loader(side: str, path: str, precision: str | None, *, eval_examples: int, eval_seed: int | None,
+                      device: str) -> EvalOutputs:
+    """The ``loka gate`` command's loader of a ``.pt`` side (wired by ``loka.cli``)."""
+    return load_side(side, path, precision, CheckpointEval(eval_examples=eval_examples, eval_seed=eval_seed,
+                                                          device=device))

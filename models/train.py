@@ -26,6 +26,7 @@ from .batch import Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
+from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import apply_precision, check_precision
 from .ranker import Ranker
@@ -311,8 +312,6 @@ def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContex
 
 
 def _final_eval(config: TrainConfig, model: Ranker, ctx: DistContext, out_dir: Path | None):
-    from .evaluate import evaluate
-
     stream = SyntheticStream(model.config, min(4096, config.eval_examples), seed=config.eval_seed,
                              teacher_seed=config.teacher_seed, device=ctx.device)
     report = evaluate(model, stream, n_examples=config.eval_examples, progress=config.progress)

@@ -107,7 +107,21 @@ def _site(s: dict, i: int) -> SiteInfo:
 def _opt(v) -> float | None:
     return None if v is None else _num(v)
 
+def speedup(timings: dict | None, recipe: str | None) -> float | None:
+    """bf16 time / fastest kernel time for ``recipe``, summed over the GEMMs timed for both."""
+    if not timings or recipe is None:
+        return None
+    best: dict[str, float] = {}
+    for e in timings["entries"]:
+        if e["recipe"] == recipe:
+            best[e["gemm"]] = min(best.get(e["gemm"], math.inf), e["median_ms"])
+    gemms = [g for g in best if g in timings["bf16_ms"]]
+    if not gemms:
+        return None
+    return sum(timings["bf16_ms"][g] for g in gemms) / sum(best[g] for g in gemms)
 
-def gemm_shape(gemm: str, m: int, k: int, n: int) -> tuple[int, int, int]:
-    """(rows of a, reduction, rows of b) of ``gemm`` for a site ``y[M,N] = x[M,K] · W[N,K]ᵀ``."""
-    return {"fprop": (m, k, n), "dgrad": (m, n, k), "wgrad": (n, m, k)}[gemm]
+
+def speed_timings(site: dict) -> dict | None:
+    """The timings a site entry's speed rests on: measured on a GPU, else the speed model's."""
+    t = site.get("timings")
+    return t if t and t["representative"] else site.get("modeled_timings")

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from loka.probe.html import render_html
 from loka.probe.schema import ReportSchemaError, decode_floats, encode_floats, validate
 
 
@@ -101,8 +102,6 @@ class ProbeReport:
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
-        from loka.probe.html import render_html
-
         return render_html(self)
 
 

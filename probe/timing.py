@@ -17,6 +17,7 @@ distributions (or standard normal when no fit is given).
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +25,9 @@ from typing import Callable
 
 import torch
 
-from loka.probe.fit import Fit, gemm_shape
-from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
+from loka.kernels import KERNELS
+from loka.probe.fit import Fit
+from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,6 @@ class Timing:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -120,7 +121,6 @@ def time_site(
     kernel's time in ``dtype`` (the operands' dtype; bf16 on GPU). Kernels that are not
     available here or do not support a recipe/shape are skipped (listed under ``skipped``).
     """
-    from loka.dispatch import KERNELS
 
     dev = torch.device(device or "cpu")
     names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]

@@ -46,8 +46,8 @@ def _compile_ptx(fn, types: dict[str, str], constexprs: dict[str, object], divis
 
 
 def _gemm_ptx(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_warps: int) -> str:
-    from loka.dispatch import triton_gemm_kernel as mod
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels import triton_gemm_kernel as mod
+    from loka.kernels.triton_fp8_jit import fp8_constexprs
 
     fmt = fp8_constexprs("e4m3")
     bm, bn, bk, nt = tile
@@ -75,8 +75,8 @@ def test_gemm_compiles_to_fp8_wgmma_for_sm90(fast_accum, k, tile):
 
 
 def test_norm_quant_compiles_with_the_native_cast_for_sm90():
-    from loka.dispatch import triton_norm_quant_kernel as mod
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels import triton_norm_quant_kernel as mod
+    from loka.kernels.triton_fp8_jit import fp8_constexprs
 
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
              "y_hp_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32", "eps": "fp32"}

@@ -66,7 +66,7 @@ def test_missing_file_exits_2(saved, tmp_path, capsys):
 def test_not_an_outputs_file_exits_2(saved, tmp_path, capsys):
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"\x00garbage")
-    _assert_bad_input(["--baseline", str(junk), "--candidate", saved["good"]], capsys, "neither saved EvalOutputs nor a loka ranker checkpoint")
+    _assert_bad_input(["--baseline", str(junk), "--candidate", saved["good"]], capsys, "not a saved EvalOutputs .npz file")
 
 
 def test_different_models_exit_2(saved, tmp_path, capsys):
