@@ -19,11 +19,11 @@ Budgets are frozen and validated on construction.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loka.jsonio import read_json
 from loka.recipe import GEMMS
 
 DEFAULT_NE_DELTA = 2e-4  # 0.02% relative NE
@@ -87,6 +87,8 @@ class Budget:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Budget":
+        if not isinstance(d, dict):
+            raise ValueError(f"a budget is a JSON object of Budget's fields, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -101,7 +103,7 @@ class Budget:
             path = Path(text.strip())
             if not path.exists():
                 raise ValueError(f"budget file {path} does not exist")
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(read_json(path, "budget"))
         rel, sqnr, kw = dict(DEFAULT_MAX_REL_ERROR), {}, {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")

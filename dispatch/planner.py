@@ -9,6 +9,8 @@ micro-benchmarks run now with ``measure=True``). Each option saves
 model-level budget. An exact multiple-choice knapsack (loka.dispatch.solver)
 picks at most one option per GEMM to maximize the time saved; every GEMM left
 in bf16 gets the reason it was left there.
+
+The result is a ``loka.dispatch.plans.Plan`` (the file format); ``plan_table`` renders it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""What the planner reads from a probe report, and nothing more.
+"""The one reader of a probe report: every consumer (the planner, the gate) reads it here.
 
 The probe's ``ProbeReport`` (loka.probe.report, schema in loka.probe.schema) holds
-much more than a plan needs. This module reads the few fields the planner uses,
-from a ``ProbeReport``, its JSON document (dict) or a path, so the planner
-depends on the report's *fields*, not its class:
+much more than a consumer needs. :func:`read_report` takes a ``ProbeReport``, its JSON
+document (dict) or a path, checks its ``kind`` and ``schema_version`` and the types of
+the fields read below (one ``ReportSchemaError`` line naming the path of the first
+problem, never a traceback), and returns the document with non-finite floats decoded.
+:func:`report_sites` gives each site as a typed :class:`SiteInfo`:
 
     sites[*].fqn, in_features, out_features, m_values
-    sites[*].errors[recipe][gemm] = {mean, ci_hi, sqnr_db, n}
+    sites[*].errors[recipe][gemm] = {mean, ci_lo, ci_hi, n, sqnr_db?, threshold?}
     sites[*].sensitivity[recipe] = {rel_loss_delta}          (optional)
     sites[*].timings = {device_name, representative, m,
                         bf16_ms: {gemm: ms},
@@ -16,25 +18,45 @@ depends on the report's *fields*, not its class:
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from loka.jsonio import decode_floats, read_json
+from loka.probe.schema import NUM, OPT_NUM, ReportSchemaError, validate
 from loka.recipe import GEMMS
+
+# The part of the schema a consumer reads ("key?": optional); the probe writes all of REPORT.
+READ_GEMM_ERROR = {"mean": NUM, "ci_lo": NUM, "ci_hi": NUM, "n": int, "sqnr_db?": OPT_NUM, "threshold?": OPT_NUM}
+READ_TIMINGS = {"m?": int, "bf16_ms": {"*": NUM}, "entries": [{"gemm": str, "kernel": str, "recipe": str, "median_ms": NUM}]}
+READ_SITE = {
+    "fqn": str,
+    "in_features": int,
+    "out_features": int,
+    "m_values?": [int],
+    "errors?": {"*": {"*": READ_GEMM_ERROR}},
+    "sensitivity?": {"*": {"rel_loss_delta?": NUM}},
+    "timings?": (READ_TIMINGS, None),
+    "fits?": {"*": [dict]},
+}
+READ_REPORT = {"sites": [READ_SITE]}
 
 
 @dataclass(frozen=True)
 class GemmError:
+    """One GEMM's measured relative error with its confidence interval."""
+
     mean: float
     ci_hi: float
     sqnr_db: float | None
     n: int
+    ci_lo: float = -math.inf
+    threshold: float | None = None
 
 
 @dataclass
 class SiteInfo:
-    """One site as the planner sees it."""
+    """One site as its consumers see it."""
 
     fqn: str
     in_features: int
@@ -55,51 +77,47 @@ class SiteInfo:
         return sum(coefs) / len(coefs) if coefs else None
 
 
-def _num(v, default=math.nan) -> float:
-    if v is None:
-        return default
-    if isinstance(v, str):
-        return float(v)  # "inf" / "nan" as the probe writes them
-    return float(v)
+def read_report(report) -> dict:
+    """The checked document of a ``ProbeReport``, report dict or path (see module docstring)."""
+    if isinstance(report, (str, os.PathLike)):
+        doc = read_json(report, "probe report", ReportSchemaError)
+        where = f"{os.fspath(report)}: "
+    elif isinstance(report, (dict, list)):  # a JSON document (a list is refused by the check below)
+        doc, where = report, ""
+    elif isinstance(getattr(report, "doc", None), dict):  # a loka.probe.ProbeReport
+        doc, where = report.doc, ""
+    else:
+        raise ReportSchemaError(f"a probe report is a ProbeReport, its JSON dict or a path, not {type(report).__name__}")
+    try:
+        validate(doc, READ_REPORT)
+    except ReportSchemaError as exc:
+        raise ReportSchemaError(f"{where}{exc}") from None
+    except RecursionError:
+        raise ReportSchemaError(f"{where}the report is nested too deeply to be a probe report") from None
+    return decode_floats(doc)
 
 
 def report_sites(report) -> list[SiteInfo]:
     """SiteInfo for every site of a ``ProbeReport``, report dict, or path to its JSON."""
-    doc = _as_doc(report)
-    sites = doc.get("sites")
-    if not isinstance(sites, list):
-        raise ValueError("the report has no 'sites' list; pass a loka.probe ProbeReport or its JSON file")
-    return [_site(s, i) for i, s in enumerate(sites)]
+    return [_site(s) for s in read_report(report)["sites"]]
 
 
-def _as_doc(report) -> dict:
-    if isinstance(report, (str, Path)):
-        path = Path(report)
-        if not path.exists():
-            raise ValueError(f"report file {path} does not exist")
-        return json.loads(path.read_text())
-    if isinstance(report, dict):
-        return report
-    doc = getattr(report, "doc", None)
-    if isinstance(doc, dict):
-        return doc
-    raise TypeError(f"plan needs a ProbeReport, its JSON dict or a path, got {type(report).__name__}")
+def _num(v, default=math.nan) -> float:
+    return default if v is None else float(v)
 
 
-def _site(s: dict, i: int) -> SiteInfo:
-    for key in ("fqn", "in_features", "out_features"):
-        if key not in s:
-            raise ValueError(f"report sites[{i}] lacks {key!r}; is this a loka probe report?")
+def _site(s: dict) -> SiteInfo:
     timings = s.get("timings") or None
     m_values = s.get("m_values") or []
     m = int(timings["m"]) if timings and "m" in timings else (max(m_values) if m_values else 0)
     errors = {}
     for recipe, per_gemm in (s.get("errors") or {}).items():
         errors[recipe] = {
-            g: GemmError(_num(e.get("mean")), _num(e.get("ci_hi"), math.inf), _opt(e.get("sqnr_db")), int(e.get("n", 0)))
-            for g, e in per_gemm.items() if g in GEMMS and isinstance(e, dict)
+            g: GemmError(_num(e["mean"]), _num(e["ci_hi"], math.inf), _opt(e.get("sqnr_db")), int(e["n"]),
+                         _num(e["ci_lo"]), _opt(e.get("threshold")))
+            for g, e in per_gemm.items() if g in GEMMS
         }
-    deltas = {r: _num(v.get("rel_loss_delta")) for r, v in (s.get("sensitivity") or {}).items() if isinstance(v, dict)}
+    deltas = {r: _num(v.get("rel_loss_delta")) for r, v in (s.get("sensitivity") or {}).items()}
     fits = {role: fl[0] for role, fl in (s.get("fits") or {}).items() if fl}
     return SiteInfo(s["fqn"], int(s["in_features"]), int(s["out_features"]), int(m), errors, deltas, timings, fits)
 
