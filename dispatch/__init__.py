@@ -1,4 +1,8 @@
-"""loka.dispatch: choose and run the fastest FP8 kernel per site and GEMM.
+"""loka.dispatch (layer 3): choose the fastest FP8 kernel per site and GEMM, and apply the choice.
+
+It reads probe reports through ``loka.probe.reader`` and writes plans (``plans``); the
+names ``planner`` (chooses), ``plans`` (the file) and ``plan_table`` (renders) are one
+role each.
 
 The kernels themselves (``GemmKernel``, the registry ``KERNELS``, the backends and
 the speed model) live below, in ``loka.kernels``; this layer measures and chooses:

@@ -1,4 +1,4 @@
-"""loka.mods: reusable rewrites of GEMM-plus-normalization blocks for FP8 stability and speed.
+"""loka.mods (layer 3): reusable rewrites of GEMM-plus-normalization blocks for FP8 stability and speed.
 
 Each mod is ``apply(model, report=None, **options) -> ModResult`` and finds its
 sites by dataflow pattern on a recorded forward pass (``loka.mods.graph``),
