@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 from importlib.metadata import version
 
 import torch
@@ -12,7 +11,7 @@ import torch
 from loka.kernels.costmodel import model_site_timings
 from loka.probe.error import SAFE, UNDECIDED, UNSAFE
 from loka.probe.fit import Fit, fit_values, gemm_fits, predict_gemm_error
-from loka.probe.reader import speed_timings, speedup
+from loka.probe.reader import speedup
 from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
 from loka.recipe import GEMMS, as_recipe, gemm_shape
@@ -87,7 +86,7 @@ def _speed_phrase(timings: dict, best: str, sp: float) -> str:
 def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
     """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts.
 
-    ``timings``: representative (GPU) timings, else the speed model's (see :func:`speed_timings`).
+    ``timings``: representative (GPU) timings, else the speed model's (see :func:`loka.probe.reader.speed_timings`).
     """
     safe = [r for r, v in recipe_verdicts.items() if v["verdict"] == SAFE]
     if safe:

@@ -2,14 +2,12 @@
 
 import copy
 
-import loka
-from loka.metrics import rel_error
-
 import pytest
 import torch
 from torch import nn
 
 from loka import Float8Linear
+from loka.metrics import rel_error
 from loka.mods import RowScaleInvariantLinear, row_scale
 
 
