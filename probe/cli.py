@@ -82,6 +82,9 @@ def train_with_probe(workload, probe, steps: int, *, lr: float, device: str, aut
         with probe.step(step), amp:
             loss = workload.loss_fn(probe.select(model), batch)
             loss.backward()
+            for p in model.parameters():  # torch.optim.Adam takes dense gradients only
+                if p.grad is not None and p.grad.is_sparse:  # (e.g. a fused embedding table's)
+                    p.grad = p.grad.to_dense()
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
