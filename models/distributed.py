@@ -131,4 +131,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    sparse = getattr(model, "sparse", None)
+    if ctx.device.type == "cuda" and hasattr(sparse, "sparse_grad"):
+        sparse.sparse_grad = False  # NCCL all-reduces dense gradients only (gloo takes sparse ones)
     return DistributedDataParallel(model, device_ids=ids)

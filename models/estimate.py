@@ -8,9 +8,10 @@ seconds and no memory, and measures:
 
 - FLOPs per example per arch with `FlopCounterMode`'s formulas: **useful** (the real batch
   once: every matmul forward, and again for each operand that needs a gradient) and
-  **executed** (plus the forward of blocks that activation checkpointing recomputes). Attention inside the variable-length flash kernel is added from the
-  history lengths (4·s²·d forward per example and layer; backward 2x forward useful, 2.5x
-  executed, flash recomputing the scores).
+  **executed** (plus the forward of blocks that activation checkpointing recomputes).
+  Attention inside the variable-length flash kernel is added from the history lengths
+  (4·s²·d forward per example and layer; backward 2x forward useful, 2.5x executed, flash
+  recomputing the scores).
 - peak memory with `MemTracker` (parameters, gradients, optimizer states, activations,
   temporaries), as the caching allocator would need it at least.
 
@@ -24,10 +25,9 @@ follow `SyntheticStream`'s law. To be checked against the GPU's own peak memory 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import warnings
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

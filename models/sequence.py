@@ -18,7 +18,6 @@ With ``RankerConfig.checkpoint_blocks`` each block's activations are recomputed 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
