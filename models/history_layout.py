@@ -39,7 +39,9 @@ class HistoryLayout:
     pool_weight [N]: 1 / (events of the example) on real events, 0 elsewhere (masked mean).
     cls_rows [B * K]: rows of the CLS tokens, in batch order.
     chunks: (examples, padded tokens per example) of each CPU attention chunk.
-    chunk_rows [P]: the token at each padded chunk position (N where it is padding).
+    chunk_rows [P]: the token at each padded chunk position (token 0 where it is padding: never
+        a key there, and a query whose output is dropped).
+    chunk_keys [P] bool: the position holds a real key (a token that is CLS or a real event).
     token_pos [N]: each token's padded chunk position (None: the identity, nothing padded).
     max_len: an upper bound on tokens per example (K + T; read without a device sync).
     jagged: only real events are kept.
@@ -57,6 +59,7 @@ class HistoryLayout:
     cls_rows: Tensor
     chunks: tuple[tuple[int, int], ...]
     chunk_rows: Tensor
+    chunk_keys: Tensor
     token_pos: Tensor | None
     max_len: int
     jagged: bool
@@ -117,16 +120,19 @@ class HistoryLayout:
         key_mask, pool_weight = ~is_hist | real, real / events[example]
         if not jagged:  # one chunk in batch order, nothing padded
             return cls(hist_rows, rows, example, offsets, key_mask, pool_weight, cls_rows,
-                       ((b, k + t),), torch.arange(n_tokens, device=dev), None, k + t, jagged, attention)
+                       ((b, k + t),), torch.arange(n_tokens, device=dev), key_mask, None, k + t, jagged,
+                       attention)
         chunks, chunk_rows, token_pos = _attention_chunks(width, order, sizes, example, slot)
         # Up to pad_to - 1 spare tokens after the last example, so that every per-token GEMM has
         # M (and wgrad K) a multiple of pad_to, as FP8 GEMMs need; they belong to no example.
         spare = (-n_tokens) % pad_to
-        chunk_rows = chunk_rows.masked_fill(chunk_rows == n_tokens, n_tokens + spare)  # padding: past all
+        padding = chunk_rows == n_tokens
+        chunk_keys = ~padding & key_mask[chunk_rows.clamp_max(n_tokens - 1)]
+        chunk_rows = chunk_rows.masked_fill(padding, 0)
         zeros = torch.zeros(spare, dtype=torch.long, device=dev)
         return cls(hist_rows, torch.cat([rows, zeros]), torch.cat([example, zeros]), offsets,
                    torch.cat([key_mask, zeros.bool()]), torch.cat([pool_weight, zeros.float()]),
-                   cls_rows, chunks, chunk_rows, torch.cat([token_pos, zeros]), k + t, jagged, attention,
+                   cls_rows, chunks, chunk_rows, chunk_keys, torch.cat([token_pos, zeros]), k + t, jagged, attention,
                    spare)
 
     @property
@@ -167,16 +173,10 @@ class HistoryLayout:
         return x.new_zeros(batch_size, x.shape[-1]).index_add(0, self.example, weighted)
 
     def to_chunks(self, x: Tensor) -> Tensor:
-        """Tokens [N, f] -> padded chunk positions [P, f] (zeros on padding)."""
+        """Tokens [N, f] -> padded chunk positions [P, f] (padding holds some token's values)."""
         if self.token_pos is None:
             return x
-        return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, self.chunk_rows)
-
-    def chunk_key_mask(self) -> Tensor:
-        """[P] bool: the chunk position holds a real key (a token, and a CLS or real event)."""
-        if self.token_pos is None:
-            return self.key_mask
-        return torch.cat([self.key_mask, self.key_mask.new_zeros(1)]).index_select(0, self.chunk_rows)
+        return x.index_select(0, self.chunk_rows)
 
     def from_chunks(self, x: Tensor) -> Tensor:
         """Padded chunk positions [P, f] -> tokens [N, f]."""

@@ -92,7 +92,7 @@ def jagged_attention(qkv: Tensor, layout: HistoryLayout, heads: int) -> Tensor:
         return _nested_attention(qkv, layout, heads)
     parts = []
     for (n, s), part, mask in zip(layout.chunks, layout.to_chunks(qkv).split(layout.tokens_per_chunk),
-                                  layout.chunk_key_mask().split(layout.tokens_per_chunk)):
+                                  layout.chunk_keys.split(layout.tokens_per_chunk)):
         # one copy to [3, n, H, s, dh] instead of one per q, k, v
         q, k, v = part.view(n, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4).contiguous()
         parts.append(attention(q, k, v, mask.view(n, s)).transpose(1, 2).reshape(n * s, d))

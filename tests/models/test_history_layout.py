@@ -62,8 +62,10 @@ def test_jagged_layout_keeps_exactly_the_real_events():
     # chunk positions: each token once, each chunk padded only to its own longest example
     assert torch.equal(layout.chunk_rows[layout.token_pos[:real]], torch.arange(real))
     assert sum(layout.tokens_per_chunk) < 256 * (k + 12)
-    for (n, width), rows in zip(layout.chunks, layout.chunk_rows.split(layout.tokens_per_chunk)):
-        assert width == int(lengths[layout.example[rows[rows < real]]].max())
+    assert int(layout.chunk_keys.sum()) == real  # each real token is a key once, padding never
+    for (n, width), rows, keys in zip(layout.chunks, layout.chunk_rows.split(layout.tokens_per_chunk),
+                                      layout.chunk_keys.split(layout.tokens_per_chunk)):
+        assert width == int(lengths[layout.example[rows[keys]]].max())
 
 
 def test_jagged_layout_of_a_small_batch_is_one_chunk():
