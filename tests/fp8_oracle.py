@@ -117,9 +117,15 @@ def oracle_conversion_errors(model: nn.Module, fqn: str, recipe, loss_fn) -> dic
     m = oracle_convert(model, fqn, recipe)
     site = m.get_submodule(fqn)
     seen: dict[str, torch.Tensor] = {}
-    hooks = [site.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach(), y=out.detach())),
-             site.register_full_backward_hook(
-                 lambda mod, gin, gout: seen.update(dy=gout[0].detach(), **({"dx": gin[0].detach()} if gin[0] is not None else {})))]
+    def fwd(module, args, out):
+        seen["x"], seen["y"] = args[0].detach(), out.detach()
+
+    def bwd(module, grad_input, grad_output):
+        seen["dy"] = grad_output[0].detach()
+        if grad_input[0] is not None:
+            seen["dx"] = grad_input[0].detach()
+
+    hooks = [site.register_forward_hook(fwd), site.register_full_backward_hook(bwd)]
     try:
         m.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # "no inputs require gradients" on a first layer is expected

@@ -115,8 +115,8 @@ def _h200_ids() -> list[str]:
 
 
 H200_MISSES = {
-    "32768x1024x1024": "the model expects the fused Triton kernel at 1.10x of bf16; it ran at 0.23x "
-                       "(per-tile re-quantization and division bound, see bench/results/h200_2026-11-30_gemm_triton.md)",
+    "32768x1024x1024": "the model expects the fused Triton kernel at 1.10x of bf16; it ran at 0.23x (per-tile "
+                       "re-quantization and division bound, see bench/results/h200_2026-11-30_gemm_triton.md)",
 }
 
 
