@@ -85,10 +85,12 @@ def test_bf16_checkpoint_loads_into_fp8_model_and_back(tmp_path):
     with torch.no_grad():
         y_hp, y_fp8 = hp(batch), fp8(batch)
         y_other = Ranker(cfg).eval()(batch)
-    for task, y in y_hp.items():  # every Linear in FP8: 2-17% relative on untrained logits; another model: 75%+
+    # Every Linear in FP8 moves untrained logits by 2-40% (relative); another model's are 3.5x+ farther
+    # (seeds 0-259: the smallest ratio 3.5).
+    for task, y in y_hp.items():
         err = float((y_fp8[task] - y).norm() / y.norm())
         other = float((y_other[task] - y).norm() / y.norm())
-        assert 0 < err < 0.3 and other > 2 * err, (task, err, other)
+        assert 0 < err < 0.6 and other > 2 * err, (task, err, other)
     back = Ranker(cfg).eval()
     back.load_state_dict(fp8.state_dict())
     with torch.no_grad():
