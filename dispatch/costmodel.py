@@ -20,8 +20,8 @@ quantization. tests/dispatch/test_costmodel.py checks it against the
 machine-readable copy (bench/results/gemm_calibration.json), and against the
 H200 run of 2026-11-30 it was not fitted to (which kernel is fastest); it
 records where it misses by more than 10%: its spread over M is wider than measured (0.66x at M=2048 to 1.33x at
-M=32768 for K=N=512), and it expects the fused Triton kernel near bf16 speed
-where the H200 measured 0.21-0.25x.
+M=32768 for K=N=512), and it expects the fused Triton kernel at 0.44-1.18x of
+bf16 at the H200 run's five shapes, which measured 0.21-0.25x.
 
 Everything it returns is labelled ``source: model`` and ``representative:
 false``: it ranks kernels sensibly, it does not replace measuring on the GPU.
