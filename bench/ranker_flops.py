@@ -9,9 +9,11 @@ that this file owns:
   wgrad; for BatchMatmul the two backward products have the same cost). Every site's M
   grows linearly with the batch (M = B, B·D or B·T), so counting a few examples and
   scaling is exact. Attention inside ``F.scaled_dot_product_attention`` and the
-  element-wise work are not counted: MFU here is *GEMM-site* MFU. Two counts: *useful*
-  (histories packed, padding cut: the work the examples need) and *executed* (histories
-  padded to ``history_len``, as the ranker runs on a CUDA device; on CPU the two agree).
+  element-wise work are not counted: MFU here is *GEMM-site* MFU. Two counts: jagged
+  histories (the work the examples need) and padded ones (``history_len`` slots per example,
+  as architecture 1 ran on CUDA). bench/ranker.py now takes its MFU figures from
+  `loka.models.estimate.count_step_flops` on the timed batches (`step_flops`) and only the
+  site counts from here.
 - **Peak**: dense (no sparsity) bf16 and FP8 tensor-core TFLOP/s from the vendors' data
   sheets, matched on the CUDA device name; unknown devices and CPUs get ``None`` ("n/a").
 """
@@ -93,10 +95,9 @@ class GemmFlops:
 def count_gemm_flops(model: nn.Module, batch, n_examples: int, *, padded: bool = False) -> GemmFlops:
     """Forward GEMM FLOPs per example of ``model(batch)``; ``batch`` holds ``n_examples`` examples.
 
-    ``padded=False`` counts the *useful* work: on CPU the ranker packs its histories (padding
-    cut away). ``padded=True`` counts what a CUDA device *executes*: there the histories stay
-    padded to ``history_len`` (reading sizes from the mask would sync the device), so every
-    sequence GEMM runs on B·(K+T) tokens whether they are real or not.
+    ``padded=False`` counts the *useful* work: the ranker runs its histories jagged (padding
+    cut away). ``padded=True`` counts the padded reference layout, every sequence GEMM on
+    B·(K+T) tokens whether they are real or not (what architecture 1 executed on CUDA).
     """
     from loka.models.layers import BatchMatmul
 
