@@ -58,7 +58,10 @@ def _check_against_conversion(model, fqn, recipe, verdict, loss_fns, cfg):
     loka_errs = conversion_errors(model, fqn, recipe, loss_fns[0])
     assert loka_errs.keys() == errs.keys()
     for g, e in errs.items():
-        assert loka_errs[g] == pytest.approx(e, rel=1e-3), (fqn, recipe, g, loka_errs, errs)
+        # errors at float32 rounding level (e.g. a rowwise GEMM with K = 1 quantizes exactly)
+        # agree only to a few float32 ulps between loka's float32 and the oracle's float64
+        tol = 4 * torch.finfo(torch.float32).eps
+        assert loka_errs[g] == pytest.approx(e, rel=1e-3, abs=tol), (fqn, recipe, g, loka_errs, errs)
     too_big = any(e > cfg.threshold(g) for g, e in errs.items())
     # Loss change after real conversion, over the same batches, judged like the probe judges it.
     rel = [oracle_loss_delta(model, fqn, recipe, f)["rel_loss_delta"] for f in loss_fns]
