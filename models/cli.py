@@ -8,13 +8,16 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 from .checkpoint import load_checkpoint, load_model
+from .config import RankerConfig
 from .criteo import CriteoStream
 from .distributed import RankTimeoutError
 from .engine import InferenceEngine
+from .estimate import estimate_step
 from .evaluate import compare, evaluate
 from .guards import NonFiniteError
 from .precision import apply_precision
@@ -240,11 +243,6 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from pathlib import Path
-
-    from .config import RankerConfig
-    from .estimate import estimate_step
-
     if args.batch < 1:
         raise SystemExit(f"loka info: --batch must be >= 1, got {args.batch}")
     overrides = {}

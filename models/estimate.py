@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
@@ -94,17 +95,14 @@ class StepEstimate:
         return "\n".join(lines)
 
 
-def _require_tools():
-    """FakeTensorMode, FlopCounterMode and MemTracker, or a clear error naming what is missing
-    (MemTracker lives in torch.distributed._tools, present in CPU and CUDA builds >= 2.5)."""
+def _mem_tracker():
+    """torch's MemTracker, or a clear error naming what is missing."""
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.distributed._tools.mem_tracker import MemTracker
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError as exc:  # feature check: MemTracker needs a torch with distributed tools
-        raise RuntimeError(f"loka.models.estimate needs torch's FakeTensorMode, FlopCounterMode "
-                           f"and MemTracker ({exc}); install torch >= 2.5 with distributed.") from exc
-    return FakeTensorMode, FlopCounterMode, MemTracker
+        from torch.distributed._tools.mem_tracker import MemTracker  # optional: a torch.distributed tool
+    except ImportError as exc:
+        raise RuntimeError(f"loka.models.estimate needs torch's MemTracker ({exc}); install a torch "
+                           ">= 2.5 built with torch.distributed.") from exc
+    return MemTracker
 
 
 def shape_batch(cfg: RankerConfig, batch_size: int, seed: int = 0) -> Batch:
@@ -145,7 +143,7 @@ def estimate_step(cfg: RankerConfig, batch_size: int, seed: int = 0, memory: boo
 
 def _peak_memory(cfg: RankerConfig, batch: Batch, layout) -> tuple[float, dict[str, float]]:
     """Peak GiB of forward, backward and optimizer step on fake tensors, and its parts by kind."""
-    FakeTensorMode, _, MemTracker = _require_tools()
+    MemTracker = _mem_tracker()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = Ranker(cfg)
         model.sparse.estimated_grads = []
@@ -198,7 +196,6 @@ def _count_flops(cfg: RankerConfig, batch: Batch, layout) -> tuple[dict, list]:
     """Useful training FLOPs per example per arch from one forward on fake tensors; executed
     ones add the forward of the blocks ``checkpoint_blocks`` recomputes, and flash's extra
     products in its backward."""
-    FakeTensorMode, _, _ = _require_tools()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = Ranker(cfg)
         sites: list = []
@@ -247,7 +244,7 @@ def _adamw_with_state(model: Ranker) -> torch.optim.Optimizer:
 
 
 def _arch_of(module_name: str) -> str | None:
-    """FlopCounterMode's module names look like ``Ranker.sequence.blocks.0.qkv``."""
+    """ModuleTracker's module names look like ``Ranker.sequence.blocks.0.qkv``."""
     parts = module_name.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in ARCHES else None
 
