@@ -104,3 +104,17 @@ def test_loka_info_prints_and_writes_json(tmp_path, capsys):
     assert set(data["flops_per_example"]) == set(ARCHES) and data["peak_memory_gib"] > 0
     with pytest.raises(SystemExit, match="batch"):
         loka_main(["info", "--size", "tiny", "--batch", "0"])
+
+
+def test_count_step_flops_of_real_batches_matches_the_hand_count():
+    """What bench/ranker.py reports MFU on: the timed batches' own FLOPs, here two batches."""
+    from loka.models.estimate import count_step_flops
+
+    cfg = RankerConfig.from_size("tiny")
+    seeds = [int(s) for s in torch.randint(0, 1 << 30, (2,))]
+    print("seeds", seeds)
+    batches = [shape_batch(cfg, n, seed) for n, seed in zip((50, 30), seeds)]
+    refs = [sum(_reference_flops(cfg, b.size, seed).values()) for b, seed in zip(batches, seeds)]
+    step = count_step_flops(cfg, batches)
+    assert step["useful"] == pytest.approx((50 * refs[0] + 30 * refs[1]) / 80, rel=1e-9)
+    assert step["executed"] >= step["useful"]
