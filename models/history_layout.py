@@ -48,6 +48,9 @@ class HistoryLayout:
     attention: "auto" (NJT flash on CUDA, chunks on CPU) or "flash-estimate" (fake tensors: the
         memory and shapes of a variable-length flash kernel, no values; see `loka.models.estimate`).
     spare: tokens after ``offsets[-1]`` that belong to no example.
+    nested_offsets [B + 2]: ``offsets`` and one more sequence, the spare tokens (possibly
+        empty), so nested SDPA sees every token; a tensor, so no Python int that varies per
+        batch reaches a compiled graph (jagged layouts only).
     """
 
     hist_rows: Tensor
@@ -65,6 +68,7 @@ class HistoryLayout:
     jagged: bool
     attention: str = "auto"
     spare: int = 0
+    nested_offsets: Tensor | None = None
 
     @classmethod
     def padded(cls, mask: Tensor, k: int) -> "HistoryLayout":
@@ -133,19 +137,12 @@ class HistoryLayout:
         return cls(hist_rows, torch.cat([rows, zeros]), torch.cat([example, zeros]), offsets,
                    torch.cat([key_mask, zeros.bool()]), torch.cat([pool_weight, zeros.float()]),
                    cls_rows, chunks, chunk_rows, chunk_keys, torch.cat([token_pos, zeros]), k + t, jagged, attention,
-                   spare)
+                   spare, torch.cat([offsets, offsets[-1:] + spare]))
 
     @property
     def n_tokens(self) -> int:
         """Tokens every per-token op runs on, spares included."""
         return len(self.rows)
-
-    @property
-    def nested_offsets(self) -> Tensor:
-        """Offsets of the examples, then of one sequence of the spare tokens if any [B + 1 or B + 2]."""
-        if not self.spare:
-            return self.offsets
-        return torch.cat([self.offsets, self.offsets[-1:] + self.spare])
 
     @property
     def tokens_per_chunk(self) -> list[int]:

@@ -104,7 +104,7 @@ def _nested_attention(qkv: Tensor, layout: HistoryLayout, heads: int) -> Tensor:
     n, d = qkv.shape[0], qkv.shape[-1] // 3
     q, k, v = qkv.view(n, 3, heads, d // heads).unbind(1)  # each [N, H, dh]
     nested = [torch.nested.nested_tensor_from_jagged(t.contiguous(), layout.nested_offsets,
-                                                max_seqlen=max(layout.max_len, layout.spare))
+                                                max_seqlen=max(layout.max_len, 16))  # spares: < 16
               .transpose(1, 2) for t in (q, k, v)]  # [B, H, j, dh]
     out = F.scaled_dot_product_attention(*nested)
     return out.transpose(1, 2).values().reshape(n, d)

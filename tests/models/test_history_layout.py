@@ -78,7 +78,8 @@ def test_jagged_layout_of_a_small_batch_is_one_chunk():
         HistoryLayout.jagged_tokens(mask, 1, attention="math")
 
 
-def test_nested_jagged_sdpa_matches_the_cpu_chunks_in_fp64():
+@pytest.mark.parametrize("pad_to", [1, 16])  # 1: the spare sequence is empty
+def test_nested_jagged_sdpa_matches_the_cpu_chunks_in_fp64(pad_to):
     """The CUDA path (SDPA on nested jagged tensors) against the chunked path, run on CPU."""
     from loka.models.sequence import _nested_attention, jagged_attention
 
@@ -86,7 +87,8 @@ def test_nested_jagged_sdpa_matches_the_cpu_chunks_in_fp64():
     print("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     mask = _random_mask(70, 9)
-    layout = HistoryLayout.jagged_tokens(mask, 2, max_chunks=3, min_chunk=8)
+    layout = HistoryLayout.jagged_tokens(mask, 2, max_chunks=3, min_chunk=8, pad_to=pad_to)
+    assert layout.nested_offsets.shape == (72,) and int(layout.nested_offsets[-1]) == layout.n_tokens
     qkv = torch.randn(layout.n_tokens, 3 * 16, dtype=torch.float64, generator=gen, requires_grad=True)
     out = jagged_attention(qkv, layout, heads=2)
     real = int(layout.offsets[-1])  # spare tokens after it belong to no example: unread
