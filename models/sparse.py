@@ -97,12 +97,19 @@ class SparseArch(nn.Module):
         if self.estimated_grads is not None:
             out = _SparseGradEstimate.apply(w, ids, starts, weights, self.estimated_grads)
         else:
-            out = F.embedding_bag(ids, w, starts, mode="sum", sparse=self.sparse_grad,
-                                  per_sample_weights=weights)  # [bags, D]
+            out = _fused_lookup(ids, w, starts, weights, self.sparse_grad)  # [bags, D]
         single, multi, events = out.split([b * n_s, b * n_m, n_events])  # bags are example-major
         d = w.shape[1]
         context = torch.cat([single.view(b, n_s, d), multi.view(b, n_m, d)], dim=1)
         return context, (events if history is not None else None)
+
+
+@torch.compiler.disable  # its sparse backward cannot be traced: runs eagerly between graphs
+def _fused_lookup(ids: Tensor, weight: Tensor, starts: Tensor, weights: Tensor, sparse: bool) -> Tensor:
+    """One `embedding_bag` over the fused table: ids [n], starts [bags], weights [n] -> [bags, D].
+    Outside torch.compile, as production embedding lookups are: the sparse gradient's
+    data-dependent size has no traced form (its meta kernel fails on it)."""
+    return F.embedding_bag(ids, weight, starts, mode="sum", sparse=sparse, per_sample_weights=weights)
 
 
 class _SparseGradEstimate(torch.autograd.Function):

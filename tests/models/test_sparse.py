@@ -93,3 +93,23 @@ def test_checkpoint_of_the_old_architecture_is_refused_naming_the_change(tmp_pat
         load_model(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="architecture 2"):
         RankerConfig.from_size("tiny", arch_version=1)
+
+
+@pytest.mark.slow
+def test_compiled_step_keeps_the_lookup_eager_with_sparse_gradients():
+    """torch.compile cannot trace the sparse backward: the lookup runs between graphs."""
+    cfg = RankerConfig.from_size("tiny")
+    torch.manual_seed(_seed())
+    model = Ranker(cfg)
+    compiled = torch.compile(model)
+    batch = SyntheticStream(cfg, 64, seed=_seed()).batch(0)
+    layout = model.history_layout(batch)
+    out = compiled(batch, layout)
+    out["ctr"].sum().backward()
+    grad = model.sparse.table.weight.grad
+    assert grad.is_sparse
+    model.zero_grad(set_to_none=True)
+    ref = model(batch, layout)
+    ref["ctr"].sum().backward()
+    torch.testing.assert_close(out["ctr"], ref["ctr"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.to_dense(), model.sparse.table.weight.grad.to_dense(), rtol=1e-4, atol=1e-6)
