@@ -131,6 +131,9 @@ def apply_plan(
         new = Float8Linear.from_linear(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
         setattr(parent, child_name, new)
         result.converted.append(fqn)
+        hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
+        if hp:
+            result.hp_gemms[fqn] = hp
     for fqn in sorted(set(planned) - {f for f, *_ in _linears_post_order(model)}):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result
