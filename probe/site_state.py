@@ -9,7 +9,7 @@ import torch
 from loka.recipe import GEMMS, ROLES, Recipe
 from loka.probe.capture import MicroBatch
 from loka.probe.config import ProbeConfig
-from loka.probe.error import SAFE, UNDECIDED, UNSAFE, ErrorTrack, micro_batch_errors
+from loka.probe.error import MEASURE, SAFE, UNDECIDED, UNSAFE, ErrorTrack, micro_batch_errors
 from loka.probe.sites import Site
 from loka.probe.stats import OperandStats
 
@@ -70,7 +70,7 @@ class SiteState:
     def gemm_summaries(self, cfg: ProbeConfig) -> dict[str, dict[str, dict]]:
         """recipe -> gemm -> {mean, ci_lo, ci_hi, sqnr_db, n, threshold, verdict}."""
         return {
-            name: {g: t.summary(cfg.threshold(g), cfg.confidence, cfg.min_samples) for g, t in tracks.items()}
+            name: {g: t.summary(cfg.threshold(g), cfg.confidence, cfg.min_samples, MEASURE[g]) for g, t in tracks.items()}
             for name, tracks in self.errors.items()
         }
 
