@@ -52,6 +52,7 @@ from torch import nn
 from loka.recipe import Recipe
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
+from loka.probe.census import CensusHooks
 from loka.probe.overhead import OverheadClock
 from loka.probe.site_state import SiteState
 from loka.probe.sites import Site, find_sites, unwrap_compiled
@@ -103,6 +104,7 @@ class Probe:
         self._pending: Future | None = None
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
+        self._census: CensusHooks | None = None  # every GEMM of one forward (see loka.probe.census)
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
         from loka.probe.error import _t_quantile
@@ -161,7 +163,14 @@ class Probe:
             return _StepScope(self, False)
         self._due = False
         self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
+        if self._census is None:
+            self._census = CensusHooks(self.root, probed=self.modules)
         return _StepScope(self, True)
+
+    @property
+    def census(self):
+        """The :class:`~loka.probe.census.GemmCensus` of the first sampled step's forward (None before)."""
+        return None if self._census is None else self._census.result
 
     def finish(self) -> None:
         """End the current step: remove hooks and fold what was captured into the state.

@@ -94,6 +94,12 @@ class ProbeReport:
         if modeled:
             lines.append(f"Speedups marked (model) are predicted by the {', '.join(sorted(modeled))} "
                          "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
+        cov = self.doc.get("coverage")
+        if cov:
+            lines.append(f"GEMM coverage (one forward, x3 for a step): the probed sites hold {cov['probed_share']:.1%} of "
+                         f"the step's GEMM FLOPs; loka can convert {cov['convertible_share']:.1%}, "
+                         f"{cov['worth_share']:.1%} worth converting. Sites the probe does not measure: "
+                         + (", ".join(f"`{r['site']}` {r['kind']} {r['share']:.1%}" for r in cov["sites"] if not r["probed"]) or "none"))
         lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
                   "|" + "---|" * (len(recipes) + 6)]
         for s in self.sites:
