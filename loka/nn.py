@@ -39,6 +39,7 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
     takes the recipe (``emulated`` always does).
     """
     from loka.dispatch import KERNELS
+    from loka.padded import kernel_by_name
 
     names = {g: kernels for g in GEMMS} if isinstance(kernels, str) else dict(kernels)
     unknown = set(names) - set(GEMMS)
@@ -54,7 +55,7 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
             continue
         if name == "auto":
             name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
-        kernel = KERNELS.get(name)
+        kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.padded)
         ok, why = kernel.available(device)
         if not ok:
             raise ValueError(f"kernel {name!r} for {gemm} is not available here: {why}")
