@@ -31,9 +31,12 @@ def register(subparsers) -> None:
             "Exit 0 pass, 1 regression (or inconclusive), 2 could not evaluate."
         ),
     )
-    p.add_argument("--baseline", required=True,
-                   help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint")  # fmt: skip
-    p.add_argument("--candidate", required=True, help="saved evaluation outputs or a ranker checkpoint")
+    p.add_argument("--baseline", required=True, nargs="+",
+                   help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint; several "
+                        "(runs with other seeds / data orders) for replicate mode")  # fmt: skip
+    p.add_argument("--candidate", required=True, nargs="+",
+                   help="saved evaluation outputs or a ranker checkpoint; several for replicate mode: a model "
+                        "trained in FP8 vs one trained in bf16, with between-run variance in the decision")  # fmt: skip
     p.add_argument("--baseline-precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
     p.add_argument("--candidate-precision", default=None,
@@ -87,6 +90,29 @@ def _save_outputs(out_dir: str, base, cand) -> None:
     cand.save(os.path.join(out_dir, "candidate.npz"))
 
 
+def _print_result(result, json_path: str | None) -> int:
+    print(result.table())
+    if json_path:
+        try:
+            with open(json_path, "w") as f:
+                f.write(result.to_json())
+        except OSError as exc:
+            return _error(f"cannot write {json_path}: {exc}")
+    return result.exit_code
+
+
+def _run_replicates(args: argparse.Namespace, budget: GateBudget, how) -> int:
+    """Replicate mode (loka.gate.replicates): several runs a side, between-run variance included."""
+    from loka.gate.compare import load_input
+    from loka.gate.replicates import gate_replicates
+
+    if args.report_baseline or args.report_candidate or args.save_outputs:
+        raise ValueError("replicate mode gates NE over runs; drop --report-* and --save-outputs (they compare one pair)")
+    base = [load_input("baseline", b, args.baseline_precision, how)[0] for b in args.baseline]
+    cand = [load_input("candidate", c, args.candidate_precision, how)[0] for c in args.candidate]
+    return _print_result(gate_replicates(base, cand, budget), args.json)
+
+
 def run(args: argparse.Namespace) -> int:
     from loka.gate.compare import GateInputError, gate, load_input
     from loka.gate.inputs import CheckpointEval
@@ -105,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
         )
         _check_reports(args.report_baseline, args.report_candidate)  # before any slow evaluation
         how = CheckpointEval(eval_examples=args.eval_examples, eval_seed=args.eval_seed, device=args.device)
-        base, base_name = load_input("baseline", args.baseline, args.baseline_precision, how)
-        cand, cand_name = load_input("candidate", args.candidate, args.candidate_precision, how)
+        if len(args.baseline) > 1 or len(args.candidate) > 1:
+            return _run_replicates(args, budget, how)
+        base, base_name = load_input("baseline", args.baseline[0], args.baseline_precision, how)
+        cand, cand_name = load_input("candidate", args.candidate[0], args.candidate_precision, how)
         if args.save_outputs:
             _save_outputs(args.save_outputs, base, cand)
         result = gate(
@@ -120,11 +148,4 @@ def run(args: argparse.Namespace) -> int:
     except (GateInputError, ValueError, OSError) as exc:
         return _error(str(exc))
     result = replace(result, baseline=base_name, candidate=cand_name)
-    print(result.table())
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                f.write(result.to_json())
-        except OSError as exc:
-            return _error(f"cannot write {args.json}: {exc}")
-    return result.exit_code
+    return _print_result(result, args.json)
