@@ -16,6 +16,7 @@ from loka.dispatch.backend_torchao import (
 )
 from loka.dispatch.backend_te import TEKernel
 from loka.dispatch.kernel import KERNELS
+from loka.padded import PaddedKernel
 from loka.dispatch.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
 for _kernel in (
@@ -32,3 +33,7 @@ for _kernel in (
     TritonFusedQuantFastAccumKernel(),
 ):
     KERNELS.register(_kernel)
+
+# K and N zero-padded to multiples of 16 inside the call (loka.padded): odd widths such as 429
+for _name in ("scaled_mm", "scaled_mm_fast_accum"):
+    KERNELS.register(PaddedKernel(KERNELS.get(_name)))

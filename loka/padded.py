@@ -13,8 +13,11 @@ unpadded GEMM in every recipe whose scale groups run along K from the left (tens
 rowwise, 1x128 blocks, mx). The cost is a copy of each operand per call, which is why
 the plan should still only pick such a kernel where the site is large enough to win.
 
-``kernel_by_name("scaled_mm+pad")`` registers (once) and returns the padded variant of
-any registered kernel; ``loka.nn.resolve_kernels`` and plans accept such names.
+The built-in ``scaled_mm+pad`` and ``scaled_mm_fast_accum+pad`` are registered with the
+other kernels, so the probe times them at odd shapes (not at aligned ones, where the
+unpadded kernel is the same GEMM) and the planner can choose them: a 429-wide layer is a
+candidate like any other. ``kernel_by_name("<kernel>+pad")`` registers the padded variant
+of any other kernel on first use; ``loka.nn.resolve_kernels`` and plans accept such names.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from loka.dispatch import KERNELS, GemmKernel, Quantized
+from loka.dispatch.kernel import KERNELS, GemmKernel, Quantized  # the module: dispatch's registry imports this file
 
 PAD_SUFFIX = "+pad"
 ALIGN = 16
@@ -85,6 +88,12 @@ def _pad_b(b, scale_b, pad_k: int, pad_n: int, row_scaled: bool):
     return F.pad(b, (0, pad_k, 0, pad_n)), rows(scale_b)
 
 
+def needs_padding(kernel: GemmKernel, recipe, shape, dtype, device) -> bool:
+    """False for a padded kernel at a shape its inner kernel takes as it is (timing it would add nothing)."""
+    inner = getattr(kernel, "inner", None)
+    return inner is None or not inner.supports(recipe, shape, dtype, device)
+
+
 def kernel_by_name(name: str) -> GemmKernel:
     """The registered kernel ``name``; a ``"<kernel>+pad"`` name registers the padded variant once."""
     if name in KERNELS or not name.endswith(PAD_SUFFIX):
@@ -92,4 +101,4 @@ def kernel_by_name(name: str) -> GemmKernel:
     return KERNELS.register(PaddedKernel(KERNELS.get(name[: -len(PAD_SUFFIX)])))
 
 
-__all__ = ["PaddedKernel", "kernel_by_name", "round_up"]
+__all__ = ["PaddedKernel", "kernel_by_name", "needs_padding", "round_up"]

@@ -60,6 +60,7 @@ def time_site(
     available here or do not support a recipe/shape are skipped (listed under ``skipped``).
     """
     from loka.dispatch import KERNELS
+    from loka.padded import needs_padding
 
     dev = torch.device(device or "cpu")
     names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]
@@ -78,6 +79,8 @@ def time_site(
                 ok, why = kernel.available(dev)
                 if ok:
                     ok, why = kernel.supports(g, gemm_shape(gemm, *shape), dtype, dev)
+                if ok and not needs_padding(kernel, g, gemm_shape(gemm, *shape), dtype, dev):
+                    ok, why = False, "aligned shape: the unpadded kernel runs the same GEMM"
                 if not ok or g.is_hp:
                     out["skipped"][f"{gemm}/{name}/{recipe.name}"] = why or "hp GEMM"
                     continue
