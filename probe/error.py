@@ -16,11 +16,12 @@ A non-finite operand or output makes the observation ``inf`` and the site unsafe
 Two measures of each GEMM's error, ``E = fp8(a · bᵀ) - a · bᵀ`` over its reduction index k:
 
 - ``output``: ``||E|| / ||a · bᵀ||``, the error the GEMM's consumer sees.
-- ``scale``: ``||E|| / S`` with ``S = sqrt(Σ_k ||a[:, k]||² ||b[:, k]||²)``, the norm the
-  product would have if its K rank-one terms did not cancel (S <= ||a||·||b||). FP8
-  rounding error scales with S, not with ||a · bᵀ||, so this one is stable across steps.
-  For uncorrelated terms ``E||a · bᵀ||² = S²``: both measures agree, and one threshold
-  means the same under both.
+- ``scale``: ``||E|| / max(||a · bᵀ||, S)`` with ``S = sqrt(Σ_k ||a[:, k]||² ||b[:, k]||²)``,
+  the norm the product would have if its K rank-one terms did not cancel (S <= ||a||·||b||).
+  FP8 rounding error scales with S, not with ||a · bᵀ||, so this one is stable across
+  steps. For uncorrelated terms ``E||a · bᵀ||² = S²``: both measures agree, and one
+  threshold means the same under both. When the terms add up coherently (||a · bᵀ|| > S)
+  the product itself is the larger reference and the measure is the output one.
 
 Verdicts use the measure that answers "does this change training" (``MEASURE``):
 ``output`` for fprop and dgrad, whose outputs are the next layer's input and the gradient
@@ -30,7 +31,9 @@ terms cancel (a small gradient from large, disagreeing examples) ``output`` swin
 10x between batches (0.016-0.32 seen on one site) while the error stays a fixed small
 share of S. S is also the size of the minibatch gradient's own sampling noise (the
 norm of a sum of uncorrelated per-example gradients), which training already absorbs:
-an FP8 error well below it changes training less than the choice of batch does.
+an FP8 error well below it changes training less than the choice of batch does. An
+error well below the gradient itself does not change the update's direction either,
+so the larger of the two references is the one that answers the question.
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def gemm_errors_both(
         _, a_q = _fake_quantize_rows(a_p, recipe.a, ra)
         _, b_q = _fake_quantize_rows(b_p, recipe.b, rb)
         num = float(torch.linalg.vector_norm((a_q.float() @ b_q.float().T) - ref))  # float32 product, fp64 difference
-        out.append((*_relative(num, den), _relative(num, scale)[0]))
+        reference = max(scale, den) if math.isfinite(den) else den  # the larger of product and term scale
+        out.append((*_relative(num, den), _relative(num, reference)[0]))
     return out
 
 

@@ -89,3 +89,14 @@ def test_probe_decides_wgrad_under_planted_cancellation():
     # judged on the output measure the site would stay undecided (or worse) for ever
     assert decide(out["ci_lo"], out["ci_hi"], wgrad["n"], thr, cfg.min_samples) != "safe"
     assert out["ci_hi"] > thr
+
+
+def test_scale_measure_is_the_output_measure_when_terms_add_up():
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    # every example pushes dW the same way: ||dW|| is far above the uncancelled scale S
+    x = torch.randn(1, 64, generator=gen).repeat(256, 1) + 0.01 * torch.randn(256, 64, generator=gen)
+    dy = torch.randn(1, 48, generator=gen).repeat(256, 1)
+    a, b = dy.t().contiguous(), x.t().contiguous()
+    assert float((a.double() @ b.double().T).norm()) > 5 * term_scale(a, b)
+    rel, _, scaled = gemm_errors_both(a, b, [as_recipe("tensorwise").wgrad])[0]
+    assert scaled == rel
