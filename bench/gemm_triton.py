@@ -70,7 +70,7 @@ def _candidates(x, w, gran, compile_quant):
     """name -> zero-argument callable returning out[M, N] (bf16)."""
     from loka.quantize import quantize
 
-    from loka.dispatch.triton_gemm import fp8_mm_fused_quant
+    from loka.kernels.triton_gemm import fp8_mm_fused_quant
 
     w_fp8, w_scale = quantize(w, "e4m3", gran)
     sb = w_scale.reshape(1, -1) if gran == "rowwise" else w_scale  # _scaled_mm wants (1, N)
@@ -94,7 +94,7 @@ def _candidates(x, w, gran, compile_quant):
 
 
 def bench_shape(shape, args, device) -> list[str]:
-    from loka.dispatch.triton_gemm import fp8_mm_fused_quant_reference, kernels
+    from loka.kernels.triton_gemm import fp8_mm_fused_quant_reference, kernels
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(m * 31 + k * 7 + n)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         return 2
     if not args.no_compile:
         raise_recompile_limit(64)  # one recompile per shape must not fall back to eager
-    from loka.dispatch.triton_gemm import triton_available
+    from loka.kernels.triton_gemm import triton_available
 
     ok, reason = triton_available(device)
     if not ok:

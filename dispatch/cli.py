@@ -14,6 +14,12 @@ import sys
 
 import torch
 
+from loka.dispatch import Budget, plan
+from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.planner import library_versions
+from loka.kernels import KERNELS
+from loka.recipe import RECIPE_NAMES, as_recipe
+
 
 def register(subparsers) -> None:
     doctor = subparsers.add_parser("doctor", help="list every FP8 kernel and whether it runs on this machine")
@@ -49,8 +55,6 @@ def _device(arg: str | None) -> torch.device:
 
 def doctor_text(device: torch.device) -> str:
     """What this machine has: versions, device, and every kernel with available / reason."""
-    from loka.dispatch import KERNELS
-    from loka.dispatch.planner import library_versions
 
     versions = library_versions()
     dev = str(device)
@@ -75,7 +79,6 @@ def doctor_text(device: torch.device) -> str:
 
 def _recipes_taken(kernel, device: torch.device) -> str:
     """Named recipes the kernel takes for fprop at an aligned shape (what it could be planned for)."""
-    from loka.recipe import RECIPE_NAMES, as_recipe
 
     if kernel.hp:
         return "hp"
@@ -90,8 +93,6 @@ def _doctor(args) -> int:
 
 
 def _plan(args) -> int:
-    from loka.dispatch import Budget, plan
-
     try:
         budget = Budget.parse(args.budget)
     except ValueError as exc:
@@ -112,8 +113,6 @@ def _plan(args) -> int:
 
 
 def _bench(args) -> int:
-    from loka.dispatch.microbench import time_site_cached
-
     try:
         m, k, n = (int(v) for v in args.shape.split(","))
     except ValueError:

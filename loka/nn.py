@@ -22,7 +22,9 @@ from typing import Literal, Mapping
 import torch
 from torch import nn
 
-from loka.dispatch.kernel import GemmKernel, Quantized
+from loka.kernels import KERNELS
+from loka.kernels.kernel import GemmKernel, Quantized
+from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
@@ -38,8 +40,6 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
     ``"auto"`` takes the first of ``AUTO_PREFERENCE`` that is available and
     takes the recipe (``emulated`` always does).
     """
-    from loka.dispatch import KERNELS
-    from loka.padded import kernel_by_name
 
     names = {g: kernels for g in GEMMS} if isinstance(kernels, str) else dict(kernels)
     unknown = set(names) - set(GEMMS)
@@ -55,7 +55,7 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
             continue
         if name == "auto":
             name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
-        kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.padded)
+        kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.kernels.padded)
         ok, why = kernel.available(device)
         if not ok:
             raise ValueError(f"kernel {name!r} for {gemm} is not available here: {why}")
@@ -156,8 +156,6 @@ class Float8Linear(nn.Linear):
         return kernel.mm(a, b_in, g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
     def kernels_hp(self) -> GemmKernel:
-        from loka.dispatch import KERNELS
-
         return KERNELS.get("bf16")
 
     def _cached_weight(self, gemm: str, w: torch.Tensor) -> torch.Tensor | Quantized:

@@ -12,12 +12,13 @@ import io
 import math
 
 from loka.formats import E4M3, E5M2
+from loka.probe.reader import speed_timings, speedup
 
 MAX_HIST_SITES = 12
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, on first use
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -36,17 +37,15 @@ def _worst_ratio(site: dict, recipe: str) -> tuple[float, float, float] | None:
 
 
 def _speedup_of(site: dict, recipe: str) -> float | None:
-    from loka.probe.build import _speedup, speed_timings
-
-    return _speedup(speed_timings(site), recipe)
+    return speedup(speed_timings(site), recipe)
 
 
 def error_vs_speedup(report) -> str:
     """Scatter of error/threshold vs speedup per site and recipe, with safe/fast quadrants."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, on first use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, on first use
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     any_timing = False
@@ -78,10 +77,10 @@ def error_vs_speedup(report) -> str:
 
 def error_bars(report) -> str:
     """Per-site worst-GEMM error/threshold with its confidence interval, one marker per recipe."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, on first use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, on first use
 
     sites = report.sites
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(sites) + 1.5))
@@ -107,10 +106,10 @@ def error_bars(report) -> str:
 
 def histograms(report) -> str:
     """log2-magnitude histograms of each site's operands, with the FP8 dynamic ranges."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, on first use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, on first use
 
     sites = [s for s in report.sites if s["operands"]][:MAX_HIST_SITES]
     if not sites:

@@ -48,14 +48,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from loka.recipe import Recipe
+from loka.probe.build import build_report
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
 from loka.probe.census import CensusHooks
+from loka.probe.distributed import reduce_probe
+from loka.probe.error import _t_quantile
+from loka.probe.fit import fit_values
 from loka.probe.overhead import OverheadClock
+from loka.probe.sensitivity import site_sensitivity
 from loka.probe.site_state import SiteState
 from loka.probe.sites import Site, find_sites, unwrap_compiled
+from loka.probe.timing import time_site
+from loka.recipe import Recipe
 
 
 class _StepScope:
@@ -107,7 +114,6 @@ class Probe:
         self._census: CensusHooks | None = None  # every GEMM of one forward (see loka.probe.census)
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
-        from loka.probe.error import _t_quantile
 
         _t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
 
@@ -248,7 +254,6 @@ class Probe:
         ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch; or, with ``batches``,
         ``loss_fn(batch)`` is evaluated on each (an interval needs >= 2). Stored in the report.
         """
-        from loka.probe.sensitivity import site_sensitivity
 
         self.finish()
         fns = loss_fn if batches is None else [lambda b=b: loss_fn(b) for b in batches]
@@ -266,10 +271,7 @@ class Probe:
         Inputs are drawn from the operands' fitted distributions. On CPU the timings are
         recorded but flagged not representative.
         """
-        import torch
 
-        from loka.probe.fit import fit_values
-        from loka.probe.timing import time_site
 
         self.finish()
         dev = torch.device(device or "cpu")
@@ -277,8 +279,6 @@ class Probe:
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         items = [(f, s) for f, s in self.state.items() if s.m_values]
         if progress:
-            from tqdm.auto import tqdm
-
             items = tqdm(items, desc="timing sites", leave=False)
         for fqn, st in items:
             fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
@@ -290,14 +290,12 @@ class Probe:
 
     def reduce(self, group=None) -> None:
         """Merge statistics and error observations across ranks (a collective; call on every rank)."""
-        from loka.probe.distributed import reduce_probe
 
         self.finish()
         reduce_probe(self, group)
 
     def report(self, **meta):
         """A :class:`~loka.probe.report.ProbeReport` of everything learned so far."""
-        from loka.probe.build import build_report
 
         self.finish()
         return build_report(self, **meta)

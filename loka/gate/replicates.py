@@ -67,7 +67,7 @@ def replicate_ne(labels: object, runs_a: list, runs_b: list, *, n_boot: int = 10
     df = _welch_df(var_a, var_b, ne_a.size, ne_b.size)
     se_eval = _eval_se(y, probs, eps, len(runs_a), n_boot, seed, max_units)
     se = math.hypot(se_runs, se_eval)
-    from scipy import stats as sps  # imported here: keeps `import loka.gate` fast
+    from scipy import stats as sps  # heavy: scipy.stats takes about a second to import; `import loka.gate` stays fast
 
     half = float(sps.t.ppf(0.5 + confidence / 2, df)) * se
     return {"estimate": estimate, "ci_lo": estimate - half, "ci_hi": estimate + half, "se": se,

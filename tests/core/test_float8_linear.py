@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loka import Float8Linear, convert, quantize
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize
 from loka.recipe import RECIPE_NAMES, Recipe

@@ -8,9 +8,9 @@ from torch import nn
 
 from ctr_zoo import OddTower
 from loka import Float8Linear, convert
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.metrics import rel_error
-from loka.padded import PaddedKernel, kernel_by_name
+from loka.kernels.padded import PaddedKernel, kernel_by_name
 from loka.recipe import as_recipe
 
 

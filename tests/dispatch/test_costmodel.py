@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loka.dispatch.costmodel import H100_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, model_site_timings, quantize_us
+from loka.kernels.costmodel import H100_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, model_site_timings, quantize_us
 
 
 def prequantized_ratio(m, k, n):
@@ -66,7 +66,7 @@ def test_plan_on_modelled_timings_says_they_are_predicted():
     from dispatch_report_fixtures import report, site
 
     from loka.dispatch import plan
-    from loka.dispatch.costmodel import model_timings
+    from loka.dispatch.microbench import model_timings
 
     rep = report(site("a", 256, 512, m=8192))
     p = plan(rep, timings=model_timings(rep, ["scaled_mm"]), progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.metrics import sqnr
 from loka.nn import Float8Linear
 from loka.recipe import as_recipe

@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GEMM_ROLES, GEMMS, Recipe

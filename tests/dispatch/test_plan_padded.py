@@ -7,7 +7,8 @@ import torch
 
 from ctr_zoo import OddTower
 from loka import convert
-from loka.dispatch import KERNELS, Budget, plan
+from loka.dispatch import Budget, plan
+from loka.kernels import KERNELS
 from loka.probe.timing import time_site
 
 pytestmark = pytest.mark.skipif(not KERNELS.get("scaled_mm").available("cpu"),
@@ -36,7 +37,8 @@ def _site(fqn, k, n):
 
 
 def test_plan_chooses_padded_kernel_for_429_wide_layers_and_convert_applies_it():
-    p = plan({"schema_version": 1, "sites": [_site("l1", 429, 557), _site("l2", 557, 429)]}, Budget(), progress=False)
+    doc = {"kind": "loka.probe.report", "schema_version": 1, "sites": [_site("l1", 429, 557), _site("l2", 557, 429)]}
+    p = plan(doc, Budget(), progress=False)
     for s in p.sites:
         assert {c.kernel for c in s.gemms.values()} == {"scaled_mm+pad"}, s.summary_reason()
     model = OddTower()

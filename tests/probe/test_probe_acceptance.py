@@ -15,7 +15,7 @@ from loka.probe.cli import train_with_probe
 from loka.probe.error import t_interval
 from loka.probe.report import ProbeReport
 from loka.probe.validate import conversion_errors, conversion_loss_delta
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 
 SITES = ("dense.*", "over.*")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from loka.dispatch.kernel import KERNELS, GemmKernel, Quantized  # the module: dispatch's registry imports this file
+from loka.kernels.kernel import KERNELS, GemmKernel, Quantized  # the module itself: the registry imports this file
 
 PAD_SUFFIX = "+pad"
 ALIGN = 16

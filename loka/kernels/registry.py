@@ -6,18 +6,18 @@ whether they can run on this machine is asked lazily through ``available()``.
 
 from __future__ import annotations
 
-from loka.dispatch.backend_reference import Bf16Kernel, EmulatedKernel
-from loka.dispatch.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
-from loka.dispatch.backend_torchao import (
+from loka.kernels.backend_reference import Bf16Kernel, EmulatedKernel
+from loka.kernels.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
+from loka.kernels.backend_torchao import (
     TorchaoBlockwiseKernel,
     TorchaoFastAccumKernel,
     TorchaoKernel,
     TorchaoMXKernel,
 )
-from loka.dispatch.backend_te import TEKernel
-from loka.dispatch.kernel import KERNELS
-from loka.padded import PaddedKernel
-from loka.dispatch.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
+from loka.kernels.backend_te import TEKernel
+from loka.kernels.kernel import KERNELS
+from loka.kernels.padded import PaddedKernel
+from loka.kernels.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
 for _kernel in (
     Bf16Kernel(),
@@ -34,6 +34,6 @@ for _kernel in (
 ):
     KERNELS.register(_kernel)
 
-# K and N zero-padded to multiples of 16 inside the call (loka.padded): odd widths such as 429
+# K and N zero-padded to multiples of 16 inside the call (loka.kernels.padded): odd widths such as 429
 for _name in ("scaled_mm", "scaled_mm_fast_accum"):
     KERNELS.register(PaddedKernel(KERNELS.get(_name)))

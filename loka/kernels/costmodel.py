@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loka.recipe import GEMMS, as_recipe
-from loka.dispatch.report_view import gemm_shape, report_sites
+from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
 @dataclass(frozen=True)
@@ -105,15 +104,3 @@ def model_site_timings(shape: tuple[int, int, int], recipes, kernels: list[str],
                                        "median_ms": t, "p10_ms": t, "p90_ms": t, "iters": 0})
     return out
 
-
-def model_timings(report, kernels: list[str], dev: DeviceModel = H100_SXM) -> dict:
-    """``{fqn: timings}`` for every site of a probe report, for ``loka.dispatch.plan(timings=...)``.
-
-    ``kernels`` are the FP8 kernels to predict (those the plan may choose on the
-    machine that will run it); the planner still checks each one's ``supports``.
-    """
-    out = {}
-    for site in report_sites(report):
-        recipes = sorted(site.errors) or ["tensorwise", "rowwise"]
-        out[site.fqn] = model_site_timings((site.m, site.in_features, site.out_features), recipes, kernels, dev)
-    return out

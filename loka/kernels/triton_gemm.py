@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -46,7 +47,7 @@ FP8_DTYPES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 @functools.lru_cache(maxsize=None)
 def _triton_import() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # optional: probes whether triton imports here, without importing it for loka
     except ImportError as exc:  # reported by name, never swallowed
         return False, f"triton: not installed ({exc})"
     return True, ""
@@ -79,19 +80,17 @@ def triton_available(device: torch.device | str | None = None) -> tuple[bool, st
 
 def kernels():
     """The kernel module (imports triton and defines the kernels on first call)."""
-    from loka.dispatch import triton_gemm_kernel
+    from loka.kernels import triton_gemm_kernel  # optional: imports triton and defines the kernels on first use
 
     return triton_gemm_kernel
 
 
 def interpreting() -> bool:
     """True when the kernels are (or, once imported, will be) run by triton's CPU interpreter."""
-    import sys
-
-    mod = sys.modules.get("loka.dispatch.triton_gemm_kernel")
+    mod = sys.modules.get("loka.kernels.triton_gemm_kernel")
     if mod is None:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction  # optional: triton, once its kernels are imported
 
     return isinstance(mod.fp8_gemm_fused_quant_kernel, InterpretedFunction)
 
@@ -248,7 +247,7 @@ def _require_triton(device: torch.device, what: str) -> None:
 def _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, *, a_format, pow2_scale, fast_accum, emulate,
          tile, a_is_fp8) -> None:
     """Launch the GEMM kernel: autotuned, or on ``tile`` (the interpreter's by default there)."""
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels.triton_fp8_jit import fp8_constexprs  # optional: imports triton
 
     (m, k), n = a2.shape, b_fp8.shape[0]
     interp = interpreting()
