@@ -42,6 +42,23 @@ class ConvertResult:
             return []
         return [g for g in GEMMS if g not in self.hp_gemms.get(fqn, {})]
 
+    def observed(self, model: nn.Module) -> dict[str, dict[str, str]]:
+        """``hp_gemms`` plus the GEMMs that fell back to hp at run time, per converted site.
+
+        A kernel can refuse a shape seen only while running (wgrad's K is the batch size);
+        with ``fallback="hp"`` the module records it in ``fallbacks``. Call after training
+        steps to know which GEMMs really ran in FP8.
+        """
+        out = {fqn: dict(gemms) for fqn, gemms in self.hp_gemms.items()}
+        for fqn in self.converted:
+            try:
+                ran_hp = getattr(model.get_submodule(fqn), "fallbacks", {})
+            except AttributeError:
+                continue  # a site that is not a module (x @ W): ConvertResult from convert_gemms
+            for gemm, why in ran_hp.items():
+                out.setdefault(fqn, {}).setdefault(gemm, f"fell back at run time: {why}")
+        return out
+
     @property
     def n_fp8_gemms(self) -> int:
         return sum(len(self.fp8_gemms(fqn)) for fqn in self.converted)

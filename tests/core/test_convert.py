@@ -47,6 +47,10 @@ def test_filter_fn_and_fallback():
     y = model(torch.randn(16, 64))
     assert y.shape == (16, 16) and torch.isfinite(y).all()
     assert "N=40" in model[3][0].fallbacks["fprop"]
+    # wgrad's K is the batch size: 16 runs in FP8, a ragged batch of 13 falls back at run time
+    assert "wgrad" not in result.observed(model)["3.0"]
+    model(torch.randn(13, 64)).sum().backward()
+    assert "K=13" in result.observed(model)["3.0"]["wgrad"] and "run time" in result.observed(model)["3.0"]["wgrad"]
     again = convert(model, "tensorwise")
     assert again.skipped["3.0"] == "already a Float8Linear"
 
