@@ -25,19 +25,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loka.probe.error import t_interval
+from loka.probe.sites import channels_first
 from loka.quantize import fake_quantize
 from loka.recipe import GemmRecipe, Recipe, as_recipe
 
 
 def emulated_fprop(module: nn.Module, x: torch.Tensor, recipe: GemmRecipe) -> torch.Tensor:
-    """``y[..., N] = fq(x)[..., K] · fq(W)[N, K]ᵀ + b`` computed like the ``emulated`` kernel."""
+    """``y[..., N] = fq(x)[..., K] · fq(W)[N, K]ᵀ + b`` computed like the ``emulated`` kernel.
+
+    A 1x1 Conv1d site takes and returns channels first (``[B, K, L] -> [B, N, L]``).
+    """
+    conv = channels_first(module)
+    x = x.transpose(-1, -2) if conv else x
     x2d = x.reshape(-1, x.shape[-1])
     a = fake_quantize(x2d.float(), recipe.a)
-    b = fake_quantize(module.weight.detach().float(), recipe.b)
+    w = module.weight.detach()
+    b = fake_quantize(w.reshape(w.shape[0], -1).float(), recipe.b)
     y = (a @ b.t()).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type))
     y = y.reshape(*x.shape[:-1], b.shape[0])
     bias = getattr(module, "bias", None)
-    return y + bias.to(y.dtype) if bias is not None else y
+    y = y + bias.to(y.dtype) if bias is not None else y
+    return y.transpose(-1, -2) if conv else y
 
 
 def _inject_hook(recipe: GemmRecipe):

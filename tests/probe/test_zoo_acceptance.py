@@ -43,13 +43,13 @@ def test_probe_convert_train(make, shape):
     cov = report.doc["coverage"]
     assert cov["convertible_share"] == pytest.approx(1.0)
     assert {r["site"] for r in cov["sites"]} >= {s["fqn"] for s in report.sites}
-    # stable verdicts: no wgrad stays undecided
-    for s in report.sites:
+    # stable verdicts: no wgrad of a site worth converting stays undecided (an N=1 head is not one)
+    worth = {r["site"] for r in cov["sites"] if r["worth_converting"]}
+    for s in (s for s in report.sites if s["fqn"] in worth):
         wgrad = s["errors"]["rowwise"]["wgrad"]
         assert wgrad["measure"] == "scale" and wgrad["verdict"] != "undecided", (s["fqn"], wgrad)
     # conversion of everything worth converting, then training in FP8
     res = convert_gemms(fp8, probe.census, kernels="emulated")
-    worth = {r["site"] for r in cov["sites"] if r["worth_converting"]}
     assert set(res.converted) == worth, res.table()
     opt = torch.optim.Adam(fp8.parameters(), 1e-2)
     losses = []
