@@ -1,5 +1,8 @@
 """``apply_plan``: swap a model's Linear sites for ``Float8Linear`` with the planned kernels.
 
+Planned 1x1 ``Conv1d`` sites (the probe measures them too) become ``Float8Conv1x1``;
+a 1x1 conv the plan does not mention is left as it is and listed in ``skipped``.
+
 Before touching the model the plan is matched against it, and *every*
 difference is collected: a planned site missing from the model, a Linear of the
 model the plan does not mention, a shape that differs from the planned one, a
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from loka.convert import ConvertResult, _linears_post_order
+from loka.convert_gemms import Float8Conv1x1, conv1x1_sites
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
 from loka.nn import Float8Linear
@@ -36,12 +40,19 @@ class PlanMismatchError(PlanError):
         )
 
 
-def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> list[str]:
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(K, N) of a Linear or 1x1 conv site."""
+    if isinstance(module, nn.Conv1d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
+def _site_problems(sp: SitePlan, linear: nn.Module, device: torch.device) -> list[str]:
     problems = []
-    if (linear.in_features, linear.out_features) != (sp.in_features, sp.out_features):
+    k, n = _features(linear)
+    if (k, n) != (sp.in_features, sp.out_features):
         problems.append(
-            f"{sp.fqn}: shape mismatch, plan has in={sp.in_features} out={sp.out_features}, model has "
-            f"in={linear.in_features} out={linear.out_features}"
+            f"{sp.fqn}: shape mismatch, plan has in={sp.in_features} out={sp.out_features}, model has in={k} out={n}"
         )
         return problems
     for gemm in GEMMS:
@@ -72,13 +83,15 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
     # loka.convert / loka.nn import loka.dispatch, so they are imported here, not at the top.
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
+    convs = {fqn: mod for fqn, mod, _, _ in conv1x1_sites(model)}
     planned = {s.fqn: s for s in plan.sites}
     out: dict[str, list[str]] = {}
-    for fqn in sorted(set(planned) - set(linears)):
-        out[fqn] = [f"{fqn}: in the plan but not a Linear of the model"]
+    for fqn in sorted(set(planned) - set(linears) - set(convs)):
+        out[fqn] = [f"{fqn}: in the plan but not a Linear (or 1x1 Conv1d) of the model"]
     for fqn in sorted(set(linears) - set(planned)):
         if not isinstance(linears[fqn], Float8Linear):
             out[fqn] = [f"{fqn}: a Linear of the model that the plan does not cover"]
+    linears = {**linears, **convs}
     for fqn in sorted(set(planned) & set(linears)):
         problems = _site_problems(planned[fqn], linears[fqn], linears[fqn].weight.device)
         if problems:
@@ -110,25 +123,29 @@ def apply_plan(
         raise PlanMismatchError([p for fqn in sorted(diffs) for p in diffs[fqn]])
     planned = {s.fqn: s for s in plan.sites}
     result = ConvertResult()
-    for fqn, module, parent, child_name in _linears_post_order(model):
+    sites = _linears_post_order(model) + conv1x1_sites(model)
+    for fqn, module, parent, child_name in sites:
         sp = planned.get(fqn)
         if fqn in diffs:
             result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
             continue
-        if isinstance(module, Float8Linear):
-            result.skipped[fqn] = "already a Float8Linear"
+        if isinstance(module, (Float8Linear, Float8Conv1x1)):
+            result.skipped[fqn] = f"already a {type(module).__name__}"
             continue
         if sp is None:
+            if isinstance(module, nn.Conv1d):
+                result.skipped[fqn] = "1x1 Conv1d not in the plan (kept as it is)"
             continue
         if not sp.is_fp8:
             result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
             continue
-        new = Float8Linear.from_linear(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
+        swap = Float8Conv1x1.from_conv if isinstance(module, nn.Conv1d) else Float8Linear.from_linear
+        new = swap(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
         setattr(parent, child_name, new)
         result.converted.append(fqn)
         hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
         if hp:
             result.hp_gemms[fqn] = hp
-    for fqn in sorted(set(planned) - {f for f, *_ in _linears_post_order(model)}):
+    for fqn in sorted(set(planned) - {f for f, *_ in sites}):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result

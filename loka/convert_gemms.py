@@ -89,6 +89,16 @@ def conv1x1_problem(conv: nn.Module) -> str | None:
     return None
 
 
+def conv1x1_sites(model: nn.Module) -> list[tuple[str, nn.Conv1d, nn.Module, str]]:
+    """``(fqn, conv, parent, attribute)`` of every plain 1x1 Conv1d (converted or not), children first."""
+    found = []
+    for fqn, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Float8Conv1x1) or conv1x1_problem(child) is None:
+                found.append((f"{fqn}.{name}" if fqn else name, child, parent, name))
+    return found
+
+
 class ParamMatmul(_Float8Gemms, nn.Module):
     """The FP8 GEMMs of ``x @ W`` for one 2-D parameter ``W[K, N]`` (holds no Parameter of its own)."""
 
@@ -238,4 +248,4 @@ def _convert_matmul(model, site, param, recipe, kernels, fallback, result, engin
         engines[site] = engine
 
 
-__all__ = ["Float8Conv1x1", "ParamMatmul", "convert_gemms", "conv1x1_problem"]
+__all__ = ["Float8Conv1x1", "ParamMatmul", "conv1x1_problem", "conv1x1_sites", "convert_gemms"]

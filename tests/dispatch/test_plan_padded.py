@@ -48,3 +48,19 @@ def test_plan_chooses_padded_kernel_for_429_wide_layers_and_convert_applies_it()
     assert model.l1.kernels["wgrad"].name == "scaled_mm+pad"
     model(torch.randn(24, 429)).sum().backward()  # wgrad's K = 24 is padded too
     assert not model.l1.fallbacks and all(p is q for p, q in zip(params, model.parameters()))
+
+
+def test_plan_with_conv1x1_sites_applies_to_cin():
+    from ctr_zoo import CIN
+    from loka.convert_gemms import Float8Conv1x1
+
+    model = CIN()
+    sites = [_site(f"convs.{i}", c.in_channels, c.out_channels) for i, c in enumerate(model.convs)]
+    sites.append(_site("head", model.head.in_features, 1))
+    p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+    params = list(model.parameters())
+    res = convert(model, plan=p)
+    assert sorted(res.converted) == ["convs.0", "convs.1", "head"] and not res.hp_gemms, res.table()
+    assert isinstance(model.convs[0], Float8Conv1x1) and model.convs[0].kernels["fprop"].name == "scaled_mm+pad"
+    model(torch.randn(16, 8, 16)).sum().backward()
+    assert all(p is q for p, q in zip(params, model.parameters())) and model.convs[1].weight.grad is not None
