@@ -82,9 +82,9 @@ def _static_dims(linear: nn.Linear) -> dict[str, tuple[int | None, int]]:
     return {"fprop": (k, n), "dgrad": (n, k), "wgrad": (None, k)}
 
 
-def _hp_gemms(recipe: Recipe, kernels, linear: nn.Linear) -> tuple[dict[str, str], bool]:
-    """{gemm: why it would run in hp} for a site, and whether any of it is a shape problem."""
-    out, shape_problem = {}, False
+def _hp_gemms(recipe: Recipe, kernels, linear: nn.Linear) -> tuple[dict[str, str], str | None]:
+    """``{gemm: why it would run in hp}`` for a site, and the first shape problem among them (or None)."""
+    out, first_problem = {}, None
     for gemm in GEMMS:
         kernel = kernels[gemm]
         if kernel.hp:
@@ -94,8 +94,9 @@ def _hp_gemms(recipe: Recipe, kernels, linear: nn.Linear) -> tuple[dict[str, str
         probe_k = 16 if k is None else k
         ok, why = kernel.supports(recipe.gemm(gemm), (16, probe_k, n), linear.weight.dtype, linear.weight.device)
         if not ok:
-            out[gemm], shape_problem = f"{kernel.name}: {why}", True
-    return out, shape_problem
+            out[gemm] = f"{kernel.name}: {why}"
+            first_problem = first_problem or f"{gemm} on {out[gemm]}"
+    return out, first_problem
 
 
 def convert(
@@ -130,7 +131,7 @@ def convert(
         site_recipe, site_kernels = resolve_kernels(recipe, kernels, module.weight.device)
         hp, shape_problem = _hp_gemms(site_recipe, site_kernels, module)
         if shape_problem and fallback == "error":
-            result.skipped[fqn] = next(f"{g} on {why}" for g, why in hp.items() if not why.startswith("kernel "))
+            result.skipped[fqn] = shape_problem
             continue
         if len(hp) == len(GEMMS):
             result.skipped[fqn] = "no GEMM would run in FP8: " + "; ".join(f"{g}: {w}" for g, w in hp.items())
