@@ -16,7 +16,8 @@ W cached in FP8 rowwise as when serving) it times, per call:
 - ``scaled_mm+quant``: ``loka.quantize`` of x (rowwise, eager PyTorch) then
   ``torch._scaled_mm`` (cuBLASLt);
 - ``scaled_mm+quant(compiled)``: the same with the quantization under
-  ``torch.compile`` (dynamo is reset per shape: see design.md's timing pitfall);
+  ``torch.compile`` (dynamo is reset per shape: see the timing pitfall in
+  bench/results/h100_2026-11-22_gemm.md);
 - ``scaled_mm ceiling``: ``torch._scaled_mm`` on an x quantized beforehand
   (what FP8 could give if quantization were free);
 - ``triton fused`` / ``triton fused fast-acc``: ``fp8_mm_fused_quant``

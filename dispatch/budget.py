@@ -9,7 +9,7 @@ Two kinds of limit, both checked by the plan:
 - **model**: the sum over converted GEMMs of *sensitivity x error* must stay
   below ``max_model_ne_delta``, the relative NE change the user tolerates
   (default 0.02%, the threshold at which an offline NE change counts as
-  significant in ads ranking; design.md). A site's sensitivity coefficient is
+  significant in ads ranking practice, e.g. at Meta). A site's sensitivity coefficient is
   the probe's measured relative loss change from injecting one recipe's FP8
   fprop error at that site, divided by that error (NE per unit relative GEMM
   error); NE is loss over a constant, so relative loss and NE changes are equal.

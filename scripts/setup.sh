@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
     echo "loka setup: creating .venv with $($PY --version)"
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=69" wheel
+.venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 .venv/bin/python -m pip install --quiet -c requirements/pins.txt -e ".[dev]"
 echo "loka setup: $(.venv/bin/python -c 'import torch, loka; print("loka", loka.__version__, "torch", torch.__version__)')"

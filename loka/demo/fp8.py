@@ -2,7 +2,8 @@
 
 Normally that is the plan: ``apply_plan(model, plan)``. At the ``small`` ranker's
 shapes (K, N <= 288) no FP8 kernel beats bf16 on an H100 once the quantization is
-counted (design.md: FP8 pays from K, N around 1024 at large M), so the plan keeps
+counted (bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024,
+and with the quantization counted only from K, N = 2048 at M = 32768), so the plan keeps
 every site in bf16, and training "in FP8" would train bf16 twice. To still show
 what FP8 does to NE, the demo then converts every site that the probe found
 accuracy-safe and no policy keeps in bf16, with the safe recipe that torch._scaled_mm

@@ -205,8 +205,9 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
     k_n = max(max(s["in_features"], s["out_features"]) for s in report.sites)
     where = "on the H100 speed model" if cfg.device == "cpu" else "as timed on this GPU"
     return (f"Why nothing is in FP8: every GEMM of the {cfg.size} ranker is small (K, N <= {k_n}); at such shapes, "
-            f"{where}, quantizing the operands costs more than the FP8 GEMM saves (design.md: FP8 pays off from "
-            "K, N around 1024 at large batch). That is the plan doing its job, not a failure. "
+            f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
+            "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
+            "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
             + ("On a CUDA device `loka demo` uses the `base` ranker, whose interaction MLPs (K ~1000-1150, "
                "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))

@@ -3,7 +3,8 @@
 Why this exists: rankers are made of small and skinny GEMMs (M 1k..32k, K, N
 64..2048). At those sizes the FP8 GEMM itself is cheap and the per-call
 quantization of the activation (an amax pass, a cast pass, an FP8 copy in HBM)
-is what makes FP8 slower than bf16 (design.md, "Numbers that decide"). The
+is what makes FP8 slower than bf16 (measured: bench/results/h100_2026-11-22_gemm.md
+and bench/results/h200_2026-11-30_gemm_triton.md). The
 Triton kernel here reads the high-precision activation straight into
 registers, computes each row's amax there, casts and multiplies, and never
 writes an FP8 copy (triton_gemm_kernel.py says how often a is re-read).
