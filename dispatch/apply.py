@@ -1,7 +1,8 @@
 """``apply_plan``: swap a model's Linear sites for ``Float8Linear`` with the planned kernels.
 
-Planned 1x1 ``Conv1d`` sites (the probe measures them too) become ``Float8Conv1x1``;
-a 1x1 conv the plan does not mention is left as it is and listed in ``skipped``.
+Planned 1x1 ``Conv1d`` sites (the probe measures them too) become ``Float8Conv1x1``,
+and planned ``x @ W`` sites (named by the 2-D parameter) get a ``ParamMatmul``; a conv
+or parameter the plan does not mention is left as it is.
 
 Before touching the model the plan is matched against it, and *every*
 difference is collected: a planned site missing from the model, a Linear of the
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from loka.convert import ConvertResult, _linears_post_order
-from loka.convert_gemms import Float8Conv1x1, conv1x1_sites
+from loka.convert_gemms import Float8Conv1x1, ParamMatmul, attach_matmuls, conv1x1_sites
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
 from loka.nn import Float8Linear
@@ -40,11 +41,22 @@ class PlanMismatchError(PlanError):
         )
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(K, N) of a Linear or 1x1 conv site."""
+def _features(module) -> tuple[int, int]:
+    """(K, N) of a Linear, a 1x1 conv or an ``x @ W`` parameter W[K, N]."""
     if isinstance(module, nn.Conv1d):
         return module.in_channels, module.out_channels
+    if isinstance(module, nn.Parameter):
+        return tuple(module.shape)
     return module.in_features, module.out_features
+
+
+def _weight(site) -> torch.Tensor:
+    return site if isinstance(site, nn.Parameter) else site.weight
+
+
+def _matmul_params(model: nn.Module, planned) -> dict[str, nn.Parameter]:
+    """The planned sites that are 2-D parameters of the model (``x @ W`` sites)."""
+    return {n: p for n, p in model.named_parameters() if n in planned and p.dim() == 2}
 
 
 def _site_problems(sp: SitePlan, linear: nn.Module, device: torch.device) -> list[str]:
@@ -71,7 +83,7 @@ def _site_problems(sp: SitePlan, linear: nn.Module, device: torch.device) -> lis
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} is not available here: {why}")
             continue
         shape = gemm_shape(gemm, max(sp.m, 1), sp.in_features, sp.out_features)
-        ok, why = kernel.supports(choice.gemm_recipe(gemm), shape, linear.weight.dtype, device)
+        ok, why = kernel.supports(choice.gemm_recipe(gemm), shape, _weight(linear).dtype, device)
         if not ok:
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} does not take {choice.recipe} at "
                             f"[M={shape[0]}, K={shape[1]}, N={shape[2]}]: {why}")
@@ -83,17 +95,17 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
     # loka.convert / loka.nn import loka.dispatch, so they are imported here, not at the top.
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
-    convs = {fqn: mod for fqn, mod, _, _ in conv1x1_sites(model)}
     planned = {s.fqn: s for s in plan.sites}
+    convs = {fqn: mod for fqn, mod, _, _ in conv1x1_sites(model)} | _matmul_params(model, planned)
     out: dict[str, list[str]] = {}
     for fqn in sorted(set(planned) - set(linears) - set(convs)):
-        out[fqn] = [f"{fqn}: in the plan but not a Linear (or 1x1 Conv1d) of the model"]
+        out[fqn] = [f"{fqn}: in the plan but not a Linear, 1x1 Conv1d or 2-D parameter of the model"]
     for fqn in sorted(set(linears) - set(planned)):
         if not isinstance(linears[fqn], Float8Linear):
             out[fqn] = [f"{fqn}: a Linear of the model that the plan does not cover"]
     linears = {**linears, **convs}
     for fqn in sorted(set(planned) & set(linears)):
-        problems = _site_problems(planned[fqn], linears[fqn], linears[fqn].weight.device)
+        problems = _site_problems(planned[fqn], linears[fqn], _weight(linears[fqn]).device)
         if problems:
             out[fqn] = problems
     return out
@@ -146,6 +158,25 @@ def apply_plan(
         hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
         if hp:
             result.hp_gemms[fqn] = hp
-    for fqn in sorted(set(planned) - {f for f, *_ in sites}):
+    _apply_matmuls(model, planned, diffs, fallback, result)
+    for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result
+
+
+def _apply_matmuls(model, planned, diffs, fallback, result) -> None:
+    """Planned ``x @ W`` sites: a ParamMatmul per parameter, routed during the model's forwards."""
+    engines = {}
+    for fqn, param in _matmul_params(model, planned).items():
+        sp = planned[fqn]
+        if fqn in diffs:
+            result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
+        elif not sp.is_fp8:
+            result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
+        else:
+            engines[fqn] = ParamMatmul(param, sp.recipe(), sp.kernels(), fallback)
+            result.converted.append(fqn)
+            hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
+            if hp:
+                result.hp_gemms[fqn] = hp
+    attach_matmuls(model, engines)

@@ -129,31 +129,44 @@ def _einsum_right(eq: str) -> bool:
     return bool(m) and m.group(2) == m.group(3) and m.group(5) == m.group(1) + m.group(4) and m.group(4) not in m.group(1)
 
 
+_MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.matmul, torch.Tensor.mm)
+
+
+def param_matmul_operands(func, args, kwargs, params: Mapping[int, object]):
+    """``(x, W, key)`` when this torch call is ``x @ W`` (or ``einsum("...k,kn->...n", x, W)``) with
+    ``W`` a 2-D ``nn.Parameter`` whose ``id`` is in ``params``; else None. Shared by conversion
+    and the probe, so both see exactly the same calls."""
+    if kwargs:
+        return None
+    if func in _MATMULS and len(args) == 2:
+        x, w = args
+    elif func is torch.einsum and len(args) >= 2 and isinstance(args[0], str) and _einsum_right(args[0]):
+        ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        if len(ops) != 2:
+            return None
+        x, w = ops
+    else:
+        return None
+    if not isinstance(w, nn.Parameter) or w.dim() != 2 or id(w) not in params:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != w.shape[0]:
+        return None
+    return x, w, params[id(w)]
+
+
 class _MatmulMode(TorchFunctionMode):
     """Routes ``x @ W`` for registered parameters ``W`` through their :class:`ParamMatmul`."""
-
-    _MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.matmul, torch.Tensor.mm)
 
     def __init__(self, engines: dict[int, ParamMatmul]) -> None:
         super().__init__()
         self.engines = engines
 
-    def _engine(self, w) -> ParamMatmul | None:
-        return self.engines.get(id(w)) if isinstance(w, nn.Parameter) else None
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._MATMULS and len(args) == 2 and not kwargs:
-            engine = self._engine(args[1])
-            if engine is not None and args[0].dim() >= 1 and args[0].shape[-1] == engine.in_features:
-                return engine.matmul(args[0])
-        if func is torch.einsum and not kwargs and len(args) >= 2:
-            ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-            if len(ops) == 2 and isinstance(args[0], str) and _einsum_right(args[0]):
-                engine = self._engine(ops[1])
-                if engine is not None:
-                    return engine.matmul(ops[0])
-        return func(*args, **kwargs)
+        hit = param_matmul_operands(func, args, kwargs, self.engines)
+        if hit is not None:
+            x, _, engine = hit
+            return engine.matmul(x)
+        return func(*args, **(kwargs or {}))
 
 
 def _install_mode(model: nn.Module, engines: dict[int, ParamMatmul]) -> None:
@@ -210,11 +223,17 @@ def convert_gemms(
             _convert_conv(model, site, recipe, kernels, fallback, result)
         elif r["kind"] == "matmul":
             _convert_matmul(model, site, params[r["param"]], recipe, kernels, fallback, result, engines)
-    if engines:
-        holder = nn.ModuleDict({site.replace(".", "__"): e for site, e in engines.items()})
-        model.add_module("fp8_matmuls", holder)  # scale state moves with model.to(); no Parameter inside
-        _install_mode(model, {id(e.weight): e for e in engines.values()})
+    attach_matmuls(model, engines)
     return result
+
+
+def attach_matmuls(model: nn.Module, engines: Mapping[str, ParamMatmul]) -> None:
+    """Route ``x @ W`` for each ``{site: ParamMatmul}`` through it during ``model``'s forwards."""
+    if not engines:
+        return
+    holder = nn.ModuleDict({site.replace(".", "__"): e for site, e in engines.items()})
+    model.add_module("fp8_matmuls", holder)  # scale state moves with model.to(); no Parameter inside
+    _install_mode(model, {id(e.weight): e for e in engines.values()})
 
 
 def _count(result: ConvertResult, site: str, engine, recipe, kernels, fallback) -> bool:
@@ -248,4 +267,4 @@ def _convert_matmul(model, site, param, recipe, kernels, fallback, result, engin
         engines[site] = engine
 
 
-__all__ = ["Float8Conv1x1", "ParamMatmul", "conv1x1_problem", "conv1x1_sites", "convert_gemms"]
+__all__ = ["Float8Conv1x1", "ParamMatmul", "attach_matmuls", "conv1x1_problem", "conv1x1_sites", "convert_gemms", "param_matmul_operands"]

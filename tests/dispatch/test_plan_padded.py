@@ -64,3 +64,20 @@ def test_plan_with_conv1x1_sites_applies_to_cin():
     assert isinstance(model.convs[0], Float8Conv1x1) and model.convs[0].kernels["fprop"].name == "scaled_mm+pad"
     model(torch.randn(16, 8, 16)).sum().backward()
     assert all(p is q for p, q in zip(params, model.parameters())) and model.convs[1].weight.grad is not None
+
+
+def test_plan_with_matmul_sites_applies_to_a_cross_network():
+    from ctr_zoo import CrossNet
+
+    model = CrossNet()
+    sites = [_site(f"kernels.{i}", 48, 48) for i in range(3)] + [_site("deep", 48, 32), _site("head", 80, 1)]
+    p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+    ref = model(torch.randn(8, 48))  # warm: nothing converted yet
+    params = list(model.parameters())
+    res = convert(model, plan=p)
+    assert sorted(res.converted) == ["deep", "head", "kernels.0", "kernels.1", "kernels.2"], res.table()
+    assert set(model.state_dict()) == {n for n, _ in CrossNet().state_dict().items()}  # no new state
+    x = torch.randn(16, 48)
+    model(x).sum().backward()
+    assert all(p is q for p, q in zip(params, model.parameters())) and model.kernels[0].grad is not None
+    assert ref.shape == (8, 1)
