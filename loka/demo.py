@@ -138,8 +138,8 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
     workload = Workload(work, stream.batch, loss_fn, name=f"ranker-{cfg.size}")
     train_with_probe(workload, probe, cfg.probe_steps, lr=1e-4, device=cfg.device, autocast=cfg.device == "cuda",
                      progress=cfg.progress)
-    batch = stream.batch(cfg.probe_steps + 1)
-    probe.measure_sensitivity(lambda: loss_fn(work, batch), progress=cfg.progress)
+    held_out = [stream.batch(cfg.probe_steps + 1 + i) for i in range(4)]  # an interval needs >= 2 batches
+    probe.measure_sensitivity(lambda b: loss_fn(work, b), batches=held_out, progress=cfg.progress)
     if time_kernels:
         probe.time_sites(device=cfg.device, progress=cfg.progress, warmup=5, iters=20)
     print("building the report: verdicts, intervals, distribution fits of every operand ...", flush=True)

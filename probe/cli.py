@@ -110,6 +110,6 @@ def run(args) -> int:
         probe.time_sites(device=args.device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2, iters=5 if args.device == "cpu" else 20)
     report = probe.report(model=workload.name, steps=args.steps, device=args.device)
     paths = report.save(Path(args.out))
-    print(report.to_markdown())
+    print(report.to_markdown(paths["json"]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

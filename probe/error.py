@@ -159,6 +159,23 @@ def decide(lo: float, hi: float, n: int, threshold: float, min_samples: int) -> 
     return UNDECIDED
 
 
+def deciding_gemm(gemms: dict[str, dict]) -> str | None:
+    """The GEMM a (site, recipe) verdict rests on, from ``{gemm: summary}`` of measured GEMMs.
+
+    Unsafe: the unsafe GEMM whose lower bound is furthest above its threshold. Else undecided:
+    the undecided GEMM whose upper bound is furthest up relative to its threshold. Else (safe) the
+    GEMM whose upper bound is closest to its threshold. The verdict's reason, the report's table
+    and its plots all name this one GEMM.
+    """
+    measured = {g: s for g, s in gemms.items() if s["n"] > 0}
+    for verdict, bound in ((UNSAFE, "ci_lo"), (UNDECIDED, "ci_hi"), (SAFE, "ci_hi")):
+        pick = [g for g, s in measured.items() if s["verdict"] == verdict]
+        if pick:
+            return max(pick, key=lambda g: (measured[g][bound] / measured[g]["threshold"],
+                                            measured[g]["mean"] / measured[g]["threshold"]))
+    return None
+
+
 @dataclass
 class ErrorTrack:
     """Observations of one (site, recipe, gemm): one relative error and SQNR per sampled step."""
@@ -195,6 +212,9 @@ class ErrorTrack:
 
     def summary(self, threshold: float, confidence: float, min_samples: int) -> dict:
         mean, lo, hi = t_interval(self.rel_errors, confidence)
+        # A relative error is >= 0: the interval is cut at 0, which keeps its coverage (the true
+        # mean is never below 0) and never shows a negative error to a reader.
+        lo = max(lo, 0.0)
         n = len(self.rel_errors)
         sqnr = -20.0 * math.log10(mean) if n and 0 < mean < math.inf else (math.inf if mean == 0 else -math.inf)
         return {

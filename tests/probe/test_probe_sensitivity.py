@@ -1,6 +1,7 @@
 """Sensitivity by injecting one site's emulated FP8 fprop, validated against real conversion."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,17 +16,19 @@ from probe_toy import ToyMLP, loss_fn, make_batch
 def test_injected_loss_equals_loss_after_converting_the_site(recipe):
     torch.manual_seed(0)
     model = ToyMLP()
-    batch = make_batch(0)
+    batches = [make_batch(0), make_batch(1)]
     modules = {"inp": model.inp, "hidden": model.hidden, "out": model.out}
-    sens = site_sensitivity(modules, lambda: loss_fn(model, batch), recipe)
+    sens = site_sensitivity(modules, [lambda b=b: loss_fn(model, b) for b in batches], recipe)
     for fqn, entry in sens.items():
         converted = copy.deepcopy(model)
         res = convert(converted, recipe, module_filter_fn=lambda m, name: name == fqn, kernels="emulated", fallback="hp")
         assert res.converted == [fqn]
         with torch.no_grad():
-            real = loss_fn(converted, batch).item()
+            real = sum(loss_fn(converted, b).item() for b in batches) / 2
         assert entry["loss_fp8"] == pytest.approx(real, rel=1e-6, abs=1e-7), fqn
         assert entry["loss_delta"] == pytest.approx(real - entry["loss_ref"], abs=1e-6)
+        assert entry["n"] == 2 and entry["ci_lo"] <= entry["rel_loss_delta"] <= entry["ci_hi"]
+        assert all(map(math.isfinite, (entry["ci_lo"], entry["ci_hi"])))
     assert any(abs(e["loss_delta"]) > 0 for e in sens.values())  # FP8 error does move the loss
 
 
@@ -36,11 +39,15 @@ def test_sensitivity_leaves_the_model_unchanged_and_lands_in_the_report():
     probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=1), candidates=("rowwise",)))
     with probe.step(0):
         loss_fn(model, batch).backward()
-    probe.measure_sensitivity(lambda: loss_fn(model, batch))
+    with pytest.raises(ValueError, match=r"at least 2 batches.*batches=\["):
+        probe.measure_sensitivity(lambda: loss_fn(model, batch))  # one batch: no interval, so refused
+    probe.measure_sensitivity(lambda b: loss_fn(model, b), batches=[batch, batch])
     assert not any(m._forward_hooks for m in model.modules())
     assert loss_fn(model, batch).item() == before
     s = probe.report().site("hidden")["sensitivity"]["rowwise"]
-    assert s["loss_ref"] == pytest.approx(before) and "rel_loss_delta" in s
+    assert s["loss_ref"] == pytest.approx(before) and s["n"] == 2
+    # The same batch twice: no spread, so the interval is the point itself (finite, not n=1's infinite one).
+    assert s["ci_lo"] == pytest.approx(s["rel_loss_delta"]) == pytest.approx(s["ci_hi"])
 
 
 def test_systematic_loss_increase_makes_the_site_unsafe():
