@@ -2,6 +2,7 @@
 
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+              [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json]
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
 """
@@ -25,6 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
     p.add_argument("--out", required=True, help="where to write plan.json")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
+    p.add_argument("--speed-model", choices=("h100", "h200", "measured"), default=None,
+                   help="rank kernels by that GPU's speed model at every site (h100, h200: plan for a GPU not at "
+                        "hand, e.g. on CPU), or 'measured' (= --measure); default: the report's timings")
+    p.add_argument("--keep-bf16", default=None, metavar="JSON",
+                   help="JSON file {site: reason} of sites a policy keeps in bf16 (the demo writes keep_bf16.json)")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
     p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
@@ -100,8 +106,9 @@ def _plan(args) -> int:
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
     try:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
+        keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
-                 kernels=kernels, method=args.solver, m_buckets=buckets)
+                 kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model)
     except (ValueError, TypeError) as exc:
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +116,22 @@ def _plan(args) -> int:
     print(p.summary())
     print(f"wrote {args.out}")
     return 0
+
+
+def _keep_bf16(path: str) -> dict[str, str]:
+    """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
+    import json
+    from pathlib import Path
+
+    try:
+        keep = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--keep-bf16 {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--keep-bf16 {path}: not valid JSON ({exc}); write {{\"site.fqn\": \"reason\"}}") from None
+    if not isinstance(keep, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keep.items()):
+        raise ValueError(f"--keep-bf16 {path}: expected a JSON object {{\"site.fqn\": \"reason\"}}")
+    return keep
 
 
 def _bench(args) -> int:
