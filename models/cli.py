@@ -183,7 +183,8 @@ def _run_eval(args) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP on loopback",
-                       description="POST /score with one user and N candidates -> N scores per task.")
+                       description="POST /score with one user and N candidates -> N scores per task; "
+                                   "GET /health, GET /metrics. Limits: see models/README.md.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--plan", default=None, help="fp8 or a loka plan file (default: bf16)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -192,25 +193,34 @@ def _add_serve(sub) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--max-batch", type=int, default=1024, help="most examples per batched forward")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long to gather requests")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-inflight", type=int, default=4,
+                   help="requests read, parsed and scored at once (bounds memory); others wait")
+    p.add_argument("--max-connections", type=int, default=1024, help="past this, requests get 503")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds for a request head, and for its body")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for a slot, and for its scores, before 503")
     p.set_defaults(func=_run_serve)
 
 
 @_clear_errors("serve")
 def _run_serve(args) -> int:
     from .engine import InferenceEngine
-    from .serve import ScoringServer
+    from .serve import ScoringServer, ServeConfig
 
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
+                         max_connections=args.max_connections, read_timeout_s=args.read_timeout,
+                         request_timeout_s=args.request_timeout)
     engine = InferenceEngine.from_checkpoint(args.checkpoint, plan=args.plan, compile=args.compile,
                                              device=args.device)
     engine.warmup()
-    server = ScoringServer(engine, args.host, args.port, args.max_batch, args.max_wait_ms)
+    server = ScoringServer(engine, config)
     print(f"serving {engine.config.size} ranker ({engine.precision}) at {server.url}/score", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGINT/SIGTERM: graceful shutdown
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
-    finally:
-        server.stop()
+        print("stopped", file=sys.stderr)
     return 0
 
 

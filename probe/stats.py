@@ -63,6 +63,10 @@ class Prepared:
         """At most :data:`STATS_ROWS` evenly strided row indices (None: every row)."""
         return strided_rows(self.x.shape[0], STATS_ROWS, self.x.device)
 
+    def sample_rows(self) -> torch.Tensor:
+        """The indices of the sampled rows in ``x`` (``arange`` when every row is kept)."""
+        return torch.arange(self.x.shape[0], device=self.x.device) if self.rows is None else self.rows
+
     @functools.cached_property
     def sample(self) -> "Prepared":
         """The same forms on :attr:`rows` (the value-level statistics' sample)."""
@@ -176,16 +180,20 @@ def _range_fractions(p: Prepared, role: str) -> State:
     *delayed* scaling risks, measured by ``saturation_delayed`` against the previous sample's
     amax (see :meth:`OperandStats.update`).
     """
-    ax, rows, sub = p.ax, p.rows, p.sample.ax
+    ax, sub = p.ax, p.sample.ax
     pos = sub > 0
     out: State = {"range_n": _f64(int(pos.sum()))}
     for g in GRANULARITIES:
         op = _check_operand(role, g, "e4m3")
         group = _group_shape(ax.shape, g, op.block)
-        if rows is not None and group is not None and group[0] > 1:  # 2-D blocks: each kept row's blocks
+        if group is not None and group[0] > 1:
+            # 2-D blocks span several rows: take each block's amax over the whole operand and
+            # give every sampled row (all rows when none are dropped) the amax of its block, so
+            # the bound is always one entry per sampled row and column block.
+            rows = p.sample_rows()
             amax = group_amax(ax, g, op.block, finite_only=False)[rows // group[0]]
             group = (1, group[1])
-        else:  # one group per tensor (whole operand) or groups within a row (kept rows only)
+        else:  # one group per tensor (whole operand) or groups within a row (sampled rows only)
             amax = group_amax(ax if group is None else sub, g, op.block, finite_only=False)
         for fmt in FORMATS_CHECKED:
             f = get_format(fmt)

@@ -20,6 +20,17 @@ def test_serve_bench_runs_engine_and_http(tmp_path):
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in rows)
 
 
+def test_serve_load_runs_bounded_and_reports_no_errors(tmp_path):
+    out = tmp_path / "load.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--size", "tiny", "--candidates",
+                          "4", "--clients", "1,3", "--seconds", "0.5", "--abuse-clients", "3", "--abuse-mb", "0.5",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    text = out.read_text()
+    assert "connection errors and non-200 answers: 0" in text and "| 0.5 MB junk | 3 | 3 | 3 | 0 |" in text
+    assert text.startswith("command: `python bench/serve_load.py --size tiny")
+
+
 def test_probe_acceptance_runs_and_checks_verdicts(tmp_path):
     """bench/probe_acceptance.py at tiny size: writes the three report forms and checks verdicts."""
     out = tmp_path / "probe"

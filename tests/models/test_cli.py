@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -58,18 +59,38 @@ def test_train_on_criteo_files(tmp_path, capsys):
     assert "skipped malformed lines: 0" in capsys.readouterr().out  # the bad line is after step 2
 
 
-def test_serve_command_answers_over_loopback(trained):
+def test_serve_command_answers_over_loopback_and_stops_gracefully_on_sigterm(trained):
+    import threading
+
+    from loka.models import RankerConfig, SyntheticStream
+    from loka.models.serving_schema import batch_to_request
+
     code = ("import sys; from loka.models.cli import register; import argparse;"
             "p = argparse.ArgumentParser(); register(p.add_subparsers());"
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--checkpoint", str(trained / "checkpoint.pt"),
-                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, text=True)
+                             "--port", "0", "--device", "cpu", "--max-wait-ms", "500"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert "serving" in line, line
         url = line.split(" at ")[1].strip().removesuffix("/score")
         with urllib.request.urlopen(url + "/health", timeout=20) as resp:
             assert json.loads(resp.read())["status"] == "ok"
-    finally:
+        body = json.dumps(batch_to_request(SyntheticStream(RankerConfig.from_size("tiny"), 3, seed=5).batch(0)))
+        reply = {}
+
+        def score():  # the batcher holds this request 0.5 s: SIGTERM arrives while it is in flight
+            req = urllib.request.Request(url + "/score", body.encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                reply.update(status=resp.status, body=json.loads(resp.read()))
+
+        client = threading.Thread(target=score)
+        client.start()
+        time.sleep(0.2)
         proc.terminate()
+        client.join(timeout=20)
+        assert reply.get("status") == 200 and reply["body"]["n"] == 3
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
         proc.wait(timeout=20)

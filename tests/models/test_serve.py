@@ -82,7 +82,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_scores(served):
     (lambda r: r.pop("candidates"), "candidates"),
     (lambda r: r["candidates"][0]["sparse"].update({"1": 10**9}), "out of range"),
     (lambda r: r["candidates"][0]["sparse"].pop("3"), "missing"),
-    (lambda r: r["candidates"][0]["dense"].update({"0": "high"}), "finite number"),
+    (lambda r: r["candidates"][0]["dense"].update({"0": "high"}), "candidates[0].dense.0: Input should be a valid number"),
     (lambda r: r["user"]["history"]["items"].append(1), "equal length"),
     (lambda r: r["user"]["history"].update({"items": [1] * 99, "actions": [1] * 99, "gaps_days": [1.0] * 99}),
      "at most"),
@@ -139,13 +139,58 @@ def test_missing_or_negative_content_length_is_refused(served):
     import http.client
 
     _, _, server = served
-    host, port = server.httpd.server_address[:2]
-    for headers in ({"Content-Length": "-5"}, {}):
+    host, port = server._socket.getsockname()[:2]
+    for headers, status in (({"Content-Length": "-5"}, 400), ({}, 411)):
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.putrequest("POST", "/score")
         for k, v in headers.items():
             conn.putheader(k, v)
         conn.endheaders()
         resp = conn.getresponse()
-        assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
+        assert resp.status == status and "Content-Length" in json.loads(resp.read())["error"]
         conn.close()
+
+
+def test_parse_request_round_trips_and_the_candidate_wins():
+    cfg = RankerConfig.from_size("tiny")
+    batch = _user_batch(cfg, 9)
+    request = batch_to_request(batch)
+    parsed = parse_request(cfg, json.dumps(request).encode())
+    for name in ("sparse", "dense", "hist_items", "hist_actions", "hist_mask", "multi_hot_mask"):
+        torch.testing.assert_close(getattr(parsed, name), getattr(batch, name), rtol=0, atol=0)
+    # padding slots of a bag may hold any id in the synthetic batch; a request has none there
+    torch.testing.assert_close(parsed.multi_hot * parsed.multi_hot_mask, batch.multi_hot * batch.multi_hot_mask)
+    request["user"]["dense"] = {"2": 123.0}  # the candidates' own dense values override the user's
+    request["candidates"][4]["dense"].pop("2")  # ... except where a candidate leaves it out
+    parsed = parse_request(cfg, request)
+    expected = batch.dense[:, 2].clone()
+    expected[4] = 123.0
+    torch.testing.assert_close(parsed.dense[:, 2], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["candidates"][1]["sparse"].update({"2": 40}), "candidates[1].sparse[2]=40 is out of range [0, 40)"),
+    (lambda r: r["candidates"][1]["sparse"].update({"02": 3}), "no leading zeros"),
+    (lambda r: r["user"]["sparse"].update({"8": 1}), "user.sparse has feature index '8'"),
+    (lambda r: r["candidates"][0]["dense"].update({"0": float("nan")}), "candidates[0].dense.0: Input should be a finite"),
+    (lambda r: r.update({"candidate": []}), "candidate: Extra inputs are not permitted"),
+    (lambda r: r["user"]["history"]["gaps_days"].__setitem__(0, -1.0), "user.history.gaps_days[0]"),
+])
+def test_parse_request_names_the_field(mutate, message):
+    cfg = RankerConfig.from_size("tiny")
+    request = batch_to_request(_user_batch(cfg, 3))
+    if not request["user"]["history"]["gaps_days"]:
+        request["user"]["history"] = {"items": [1], "actions": [0], "gaps_days": [1.0]}
+    mutate(request)
+    with pytest.raises(RequestError) as err:
+        parse_request(cfg, request)
+    assert message in str(err.value)
+
+
+def test_json_syntax_errors_name_the_path_on_any_line():
+    cfg = RankerConfig.from_size("tiny")
+    raw = b'{"user": {"sparse": {"0": 1, "5": "a\\"b,c"}},\n "candidates": [\n  {"sparse": {"1": 2}},\n  {"sparse": {"1": 2, "2": [[tru]]}}]}'
+    with pytest.raises(RequestError, match=r"not valid JSON at candidates\[1\]\.sparse\.2\[0\]\[0\]: .*line 4"):
+        parse_request(cfg, raw)
+    with pytest.raises(RequestError, match="not valid JSON: .*EOF"):
+        parse_request(cfg, b"")
