@@ -163,30 +163,51 @@ def apply_mods(model: nn.Module, report, sample) -> list:
     results = [policy]
     results.append(mods.scale_migration.apply(model, report, sample=sample))
     results.append(mods.padding.apply(model, sample=sample, module_filter_fn=lambda m, fqn: fqn not in keep))
-    for r in results:
-        print(r.table())
+    changed = [r for r in results[1:] if r.changes]
+    if changed:
+        for r in results:
+            print(r.table())
+    else:
+        print(f"no mod changes this model ({mods_skip_reason(results)}); {len(keep)} sites stay bf16 by the "
+              "keep-in-hp policy (listed in the plan)")
     return results
 
 
-def make_plan(report, cfg: DemoConfig, keep: dict, out: Path):
+def mods_skip_reason(results) -> str:
+    """One line: why each mod after the keep-in-hp policy changed nothing (its skip reasons, counted)."""
+    import re
+
+    parts = []
+    for r in results[1:]:
+        reasons: dict[str, int] = {}
+        for _, why in r.skipped:
+            key = re.sub(r"spread [\d.]+ <", "spread <", why.removeprefix("probe report: "))
+            key = "kept bf16 by the keep-in-hp policy" if key == "excluded by module_filter_fn" else key
+            reasons[key] = reasons.get(key, 0) + 1
+        what = "; ".join(f"{n}x {k}" for k, n in reasons.items()) or "nothing it applies to"
+        parts.append(f"{r.name} skipped {sum(reasons.values())} ({what})")
+    return "; ".join(parts)
+
+
+def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path):
     """Stage 5: the fastest kernel per GEMM within the default budget; keep-in-hp sites stay bf16.
 
     On a GPU the kernels are timed there. On a CPU, timings say nothing about a
     GPU, so kernels are ranked by the H100 speed model (loka.dispatch.costmodel)
     and the plan says so.
     """
-    from loka.dispatch import KERNELS, Budget, plan
-    from loka.dispatch.costmodel import H100_SXM, model_timings
+    from loka.dispatch import Budget, plan
 
-    timings = None
+    speed = "h100" if cfg.device == "cpu" else "measured"
     if cfg.device == "cpu":
-        names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and k.available("cpu")]
-        timings = model_timings(report, names, H100_SXM)
-        print(f"timings: {H100_SXM.name} for kernels {names} (CPU timings are not representative)")
-    p = plan(report, Budget(), timings=timings, measure=cfg.device == "cuda", device=cfg.device,
-             progress=cfg.progress, keep_bf16=keep)
+        print("timings: the H100 speed model for the FP8 kernels available here (CPU timings are not representative)")
+    p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep)
     path = p.save(out / "plan.json")
+    keep_path = out / "keep_bf16.json"
+    keep_path.write_text(json.dumps(keep, indent=1, sort_keys=True))
     print(p.summary())
+    print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
+          f"--device {cfg.device} --out {path}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
@@ -198,7 +219,7 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
     return (f"Why nothing is in FP8: every GEMM of the {cfg.size} ranker is small (K, N <= {k_n}); at such shapes, "
             f"{where}, quantizing the operands costs more than the FP8 GEMM saves (design.md: FP8 pays off from "
             "K, N around 1024 at large batch). That is the plan doing its job, not a failure. "
-            + ("On a CUDA device `loka demo` uses the `base` ranker, whose interaction MLPs (K ~1000-1150, "
+            + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
                "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
 
@@ -231,7 +252,7 @@ def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: 
         outputs[label] = report
         print(f"{label}:\n{report.table()}")
     paths = [out / "eval_bf16.npz", out / "eval_fp8.npz"]
-    print(f"same as: loka gate {paths[0]} {paths[1]} --allow-different-models")
+    print(f"same as: loka gate --baseline {paths[0]} --candidate {paths[1]} --allow-different-models")
     result = gate(*paths, allow_different_models=True)  # padding mods change the module tree, not the function
     (out / "gate.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     print(result.table())
@@ -288,20 +309,24 @@ def run(cfg: DemoConfig | None = None) -> dict:
     if not gpu:
         print("(kernel timing skipped on CPU: CPU timings say nothing about a GPU, so the probe's speed column and "
               "the plan use the H100 speed model; on a GPU both probes time every candidate kernel)")
-    report_before, _ = probe_model(warm.model, cfg, out, "before_mods", time_kernels=gpu, html=False)
-    print(report_before.to_markdown())
+    report_before, paths_before = probe_model(warm.model, cfg, out, "before_mods", time_kernels=gpu, html=False)
+    print(report_before.to_markdown(paths_before["json"]))
 
     stages.start("3. mods: keep-in-hp policy, scale migration, padding (all exact)")
     modded = copy.deepcopy(warm.model)
     mod_results = apply_mods(modded, report_before, sample)
     keep = mod_results[0].data["policy"]
 
-    stages.start("4. probe the modded model")
-    report, report_paths = probe_model(modded, cfg, out, "after_mods", time_kernels=gpu)
+    if any(r.changes for r in mod_results[1:]):  # the keep-in-hp policy changes nothing in the model
+        stages.start("4. probe the modded model")
+        report, report_paths = probe_model(modded, cfg, out, "after_mods", time_kernels=gpu)
+    else:
+        stages.start("4. probe the modded model: skipped, the mods changed nothing (the first probe's report is used)")
+        report, report_paths = report_before, report_before.save(out, stem="probe_before_mods")
     print(f"probe report: {report_paths.get('html')}")
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
-    plan, plan_path = make_plan(report, cfg, keep, out)
+    plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"])
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
     fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8)
 

@@ -149,14 +149,14 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
     undecided = [s["fqn"] for s in sites if s["verdict"] == "undecided"]
     if undecided:
         cap = report.doc["config"]["schedule"].get("max_samples")
-        more = f" (e.g. `loka probe ... --max-samples {2 * cap}` and enough --steps)" if cap else ""
+        more = f" (raise max_samples, now {cap}, e.g. to {2 * cap}, with enough training steps)" if cap else ""
         steps.append(f"{len(undecided)} undecided site(s) need more sampled steps to decide{more}; "
                      "the plan keeps them in bf16 meanwhile.")
     unaligned = [s["fqn"] for s in sites if alignment_issue(s) is not None]
     if unaligned:
         steps.append(f"{len(unaligned)} site(s) have K or N not a multiple of {FP8_ALIGN} (⚠): "
-                     "`loka mods show --mod padding` shows the padding mod, `loka.mods.padding.apply(model)` "
-                     "applies it (exact); probe the padded model again.")
+                     "`loka.mods.padding.apply(model)` pads them (exact; `loka mods list` describes every mod), "
+                     "then probe the padded model again.")
     steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
     return [f"Next step{'s' if len(steps) > 1 else ''}:"] + [f"{i}. {t}" for i, t in enumerate(steps, 1)]
 

@@ -98,7 +98,7 @@ def test_markdown_counts_next_steps_and_flags_unaligned_shapes(report):
     unaligned = [s for s in sites if s["in_features"] % 16 or s["out_features"] % 16]
     assert f"{len(unaligned)} with a shape cuBLAS FP8 GEMMs refuse" in md
     assert "`loka plan --report runs/p/probe_report.json --out plan.json`" in md
-    assert "undecided site(s) need more sampled steps" in md and "--max-samples 8" in md
+    assert "undecided site(s) need more sampled steps" in md and "max_samples, now 4, e.g. to 8" in md
     row = next(line for line in md.splitlines() if line.startswith("| `odd_k`"))
     assert "×141×32 ⚠" in row and "K=141 not a multiple of 16" in row and "padding" in row and "K=144" in row
     aligned = next(line for line in md.splitlines() if line.startswith("| `hidden`"))
