@@ -142,6 +142,10 @@ def _bench(args) -> int:
     except ValueError:
         print(f"loka bench-kernels: --shape {args.shape!r} must be M,K,N, e.g. 8192,512,512", file=sys.stderr)
         return 2
+    if min(m, k, n) < 1:
+        print(f"loka bench-kernels: --shape {args.shape!r}: M, K and N must each be >= 1, e.g. 8192,512,512",
+              file=sys.stderr)
+        return 2
     device = _device(args.device)
     dtype = torch.bfloat16
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]

@@ -177,7 +177,10 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"plan file {path} does not exist; write one with `loka plan --report ... --out {path}`")
-    return Plan.from_json(path.read_text())
+    try:
+        return Plan.from_json(path.read_text())
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from None
 
 
 def _site_dict(s: SitePlan) -> dict:

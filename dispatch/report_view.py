@@ -77,7 +77,10 @@ def _as_doc(report) -> dict:
         path = Path(report)
         if not path.exists():
             raise ValueError(f"report file {path} does not exist")
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); pass the probe report JSON `loka probe` wrote") from None
     if isinstance(report, dict):
         return report
     doc = getattr(report, "doc", None)

@@ -19,7 +19,7 @@ def _clear_errors(command: str):
             try:
                 return run(args)
             except ValueError as exc:
-                print(f"loka {command}: error: {exc}", file=sys.stderr)
+                print(f"loka {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
                 return 2
         return inner
     return wrap

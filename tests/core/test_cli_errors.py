@@ -1,0 +1,77 @@
+"""Every user error of the `loka` command is one line on stderr naming the problem, exit code 2,
+no traceback (`--debug` shows it); `--version`, and a description for every command."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from loka.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from loka.models.checkpoint import save_checkpoint
+    from loka.models.config import RankerConfig
+    from loka.models.ranker import Ranker
+
+    d = tmp_path_factory.mktemp("cli")
+    (d / "bad.json").write_text('{"x":\n')
+    save_checkpoint(d / "tiny.pt", Ranker(RankerConfig.from_size("tiny")))
+    return d
+
+
+CASES = [
+    ("train --size huge --steps 1", ["'huge'", "tiny"]),
+    ("eval --checkpoint nope.pt", ["nope.pt", "does not exist"]),
+    ("serve --checkpoint {d}/tiny.pt --plan {d}/bad.json", ["bad.json", "not valid JSON"]),
+    ("mods show --size huge", ["'huge'", "tiny"]),
+    ("bench-kernels --shape 0,16,16", ["--shape", ">= 1"]),
+    ("plan --report {d}/bad.json --out {d}/plan.json", ["bad.json", "not valid JSON"]),
+]
+
+
+@pytest.mark.parametrize("command, words", CASES, ids=[c.split(" --")[0] for c, _ in CASES])
+def test_user_error_is_one_line_and_exit_2(files, capsys, command, words):
+    rc = main(command.format(d=files).split())
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"loka {command.split()[0]}") and all(w in err for w in words), err
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(ValueError, match="huge"):
+        main(["mods", "show", "--size", "huge", "--debug"])
+
+
+def test_the_installed_command_exits_2_with_one_line(files):
+    """The real entry point, in a fresh process: exit status 2 and one stderr line."""
+    run = subprocess.run([sys.executable, "-m", "loka.cli", "mods", "show", "--size", "huge"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_version_and_a_description_for_every_command(capsys):
+    import loka
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"loka {loka.__version__}"
+    parser = build_parser()
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{path} {name}", sub
+                    yield from walk(sub, f"{path} {name}")
+
+    commands = dict(walk(parser, "loka"))
+    assert {"loka doctor", "loka plan", "loka bench-kernels", "loka mods show"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description and sub.description.strip(), f"{name} has no description"
+        assert "``" not in sub.format_help(), f"{name}'s help shows double backticks"
