@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "loka.probe.cli",
     "loka.dispatch.cli",
     "loka.mods.cli",
+    "loka.models.convert_cli",
     "loka.gate.cli",
 )
 
