@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     print("relative change of the logits on one batch of " f"{args.batch_size} examples: "
           + ", ".join(f"{t} {v:.2e}" for t, v in change.items()))
     print(f"next: loka gate --baseline {args.checkpoint} --candidate {args.checkpoint} "
-          f"--candidate-precision {args.plan}")
+          f"--candidate-plan {args.plan}")
     if args.json:
         doc = {"checkpoint": str(args.checkpoint), "plan": str(args.plan), "converted": result.converted,
                "skipped": result.skipped, "logit_rel_change": change, "batch_size": args.batch_size}

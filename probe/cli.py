@@ -1,6 +1,6 @@
 """``loka probe``: train a model for N steps with the probe attached and write its report.
 
-    loka probe --model small --steps 200 --every 10 --out runs/probe
+    loka probe --size small --steps 200 --every 10 --out runs/probe
     loka probe --model mypkg.models:make_workload --steps 100 --out runs/probe
 
 Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
+    p.add_argument("--size", dest="model", help="ranker size: tiny, small, base or large (as --model SIZE)")
     p.add_argument("--steps", type=int, default=100, help="training steps to run (default 100)")
     p.add_argument("--out", required=True, help="directory for the report files")
     p.add_argument("--every", type=int, default=10, help="sample every N steps (default 10)")

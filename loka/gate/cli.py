@@ -2,8 +2,8 @@
 
     loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
               [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
-    loka gate --baseline run/checkpoint.pt --baseline-precision bf16 \\
-              --candidate run/checkpoint.pt --candidate-precision plan.json --eval-examples 100000
+    loka gate --baseline run/checkpoint.pt --baseline-plan bf16 \\
+              --candidate run/checkpoint.pt --candidate-plan plan.json --eval-examples 100000
 
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
@@ -34,10 +34,12 @@ def register(subparsers) -> None:
     p.add_argument("--baseline", required=True,
                    help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint")  # fmt: skip
     p.add_argument("--candidate", required=True, help="saved evaluation outputs or a ranker checkpoint")
-    p.add_argument("--baseline-precision", default=None,
+    p.add_argument("--baseline-plan", dest="baseline_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
-    p.add_argument("--candidate-precision", default=None,
+    p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
+    for side in ("baseline", "candidate"):  # the old names of --baseline-plan / --candidate-plan
+        p.add_argument(f"--{side}-precision", dest=f"{side}_precision", help=argparse.SUPPRESS)
     p.add_argument("--eval-examples", type=int, default=50_000,
                    help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
     p.add_argument("--eval-seed", type=int, default=None,
@@ -60,7 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
-    p.add_argument("--save-outputs", default=None, metavar="DIR",
+    p.add_argument("--save-outputs", dest="save_outputs", help=argparse.SUPPRESS)  # the old name of --out
+    p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
     p.set_defaults(func=run)

@@ -4,6 +4,7 @@ no traceback (`--debug` shows it); `--version`, and a description for every comm
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -75,3 +76,51 @@ def test_version_and_a_description_for_every_command(capsys):
     for name, sub in commands.items():
         assert sub.description and sub.description.strip(), f"{name} has no description"
         assert "``" not in sub.format_help(), f"{name}'s help shows double backticks"
+
+
+def _options(parser, command: list[str]) -> dict[str, str]:
+    """{option string: dest} of ``loka COMMAND``'s visible options."""
+    p = parser
+    for name in command:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return {o: a.dest for a in p._actions if a.help is not argparse.SUPPRESS for o in a.option_strings}
+
+
+VOCABULARY = {
+    "--size": [["train"], ["probe"], ["mods", "show"], ["demo"]],
+    "--plan": [["train"], ["eval"], ["serve"], ["convert"]],
+    "--out": [["train"], ["eval"], ["probe"], ["plan"], ["demo"], ["gate"]],
+    "--json": [["eval"], ["gate"], ["convert"]],
+    "--device": [["train"], ["eval"], ["serve"], ["probe"], ["plan"], ["bench-kernels"], ["gate"], ["demo"],
+                 ["doctor"], ["convert"]],
+    "--eval-examples": [["train"], ["eval"], ["gate"], ["demo"]],
+}
+
+
+@pytest.mark.parametrize("flag", sorted(VOCABULARY))
+def test_one_vocabulary_of_flags(flag):
+    parser = build_parser()
+    missing = [" ".join(c) for c in VOCABULARY[flag] if flag not in _options(parser, c)]
+    assert not missing, f"{flag} missing from: {missing}"
+
+
+@pytest.mark.parametrize("old, new, command", [
+    ("--precision", "--plan", ["train"]), ("--examples", "--eval-examples", ["eval"]),
+    ("--outputs", "--out", ["eval"]), ("--save-outputs", "--out", ["gate"]),
+    ("--baseline-precision", "--baseline-plan", ["gate"]), ("--candidate-precision", "--candidate-plan", ["gate"]),
+])
+def test_old_flag_names_still_parse_to_the_new_ones(old, new, command):
+    base = {"train": [], "eval": ["--checkpoint", "c.pt"], "gate": ["--baseline", "a", "--candidate", "b"]}[command[0]]
+    value = "7" if "examples" in new else "x"
+    parser = build_parser()
+    a = parser.parse_args(command + base + [old, value])
+    b = parser.parse_args(command + base + [new, value])
+    dest = _options(parser, command)[new]
+    assert getattr(a, dest) == getattr(b, dest) == (7 if value == "7" else "x")
+
+
+def test_eval_json_path_writes_the_results(files, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(files / "tiny.pt"), "--eval-examples", "512", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"ctr"} and "| " not in capsys.readouterr().out.splitlines()[0][:2]
