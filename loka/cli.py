@@ -83,6 +83,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _quiet_library_noise() -> None:
+    """Import-time log lines that say nothing about the command (a CPU build of torchao lacks its
+    SM90 kernels; torch deprecates a registration torchao makes); ``--debug`` keeps them."""
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error ends as one line on stderr and exit 2 (``--debug``: the traceback)."""
     parser = build_parser()
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not getattr(args, "debug", False):
+        _quiet_library_noise()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
