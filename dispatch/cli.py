@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -120,9 +122,6 @@ def _plan(args) -> int:
 
 def _keep_bf16(path: str) -> dict[str, str]:
     """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
-    import json
-    from pathlib import Path
-
     try:
         keep = json.loads(Path(path).read_text())
     except OSError as exc:

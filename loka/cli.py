@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+
+from loka import __version__
 
 # (module, what it provides) in the order shown by --help.
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -45,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _finish_help(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """``--version`` on the top command and ``--debug`` on every command; every command gets a
     description (its help line when it has none) and help text without double backticks."""
-    from loka import __version__
-
     debug = "show the full traceback of an error instead of its one-line message"
     if top:
         parser.add_argument("--version", action="version", version=f"loka {__version__}")
@@ -86,8 +87,6 @@ def _one_line(exc: BaseException) -> str:
 def _quiet_library_noise() -> None:
     """Import-time log lines that say nothing about the command (a CPU build of torchao lacks its
     SM90 kernels; torch deprecates a registration torchao makes); ``--debug`` keeps them."""
-    import logging
-
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 

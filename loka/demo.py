@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -175,8 +176,6 @@ def apply_mods(model: nn.Module, report, sample) -> list:
 
 def mods_skip_reason(results) -> str:
     """One line: why each mod after the keep-in-hp policy changed nothing (its skip reasons, counted)."""
-    import re
-
     parts = []
     for r in results[1:]:
         reasons: dict[str, int] = {}

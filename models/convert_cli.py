@@ -18,6 +18,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from loka.models.checkpoint import load_model
+from loka.models.precision import apply_precision
+from loka.models.synthetic import SyntheticStream
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert a ranker checkpoint with a plan and check it on one batch",
@@ -32,20 +38,12 @@ def register(subparsers) -> None:
 
 
 def _rel_change(ref, new) -> float:
-    import torch
-
     den = float(torch.linalg.vector_norm(ref.double()))
     num = float(torch.linalg.vector_norm(new.double() - ref.double()))
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from loka.models.checkpoint import load_model
-    from loka.models.precision import apply_precision
-    from loka.models.synthetic import SyntheticStream
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     model = load_model(args.checkpoint).to(args.device).eval()

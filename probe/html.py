@@ -23,10 +23,10 @@ ROLE_COLORS = {"input": "C0", "weight": "C1", "grad_output": "C2"}
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, on first use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, on first use
 
     return plt
 
