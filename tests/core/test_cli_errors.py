@@ -124,3 +124,15 @@ def test_eval_json_path_writes_the_results(files, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(files / "tiny.pt"), "--eval-examples", "512", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert set(doc) >= {"ctr"} and "| " not in capsys.readouterr().out.splitlines()[0][:2]
+
+
+def test_readme_commands_parse():
+    """The command-line section of the README shows commands the parser takes as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("    loka ")]
+    assert len(commands) >= 4
+    parser = build_parser()
+    for words in commands:
+        assert parser.parse_args(words[1:]).command == words[1], words
