@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from loka.dispatch import KERNELS
-from loka.dispatch.report_view import gemm_shape
+from loka.kernels import KERNELS
+from loka.recipe import gemm_shape
 from loka.timer import device_name, time_fn
 from loka.quantize import quantize
 from loka.recipe import GEMMS, HP_GEMM, as_recipe

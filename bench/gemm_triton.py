@@ -16,7 +16,8 @@ W cached in FP8 rowwise as when serving) it times, per call:
 - ``scaled_mm+quant``: ``loka.quantize`` of x (rowwise, eager PyTorch) then
   ``torch._scaled_mm`` (cuBLASLt);
 - ``scaled_mm+quant(compiled)``: the same with the quantization under
-  ``torch.compile`` (dynamo is reset per shape: see design.md's timing pitfall);
+  ``torch.compile`` (dynamo is reset per shape: see the timing pitfall in
+  bench/results/h100_2026-11-22_gemm.md);
 - ``scaled_mm ceiling``: ``torch._scaled_mm`` on an x quantized beforehand
   (what FP8 could give if quantization were free);
 - ``triton fused`` / ``triton fused fast-acc``: ``fp8_mm_fused_quant``
@@ -70,7 +71,7 @@ def _candidates(x, w, gran, compile_quant):
     """name -> zero-argument callable returning out[M, N] (bf16)."""
     from loka.quantize import quantize
 
-    from loka.dispatch.triton_gemm import fp8_mm_fused_quant
+    from loka.kernels.triton_gemm import fp8_mm_fused_quant
 
     w_fp8, w_scale = quantize(w, "e4m3", gran)
     sb = w_scale.reshape(1, -1) if gran == "rowwise" else w_scale  # _scaled_mm wants (1, N)
@@ -94,7 +95,7 @@ def _candidates(x, w, gran, compile_quant):
 
 
 def bench_shape(shape, args, device) -> list[str]:
-    from loka.dispatch.triton_gemm import fp8_mm_fused_quant_reference, kernels
+    from loka.kernels.triton_gemm import fp8_mm_fused_quant_reference, kernels
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(m * 31 + k * 7 + n)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         return 2
     if not args.no_compile:
         raise_recompile_limit(64)  # one recompile per shape must not fall back to eager
-    from loka.dispatch.triton_gemm import triton_available
+    from loka.kernels.triton_gemm import triton_available
 
     ok, reason = triton_available(device)
     if not ok:

@@ -352,7 +352,7 @@ def run_all(stages: list[Stage], results: list[report.StageResult], header: dict
 
 def stage_env(path: Path, device: str | None) -> int:
     """The doctor stage: versions, the device (CUDA queried here, in the stage's process) and `loka doctor`."""
-    import contextlib
+    import contextlib  # heavy: the runner imports torch and loka only inside stage processes
     import io
 
     import torch

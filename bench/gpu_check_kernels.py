@@ -38,12 +38,17 @@ from pathlib import Path
 
 import torch
 
+from loka.kernels import KERNELS
+from loka.models import Ranker, RankerConfig, SyntheticStream
+from loka.quantize import quantize
+from loka.recipe import GEMMS, HP_GEMM, as_recipe, gemm_shape
+from loka.timer import device_name, time_fn, try_time
+
 RECIPES = ("tensorwise", "rowwise", "blockwise", "mx")
 
 
 def ranker_gemm_sites(size: str, batch: int) -> list[dict]:
     """``[{m, k, n, sites: [fqn], flops}]`` of the ranker's Linears at ``batch``, padded histories."""
-    from loka.models import Ranker, RankerConfig, SyntheticStream
 
     cfg = RankerConfig.from_size(size)
     n_examples = 4
@@ -74,7 +79,6 @@ def ranker_gemm_sites(size: str, batch: int) -> list[dict]:
 
 def _ceilings(a, b, dtype):
     """Pre-quantized ``torch._scaled_mm`` calls (tensorwise, rowwise e4m3), or {} if the dims do not fit."""
-    from loka.quantize import quantize
 
     k, n = a.shape[1], b.shape[0]
     if k % 16 or n % 16:
@@ -92,8 +96,6 @@ def _ceilings(a, b, dtype):
 
 def candidates(a, b, shape, dtype, device, only: set[str] | None = None) -> tuple[dict, dict]:
     """``({label: fn}, {label: reason skipped})`` for one GEMM: bf16, each kernel/recipe, ceilings."""
-    from loka.dispatch import KERNELS
-    from loka.recipe import HP_GEMM, as_recipe
 
     bf16 = KERNELS.get("bf16")
     fns = {"bf16": lambda: bf16.mm(a, b, HP_GEMM, out_dtype=dtype)}
@@ -128,7 +130,6 @@ def _calls_for(per_call_ms: float, sample_ms: float, max_calls: int) -> int:
 
 def time_gemm(shape, dtype, device, args) -> dict:
     """One GEMM ``(m, k, n)``: every candidate's per-call time, FLOP rate and ratio to bf16."""
-    from loka.timer import time_fn, try_time
 
     m, k, n = shape
     gen = torch.Generator(device=device).manual_seed(m * 31 + k * 7 + n)  # drawn on the device: M reaches 2M rows
@@ -169,9 +170,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from loka.probe.fit import gemm_shape
-    from loka.recipe import GEMMS
-    from loka.timer import device_name
 
     args = parse_args(argv)
     device = torch.device(args.device)

@@ -33,7 +33,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loka import Float8Linear, rel_error  # noqa: E402
+from loka import Float8Linear  # noqa: E402
+from loka.metrics import rel_error  # noqa: E402
 from loka.mods import find_groups, fused_norm_quant, horizontal, keep_hp, padding, record, row_scale, scale_migration  # noqa: E402
 from loka.mods.result import get_module  # noqa: E402
 

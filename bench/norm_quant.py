@@ -85,7 +85,7 @@ def _norm_fn(kind: str):
 def _candidates(x, w, b, kind, compile_):
     from loka.quantize import quantize
 
-    from loka.dispatch.triton_norm_quant import fused_norm_quant
+    from loka.kernels.triton_norm_quant import fused_norm_quant
 
     norm = _norm_fn(kind)
     norm_quant = lambda: quantize(norm(x, w, b), "e4m3", "rowwise")  # noqa: E731
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         return 2
     if not args.no_compile:
         raise_recompile_limit(64)  # per-shape recompiles must not fall back to eager
-    from loka.dispatch.triton_gemm import triton_available
+    from loka.kernels.triton_gemm import triton_available
 
     ok, reason = triton_available(device)
     if not ok:

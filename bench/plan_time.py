@@ -43,7 +43,7 @@ from loka.probe.cli import train_with_probe
 from loka.probe.config import ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
 from loka.timer import device_name, time_fn
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 
 
 def _site_fwd_bwd(module: nn.Module, m: int, dtype, device):

@@ -25,7 +25,7 @@ from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.cli import train_with_probe
 from loka.probe.error import t_interval
 from loka.probe.validate import conversion_errors, conversion_loss_delta
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 
 
 def _check(model, site: dict, recipe: str, verdict: dict, loss_fns, cfg) -> tuple[bool, str]:

@@ -33,7 +33,7 @@ import time
 import torch
 
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 
 
 def _sync(device: str) -> None:

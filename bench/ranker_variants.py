@@ -88,7 +88,7 @@ def _te_recipe():
 
 
 def build_te(model: nn.Module, *, device: torch.device, **_) -> Built:
-    from loka.dispatch.backend_te import te_import
+    from loka.kernels.backend_te import te_import
 
     ok, why = te_import()
     if not ok:
@@ -145,7 +145,7 @@ BUILDERS: dict[str, Callable[..., Built]] = {
 
 def library_versions() -> dict[str, str]:
     """torch / triton / torchao / transformer_engine versions, or why one is missing."""
-    from loka.dispatch.backend_te import te_import, te_version
+    from loka.kernels.backend_te import te_import, te_version
 
     out = {"torch": torch.__version__}
     for name in ("triton", "torchao"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.recipe import HP_GEMM, as_recipe
 
 RECIPES = ("tensorwise", "rowwise", "blockwise", "mx")

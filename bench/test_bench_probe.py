@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 
 MODES = {
     "plain": None,

@@ -71,7 +71,8 @@ def ratio(base: Timing | str, other: Timing | str) -> str:
 
 
 def raise_recompile_limit(limit: int) -> None:
-    """Let dynamo recompile per shape instead of silently falling back to eager (design.md)."""
+    """Let dynamo recompile per shape instead of silently falling back to eager
+    (the timing pitfall in bench/results/h100_2026-11-22_gemm.md)."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), limit))

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loka.recipe import GEMMS
-
+from loka.convert import ConvertResult, _linears_post_order
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
-from loka.dispatch.report_view import gemm_shape
+from loka.kernels import KERNELS
+from loka.nn import Float8Linear
+from loka.recipe import GEMMS, gemm_shape
 
 
 class PlanMismatchError(PlanError):
@@ -36,8 +37,6 @@ class PlanMismatchError(PlanError):
 
 
 def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> list[str]:
-    from loka.dispatch import KERNELS
-
     problems = []
     if (linear.in_features, linear.out_features) != (sp.in_features, sp.out_features):
         problems.append(
@@ -71,8 +70,6 @@ def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> lis
 def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
     """Every difference between ``plan`` and ``model`` on this machine, grouped by fqn."""
     # loka.convert / loka.nn import loka.dispatch, so they are imported here, not at the top.
-    from loka.convert import _linears_post_order
-    from loka.nn import Float8Linear
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
     planned = {s.fqn: s for s in plan.sites}
@@ -103,8 +100,6 @@ def apply_plan(
     ``"hp"`` (default) runs a GEMM in hp when a run-time shape (e.g. a ragged last batch)
     does not suit its kernel and records it in ``module.fallbacks``; ``"error"`` raises.
     """
-    from loka.convert import ConvertResult, _linears_post_order
-    from loka.nn import Float8Linear
 
     if on_mismatch not in ("error", "bf16"):
         raise ValueError(f"on_mismatch={on_mismatch!r} is not valid; use 'error' or 'bf16'")

@@ -9,7 +9,7 @@ Two kinds of limit, both checked by the plan:
 - **model**: the sum over converted GEMMs of *sensitivity x error* must stay
   below ``max_model_ne_delta``, the relative NE change the user tolerates
   (default 0.02%, the threshold at which an offline NE change counts as
-  significant in ads ranking; design.md). A site's sensitivity coefficient is
+  significant in ads ranking practice, e.g. at Meta). A site's sensitivity coefficient is
   the probe's measured relative loss change from injecting one recipe's FP8
   fprop error at that site, divided by that error (NE per unit relative GEMM
   error); NE is loss over a constant, so relative loss and NE changes are equal.
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from loka.jsonio import read_json
 from loka.recipe import GEMMS
 
 DEFAULT_NE_DELTA = 2e-4  # 0.02% relative NE
@@ -85,6 +87,8 @@ class Budget:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Budget":
+        if not isinstance(d, dict):
+            raise ValueError(f"a budget is a JSON object of Budget's fields, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -96,13 +100,10 @@ class Budget:
         """From a CLI string: ``"wgrad=0.05,fprop=0.06,ne=2e-4,sqnr_fprop=25,min_speedup=1.05"``,
         or a path to a JSON file holding ``Budget.to_dict()``'s fields."""
         if text.strip().endswith(".json"):
-            import json
-            from pathlib import Path
-
             path = Path(text.strip())
             if not path.exists():
                 raise ValueError(f"budget file {path} does not exist")
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(read_json(path, "budget"))
         rel, sqnr, kw = dict(DEFAULT_MAX_REL_ERROR), {}, {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import torch
 
+from loka.dispatch import Budget, plan
+from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.planner import library_versions
+from loka.kernels import KERNELS
+from loka.recipe import RECIPE_NAMES, as_recipe
+
 
 def register(subparsers) -> None:
     doctor = subparsers.add_parser("doctor", help="list every FP8 kernel and whether it runs on this machine")
@@ -57,8 +63,6 @@ def _device(arg: str | None) -> torch.device:
 
 def doctor_text(device: torch.device) -> str:
     """What this machine has: versions, device, and every kernel with available / reason."""
-    from loka.dispatch import KERNELS
-    from loka.dispatch.planner import library_versions
 
     versions = library_versions()
     dev = str(device)
@@ -83,7 +87,6 @@ def doctor_text(device: torch.device) -> str:
 
 def _recipes_taken(kernel, device: torch.device) -> str:
     """Named recipes the kernel takes for fprop at an aligned shape (what it could be planned for)."""
-    from loka.recipe import RECIPE_NAMES, as_recipe
 
     if kernel.hp:
         return "hp"
@@ -98,11 +101,11 @@ def _doctor(args) -> int:
 
 
 def _plan(args) -> int:
-    from loka.dispatch import Budget, plan
-
     try:
         budget = Budget.parse(args.budget)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka plan: bad --budget: {exc}", file=sys.stderr)
         return 2
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
@@ -112,6 +115,8 @@ def _plan(args) -> int:
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model)
     except (ValueError, TypeError) as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
     p.save(args.out)
@@ -134,8 +139,6 @@ def _keep_bf16(path: str) -> dict[str, str]:
 
 
 def _bench(args) -> int:
-    from loka.dispatch.microbench import time_site_cached
-
     try:
         m, k, n = (int(v) for v in args.shape.split(","))
     except ValueError:

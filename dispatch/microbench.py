@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe
+from loka.kernels import KERNELS
+from loka.kernels.costmodel import H100_SXM, DeviceModel, model_site_timings
+from loka.probe.fit import Fit
+from loka.probe.reader import report_sites
 from loka.timer import device_name, time_fn
-
-from loka.dispatch.report_view import gemm_shape
+from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe, gemm_shape
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loka" / "microbench"
 
@@ -85,8 +87,6 @@ class MicrobenchCache:
 
 def _draw(fit: dict | None, rows: int, k: int, seed: int, dtype, device) -> torch.Tensor:
     if fit is not None:
-        from loka.probe.fit import Fit
-
         t = (fit if isinstance(fit, Fit) else Fit.from_dict(fit)).sample((rows, k), seed=seed)
     else:
         t = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
@@ -108,8 +108,6 @@ def _dist_name(fits: dict | None, gemm: str) -> str:
 
 def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
     """(gemm, kernel, recipe name) triples to time; skipped ones recorded with the reason."""
-    from loka.dispatch import KERNELS
-
     names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp and k.name != "emulated"]
     jobs = []
     for gemm in gemms:
@@ -219,3 +217,16 @@ def combine_buckets(per_bucket: dict[int, dict]) -> dict:
     return {"device_name": first["device_name"], "representative": first["representative"], "m": ms[-1],
             "m_buckets": ms, "bf16_ms": {"fprop": sum(t["bf16_ms"]["fprop"] for t in per_bucket.values())},
             "entries": entries, "skipped": {k: v for t in per_bucket.values() for k, v in t["skipped"].items()}}
+
+
+def model_timings(report, kernels: list[str], dev: DeviceModel = H100_SXM) -> dict:
+    """``{fqn: timings}`` for every site of a probe report, for ``loka.dispatch.plan(timings=...)``.
+
+    ``kernels`` are the FP8 kernels to predict (those the plan may choose on the
+    machine that will run it); the planner still checks each one's ``supports``.
+    """
+    out = {}
+    for site in report_sites(report):
+        recipes = sorted(site.errors) or ["tensorwise", "rowwise"]
+        out[site.fqn] = model_site_timings((site.m, site.in_features, site.out_features), recipes, kernels, dev)
+    return out

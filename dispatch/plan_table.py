@@ -1,4 +1,9 @@
-"""The plan summary table printed by ``loka plan`` (Markdown, readable as plain text)."""
+"""The plan summary table printed by ``loka plan`` (Markdown, readable as plain text).
+
+Three modules carry "plan" in their name, one role each: ``planner`` *chooses* a plan from
+a report, ``plans`` is the plan *file* (``Plan``, its JSON and validation), and this one
+*renders* a Plan for people.
+"""
 
 from __future__ import annotations
 

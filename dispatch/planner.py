@@ -9,22 +9,28 @@ micro-benchmarks run now with ``measure=True``). Each option saves
 model-level budget. An exact multiple-choice knapsack (loka.dispatch.solver)
 picks at most one option per GEMM to maximize the time saved; every GEMM left
 in bf16 gets the reason it was left there.
+
+The result is a ``loka.dispatch.plans.Plan`` (the file format); ``plan_table`` renders it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import math
+from importlib.metadata import version as _v
 from dataclasses import dataclass
 
 import torch
 
-from loka.recipe import GEMMS, as_recipe
-
 from loka.dispatch.budget import Budget
+from loka.dispatch.microbench import combine_buckets, model_timings, time_serving_buckets, time_site_cached
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
-from loka.dispatch.report_view import GemmError, SiteInfo, gemm_shape, report_sites
 from loka.dispatch.solver import Option, solve
+from loka.kernels import KERNELS
+from loka.kernels.costmodel import DEVICE_MODELS
+from loka.probe.reader import GemmError, SiteInfo, report_sites
+from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def plan(
     ``keep_bf16``: ``{fqn: reason}`` of sites a policy keeps in bf16 (e.g.
     ``loka.mods.keep_in_hp``); they get no FP8 candidate and the reason in the plan.
     ``speed_model``: ``"h100"`` / ``"h200"`` rank kernels by that GPU's speed model
-    (loka.dispatch.costmodel) at every site instead of timings, for planning where that GPU is
+    (loka.kernels.costmodel) at every site instead of timings, for planning where that GPU is
     not at hand; ``"measured"`` is ``measure=True``; None (default): the timings as above.
     """
     budget = budget or Budget()
@@ -118,9 +124,6 @@ def plan(
 
 def _speed_model_timings(report, speed_model: str, timings, measure: bool, device, kernels):
     """``(timings, measure)`` for ``plan(speed_model=...)``: a named GPU's model, or measuring."""
-    from loka.dispatch import KERNELS
-    from loka.dispatch.costmodel import DEVICE_MODELS, model_timings
-
     choices = sorted(DEVICE_MODELS) + ["measured"]
     if speed_model not in choices:
         raise ValueError(f"speed model {speed_model!r} is not known; use one of {', '.join(choices)}")
@@ -168,8 +171,6 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
             out[s.fqn] = t
     missing = [s for s in sites if s.fqn not in out]
     if missing and measure:
-        from loka.dispatch.microbench import time_site_cached
-
         recipes = sorted({r for s in missing for r in s.errors})
         for s in missing:
             out[s.fqn] = time_site_cached((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
@@ -180,8 +181,6 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
 
 
 def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, notes) -> dict:
-    from loka.dispatch.microbench import combine_buckets, time_serving_buckets
-
     notes.append(f"serving plan: fprop only, timed at M in {sorted(set(int(m) for m in m_buckets))} and summed")
     recipes = sorted({r for s in sites for r in s.errors})
     out = {}
@@ -280,8 +279,6 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):
 
 
 def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed) -> str | None:
-    from loka.dispatch import KERNELS
-
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
     if name == "emulated":
@@ -300,7 +297,6 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
 
 def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
     """Reasons the kernels available here give for not taking the passing recipes at ``shape``."""
-    from loka.dispatch import KERNELS
 
     reasons = []
     for kernel in KERNELS:
@@ -339,7 +335,7 @@ def _device_info(site_timings: dict, device, notes: list[str]) -> dict:
         notes.append(f"timings come from several devices: {names}")
     modelled = bool(site_timings) and all(t.get("source") == "model" for t in site_timings.values())
     if modelled:
-        notes.append("timings are predicted by a GPU speed model (loka.dispatch.costmodel), not measured: "
+        notes.append("timings are predicted by a GPU speed model (loka.kernels.costmodel), not measured: "
                      "they rank kernels; measure on the GPU before trusting a speedup")
     elif site_timings and not rep:
         notes.append("timings are not representative (CPU): do not expect these speedups on a GPU")
@@ -352,22 +348,17 @@ def _device_info(site_timings: dict, device, notes: list[str]) -> dict:
 
 def library_versions() -> dict:
     """Versions of torch and every kernel library (None: not installed)."""
-    import importlib.util
 
     out = {"torch": torch.__version__, "cuda": torch.version.cuda}
     for mod in ("triton", "torchao", "transformer_engine"):
         version = None
         if importlib.util.find_spec(mod) is not None:
             try:
-                from importlib.metadata import version as _v
-
                 version = _v({"transformer_engine": "transformer-engine"}.get(mod, mod))
             except Exception:  # metadata missing for a source install
                 version = "unknown"
         out[mod] = version
     try:
-        from importlib.metadata import version as _v
-
         out["loka"] = _v("loka")
     except Exception:  # running from a source tree without metadata
         out["loka"] = "unknown"

@@ -9,15 +9,19 @@ Per site it records the shape it was planned for (in/out features, M), per
 GEMM the kernel and recipe (or ``bf16``) with the reason, the probe's error
 bound and the timings behind the choice; per site and in total the expected
 speedup of the site's GEMMs (bf16 time / planned time).
+
+This module is the plan *file*; ``planner`` chooses a plan, ``plan_table`` renders one.
+Every malformed file (not JSON, too deeply nested, wrong kind, version or types) is one
+``PlanError`` line listing its problems, never a traceback.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loka.dispatch.plan_table import plan_table
+from loka.jsonio import decode_floats, dumps, loads, read_json
 from loka.recipe import GEMMS, HP_GEMM, GemmRecipe, Recipe, as_recipe
 
 PLAN_KIND = "loka.dispatch.plan"
@@ -140,7 +144,7 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(_encode(self.to_dict()), indent=1, sort_keys=True, allow_nan=False) + "\n"
+        return dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -152,23 +156,17 @@ class Plan:
     def from_dict(cls, doc: dict) -> "Plan":
         problems = validate_plan_doc(doc)
         if problems:
-            raise PlanError("invalid plan file:\n  - " + "\n  - ".join(problems))
-        doc = _decode(doc)
+            raise PlanError("invalid plan file: " + "; ".join(problems))
+        doc = decode_floats(doc)
         sites = [_site_from(d) for d in doc["sites"]]
         return cls(sites=sites, budget=doc["budget"], device=doc["device"], versions=doc["versions"],
                    solver=doc["solver"], notes=list(doc["notes"]), created_utc=doc["created_utc"])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"not valid JSON ({exc}); is this a plan written by `loka plan`?") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(loads(text, "plan (is this a file written by `loka plan`?)", PlanError))
 
     def summary(self) -> str:
-        from loka.dispatch.plan_table import plan_table
-
         return plan_table(self)
 
 
@@ -177,8 +175,9 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.exists():
         raise PlanError(f"plan file {path} does not exist; write one with `loka plan --report ... --out {path}`")
+    doc = read_json(path, "plan", PlanError)
     try:
-        return Plan.from_json(path.read_text())
+        return Plan.from_dict(doc)
     except PlanError as exc:
         raise PlanError(f"{path}: {exc}") from None
 
@@ -196,6 +195,10 @@ def _site_from(d: dict) -> SitePlan:
 
 
 _GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__}
+_TOP_TYPES = {"created_utc": str, "device": dict, "versions": dict, "budget": dict, "solver": str, "notes": list,
+              "sites": list}
+_NUMBER = (int, float, str)  # "inf" / "-inf" / "nan" as loka.jsonio writes them
+_TYPE_NAMES = {str: "a string", dict: "an object", list: "a list"}
 
 
 def validate_plan_doc(doc) -> list[str]:
@@ -207,9 +210,13 @@ def validate_plan_doc(doc) -> list[str]:
     if doc.get("schema_version") != PLAN_SCHEMA_VERSION:
         return [f"schema_version: this loka reads {PLAN_SCHEMA_VERSION}, the file has {doc.get('schema_version')!r}; "
                 "re-plan with this loka version"]
-    problems = [f"missing key {k!r}" for k in ("created_utc", "device", "versions", "budget", "solver", "notes", "sites")
-                if k not in doc]
-    for i, s in enumerate(doc.get("sites", []) or []):
+    problems = [f"missing key {k!r}" for k in _TOP_TYPES if k not in doc]
+    problems += [f"{k}: expected {_TYPE_NAMES[t]}, got {type(doc[k]).__name__}" for k, t in _TOP_TYPES.items()
+                 if k in doc and not isinstance(doc[k], t)]
+    if problems:
+        return problems
+    problems += [f"notes[{i}]: expected a string" for i, n in enumerate(doc["notes"]) if not isinstance(n, str)]
+    for i, s in enumerate(doc["sites"]):
         where = f"sites[{i}]" + (f" ({s.get('fqn')})" if isinstance(s, dict) else "")
         if not isinstance(s, dict):
             problems.append(f"{where}: expected an object")
@@ -217,6 +224,9 @@ def validate_plan_doc(doc) -> list[str]:
         for key, typ in (("fqn", str), ("in_features", int), ("out_features", int), ("m", int), ("gemms", dict)):
             if not isinstance(s.get(key), typ):
                 problems.append(f"{where}.{key}: expected {typ.__name__}, got {s.get(key)!r}")
+        sens = s.get("sensitivity")
+        if sens is not None and (isinstance(sens, bool) or not isinstance(sens, _NUMBER)):
+            problems.append(f"{where}.sensitivity: expected a number or null, got {sens!r}")
         gemms = s.get("gemms") if isinstance(s.get("gemms"), dict) else {}
         for g in GEMMS:
             if g not in gemms:
@@ -233,6 +243,13 @@ def _gemm_problems(c, where: str, gemm: str) -> list[str]:
     for k in ("kernel", "recipe"):
         if not isinstance(c.get(k), str):
             out.append(f"{where}.{k}: expected a string, got {c.get(k)!r}")
+    if not isinstance(c.get("reason", ""), str):
+        out.append(f"{where}.reason: expected a string, got {c.get('reason')!r}")
+    for k in ("rel_error_hi", "sqnr_db", "bf16_ms", "planned_ms", "error_cost"):
+        v = c.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, _NUMBER) or
+                              (isinstance(v, str) and v not in ("inf", "-inf", "nan"))):
+            out.append(f"{where}.{k}: expected a number, got {v!r}")
     if isinstance(c.get("recipe"), str) and c["recipe"] != BF16:
         try:
             as_recipe(c["recipe"]).gemm(gemm)
@@ -241,23 +258,3 @@ def _gemm_problems(c, where: str, gemm: str) -> list[str]:
     if (c.get("kernel") == BF16) != (c.get("recipe") == BF16):
         out.append(f"{where}: kernel and recipe must both be 'bf16' or both FP8, got {c.get('kernel')!r}/{c.get('recipe')!r}")
     return out
-
-
-def _encode(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    return obj
-
-
-def _decode(obj):
-    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj

@@ -73,7 +73,7 @@ def solve_greedy(options: list[Option], capacity: float) -> Solution:
 
 def solve_exact(options: list[Option], capacity: float, *, time_limit_s: float = 30.0) -> Solution:
     """Optimal choice with ``scipy.optimize.milp``; raises RuntimeError if it does not solve."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint, milp  # heavy: scipy, on first use
 
     live = [i for i, o in enumerate(options) if o.value > 0]
     if not live:

@@ -1,30 +1,28 @@
-"""The ``loka`` command line: a thin layer over the Python API.
+"""The ``loka`` command line (top layer): a thin layer over the Python API.
 
 Each package contributes its subcommands through a ``register(subparsers)``
-function in its own ``cli.py``; this file only wires them together, importing
-each package lazily so ``loka --help`` stays fast and a broken optional piece
-cannot take the whole CLI down silently (its error is printed by name).
+function in its own ``cli.py``; this file wires them together. It is also where
+the bundled ranker (``loka.models``) is offered to the layers below that know no
+model: its sizes as named workloads for ``loka probe`` / ``loka mods show``, and
+its checkpoint evaluation for ``loka gate``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from loka import __version__
-
-# (module, what it provides) in the order shown by --help.
-_SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "loka.demo_cli",
-    "loka.models.cli",
-    "loka.probe.cli",
-    "loka.dispatch.cli",
-    "loka.mods.cli",
-    "loka.models.convert_cli",
-    "loka.gate.cli",
-)
+from loka.demo import cli as demo_cli
+from loka.dispatch import cli as dispatch_cli
+from loka.gate import cli as gate_cli
+from loka.models import cli as models_cli
+from loka.models import convert_cli
+from loka.models.gate_inputs import checkpoint_loader
+from loka.models.workload import RANKER_WORKLOADS
+from loka.mods import cli as mods_cli
+from loka.probe import cli as probe_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="FP8 for recommendation models: probe -> plan -> convert -> gate.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that package has no commands yet
-            raise
-        module.register(sub)
+    # in the order shown by --help
+    demo_cli.register(sub)
+    models_cli.register(sub)
+    probe_cli.register(sub, named_workloads=RANKER_WORKLOADS)
+    dispatch_cli.register(sub)
+    mods_cli.register(sub, named_workloads=RANKER_WORKLOADS)
+    convert_cli.register(sub)
+    gate_cli.register(sub, checkpoint_loader=checkpoint_loader)
     _finish_help(parser)
     return parser
 

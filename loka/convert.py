@@ -2,14 +2,16 @@
 
 With a recipe this is the naive "convert every Linear" baseline that torchao
 and Transformer Engine offer (optionally narrowed by ``module_filter_fn``);
-with a plan (``loka.dispatch``) each site gets its planned kernels. Either
-way the swap reuses the original Parameters, walks the tree post-order, and
-reports every site it did not convert with the reason.
+with a plan (``loka.dispatch.apply_plan``, one layer up) each site gets its
+planned kernels through the same swap. Either way the swap reuses the
+original Parameters, walks the tree post-order, and reports every site it
+did not convert with the reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 from torch import nn
@@ -59,30 +61,18 @@ def convert(
     module_filter_fn: FilterFn | None = None,
     kernels: str | Mapping[str, str] = "auto",
     fallback: Fallback | None = None,
-    plan=None,
-    **plan_options,
 ) -> ConvertResult:
     """Swap Linear sites for Float8Linear in place; returns what was converted and skipped.
 
     ``module_filter_fn(module, fqn) -> bool`` chooses sites (all Linears by
     default). Sites whose dims a chosen kernel cannot take are skipped with the
     reason, unless ``fallback="hp"``, which converts them and runs those GEMMs
-    in hp. ``plan`` (a ``loka.dispatch.Plan`` or a plan JSON path, also accepted
-    in place of ``recipe``) sets recipe and kernels per site; with a plan,
-    ``fallback`` defaults to ``"hp"`` and ``plan_options`` go to ``apply_plan``.
+    in hp. A plan is applied one layer up, by ``loka.dispatch.apply_plan``
+    (``loka.convert(model, plan)`` routes there).
     """
-    if plan is None and _is_plan(recipe):
-        plan, recipe = recipe, None
-    if plan is not None:
-        from loka.dispatch import apply_plan
-
-        if module_filter_fn is not None or kernels != "auto":
-            raise ValueError("with a plan, kernels and sites come from the plan; drop module_filter_fn and kernels")
-        if fallback is not None:
-            plan_options["fallback"] = fallback
-        return apply_plan(model, plan, **plan_options)
-    if plan_options:
-        raise TypeError(f"unexpected options without a plan: {sorted(plan_options)}")
+    if is_plan(recipe):
+        raise TypeError("loka.convert.convert takes a recipe; apply a plan with loka.dispatch.apply_plan(model, plan) "
+                        "or loka.convert(model, plan=plan)")
     fallback = fallback or "error"
     recipe = as_recipe(recipe)
     result = ConvertResult()
@@ -104,9 +94,8 @@ def convert(
     return result
 
 
-def _is_plan(obj) -> bool:
+def is_plan(obj) -> bool:
     """A Plan object, or a path to a plan JSON file (recipe names never end in .json)."""
-    from pathlib import Path
 
     if isinstance(obj, Path) or (isinstance(obj, str) and obj.endswith(".json")):
         return True

@@ -22,7 +22,8 @@ from typing import Literal, Mapping
 import torch
 from torch import nn
 
-from loka.dispatch.kernel import GemmKernel, Quantized
+from loka.kernels import KERNELS
+from loka.kernels.kernel import GemmKernel, Quantized
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
@@ -38,7 +39,6 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
     ``"auto"`` takes the first of ``AUTO_PREFERENCE`` that is available and
     takes the recipe (``emulated`` always does).
     """
-    from loka.dispatch import KERNELS
 
     names = {g: kernels for g in GEMMS} if isinstance(kernels, str) else dict(kernels)
     unknown = set(names) - set(GEMMS)
@@ -155,8 +155,6 @@ class Float8Linear(nn.Linear):
         return kernel.mm(a, b_in, g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
     def kernels_hp(self) -> GemmKernel:
-        from loka.dispatch import KERNELS
-
         return KERNELS.get("bf16")
 
     def _cached_weight(self, gemm: str, w: torch.Tensor) -> torch.Tensor | Quantized:

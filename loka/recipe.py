@@ -43,6 +43,13 @@ GEMM_ROLES: dict[str, tuple[str, str]] = {
     "wgrad": ("grad_output", "input"),
 }
 
+
+def gemm_shape(gemm: str, m: int, k: int, n: int) -> tuple[int, int, int]:
+    """(rows of a, reduction, rows of b) of ``gemm`` for a site ``y[M,N] = x[M,K] · W[N,K]ᵀ``."""
+    if gemm not in GEMM_ROLES:
+        raise ValueError(f"unknown GEMM {gemm!r}; use one of {list(GEMMS)}")
+    return {"fprop": (m, k, n), "dgrad": (m, n, k), "wgrad": (n, m, k)}[gemm]
+
 ACTIVATION_BLOCK = (1, 128)
 WEIGHT_BLOCK = (128, 128)
 MX_BLOCK = (1, 32)

@@ -107,7 +107,7 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
             f"{path}: refused to load: it needs the Python object {global_name}, not only tensors "
             "and plain data; loka reads weights-only checkpoints and never runs code from a file. "
             "Load only files you trust, saved by loka.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # a corrupt file makes the unpickler raise almost anything (IndexError, KeyError, ...)
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: "
                          f"{_first_line(exc)}).") from None
 

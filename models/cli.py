@@ -10,6 +10,20 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
+from .checkpoint import load_checkpoint, load_model
+from .criteo import CriteoStream
+from .distributed import RankTimeoutError
+from .engine import InferenceEngine
+from .evaluate import compare, evaluate
+from .guards import NonFiniteError
+from .precision import apply_precision
+from .ranker import Ranker
+from .serve import ScoringServer, ServeConfig
+from .synthetic import SyntheticStream
+from .train import TrainConfig, train
+
 
 def _clear_errors(command: str):
     """Bad input (ValueError: a bad flag value, an unsafe or foreign checkpoint, a malformed
@@ -20,6 +34,8 @@ def _clear_errors(command: str):
             try:
                 return run(args)
             except ValueError as exc:
+                if getattr(args, "debug", False):
+                    raise
                 print(f"loka {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
                 return 2
         return inner
@@ -77,14 +93,6 @@ def _add_train(sub) -> None:
 
 @_clear_errors("train")
 def _run_train(args) -> int:
-    import torch
-
-    from .criteo import CriteoStream
-    from .distributed import RankTimeoutError
-    from .guards import NonFiniteError
-    from .ranker import Ranker
-    from .train import TrainConfig, train
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model = data = None
@@ -166,11 +174,6 @@ def _add_eval(sub) -> None:
 
 @_clear_errors("eval")
 def _run_eval(args) -> int:
-    from .checkpoint import load_checkpoint, load_model
-    from .evaluate import compare, evaluate
-    from .precision import apply_precision
-    from .synthetic import SyntheticStream
-
     model = load_model(args.checkpoint).to(args.device)
     if args.plan:
         apply_precision(model, args.plan)
@@ -216,9 +219,6 @@ def _add_serve(sub) -> None:
 
 @_clear_errors("serve")
 def _run_serve(args) -> int:
-    from .engine import InferenceEngine
-    from .serve import ScoringServer, ServeConfig
-
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
                          max_connections=args.max_connections, read_timeout_s=args.read_timeout,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .batch import Batch
-from .config import RankerConfig
+from .config import RankerConfig, criteo_config
 
 N_INT, N_CAT = 13, 26
 N_FIELDS = 1 + N_INT + N_CAT
@@ -105,8 +105,6 @@ class CriteoStream:
             raise ValueError(f"Criteo files not found: {missing}")
 
     def config(self, size: str = "small") -> RankerConfig:
-        from .config import criteo_config
-
         return criteo_config(size, self.hash_buckets)
 
     def state_dict(self) -> dict:

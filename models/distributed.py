@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 DEFAULT_TIMEOUT_S = 300.0
 _COMM_FAILURE = re.compile(r"timed? ?out|timeout|connection|peer|gloo|nccl|socket", re.IGNORECASE)
@@ -128,7 +129,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """DDP-wrapped model when running data-parallel, else the model itself."""
     if ctx.world_size <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

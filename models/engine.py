@@ -20,6 +20,7 @@ from .config import RankerConfig
 from .distributed import resolve_device
 from .precision import apply_precision
 from .ranker import Ranker
+from .serving_schema import example_batch
 
 
 class InferenceEngine:
@@ -64,7 +65,6 @@ class InferenceEngine:
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 16)) -> None:
         """Run the model once per batch size (compiles, caches FP8 weights)."""
-        from .serving_schema import example_batch
 
         for b in batch_sizes:
             self.score(example_batch(self.config, b))

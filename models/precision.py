@@ -1,9 +1,9 @@
 """Precision of the ranker's GEMM sites: ``bf16`` (default), ``fp8``, or a loka plan file.
 
 - ``bf16``: no conversion; the trainer autocasts to bf16 where the device supports it.
-- ``fp8``: every Linear through `loka.Float8Linear` via ``loka.convert(model, recipe="tensorwise")``,
+- ``fp8``: every Linear through `loka.Float8Linear` via ``loka.convert.convert(model, recipe="tensorwise")``,
   the naive convert-everything baseline.
-- a path to a plan JSON: ``loka.dispatch.load_plan(path)`` then ``loka.convert(model, plan=plan)``,
+- a path to a plan JSON: ``loka.dispatch.load_plan(path)`` then ``loka.dispatch.apply_plan(model, plan)``,
   each site with its planned kernel (or kept in bf16).
 
 Conversion reuses the model's Parameters and keeps nn.Linear's state_dict keys, so a bf16
@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 
 from torch import nn
+
+from loka.convert import convert
+from loka.dispatch import apply_plan, load_plan
 
 HP_PRECISIONS = ("bf16", "fp32")
 
@@ -35,17 +38,6 @@ def apply_precision(model: nn.Module, precision: str):
     check_precision(precision)
     if precision in HP_PRECISIONS:
         return None
-    import loka
-
-    convert = getattr(loka, "convert", None)
-    if convert is None:
-        raise NotImplementedError("precision='fp8' needs loka.convert, which this loka build lacks.")
     if precision == "fp8":
         return convert(model, recipe="tensorwise")
-    import loka.dispatch
-
-    load_plan = getattr(loka.dispatch, "load_plan", None)
-    if load_plan is None:
-        raise NotImplementedError("plan files need loka.dispatch.load_plan, which this loka build "
-                                  "does not provide yet; use precision='bf16' or 'fp8'.")
-    return convert(model, plan=load_plan(precision))
+    return apply_plan(model, load_plan(precision))

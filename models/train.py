@@ -31,6 +31,7 @@ from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
 from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, check_labels, diagnose,
                      grads_finite)
+from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import apply_precision, check_precision
 from .resume import restore_rng, resume_precision
@@ -381,8 +382,6 @@ def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skip
 
 
 def _final_eval(config: TrainConfig, model: Ranker, ctx: DistContext, out_dir: Path | None):
-    from .evaluate import evaluate
-
     stream = SyntheticStream(model.config, min(4096, config.eval_examples), seed=config.eval_seed,
                              teacher_seed=config.teacher_seed, device=ctx.device)
     report = evaluate(model, stream, n_examples=config.eval_examples, progress=config.progress)

@@ -1,4 +1,4 @@
-"""loka.mods: reusable rewrites of GEMM-plus-normalization blocks for FP8 stability and speed.
+"""loka.mods (layer 3): reusable rewrites of GEMM-plus-normalization blocks for FP8 stability and speed.
 
 Each mod is ``apply(model, report=None, **options) -> ModResult`` and finds its
 sites by dataflow pattern on a recorded forward pass (``loka.mods.graph``),
@@ -20,7 +20,6 @@ Apply mods to a model whose weights are already loaded (checkpoints are
 loaded *before* the mods; see docs/mods.md), then ``loka.convert``.
 """
 
-from loka.mods import fused_norm_quant, grouped_rewrite, horizontal, keep_hp, padding, row_scale, scale_migration
 from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
 from loka.mods.graph import Dataflow, LinearNorm, NormLinear, record
 from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear, scaled_grouped_linear
@@ -28,23 +27,9 @@ from loka.mods.horizontal import FusedLinearMember, fuse_linears
 from loka.mods.keep_hp import keep_in_hp, module_filter_fn
 from loka.mods.norms import register_norm
 from loka.mods.padding import PaddedLinear
-from loka.mods.pipeline import DEFAULT_ORDER, apply_all
+from loka.mods.pipeline import DEFAULT_ORDER, MODS, apply_all, get_mod
 from loka.mods.result import ModResult, SiteChange
 from loka.mods.row_scale import RowScaleInvariantLinear
-
-MODS = {
-    m.NAME: m.apply
-    for m in (scale_migration, row_scale, padding, horizontal, grouped_rewrite, fused_norm_quant, keep_hp)
-}
-
-
-def get_mod(name: str):
-    """The ``apply`` function of the mod called ``name``."""
-    try:
-        return MODS[name]
-    except KeyError:
-        raise ValueError(f"unknown mod {name!r}; mods: {sorted(MODS)}") from None
-
 
 __all__ = [
     "DEFAULT_ORDER",

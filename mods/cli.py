@@ -12,6 +12,12 @@ shape table is ``bench/mods_report.py``.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from typing import Mapping
+
+from loka.mods.pipeline import MODS
+from loka.probe.workload import NamedWorkload
 
 DESCRIPTIONS = {
     "scale_migration": "exact: Norm -> Linear(s), per-channel scales moved into the Linears' weights",
@@ -24,7 +30,8 @@ DESCRIPTIONS = {
 }
 
 
-def register(subparsers) -> None:
+def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
+    """Add ``loka mods``; ``show`` runs on ``named_workloads`` (``loka.cli`` gives the bundled ranker's sizes)."""
     p = subparsers.add_parser("mods", help="model adaptations (Mods) for FP8 stability and speed")
     sub = p.add_subparsers(dest="mods_command", metavar="SUBCOMMAND")
     lst = sub.add_parser("list", help="list the mods and whether each is exact")
@@ -33,34 +40,31 @@ def register(subparsers) -> None:
     show.add_argument("--size", default="tiny", help="ranker size (tiny, small, ...)")
     show.add_argument("--batch", type=int, default=64, help="sample batch size for pattern discovery")
     show.add_argument("--mod", action="append", default=None, help="mod name (repeatable; default: all)")
-    show.set_defaults(func=_show)
+    show.set_defaults(func=_show, named_workloads=dict(named_workloads or {}))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _list(args: argparse.Namespace) -> int:
-    from loka.mods import MODS
-
     for name in MODS:
         print(f"{name:<20} {DESCRIPTIONS.get(name, '')}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from loka.mods import MODS
-
     names = args.mod or list(MODS)
     unknown = [n for n in names if n not in MODS]
     if unknown:
-        print(f"unknown mod(s) {unknown}; choose from {list(MODS)}")
+        print(f"loka mods show: unknown mod(s) {unknown}; choose from {list(MODS)} (`loka mods list`)", file=sys.stderr)
         return 2
-    from loka.models.config import RankerConfig
-    from loka.models.ranker import Ranker
-    from loka.models.synthetic import SyntheticStream
 
-    cfg = RankerConfig.from_size(args.size)
-    sample = SyntheticStream(cfg, batch_size=args.batch).batch(0)
+    named = getattr(args, "named_workloads", None) or {}
+    if args.size not in named:
+        print(f"loka mods show: unknown model size {args.size!r}; choose from {sorted(named)}", file=sys.stderr)
+        return 2
+    sample = named[args.size](batch_size=args.batch).make_batch(0)
     for name in names:
         options = {"kernels": "emulated"} if name in ("row_scale_free", "fused_norm_quant") else {}
-        print(MODS[name](Ranker(cfg), sample=sample, **options).table())
+        model = named[args.size](batch_size=args.batch).model  # a fresh copy for each mod
+        print(MODS[name](model, sample=sample, **options).table())
         print()
     return 0

@@ -3,7 +3,7 @@
 Unfused, a Norm -> Float8Linear block writes the normalized ``y`` in hp, then
 the FP8 GEMM path reads ``y`` for its amax, reads it again to cast, and writes
 ``y_fp8``. A normalized row is complete in registers when the norm kernel has
-it, so ``loka.dispatch.triton_norm_quant.fused_norm_quant`` writes only
+it, so ``loka.kernels.triton_norm_quant.fused_norm_quant`` writes only
 ``y_fp8`` and one scale per row (bytes per element: 9 unfused vs 3 fused).
 
 The block keeps its modules and ``state_dict`` keys:
@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loka.mods.graph import Dataflow, record
+from loka.kernels.triton_gemm import triton_available
+from loka.kernels.triton_norm_quant import fused_norm_quant, norm_quant_reference
+from loka.mods.graph import Dataflow, record, run_sample
 from loka.mods.norms import norm_info
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
 from loka.nn import Float8Linear
@@ -63,8 +65,6 @@ class _Handoff:
 
 def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str = "auto"):
     """(y_fp8[..., N], scale[..., 1]) by the fused Triton kernel or the PyTorch reference."""
-    from loka.dispatch.triton_gemm import triton_available
-    from loka.dispatch.triton_norm_quant import fused_norm_quant, norm_quant_reference
 
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'triton' or 'reference'")
@@ -189,7 +189,6 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
 
 def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
     """Run ``sample`` without grad; put back blocks whose hand-off was not taken."""
-    from loka.mods.graph import run_sample
 
     with torch.no_grad():
         run_sample(model, sample)

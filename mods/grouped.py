@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from loka.mods.graph import Dataflow
+from loka.quantize import dequantize, quantize
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,7 +80,6 @@ def scaled_grouped_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = 
     ``backend``: ``"scaled_grouped_mm"``, ``"emulated"`` (quantize -> dequantize -> bmm,
     the reference) or ``"auto"``.
     """
-    from loka.quantize import dequantize, quantize
 
     if backend not in ("auto", "scaled_grouped_mm", "emulated"):
         raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'scaled_grouped_mm' or 'emulated'")

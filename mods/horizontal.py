@@ -3,10 +3,10 @@
 Rankers run many narrow GEMMs on the same activation (task heads on the
 trunk, Wukong's FM projection, compression and residual on the same
 embeddings, q/k/v-like projections): each is too small for FP8 to win
-(design.md: FP8 pays off from K, N ≳ 1024). Concatenating their weights
-along N turns k GEMMs ``[M,K]·[N_i,K]ᵀ`` into one ``[M,K]·[ΣN_i,K]ᵀ``, with
-the outputs split back; the result is the same numbers (exact: each output
-column is the same dot product).
+(measured on an H100, bench/results/h100_2026-11-22_gemm.md: FP8 pays off
+from K, N ≳ 1024). Concatenating their weights along N turns k GEMMs
+``[M,K]·[N_i,K]ᵀ`` into one ``[M,K]·[ΣN_i,K]ᵀ``, with the outputs split back;
+the result is the same numbers (exact: each output column is the same dot product).
 
 Module calls happen wherever the model's code makes them, so each original
 Linear is replaced by a :class:`FusedLinearMember`; the first member called

@@ -10,7 +10,7 @@ Three kinds of sites rarely gain from FP8 and are where its error costs most:
 - the **final task heads**: Linears whose output reaches no other Linear
   (logits go straight into the loss, so their error is the model's error);
 - **tiny GEMMs**: K or N below ``min_dim``: FP8 cannot be faster there
-  (design.md: no win below K, N ≈ 512) and the cast costs more than the GEMM.
+  (bench/results/h100_2026-11-22_gemm.md: no win below K, N ≈ 512) and the cast costs more than the GEMM.
 
 :func:`keep_in_hp` returns ``{fqn: reason}``; :func:`module_filter_fn` wraps it
 for ``loka.convert(module_filter_fn=...)``, and the planner can read the

@@ -1,7 +1,10 @@
-"""loka.probe: learn per-site operand statistics and FP8 error during real training steps.
+"""loka.probe (layer 2): learn per-site operand statistics and FP8 error during real training steps.
 
-See :mod:`loka.probe.probe` for how to wrap a training loop and docs/probe.md for what
-is measured and the report's JSON schema.
+It writes the ``ProbeReport`` (JSON schema in ``schema``) and owns its one reader,
+``reader.read_report`` / ``report_sites``, that every consumer (planner, gate) uses. It
+imports only the core (recipes, quantize, kernels for timing) and knows no model: a
+workload is whatever the caller hands it. See :mod:`loka.probe.probe` for how to wrap a
+training loop and docs/probe.md for what is measured.
 """
 
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule

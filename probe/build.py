@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
+from importlib.metadata import version
 
 import torch
 
+from loka.kernels.costmodel import model_site_timings
 from loka.probe.error import SAFE, UNDECIDED, UNSAFE
-from loka.probe.fit import fit_values, gemm_fits, gemm_shape, predict_gemm_error
+from loka.probe.fit import Fit, fit_values, gemm_fits, predict_gemm_error
+from loka.probe.reader import speedup
+from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
-from loka.recipe import GEMMS, as_recipe
+from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
 def _config_dict(cfg) -> dict:
@@ -38,7 +41,6 @@ def _fits(st) -> dict:
 
 def _predicted(st, fits: dict, predict: tuple) -> dict:
     """Errors of recipes not measured, predicted from the best fit of each operand."""
-    from loka.probe.fit import Fit
 
     best = {role: Fit.from_dict(fs[0]) for role, fs in fits.items() if fs}
     if not st.m_values:
@@ -58,19 +60,6 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
     return out
 
 
-def _speedup(timings: dict | None, recipe: str | None) -> float | None:
-    """bf16 time / fastest kernel time for ``recipe``, summed over the GEMMs timed for both."""
-    if not timings or recipe is None:
-        return None
-    best: dict[str, float] = {}
-    for e in timings["entries"]:
-        if e["recipe"] == recipe:
-            best[e["gemm"]] = min(best.get(e["gemm"], math.inf), e["median_ms"])
-    gemms = [g for g in best if g in timings["bf16_ms"]]
-    if not gemms:
-        return None
-    return sum(timings["bf16_ms"][g] for g in gemms) / sum(best[g] for g in gemms)
-
 
 # Kernels the speed model predicts when a site has no representative timing: cuBLAS with a
 # separate quantization pass, and the Triton kernel that fuses the activation's quantization.
@@ -79,18 +68,12 @@ MODELED_KERNELS = ("scaled_mm", "triton")
 
 def modeled_timings(st, recipes) -> dict | None:
     """The H100 speed model's timings of ``recipes`` at the site's median M (None if it never ran)."""
-    from loka.dispatch.costmodel import model_site_timings
 
     if not st.m_values or not recipes:
         return None
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
     return model_site_timings((m, st.site.in_features, st.site.out_features), list(recipes), list(MODELED_KERNELS))
 
-
-def speed_timings(site: dict) -> dict | None:
-    """The timings a site entry's speed rests on: measured on a GPU, else the speed model's."""
-    t = site.get("timings")
-    return t if t and t["representative"] else site.get("modeled_timings")
 
 
 def _speed_phrase(timings: dict, best: str, sp: float) -> str:
@@ -103,11 +86,11 @@ def _speed_phrase(timings: dict, best: str, sp: float) -> str:
 def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
     """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts.
 
-    ``timings``: representative (GPU) timings, else the speed model's (see :func:`speed_timings`).
+    ``timings``: representative (GPU) timings, else the speed model's (see :func:`loka.probe.reader.speed_timings`).
     """
     safe = [r for r, v in recipe_verdicts.items() if v["verdict"] == SAFE]
     if safe:
-        speedups = {r: _speedup(timings, r) for r in safe}
+        speedups = {r: speedup(timings, r) for r in safe}
         timed = {r: s for r, s in speedups.items() if s is not None}
         if timed:
             best = max(timed, key=timed.get)
@@ -181,11 +164,7 @@ def site_entry(probe, fqn: str) -> dict:
 
 def build_report(probe, **meta):
     """A ProbeReport of everything ``probe`` learned (``meta`` is stored as given)."""
-    from loka.probe.report import ProbeReport
-
     try:
-        from importlib.metadata import version
-
         loka_version = version("loka")
     except Exception:  # not installed as a distribution (e.g. run from a source tree)
         loka_version = "unknown"

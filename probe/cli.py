@@ -10,13 +10,21 @@ Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm.auto import tqdm
 
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
+from loka.probe.probe import Probe
+from loka.probe.workload import NamedWorkload, load_workload
 
 
-def register(subparsers) -> None:
+def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
+    """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.cli`` gives the ranker's)."""
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
@@ -44,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--sensitivity-batches", type=int, default=4, help="batches for the loss sensitivity (default 4)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-site loss sensitivity")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, named_workloads=dict(named_workloads or {}))
 
 
 def _split(s: str) -> tuple[str, ...]:
@@ -63,10 +71,7 @@ def config_from_args(args) -> ProbeConfig:
 
 def train_with_probe(workload, probe, steps: int, *, lr: float, device: str, autocast: bool, progress: bool = True):
     """The plain training loop the CLI runs, with the probe's two lines in it; returns the losses."""
-    import contextlib
 
-    import torch
-    from tqdm.auto import tqdm
 
     model = workload.model
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -86,17 +91,17 @@ def train_with_probe(workload, probe, steps: int, *, lr: float, device: str, aut
 
 
 def run(args) -> int:
-    from loka.probe.probe import Probe
-    from loka.probe.workload import load_workload
-
     if args.steps < 1:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
     try:
         cfg = config_from_args(args)
-        workload = load_workload(args.model, batch_size=args.batch_size, seed=args.seed, device=args.device)
+        workload = load_workload(args.model, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
+                                 seed=args.seed, device=args.device)
         probe = Probe(workload.model, cfg)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka probe: {exc}", file=sys.stderr)
         return 2
     train_with_probe(workload, probe, args.steps, lr=args.lr, device=args.device, autocast=args.autocast)

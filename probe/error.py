@@ -141,7 +141,7 @@ def t_interval(values: list[float], confidence: float) -> tuple[float, float, fl
 @functools.lru_cache(maxsize=1024)
 def _t_quantile(q: float, df: int) -> float:
     """Student-t quantile (cached: a probe asks for the same few (q, df) thousands of times)."""
-    from scipy import stats as sps  # imported here: keeps `import loka.probe` (and `loka --help`) fast
+    from scipy import stats as sps  # heavy: scipy, on first use
 
     return float(sps.t.ppf(q, df))
 

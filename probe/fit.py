@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from loka.probe.error import gemm_error
-from loka.recipe import GemmRecipe
+from loka.recipe import GEMM_ROLES, GemmRecipe
 
 FAMILIES = ("normal", "laplace", "t", "lognorm")
 
 
 def _scipy(family: str):
     """The scipy.stats distribution of ``family`` (scipy is imported on first use)."""
-    from scipy import stats as sps
+    from scipy import stats as sps  # heavy: scipy, on first use
 
     return {"normal": sps.norm, "laplace": sps.laplace, "t": sps.t, "lognorm": sps.lognorm}[family]
 
@@ -82,7 +83,7 @@ T_NORMAL_DF = 30.0  # a t fit with more degrees of freedom than this is reported
 
 
 def _fit_one(family: str, v: np.ndarray) -> Fit | None:
-    from scipy import stats as sps
+    from scipy import stats as sps  # heavy: scipy, on first use
 
     if family != "lognorm":
         sub = v[:: max(1, v.size // T_FIT_VALUES)] if family == "t" else v
@@ -137,14 +138,9 @@ def predict_gemm_error(
 
 def gemm_fits(fits: dict[str, Fit], gemm: str) -> tuple[Fit, Fit] | None:
     """The (a, b) operand fits of ``gemm`` from per-role fits, None when one is missing."""
-    from loka.recipe import GEMM_ROLES
 
     a_role, b_role = GEMM_ROLES[gemm]
     if a_role not in fits or b_role not in fits:
         return None
     return fits[a_role], fits[b_role]
 
-
-def gemm_shape(gemm: str, m: int, k: int, n: int) -> tuple[int, int, int]:
-    """(rows of a, reduction, rows of b) of ``gemm`` for a site ``y[M,N] = x[M,K] · W[N,K]ᵀ``."""
-    return {"fprop": (m, k, n), "dgrad": (m, n, k), "wgrad": (n, m, k)}[gemm]

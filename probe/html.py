@@ -16,6 +16,7 @@ import re
 
 from loka.formats import E4M3, E5M2
 from loka.probe.error import deciding_gemm
+from loka.probe.reader import speed_timings, speedup
 
 # Beyond this many sites the histogram grid is cut (the caption names the sites left out).
 MAX_HIST_SITES = 60
@@ -51,9 +52,7 @@ def _worst_ratio(site: dict, recipe: str) -> tuple[float, float, float] | None:
 
 
 def _speedup_of(site: dict, recipe: str) -> float | None:
-    from loka.probe.build import _speedup, speed_timings
-
-    return _speedup(speed_timings(site), recipe)
+    return speedup(speed_timings(site), recipe)
 
 
 def _log_range(values: list[float]) -> tuple[float, float]:

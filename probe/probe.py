@@ -48,13 +48,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from loka.recipe import Recipe
+from loka.probe.build import build_report
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
+from loka.probe.distributed import reduce_probe
+from loka.probe.error import _t_quantile
+from loka.probe.fit import fit_values
 from loka.probe.overhead import OverheadClock
+from loka.probe.sensitivity import site_sensitivity
 from loka.probe.site_state import SiteState
 from loka.probe.sites import Site, find_sites, unwrap_compiled
+from loka.probe.timing import time_site
+from loka.recipe import Recipe
 
 
 class _StepScope:
@@ -105,7 +112,6 @@ class Probe:
         self.timings: dict[str, dict] = {}
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
-        from loka.probe.error import _t_quantile
 
         _t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
 
@@ -240,7 +246,6 @@ class Probe:
         of ``batches`` (at least 2, for an interval; 4-8 held-out batches are typical). A list of
         closures ``[lambda: ..., ...]`` without ``batches`` works too. Stored in the report.
         """
-        from loka.probe.sensitivity import site_sensitivity
 
         self.finish()
         fns = loss_fn if batches is None else [lambda b=b: loss_fn(b) for b in batches]
@@ -258,10 +263,7 @@ class Probe:
         Inputs are drawn from the operands' fitted distributions. On CPU the timings are
         recorded but flagged not representative.
         """
-        import torch
 
-        from loka.probe.fit import fit_values
-        from loka.probe.timing import time_site
 
         self.finish()
         dev = torch.device(device or "cpu")
@@ -269,8 +271,6 @@ class Probe:
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         items = [(f, s) for f, s in self.state.items() if s.m_values]
         if progress:
-            from tqdm.auto import tqdm
-
             items = tqdm(items, desc="timing sites", leave=False)
         for fqn, st in items:
             fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
@@ -282,14 +282,12 @@ class Probe:
 
     def reduce(self, group=None) -> None:
         """Merge statistics and error observations across ranks (a collective; call on every rank)."""
-        from loka.probe.distributed import reduce_probe
 
         self.finish()
         reduce_probe(self, group)
 
     def report(self, **meta):
         """A :class:`~loka.probe.report.ProbeReport` of everything learned so far."""
-        from loka.probe.build import build_report
 
         self.finish()
         return build_report(self, **meta)

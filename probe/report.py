@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from loka.jsonio import decode_floats, encode_floats, loads, read_json
 from loka.probe.error import deciding_gemm
-from loka.probe.schema import ReportSchemaError, decode_floats, encode_floats, validate
+from loka.probe.html import render_html
+from loka.probe.schema import ReportSchemaError, validate
 
 
 @dataclass
@@ -46,16 +48,16 @@ class ProbeReport:
     @classmethod
     def from_json(cls, text: str) -> "ProbeReport":
         """Parse and validate; raises :class:`ReportSchemaError` naming the bad field."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ReportSchemaError(f"not valid JSON ({exc}); is this a probe report file?") from None
+        doc = loads(text, "probe report", ReportSchemaError)
         validate(doc)
         return cls(decode_floats(doc))
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeReport":
-        return cls.from_json(Path(path).read_text())
+        """Read and validate a report file; raises :class:`ReportSchemaError` in one line."""
+        doc = read_json(path, "probe report", ReportSchemaError)
+        validate(doc)
+        return cls(decode_floats(doc))
 
     def save(self, out_dir: str | Path, stem: str = "probe_report") -> dict[str, Path]:
         """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.html`` into ``out_dir``."""
@@ -108,8 +110,6 @@ class ProbeReport:
         return "\n".join(lines) + "\n"
 
     def to_html(self, json_path: str | Path | None = None) -> str:
-        from loka.probe.html import render_html
-
         return render_html(self, json_path)
 
 

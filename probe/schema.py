@@ -6,12 +6,12 @@ document and raises :class:`ReportSchemaError` naming the exact path of the firs
 problem (``sites[3].errors.rowwise.fprop: missing key 'ci_hi'``).
 
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"`` and ``"nan"`` so the
-file is strict JSON; :func:`decode_floats` turns them back into floats.
+file is strict JSON (``loka.jsonio``, the one codec). A key ending in ``?`` in a spec is
+optional. Every consumer reads a report through ``loka.probe.reader.read_report``, which
+checks the fields it reads with the same machinery.
 """
 
 from __future__ import annotations
-
-import math
 
 SCHEMA_VERSION = 1
 KIND = "loka.probe.report"
@@ -114,13 +114,20 @@ def _check_dict(value, spec: dict, path: str) -> None:
             _check(v, spec["*"], f"{path}.{k}")
         return
     for key, sub in spec.items():
+        optional = key.endswith("?")
+        key = key.rstrip("?")
         if key not in value:
+            if optional:
+                continue
             raise ReportSchemaError(f"{path}: missing key {key!r}")
         _check(value[key], sub, f"{path}.{key}" if path else key)
 
 
-def validate(doc: dict) -> None:
-    """Raise :class:`ReportSchemaError` unless ``doc`` is a valid report of this schema version."""
+def validate(doc: dict, spec: dict = REPORT) -> None:
+    """Raise :class:`ReportSchemaError` unless ``doc`` is a valid report of this schema version.
+
+    ``spec``: the full :data:`REPORT` (what the probe writes), or the part a reader reads.
+    """
     if not isinstance(doc, dict):
         raise ReportSchemaError(f"a probe report is a JSON object, got {type(doc).__name__}")
     if doc.get("kind") != KIND:
@@ -131,26 +138,4 @@ def validate(doc: dict) -> None:
             f"schema_version: this loka reads version {SCHEMA_VERSION}, the file has {version!r}; "
             "re-run the probe or use the loka version that wrote it"
         )
-    _check_dict(doc, REPORT, "")
-
-
-def encode_floats(obj):
-    """Replace non-finite floats by ``"inf"``/``"-inf"``/``"nan"`` (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: encode_floats(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [encode_floats(v) for v in obj]
-    return obj
-
-
-def decode_floats(obj):
-    """Inverse of :func:`encode_floats`."""
-    if obj in ("inf", "-inf", "nan") and isinstance(obj, str):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: decode_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [decode_floats(v) for v in obj]
-    return obj
+    _check_dict(doc, spec, "")

@@ -22,7 +22,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from loka.probe.error import t_interval
 from loka.quantize import fake_quantize
 from loka.recipe import GemmRecipe, Recipe, as_recipe
 
@@ -64,7 +66,6 @@ def site_sensitivity(
     ``abs_rel_loss_delta`` the mean magnitude, i.e. how much the site's FP8 error moves the loss
     on a batch.
     """
-    from loka.probe.error import t_interval
 
     recipe = as_recipe(recipe)
     fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
@@ -77,8 +78,6 @@ def site_sensitivity(
     out = {}
     items = list(modules.items())
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(items, desc=f"sensitivity ({recipe.name})", leave=False)
     for fqn, module in items:
         handle = module.register_forward_hook(_inject_hook(recipe.fprop))

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from loka.probe.fit import Fit, gemm_shape
-from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
+from loka.kernels import KERNELS
+from loka.probe.fit import Fit
+from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
 from loka.timer import Timing, device_name, time_fn
 
 __all__ = ["Timing", "device_name", "time_fn", "time_site"]
@@ -59,7 +60,6 @@ def time_site(
     kernel's time in ``dtype`` (the operands' dtype; bf16 on GPU). Kernels that are not
     available here or do not support a recipe/shape are skipped (listed under ``skipped``).
     """
-    from loka.dispatch import KERNELS
 
     dev = torch.device(device or "cpu")
     names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]

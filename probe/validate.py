@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loka.convert import convert
 from loka.metrics import rel_error
 from loka.probe.sensitivity import _rng_devices
 
@@ -32,7 +33,6 @@ def conversion_errors(
     ``loss_fn(model)`` returns a scalar loss on one batch. dgrad is missing when the site's
     input does not require grad (e.g. the first layer).
     """
-    from loka.convert import convert
 
     m = copy.deepcopy(model)
     res = convert(m, recipe, module_filter_fn=lambda mod, name: name == fqn, kernels=kernels, fallback="hp")
@@ -78,7 +78,6 @@ def conversion_loss_delta(
 
     Returns ``{loss_ref, loss_fp8, loss_delta, rel_loss_delta}`` like :mod:`loka.probe.sensitivity`.
     """
-    from loka.convert import convert
 
     def loss(m: nn.Module) -> float:
         with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():

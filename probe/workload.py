@@ -1,7 +1,8 @@
 """What ``loka probe`` trains while it probes: a model, a batch source and a loss.
 
-``--model`` is either a ranker size (``tiny``, ``small``, ``base``, ``large``: the bundled
-ranker on its synthetic stream) or ``module:factory`` / ``path/to/file.py:factory``, where
+``--model`` is either a name the caller registered (``loka probe`` registers the bundled
+ranker's sizes ``tiny``, ``small``, ``base``, ``large`` from ``loka.models.workload``: the
+probe itself knows no model) or ``module:factory`` / ``path/to/file.py:factory``, where
 ``factory()`` returns a :class:`Workload` or a tuple ``(model, make_batch, loss_fn)`` with
 ``make_batch(step) -> batch`` and ``loss_fn(model, batch) -> scalar loss``.
 """
@@ -12,7 +13,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -27,30 +28,10 @@ class Workload:
     name: str = "custom"
 
 
-def ranker_workload(size: str, *, batch_size: int = 256, seed: int = 0, device: str = "cpu") -> Workload:
-    """The bundled ranker of ``size`` on its synthetic stream (loss: the training loss, task-weighted)."""
-    import torch
-
-    from loka.models.config import RankerConfig
-    from loka.models.ranker import Ranker
-    from loka.models.synthetic import SyntheticStream
-    from loka.models.train import task_losses, total_loss
-
-    cfg = RankerConfig.from_size(size)
-    torch.manual_seed(seed)
-    model = Ranker(cfg).to(device)
-    stream = SyntheticStream(cfg, batch_size=batch_size, seed=seed, device=device)
-
-    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        return total_loss(task_losses(m(batch), batch))
-
-    return Workload(model, stream.batch, loss_fn, name=f"ranker-{size}")
-
-
 def _load_attr(spec: str) -> Callable:
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
-        raise ValueError(f"--model {spec!r}: use a ranker size or 'module:factory' / 'file.py:factory'")
+        raise ValueError(f"--model {spec!r}: use a registered name or 'module:factory' / 'file.py:factory'")
     if target.endswith(".py"):
         path = Path(target)
         if not path.exists():
@@ -66,14 +47,18 @@ def _load_attr(spec: str) -> Callable:
         raise ValueError(f"--model {spec!r}: {target} has no attribute {attr!r}") from None
 
 
-def load_workload(spec: str, *, batch_size: int = 256, seed: int = 0, device: str = "cpu") -> Workload:
-    """Resolve ``--model`` (see module docstring)."""
-    if ":" not in spec:
-        from loka.models.config import SIZES
+# A named workload: factory(batch_size=, seed=, device=) -> Workload.
+NamedWorkload = Callable[..., Workload]
 
-        if spec not in SIZES:
-            raise ValueError(f"--model {spec!r}: unknown ranker size; use one of {sorted(SIZES)} or 'module:factory'")
-        return ranker_workload(spec, batch_size=batch_size, seed=seed, device=device)
+
+def load_workload(spec: str, *, named: Mapping[str, NamedWorkload] | None = None, batch_size: int = 256,
+                  seed: int = 0, device: str = "cpu") -> Workload:
+    """Resolve ``--model`` (see module docstring); ``named`` maps the bare names the caller offers."""
+    named = dict(named or {})
+    if ":" not in spec:
+        if spec not in named:
+            raise ValueError(f"--model {spec!r}: unknown name; use one of {sorted(named)} or 'module:factory'")
+        return named[spec](batch_size=batch_size, seed=seed, device=device)
     made = _load_attr(spec)()
     if isinstance(made, Workload):
         return made

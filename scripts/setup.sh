@@ -14,7 +14,7 @@ WANT=$(cat pyproject.toml requirements/pins.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import loka" 2>/dev/null; then
     echo "loka setup: already installed for this pyproject.toml and pins (delete $STAMP to force a reinstall)"
 else
-    .venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=69" wheel
+    .venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel
     .venv/bin/python -m pip install --quiet -c requirements/pins.txt -e ".[dev]"
     echo "$WANT" > "$STAMP"
 fi

@@ -2,12 +2,53 @@
 
 GPU tests are marked once here; on a machine without CUDA (CI) they are skipped
 with the reason. CUDA is queried when tests are collected, never at import of loka.
+
+Every test starts from a fresh seed of torch's, numpy's and Python's global generators
+(a test that fixes its own seed simply overrides it). A failing test prints its seed in a
+"loka seed" section; ``LOKA_TEST_SEED=<seed> pytest <test id>`` reruns it on the same draws.
 """
 
 from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
+
+SEED_ENV = "LOKA_TEST_SEED"
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def _fresh_seed() -> int:
+    fixed = os.environ.get(SEED_ENV)
+    if fixed is None:
+        return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    try:
+        return int(fixed)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={fixed!r} is not an integer; set it to the seed a failing test printed") from None
+
+
+@pytest.fixture(autouse=True)
+def loka_seed(request) -> int:
+    """Seed every global generator afresh for this test; the seed is printed if the test fails."""
+    seed = _fresh_seed()
+    request.node.stash[_SEED_KEY] = seed
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = item.stash.get(_SEED_KEY, None)
+    if report.failed and seed is not None:
+        report.sections.append(("loka seed", f"{SEED_ENV}={seed} reproduces this test's random draws"))
 
 
 def _cuda_capability() -> tuple[int, int] | None:

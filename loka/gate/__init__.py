@@ -1,16 +1,22 @@
-"""Gate: does a candidate (an FP8 plan, a new kernel, a new model version) lose quality?
+"""loka.gate (layer 3): does a candidate (an FP8 plan, a new kernel, a new model version) lose quality?
 
 Compares a candidate against a baseline on the same held-out examples with paired
 bootstrap intervals on NE, AUC and calibration, plus per-site FP8 error from probe
 reports, and says pass / regression / inconclusive. This is what CI runs:
 
-    result = loka.gate.gate("bf16.npz", "fp8.npz")   # EvalOutputs or saved paths
+    result = loka.gate("bf16.npz", "fp8.npz")   # EvalOutputs or saved .npz paths
     print(result.table()); sys.exit(result.exit_code)
+
+It takes EvalOutputs and probe reports and never builds a model: scoring a ranker
+checkpoint is ``loka.models.gate_inputs``' job. The package is callable:
+``loka.gate(...)`` is ``loka.gate.gate(...)``.
 """
+
+import sys
+import types
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
-from loka.gate.inputs import CheckpointEval
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
 from loka.gate.result import Check, GateResult
 from loka.gate.sites import ReportError, error_entries
@@ -20,7 +26,6 @@ __all__ = [
     "DEFAULT_NE_BUDGET",
     "BootstrapResult",
     "Check",
-    "CheckpointEval",
     "EvalOutputs",
     "EvalOutputsError",
     "GateBudget",
@@ -36,3 +41,13 @@ __all__ = [
     "normalized_entropy",
     "paired_bootstrap",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``loka.gate`` is both the package and its main function (``loka.gate(baseline, candidate)``)."""
+
+    def __call__(self, *args, **kwargs) -> GateResult:
+        return gate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

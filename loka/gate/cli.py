@@ -7,7 +7,9 @@
 
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
-code 2, never a traceback.
+code 2, never a traceback. The gate reads saved EvalOutputs (``.npz``); ranker
+checkpoints (``.pt``) are scored by the ``checkpoint_loader`` that ``loka.cli`` wires
+in from ``loka.models`` (without it, a checkpoint is refused with that reason).
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ import argparse
 import os
 import sys
 from dataclasses import replace
+from typing import Callable
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
+from loka.gate.compare import GateInputError, gate, load_input
 from loka.gate.result import EXIT_ERROR
+from loka.gate.sites import error_entries
 
 
-def register(subparsers) -> None:
+# checkpoint_loader(side, path, precision, *, eval_examples, eval_seed, device) -> EvalOutputs
+CheckpointLoader = Callable[..., object]
+
+
+def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -> None:
+    """Add ``loka gate``; ``checkpoint_loader`` scores ``.pt`` checkpoint sides (``loka.cli`` gives loka.models')."""
     p = subparsers.add_parser(
         "gate",
         help="fail CI when a candidate (FP8 plan, kernel, model version) loses quality",
@@ -66,7 +76,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, checkpoint_loader=checkpoint_loader)
 
 
 def _error(message: str) -> int:
@@ -75,8 +85,6 @@ def _error(message: str) -> int:
 
 
 def _check_reports(baseline_report: str | None, candidate_report: str | None) -> None:
-    from loka.gate.sites import error_entries
-
     if (baseline_report is None) != (candidate_report is None):
         raise ValueError("give both probe reports (--report-baseline and --report-candidate) or neither")
     for report in (baseline_report, candidate_report):
@@ -90,10 +98,25 @@ def _save_outputs(out_dir: str, base, cand) -> None:
     cand.save(os.path.join(out_dir, "candidate.npz"))
 
 
-def run(args: argparse.Namespace) -> int:
-    from loka.gate.compare import GateInputError, gate, load_input
-    from loka.gate.inputs import CheckpointEval
+def _side(args: argparse.Namespace, side: str, path: str, precision: str | None):
+    """(EvalOutputs, display name): a ``.pt`` checkpoint through the wired loader, else saved outputs."""
+    loader = getattr(args, "checkpoint_loader", None)
+    if path.endswith(".pt"):
+        if loader is None:
+            raise GateInputError(f"{side}: {path} is a checkpoint; the gate reads saved EvalOutputs (.npz) and scores "
+                                 "checkpoints only through loka.models (run `loka gate` from the loka command)")
+        try:
+            outputs = loader(side, path, precision, eval_examples=args.eval_examples, eval_seed=args.eval_seed,
+                             device=args.device)
+        except ValueError as exc:
+            raise GateInputError(f"{side}: {exc}") from None
+        return outputs, path + (f" [{precision}]" if precision else "")
+    if precision is not None:
+        raise GateInputError(f"{side}: --{side}-precision applies to checkpoints (.pt), not to saved outputs {path}")
+    return load_input(side, path)
 
+
+def run(args: argparse.Namespace) -> int:
     try:
         budget = GateBudget(
             ne_rel=args.budget_ne,
@@ -107,9 +130,8 @@ def run(args: argparse.Namespace) -> int:
             inconclusive_passes=args.allow_inconclusive,
         )
         _check_reports(args.report_baseline, args.report_candidate)  # before any slow evaluation
-        how = CheckpointEval(eval_examples=args.eval_examples, eval_seed=args.eval_seed, device=args.device)
-        base, base_name = load_input("baseline", args.baseline, args.baseline_precision, how)
-        cand, cand_name = load_input("candidate", args.candidate, args.candidate_precision, how)
+        base, base_name = _side(args, "baseline", args.baseline, args.baseline_precision)
+        cand, cand_name = _side(args, "candidate", args.candidate, args.candidate_precision)
         if args.save_outputs:
             _save_outputs(args.save_outputs, base, cand)
         result = gate(
@@ -121,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
             allow_different_models=args.allow_different_models,
         )
     except (GateInputError, ValueError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         return _error(str(exc))
     result = replace(result, baseline=base_name, candidate=cand_name)
     print(result.table())

@@ -19,8 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from loka.gate.budget import GateBudget
-from loka.gate.inputs import CheckpointEval, load_side
-from loka.gate.outputs import EvalOutputs, EvalOutputsError
+from loka.gate.outputs import EvalOutputs, EvalOutputsError, is_eval_outputs_file
 from loka.gate.result import INFO, Check, GateResult, classify_lower, classify_upper
 from loka.gate.sites import ReportError, site_checks
 from loka.gate.stats import BootstrapResult, paired_bootstrap
@@ -30,17 +29,31 @@ class GateInputError(ValueError):
     """The two sides cannot be compared (missing file, different models or eval sets)."""
 
 
-def load_input(
-    side: str, value: object, precision: str | None = None, how: CheckpointEval | None = None
-) -> tuple[EvalOutputs, str]:
-    """(EvalOutputs, display name) of one side; GateInputError when it cannot be loaded or evaluated."""
+def load_input(side: str, value: object) -> tuple[EvalOutputs, str]:
+    """(EvalOutputs, display name) of one side: EvalOutputs, or a file written by ``EvalOutputs.save``.
+
+    The gate reads that one format. A ranker checkpoint is evaluated to EvalOutputs one
+    layer up, by ``loka.models.gate_inputs`` (which ``loka gate`` wires in).
+    """
     name = os.fspath(value) if isinstance(value, (str, os.PathLike)) else side
-    if precision:
-        name += f" [{precision}]"
     try:
-        return load_side(side, value, precision, how), name
+        return read_outputs(side, value), name
     except (EvalOutputsError, ValueError) as exc:
         raise GateInputError(f"{side}: {exc}") from None
+
+
+def read_outputs(side: str, value: object) -> EvalOutputs:
+    """``value`` as EvalOutputs: itself, or the saved file it names; EvalOutputsError for anything else."""
+    if isinstance(value, EvalOutputs):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise EvalOutputsError(f"{side} must be EvalOutputs or a path, not {type(value).__name__}")
+    if not os.path.isfile(value):
+        raise EvalOutputsError(f"{value}: no such file")
+    if not is_eval_outputs_file(value) and not os.fspath(value).endswith(".npz"):
+        raise EvalOutputsError(f"{value}: not saved EvalOutputs (.npz from EvalOutputs.save), the format the gate "
+                               "reads; evaluate a ranker checkpoint (.pt) through loka.models (`loka gate` does)")
+    return EvalOutputs.load(value)
 
 
 def _check_same_model(base: EvalOutputs, cand: EvalOutputs, allow_different_models: bool) -> None:
@@ -170,16 +183,13 @@ def gate(
     baseline_report: object = None,
     candidate_report: object = None,
     allow_different_models: bool = False,
-    baseline_precision: str | None = None,
-    candidate_precision: str | None = None,
-    checkpoint_eval: CheckpointEval | None = None,
     **budget_fields,
 ) -> GateResult:
     """Compare ``candidate`` against ``baseline`` on the same examples; see the module docstring.
 
-    ``baseline``/``candidate``: EvalOutputs, saved EvalOutputs paths, or ranker checkpoints,
-    evaluated with ``*_precision`` (bf16 / fp8 / plan JSON; default: as trained) on the
-    held-out examples ``checkpoint_eval`` describes (see ``loka.gate.inputs``).
+    ``baseline``/``candidate``: EvalOutputs or saved EvalOutputs paths (``.npz``). The gate
+    never builds a model: a ranker checkpoint is scored first by ``loka.models.gate_inputs``
+    (``gate_checkpoints`` there runs both and calls this).
 
     ``budget_fields`` override fields of ``budget`` (e.g. ``ne_rel=0.001``). Reports are
     probe reports (path, dict or ProbeReport), both or neither. Raises GateInputError
@@ -191,8 +201,8 @@ def gate(
         raise GateInputError(f"unknown budget field: {exc}") from None
     # the cheap checks first, so a bad report fails before a checkpoint is evaluated
     site_results, notes = _site_results(baseline_report, candidate_report, budget)
-    base, base_name = load_input("baseline", baseline, baseline_precision, checkpoint_eval)
-    cand, cand_name = load_input("candidate", candidate, candidate_precision, checkpoint_eval)
+    base, base_name = load_input("baseline", baseline)
+    cand, cand_name = load_input("candidate", candidate)
     _check_same_model(base, cand, allow_different_models)
     cand = _aligned(base, cand)
     checks = _model_checks(base, cand, budget) + site_results

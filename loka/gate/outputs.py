@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 FORMAT_VERSION = 1
 _META_KEY = "meta_json"
@@ -73,8 +75,6 @@ def _feed(digest: "hashlib._Hash", part: object) -> None:
 
 
 def _uint_dtype(size: int):
-    import torch
-
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
 
 
@@ -226,3 +226,11 @@ def _check_task_arrays(task: str, y: object, p: object, n: int) -> None:
         raise EvalOutputsError(f"labels[{task!r}] must be 0 or 1")
     if not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0:
         raise EvalOutputsError(f"probs[{task!r}] must be finite probabilities in [0, 1]")
+
+
+def is_eval_outputs_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file written by ``EvalOutputs.save`` (a zip with its metadata entry)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return f"{_META_KEY}.npy" in zf.namelist()

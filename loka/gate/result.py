@@ -12,10 +12,11 @@ A check compares an interval with a budget:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from loka.jsonio import dumps
 
 Verdict = Literal["pass", "regression", "inconclusive", "info"]
 PASS, REGRESSION, INCONCLUSIVE, INFO = "pass", "regression", "inconclusive", "info"
@@ -123,7 +124,7 @@ class GateResult:
 
     def to_json(self, indent: int | None = 2) -> str:
         """Strict JSON (non-finite floats written as "inf" / "-inf" / "nan")."""
-        return json.dumps(_finite_json(self.to_dict()), indent=indent, allow_nan=False)
+        return dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
         """Readable summary: one row per check with its interval, budget and verdict."""
@@ -164,16 +165,6 @@ class GateResult:
                 "(see 'need n=') or accept with inconclusive_passes / --allow-inconclusive."
             )
         return "\n".join(lines)
-
-
-def _finite_json(obj: object) -> object:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    return obj
 
 
 def _num(v: float) -> str:

@@ -77,7 +77,7 @@ def test_cpu_smoke_table_has_every_variant(tmp_path):
         assert all(math.isfinite(float(v)) for v in quality[name][:2])
     assert int(train["torchao-rowwise"][0].split("/")[0]) > 0, "torchao converted no Linear"
     assert int(train["loka-plan"][0].split("/")[0]) > 0, "the plan's FP8 sites were not converted"
-    from loka.dispatch.backend_te import te_import
+    from loka.kernels.backend_te import te_import
 
     support = te_import()
     if not support.ok:

@@ -46,7 +46,9 @@ def test_user_error_is_one_line_and_exit_2(files, capsys, command, words):
 
 def test_debug_shows_the_traceback(files):
     with pytest.raises(ValueError, match="huge"):
-        main(["mods", "show", "--size", "huge", "--debug"])
+        main(["train", "--size", "huge", "--steps", "1", "--debug"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        main(["--debug", "plan", "--report", str(files / "bad.json"), "--out", str(files / "p.json")])
 
 
 def test_the_installed_command_exits_2_with_one_line(files):

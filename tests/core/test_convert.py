@@ -82,7 +82,7 @@ def _one_site_plan(model: nn.Module, fqn: str):
                            for g in ("fprop", "dgrad", "wgrad")]}
     site = {"fqn": fqn, "in_features": lin.in_features, "out_features": lin.out_features, "m_values": [32],
             "errors": {"rowwise": {g: dict(err) for g in ("fprop", "dgrad", "wgrad")}}, "timings": timings}
-    return plan({"schema_version": 1, "sites": [site]}, Budget(), progress=False)
+    return plan({"kind": "loka.probe.report", "schema_version": 1, "sites": [site]}, Budget(), progress=False)
 
 
 def test_plan_given_in_place_of_recipe(tmp_path):

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loka.demo import STEPS_BY_DEVICE, DemoConfig
-from loka.demo_fp8 import convert_safe_sites, modelled_speedup, safe_site_recipes
-from loka.demo_summary import ne_lines
+from loka.demo.ranker import STEPS_BY_DEVICE, DemoConfig
+from loka.demo.fp8 import convert_safe_sites, modelled_speedup, safe_site_recipes
+from loka.demo.summary import ne_lines
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.gate.result import Check, GateResult
 from loka.recipe import GEMMS
@@ -69,7 +69,8 @@ def test_speed_model_expects_small_fp8_gemms_slower_and_large_ones_faster():
     small = _plan((512, 128, 128))
     assert modelled_speedup(small, {}) == pytest.approx(1.0)
     assert modelled_speedup(small, {"s0": "tensorwise"}) < 1.0
-    # design.md: FP8 pays off only at large M with K, N >= 2048 once quantization is counted
+    # measured on an H100 (bench/results/h100_2026-11-22_gemm.md): with the quantization counted,
+    # FP8 pays off only at large M with K, N >= 2048
     assert modelled_speedup(_plan((32768, 4096, 4096)), {"s0": "tensorwise"}) > 1.0
 
 
@@ -90,7 +91,7 @@ def test_inconclusive_ne_says_how_many_examples_would_decide():
 @pytest.mark.slow
 def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
     from loka.cli import main
-    from loka.demo import run
+    from loka.demo.ranker import run
 
     cfg = DemoConfig(size="tiny", device="cpu", out_dir=str(tmp_path), warm_steps=4, probe_steps=12,
                      continue_steps=3, eval_examples=2048, serve_requests=2, fp8="safe-sites", progress=False)

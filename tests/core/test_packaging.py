@@ -28,3 +28,34 @@ def test_public_api_names_resolve():
         assert getattr(loka, name) is not None, name
     for sub in ("dispatch", "models", "mods", "probe", "gate"):
         assert importlib.import_module(f"loka.{sub}").__name__ == f"loka.{sub}"
+
+
+def test_the_facade_exports_the_workflow():
+    """``loka`` names the workflow (and nothing else in ``__all__``); upper names resolve on first use."""
+    assert set(loka.__all__) == {"Probe", "ProbeConfig", "plan", "Budget", "convert", "apply_mods", "gate",
+                                 "EvalOutputs", "Float8Linear", "Recipe", "quantize", "dequantize"}
+    from loka.dispatch import plan
+    from loka.mods import apply_all
+    from loka.probe import Probe
+
+    assert loka.Probe is Probe and loka.plan is plan and loka.apply_mods is apply_all
+    assert callable(loka.quantize) and callable(loka.convert)  # functions, not the modules of the same name
+
+
+def test_loka_gate_is_callable_and_is_gate_gate():
+    import numpy as np
+
+    from loka.gate import EvalOutputs
+
+    rng = np.random.default_rng(20261130)
+    print("seed 20261130")
+    ids = np.arange(4000)
+    probs = rng.uniform(0.02, 0.4, size=ids.size)
+    labels = (rng.uniform(size=ids.size) < probs).astype(np.float32)
+    worse = np.clip(probs * 1.8, 0, 1)
+    base = EvalOutputs.build(ids, {"click": labels}, {"click": probs}, model="m", model_fingerprint="a")
+    cand = EvalOutputs.build(ids, {"click": labels}, {"click": worse}, model="m", model_fingerprint="b")
+    via_package = loka.gate(base, cand, n_boot=200)
+    via_function = loka.gate.gate(base, cand, n_boot=200)
+    assert via_package.verdict == via_function.verdict == "regression"
+    assert via_package.checks[0].estimate == via_function.checks[0].estimate > 0

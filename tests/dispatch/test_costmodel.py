@@ -1,41 +1,148 @@
-"""The GPU speed model reproduces the measured H100 ratios it was fitted to (design notes)."""
+"""The GPU speed model against the committed GEMM measurements (bench/results/gemm_calibration.json).
+
+Two measurements: the H100 figures of 2026-11-22 the constants were fitted to, and the H200 run
+of 2026-11-30 (recorded command, never used to fit). Tolerance: a measured ratio stated to one
+decimal ("1.3x") is the band [1.25, 1.35]; the model must land within TOL (10%, relative) of the
+band. Where it does not, the point is an expected failure with the measured and modelled figures
+in its reason, so a refit that fixes it shows up as an XPASS (strict) and must update the record.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from loka.dispatch.costmodel import H100_SXM, H200_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, model_site_timings, quantize_us
+from loka.kernels.costmodel import H100_SXM, H200_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, model_site_timings, quantize_us
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "bench" / "results" / "gemm_calibration.json"
+CAL = json.loads(CALIBRATION.read_text())
+H100, H200 = CAL["h100_2026-11-22"], CAL["h200_2026-11-30"]
+TOL = 0.10
+M_GRID = (2048, 8192, 32768)  # the measured M range is 2048..32768
+KN_GRID = (256, 512, 1024, 2048, 4096)
 
 
-def prequantized_ratio(m, k, n):
-    return bf16_us(m, k, n) / fp8_gemm_us(m, k, n)
+def _rounding(low: float, high: float) -> tuple[float, float]:
+    """A figure stated to one decimal covers +-0.05 around it."""
+    return low - 0.05, high + 0.05
 
 
-@pytest.mark.parametrize("m", [2048, 8192, 32768])
-def test_prequantized_speedup_bands(m):
-    # measured: ~1.0x for K,N <= 512; 1.3x at 1024; 1.5-1.9x at >= 2048 (M = 2048..32768).
-    # The model's spread is wider at the extremes of M (0.7x-1.3x at 512), see the module doc.
-    assert 0.6 <= prequantized_ratio(m, 512, 512) <= 1.4
-    assert prequantized_ratio(m, 4096, 4096) <= 1252 / 735 + 1e-9  # never above the FLOP ceiling
-    if m >= 8192:
-        assert 1.2 <= prequantized_ratio(m, 1024, 1024) <= 1.55
-        assert 1.45 <= prequantized_ratio(m, 4096, 4096) <= 1.9
+def _within(x: float, low: float, high: float) -> bool:
+    lo, hi = _rounding(low, high)
+    return lo * (1 - TOL) <= x <= hi * (1 + TOL)
 
 
-def test_per_call_quantization_makes_fp8_slower_except_large():
-    # measured: slower than bf16 (0.1x-0.9x) for most ranker shapes; 1.1-1.5x only at M=32768, K,N >= 2048
-    for m, kn in [(2048, 512), (8192, 512), (8192, 1024), (2048, 2048)]:
-        assert bf16_us(m, kn, kn) / kernel_us("scaled_mm", "tensorwise", "fprop", m, kn, kn) < 0.95
-    for kn in (2048, 4096):
-        ratio = bf16_us(32768, kn, kn) / kernel_us("scaled_mm", "tensorwise", "fprop", 32768, kn, kn)
-        assert 1.0 < ratio < 1.6
+def _band(bands: list[dict], m: int, kn: int) -> dict | None:
+    for b in bands:
+        exc = b.get("except")
+        if exc and exc["m"][0] <= m <= exc["m"][1] and exc["kn"][0] <= kn <= exc["kn"][1]:
+            continue
+        if b["m"][0] <= m <= b["m"][1] and b["kn"][0] <= kn <= b["kn"][1]:
+            return b
+    return None
+
+
+def _points(key: str, ratio, misses: dict) -> list:
+    """(m, kn, band) for every grid point a measured band covers; the model's known misses xfail."""
+    out = []
+    for m in M_GRID:
+        for kn in KN_GRID:
+            band = _band(H100[key], m, kn)
+            if band is None:
+                continue
+            marks = []
+            if (m, kn) in misses:
+                marks = [pytest.mark.xfail(strict=True, reason=f"model {ratio(m, kn):.2f}x vs measured "
+                                                               f"{band['as_stated']}: {misses[(m, kn)]}")]
+            out.append(pytest.param(m, kn, band, id=f"M{m}-KN{kn}", marks=marks))
+    return out
+
+
+def prequantized_ratio(m: int, kn: int) -> float:
+    return bf16_us(m, kn, kn) / fp8_gemm_us(m, kn, kn)
+
+
+def per_call_ratio(m: int, kn: int, dev: DeviceModel = H100_SXM) -> float:
+    return bf16_us(m, kn, kn, dev) / kernel_us("scaled_mm", "tensorwise", "fprop", m, kn, kn, dev)
+
+
+SPREAD = "the model's spread over M is wider than measured (one launch/setup latency for every M)"
+PREQUANT_MISSES = {(2048, 256): SPREAD, (2048, 512): SPREAD, (8192, 256): SPREAD, (32768, 512): SPREAD,
+                   (2048, 1024): SPREAD, (32768, 1024): SPREAD}
+PER_CALL_MISSES = {(8192, 4096): "the model has FP8 win once FLOPs dominate at M=8192; measured, only M=32768 won"}
+
+
+def test_constants_are_the_measured_ceilings():
+    c = H100["ceilings"]
+    assert (H100_SXM.bf16_tflops, H100_SXM.fp8_tflops, H100_SXM.hbm_tbps) == (
+        c["bf16_tflops"], c["fp8_tflops"], c["copy_tbps"])
+
+
+def test_model_reproduces_the_ceilings_at_their_shape():
+    """At 8192^3 the model adds the operands' traffic to the FLOP time: within 12% below the ceiling."""
+    m, k, n = H100["ceilings"]["shape"]
+    flops = 2 * m * k * n
+    bf16 = flops / bf16_us(m, k, n) / 1e6
+    fp8 = flops / fp8_gemm_us(m, k, n) / 1e6
+    assert 0.88 * H100["ceilings"]["bf16_tflops"] <= bf16 <= H100["ceilings"]["bf16_tflops"]
+    assert 0.88 * H100["ceilings"]["fp8_tflops"] <= fp8 <= H100["ceilings"]["fp8_tflops"]
+
+
+@pytest.mark.parametrize("m,kn,band", _points("prequantized_speedup", prequantized_ratio, PREQUANT_MISSES))
+def test_prequantized_speedup_matches_h100(m, kn, band):
+    r = prequantized_ratio(m, kn)
+    assert _within(r, band["low"], band["high"]), f"M={m} K=N={kn}: model {r:.3f}x, measured {band['as_stated']}"
+
+
+@pytest.mark.parametrize("m,kn,band", _points("per_call_quantized_speedup", per_call_ratio, PER_CALL_MISSES))
+def test_per_call_quantized_speedup_matches_h100(m, kn, band):
+    r = per_call_ratio(m, kn)
+    wins = band["low"] > 1
+    # "slower than bf16" is the claim that decides plans: below 1.0, and not below the stated floor.
+    ok = _within(r, band["low"], band["high"]) if wins else band["low"] * (1 - TOL) <= r < 1.0
+    assert ok, f"M={m} K=N={kn}: model {r:.3f}x, measured {band['as_stated']}"
+
+
+def _h200_rows() -> list[dict]:
+    cols = H200["columns"]
+    return [dict(zip(cols, row)) for row in H200["median_ms"]]
+
+
+def _h200_ids() -> list[str]:
+    return [f"{r['m']}x{r['k']}x{r['n']}" for r in _h200_rows()]
+
+
+H200_MISSES = {
+    "32768x1024x1024": "the model expects the fused Triton kernel at 1.10x of bf16; it ran at 0.23x (per-tile "
+                       "re-quantization and division bound, see bench/results/h200_2026-11-30_gemm_triton.md)",
+}
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=i, marks=[pytest.mark.xfail(strict=True, reason=H200_MISSES[i])]
+                                              if i in H200_MISSES else []) for r, i in zip(_h200_rows(), _h200_ids())])
+def test_fastest_kernel_matches_the_h200_run(row):
+    """The plan keeps the fastest: the model's fastest of bf16 / scaled_mm / fused Triton is the measured one.
+
+    Held out: the constants were never fitted to this run. scaled_mm is timed with its
+    quantization compiled (the measured column closest to the model's separate amax+cast passes).
+    """
+    m, k, n = row["m"], row["k"], row["n"]
+    measured = {"bf16": row["bf16"], "scaled_mm": row["scaled_mm_quant_compiled"], "triton": row["triton_fused"]}
+    model = {"bf16": bf16_us(m, k, n), "scaled_mm": kernel_us("scaled_mm", "rowwise", "fprop", m, k, n),
+             "triton": kernel_us("triton", "rowwise", "fprop", m, k, n)}
+    assert min(model, key=model.get) == min(measured, key=measured.get), (model, measured)
 
 
 def test_fused_quantization_beats_separate_at_small_shapes():
-    for kn in (256, 512, 1024):
-        fused = kernel_us("triton", "rowwise", "fprop", 8192, kn, kn)
-        separate = kernel_us("scaled_mm", "rowwise", "fprop", 8192, kn, kn)
-        assert fused < separate
+    """Measured on the H200: the fused Triton GEMM beats scaled_mm with an eager per-call cast at K,N <= 1024."""
+    for row in _h200_rows():
+        if row["m"] == 8192 and row["k"] <= 1024:
+            assert row["triton_fused"] < row["scaled_mm_quant"]  # the record says so
+            fused = kernel_us("triton", "rowwise", "fprop", 8192, row["k"], row["n"])
+            separate = kernel_us("scaled_mm", "rowwise", "fprop", 8192, row["k"], row["n"])
+            assert fused < separate
 
 
 def test_delayed_scaling_skips_the_amax_pass():
@@ -52,6 +159,10 @@ def test_timings_entry_shape_and_labels():
     wgrad_hp = [e for e in t["entries"] if e["gemm"] == "wgrad" and e["recipe"] == "rowwise_with_gw_hp"]
     assert all(abs(e["median_ms"] - t["bf16_ms"]["wgrad"]) < 1e-12 for e in wgrad_hp)  # hp wgrad costs bf16 time
     assert len(t["entries"]) == 3 * 2 * 2
+    # fprop of [M,K]·[N,K]ᵀ, dgrad [M,N]·[K,N]ᵀ, wgrad [N,M]·[K,M]ᵀ: the bf16 times follow the GEMMs' shapes
+    assert t["bf16_ms"]["fprop"] == pytest.approx(bf16_us(4096, 256, 512) / 1e3)
+    assert t["bf16_ms"]["dgrad"] == pytest.approx(bf16_us(4096, 512, 256) / 1e3)
+    assert t["bf16_ms"]["wgrad"] == pytest.approx(bf16_us(512, 4096, 256) / 1e3)
 
 
 def test_bad_device_model():
@@ -59,14 +170,13 @@ def test_bad_device_model():
         DeviceModel("x", 1, 1, 1, fused_efficiency=0)
     with pytest.raises(ValueError, match="bf16_tflops"):
         DeviceModel("x", 0, 1, 1)
-    assert H100_SXM.fp8_tflops > H100_SXM.bf16_tflops
 
 
 def test_plan_on_modelled_timings_says_they_are_predicted():
     from dispatch_report_fixtures import report, site
 
     from loka.dispatch import plan
-    from loka.dispatch.costmodel import model_timings
+    from loka.dispatch.microbench import model_timings
 
     rep = report(site("a", 256, 512, m=8192))
     p = plan(rep, timings=model_timings(rep, ["scaled_mm"]), progress=False)

@@ -22,7 +22,7 @@ from loka.nn import Float8Linear
 from loka.probe.cli import train_with_probe
 from loka.probe.config import ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
 from loka.recipe import GEMMS
 
 KERNELS = ["scaled_mm"]  # one kernel keeps the micro-benchmarks short; every kernel is tested elsewhere

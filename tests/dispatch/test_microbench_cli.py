@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from loka.dispatch import KERNELS
+from loka.kernels import KERNELS
 from loka.dispatch.cli import doctor_text, register
 from loka.dispatch.microbench import time_serving_buckets, time_site_cached
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from loka.dispatch import KERNELS, Budget, plan
+from loka.dispatch import Budget, plan
 from loka.dispatch.cli import main as plan_main
-from loka.dispatch.costmodel import H100_SXM, H200_SXM, model_timings
+from loka.dispatch.microbench import model_timings
+from loka.kernels import KERNELS
+from loka.kernels.costmodel import H100_SXM, H200_SXM
 
 from dispatch_report_fixtures import GEMMS, report, site
 
@@ -26,7 +28,7 @@ def _cost(rel_loss_delta: float) -> float:
     """The NE cost the planner charges one GEMM of a fixture site: sensitivity x error bound.
 
     The fixture's error has ci_hi 0.05 and mean 0.04, and its sensitivity coefficient is
-    rel_loss_delta / mean error (dispatch.report_view), so the cost is rel_loss_delta * 0.05 / 0.04."""
+    rel_loss_delta / mean error (loka.probe.reader), so the cost is rel_loss_delta * 0.05 / 0.04."""
     return rel_loss_delta * 0.05 / 0.04
 
 

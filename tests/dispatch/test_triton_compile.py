@@ -57,8 +57,8 @@ def _gemm_ptx(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_war
 
 def _gemm_asm(fast_accum: bool, k: int, tile: tuple[int, int, int, int], num_warps: int,
               a_is_fp8: bool = False) -> dict[str, str]:
-    from loka.dispatch import triton_gemm_kernel as mod
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels import triton_gemm_kernel as mod
+    from loka.kernels.triton_fp8_jit import fp8_constexprs
 
     fmt = fp8_constexprs("e4m3")
     bm, bn, bk, nt = tile
@@ -106,8 +106,8 @@ def test_precise_mode_adds_every_k_tile_in_float32(a_is_fp8):
 
 
 def test_norm_quant_compiles_with_the_native_cast_for_sm90():
-    from loka.dispatch import triton_norm_quant_kernel as mod
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels import triton_norm_quant_kernel as mod
+    from loka.kernels.triton_fp8_jit import fp8_constexprs
 
     types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
              "y_hp_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32", "eps": "fp32"}

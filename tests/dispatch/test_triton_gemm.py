@@ -22,9 +22,9 @@ from loka.formats import get_format
 from loka.quantize import dequantize, quantize
 from loka.recipe import GemmRecipe, OperandRecipe
 
-from loka.dispatch.kernel import Quantized
-from loka.dispatch.backend_reference import EmulatedKernel
-from loka.dispatch.triton_gemm import (
+from loka.kernels.kernel import Quantized
+from loka.kernels.backend_reference import EmulatedKernel
+from loka.kernels.triton_gemm import (
     fp8_mm,
     fp8_mm_fused_quant,
     fp8_mm_fused_quant_reference,
@@ -240,7 +240,7 @@ def test_strided_and_batched_a():
 @pytest.mark.parametrize("gran_a,gran_b", [("rowwise", "rowwise"), ("tensorwise", "rowwise")])
 def test_backend_matches_emulated(gran_a, gran_b):
     """The registry adapter against the ``emulated`` kernel (hp b and pre-quantized b)."""
-    from loka.dispatch.triton_backend import TritonFusedQuantKernel
+    from loka.kernels.triton_backend import TritonFusedQuantKernel
 
     gen, seed = _gen()
     recipe = GemmRecipe(OperandRecipe("e4m3", gran_a), OperandRecipe("e4m3", gran_b))
@@ -309,7 +309,7 @@ def test_reference_agrees_with_emulated():
 @pytest.mark.parametrize("n,k", [(64, 64), (256, 256), (1024, 256), (512, 1024), (2048, 2048), (48, 200)])
 def test_autotune_pruning_keeps_valid_tiles(n, k, fast_accum):
     """The GPU autotuner's pruning (plain Python, checked here without a GPU)."""
-    from loka.dispatch import triton_gemm_kernel as mod
+    from loka.kernels import triton_gemm_kernel as mod
 
     configs = mod._configs()
     kept = mod._prune(configs, {"N": n, "K": k, "M": 8192}, FAST_ACCUM=fast_accum)

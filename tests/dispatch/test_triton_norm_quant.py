@@ -18,7 +18,7 @@ import torch
 from loka.formats import get_format
 from loka.quantize import quantize
 
-from loka.dispatch.triton_norm_quant import fused_norm_quant, norm_quant_reference
+from loka.kernels.triton_norm_quant import fused_norm_quant, norm_quant_reference
 from triton_interp_driver import INTERPRETING, SKIP_REASON, run_file_under_interpreter
 
 interp = pytest.mark.skipif(not INTERPRETING, reason=SKIP_REASON)
@@ -127,7 +127,7 @@ def test_batched_and_strided_input():
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 def test_norm_quant_feeds_the_fp8_gemm(kind):
     """Norm -> Linear in serving: fused norm+quant, then the FP8 GEMM on its output, vs the references."""
-    from loka.dispatch.triton_gemm import fp8_mm, fp8_mm_reference
+    from loka.kernels.triton_gemm import fp8_mm, fp8_mm_reference
 
     gen, seed = _gen()
     x = make_x(21, 64, gen, torch.bfloat16)

@@ -20,7 +20,7 @@ def synthetic_pair(
     Extra logit noise can only hurt a calibrated model, so noise=0.3 is a clear NE
     regression and noise=0.002 a change far below the 0.02% budget.
     """
-    rng = rng or np.random.default_rng()
+    rng = rng or np.random.default_rng(np.random.randint(2**31))
     ids = rng.choice(100 * n, size=n, replace=False)
     labels, base, cand = {}, {}, {}
     for task in tasks:

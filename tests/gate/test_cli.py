@@ -10,6 +10,7 @@ import pytest
 
 from loka.gate import EvalOutputs
 from loka.gate.cli import register
+from loka.jsonio import dumps
 
 from .helpers import synthetic_pair
 
@@ -66,7 +67,7 @@ def test_missing_file_exits_2(saved, tmp_path, capsys):
 def test_not_an_outputs_file_exits_2(saved, tmp_path, capsys):
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"\x00garbage")
-    _assert_bad_input(["--baseline", str(junk), "--candidate", saved["good"]], capsys, "neither saved EvalOutputs nor a loka ranker checkpoint")
+    _assert_bad_input(["--baseline", str(junk), "--candidate", saved["good"]], capsys, "not a saved EvalOutputs .npz file")
 
 
 def test_different_models_exit_2(saved, tmp_path, capsys):
@@ -86,10 +87,17 @@ def test_different_eval_sets_exit_2(saved, tmp_path, capsys):
     _assert_bad_input(["--baseline", saved["base"], "--candidate", path], capsys, "eval sets differ")
 
 
+def _write_report(path, errors: dict) -> str:
+    """A probe-report file with ``errors`` = {fqn: {recipe: {gemm: entry}}} (the fields the gate reads)."""
+    sites = [{"fqn": fqn, "in_features": 16, "out_features": 8, "errors": per} for fqn, per in errors.items()]
+    path.write_text(dumps({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}))
+    return str(path)
+
+
 def test_bad_budget_and_one_report_exit_2(saved, tmp_path, capsys):
     _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--budget-ne", "-1"], capsys, "ne_rel")
-    report = tmp_path / "r.json"
-    report.write_text(json.dumps({"s": {"fprop": {"mean": 0.1, "ci_lo": 0.0, "ci_hi": 0.2, "threshold": 0.3}}}))
+    report = _write_report(tmp_path / "r.json", {"s": {"r": {"fprop": {"mean": 0.1, "ci_lo": 0.0, "ci_hi": 0.2, "n": 3,
+                                                                        "threshold": 0.3}}}})
     _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", str(report)],
                       capsys, "both probe reports")  # fmt: skip
     _assert_bad_input(["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", str(report),
@@ -100,8 +108,7 @@ def test_site_regression_from_reports_exits_1(saved, tmp_path, capsys):
     def report(mean: float) -> str:
         path = tmp_path / f"report_{mean}.json"
         entry = {"mean": mean, "ci_lo": mean * 0.9, "ci_hi": mean * 1.1, "n": 6, "threshold": 0.05}
-        path.write_text(json.dumps({"sites": {"over.0": {"errors": {"tensorwise": {"fprop": entry}}}}}))
-        return str(path)
+        return _write_report(path, {"over.0": {"tensorwise": {"fprop": entry}}})
 
     args = ["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", report(0.02)]
     assert _run([*args, "--report-candidate", report(0.02)]) == 0
@@ -114,9 +121,7 @@ def test_json_is_strict_with_non_finite_site_errors(saved, tmp_path):
     ok_entry = {"mean": 0.01, "ci_lo": 0.0, "ci_hi": 0.02, "n": 2, "threshold": 0.05}
     reports = []
     for name, entry in (("a", ok_entry), ("b", inf_entry)):
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"s": {"r": {"fprop": entry}}}))
-        reports.append(str(path))
+        reports.append(_write_report(tmp_path / f"{name}.json", {"s": {"r": {"fprop": entry}}}))
     out_json = tmp_path / "result.json"
     argv = ["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", reports[0],
             "--report-candidate", reports[1], "--json", str(out_json)]  # fmt: skip
@@ -133,3 +138,34 @@ def test_save_outputs_writes_both_sides(saved, tmp_path, capsys):
     again = EvalOutputs.load(out_dir / "candidate.npz")
     assert again.eval_fingerprint == EvalOutputs.load(saved["good"]).eval_fingerprint
     assert f"baseline={saved['base']}" in capsys.readouterr().out
+
+
+GOOD_SITE = {"fqn": "s", "in_features": 16, "out_features": 8,
+             "errors": {"r": {"fprop": {"mean": 0.01, "ci_lo": 0.0, "ci_hi": 0.02, "n": 2, "threshold": 0.05}}}}
+MALFORMED_REPORTS = {  # issue 19 item 7: each ended in a traceback or was accepted
+    "sites is a number": ('{"kind": "loka.probe.report", "schema_version": 1, "sites": 5}', "sites: expected a list"),
+    "errors is a string": (json.dumps({"kind": "loka.probe.report", "schema_version": 1,
+                                       "sites": [{**GOOD_SITE, "errors": "high"}]}), "sites[0].errors: expected an object"),
+    "top-level list": (json.dumps([GOOD_SITE]), "a probe report is a JSON object, got list"),
+    "100k-deep nesting": ('{"kind": "loka.probe.report", "sites": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                          "nested too deeply"),
+    "unknown kind": (json.dumps({"kind": "loka.dispatch.plan", "schema_version": 1, "sites": [GOOD_SITE]}),
+                     "kind: expected 'loka.probe.report'"),
+    "schema_version 99": (json.dumps({"kind": "loka.probe.report", "schema_version": 99, "sites": [GOOD_SITE]}),
+                          "schema_version: this loka reads version 1"),
+    "not JSON": ("{sites: [", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_REPORTS))
+def test_malformed_probe_report_is_one_line_and_exit_2(saved, tmp_path, capsys, case):
+    text, message = MALFORMED_REPORTS[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    good = _write_report(tmp_path / "good.json", {"s": GOOD_SITE["errors"]})
+    for pair in ((good, str(bad)), (str(bad), good)):
+        assert _run(["--baseline", saved["base"], "--candidate", saved["good"], "--report-baseline", pair[0],
+                     "--report-candidate", pair[1]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(bad) in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

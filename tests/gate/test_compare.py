@@ -50,7 +50,7 @@ def test_budget_on_the_estimate_is_inconclusive_with_examples_needed():
 
 def test_interval_shrinks_as_one_over_sqrt_n():
     """The premise of n_needed: 4x the examples halves the interval."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     a, b = synthetic_pair(n=20_000, noise=0.1, rng=rng)
     small = gate(_subset(a, 5000), _subset(b, 5000)).checks[0]
     full = gate(a, b).checks[0]
@@ -83,7 +83,7 @@ def test_multi_task_and_task_selection():
 
 def test_reordered_candidate_is_aligned_by_example_id():
     a, b = synthetic_pair(n=5000, noise=0.3)
-    perm = np.random.default_rng().permutation(b.n)
+    perm = np.random.default_rng(np.random.randint(2**31)).permutation(b.n)
     shuffled = EvalOutputs(b.example_ids[perm], {t: v[perm] for t, v in b.labels.items()},
                            {t: v[perm] for t, v in b.probs.items()}, b.meta)  # fmt: skip
     assert gate(a, shuffled, **FAST).checks[0].estimate == pytest.approx(gate(a, b, **FAST).checks[0].estimate, rel=1e-9)

@@ -1,4 +1,4 @@
-"""Checkpoint inputs: the gate evaluates ranker checkpoints (+ precision) on the same held-out examples."""
+"""Checkpoint inputs: loka.models scores ranker checkpoints (+ precision) on the same held-out examples for the gate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from loka.gate import GateInputError, gate
 from loka.gate.cli import register
-from loka.gate.inputs import CheckpointEval, is_eval_outputs_file, load_side
+from loka.gate.outputs import is_eval_outputs_file
+from loka.models.gate_inputs import CheckpointEval, checkpoint_loader, gate_checkpoints, load_side
 
 models = pytest.importorskip("loka.models.checkpoint")
 from loka.models.config import RankerConfig  # noqa: E402
@@ -41,7 +42,7 @@ def test_same_checkpoint_passes_against_its_saved_outputs(tmp_path):
     ckpt = _checkpoint(tmp_path / "a.pt")
     saved = tmp_path / "a.npz"
     load_side("baseline", ckpt, None, FAST_EVAL).save(saved)
-    r = gate(str(saved), ckpt, checkpoint_eval=FAST_EVAL, n_boot=200)
+    r = gate_checkpoints(str(saved), ckpt, checkpoint_eval=FAST_EVAL, n_boot=200)
     assert r.verdict == "pass" and all(c.estimate == 0.0 for c in r.checks)
 
 
@@ -49,7 +50,7 @@ def test_checkpoints_of_different_models_exit_2(tmp_path, capsys):
     a = _checkpoint(tmp_path / "a.pt")
     b = _checkpoint(tmp_path / "b.pt", over_hidden=(16,))
     parser = argparse.ArgumentParser(prog="loka")
-    register(parser.add_subparsers())
+    register(parser.add_subparsers(), checkpoint_loader=checkpoint_loader)
     args = parser.parse_args(["gate", "--baseline", a, "--candidate", b, "--eval-examples", "1024"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
@@ -60,14 +61,30 @@ def test_checkpoints_with_different_held_out_labels_exit_2(tmp_path):
     a = _checkpoint(tmp_path / "a.pt", teacher_seed=0)
     b = _checkpoint(tmp_path / "b.pt", teacher_seed=1)  # another synthetic ground truth
     with pytest.raises(GateInputError, match="labels differ"):
-        gate(a, b, checkpoint_eval=FAST_EVAL)
+        gate_checkpoints(a, b, checkpoint_eval=FAST_EVAL)
 
 
 def test_bad_checkpoint_and_precision(tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({"not": "a checkpoint"}, junk)
     with pytest.raises(GateInputError, match="neither saved EvalOutputs nor a loka ranker checkpoint"):
-        gate(str(junk), str(junk), checkpoint_eval=FAST_EVAL)
+        gate_checkpoints(str(junk), str(junk), checkpoint_eval=FAST_EVAL)
     ckpt = _checkpoint(tmp_path / "a.pt")
     with pytest.raises(GateInputError, match="precision"):
-        gate(ckpt, ckpt, baseline_precision="fp7", checkpoint_eval=FAST_EVAL)
+        gate_checkpoints(ckpt, ckpt, baseline_precision="fp7", checkpoint_eval=FAST_EVAL)
+
+
+def test_the_gate_itself_reads_only_saved_outputs(tmp_path, capsys):
+    """A checkpoint (or any other file) handed to the gate without loka.models is refused in one line, unread."""
+    ckpt = _checkpoint(tmp_path / "a.pt")
+    other = tmp_path / "outputs.csv"
+    other.write_text("example_id,prob\n1,0.5\n")
+    for path in (ckpt, str(other)):
+        with pytest.raises(GateInputError, match=r"not saved EvalOutputs \(\.npz"):
+            gate(path, path)
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())  # no checkpoint loader wired
+    args = parser.parse_args(["gate", "--baseline", ckpt, "--candidate", ckpt])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "only through loka.models" in err and len(err.strip().splitlines()) == 1

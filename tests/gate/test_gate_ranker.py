@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import loka
-import loka.testing
+import loka.gate.testing
 from loka.gate import gate
 from loka.recipe import HP_GEMM, GemmRecipe, OperandRecipe, Recipe
 
@@ -72,7 +72,7 @@ def loka_plan(trained):
     from loka.dispatch import Budget, plan
     from loka.probe.config import ProbeConfig, SamplingSchedule
     from loka.probe.probe import Probe
-    from loka.probe.workload import ranker_workload
+    from loka.models.workload import ranker_workload
 
     probed = copy.deepcopy(trained[0])
     wl = ranker_workload("tiny", batch_size=128, seed=3)
@@ -109,26 +109,21 @@ def test_mis_scaled_e5m2_is_a_regression(trained):
     ne_ctr = next(c for c in result.checks if c.name == "ne[ctr]")
     assert ne_ctr.verdict == "regression" and result.exit_code == 1, result.table()
     with pytest.raises(AssertionError, match="REGRESSION"):
-        loka.testing.assert_no_regression(baseline, outputs, **FAST)
+        loka.gate.testing.assert_no_regression(baseline, outputs, **FAST)
 
 
 def test_cli_checkpoint_with_plan_file_passes(trained, loka_plan, tmp_path, capsys):
     """``loka gate`` on a checkpoint: bf16 against the same checkpoint converted by a plan JSON."""
-    import argparse
-
-    from loka.gate.cli import register
+    from loka.cli import main
     from loka.models.checkpoint import save_checkpoint
 
     model, _, _ = trained
     ckpt = save_checkpoint(tmp_path / "checkpoint.pt", model, train_config={"eval_seed": 1_000_003, "teacher_seed": 0})
     plan_path = loka_plan.save(tmp_path / "plan.json")
-    parser = argparse.ArgumentParser(prog="loka")
-    register(parser.add_subparsers())
     argv = ["gate", "--baseline", str(ckpt), "--baseline-precision", "bf16", "--candidate", str(ckpt),
             "--candidate-precision", str(plan_path), "--eval-examples", str(EVAL_EXAMPLES), "--n-boot", "400",
             "--json", str(tmp_path / "gate.json")]  # fmt: skip
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    code = main(argv)  # the loka command wires loka.models' checkpoint evaluation into the gate
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     assert f"[{plan_path}]" in out.out and "loka gate: PASS" in out.out

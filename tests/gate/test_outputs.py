@@ -19,7 +19,7 @@ def _outputs(rng: np.random.Generator, n: int = 500, tasks=("click", "conversion
 
 
 def test_round_trip_keeps_everything(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     out = _outputs(rng)
     path = tmp_path / "eval.out"  # any suffix: saved at exactly this path
     out.save(path)
@@ -32,7 +32,7 @@ def test_round_trip_keeps_everything(tmp_path):
 
 
 def test_eval_fingerprint_ignores_order_but_not_labels():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     out = _outputs(rng)
     perm = rng.permutation(out.n)
     shuffled = EvalOutputs(
@@ -47,7 +47,7 @@ def test_eval_fingerprint_ignores_order_but_not_labels():
 
 
 def test_aligned_to_rejects_a_different_set():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     out = _outputs(rng)
     other = out.example_ids.copy()
     other[3] = out.example_ids.max() + 1
@@ -94,7 +94,7 @@ def test_load_errors_are_clear(tmp_path):
     junk.write_text("not an npz")
     with pytest.raises(EvalOutputsError, match="not a saved EvalOutputs"):
         EvalOutputs.load(junk)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     out = _outputs(rng)
     # tamper with the labels but keep the stored fingerprint: load must notice
     arrays = {"example_ids": out.example_ids, "probs.click": out.probs["click"]}

@@ -1,4 +1,4 @@
-"""Probe-report site checks: entry discovery in any layout and the moved-above-budget rule."""
+"""Probe-report site checks: entries read through the probe's one reader, and the moved-above-budget rule."""
 
 from __future__ import annotations
 
@@ -17,23 +17,25 @@ def _entry(mean: float, half: float = 0.005, threshold: float | None = 0.05, n: 
     return e
 
 
-def test_entries_found_in_nested_dicts_and_lists():
-    report = {
-        "meta": {"model": "tiny", "n_steps": 10},
-        "sites": [
-            {"fqn": "over.0", "errors": {"rowwise": {"fprop": _entry(0.01), "dgrad": _entry(0.02)}}},
-            {"fqn": "dense.1", "errors": {"rowwise": {"fprop": _entry(0.03)}}},
-        ],
-    }
+def _report(errors: dict) -> dict:
+    """A probe-report document with ``errors`` = {fqn: {recipe: {gemm: entry}}} (the fields the gate reads)."""
+    sites = [{"fqn": fqn, "in_features": 16, "out_features": 8, "errors": per} for fqn, per in errors.items()]
+    return {"kind": "loka.probe.report", "schema_version": 1, "meta": {"model": "tiny"}, "sites": sites}
+
+
+def test_entries_are_keyed_by_site_recipe_and_gemm():
+    report = _report({"over.0": {"rowwise": {"fprop": _entry(0.01), "dgrad": _entry(0.02)}},
+                      "dense.1": {"rowwise": {"fprop": _entry(0.03), "wgrad": _entry(0.03, n=0)}}})
     found = error_entries(report)
-    assert set(found) == {"over.0/rowwise/fprop", "over.0/rowwise/dgrad", "dense.1/rowwise/fprop"}
-    with pytest.raises(ReportError, match="no error entries"):
-        error_entries({"sites": []})
+    assert set(found) == {"over.0/rowwise/fprop", "over.0/rowwise/dgrad", "dense.1/rowwise/fprop"}  # n=0 skipped
+    assert found["over.0/rowwise/dgrad"].mean == 0.02 and found["over.0/rowwise/dgrad"].threshold == 0.05
+    with pytest.raises(ReportError, match="no measured error entries"):
+        error_entries(_report({}))
 
 
 def test_moved_above_budget_is_a_regression():
-    base = {"s": {"tensorwise": {"fprop": _entry(0.02), "wgrad": _entry(0.2)}}}
-    cand = {"s": {"tensorwise": {"fprop": _entry(0.09), "wgrad": _entry(0.3)}}}
+    base = _report({"s": {"tensorwise": {"fprop": _entry(0.02), "wgrad": _entry(0.2)}}})
+    cand = _report({"s": {"tensorwise": {"fprop": _entry(0.09), "wgrad": _entry(0.3)}}})
     checks, _ = site_checks(base, cand, GateBudget())
     by_name = {c.name: c for c in checks}
     assert by_name["site s/tensorwise/fprop"].verdict == "regression"
@@ -42,8 +44,8 @@ def test_moved_above_budget_is_a_regression():
 
 
 def test_within_budget_straddling_and_new_entries():
-    base = {"s": {"r": {"fprop": _entry(0.01)}}, "gone": {"r": {"fprop": _entry(0.01)}}}
-    cand = {"s": {"r": {"fprop": _entry(0.049, half=0.01)}}, "new": {"r": {"fprop": _entry(0.2)}}}
+    base = _report({"s": {"r": {"fprop": _entry(0.01)}}, "gone": {"r": {"fprop": _entry(0.01)}}})
+    cand = _report({"s": {"r": {"fprop": _entry(0.049, half=0.01)}}, "new": {"r": {"fprop": _entry(0.2)}}})
     checks, notes = site_checks(base, cand, GateBudget())
     by_name = {c.name: c for c in checks}
     straddle = by_name["site s/r/fprop"]
@@ -53,8 +55,8 @@ def test_within_budget_straddling_and_new_entries():
 
 
 def test_budget_override_and_missing_threshold():
-    base = {"s": {"r": {"fprop": _entry(0.01, threshold=None)}}}
-    cand = {"s": {"r": {"fprop": _entry(0.04, threshold=None)}}}
+    base = _report({"s": {"r": {"fprop": _entry(0.01, threshold=None)}}})
+    cand = _report({"s": {"r": {"fprop": _entry(0.04, threshold=None)}}})
     with pytest.raises(ReportError, match="no threshold"):
         site_checks(base, cand, GateBudget())
     checks, _ = site_checks(base, cand, GateBudget(site_error=0.02))
@@ -64,8 +66,9 @@ def test_budget_override_and_missing_threshold():
 
 
 def test_non_finite_error_is_a_regression():
-    cand = {"s": {"r": {"fprop": {"mean": math.inf, "ci_lo": math.inf, "ci_hi": math.inf, "n": 3, "threshold": 0.05}}}}
-    checks, _ = site_checks({"s": {"r": {"fprop": _entry(0.01)}}}, cand, GateBudget())
+    cand = _report({"s": {"r": {"fprop": {"mean": math.inf, "ci_lo": math.inf, "ci_hi": math.inf, "n": 3,
+                                          "threshold": 0.05}}}})
+    checks, _ = site_checks(_report({"s": {"r": {"fprop": _entry(0.01)}}}), cand, GateBudget())
     assert checks[0].verdict == "regression"
 
 

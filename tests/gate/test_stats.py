@@ -19,7 +19,7 @@ def _synthetic(rng: np.random.Generator, n: int, shift: float = 0.0, noise: floa
 
 
 def test_ne_matches_direct_formula():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, p, _ = _synthetic(rng, 5000)
     rate = y.mean()
     logloss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
@@ -37,7 +37,7 @@ def test_ne_clips_certain_wrong_predictions():
 
 
 def test_auc_matches_mann_whitney_with_ties():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     n = int(rng.integers(200, 2000))
     y = (rng.random(n) < 0.2).astype(np.float64)
     y[:2] = [0.0, 1.0]
@@ -47,7 +47,7 @@ def test_auc_matches_mann_whitney_with_ties():
 
 
 def test_auc_brute_force_pairs_and_extremes():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y = (rng.random(300) < 0.4).astype(np.float64)
     y[:2] = [0.0, 1.0]
     s = rng.integers(0, 5, 300).astype(np.float64)
@@ -58,7 +58,7 @@ def test_auc_brute_force_pairs_and_extremes():
 
 
 def test_calibration_is_sum_ratio():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, p, _ = _synthetic(rng, 1000)
     assert calibration(y, p) == pytest.approx(p.sum() / y.sum(), rel=1e-12)
 
@@ -80,7 +80,7 @@ def test_bad_inputs_raise_clear_errors(labels, probs, match):
 
 
 def test_identical_models_have_zero_difference():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, p, _ = _synthetic(rng, 2000)
     for metric in ("ne", "auc", "calibration"):
         r = paired_bootstrap(y, p, p.copy(), metric=metric, n_boot=200)
@@ -88,7 +88,7 @@ def test_identical_models_have_zero_difference():
 
 
 def test_point_estimates_and_interval_order():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, pa, pb = _synthetic(rng, 4000, shift=0.2)
     for metric, fn in (("ne", normalized_entropy), ("auc", auc), ("calibration", calibration)):
         r = paired_bootstrap(y, pa, pb, metric=metric, n_boot=300)
@@ -99,7 +99,7 @@ def test_point_estimates_and_interval_order():
 
 def test_auc_interval_matches_delong_variance():
     """The AUC resampling uses placement values, so its SE must equal DeLong's paired SE."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, pa, pb = _synthetic(rng, 3000, noise=0.6)
     r = paired_bootstrap(y, pa, pb, metric="auc", n_boot=2000)
     pos, neg = y == 1, y == 0
@@ -117,7 +117,7 @@ def test_auc_interval_matches_delong_variance():
 
 
 def test_grouped_resampling_keeps_the_standard_error():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, pa, pb = _synthetic(rng, 60_000, shift=0.05)
     exact = paired_bootstrap(y, pa, pb, n_boot=1000, max_units=100_000)
     grouped = paired_bootstrap(y, pa, pb, n_boot=1000, max_units=2000)
@@ -127,7 +127,7 @@ def test_grouped_resampling_keeps_the_standard_error():
 
 def test_coverage_of_known_difference():
     """95% intervals from small samples cover the population NE difference ~95% of the time."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     y, pa, pb = _synthetic(rng, 1_000_000, shift=0.15)
     truth = normalized_entropy(y, pb) / normalized_entropy(y, pa) - 1.0
     covered, trials = 0, 60
@@ -151,7 +151,7 @@ def test_bootstrap_rejects_bad_settings():
 
 
 def test_few_positives_drop_single_class_resamples():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(np.random.randint(2**31))
     n = 400
     y = np.zeros(n)
     y[rng.choice(n, 3, replace=False)] = 1.0  # about 5% of resamples have no positive

@@ -1,11 +1,11 @@
-"""loka.testing.assert_no_regression: silent on pass, AssertionError with the table on regression."""
+"""loka.gate.testing.assert_no_regression: silent on pass, AssertionError with the table on regression."""
 
 from __future__ import annotations
 
 import pytest
 
 from loka.gate import GateInputError
-from loka.testing import assert_no_regression
+from loka.gate.testing import assert_no_regression
 
 from .helpers import synthetic_pair
 

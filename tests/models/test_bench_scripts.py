@@ -37,8 +37,11 @@ def test_probe_acceptance_runs_and_checks_verdicts(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_acceptance.py"), "--size", "tiny", "--steps", "3",
                           "--every", "1", "--batch-size", "64", "--sensitivity-batches", "2", "--check-batches", "2",
                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode in (0, 1), res.stderr[-2000:]  # 1 = a verdict disagreed (printed), not a crash
+    # Exit 1 means a verdict disagreed with real conversion (or no safe / no flagged site): a failure
+    # at this size (every one of the 73 decided verdicts agreed when this was written), not a pass.
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert {p.name for p in out.iterdir()} >= {"probe_report.json", "probe_report.md", "probe_report.html"}
     summary = [line for line in res.stdout.splitlines() if line.startswith("tiny:")]
     assert summary and "verdicts checked against real conversion" in summary[0], res.stdout[-2000:]
-    assert res.stdout.strip().splitlines()[-1] == ("PASS" if res.returncode == 0 else "FAIL")
+    assert res.stdout.strip().splitlines()[-1] == "PASS"
+    assert "DISAGREES" not in res.stdout

@@ -1,13 +1,14 @@
-"""``loka mods`` subcommands through a fresh parser."""
+"""``loka mods`` subcommands through a fresh parser (with the bundled ranker offered, as ``loka`` does)."""
 
 import argparse
 
+from loka.models.workload import RANKER_WORKLOADS
 from loka.mods.cli import register
 
 
-def _run(argv):
+def _run(argv, named_workloads=RANKER_WORKLOADS):
     parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"), named_workloads=named_workloads)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -25,3 +26,9 @@ def test_show_padding_on_tiny_ranker(capsys):
 
 def test_show_unknown_mod(capsys):
     assert _run(["mods", "show", "--mod", "nope"]) == 2
+
+
+def test_show_without_models_names_what_is_offered(capsys):
+    """loka.mods knows no model: with none offered, ``show`` says so instead of importing one."""
+    assert _run(["mods", "show", "--size", "tiny", "--mod", "padding"], named_workloads={}) == 2
+    assert "unknown model size 'tiny'" in capsys.readouterr().err

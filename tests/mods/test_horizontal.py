@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import loka
+from loka.metrics import rel_error
 from loka.mods import GroupedLinear, find_groups, grouped_linear, horizontal, record
 from loka.mods.grouped import grouped_mm_works
 
@@ -104,7 +105,7 @@ def test_scaled_grouped_linear_matches_per_group_fp8():
         with torch.no_grad():
             lin.weight.copy_(w[g])
         torch.testing.assert_close(out[g], lin(x[g]), rtol=1e-5, atol=1e-5)
-    assert loka.rel_error(torch.bmm(x, w.transpose(1, 2)), out) < 0.08
+    assert rel_error(torch.bmm(x, w.transpose(1, 2)), out) < 0.08
 
 
 @pytest.mark.requires_sm89
@@ -115,7 +116,7 @@ def test_scaled_grouped_linear_on_gpu_matches_emulated():
     w = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     out = scaled_grouped_linear(x, w)  # _scaled_grouped_mm where it runs, else emulated
     ref = scaled_grouped_linear(x, w, backend="emulated")
-    assert loka.rel_error(ref.float(), out.float()) < 1e-2
+    assert rel_error(ref.float(), out.float()) < 1e-2
 
 
 def test_equal_values_from_different_sources_keep_their_gradients():

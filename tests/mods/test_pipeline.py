@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loka
+from loka.metrics import rel_error
 from loka.mods import apply_all, keep_in_hp, module_filter_fn
 
 
@@ -33,7 +34,7 @@ def test_tiny_ranker_modded_then_converted():
     with torch.no_grad():
         out, out_ref, out_reloaded = model(batch), ref(batch), reloaded(batch)
     for task in out:
-        assert loka.rel_error(out_ref[task], out[task]) < 1e-5
+        assert rel_error(out_ref[task], out[task]) < 1e-5
         assert torch.equal(out_reloaded[task], out[task])
     res = loka.convert(model, "rowwise", kernels="emulated", module_filter_fn=module_filter_fn(policy))
     assert res.converted and not set(res.converted) & set(policy)

@@ -2,13 +2,12 @@
 
 import copy
 
-import loka
-
 import pytest
 import torch
 from torch import nn
 
 from loka import Float8Linear
+from loka.metrics import rel_error
 from loka.mods import RowScaleInvariantLinear, row_scale
 
 
@@ -42,8 +41,8 @@ def test_same_block_output_and_grads_as_float8_linear(norm_cls, granularity):
     y.backward(g)
     # dgrad/wgrad quantize dz' / s_a instead of dz: equal up to rounding, so a few elements may
     # land one FP8 step apart; compare as FP8 GEMMs are compared, by relative error.
-    assert loka.rel_error(x1.grad, x2.grad) < 1e-2
-    assert loka.rel_error(ref[0].weight.grad, modded[0].weight.grad) < 1e-2
+    assert rel_error(x1.grad, x2.grad) < 1e-2
+    assert rel_error(ref[0].weight.grad, modded[0].weight.grad) < 1e-2
 
 
 def test_output_of_linear_is_row_scaled_not_dequantized():
@@ -55,7 +54,7 @@ def test_output_of_linear_is_row_scaled_not_dequantized():
     z = m[0](x)
     ratio = (z.norm(dim=1) / z_hp.norm(dim=1))
     assert ratio.max() / ratio.min() > 100  # rows scaled by 1/s_a, which spans the input's range
-    assert loka.rel_error(m[1](z_hp), m[1](z)) < 0.06  # only the FP8 error of the GEMM remains
+    assert rel_error(m[1](z_hp), m[1](z)) < 0.06  # only the FP8 error of the GEMM remains
 
 
 def test_bias_rules():
@@ -113,4 +112,4 @@ def test_scaled_mm_path_on_gpu():
     row_scale.apply(modded, sample=x, recipe="rowwise", kernels="scaled_mm")
     ref[0] = Float8Linear.from_linear(ref[0], recipe="rowwise", kernels="scaled_mm")
     with torch.no_grad():
-        assert loka.rel_error(ref(x), modded(x)) < 1e-2
+        assert rel_error(ref(x), modded(x)) < 1e-2

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from loka import as_recipe
+from loka.recipe import as_recipe
 from loka.mods import scale_migration
 from loka.mods.scale_migration import fprop_error, migration_scales
 

@@ -1,7 +1,9 @@
 """Acceptance at tiny size: a probe run on the bundled ranker writes all three report forms,
 gives every site a verdict with a reason (at least one safe), and every decided verdict of
-every (site, recipe) agrees with converting that site for real (loka.convert, emulated
-kernel) and measuring its GEMM errors and loss change after conversion.
+every (site, recipe) agrees with converting that site for real and measuring its GEMM errors
+and loss change after conversion. "For real" is tests/fp8_oracle.py's FP8 Linear (numpy and
+ml_dtypes quantization, float64 GEMMs; not loka.quantize, which the probe itself uses), and
+loka.probe.validate's conversion (loka.convert, emulated kernel) is checked against it.
 
 (The unsafe paths are checked against real conversion too, on models where FP8 is unsafe:
 test_probe_sensitivity.py. At the default thresholds no site of the tiny ranker is
@@ -15,7 +17,9 @@ from loka.probe.cli import train_with_probe
 from loka.probe.error import t_interval
 from loka.probe.report import ProbeReport
 from loka.probe.validate import conversion_errors, conversion_loss_delta
-from loka.probe.workload import ranker_workload
+from loka.models.workload import ranker_workload
+
+from fp8_oracle import oracle_conversion_errors, oracle_loss_delta
 
 SITES = ("dense.*", "over.*")
 
@@ -49,10 +53,17 @@ def test_tiny_ranker_probe_verdicts_agree_with_real_conversion(tmp_path):
     assert checked >= 3
 
 def _check_against_conversion(model, fqn, recipe, verdict, loss_fns, cfg):
-    errs = conversion_errors(model, fqn, recipe, loss_fns[0])
+    errs = oracle_conversion_errors(model, fqn, recipe, loss_fns[0])
+    # loka's own validation path (loka.convert, emulated kernel) measures the same errors
+    loka_errs = conversion_errors(model, fqn, recipe, loss_fns[0])
+    assert loka_errs.keys() == errs.keys()
+    for g, e in errs.items():
+        assert loka_errs[g] == pytest.approx(e, rel=1e-3), (fqn, recipe, g, loka_errs, errs)
     too_big = any(e > cfg.threshold(g) for g, e in errs.items())
     # Loss change after real conversion, over the same batches, judged like the probe judges it.
-    rel = [conversion_loss_delta(model, fqn, recipe, f)["rel_loss_delta"] for f in loss_fns]
+    rel = [oracle_loss_delta(model, fqn, recipe, f)["rel_loss_delta"] for f in loss_fns]
+    loka_rel = conversion_loss_delta(model, fqn, recipe, loss_fns[0])["rel_loss_delta"]
+    assert loka_rel == pytest.approx(rel[0], rel=0, abs=1e-6), (fqn, recipe, loka_rel, rel[0])
     _, ci_lo, _ = t_interval(rel, cfg.confidence)
     sensitive = ci_lo > cfg.sensitivity_threshold
     if verdict["verdict"] == "safe":

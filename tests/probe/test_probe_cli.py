@@ -7,13 +7,14 @@ import pytest
 
 from loka.probe import cli
 from loka.probe.report import ProbeReport
+from loka.probe.workload import load_workload
 
 TOY = str(Path(__file__).with_name("probe_toy.py")) + ":factory"
 
 
-def _parse(argv):
+def _parse(argv, named_workloads=None):
     parser = argparse.ArgumentParser(prog="loka")
-    cli.register(parser.add_subparsers(dest="command"))
+    cli.register(parser.add_subparsers(dest="command"), named_workloads=named_workloads)
     return parser.parse_args(argv)
 
 
@@ -30,11 +31,28 @@ def test_cli_writes_all_three_report_forms(tmp_path, capsys):
     assert "| `hidden` |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model, message", [("nosuchsize", "unknown ranker size"), ("json:nothing", "has no attribute")])
+@pytest.mark.parametrize("model, message", [("nosuchsize", "unknown name"), ("json:nothing", "has no attribute")])
 def test_cli_bad_model_is_a_clear_error(tmp_path, capsys, model, message):
     args = _parse(["probe", "--model", model, "--steps", "1", "--out", str(tmp_path)])
     assert args.func(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_named_workload_is_offered_by_the_caller(tmp_path, capsys):
+    """The probe knows no model: a bare --model name resolves only among the names its caller offers."""
+    args = _parse(["probe", "--model", "small", "--steps", "1", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "unknown name; use one of []" in capsys.readouterr().err
+    seen = []
+
+    def toy(*, batch_size, seed, device):
+        seen.append((batch_size, seed, device))
+        return load_workload(TOY)
+
+    args = _parse(["probe", "--model", "toy", "--steps", "2", "--every", "1", "--out", str(tmp_path), "--no-timing",
+                   "--no-sensitivity", "--batch-size", "7", "--seed", "3"], named_workloads={"toy": toy})
+    assert args.func(args) == 0
+    assert seen == [(7, 3, "cpu")]
 
 
 def test_cli_no_sampled_step(tmp_path, capsys):

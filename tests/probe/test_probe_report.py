@@ -48,8 +48,8 @@ def test_verdicts_have_reasons(report):
     hidden = report.site("hidden")
     assert hidden["verdict"] == "safe" and hidden["best_recipe"] in ("tensorwise", "rowwise")
     # CPU timings are not representative: speed comes from the H100 speed model at the site's shape.
-    from loka.dispatch.costmodel import bf16_us, kernel_us
-    from loka.dispatch.report_view import gemm_shape
+    from loka.kernels.costmodel import bf16_us, kernel_us
+    from loka.recipe import gemm_shape
 
     shapes = [gemm_shape(g, 64, hidden["in_features"], hidden["out_features"]) for g in ("fprop", "dgrad", "wgrad")]
     best = hidden["best_recipe"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loka.kernels.triton_gemm import interpreting, triton_available
 from loka.quantize import quantize
 
 KINDS = ("layernorm", "rmsnorm")
@@ -96,8 +97,6 @@ def fused_norm_quant(
     ``emulate`` builds the FP8 bytes in integer arithmetic (default only under
     the interpreter, whose float8 cast is wrong; see triton_fp8_jit.py).
     """
-    from loka.dispatch.triton_gemm import interpreting, triton_available
-
     _check(x, weight, bias, kind, fmt)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError(
@@ -134,8 +133,8 @@ def _block_shape(n: int) -> tuple[int, int, int]:
 
 
 def _launch(x2, weight, bias, y_fp8, scale, y_hp, kind, eps, fmt, pow2_scale, store_hp, emulate) -> None:
-    from loka.dispatch import triton_norm_quant_kernel as mod
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels import triton_norm_quant_kernel as mod  # optional: imports triton, defines the kernel
+    from loka.kernels.triton_fp8_jit import fp8_constexprs  # optional: imports triton
 
     m, n = x2.shape
     block_m, block_n, warps = _block_shape(n)

@@ -3,7 +3,8 @@
 Why this exists: rankers are made of small and skinny GEMMs (M 1k..32k, K, N
 64..2048). At those sizes the FP8 GEMM itself is cheap and the per-call
 quantization of the activation (an amax pass, a cast pass, an FP8 copy in HBM)
-is what makes FP8 slower than bf16 (design.md, "Numbers that decide"). The
+is what makes FP8 slower than bf16 (measured: bench/results/h100_2026-11-22_gemm.md
+and bench/results/h200_2026-11-30_gemm_triton.md). The
 Triton kernel here reads the high-precision activation straight into
 registers, computes each row's amax there, casts and multiplies, and never
 writes an FP8 copy (triton_gemm_kernel.py says how often a is re-read).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -46,7 +48,7 @@ FP8_DTYPES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 @functools.lru_cache(maxsize=None)
 def _triton_import() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # optional: probes whether triton imports here, without importing it for loka
     except ImportError as exc:  # reported by name, never swallowed
         return False, f"triton: not installed ({exc})"
     return True, ""
@@ -79,19 +81,17 @@ def triton_available(device: torch.device | str | None = None) -> tuple[bool, st
 
 def kernels():
     """The kernel module (imports triton and defines the kernels on first call)."""
-    from loka.dispatch import triton_gemm_kernel
+    from loka.kernels import triton_gemm_kernel  # optional: imports triton and defines the kernels on first use
 
     return triton_gemm_kernel
 
 
 def interpreting() -> bool:
     """True when the kernels are (or, once imported, will be) run by triton's CPU interpreter."""
-    import sys
-
-    mod = sys.modules.get("loka.dispatch.triton_gemm_kernel")
+    mod = sys.modules.get("loka.kernels.triton_gemm_kernel")
     if mod is None:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction  # optional: triton, once its kernels are imported
 
     return isinstance(mod.fp8_gemm_fused_quant_kernel, InterpretedFunction)
 
@@ -248,7 +248,7 @@ def _require_triton(device: torch.device, what: str) -> None:
 def _run(mod, a2, b_fp8, b_scale, out, mode, a_scale_arg, bias, *, a_format, pow2_scale, fast_accum, emulate,
          tile, a_is_fp8) -> None:
     """Launch the GEMM kernel: autotuned, or on ``tile`` (the interpreter's by default there)."""
-    from loka.dispatch.triton_fp8_jit import fp8_constexprs
+    from loka.kernels.triton_fp8_jit import fp8_constexprs  # optional: imports triton
 
     (m, k), n = a2.shape, b_fp8.shape[0]
     interp = interpreting()

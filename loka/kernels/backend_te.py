@@ -36,7 +36,7 @@ import torch
 
 from loka.recipe import GemmRecipe
 
-from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 
 ALIGN = 16
 _MIN_CAPABILITY = {"tensorwise": (8, 9), "blockwise": (9, 0), "mx": (10, 0)}
@@ -57,13 +57,13 @@ def te_import() -> Support:
 def te_version() -> str | None:
     if not te_import():
         return None
-    import transformer_engine
+    import transformer_engine  # optional: TE may be absent
 
     return getattr(transformer_engine, "__version__", "unknown")
 
 
 def _te_dtype(fmt: str):
-    import transformer_engine_torch as tex
+    import transformer_engine_torch as tex  # optional: TE may be absent
 
     return tex.DType.kFloat8E4M3 if fmt == "e4m3" else tex.DType.kFloat8E5M2
 
@@ -145,7 +145,7 @@ class TEKernel(GemmKernel):
             raise ValueError(f"te cannot run this GEMM [M={m}, K={k}, N={n}]: {reason}")
         if isinstance(b, Quantized):
             raise ValueError("te quantizes b itself; pass the high-precision b (te keeps its own weight cache)")
-        from transformer_engine.pytorch.cpp_extensions import general_gemm
+        from transformer_engine.pytorch.cpp_extensions import general_gemm  # optional: TE may be absent
 
         out_dtype = out_dtype or a.dtype
         a_q = self._quantizer(recipe.a, scale_a, a.device)(a.contiguous())

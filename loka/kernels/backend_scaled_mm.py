@@ -15,7 +15,7 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 
 ALIGN = 16
 

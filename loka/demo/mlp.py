@@ -8,6 +8,8 @@ is ``loka demo``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -45,7 +47,6 @@ def _layer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 
 def per_layer_errors(model: nn.Module, x: torch.Tensor, recipes=DEMO_RECIPES, kernels: str = "auto") -> list[dict]:
     """Rows of (site, recipe, kernel, rel. error, SQNR) of each converted layer's output vs hp."""
-    import copy
 
     ref = _layer_outputs(model, x)
     rows = []

@@ -1,6 +1,6 @@
 """Test helpers for model owners: gate quality inside your own pytest suite.
 
-    from loka.testing import assert_no_regression
+    from loka.gate.testing import assert_no_regression
 
     def test_fp8_plan_keeps_quality(tmp_path):
         baseline = evaluate_my_model(precision="bf16")      # -> loka.gate.EvalOutputs

@@ -1,8 +1,9 @@
 """Which FP8 model ``loka demo`` trains next to bf16, and what the speed model expects of it.
 
-Normally that is the plan: ``convert(model, plan=plan)``. At the ``small`` ranker's
+Normally that is the plan: ``apply_plan(model, plan)``. At the ``small`` ranker's
 shapes (K, N <= 288) no FP8 kernel beats bf16 on an H100 once the quantization is
-counted (design.md: FP8 pays from K, N around 1024 at large M), so the plan keeps
+counted (bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024,
+and with the quantization counted only from K, N = 2048 at M = 32768), so the plan keeps
 every site in bf16, and training "in FP8" would train bf16 twice. To still show
 what FP8 does to NE, the demo then converts every site that the probe found
 accuracy-safe and no policy keeps in bf16, with the safe recipe that torch._scaled_mm
@@ -15,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from loka.convert import convert
+from loka.dispatch import apply_plan
+from loka.kernels.costmodel import H100_SXM, bf16_us, kernel_us
+from loka.recipe import gemm_shape
 
 WHATIF_RECIPES = ("tensorwise", "rowwise")  # what torch._scaled_mm runs on H100
 
@@ -44,7 +50,6 @@ def safe_site_recipes(report, keep: dict[str, str]) -> dict[str, str]:
 
 def convert_safe_sites(model: nn.Module, recipes: dict[str, str]) -> dict[str, str]:
     """Convert each site of ``recipes`` with its recipe; returns {fqn: reason} of sites left in bf16."""
-    from loka.convert import convert
 
     skipped: dict[str, str] = {}
     for recipe in sorted(set(recipes.values())):
@@ -56,8 +61,6 @@ def convert_safe_sites(model: nn.Module, recipes: dict[str, str]) -> dict[str, s
 
 def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -> float | None:
     """Expected GEMM speedup (H100 speed model) of converting ``recipes`` instead of following ``plan``."""
-    from loka.dispatch.costmodel import H100_SXM, bf16_us, kernel_us
-    from loka.dispatch.report_view import gemm_shape
 
     bf16 = fp8 = 0.0
     for sp in plan.sites:
@@ -72,10 +75,9 @@ def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -
 def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str) -> Fp8Choice:
     """Convert ``model`` in place: by the plan, or (``mode`` "safe-sites", or "auto" with an all-bf16 plan)
     every accuracy-safe site; returns what was done."""
-    from loka.convert import convert
 
     if mode == "plan" or (mode == "auto" and plan.totals()["fp8_gemms"] > 0):
-        result = convert(model, plan=plan)
+        result = apply_plan(model, plan)
         print(f"FP8 model = the plan: {len(result.converted)} sites converted, {len(result.skipped)} kept in bf16")
         return Fp8Choice("plan", {f: "plan" for f in result.converted}, plan.totals()["speedup"])
     recipes = safe_site_recipes(report, keep)

@@ -6,17 +6,17 @@ whether they can run on this machine is asked lazily through ``available()``.
 
 from __future__ import annotations
 
-from loka.dispatch.backend_reference import Bf16Kernel, EmulatedKernel
-from loka.dispatch.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
-from loka.dispatch.backend_torchao import (
+from loka.kernels.backend_reference import Bf16Kernel, EmulatedKernel
+from loka.kernels.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
+from loka.kernels.backend_torchao import (
     TorchaoBlockwiseKernel,
     TorchaoFastAccumKernel,
     TorchaoKernel,
     TorchaoMXKernel,
 )
-from loka.dispatch.backend_te import TEKernel
-from loka.dispatch.kernel import KERNELS
-from loka.dispatch.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
+from loka.kernels.backend_te import TEKernel
+from loka.kernels.kernel import KERNELS
+from loka.kernels.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
 for _kernel in (
     Bf16Kernel(),

@@ -28,8 +28,8 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
-from loka.dispatch.triton_gemm import fp8_mm_fused_quant, triton_available
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.triton_gemm import fp8_mm_fused_quant, triton_available
 
 GRANULARITIES = ("tensorwise", "rowwise")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from loka.quantize import fake_quantize
+from loka.quantize import dequantize, fake_quantize, operand_block
 from loka.recipe import GemmRecipe
 
-from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 
 
 def _no_autocast(device_type: str):
@@ -52,8 +52,6 @@ class EmulatedKernel(GemmKernel):
         out_dtype = out_dtype or a.dtype
         a_dq = fake_quantize(a.float(), recipe.a, scale_a)
         if isinstance(b, Quantized):
-            from loka.quantize import dequantize, operand_block
-
             b_dq = dequantize(b.data, b.scale, block=operand_block(recipe.b, b.data.shape))
         else:
             b_dq = fake_quantize(b.float(), recipe.b, scale_b)

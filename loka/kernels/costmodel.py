@@ -10,13 +10,18 @@ quantization*, from a device's peak rates and a per-launch latency:
 
 Kernels that quantize ``a`` inside the GEMM (``triton``) pay no separate pass for
 it but read ``a`` in high precision and run at ``fused_efficiency`` of cuBLAS's
-FP8 rate. The H100 constants are the measured ceilings in the design notes (bf16
+FP8 rate. The H100 constants are the measured ceilings of
+bench/results/h100_2026-11-22_gemm.md (one H100 80GB HBM3, torch 2.11, 2026-11-22: bf16
 735 and FP8 1252 TFLOP/s at 8192³, copy 3.0 TB/s); ``launch_us`` and
 ``fp8_setup_us`` are fitted so that the model reproduces the measured
 pre-quantized FP8 / bf16 ratios at ranker shapes (1.0x at K,N <= 512, 1.3x at
 1024, 1.5-1.9x at >= 2048) and the measured slowdown with per-call
-quantization (tests/dispatch/test_costmodel.py checks both). Its spread over M
-is wider than measured: 0.7x at M=2048 to 1.3x at M=32768 for K=N=512.
+quantization. tests/dispatch/test_costmodel.py checks it against the
+machine-readable copy (bench/results/gemm_calibration.json), and against the
+H200 run of 2026-11-30 it was not fitted to (which kernel is fastest); it
+records where it misses by more than 10%: its spread over M is wider than measured (0.66x at M=2048 to 1.33x at
+M=32768 for K=N=512), and it expects the fused Triton kernel at 0.44-1.18x of
+bf16 at the H200 run's five shapes, which measured 0.21-0.25x.
 
 Everything it returns is labelled ``source: model`` and ``representative:
 false``: it ranks kernels sensibly, it does not replace measuring on the GPU.
@@ -26,8 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loka.recipe import GEMMS, as_recipe
-from loka.dispatch.report_view import gemm_shape, report_sites
+from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
 @dataclass(frozen=True)
@@ -112,15 +116,3 @@ def model_site_timings(shape: tuple[int, int, int], recipes, kernels: list[str],
                                        "median_ms": t, "p10_ms": t, "p90_ms": t, "iters": 0})
     return out
 
-
-def model_timings(report, kernels: list[str], dev: DeviceModel = H100_SXM) -> dict:
-    """``{fqn: timings}`` for every site of a probe report, for ``loka.dispatch.plan(timings=...)``.
-
-    ``kernels`` are the FP8 kernels to predict (those the plan may choose on the
-    machine that will run it); the planner still checks each one's ``supports``.
-    """
-    out = {}
-    for site in report_sites(report):
-        recipes = sorted(site.errors) or ["tensorwise", "rowwise"]
-        out[site.fqn] = model_site_timings((site.m, site.in_features, site.out_features), recipes, kernels, dev)
-    return out

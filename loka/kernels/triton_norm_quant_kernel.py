@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from loka.dispatch.triton_fp8_jit import (
+from loka.kernels.triton_fp8_jit import (
     finite_abs,
     fp8_encode_emulated,
     fp8_round_emulated,

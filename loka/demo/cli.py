@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from loka.demo import mlp as demo_mlp
+from loka.demo.ranker import DemoConfig, run
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the end-to-end demo on the bundled ranker")
@@ -26,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if not args.mlp:
         return _run_ranker(args)
-    from loka import demo_mlp
 
     print("FP8 error at each Linear's output, every Linear converted, vs the fp32 model")
     print("(errors accumulate: a layer's figure includes the error of the layers before it)\n")
@@ -35,13 +37,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_ranker(args: argparse.Namespace) -> int:
-    from loka.demo import DemoConfig, run
-
     given = {"warm_steps": args.warm_steps, "probe_steps": args.probe_steps, "continue_steps": args.continue_steps,
              "eval_examples": args.eval_examples}
     try:
         cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8, **given)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka demo: {exc}")
         return 2
     run(cfg)

@@ -34,10 +34,10 @@ import importlib.util
 import torch
 
 from loka.formats import get_format
+from loka.kernels.backend_scaled_mm import ScaledMMKernel, scaled_mm_recipe_problem
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 from loka.quantize import MIN_SCALE, round_up_pow2
 from loka.recipe import GemmRecipe
-
-from loka.dispatch.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 
 ALIGN = 16
 # Float8TrainingTensor roles of (a, b) per GEMM, as torchao's Float8Linear uses them.
@@ -85,15 +85,12 @@ class TorchaoKernel(_TorchaoBase):
         ok = torchao_import()
         if not ok:
             return ok
-        from loka.dispatch.backend_scaled_mm import ScaledMMKernel
 
         # torchao's GEMM is torch._scaled_mm: it runs wherever scaled_mm does.
         why = ScaledMMKernel().available(device)
         return why if why else no(f"torchao runs torch._scaled_mm: {why.reason}")
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
-        from loka.dispatch.backend_scaled_mm import scaled_mm_recipe_problem
-
         problem = scaled_mm_recipe_problem(recipe, "torchao")
         if problem:
             return no(problem)
@@ -105,16 +102,16 @@ class TorchaoKernel(_TorchaoBase):
         return YES
 
     def _mm_config(self):
-        from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+        from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig  # optional: torchao, on first use
 
         cfg = ScaledMMConfig(emulate=False, use_fast_accum=self.fast_accum, fp8_output=False, pad_inner_dim=True)
         return LinearMMConfig(cfg, cfg, cfg)
 
     def _to_float8(self, x: torch.Tensor, op, role: str, dequant_scale: torch.Tensor | None, mm_config):
         """torchao's cast of ``x[R, K]``; scales along K (axiswise_dim=-1) for rowwise."""
-        from torchao.float8.config import ScalingGranularity
-        from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8
-        from torchao.float8.float8_utils import tensor_to_scale
+        from torchao.float8.config import ScalingGranularity  # optional: torchao, on first use
+        from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8  # optional: torchao, on first use
+        from torchao.float8.float8_utils import tensor_to_scale  # optional: torchao, on first use
 
         fp8_dtype = get_format(op.format).dtype
         rowwise = op.granularity == "rowwise"
@@ -133,7 +130,7 @@ class TorchaoKernel(_TorchaoBase):
         return hp_tensor_and_scale_to_float8(x, scale, fp8_dtype, mm_config, role_enum, axis)
 
     def _wrap_quantized(self, b: Quantized, op, role: str, orig_dtype, mm_config):
-        from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole  # optional: torchao, on first use
 
         axis = -1 if op.granularity == "rowwise" else None
         return Float8TrainingTensor(b.data, b.scale.float().reciprocal(), orig_dtype, mm_config, GemmInputRole[role], axis)
@@ -201,7 +198,7 @@ class TorchaoBlockwiseKernel(_TorchaoBase):
         return YES
 
     def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
-        from torchao.prototype.blockwise_fp8_training import kernels as bk
+        from torchao.prototype.blockwise_fp8_training import kernels as bk  # optional: torchao, on first use
 
         m, k, n = check_operands(a, b)
         ok, reason = self.supports(recipe, (m, k, n), a.dtype, a.device)
@@ -257,9 +254,9 @@ class TorchaoMXKernel(_TorchaoBase):
         return YES
 
     def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
-        from torchao.prototype.mx_formats.config import ScaleCalculationMode
-        from torchao.prototype.mx_formats.mx_tensor import MXTensor
-        from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode  # optional: torchao, on first use
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor  # optional: torchao, on first use
+        from torchao.quantization.quantize_.common.kernel_preference import KernelPreference  # optional: torchao, on first use
 
         m, k, n = check_operands(a, b)
         ok, reason = self.supports(recipe, (m, k, n), a.dtype, a.device)
@@ -276,7 +273,7 @@ class TorchaoMXKernel(_TorchaoBase):
 def torchao_version() -> str | None:
     if not torchao_import():
         return None
-    import torchao
+    import torchao  # optional: torchao, on first use
 
     return getattr(torchao, "__version__", "unknown")
 

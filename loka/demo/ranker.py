@@ -15,13 +15,29 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import time
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from loka import mods
+from loka.demo.fp8 import choose_fp8
+from loka.demo.summary import print_summary
+from loka.dispatch import Budget, plan
+from loka.gate import gate
+from loka.models import SyntheticStream, TrainConfig, evaluate, train
+from loka.models.engine import InferenceEngine
+from loka.models.serve import ScoringServer
+from loka.models.serving_schema import batch_to_request
+from loka.models.train import task_losses, total_loss
+from loka.probe import Probe, ProbeConfig, SamplingSchedule
+from loka.probe.cli import train_with_probe
+from loka.probe.workload import Workload
 
 SIZES_BY_DEVICE = {"cpu": "small", "cuda": "base"}
 # Steps and examples per device: on CPU the whole demo fits in a few minutes on two cores.
@@ -37,7 +53,7 @@ class DemoConfig:
     """Knobs of the demo; ``"auto"`` / ``None`` pick by device (``SIZES_BY_DEVICE``, ``STEPS_BY_DEVICE``).
 
     ``fp8``: which FP8 model trains next to bf16 -- ``"plan"`` (the plan, even if it keeps
-    everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.demo_fp8``),
+    everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.demo.fp8``),
     or ``"auto"`` (the plan, unless it converts nothing).
     """
 
@@ -96,8 +112,6 @@ class _Stages:
 
 
 def _stream(cfg, batch_size: int, seed: int, device: str, start: int = 0):
-    from loka.models import SyntheticStream
-
     stream = SyntheticStream(cfg, batch_size, seed=seed, device=device)
     if start:
         stream.load_state_dict({**stream.state_dict(), "position": start})
@@ -106,7 +120,6 @@ def _stream(cfg, batch_size: int, seed: int, device: str, start: int = 0):
 
 def warm_up(cfg: DemoConfig):
     """Stage 1: train the ranker a little in bf16 (fp32 on CPU) from scratch."""
-    from loka.models import TrainConfig, train
 
     tc = TrainConfig(size=cfg.size, steps=cfg.warm_steps, batch_size=cfg.batch_size, device=cfg.device,
                      seed=cfg.seed, data_seed=cfg.seed, out_dir=str(Path(cfg.out_dir) / "bf16_warm"),
@@ -123,10 +136,6 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
     ``time_kernels``: also time each site's candidate kernels at its shape on this device.
     ``html``: also write the HTML report with plots (else JSON and Markdown only).
     """
-    from loka.models.train import task_losses, total_loss
-    from loka.probe import Probe, ProbeConfig, SamplingSchedule
-    from loka.probe.cli import train_with_probe
-    from loka.probe.workload import Workload
 
     work = copy.deepcopy(model)  # probing trains; the demo's own trajectory stays untouched
     stream = _stream(work.config, cfg.batch_size, cfg.seed + 17, cfg.device)
@@ -157,7 +166,6 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
 
 def apply_mods(model: nn.Module, report, sample) -> list:
     """Stage 3: the exact mods that help FP8 here, with the keep-in-hp policy first."""
-    from loka import mods
 
     policy = mods.keep_hp.apply(model, sample=sample)
     keep = policy.data["policy"]
@@ -192,10 +200,9 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path)
     """Stage 5: the fastest kernel per GEMM within the default budget; keep-in-hp sites stay bf16.
 
     On a GPU the kernels are timed there. On a CPU, timings say nothing about a
-    GPU, so kernels are ranked by the H100 speed model (loka.dispatch.costmodel)
+    GPU, so kernels are ranked by the H100 speed model (loka.kernels.costmodel)
     and the plan says so.
     """
-    from loka.dispatch import Budget, plan
 
     speed = "h100" if cfg.device == "cpu" else "measured"
     if cfg.device == "cpu":
@@ -216,8 +223,9 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
     k_n = max(max(s["in_features"], s["out_features"]) for s in report.sites)
     where = "on the H100 speed model" if cfg.device == "cpu" else "as timed on this GPU"
     return (f"Why nothing is in FP8: every GEMM of the {cfg.size} ranker is small (K, N <= {k_n}); at such shapes, "
-            f"{where}, quantizing the operands costs more than the FP8 GEMM saves (design.md: FP8 pays off from "
-            "K, N around 1024 at large batch). That is the plan doing its job, not a failure. "
+            f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
+            "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
+            "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
             + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
                "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
@@ -225,7 +233,6 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
 
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
     """Stage 6: continue from the warm weights on the same data (fresh optimizers on both branches)."""
-    from loka.models import TrainConfig, train
 
     tc = TrainConfig(size=cfg.size, steps=cfg.continue_steps, batch_size=cfg.batch_size, device=cfg.device,
                      seed=cfg.seed, warmup_steps=0, out_dir=str(Path(cfg.out_dir) / label), progress=cfg.progress,
@@ -240,8 +247,6 @@ def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
 
 def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: Path):
     """Stage 7: NE, AUC, calibration of both on the same held-out examples, paired intervals."""
-    from loka.gate import gate
-    from loka.models import evaluate
 
     outputs = {}
     for label, model in (("bf16", bf16_model), ("fp8", fp8_model)):
@@ -260,11 +265,7 @@ def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: 
 
 def serve_requests(model: nn.Module, cfg: DemoConfig) -> dict:
     """Stage 8: the FP8 model behind the HTTP scoring service on loopback, a few real requests."""
-    import urllib.request
 
-    from loka.models.engine import InferenceEngine
-    from loka.models.serve import ScoringServer
-    from loka.models.serving_schema import batch_to_request
 
     engine = InferenceEngine(copy.deepcopy(model), device=cfg.device)
     stream = _stream(model.config, 64, 4242, "cpu")
@@ -285,8 +286,6 @@ def serve_requests(model: nn.Module, cfg: DemoConfig) -> dict:
 
 def run(cfg: DemoConfig | None = None) -> dict:
     """Run every stage; returns the figures printed at the end (also written to ``out_dir/summary.json``)."""
-    from loka.demo_fp8 import choose_fp8
-    from loka.demo_summary import print_summary
 
     cfg = (cfg or DemoConfig()).resolved()
     out = Path(cfg.out_dir)
@@ -348,7 +347,6 @@ def run(cfg: DemoConfig | None = None) -> dict:
 
 def _quiet_import_noise() -> None:
     """Silence two import-time warnings that say nothing about this run (CPU builds lack the SM90 kernels)."""
-    import logging
 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # "Failed to load ..._C_cutlass_90a.abi3.so"
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # register_constant() on an Enum
