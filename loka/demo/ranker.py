@@ -158,7 +158,7 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
         stem = out / f"probe_{label}"
         paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
         paths["json"].write_text(report.to_json())
-        paths["md"].write_text(report.to_markdown())
+        paths["md"].write_text(report.to_markdown(paths["json"]))
         return report, paths
     print("writing the HTML report (plots) ...", flush=True)
     return report, report.save(out, stem=f"probe_{label}")
