@@ -118,7 +118,7 @@ def ne_lines(gate_result, eval_examples: int) -> list[str]:
 
 def effect_line(cfg, plan, fp8, gate_result) -> str:
     """FP8's effect in one sentence: what ran in FP8, its expected speed, and what the NE interval allows."""
-    what = "the plan" if fp8.kind == "plan" else "every accuracy-safe site (not the plan)"
+    what = "the plan" if fp8.kind == "plan" else "every accuracy-safe site, not the plan"
     n = len(fp8.sites)
     if n == 0:
         return "FP8's effect: nothing ran in FP8, so there is no effect to show."
@@ -136,7 +136,7 @@ def effect_line(cfg, plan, fp8, gate_result) -> str:
     else:
         quality = (f"NE inconclusive: {worst.name} {worst.estimate:+.4%}, CI [{worst.ci_lo:+.4%}, {worst.ci_hi:+.4%}] "
                    f"straddles the budget {worst.budget} on this held-out set")
-    return f"FP8's effect ({what}, {n} sites in FP8): GEMM speed {pace}; {quality}."
+    return f"FP8's effect ({n} sites in FP8: {what}): GEMM speed {pace}; {quality}."
 
 
 def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_result, served, report_paths,

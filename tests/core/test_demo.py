@@ -102,7 +102,7 @@ def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
         assert heading in out, heading
     for line in ("expected GEMM speedup of the plan (H100 speed model)", "measured training speed",
                  "ne[ctr] bf16", "gate: ", "served 2 requests", "probe report (HTML): ", "time per stage: ",
-                 "FP8's effect (every accuracy-safe site (not the plan)"):
+                 "sites in FP8: every accuracy-safe site, not the plan): GEMM speed "):
         assert line in out, line
     assert summary["fp8_model"]["kind"] == "safe-sites" and summary["representative"] is False
     assert len(summary["sites"]) > 0 and all(r["plan"] and r["why"] for r in summary["sites"])
