@@ -20,6 +20,7 @@ import torch
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
+from loka.jsonio import encode_floats
 from loka.kernels import KERNELS
 from loka.recipe import RECIPE_NAMES, as_recipe
 
@@ -49,9 +50,10 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
     b.add_argument("--shape", required=True, help="M,K,N of the site y[M,N] = x[M,K] W[N,K]^T")
     b.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated recipe names")
-    b.add_argument("--device", default=None)
-    b.add_argument("--iters", type=int, default=20)
-    b.add_argument("--refresh", action="store_true")
+    b.add_argument("--device", default=None, help="device to time on (default: cuda if available, else cpu)")
+    b.add_argument("--iters", type=int, default=20, help="timed calls per kernel (default 20)")
+    b.add_argument("--refresh", action="store_true", help="re-measure instead of using cached timings")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the timings as JSON to PATH")
     b.set_defaults(func=_bench)
 
 
@@ -161,6 +163,8 @@ def _bench(args) -> int:
                   f"{e['p90_ms']:>8.4f} {ms / e['median_ms']:>7.2f}x")
     for what, why in sorted(t["skipped"].items()):
         print(f"skipped {what}: {why}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(encode_floats(t), indent=1, allow_nan=False))
     return 0
 
 

@@ -92,7 +92,7 @@ VOCABULARY = {
     "--size": [["train"], ["probe"], ["mods", "show"], ["demo"]],
     "--plan": [["train"], ["eval"], ["serve"], ["convert"]],
     "--out": [["train"], ["eval"], ["probe"], ["plan"], ["demo"], ["gate"]],
-    "--json": [["eval"], ["gate"], ["convert"]],
+    "--json": [["eval"], ["gate"], ["convert"], ["bench-kernels"]],
     "--device": [["train"], ["eval"], ["serve"], ["probe"], ["plan"], ["bench-kernels"], ["gate"], ["demo"],
                  ["doctor"], ["convert"]],
     "--eval-examples": [["train"], ["eval"], ["gate"], ["demo"]],
@@ -138,3 +138,15 @@ def test_readme_commands_parse():
     parser = build_parser()
     for words in commands:
         assert parser.parse_args(words[1:]).command == words[1], words
+
+
+def test_bench_kernels_json_path_writes_the_timings(tmp_path, monkeypatch):
+    from loka.dispatch import microbench
+
+    monkeypatch.setattr(microbench, "DEFAULT_CACHE_DIR", tmp_path / "cache")  # not the user's cache
+    out = tmp_path / "t.json"
+    assert main(["bench-kernels", "--shape", "32,16,16", "--recipes", "tensorwise", "--iters", "1", "--device", "cpu",
+                 "--refresh", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["bf16_ms"]) == {"fprop", "dgrad", "wgrad"} and doc["representative"] is False
+    assert all(e["median_ms"] > 0 for e in doc["entries"])
