@@ -149,7 +149,11 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
     undecided = [s["fqn"] for s in sites if s["verdict"] == "undecided"]
     if undecided:
         cap = report.doc["config"]["schedule"].get("max_samples")
-        more = f" (raise max_samples, now {cap}, e.g. to {2 * cap}, with enough training steps)" if cap else ""
+        taken = len(report.doc["sampled_steps"])
+        if cap and taken >= cap:
+            more = f" (raise max_samples, now {cap}, e.g. to {2 * cap})"
+        else:
+            more = f" (train more steps: {taken} sampled steps were taken{f' of the {cap} allowed' if cap else ''})"
         steps.append(f"{len(undecided)} undecided site(s) need more sampled steps to decide{more}; "
                      "the plan keeps them in bf16 meanwhile.")
     unaligned = [s["fqn"] for s in sites if alignment_issue(s) is not None]
@@ -157,7 +161,13 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
         steps.append(f"{len(unaligned)} site(s) have K or N not a multiple of {FP8_ALIGN} (⚠): "
                      "`loka.mods.padding.apply(model)` pads them (exact; `loka mods list` describes every mod), "
                      "then probe the padded model again.")
-    steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
+    timed = any(s["timings"] and s["timings"]["representative"] for s in sites)
+    if timed:
+        steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
+    else:
+        steps.append(f"`loka plan --report {json_path} --speed-model h100 --out plan.json` chooses a kernel or "
+                     "bf16 per GEMM; this report has no GPU timings, so kernels are ranked by the H100 speed model "
+                     "(on the GPU, `--speed-model measured` times them).")
     return [f"Next step{'s' if len(steps) > 1 else ''}:"] + [f"{i}. {t}" for i, t in enumerate(steps, 1)]
 
 

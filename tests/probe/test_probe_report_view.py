@@ -97,7 +97,8 @@ def test_markdown_counts_next_steps_and_flags_unaligned_shapes(report):
     assert f"{len(sites)} sites: {n['safe']} safe" in md and f"{n['unsafe']} unsafe, {n['undecided']} undecided" in md
     unaligned = [s for s in sites if s["in_features"] % 16 or s["out_features"] % 16]
     assert f"{len(unaligned)} with a shape cuBLAS FP8 GEMMs refuse" in md
-    assert "`loka plan --report runs/p/probe_report.json --out plan.json`" in md
+    # no GPU timings in the report: the plan command ranks kernels by a speed model
+    assert "`loka plan --report runs/p/probe_report.json --speed-model h100 --out plan.json`" in md
     assert "undecided site(s) need more sampled steps" in md and "max_samples, now 4, e.g. to 8" in md
     row = next(line for line in md.splitlines() if line.startswith("| `odd_k`"))
     assert "×141×32 ⚠" in row and "K=141 not a multiple of 16" in row and "padding" in row and "K=144" in row
@@ -107,10 +108,19 @@ def test_markdown_counts_next_steps_and_flags_unaligned_shapes(report):
 
 def test_markdown_next_step_is_only_the_plan_when_all_is_decided_and_aligned(report):
     sites = [s for s in copy.deepcopy(report.sites) if s["fqn"] == "hidden"]
-    sites[0].update(verdict="safe")
+    sites[0].update(verdict="safe", timings={"device_name": "a GPU", "representative": True, "m": 64,
+                                             "bf16_ms": {"fprop": 1.0}, "entries": []})
     md = _with_sites(report, sites).to_markdown()
-    assert "Next step:\n1. `loka plan --report probe_report.json --out plan.json`" in md
+    assert "Next step:\n1. `loka plan --report probe_report.json --out plan.json`" in md  # timed: no speed model
     assert "0 with a shape" in md
+
+
+def test_undecided_step_says_what_limits_the_samples(report):
+    doc = copy.deepcopy(report.doc)
+    doc["sites"][0]["verdict"] = "undecided"
+    doc["config"]["schedule"]["max_samples"] = 10  # 4 steps were sampled: the run was too short, not the cap
+    md = ProbeReport(doc).to_markdown()
+    assert "train more steps: 4 sampled steps were taken of the 10 allowed" in md and "max_samples" not in md
 
 
 def test_html_captions_say_what_is_left_out(report, monkeypatch):
