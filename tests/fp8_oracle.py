@@ -3,7 +3,7 @@
 The probe predicts a site's FP8 error with ``loka.quantize``; checking it against a conversion
 that runs ``loka.quantize`` too would compare the quantizer with itself. Here each GEMM's
 operands are quantized in numpy from the recipe's stated rules (loka/quantize.py's module doc:
-dequantization scale ``max(amax / fmax, 2**-126)``, 1 for an all-zero group, groups along the
+dequantization scale ``max(amax * fl32(1/fmax), 2**-126)``, 1 for an all-zero group, groups along the
 reduction dim, saturate finite values, round to nearest-even) and cast by ``ml_dtypes``, an
 independent float8 implementation; the GEMMs run in float64. Only what the tests need:
 tensorwise and rowwise dynamic scaling, optionally power-of-two scales, and hp GEMMs.
@@ -35,7 +35,8 @@ def oracle_fake_quantize(x: torch.Tensor, op) -> torch.Tensor:
     ax = np.where(np.isfinite(v), np.abs(v), np.float32(0))
     amax = ax.max(axis=-1, keepdims=True) if op.granularity == "rowwise" else np.array(ax.max(), np.float32)
     fmax = np.float32(FMAX[op.format])
-    scale = np.where(amax > 0, amax / fmax, np.float32(1)).astype(np.float32)  # IEEE float32 division
+    rcp_fmax = np.float32(1.0 / float(fmax))  # the documented rule: one float32 multiply by fl32(1/fmax)
+    scale = np.where(amax > 0, amax * rcp_fmax, np.float32(1)).astype(np.float32)
     scale = np.maximum(scale, np.float32(2.0**-126))
     if op.pow2:
         scale = np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)

@@ -12,6 +12,8 @@ from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize
 from loka.recipe import RECIPE_NAMES, Recipe
 
+RCP_E4M3 = torch.tensor(1 / 448, dtype=torch.float32)  # the scale rule: amax * fl32(1/fmax) (loka.quantize)
+
 FP8_RECIPES = [n for n in RECIPE_NAMES if n != "bf16"]
 SCALED_MM_RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 
@@ -151,9 +153,9 @@ def test_delayed_scaling_uses_history():
     assert hist[0] == x_small.abs().max()
     x_big = x_small * 100  # the delayed scale comes from the small step: large values saturate
     y = lin(x_big).detach()
-    x_sat = fake_quantize(x_big, lin.recipe.fprop.a, torch.tensor(x_small.abs().max() / 448))
+    x_sat = fake_quantize(x_big, lin.recipe.fprop.a, x_small.abs().max() * RCP_E4M3)
     assert x_sat.abs().max() <= x_small.abs().max() * 1.0001
-    expect = fake_quantize(x_big, lin.recipe.fprop.a, torch.tensor(x_small.abs().max() / 448)) @ fake_quantize(lin.weight.detach(), lin.recipe.fprop.b).t()
+    expect = fake_quantize(x_big, lin.recipe.fprop.a, x_small.abs().max() * RCP_E4M3) @ fake_quantize(lin.weight.detach(), lin.recipe.fprop.b).t()
     assert rel_error(expect + lin.bias.detach(), y) < 1e-5
 
 
