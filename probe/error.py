@@ -197,6 +197,23 @@ def decide(lo: float, hi: float, n: int, threshold: float, min_samples: int) -> 
     return UNDECIDED
 
 
+def deciding_gemm(gemms: dict[str, dict]) -> str | None:
+    """The GEMM a (site, recipe) verdict rests on, from ``{gemm: summary}`` of measured GEMMs.
+
+    Unsafe: the unsafe GEMM whose lower bound is furthest above its threshold. Else undecided:
+    the undecided GEMM whose upper bound is furthest up relative to its threshold. Else (safe) the
+    GEMM whose upper bound is closest to its threshold. The verdict's reason, the report's table
+    and its plots all name this one GEMM.
+    """
+    measured = {g: s for g, s in gemms.items() if s["n"] > 0}
+    for verdict, bound in ((UNSAFE, "ci_lo"), (UNDECIDED, "ci_hi"), (SAFE, "ci_hi")):
+        pick = [g for g, s in measured.items() if s["verdict"] == verdict]
+        if pick:
+            return max(pick, key=lambda g: (measured[g][bound] / measured[g]["threshold"],
+                                            measured[g]["mean"] / measured[g]["threshold"]))
+    return None
+
+
 @dataclass
 class ErrorTrack:
     """Observations of one (site, recipe, gemm): one relative error and SQNR per sampled step."""
@@ -247,7 +264,10 @@ class ErrorTrack:
         """
         if measure not in ("output", "scale"):
             raise ValueError(f"measure={measure!r} is not valid; use 'output' or 'scale'")
-        both = {"output": t_interval(self.rel_errors, confidence), "scale": t_interval(self.scale_errors, confidence)}
+        # A relative error is >= 0: each interval is cut at 0, which keeps its coverage (the true
+        # mean is never below 0) and never shows a negative error to a reader.
+        both = {m: _at_least_zero(t_interval(v, confidence))
+                for m, v in (("output", self.rel_errors), ("scale", self.scale_errors))}
         if measure == "scale" and (not self.scale_errors or any(math.isnan(v) for v in self.scale_errors)):
             measure = "output"
         mean, lo, hi = both[measure]
@@ -264,6 +284,11 @@ class ErrorTrack:
             "measure": measure,
             **{f"{m}_rel": {"mean": v[0], "ci_lo": v[1], "ci_hi": v[2]} for m, v in both.items()},
         }
+
+
+def _at_least_zero(interval: tuple[float, float, float]) -> tuple[float, float, float]:
+    mean, lo, hi = interval
+    return mean, max(lo, 0.0), hi
 
 
 def micro_batch_errors(

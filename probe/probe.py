@@ -273,8 +273,9 @@ class Probe:
     def measure_sensitivity(self, loss_fn, recipes=None, *, batches=None, seed: int = 0, progress: bool = False) -> dict:
         """Loss change from injecting one site's emulated FP8 fprop at a time (see loka.probe.sensitivity).
 
-        ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch; or, with ``batches``,
-        ``loss_fn(batch)`` is evaluated on each (an interval needs >= 2). Stored in the report.
+        ``loss_fn(batch)`` computes the loss of ``self.model`` on a batch and is evaluated on each
+        of ``batches`` (at least 2, for an interval; 4-8 held-out batches are typical). A list of
+        closures ``[lambda: ..., ...]`` without ``batches`` works too. Stored in the report.
         """
 
         self.finish()

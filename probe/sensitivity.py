@@ -68,14 +68,20 @@ def site_sensitivity(
     """Inject one site at a time; per site ``{loss_ref, loss_fp8, loss_delta, rel_loss_delta,
     abs_rel_loss_delta, ci_lo, ci_hi, n}``.
 
-    ``loss_fn()`` computes the model's loss on one fixed batch (a closure), or is a list of such
-    closures (one per batch). ``rel_loss_delta`` is the mean over batches of the signed relative
-    change, with a t-interval ``[ci_lo, ci_hi]`` (infinite with one batch); ``abs_rel_loss_delta``
-    the mean magnitude, i.e. how much the site's FP8 error moves the loss on a batch.
+    ``loss_fn`` is a list of closures, one per batch, each computing the model's loss on its
+    fixed batch (at least 2: one batch gives no interval). ``rel_loss_delta`` is the mean over
+    batches of the signed relative change, with a t-interval ``[ci_lo, ci_hi]``;
+    ``abs_rel_loss_delta`` the mean magnitude, i.e. how much the site's FP8 error moves the loss
+    on a batch.
     """
 
     recipe = as_recipe(recipe)
-    fns = loss_fn if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+    fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+    if len(fns) < 2:
+        raise ValueError(
+            f"sensitivity needs the loss on at least 2 batches for an interval, got {len(fns)}: call "
+            "probe.measure_sensitivity(lambda batch: loss_fn(model, batch), batches=[batch_1, batch_2, ...])"
+        )
     refs = [_loss(f, seed) for f in fns]
     out = {}
     items = list(modules.items())

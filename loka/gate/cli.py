@@ -3,8 +3,8 @@
     loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
               [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
     loka gate --baseline bf16_seed1.npz bf16_seed2.npz --candidate fp8_seed1.npz fp8_seed2.npz   # replicates
-    loka gate --baseline run/checkpoint.pt --baseline-precision bf16 \\
-              --candidate run/checkpoint.pt --candidate-precision plan.json --eval-examples 100000
+    loka gate --baseline run/checkpoint.pt --baseline-plan bf16 \\
+              --candidate run/checkpoint.pt --candidate-plan plan.json --eval-examples 100000
 
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
@@ -49,10 +49,12 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--candidate", required=True, nargs="+",
                    help="saved evaluation outputs or a ranker checkpoint; several for replicate mode: a model "
                         "trained in FP8 vs one trained in bf16, with between-run variance in the decision")  # fmt: skip
-    p.add_argument("--baseline-precision", default=None,
+    p.add_argument("--baseline-plan", dest="baseline_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
-    p.add_argument("--candidate-precision", default=None,
+    p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
+    for side in ("baseline", "candidate"):  # the old names of --baseline-plan / --candidate-plan
+        p.add_argument(f"--{side}-precision", dest=f"{side}_precision", help=argparse.SUPPRESS)
     p.add_argument("--eval-examples", type=int, default=50_000,
                    help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
     p.add_argument("--eval-seed", type=int, default=None,
@@ -75,7 +77,8 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
-    p.add_argument("--save-outputs", default=None, metavar="DIR",
+    p.add_argument("--save-outputs", dest="save_outputs", help=argparse.SUPPRESS)  # the old name of --out
+    p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
     p.set_defaults(func=run, checkpoint_loader=checkpoint_loader)
@@ -147,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             allow_different_models=args.allow_different_models,
         )
     except (GateInputError, ValueError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         return _error(str(exc))
     result = replace(result, baseline=base_name, candidate=cand_name)
     return _print_result(result, args.json)
