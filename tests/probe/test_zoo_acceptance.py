@@ -22,7 +22,6 @@ def _batches(shape, steps, seed):
         yield x, y
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("make, shape", [(CrossNet, (256, 48)), (CIN, (256, 8, 16)), (OddTower, (256, 429))])
 def test_probe_convert_train(make, shape):
     seed = int(torch.randint(0, 2**31, ()).item())
