@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     wl = ranker_workload(size, batch_size=batch, device=str(device))
     probe = Probe(wl.model, ProbeConfig(schedule=SamplingSchedule(every=max(1, steps // 10)), candidates=("tensorwise", "rowwise")))
     train_with_probe(wl, probe, steps, lr=1e-3, device=str(device), autocast=autocast)
-    b = wl.make_batch(steps)
-    probe.measure_sensitivity(lambda: wl.loss_fn(wl.model, b), progress=True)
+    held_out = [wl.make_batch(steps + i) for i in range(4)]
+    probe.measure_sensitivity(lambda b: wl.loss_fn(wl.model, b), batches=held_out, progress=True)
     report = probe.report(model=f"ranker-{size}")
     p = plan(report, Budget.parse(args.budget), measure=True, device=device, dtype=dtype, refresh=args.refresh,
              bench={"warmup": warmup, "iters": iters})

@@ -170,7 +170,7 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
     probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=max(1, steps // 10)),
                                      candidates=("tensorwise", "rowwise")))
     train_with_probe(wl, probe, steps, lr=1e-3, device=str(setup.device), autocast=setup.autocast, progress=show)
-    probe.measure_sensitivity(lambda: wl.loss_fn(model, batches[0]), progress=show)
+    probe.measure_sensitivity(lambda b: wl.loss_fn(model, b), batches=batches[:4], progress=show)
     report = probe.report(model=f"ranker-{args.size}")
     dtype = torch.bfloat16 if setup.autocast else torch.float32
     bench = {"warmup": 2, "iters": 5} if args.cpu_smoke else {"warmup": 5, "iters": 20}

@@ -1,5 +1,9 @@
 """``apply_plan``: swap a model's Linear sites for ``Float8Linear`` with the planned kernels.
 
+Planned 1x1 ``Conv1d`` sites (the probe measures them too) become ``Float8Conv1x1``,
+and planned ``x @ W`` sites (named by the 2-D parameter) get a ``ParamMatmul``; a conv
+or parameter the plan does not mention is left as it is.
+
 Before touching the model the plan is matched against it, and *every*
 difference is collected: a planned site missing from the model, a Linear of the
 model the plan does not mention, a shape that differs from the planned one, a
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from loka.convert import ConvertResult, _linears_post_order
+from loka.convert_gemms import Float8Conv1x1, ParamMatmul, attach_matmuls, conv1x1_sites
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
 from loka.nn import Float8Linear
@@ -36,12 +41,30 @@ class PlanMismatchError(PlanError):
         )
 
 
-def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> list[str]:
+def _features(module) -> tuple[int, int]:
+    """(K, N) of a Linear, a 1x1 conv or an ``x @ W`` parameter W[K, N]."""
+    if isinstance(module, nn.Conv1d):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Parameter):
+        return tuple(module.shape)
+    return module.in_features, module.out_features
+
+
+def _weight(site) -> torch.Tensor:
+    return site if isinstance(site, nn.Parameter) else site.weight
+
+
+def _matmul_params(model: nn.Module, planned) -> dict[str, nn.Parameter]:
+    """The planned sites that are 2-D parameters of the model (``x @ W`` sites)."""
+    return {n: p for n, p in model.named_parameters() if n in planned and p.dim() == 2}
+
+
+def _site_problems(sp: SitePlan, linear: nn.Module, device: torch.device) -> list[str]:
     problems = []
-    if (linear.in_features, linear.out_features) != (sp.in_features, sp.out_features):
+    k, n = _features(linear)
+    if (k, n) != (sp.in_features, sp.out_features):
         problems.append(
-            f"{sp.fqn}: shape mismatch, plan has in={sp.in_features} out={sp.out_features}, model has "
-            f"in={linear.in_features} out={linear.out_features}"
+            f"{sp.fqn}: shape mismatch, plan has in={sp.in_features} out={sp.out_features}, model has in={k} out={n}"
         )
         return problems
     for gemm in GEMMS:
@@ -60,7 +83,7 @@ def _site_problems(sp: SitePlan, linear: nn.Linear, device: torch.device) -> lis
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} is not available here: {why}")
             continue
         shape = gemm_shape(gemm, max(sp.m, 1), sp.in_features, sp.out_features)
-        ok, why = kernel.supports(choice.gemm_recipe(gemm), shape, linear.weight.dtype, device)
+        ok, why = kernel.supports(choice.gemm_recipe(gemm), shape, _weight(linear).dtype, device)
         if not ok:
             problems.append(f"{sp.fqn}: {gemm} kernel {choice.kernel!r} does not take {choice.recipe} at "
                             f"[M={shape[0]}, K={shape[1]}, N={shape[2]}]: {why}")
@@ -73,14 +96,16 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
     planned = {s.fqn: s for s in plan.sites}
+    convs = {fqn: mod for fqn, mod, _, _ in conv1x1_sites(model)} | _matmul_params(model, planned)
     out: dict[str, list[str]] = {}
-    for fqn in sorted(set(planned) - set(linears)):
-        out[fqn] = [f"{fqn}: in the plan but not a Linear of the model"]
+    for fqn in sorted(set(planned) - set(linears) - set(convs)):
+        out[fqn] = [f"{fqn}: in the plan but not a Linear, 1x1 Conv1d or 2-D parameter of the model"]
     for fqn in sorted(set(linears) - set(planned)):
         if not isinstance(linears[fqn], Float8Linear):
             out[fqn] = [f"{fqn}: a Linear of the model that the plan does not cover"]
+    linears = {**linears, **convs}
     for fqn in sorted(set(planned) & set(linears)):
-        problems = _site_problems(planned[fqn], linears[fqn], linears[fqn].weight.device)
+        problems = _site_problems(planned[fqn], linears[fqn], _weight(linears[fqn]).device)
         if problems:
             out[fqn] = problems
     return out
@@ -110,22 +135,48 @@ def apply_plan(
         raise PlanMismatchError([p for fqn in sorted(diffs) for p in diffs[fqn]])
     planned = {s.fqn: s for s in plan.sites}
     result = ConvertResult()
-    for fqn, module, parent, child_name in _linears_post_order(model):
+    sites = _linears_post_order(model) + conv1x1_sites(model)
+    for fqn, module, parent, child_name in sites:
         sp = planned.get(fqn)
         if fqn in diffs:
             result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
             continue
-        if isinstance(module, Float8Linear):
-            result.skipped[fqn] = "already a Float8Linear"
+        if isinstance(module, (Float8Linear, Float8Conv1x1)):
+            result.skipped[fqn] = f"already a {type(module).__name__}"
             continue
         if sp is None:
+            if isinstance(module, nn.Conv1d):
+                result.skipped[fqn] = "1x1 Conv1d not in the plan (kept as it is)"
             continue
         if not sp.is_fp8:
             result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
             continue
-        new = Float8Linear.from_linear(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
+        swap = Float8Conv1x1.from_conv if isinstance(module, nn.Conv1d) else Float8Linear.from_linear
+        new = swap(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
         setattr(parent, child_name, new)
         result.converted.append(fqn)
-    for fqn in sorted(set(planned) - {f for f, *_ in _linears_post_order(model)}):
+        hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
+        if hp:
+            result.hp_gemms[fqn] = hp
+    _apply_matmuls(model, planned, diffs, fallback, result)
+    for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result
+
+
+def _apply_matmuls(model, planned, diffs, fallback, result) -> None:
+    """Planned ``x @ W`` sites: a ParamMatmul per parameter, routed during the model's forwards."""
+    engines = {}
+    for fqn, param in _matmul_params(model, planned).items():
+        sp = planned[fqn]
+        if fqn in diffs:
+            result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
+        elif not sp.is_fp8:
+            result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
+        else:
+            engines[fqn] = ParamMatmul(param, sp.recipe(), sp.kernels(), fallback)
+            result.converted.append(fqn)
+            hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
+            if hp:
+                result.hp_gemms[fqn] = hp
+    attach_matmuls(model, engines)

@@ -2,6 +2,7 @@
 
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+              [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json]
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
 """
@@ -9,14 +10,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
+from loka.jsonio import encode_floats
 from loka.kernels import KERNELS
 from loka.recipe import RECIPE_NAMES, as_recipe
 
@@ -31,6 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
     p.add_argument("--out", required=True, help="where to write plan.json")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
+    p.add_argument("--speed-model", choices=("h100", "h200", "measured"), default=None,
+                   help="rank kernels by that GPU's speed model at every site (h100, h200: plan for a GPU not at "
+                        "hand, e.g. on CPU), or 'measured' (= --measure); default: the report's timings")
+    p.add_argument("--keep-bf16", default=None, metavar="JSON",
+                   help="JSON file {site: reason} of sites a policy keeps in bf16 (the demo writes keep_bf16.json)")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
     p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
@@ -41,9 +50,10 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
     b.add_argument("--shape", required=True, help="M,K,N of the site y[M,N] = x[M,K] W[N,K]^T")
     b.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated recipe names")
-    b.add_argument("--device", default=None)
-    b.add_argument("--iters", type=int, default=20)
-    b.add_argument("--refresh", action="store_true")
+    b.add_argument("--device", default=None, help="device to time on (default: cuda if available, else cpu)")
+    b.add_argument("--iters", type=int, default=20, help="timed calls per kernel (default 20)")
+    b.add_argument("--refresh", action="store_true", help="re-measure instead of using cached timings")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the timings as JSON to PATH")
     b.set_defaults(func=_bench)
 
 
@@ -96,14 +106,19 @@ def _plan(args) -> int:
     try:
         budget = Budget.parse(args.budget)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka plan: bad --budget: {exc}", file=sys.stderr)
         return 2
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
     try:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
+        keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
-                 kernels=kernels, method=args.solver, m_buckets=buckets)
+                 kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model)
     except (ValueError, TypeError) as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
     p.save(args.out)
@@ -112,11 +127,28 @@ def _plan(args) -> int:
     return 0
 
 
+def _keep_bf16(path: str) -> dict[str, str]:
+    """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
+    try:
+        keep = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--keep-bf16 {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--keep-bf16 {path}: not valid JSON ({exc}); write {{\"site.fqn\": \"reason\"}}") from None
+    if not isinstance(keep, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keep.items()):
+        raise ValueError(f"--keep-bf16 {path}: expected a JSON object {{\"site.fqn\": \"reason\"}}")
+    return keep
+
+
 def _bench(args) -> int:
     try:
         m, k, n = (int(v) for v in args.shape.split(","))
     except ValueError:
         print(f"loka bench-kernels: --shape {args.shape!r} must be M,K,N, e.g. 8192,512,512", file=sys.stderr)
+        return 2
+    if min(m, k, n) < 1:
+        print(f"loka bench-kernels: --shape {args.shape!r}: M, K and N must each be >= 1, e.g. 8192,512,512",
+              file=sys.stderr)
         return 2
     device = _device(args.device)
     dtype = torch.bfloat16
@@ -131,6 +163,8 @@ def _bench(args) -> int:
                   f"{e['p90_ms']:>8.4f} {ms / e['median_ms']:>7.2f}x")
     for what, why in sorted(t["skipped"].items()):
         print(f"skipped {what}: {why}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(encode_floats(t), indent=1, allow_nan=False))
     return 0
 
 

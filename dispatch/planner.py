@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from loka.dispatch.budget import Budget
-from loka.dispatch.microbench import combine_buckets, time_serving_buckets, time_site_cached
+from loka.dispatch.microbench import combine_buckets, model_timings, time_serving_buckets, time_site_cached
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.solver import Option, solve
 from loka.kernels import KERNELS
+from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.reader import GemmError, SiteInfo, report_sites
 from loka.recipe import GEMMS, as_recipe, gemm_shape
 
@@ -63,6 +64,7 @@ def plan(
     bench: dict | None = None,
     m_buckets: list[int] | None = None,
     keep_bf16: dict[str, str] | None = None,
+    speed_model: str | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -74,8 +76,13 @@ def plan(
     ``method``: ``"auto"`` (exact milp, greedy if it fails), ``"exact"`` or ``"greedy"``.
     ``keep_bf16``: ``{fqn: reason}`` of sites a policy keeps in bf16 (e.g.
     ``loka.mods.keep_in_hp``); they get no FP8 candidate and the reason in the plan.
+    ``speed_model``: ``"h100"`` / ``"h200"`` rank kernels by that GPU's speed model
+    (loka.kernels.costmodel) at every site instead of timings, for planning where that GPU is
+    not at hand; ``"measured"`` is ``measure=True``; None (default): the timings as above.
     """
     budget = budget or Budget()
+    if speed_model is not None:
+        timings, measure = _speed_model_timings(report, speed_model, timings, measure, device, kernels)
     keep_bf16 = dict(keep_bf16 or {})
     unknown_keep = sorted(set(keep_bf16) - {s.fqn for s in report_sites(report)})
     if unknown_keep:
@@ -106,10 +113,54 @@ def plan(
     solution = solve(options, budget.max_model_ne_delta, method)
     if solution.note:
         notes.append(solution.note)
+    unchosen = _unchosen_reasons(options, solution, budget.max_model_ne_delta)
+    for key, reason in unchosen.items():
+        per_gemm[key].reason = reason
     site_plans = [_site_plan(s, per_gemm, solution.chosen, coefs.get(s.fqn), budget) for s in sites]
     return Plan(sites=site_plans, budget=budget.to_dict(), device=_device_info(site_timings, device, notes),
                 versions=library_versions(), solver=solution.solver, notes=notes,
                 created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _speed_model_timings(report, speed_model: str, timings, measure: bool, device, kernels):
+    """``(timings, measure)`` for ``plan(speed_model=...)``: a named GPU's model, or measuring."""
+    choices = sorted(DEVICE_MODELS) + ["measured"]
+    if speed_model not in choices:
+        raise ValueError(f"speed model {speed_model!r} is not known; use one of {', '.join(choices)}")
+    if timings is not None:
+        raise ValueError("pass either timings or speed_model, not both")
+    if speed_model == "measured":
+        return None, True
+    here = torch.device(device or "cpu")
+    names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and k.available(here)
+             and (kernels is None or k.name in kernels)]
+    return model_timings(report, names, DEVICE_MODELS[speed_model]), False
+
+
+def _unchosen_reasons(options: list[Option], solution, cap: float) -> dict:
+    """Why each GEMM with a fast, accurate-enough option still stays bf16: the model-level budget,
+    said as it happened (too costly alone, or outbid by GEMMs that saved more time)."""
+    groups: dict[str, list[Option]] = {}
+    for o in options:
+        groups.setdefault(o.group, []).append(o)
+    out = {}
+    for group, opts in groups.items():
+        if group in solution.chosen:
+            continue
+        cheapest = min(o.weight for o in opts)
+        if cheapest > cap:
+            why = (f"kept bf16: its FP8 error alone would cost {cheapest:.2g} relative NE (sensitivity x error bound), "
+                   f"more than the whole model-level NE budget {cap:.2g}")
+        elif not solution.chosen:
+            why = (f"kept bf16: the {solution.solver} solver chose no GEMM under the model-level NE budget {cap:.2g} "
+                   f"(this one would cost {cheapest:.2g})")
+        else:
+            why = (f"kept bf16: the model-level NE budget ({solution.weight:.2g} of {cap:.2g} used) went to "
+                   f"{len(solution.chosen)} GEMM(s) that save more time per unit of error; this one would add "
+                   f"{cheapest:.2g}")
+        fqn, gemm = group.rsplit("|", 1)
+        out[(fqn, gemm)] = why
+    return out
 
 
 def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict, notes) -> dict:
@@ -201,8 +252,7 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         return _GemmOptions(bf16_ms, [], f"kept bf16: K={k}, no FP8 kernel faster than bf16 at this shape "
                                          f"(best {top.kernel}/{top.recipe} {bf16_ms / top.ms:.2f}x)")
     fast.sort(key=lambda c: (c.ms, c.kernel, c.recipe))
-    return _GemmOptions(bf16_ms, fast, "kept bf16: the model-level NE budget was spent on GEMMs that save more "
-                                       "time per unit of error")
+    return _GemmOptions(bf16_ms, fast, "kept bf16: not chosen within the model-level NE budget")
 
 
 def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):

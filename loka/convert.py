@@ -24,13 +24,54 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 @dataclass
 class ConvertResult:
-    """What ``convert`` did: converted fqns, and skipped fqns with the reason."""
+    """What ``convert`` did, counted by GEMM: a site is converted only if one of its GEMMs runs in FP8.
+
+    ``converted``: fqns with at least one GEMM in FP8. ``hp_gemms[fqn]``: for a converted
+    site, each GEMM that still runs in hp and why (a kernel that cannot take the shape,
+    or a plan/kernel choice that keeps it hp); absent when all three run in FP8.
+    ``skipped``: fqns left as they were, with the reason.
+    """
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    hp_gemms: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def fp8_gemms(self, fqn: str) -> list[str]:
+        """The GEMMs of ``fqn`` that run in FP8 (empty for a site that was not converted)."""
+        if fqn not in self.converted:
+            return []
+        return [g for g in GEMMS if g not in self.hp_gemms.get(fqn, {})]
+
+    def observed(self, model: nn.Module) -> dict[str, dict[str, str]]:
+        """``hp_gemms`` plus the GEMMs that fell back to hp at run time, per converted site.
+
+        A kernel can refuse a shape seen only while running (wgrad's K is the batch size);
+        with ``fallback="hp"`` the module records it in ``fallbacks``. Call after training
+        steps to know which GEMMs really ran in FP8.
+        """
+        out = {fqn: dict(gemms) for fqn, gemms in self.hp_gemms.items()}
+        for fqn in self.converted:
+            try:
+                ran_hp = getattr(model.get_submodule(fqn), "fallbacks", {})
+            except AttributeError:
+                continue  # a site that is not a module (x @ W): ConvertResult from convert_gemms
+            for gemm, why in ran_hp.items():
+                out.setdefault(fqn, {}).setdefault(gemm, f"fell back at run time: {why}")
+        return out
+
+    @property
+    def n_fp8_gemms(self) -> int:
+        return sum(len(self.fp8_gemms(fqn)) for fqn in self.converted)
 
     def table(self) -> str:
-        rows = [f"{fqn:<48} converted" for fqn in self.converted]
+        rows = []
+        for fqn in self.converted:
+            hp = self.hp_gemms.get(fqn, {})
+            if not hp:
+                rows.append(f"{fqn:<48} converted (fprop, dgrad, wgrad in FP8)")
+                continue
+            why = "; ".join(f"{g} in hp: {r}" for g, r in hp.items())
+            rows.append(f"{fqn:<48} partly converted ({', '.join(self.fp8_gemms(fqn))} in FP8; {why})")
         rows += [f"{fqn:<48} skipped: {why}" for fqn, why in self.skipped.items()]
         return "\n".join(rows)
 
@@ -41,17 +82,21 @@ def _static_dims(linear: nn.Linear) -> dict[str, tuple[int | None, int]]:
     return {"fprop": (k, n), "dgrad": (n, k), "wgrad": (None, k)}
 
 
-def _shape_problem(recipe: Recipe, kernels, linear: nn.Linear) -> str | None:
+def _hp_gemms(recipe: Recipe, kernels, linear: nn.Linear) -> tuple[dict[str, str], str | None]:
+    """``{gemm: why it would run in hp}`` for a site, and the first shape problem among them (or None)."""
+    out, first_problem = {}, None
     for gemm in GEMMS:
         kernel = kernels[gemm]
         if kernel.hp:
+            out[gemm] = f"kernel {kernel.name!r} chosen for it"
             continue
         k, n = _static_dims(linear)[gemm]
         probe_k = 16 if k is None else k
         ok, why = kernel.supports(recipe.gemm(gemm), (16, probe_k, n), linear.weight.dtype, linear.weight.device)
         if not ok:
-            return f"{gemm} on {kernel.name}: {why}"
-    return None
+            out[gemm] = f"{kernel.name}: {why}"
+            first_problem = first_problem or f"{gemm} on {out[gemm]}"
+    return out, first_problem
 
 
 def convert(
@@ -84,13 +129,18 @@ def convert(
             result.skipped[fqn] = "excluded by module_filter_fn"
             continue
         site_recipe, site_kernels = resolve_kernels(recipe, kernels, module.weight.device)
-        problem = _shape_problem(site_recipe, site_kernels, module)
-        if problem and fallback == "error":
-            result.skipped[fqn] = problem
+        hp, shape_problem = _hp_gemms(site_recipe, site_kernels, module)
+        if shape_problem and fallback == "error":
+            result.skipped[fqn] = shape_problem
+            continue
+        if len(hp) == len(GEMMS):
+            result.skipped[fqn] = "no GEMM would run in FP8: " + "; ".join(f"{g}: {w}" for g, w in hp.items())
             continue
         new = Float8Linear.from_linear(module, recipe=recipe, kernels=kernels, fallback=fallback)
         setattr(parent, child_name, new)
         result.converted.append(fqn)
+        if hp:
+            result.hp_gemms[fqn] = hp
     return result
 
 

@@ -44,14 +44,15 @@ def dumps(obj, **options) -> str:
     return json.dumps(encode_floats(obj), allow_nan=False, **options)
 
 
-def loads(text: str, what: str, error: type[ValueError] = ValueError):
-    """The JSON document in ``text`` (non-finite strings still encoded); ``error`` naming ``what`` if it is not JSON."""
+def loads(text: str, what: str, error: type[ValueError] = ValueError, hint: str = ""):
+    """The JSON document in ``text`` (non-finite strings still encoded); ``error`` naming ``what`` if it is
+    not JSON (``hint`` appended: what to do about it)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what}: not valid JSON ({exc})") from None
+        raise error(f"{what}: not valid JSON ({exc}){hint}") from None
     except RecursionError:
-        raise error(f"{what}: JSON nested too deeply to be a loka file") from None
+        raise error(f"{what}: JSON nested too deeply to be a loka file{hint}") from None
 
 
 def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError):
@@ -60,7 +61,7 @@ def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = Valu
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise error(f"{path}: no such {what} file") from None
+        raise error(f"{path}: no such {what} file; pass the path of one loka wrote") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read this {what} file ({exc})") from None
-    return loads(text, f"{path}", error)
+        raise error(f"{path}: cannot read this {what} file ({exc}); pass the {what} file loka wrote") from None
+    return loads(text, f"{path}", error, hint=f"; is it the {what} file loka wrote?")

@@ -24,6 +24,7 @@ from torch import nn
 
 from loka.kernels import KERNELS
 from loka.kernels.kernel import GemmKernel, Quantized
+from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
@@ -54,7 +55,7 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
             continue
         if name == "auto":
             name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
-        kernel = KERNELS.get(name)
+        kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.kernels.padded)
         ok, why = kernel.available(device)
         if not ok:
             raise ValueError(f"kernel {name!r} for {gemm} is not available here: {why}")

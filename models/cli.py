@@ -36,7 +36,9 @@ def _clear_errors(command: str):
             try:
                 return run(args)
             except ValueError as exc:
-                print(f"loka {command}: error: {exc}", file=sys.stderr)
+                if getattr(args, "debug", False):
+                    raise
+                print(f"loka {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
                 return 2
         return inner
     return wrap
@@ -45,13 +47,14 @@ def _clear_errors(command: str):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the reference ranker (synthetic data or Criteo TSV)",
                        description="Train the reference ads ranker. Example: "
-                                   "loka train --size small --steps 1000 --precision bf16 --out runs/small")
+                                   "loka train --size small --steps 1000 --plan bf16 --out runs/small")
     p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--precision", default=None,
+    p.add_argument("--plan", dest="precision", default=None,
                    help="bf16 | fp32 | fp8 | path to a loka plan JSON (default: bf16; on --resume the "
                         "checkpoint's own precision)")
+    p.add_argument("--precision", dest="precision", help=argparse.SUPPRESS)  # the old name of --plan
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, eval results")
     p.add_argument("--lr-dense", type=float, default=None, help="AdamW lr (default: TrainConfig's)")
     p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
@@ -155,25 +158,32 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a ranker checkpoint on held-out synthetic data",
                        description="NE / AUC / calibration per task beside the Bayes floor; with "
                                    "--compare, a paired bootstrap of the NE difference.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="ranker checkpoint (.pt) written by `loka train`")
     p.add_argument("--plan", default=None, help="fp8 or a plan file to convert the model with")
-    p.add_argument("--examples", type=int, default=50_000)
+    p.add_argument("--eval-examples", dest="examples", type=int, default=50_000,
+                   help="held-out examples (default 50000)")
+    p.add_argument("--examples", dest="examples", type=int, help=argparse.SUPPRESS)  # old name
     p.add_argument("--seed", type=int, default=1_000_003, help="held-out stream seed")
-    p.add_argument("--outputs", default=None, help="write EvalOutputs (.npz) for `loka gate`")
+    p.add_argument("--out", dest="outputs", default=None, metavar="NPZ",
+                   help="write EvalOutputs (.npz) for `loka gate`")
+    p.add_argument("--outputs", dest="outputs", help=argparse.SUPPRESS)  # old name of --out
     p.add_argument("--compare", default=None, metavar="CHECKPOINT_B", help="paired NE comparison b - a")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH (no PATH: print JSON instead of the table)")
+    p.add_argument("--device", default="cpu", help="torch device to evaluate on (default cpu)")
     p.set_defaults(func=_run_eval)
 
 
 @_clear_errors("eval")
 def _run_eval(args) -> int:
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint).to(args.device)
     if args.plan:
         apply_precision(model, args.plan)
     teacher = load_checkpoint(args.checkpoint)["train_config"].get("teacher_seed", 0)
-    stream = SyntheticStream(model.config, min(4096, args.examples), seed=args.seed, teacher_seed=teacher)
+    stream = SyntheticStream(model.config, min(4096, args.examples), seed=args.seed, teacher_seed=teacher,
+                             device=args.device)
     if args.compare:
-        other = load_model(args.compare)
+        other = load_model(args.compare).to(args.device)
         results = compare(model, other, stream, n_examples=args.examples)
         out = {t: r.to_dict() for t, r in results.items()}
         print(json.dumps(out, indent=2))
@@ -181,7 +191,9 @@ def _run_eval(args) -> int:
     report = evaluate(model, stream, n_examples=args.examples, progress=True)
     if args.outputs:
         report.outputs.save(args.outputs)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    print(json.dumps(report.to_dict(), indent=2) if args.json == "-" else report.table())
     return 0
 
 

@@ -12,6 +12,7 @@ shape table is ``bench/mods_report.py``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from typing import Mapping
 
@@ -53,12 +54,12 @@ def _show(args: argparse.Namespace) -> int:
     names = args.mod or list(MODS)
     unknown = [n for n in names if n not in MODS]
     if unknown:
-        print(f"unknown mod(s) {unknown}; choose from {list(MODS)}")
+        print(f"loka mods show: unknown mod(s) {unknown}; choose from {list(MODS)} (`loka mods list`)", file=sys.stderr)
         return 2
 
     named = getattr(args, "named_workloads", None) or {}
     if args.size not in named:
-        print(f"unknown model size {args.size!r}; choose from {sorted(named)}")
+        print(f"loka mods show: unknown model size {args.size!r}; choose from {sorted(named)}", file=sys.stderr)
         return 2
     sample = named[args.size](batch_size=args.batch).make_batch(0)
     for name in names:

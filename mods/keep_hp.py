@@ -24,7 +24,7 @@ from typing import Callable
 from torch import nn
 
 from loka.mods.graph import Dataflow, record
-from loka.mods.result import ModResult, SiteChange
+from loka.mods.result import ModResult
 
 NAME = "keep_hp"
 EXACT = True
@@ -65,5 +65,5 @@ def module_filter_fn(policy: dict[str, str]) -> Callable[[nn.Module, str], bool]
 def apply(model: nn.Module, report=None, *, sample, min_dim: int = DEFAULT_MIN_DIM, flow: Dataflow | None = None) -> ModResult:
     """The policy as a ModResult (no change to the model; ``data["policy"]`` is the {fqn: reason} map)."""
     policy = keep_in_hp(model, sample=sample, min_dim=min_dim, flow=flow)
-    changes = tuple(SiteChange(fqn, "FP8 candidate", f"keep bf16: {why}") for fqn, why in policy.items())
-    return ModResult(NAME, EXACT, "sites kept in bf16 by default (model unchanged)", changes, (), {"policy": policy})
+    advice = tuple((fqn, f"keep bf16: {why}") for fqn, why in policy.items())
+    return ModResult(NAME, EXACT, "sites kept in bf16 by default (model unchanged)", (), (), {"policy": policy}, advice)

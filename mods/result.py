@@ -27,7 +27,10 @@ class ModResult:
 
     ``exact``: the rewrite is a reparametrization (same function in fp64, up to
     what ``what_changed`` states); False means the model's function changed.
-    ``skipped``: (fqn, reason) for every matching site the mod left alone.
+    ``changes``: only sites the mod rewrote (a change whose before equals its after is
+    refused). ``skipped``: (fqn, reason) for every matching site the mod left alone.
+    ``advice``: (fqn, advice) for sites a mod decided about without changing the model
+    (e.g. keep_hp's "keep bf16"), so they are never mistaken for changes.
     """
 
     name: str
@@ -36,6 +39,13 @@ class ModResult:
     changes: tuple[SiteChange, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
     data: dict = field(default_factory=dict, compare=False)  # mod-specific numbers (e.g. errors)
+    advice: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        same = [c.fqn for c in self.changes if c.before == c.after]
+        if same:
+            raise ValueError(f"{self.name}: changes {same} have before == after; list only what changed "
+                             "(put decisions that leave the model as it is in advice)")
 
     @property
     def sites(self) -> list[str]:
@@ -46,6 +56,7 @@ class ModResult:
         lines = [f"{self.name} ({kind}): {self.what_changed}"]
         lines += [f"  {c.fqn:<52} {c.before} -> {c.after}" for c in self.changes]
         lines += [f"  {fqn:<52} skipped: {why}" for fqn, why in self.skipped]
+        lines += [f"  {fqn:<52} advice: {what}" for fqn, what in self.advice]
         return "\n".join(lines)
 
     def __str__(self) -> str:

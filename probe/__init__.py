@@ -7,6 +7,7 @@ workload is whatever the caller hands it. See :mod:`loka.probe.probe` for how to
 training loop and docs/probe.md for what is measured.
 """
 
+from loka.probe.census import GemmCensus, gemm_census
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.fit import Fit, fit_values, predict_gemm_error
 from loka.probe.probe import Probe
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "SCHEMA_VERSION",
     "Fit",
+    "GemmCensus",
     "Probe",
     "ProbeConfig",
     "ProbeReport",
@@ -30,6 +32,7 @@ __all__ = [
     "Timing",
     "Workload",
     "find_sites",
+    "gemm_census",
     "fit_values",
     "predict_gemm_error",
     "time_fn",

@@ -177,4 +177,6 @@ def build_report(probe, **meta):
         "sampled_steps": sorted(probe.sampled_steps),
         "sites": [site_entry(probe, fqn) for fqn in probe.state],
     }
+    if probe.census is not None:
+        doc["coverage"] = probe.census.summary()  # every GEMM of a forward, its share, what loka converts
     return ProbeReport(doc)

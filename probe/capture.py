@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from loka.probe.sites import channels_first
+
 
 @dataclass
 class MicroBatch:
@@ -46,6 +48,7 @@ class MicroBatch:
     rows: torch.Tensor | None = None  # kept row indices (on the operands' device), None when all rows are kept
     dy: torch.Tensor | None = None  # [m, N] output gradient rows, None until/unless backward ran
     dy_full: torch.Tensor | None = None
+    channels_first: bool = False  # a 1x1 Conv1d: x and dy arrive [B, K, L] and are read as [B, L, K]
 
 
 # Reductions over a whole activation or gradient go CHUNK_ELEMENTS at a time, so their
@@ -180,21 +183,23 @@ def record_forward(capture: StepCapture, fqn: str, module: nn.Module, x: torch.T
     Runs on the training thread at every sampled step: no device sync (unless
     ``capture.allow_sync``) and no temporary of the input's size.
     """
-    x = x.detach()
+    conv = channels_first(module)
+    x = x.detach().transpose(-1, -2) if conv else x.detach()  # [..., K] (a view: no copy)
     dtype = _gemm_dtype(x, module.weight)
     records = capture.records.setdefault(fqn, [])
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     rows = _device_rows(_kept_rows(m, capture, fqn, len(records)), x.device)
-    w = module.weight.detach().to(dtype, copy=True)  # the optimizer may update W in place later
+    weight = module.weight.detach()
+    w = weight.reshape(weight.shape[0], -1).to(dtype, copy=True)  # [N, K]; the optimizer may update W later
     rec = MicroBatch(x=take_rows(x, rows, dtype), w=w, m=m, rows=rows,
-                     x_full=exact_counts(x, dtype, allow_sync=capture.allow_sync))
+                     x_full=exact_counts(x, dtype, allow_sync=capture.allow_sync), channels_first=conv)
     records.append(rec)
     return rec
 
 
 def record_grad(capture: StepCapture, rec: MicroBatch, grad: torch.Tensor) -> None:
     """What the output's tensor hook keeps of ``dy``: the rows kept of ``x``, exact counts."""
-    dy = grad.detach()
+    dy = grad.detach().transpose(-1, -2) if rec.channels_first else grad.detach()  # [..., N]
     rec.dy_full = exact_counts(dy, allow_sync=capture.allow_sync)
     rec.dy = take_rows(dy, rec.rows, dy.dtype)  # the total gradient of the output, once per backward
 

@@ -1,6 +1,6 @@
 """``loka probe``: train a model for N steps with the probe attached and write its report.
 
-    loka probe --model small --steps 200 --every 10 --out runs/probe
+    loka probe --size small --steps 200 --every 10 --out runs/probe
     loka probe --model mypkg.models:make_workload --steps 100 --out runs/probe
 
 Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
@@ -28,6 +28,7 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
+    p.add_argument("--size", dest="model", help="ranker size: tiny, small, base or large (as --model SIZE)")
     p.add_argument("--steps", type=int, default=100, help="training steps to run (default 100)")
     p.add_argument("--out", required=True, help="directory for the report files")
     p.add_argument("--every", type=int, default=10, help="sample every N steps (default 10)")
@@ -102,6 +103,8 @@ def run(args) -> int:
                                  seed=args.seed, device=args.device)
         probe = Probe(workload.model, cfg)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka probe: {exc}", file=sys.stderr)
         return 2
     train_with_probe(workload, probe, args.steps, lr=args.lr, device=args.device, autocast=args.autocast)
@@ -116,6 +119,6 @@ def run(args) -> int:
         probe.time_sites(device=args.device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2, iters=5 if args.device == "cpu" else 20)
     report = probe.report(model=workload.name, steps=args.steps, device=args.device)
     paths = report.save(Path(args.out))
-    print(report.to_markdown())
+    print(report.to_markdown(paths["json"]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

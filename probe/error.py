@@ -12,6 +12,28 @@ error over that step's micro-batches. Observations give a t-interval on the mean
 error, and a sequential decision: ``safe`` once the interval's upper bound is below
 the threshold, ``unsafe`` once its lower bound is above it, ``undecided`` otherwise.
 A non-finite operand or output makes the observation ``inf`` and the site unsafe.
+
+Two measures of each GEMM's error, ``E = fp8(a · bᵀ) - a · bᵀ`` over its reduction index k:
+
+- ``output``: ``||E|| / ||a · bᵀ||``, the error the GEMM's consumer sees.
+- ``scale``: ``||E|| / max(||a · bᵀ||, S)`` with ``S = sqrt(Σ_k ||a[:, k]||² ||b[:, k]||²)``,
+  the norm the product would have if its K rank-one terms did not cancel (S <= ||a||·||b||).
+  FP8 rounding error scales with S, not with ||a · bᵀ||, so this one is stable across
+  steps. For uncorrelated terms ``E||a · bᵀ||² = S²``: both measures agree, and one
+  threshold means the same under both. When the terms add up coherently (||a · bᵀ|| > S)
+  the product itself is the larger reference and the measure is the output one.
+
+Verdicts use the measure that answers "does this change training" (``MEASURE``):
+``output`` for fprop and dgrad, whose outputs are the next layer's input and the gradient
+that flows on, so their relative error is what the receiver sees; ``scale`` for wgrad.
+dW = dyᵀx sums one term per example and is consumed only by the optimizer; when the
+terms cancel (a small gradient from large, disagreeing examples) ``output`` swings by
+10x between batches (0.016-0.32 seen on one site) while the error stays a fixed small
+share of S. S is also the size of the minibatch gradient's own sampling noise (the
+norm of a sum of uncorrelated per-example gradients), which training already absorbs:
+an FP8 error well below it changes training less than the choice of batch does. An
+error well below the gradient itself does not change the update's direction either,
+so the larger of the two references is the one that answers the question.
 """
 
 from __future__ import annotations
@@ -25,6 +47,7 @@ from loka.quantize import fake_quantize, group_amax, scale_from_amax
 from loka.recipe import GemmRecipe, Recipe
 
 SAFE, UNSAFE, UNDECIDED = "safe", "unsafe", "undecided"
+MEASURE = {"fprop": "output", "dgrad": "output", "wgrad": "scale"}  # the measure each GEMM's verdict uses
 
 
 def gemm_operands(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, gemm: str):
@@ -82,7 +105,20 @@ def gemm_errors(
     a: torch.Tensor, b: torch.Tensor, recipes: list[GemmRecipe], *, max_rows: int = 1024,
     gen: torch.Generator | None = None,
 ) -> list[tuple[float, float]]:
-    """``[(rel_error, sqnr_db)]`` of ``a · bᵀ`` under each recipe's emulated cast vs fp64 on the same operands.
+    """``[(rel_error, sqnr_db)]`` of ``a · bᵀ`` under each recipe's emulated cast vs fp64 on the same operands."""
+    return [(rel, sqnr) for rel, sqnr, _ in gemm_errors_both(a, b, recipes, max_rows=max_rows, gen=gen)]
+
+
+def term_scale(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``S = sqrt(Σ_k ||a[:, k]||² ||b[:, k]||²)`` of ``a[M,K] · b[N,K]ᵀ``: its norm without cancellation."""
+    return float((a.double().square().sum(0) * b.double().square().sum(0)).sum().sqrt())
+
+
+def gemm_errors_both(
+    a: torch.Tensor, b: torch.Tensor, recipes: list[GemmRecipe], *, max_rows: int = 1024,
+    gen: torch.Generator | None = None,
+) -> list[tuple[float, float, float]]:
+    """``[(rel_error, sqnr_db, scale_error)]``: both measures of the module docstring per recipe.
 
     The fp64 reference and the kept rows are shared by every recipe. The FP8 product
     multiplies the dequantized operands in float32, the accumulation precision of FP8
@@ -96,13 +132,15 @@ def gemm_errors(
     # ||ref|| once for every recipe; a NaN/Inf anywhere (operand or product) shows as a
     # non-finite norm, so no separate scan of the outputs is needed.
     den = float(torch.linalg.vector_norm(ref))
+    scale = term_scale(a_kept, b_kept)
     out = []
     for recipe in recipes:
         a_p, b_p = _pad_single_column_block(a, b, recipe)
         _, a_q = _fake_quantize_rows(a_p, recipe.a, ra)
         _, b_q = _fake_quantize_rows(b_p, recipe.b, rb)
         num = float(torch.linalg.vector_norm((a_q.float() @ b_q.float().T) - ref))  # float32 product, fp64 difference
-        out.append(_relative(num, den))
+        reference = max(scale, den) if math.isfinite(den) else den  # the larger of product and term scale
+        out.append((*_relative(num, den), _relative(num, reference)[0]))
     return out
 
 
@@ -159,6 +197,23 @@ def decide(lo: float, hi: float, n: int, threshold: float, min_samples: int) -> 
     return UNDECIDED
 
 
+def deciding_gemm(gemms: dict[str, dict]) -> str | None:
+    """The GEMM a (site, recipe) verdict rests on, from ``{gemm: summary}`` of measured GEMMs.
+
+    Unsafe: the unsafe GEMM whose lower bound is furthest above its threshold. Else undecided:
+    the undecided GEMM whose upper bound is furthest up relative to its threshold. Else (safe) the
+    GEMM whose upper bound is closest to its threshold. The verdict's reason, the report's table
+    and its plots all name this one GEMM.
+    """
+    measured = {g: s for g, s in gemms.items() if s["n"] > 0}
+    for verdict, bound in ((UNSAFE, "ci_lo"), (UNDECIDED, "ci_hi"), (SAFE, "ci_hi")):
+        pick = [g for g, s in measured.items() if s["verdict"] == verdict]
+        if pick:
+            return max(pick, key=lambda g: (measured[g][bound] / measured[g]["threshold"],
+                                            measured[g]["mean"] / measured[g]["threshold"]))
+    return None
+
+
 @dataclass
 class ErrorTrack:
     """Observations of one (site, recipe, gemm): one relative error and SQNR per sampled step."""
@@ -167,13 +222,19 @@ class ErrorTrack:
     sqnrs: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     weights: list[int] = field(default_factory=list)  # micro-batches behind each observation
+    scale_errors: list[float] = field(default_factory=list)  # ||E|| / S per step (module docstring)
 
-    def add(self, step: int, errs: list[tuple[float, float]]) -> None:
-        """One observation from the micro-batches ``errs`` of ``step`` (their mean)."""
+    def add(self, step: int, errs: list[tuple[float, ...]]) -> None:
+        """One observation from the micro-batches ``errs`` of ``step`` (their mean).
+
+        ``errs``: ``(rel_error, sqnr_db)`` or ``(rel_error, sqnr_db, scale_error)`` per micro-batch.
+        """
         if errs:
-            self._append(step, sum(e for e, _ in errs) / len(errs), len(errs))
+            scale = [e[2] if len(e) > 2 else math.nan for e in errs]
+            self._append(step, sum(e[0] for e in errs) / len(errs), len(errs), sum(scale) / len(scale))
 
-    def _append(self, step: int, rel: float, weight: int) -> None:
+    def _append(self, step: int, rel: float, weight: int, scale: float = math.nan) -> None:
+        self.scale_errors.append(scale)
         self.rel_errors.append(rel)
         self.sqnrs.append(-20.0 * math.log10(rel) if 0 < rel < math.inf else (math.inf if rel == 0 else -math.inf))
         self.steps.append(step)
@@ -182,19 +243,34 @@ class ErrorTrack:
     @classmethod
     def merged(cls, tracks: list["ErrorTrack"]) -> "ErrorTrack":
         """Merge tracks of several ranks: one observation per step, weighted by micro-batches."""
-        by_step: dict[int, list[tuple[float, int]]] = {}
+        by_step: dict[int, list[tuple[float, int, float]]] = {}
         for t in tracks:
-            for step, rel, w in zip(t.steps, t.rel_errors, t.weights):
-                by_step.setdefault(step, []).append((rel, w))
+            scales = t.scale_errors if len(t.scale_errors) == len(t.steps) else [math.nan] * len(t.steps)
+            for step, rel, w, sc in zip(t.steps, t.rel_errors, t.weights, scales):
+                by_step.setdefault(step, []).append((rel, w, sc))
         out = cls()
         for step in sorted(by_step):
             obs = by_step[step]
-            total = sum(w for _, w in obs)
-            out._append(step, sum(r * w for r, w in obs) / total, total)
+            total = sum(w for _, w, _ in obs)
+            out._append(step, sum(r * w for r, w, _ in obs) / total, total, sum(sc * w for _, w, sc in obs) / total)
         return out
 
-    def summary(self, threshold: float, confidence: float, min_samples: int) -> dict:
-        mean, lo, hi = t_interval(self.rel_errors, confidence)
+    def summary(self, threshold: float, confidence: float, min_samples: int, measure: str = "output") -> dict:
+        """Interval and verdict of the ``measure`` (``"output"`` or ``"scale"``) the GEMM is judged by.
+
+        ``mean``/``ci_*``/``sqnr_db``/``verdict`` are of that measure; ``output_rel`` and
+        ``scale_rel`` hold both intervals. Without scale observations (an old track) the
+        output measure is used and ``measure`` says so.
+        """
+        if measure not in ("output", "scale"):
+            raise ValueError(f"measure={measure!r} is not valid; use 'output' or 'scale'")
+        # A relative error is >= 0: each interval is cut at 0, which keeps its coverage (the true
+        # mean is never below 0) and never shows a negative error to a reader.
+        both = {m: _at_least_zero(t_interval(v, confidence))
+                for m, v in (("output", self.rel_errors), ("scale", self.scale_errors))}
+        if measure == "scale" and (not self.scale_errors or any(math.isnan(v) for v in self.scale_errors)):
+            measure = "output"
+        mean, lo, hi = both[measure]
         n = len(self.rel_errors)
         sqnr = -20.0 * math.log10(mean) if n and 0 < mean < math.inf else (math.inf if mean == 0 else -math.inf)
         return {
@@ -205,20 +281,27 @@ class ErrorTrack:
             "n": n,
             "threshold": threshold,
             "verdict": decide(lo, hi, n, threshold, min_samples),
+            "measure": measure,
+            **{f"{m}_rel": {"mean": v[0], "ci_lo": v[1], "ci_hi": v[2]} for m, v in both.items()},
         }
+
+
+def _at_least_zero(interval: tuple[float, float, float]) -> tuple[float, float, float]:
+    mean, lo, hi = interval
+    return mean, max(lo, 0.0), hi
 
 
 def micro_batch_errors(
     x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor | None, recipes: list[Recipe], max_rows: int,
     gen: torch.Generator,
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """``{recipe name: {gemm: (rel_error, sqnr_db)}}`` for every GEMM whose operands were captured."""
-    out: dict[str, dict[str, tuple[float, float]]] = {r.name: {} for r in recipes}
+) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """``{recipe name: {gemm: (rel_error, sqnr_db, scale_error)}}`` for every GEMM whose operands were captured."""
+    out: dict[str, dict[str, tuple[float, float, float]]] = {r.name: {} for r in recipes}
     for gemm in ("fprop", "dgrad", "wgrad"):
         ops = gemm_operands(x, w, dy, gemm)
         todo = [r for r in recipes if not r.gemm(gemm).is_hp]
         if ops is None or not todo:
             continue
-        for r, err in zip(todo, gemm_errors(*ops, [r.gemm(gemm) for r in todo], max_rows=max_rows, gen=gen)):
+        for r, err in zip(todo, gemm_errors_both(*ops, [r.gemm(gemm) for r in todo], max_rows=max_rows, gen=gen)):
             out[r.name][gemm] = err
     return out

@@ -53,15 +53,21 @@ from tqdm.auto import tqdm
 from loka.probe.build import build_report
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
+from loka.probe.capture_matmul import install_matmul, matmul_params
+from loka.probe.census import CensusHooks
 from loka.probe.distributed import reduce_probe
 from loka.probe.error import _t_quantile
 from loka.probe.fit import fit_values
 from loka.probe.overhead import OverheadClock
 from loka.probe.sensitivity import site_sensitivity
 from loka.probe.site_state import SiteState
-from loka.probe.sites import Site, find_sites, unwrap_compiled
+from loka.probe.sites import Site, _matches, find_sites, unwrap_compiled
 from loka.probe.timing import time_site
 from loka.recipe import Recipe
+
+
+def _kept(fqn: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return (not include or _matches(fqn, include)) and not (exclude and _matches(fqn, exclude))
 
 
 class _StepScope:
@@ -90,10 +96,13 @@ class Probe:
         self.model = model
         self.root = unwrap_compiled(model)
         found = find_sites(self.root, self.config.include, self.config.exclude)
-        if not found:
+        # x @ W on a 2-D parameter: sites found when they run (loka.probe.capture_matmul)
+        self._matmul_params = {i: fqn for i, (fqn, _) in matmul_params(self.root).items()
+                               if _kept(fqn, self.config.include, self.config.exclude)}
+        if not found and not self._matmul_params:
             raise ValueError(
-                "no GEMM sites found (no nn.Linear or loka GEMM module matched); check include/exclude "
-                f"patterns include={self.config.include} exclude={self.config.exclude}"
+                "no GEMM sites found (no nn.Linear, 1x1 Conv1d, loka GEMM module or 2-D parameter matched); "
+                f"check include/exclude patterns include={self.config.include} exclude={self.config.exclude}"
             )
         self.modules: dict[str, nn.Module] = {fqn: m for fqn, (_, m) in found.items()}
         self._state: dict[str, SiteState] = {fqn: SiteState(site) for fqn, (site, _) in found.items()}
@@ -110,6 +119,8 @@ class Probe:
         self._pending: Future | None = None
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
+        self._census: CensusHooks | None = None  # every GEMM of one forward (see loka.probe.census)
+        self._matmul_mode = None
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
 
@@ -136,13 +147,22 @@ class Probe:
         return {fqn: s.site for fqn, s in self.state.items()}
 
     def active_sites(self) -> dict[str, nn.Module]:
-        """Sites still being sampled (decided sites stop when ``stop_when_decided``)."""
-        return {fqn: self.modules[fqn] for fqn, s in self.state.items() if not s.done}  # waits: decisions
+        """Module sites still being sampled (decided sites stop when ``stop_when_decided``)."""
+        return {fqn: self.modules[fqn] for fqn, s in self.state.items() if not s.done and fqn in self.modules}
+
+    def _active_matmuls(self) -> dict[int, str]:
+        """``x @ W`` parameters still to sample: not yet seen, or seen and not done."""
+        state = self.state  # waits: decisions
+        return {i: fqn for i, fqn in self._matmul_params.items() if fqn not in state or not state[fqn].done}
+
+    def _anything_open(self) -> bool:
+        return bool(self.active_sites()) or (bool(self._matmul_params) and not self.sampled_steps) or any(
+            fqn in self._state for fqn in self._active_matmuls().values())
 
     @property
     def done(self) -> bool:
         """True when no further step will be sampled (schedule exhausted or all sites decided)."""
-        return len(self.sampled_steps) >= self.config.schedule.max_samples or not self.active_sites()
+        return len(self.sampled_steps) >= self.config.schedule.max_samples or not self._anything_open()
 
     def wants(self, step: int) -> bool:
         """Whether ``step`` will be sampled: due by the schedule (or deferred) and within the budget."""
@@ -150,7 +170,7 @@ class Probe:
             return False
         due = self._due or self.config.schedule.wants(step, len(self.sampled_steps))
         # Only a due step needs the decisions (and so waits for a background analysis).
-        if not due or not self.active_sites():
+        if not due or not self._anything_open():
             return False
         if not self._clock.affordable(self.config.overhead_budget):
             if not self._due:
@@ -167,7 +187,15 @@ class Probe:
             return _StepScope(self, False)
         self._due = False
         self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
+        self._matmul_mode = install_matmul(self.root, self._capture, self._active_matmuls())
+        if self._census is None:
+            self._census = CensusHooks(self.root, probed=set(self.modules) | set(self._matmul_params.values()))
         return _StepScope(self, True)
+
+    @property
+    def census(self):
+        """The :class:`~loka.probe.census.GemmCensus` of the first sampled step's forward (None before)."""
+        return None if self._census is None else self._census.result
 
     def finish(self) -> None:
         """End the current step: remove hooks and fold what was captured into the state.
@@ -207,6 +235,9 @@ class Probe:
         # autograd whichever thread runs it and whatever context the training loop is in.
         with torch.no_grad(), _autocast_off(capture):
             for fqn, records in capture.records.items():
+                if fqn not in self._state:  # an x @ W site seen for the first time
+                    k, n = records[0].w.shape[1], records[0].w.shape[0]
+                    self._state[fqn] = SiteState(Site(fqn, "matmul", int(k), int(n)))
                 st = self._state[fqn]
                 # A (site, recipe) already decided is not measured again (its interval is final).
                 recipes = st.open_recipes(self.recipes, self.config) if self.config.stop_when_decided else self.recipes
@@ -242,8 +273,9 @@ class Probe:
     def measure_sensitivity(self, loss_fn, recipes=None, *, batches=None, seed: int = 0, progress: bool = False) -> dict:
         """Loss change from injecting one site's emulated FP8 fprop at a time (see loka.probe.sensitivity).
 
-        ``loss_fn()`` computes the loss of ``self.model`` on one fixed batch; or, with ``batches``,
-        ``loss_fn(batch)`` is evaluated on each (an interval needs >= 2). Stored in the report.
+        ``loss_fn(batch)`` computes the loss of ``self.model`` on a batch and is evaluated on each
+        of ``batches`` (at least 2, for an interval; 4-8 held-out batches are typical). A list of
+        closures ``[lambda: ..., ...]`` without ``batches`` works too. Stored in the report.
         """
 
         self.finish()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loka.jsonio import decode_floats, encode_floats, loads, read_json
+from loka.probe.error import deciding_gemm
 from loka.probe.html import render_html
 from loka.probe.schema import ReportSchemaError, validate
 
@@ -64,8 +65,8 @@ class ProbeReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "html": out / f"{stem}.html"}
         paths["json"].write_text(self.to_json())
-        paths["md"].write_text(self.to_markdown())
-        paths["html"].write_text(self.to_html())
+        paths["md"].write_text(self.to_markdown(paths["json"]))
+        paths["html"].write_text(self.to_html(paths["json"]))
         return paths
 
     # ---- Markdown -----------------------------------------------------------------------
@@ -77,8 +78,10 @@ class ProbeReport:
                     seen.append(r)
         return seen
 
-    def to_markdown(self) -> str:
-        """A summary table: site, shape, stats, error per recipe with CI, speedup, verdict, reason."""
+    def to_markdown(self, json_path: str | Path | None = None) -> str:
+        """Counts per verdict, the next steps, then a table: site, shape, stats, error per recipe
+        with CI, speedup, verdict, reason. ``json_path``: where this report's JSON is (for the
+        commands the next steps print; default ``probe_report.json``)."""
         recipes = self.recipes()
         cfg = self.doc["config"]
         lines = [
@@ -87,7 +90,11 @@ class ProbeReport:
             f"Sampled steps: {len(self.doc['sampled_steps'])} · confidence {cfg['confidence']:.0%} · "
             f"thresholds (relative GEMM error) {', '.join(f'{g} {t:g}' for g, t in cfg['thresholds'].items())}",
             "",
-            "Error per recipe: the worst GEMM's mean relative error [CI low, CI high] (gemm).",
+            verdict_counts(self.sites),
+            "",
+            *next_steps(self, json_path or "probe_report.json"),
+            "",
+            "Error per recipe: mean relative error [CI low, CI high] of the GEMM the verdict rests on (gemm).",
         ]
         rep = [s["timings"]["representative"] for s in self.sites if s["timings"]]
         if rep and not all(rep):
@@ -96,14 +103,78 @@ class ProbeReport:
         if modeled:
             lines.append(f"Speedups marked (model) are predicted by the {', '.join(sorted(modeled))} "
                          "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
+        cov = self.doc.get("coverage")
+        if cov:
+            lines.append(f"GEMM coverage (one forward, x3 for a step): the probed sites hold {cov['probed_share']:.1%} of "
+                         f"the step's GEMM FLOPs; loka can convert {cov['convertible_share']:.1%}, "
+                         f"{cov['worth_share']:.1%} worth converting. Sites the probe does not measure: "
+                         + (", ".join(f"`{r['site']}` {r['kind']} {r['share']:.1%}" for r in cov["sites"] if not r["probed"]) or "none"))
         lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
                   "|" + "---|" * (len(recipes) + 6)]
         for s in self.sites:
             lines.append(_md_row(s, recipes))
         return "\n".join(lines) + "\n"
 
-    def to_html(self) -> str:
-        return render_html(self)
+    def to_html(self, json_path: str | Path | None = None) -> str:
+        return render_html(self, json_path)
+
+
+# cuBLASLt's FP8 GEMM takes K and N only in multiples of 16 (the rule loka.dispatch's scaled_mm
+# and torchao kernels check); loka.mods.padding pads a Linear to it exactly.
+FP8_ALIGN = 16
+
+
+def _round_up(n: int) -> int:
+    return -(-n // FP8_ALIGN) * FP8_ALIGN
+
+
+def alignment_issue(site: dict) -> str | None:
+    """Why cuBLAS FP8 GEMMs refuse this site's shape and the mod that fixes it; None when aligned."""
+    k, n = site["in_features"], site["out_features"]
+    bad = [f"{d}={v}" for d, v in (("K", k), ("N", n)) if v % FP8_ALIGN]
+    if not bad:
+        return None
+    return (f"{' and '.join(bad)} not a multiple of {FP8_ALIGN}: cuBLAS FP8 GEMMs (scaled_mm) refuse it; "
+            f"the padding mod (loka.mods.padding) pads it exactly to K={_round_up(k)}, N={_round_up(n)}")
+
+
+def verdict_counts(sites: list[dict]) -> str:
+    """One line: how many sites are safe (and how fast), unsafe, undecided, and unaligned."""
+    count = {v: sum(s["verdict"] == v for s in sites) for v in ("safe", "unsafe", "undecided")}
+    speed = {v: sum(s["verdict"] == "safe" and s["speed"] == v for s in sites) for v in ("fast", "slow", "unknown")}
+    unaligned = sum(alignment_issue(s) is not None for s in sites)
+    return (f"**{len(sites)} sites: {count['safe']} safe ({speed['fast']} fast, {speed['slow']} slow, "
+            f"{speed['unknown']} speed unknown), {count['unsafe']} unsafe, {count['undecided']} undecided; "
+            f"{unaligned} with a shape cuBLAS FP8 GEMMs refuse (⚠).**")
+
+
+def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
+    """What a model owner runs next, most useful first; the last step is always the plan."""
+    sites = report.sites
+    steps = []
+    undecided = [s["fqn"] for s in sites if s["verdict"] == "undecided"]
+    if undecided:
+        cap = report.doc["config"]["schedule"].get("max_samples")
+        taken = len(report.doc["sampled_steps"])
+        if cap and taken >= cap:
+            more = f" (raise max_samples, now {cap}, e.g. to {2 * cap})"
+        else:
+            more = f" (train more steps: {taken} sampled steps were taken{f' of the {cap} allowed' if cap else ''})"
+        steps.append(f"{len(undecided)} undecided site(s) need more sampled steps to decide{more}; "
+                     "the plan keeps them in bf16 meanwhile.")
+    unaligned = [s["fqn"] for s in sites if alignment_issue(s) is not None]
+    if unaligned:
+        steps.append(f"{len(unaligned)} site(s) have K or N not a multiple of {FP8_ALIGN} (⚠): "
+                     "`loka.mods.padding.apply(model)` pads them (exact; `loka mods list` describes every mod), "
+                     "then probe the padded model again.")
+    timed = any(s["timings"] and s["timings"]["representative"] for s in sites)
+    if timed:
+        steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
+    else:
+        steps.append(f"`loka plan --report {json_path} --speed-model h100 --out plan.json` chooses a kernel or "
+                     "bf16 per GEMM; this report has no GPU timings, so kernels are ranked by the H100 speed model "
+                     "(on the GPU, `--speed-model measured` times them).")
+    return [f"Next step{'s' if len(steps) > 1 else ''}:"] + [f"{i}. {t}" for i, t in enumerate(steps, 1)]
 
 
 def _fmt(v: float) -> str:
@@ -117,21 +188,22 @@ def _fmt(v: float) -> str:
 def _md_row(s: dict, recipes: list[str]) -> str:
     m = s["m_values"]
     m_str = "?" if not m else (str(m[0]) if len(m) == 1 else f"{m[0]}-{m[-1]}")
-    shape = f"{m_str}×{s['in_features']}×{s['out_features']}"
+    issue = alignment_issue(s)
+    shape = f"{m_str}×{s['in_features']}×{s['out_features']}" + (" ⚠" if issue else "")
     x = s["operands"].get("input", {})
     stats = f"{_fmt(x.get('amax'))} / {_fmt(x.get('crest_factor'))} / {_fmt(x.get('kurtosis'))}" if x else "–"
     cells = []
     for r in recipes:
-        gemms = {g: e for g, e in s["errors"].get(r, {}).items() if e["n"] > 0}
-        if not gemms:
+        gemms = s["errors"].get(r, {})
+        g = deciding_gemm(gemms)
+        if g is None:
             cells.append("–")
             continue
-        g = max(gemms, key=lambda k: gemms[k]["mean"] / gemms[k]["threshold"])
         e = gemms[g]
         mark = {"safe": "✓", "unsafe": "✗", "undecided": "?"}[s["recipe_verdicts"][r]["verdict"]]
         cells.append(f"{mark} {_fmt(e['mean'])} [{_fmt(e['ci_lo'])}, {_fmt(e['ci_hi'])}] ({g})")
     sp = s["speedup"]
     speed = "–" if sp is None else f"{sp:.2f}x" + (" (model)" if s.get("speed_source") == "model" else "")
     verdict = s["verdict"] + (f", {s['speed']}" if s["speed"] != "unknown" else "")
-    reason = s["reason"].replace("|", "/")
+    reason = (s["reason"] + (f"; ⚠ {issue}" if issue else "")).replace("|", "/")
     return f"| `{s['fqn']}` | {shape} | {stats} | " + " | ".join(cells) + f" | {speed} | {verdict} | {reason} |"

@@ -25,19 +25,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loka.probe.error import t_interval
+from loka.probe.sites import channels_first
 from loka.quantize import fake_quantize
 from loka.recipe import GemmRecipe, Recipe, as_recipe
 
 
 def emulated_fprop(module: nn.Module, x: torch.Tensor, recipe: GemmRecipe) -> torch.Tensor:
-    """``y[..., N] = fq(x)[..., K] · fq(W)[N, K]ᵀ + b`` computed like the ``emulated`` kernel."""
+    """``y[..., N] = fq(x)[..., K] · fq(W)[N, K]ᵀ + b`` computed like the ``emulated`` kernel.
+
+    A 1x1 Conv1d site takes and returns channels first (``[B, K, L] -> [B, N, L]``).
+    """
+    conv = channels_first(module)
+    x = x.transpose(-1, -2) if conv else x
     x2d = x.reshape(-1, x.shape[-1])
     a = fake_quantize(x2d.float(), recipe.a)
-    b = fake_quantize(module.weight.detach().float(), recipe.b)
+    w = module.weight.detach()
+    b = fake_quantize(w.reshape(w.shape[0], -1).float(), recipe.b)
     y = (a @ b.t()).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type))
     y = y.reshape(*x.shape[:-1], b.shape[0])
     bias = getattr(module, "bias", None)
-    return y + bias.to(y.dtype) if bias is not None else y
+    y = y + bias.to(y.dtype) if bias is not None else y
+    return y.transpose(-1, -2) if conv else y
 
 
 def _inject_hook(recipe: GemmRecipe):
@@ -60,14 +68,20 @@ def site_sensitivity(
     """Inject one site at a time; per site ``{loss_ref, loss_fp8, loss_delta, rel_loss_delta,
     abs_rel_loss_delta, ci_lo, ci_hi, n}``.
 
-    ``loss_fn()`` computes the model's loss on one fixed batch (a closure), or is a list of such
-    closures (one per batch). ``rel_loss_delta`` is the mean over batches of the signed relative
-    change, with a t-interval ``[ci_lo, ci_hi]`` (infinite with one batch); ``abs_rel_loss_delta``
-    the mean magnitude, i.e. how much the site's FP8 error moves the loss on a batch.
+    ``loss_fn`` is a list of closures, one per batch, each computing the model's loss on its
+    fixed batch (at least 2: one batch gives no interval). ``rel_loss_delta`` is the mean over
+    batches of the signed relative change, with a t-interval ``[ci_lo, ci_hi]``;
+    ``abs_rel_loss_delta`` the mean magnitude, i.e. how much the site's FP8 error moves the loss
+    on a batch.
     """
 
     recipe = as_recipe(recipe)
-    fns = loss_fn if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+    fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+    if len(fns) < 2:
+        raise ValueError(
+            f"sensitivity needs the loss on at least 2 batches for an interval, got {len(fns)}: call "
+            "probe.measure_sensitivity(lambda batch: loss_fn(model, batch), batches=[batch_1, batch_2, ...])"
+        )
     refs = [_loss(f, seed) for f in fns]
     out = {}
     items = list(modules.items())

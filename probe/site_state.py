@@ -9,7 +9,7 @@ import torch
 from loka.recipe import GEMMS, ROLES, Recipe
 from loka.probe.capture import MicroBatch
 from loka.probe.config import ProbeConfig
-from loka.probe.error import SAFE, UNDECIDED, UNSAFE, ErrorTrack, micro_batch_errors
+from loka.probe.error import MEASURE, SAFE, UNDECIDED, UNSAFE, ErrorTrack, deciding_gemm, micro_batch_errors
 from loka.probe.sites import Site
 from loka.probe.stats import OperandStats
 
@@ -70,7 +70,7 @@ class SiteState:
     def gemm_summaries(self, cfg: ProbeConfig) -> dict[str, dict[str, dict]]:
         """recipe -> gemm -> {mean, ci_lo, ci_hi, sqnr_db, n, threshold, verdict}."""
         return {
-            name: {g: t.summary(cfg.threshold(g), cfg.confidence, cfg.min_samples) for g, t in tracks.items()}
+            name: {g: t.summary(cfg.threshold(g), cfg.confidence, cfg.min_samples, MEASURE[g]) for g, t in tracks.items()}
             for name, tracks in self.errors.items()
         }
 
@@ -101,22 +101,16 @@ def combine_verdict(measured: dict[str, dict], nonfinite: int) -> dict:
         return {"verdict": UNSAFE, "reason": f"{nonfinite} non-finite operand values (NaN/Inf) seen"}
     if not measured:
         return {"verdict": UNDECIDED, "reason": "site never ran on a sampled step"}
-    bad = [g for g, s in measured.items() if s["verdict"] == UNSAFE]
-    if bad:
-        g = bad[0]
-        s = measured[g]
+    g = deciding_gemm(measured)
+    s = measured[g]
+    if s["verdict"] == UNSAFE:
         return {"verdict": UNSAFE, "reason": f"{g} error {s['mean']:.3g} (CI low {s['ci_lo']:.3g}) > {s['threshold']:.3g}"}
     missing = [g for g in GEMMS if g not in measured]
-    open_ = [g for g, s in measured.items() if s["verdict"] == UNDECIDED]
-    if open_:
-        g = open_[0]
-        s = measured[g]
-        return {"verdict": UNDECIDED,
-                "reason": f"{g} error {s['mean']:.3g}, CI [{s['ci_lo']:.3g}, {s['ci_hi']:.3g}] straddles {s['threshold']:.3g} "
-                          f"or n={s['n']} too small"}
-    worst = max(measured, key=lambda g: measured[g]["ci_hi"] / measured[g]["threshold"])
-    s = measured[worst]
-    reason = f"all errors below threshold (worst {worst} CI high {s['ci_hi']:.3g} < {s['threshold']:.3g})"
+    if s["verdict"] == UNDECIDED:
+        why = (f"n={s['n']} observations, fewer than needed to decide" if s["ci_hi"] < s["threshold"]
+               else f"CI [{s['ci_lo']:.3g}, {s['ci_hi']:.3g}] straddles {s['threshold']:.3g} (n={s['n']})")
+        return {"verdict": UNDECIDED, "reason": f"{g} error {s['mean']:.3g}, {why}"}
+    reason = f"all errors below threshold (worst {g} CI high {s['ci_hi']:.3g} < {s['threshold']:.3g})"
     if missing:
         return {"verdict": UNDECIDED, "reason": f"{', '.join(missing)} not measured (no backward on sampled steps); " + reason}
     return {"verdict": SAFE, "reason": reason}

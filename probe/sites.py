@@ -2,7 +2,9 @@
 
 A *site* is one module whose forward is a Linear GEMM ``y = x Wᵀ (+ b)``: every
 ``nn.Linear`` and every loka GEMM module (``loka.nn.Float8Linear``, or any module
-class that sets ``loka_gemm_site = True`` and has a 2-D ``weight`` of shape [N, K]).
+class that sets ``loka_gemm_site = True`` and has a 2-D ``weight`` of shape [N, K]),
+and every 1x1 ``nn.Conv1d`` (stride 1, no padding, one group: ``x [B, K, L]`` is the
+GEMM ``x[B*L, K] · W[N, K]ᵀ`` with channels first; see :func:`channels_first`).
 Sites are named by their fully-qualified name (fqn) in the model and filtered with
 fnmatch globs, the same way ``loka.convert``'s ``module_filter_fn`` sees them.
 """
@@ -27,9 +29,17 @@ def _loka_gemm_types() -> tuple[type, ...]:
     return tuple(t for t in (getattr(mod, "Float8Linear", None),) if isinstance(t, type))
 
 
+def channels_first(module: nn.Module) -> bool:
+    """A 1x1 ``Conv1d`` GEMM site: its operands have channels (K, N) on dim -2, not last."""
+    if not isinstance(module, nn.Conv1d):
+        return False
+    plain = module.kernel_size == (1,) and module.stride == (1,) and module.groups == 1
+    return plain and module.padding in ((0,), "valid")
+
+
 def is_gemm_module(module: nn.Module) -> bool:
     """Whether ``module`` is a GEMM site (see module docstring)."""
-    if isinstance(module, nn.Linear) or isinstance(module, _loka_gemm_types()):
+    if isinstance(module, nn.Linear) or isinstance(module, _loka_gemm_types()) or channels_first(module):
         return True
     w = getattr(module, "weight", None)
     return bool(getattr(type(module), "loka_gemm_site", False)) and w is not None and w.dim() == 2
@@ -68,7 +78,7 @@ def find_sites(
         if exclude and _matches(name, exclude):
             continue
         seen.add(id(module))
-        n, k = module.weight.shape
+        n, k = module.weight.shape[:2]  # a 1x1 conv's weight is [N, K, 1]
         out[name] = (Site(name, type(module).__name__, int(k), int(n)), module)
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from loka.kernels import KERNELS
+from loka.kernels.padded import needs_padding
 from loka.probe.fit import Fit
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
 from loka.timer import Timing, device_name, time_fn
@@ -78,6 +79,8 @@ def time_site(
                 ok, why = kernel.available(dev)
                 if ok:
                     ok, why = kernel.supports(g, gemm_shape(gemm, *shape), dtype, dev)
+                if ok and not needs_padding(kernel, g, gemm_shape(gemm, *shape), dtype, dev):
+                    ok, why = False, "aligned shape: the unpadded kernel runs the same GEMM"
                 if not ok or g.is_hp:
                     out["skipped"][f"{gemm}/{name}/{recipe.name}"] = why or "hp GEMM"
                     continue

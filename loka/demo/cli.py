@@ -42,6 +42,8 @@ def _run_ranker(args: argparse.Namespace) -> int:
     try:
         cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8, **given)
     except ValueError as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         print(f"loka demo: {exc}")
         return 2
     run(cfg)

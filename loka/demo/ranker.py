@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -28,10 +29,7 @@ from loka import mods
 from loka.demo.fp8 import choose_fp8
 from loka.demo.summary import print_summary
 from loka.dispatch import Budget, plan
-from loka.dispatch.microbench import model_timings
 from loka.gate import gate
-from loka.kernels import KERNELS
-from loka.kernels.costmodel import H100_SXM
 from loka.models import SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
 from loka.models.serve import ScoringServer
@@ -150,8 +148,8 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
     workload = Workload(work, stream.batch, loss_fn, name=f"ranker-{cfg.size}")
     train_with_probe(workload, probe, cfg.probe_steps, lr=1e-4, device=cfg.device, autocast=cfg.device == "cuda",
                      progress=cfg.progress)
-    batch = stream.batch(cfg.probe_steps + 1)
-    probe.measure_sensitivity(lambda: loss_fn(work, batch), progress=cfg.progress)
+    held_out = [stream.batch(cfg.probe_steps + 1 + i) for i in range(4)]  # an interval needs >= 2 batches
+    probe.measure_sensitivity(lambda b: loss_fn(work, b), batches=held_out, progress=cfg.progress)
     if time_kernels:
         probe.time_sites(device=cfg.device, progress=cfg.progress, warmup=5, iters=20)
     print("building the report: verdicts, intervals, distribution fits of every operand ...", flush=True)
@@ -160,7 +158,7 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
         stem = out / f"probe_{label}"
         paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
         paths["json"].write_text(report.to_json())
-        paths["md"].write_text(report.to_markdown())
+        paths["md"].write_text(report.to_markdown(paths["json"]))
         return report, paths
     print("writing the HTML report (plots) ...", flush=True)
     return report, report.save(out, stem=f"probe_{label}")
@@ -174,12 +172,31 @@ def apply_mods(model: nn.Module, report, sample) -> list:
     results = [policy]
     results.append(mods.scale_migration.apply(model, report, sample=sample))
     results.append(mods.padding.apply(model, sample=sample, module_filter_fn=lambda m, fqn: fqn not in keep))
-    for r in results:
-        print(r.table())
+    changed = [r for r in results[1:] if r.changes]
+    if changed:
+        for r in results:
+            print(r.table())
+    else:
+        print(f"no mod changes this model ({mods_skip_reason(results)}); {len(keep)} sites stay bf16 by the "
+              "keep-in-hp policy (listed in the plan)")
     return results
 
 
-def make_plan(report, cfg: DemoConfig, keep: dict, out: Path):
+def mods_skip_reason(results) -> str:
+    """One line: why each mod after the keep-in-hp policy changed nothing (its skip reasons, counted)."""
+    parts = []
+    for r in results[1:]:
+        reasons: dict[str, int] = {}
+        for _, why in r.skipped:
+            key = re.sub(r"spread [\d.]+ <", "spread <", why.removeprefix("probe report: "))
+            key = "kept bf16 by the keep-in-hp policy" if key == "excluded by module_filter_fn" else key
+            reasons[key] = reasons.get(key, 0) + 1
+        what = "; ".join(f"{n}x {k}" for k, n in reasons.items()) or "nothing it applies to"
+        parts.append(f"{r.name} skipped {sum(reasons.values())} ({what})")
+    return "; ".join(parts)
+
+
+def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path):
     """Stage 5: the fastest kernel per GEMM within the default budget; keep-in-hp sites stay bf16.
 
     On a GPU the kernels are timed there. On a CPU, timings say nothing about a
@@ -187,15 +204,16 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path):
     and the plan says so.
     """
 
-    timings = None
+    speed = "h100" if cfg.device == "cpu" else "measured"
     if cfg.device == "cpu":
-        names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and k.available("cpu")]
-        timings = model_timings(report, names, H100_SXM)
-        print(f"timings: {H100_SXM.name} for kernels {names} (CPU timings are not representative)")
-    p = plan(report, Budget(), timings=timings, measure=cfg.device == "cuda", device=cfg.device,
-             progress=cfg.progress, keep_bf16=keep)
+        print("timings: the H100 speed model for the FP8 kernels available here (CPU timings are not representative)")
+    p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep)
     path = p.save(out / "plan.json")
+    keep_path = out / "keep_bf16.json"
+    keep_path.write_text(json.dumps(keep, indent=1, sort_keys=True))
     print(p.summary())
+    print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
+          f"--device {cfg.device} --out {path}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
@@ -208,7 +226,7 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
             f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
             "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
             "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
-            + ("On a CUDA device `loka demo` uses the `base` ranker, whose interaction MLPs (K ~1000-1150, "
+            + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
                "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
 
@@ -238,7 +256,7 @@ def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: 
         outputs[label] = report
         print(f"{label}:\n{report.table()}")
     paths = [out / "eval_bf16.npz", out / "eval_fp8.npz"]
-    print(f"same as: loka gate {paths[0]} {paths[1]} --allow-different-models")
+    print(f"same as: loka gate --baseline {paths[0]} --candidate {paths[1]} --allow-different-models")
     result = gate(*paths, allow_different_models=True)  # padding mods change the module tree, not the function
     (out / "gate.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     print(result.table())
@@ -289,20 +307,24 @@ def run(cfg: DemoConfig | None = None) -> dict:
     if not gpu:
         print("(kernel timing skipped on CPU: CPU timings say nothing about a GPU, so the probe's speed column and "
               "the plan use the H100 speed model; on a GPU both probes time every candidate kernel)")
-    report_before, _ = probe_model(warm.model, cfg, out, "before_mods", time_kernels=gpu, html=False)
-    print(report_before.to_markdown())
+    report_before, paths_before = probe_model(warm.model, cfg, out, "before_mods", time_kernels=gpu, html=False)
+    print(report_before.to_markdown(paths_before["json"]))
 
     stages.start("3. mods: keep-in-hp policy, scale migration, padding (all exact)")
     modded = copy.deepcopy(warm.model)
     mod_results = apply_mods(modded, report_before, sample)
     keep = mod_results[0].data["policy"]
 
-    stages.start("4. probe the modded model")
-    report, report_paths = probe_model(modded, cfg, out, "after_mods", time_kernels=gpu)
+    if any(r.changes for r in mod_results[1:]):  # the keep-in-hp policy changes nothing in the model
+        stages.start("4. probe the modded model")
+        report, report_paths = probe_model(modded, cfg, out, "after_mods", time_kernels=gpu)
+    else:
+        stages.start("4. probe the modded model: skipped, the mods changed nothing (the first probe's report is used)")
+        report, report_paths = report_before, report_before.save(out, stem="probe_before_mods")
     print(f"probe report: {report_paths.get('html')}")
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
-    plan, plan_path = make_plan(report, cfg, keep, out)
+    plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"])
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
     fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8)
 

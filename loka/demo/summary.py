@@ -50,9 +50,21 @@ def summary_rows(report, plan, fp8) -> list[dict]:
             "plan": _plan_cell(sp),
             "why": _why(sp),
             "speedup": sp.expected_speedup(),
-            "fp8_model": "bf16" if trained is None else ("plan" if trained == "plan" else f"FP8 {trained}"),
+            "fp8_model": _trained_cell(trained, site.get("best_recipe")),
         })
     return rows
+
+
+def _trained_cell(trained: str | None, probe_pick: str | None) -> str:
+    """What the FP8 model ran at a site, and why when it is not the recipe the probe lists."""
+    if trained is None:
+        return "bf16"
+    if trained == "plan":
+        return "plan"
+    if probe_pick and trained != probe_pick:
+        return (f"FP8 {trained} (its lowest-error safe recipe on torch._scaled_mm; "
+                f"the probe lists {probe_pick}, its fastest safe one)")
+    return f"FP8 {trained}"
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -104,6 +116,29 @@ def ne_lines(gate_result, eval_examples: int) -> list[str]:
     return lines
 
 
+def effect_line(cfg, plan, fp8, gate_result) -> str:
+    """FP8's effect in one sentence: what ran in FP8, its expected speed, and what the NE interval allows."""
+    what = "the plan" if fp8.kind == "plan" else "every accuracy-safe site, not the plan"
+    n = len(fp8.sites)
+    if n == 0:
+        return "FP8's effect: nothing ran in FP8, so there is no effect to show."
+    where = "H100 speed model" if cfg.device == "cpu" else "timed on this GPU"
+    speed = fp8.expected_speedup if fp8.kind != "plan" else plan.totals()["speedup"]
+    pace = "-" if speed is None else f"{speed:.2f}x ({'faster' if speed > 1 else 'slower'} than bf16, {where})"
+    ne = [c for c in gate_result.checks if c.kind == "model" and c.name.startswith("ne")]
+    worst = max(ne, key=lambda c: c.ci_hi) if ne else None
+    if worst is None:
+        quality = "no NE check ran"
+    elif gate_result.verdict == "pass":
+        quality = f"NE within budget on every task (worst upper bound {worst.ci_hi:+.4%} on {worst.name})"
+    elif gate_result.verdict == "regression":
+        quality = f"NE worse than the budget allows ({worst.name} {worst.estimate:+.4%}, CI [{worst.ci_lo:+.4%}, {worst.ci_hi:+.4%}])"
+    else:
+        quality = (f"NE inconclusive: {worst.name} {worst.estimate:+.4%}, CI [{worst.ci_lo:+.4%}, {worst.ci_hi:+.4%}] "
+                   f"straddles the budget {worst.budget} on this held-out set")
+    return f"FP8's effect ({n} sites in FP8: {what}): GEMM speed {pace}; {quality}."
+
+
 def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_result, served, report_paths,
                   stages) -> dict:
     """Print the end-of-demo summary and write it to ``out/summary.json``; returns it."""
@@ -115,6 +150,7 @@ def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_re
     speed, measured = speed_lines(cfg, plan, fp8, runs)
     print("\n" + "\n".join(speed))
     print("\n".join(ne_lines(gate_result, cfg.eval_examples)))
+    print(effect_line(cfg, plan, fp8, gate_result))
     lat = sorted(served["latency_ms"])
     print(f"served {len(lat)} requests of 64 candidates from the FP8 model: median {lat[len(lat) // 2]:.1f} ms")
     html = report_paths.get("html")

@@ -2,8 +2,9 @@
 
     loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
               [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
-    loka gate --baseline run/checkpoint.pt --baseline-precision bf16 \\
-              --candidate run/checkpoint.pt --candidate-precision plan.json --eval-examples 100000
+    loka gate --baseline bf16_seed1.npz bf16_seed2.npz --candidate fp8_seed1.npz fp8_seed2.npz   # replicates
+    loka gate --baseline run/checkpoint.pt --baseline-plan bf16 \\
+              --candidate run/checkpoint.pt --candidate-plan plan.json --eval-examples 100000
 
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
@@ -22,6 +23,7 @@ from typing import Callable
 
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
+from loka.gate.replicates import gate_replicates
 from loka.gate.result import EXIT_ERROR
 from loka.gate.sites import error_entries
 
@@ -41,13 +43,18 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
             "Exit 0 pass, 1 regression (or inconclusive), 2 could not evaluate."
         ),
     )
-    p.add_argument("--baseline", required=True,
-                   help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint")  # fmt: skip
-    p.add_argument("--candidate", required=True, help="saved evaluation outputs or a ranker checkpoint")
-    p.add_argument("--baseline-precision", default=None,
+    p.add_argument("--baseline", required=True, nargs="+",
+                   help="saved evaluation outputs (.npz from EvalOutputs.save) or a ranker checkpoint; several "
+                        "(runs with other seeds / data orders) for replicate mode")  # fmt: skip
+    p.add_argument("--candidate", required=True, nargs="+",
+                   help="saved evaluation outputs or a ranker checkpoint; several for replicate mode: a model "
+                        "trained in FP8 vs one trained in bf16, with between-run variance in the decision")  # fmt: skip
+    p.add_argument("--baseline-plan", dest="baseline_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
-    p.add_argument("--candidate-precision", default=None,
+    p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
+    for side in ("baseline", "candidate"):  # the old names of --baseline-plan / --candidate-plan
+        p.add_argument(f"--{side}-precision", dest=f"{side}_precision", help=argparse.SUPPRESS)
     p.add_argument("--eval-examples", type=int, default=50_000,
                    help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
     p.add_argument("--eval-seed", type=int, default=None,
@@ -70,7 +77,8 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
-    p.add_argument("--save-outputs", default=None, metavar="DIR",
+    p.add_argument("--save-outputs", dest="save_outputs", help=argparse.SUPPRESS)  # the old name of --out
+    p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
     p.set_defaults(func=run, checkpoint_loader=checkpoint_loader)
@@ -127,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
             inconclusive_passes=args.allow_inconclusive,
         )
         _check_reports(args.report_baseline, args.report_candidate)  # before any slow evaluation
-        base, base_name = _side(args, "baseline", args.baseline, args.baseline_precision)
-        cand, cand_name = _side(args, "candidate", args.candidate, args.candidate_precision)
+        if len(args.baseline) > 1 or len(args.candidate) > 1:
+            return _run_replicates(args, budget)
+        base, base_name = _side(args, "baseline", args.baseline[0], args.baseline_precision)
+        cand, cand_name = _side(args, "candidate", args.candidate[0], args.candidate_precision)
         if args.save_outputs:
             _save_outputs(args.save_outputs, base, cand)
         result = gate(
@@ -140,13 +150,28 @@ def run(args: argparse.Namespace) -> int:
             allow_different_models=args.allow_different_models,
         )
     except (GateInputError, ValueError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise  # --debug: the traceback
         return _error(str(exc))
     result = replace(result, baseline=base_name, candidate=cand_name)
+    return _print_result(result, args.json)
+
+
+def _print_result(result, json_path: str | None) -> int:
     print(result.table())
-    if args.json:
+    if json_path:
         try:
-            with open(args.json, "w") as f:
+            with open(json_path, "w") as f:
                 f.write(result.to_json())
         except OSError as exc:
-            return _error(f"cannot write {args.json}: {exc}")
+            return _error(f"cannot write {json_path}: {exc}")
     return result.exit_code
+
+
+def _run_replicates(args: argparse.Namespace, budget: GateBudget) -> int:
+    """Replicate mode (loka.gate.replicates): several runs a side, between-run variance included."""
+    if args.report_baseline or args.report_candidate or args.save_outputs:
+        raise ValueError("replicate mode gates NE over runs; drop --report-* and --save-outputs (they compare one pair)")
+    base = [_side(args, "baseline", b, args.baseline_precision)[0] for b in args.baseline]
+    cand = [_side(args, "candidate", c, args.candidate_precision)[0] for c in args.candidate]
+    return _print_result(gate_replicates(base, cand, budget), args.json)

@@ -55,7 +55,14 @@ class DeviceModel:
 
 
 H100_SXM = DeviceModel("H100 SXM (speed model)", bf16_tflops=735.0, fp8_tflops=1252.0, hbm_tbps=3.0)
-DEVICE_MODELS = {"h100": H100_SXM}
+# H200 SXM: ceilings measured on one H200 (torch 2.11, CUDA 13.0, 2026-11-30, bench/gemm_triton.py
+# with CUDA events): bf16 8192³ 770-800 TFLOP/s (785 taken), FP8 scaled_mm 1353 TFLOP/s at
+# 8192x4096x4096 (0.2032 ms), device copy 4.3 TB/s. Latencies are the H100 fit, not refitted: the
+# model gives pre-quantized FP8/bf16 0.79x, 1.03x, 1.32x, 1.66x, 1.51x at M=8192 K=N=256, 512,
+# 1024, 4096 and M=32768 K=N=1024 where that run measured 0.89x, 0.85x, 0.85x, 1.69x, 1.44x: it
+# is too optimistic about FP8 at K, N 512-1024 (tests/dispatch/test_costmodel.py pins both).
+H200_SXM = DeviceModel("H200 SXM (speed model)", bf16_tflops=785.0, fp8_tflops=1353.0, hbm_tbps=4.3)
+DEVICE_MODELS = {"h100": H100_SXM, "h200": H200_SXM}
 
 HP_BYTES, FP8_BYTES, OUT_BYTES = 2, 1, 2
 

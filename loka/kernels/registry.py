@@ -16,6 +16,7 @@ from loka.kernels.backend_torchao import (
 )
 from loka.kernels.backend_te import TEKernel
 from loka.kernels.kernel import KERNELS
+from loka.kernels.padded import PaddedKernel
 from loka.kernels.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
 for _kernel in (
@@ -32,3 +33,7 @@ for _kernel in (
     TritonFusedQuantFastAccumKernel(),
 ):
     KERNELS.register(_kernel)
+
+# K and N zero-padded to multiples of 16 inside the call (loka.kernels.padded): odd widths such as 429
+for _name in ("scaled_mm", "scaled_mm_fast_accum"):
+    KERNELS.register(PaddedKernel(KERNELS.get(_name)))

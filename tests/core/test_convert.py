@@ -35,13 +35,34 @@ def test_convert_all_reports_converted_and_skipped():
 def test_filter_fn_and_fallback():
     model = mlp()
     result = convert(model, "tensorwise", kernels="scaled_mm", fallback="hp", module_filter_fn=lambda m, fqn: fqn != "0")
-    assert result.skipped == {"0": "excluded by module_filter_fn"}
-    assert sorted(result.converted) == ["3.0", "4"]
+    assert result.skipped["0"] == "excluded by module_filter_fn"
+    # 128 -> 40: fprop (N=40) and dgrad (K=40) cannot run on scaled_mm; wgrad [K=M, N=128] can
+    assert result.converted == ["3.0"]
+    assert result.fp8_gemms("3.0") == ["wgrad"]
+    assert set(result.hp_gemms["3.0"]) == {"fprop", "dgrad"} and "N=40" in result.hp_gemms["3.0"]["fprop"]
+    assert "partly converted (wgrad in FP8" in result.table()
+    # 40 -> 16: every GEMM has 40 on K or N, so nothing would run in FP8: not counted, not swapped
+    assert result.skipped["4"].startswith("no GEMM would run in FP8") and type(model[4]) is nn.Linear
+    assert result.n_fp8_gemms == 1
     y = model(torch.randn(16, 64))
     assert y.shape == (16, 16) and torch.isfinite(y).all()
-    assert "K=40" in model[4].fallbacks["fprop"]
+    assert "N=40" in model[3][0].fallbacks["fprop"]
+    # wgrad's K is the batch size: 16 runs in FP8, a ragged batch of 13 falls back at run time
+    assert "wgrad" not in result.observed(model)["3.0"]
+    model(torch.randn(13, 64)).sum().backward()
+    assert "K=13" in result.observed(model)["3.0"]["wgrad"] and "run time" in result.observed(model)["3.0"]["wgrad"]
     again = convert(model, "tensorwise")
-    assert again.skipped["4"] == "already a Float8Linear"
+    assert again.skipped["3.0"] == "already a Float8Linear"
+
+
+def test_kernel_chosen_hp_is_not_counted_as_fp8():
+    model = mlp()
+    result = convert(model, "tensorwise", kernels={"fprop": "emulated", "dgrad": "emulated", "wgrad": "bf16"})
+    assert sorted(result.converted) == ["0", "3.0", "4"]
+    for fqn in result.converted:
+        assert result.fp8_gemms(fqn) == ["fprop", "dgrad"]
+        assert "bf16" in result.hp_gemms[fqn]["wgrad"]
+    assert result.n_fp8_gemms == 6
 
 
 def test_emulated_converts_every_shape_and_trains():

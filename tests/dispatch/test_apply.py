@@ -32,6 +32,9 @@ def test_apply_converts_planned_sites_with_mixed_kernels():
     res = loka.convert(model, plan=p)
     assert res.converted == ["0", "2.0"]
     assert res.skipped["3"].startswith("plan keeps bf16")
+    # counted by GEMM: wgrad is kept bf16 by the plan, so it is not counted as FP8
+    assert res.fp8_gemms("0") == ["fprop", "dgrad"] and "kept bf16: test" in res.hp_gemms["0"]["wgrad"]
+    assert res.n_fp8_gemms == 4
     m0 = model[0]
     assert isinstance(m0, Float8Linear)
     assert {g: m0.kernels[g].name for g in ("fprop", "dgrad", "wgrad")} == {"fprop": "scaled_mm", "dgrad": "scaled_mm", "wgrad": "bf16"}

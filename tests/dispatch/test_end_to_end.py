@@ -36,8 +36,7 @@ def _probe_tiny():
                       include=PROBED, min_samples=2, max_rows=64, fit_values=128)
     probe = Probe(wl.model, cfg)
     train_with_probe(wl, probe, 2, lr=1e-3, device="cpu", autocast=False, progress=False)
-    batch = wl.make_batch(2)
-    probe.measure_sensitivity(lambda: wl.loss_fn(wl.model, batch))
+    probe.measure_sensitivity(lambda b: wl.loss_fn(wl.model, b), batches=[wl.make_batch(2), wl.make_batch(3)])
     return wl, probe.report(model="tiny")
 
 

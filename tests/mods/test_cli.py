@@ -31,4 +31,4 @@ def test_show_unknown_mod(capsys):
 def test_show_without_models_names_what_is_offered(capsys):
     """loka.mods knows no model: with none offered, ``show`` says so instead of importing one."""
     assert _run(["mods", "show", "--size", "tiny", "--mod", "padding"], named_workloads={}) == 2
-    assert "unknown model size 'tiny'" in capsys.readouterr().out
+    assert "unknown model size 'tiny'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Keep-in-hp policy: raw dense first projection, task heads and tiny GEMMs, each with a reason."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -65,3 +66,16 @@ def test_linear_feeding_a_linear_directly_is_not_a_head():
     m = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 1))
     policy = keep_in_hp(m, sample=torch.randn(2, 8), min_dim=0, raw_inputs=False)
     assert set(policy) == {"1"}
+
+
+def test_keep_hp_changes_nothing_and_says_so():
+    res = get_mod("keep_hp")(Tower(), sample=(torch.randint(0, 10, (2,)), torch.randn(2, 8)))
+    assert not res.changes and res.sites == []  # the model is unchanged: nothing listed as changed
+    assert res.advice and dict(res.advice).keys() == res.data["policy"].keys()
+
+
+def test_mod_result_refuses_a_change_that_is_none():
+    from loka.mods.result import SiteChange
+
+    with pytest.raises(ValueError, match="before == after"):
+        ModResult("x", True, "nothing", (SiteChange("a", "K=16", "K=16"),))

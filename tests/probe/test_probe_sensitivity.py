@@ -4,6 +4,8 @@
 float64 GEMMs, no loka.quantize, so a wrong quantizer in the probe cannot agree with itself.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -17,18 +19,20 @@ from probe_toy import ToyMLP, loss_fn, make_batch
 def test_injected_loss_equals_loss_after_converting_the_site(recipe):
     torch.manual_seed(0)
     model = ToyMLP()
-    batch = make_batch(0)
+    batches = [make_batch(0), make_batch(1)]
     modules = {"inp": model.inp, "hidden": model.hidden, "out": model.out}
-    sens = site_sensitivity(modules, lambda: loss_fn(model, batch), recipe)
+    sens = site_sensitivity(modules, [lambda b=b: loss_fn(model, b) for b in batches], recipe)
     for fqn, entry in sens.items():
         with torch.no_grad():
-            real = loss_fn(oracle_convert(model, fqn, recipe), batch).item()
-            ref = loss_fn(model, batch).item()
+            real = sum(loss_fn(oracle_convert(model, fqn, recipe), b).item() for b in batches) / 2
+            ref = sum(loss_fn(model, b).item() for b in batches) / 2
         # Same FP8 operands, float32 vs float64 accumulation: a few float32 ulps of a loss near 0.7.
         assert entry["loss_fp8"] == pytest.approx(real, rel=0, abs=3e-7), fqn
-        assert entry["loss_ref"] == ref
+        assert entry["loss_ref"] == pytest.approx(ref, rel=0, abs=1e-7)
         assert entry["loss_delta"] == pytest.approx(real - ref, rel=0, abs=3e-7)
         assert abs(real - ref) > 3e-6, fqn  # the FP8 error does move the loss, 10x above the tolerance
+        assert entry["n"] == 2 and entry["ci_lo"] <= entry["rel_loss_delta"] <= entry["ci_hi"]
+        assert all(map(math.isfinite, (entry["ci_lo"], entry["ci_hi"])))  # two batches: a finite interval
 
 
 def test_sensitivity_leaves_the_model_unchanged_and_lands_in_the_report():
@@ -38,11 +42,15 @@ def test_sensitivity_leaves_the_model_unchanged_and_lands_in_the_report():
     probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=1), candidates=("rowwise",)))
     with probe.step(0):
         loss_fn(model, batch).backward()
-    probe.measure_sensitivity(lambda: loss_fn(model, batch))
+    with pytest.raises(ValueError, match=r"at least 2 batches.*batches=\["):
+        probe.measure_sensitivity(lambda: loss_fn(model, batch))  # one batch: no interval, so refused
+    probe.measure_sensitivity(lambda b: loss_fn(model, b), batches=[batch, batch])
     assert not any(m._forward_hooks for m in model.modules())
     assert loss_fn(model, batch).item() == before
     s = probe.report().site("hidden")["sensitivity"]["rowwise"]
-    assert s["loss_ref"] == pytest.approx(before) and "rel_loss_delta" in s
+    assert s["loss_ref"] == pytest.approx(before) and s["n"] == 2
+    # The same batch twice: no spread, so the interval is the point itself (finite, not n=1's infinite one).
+    assert s["ci_lo"] == pytest.approx(s["rel_loss_delta"]) == pytest.approx(s["ci_hi"])
 
 
 def test_systematic_loss_increase_makes_the_site_unsafe():

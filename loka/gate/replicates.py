@@ -1,0 +1,139 @@
+"""The gate for models *trained* in FP8: replicate runs, between-run variance included.
+
+The paired gate (``loka.gate.compare``) answers "on these held-out examples, does this
+candidate checkpoint score worse than this baseline checkpoint?": right for a fixed
+checkpoint evaluated in FP8 vs bf16, where both sides share the trained weights. A
+model *trained* in FP8 against one trained in bf16 differs also by run-to-run training
+noise (seed, data order), which one pair cannot see: three data orders of one FP8
+variant gave ΔNE +0.18%, -0.027%, +0.139% (sd 0.11%), each with a paired interval of
+±0.01-0.02%, so a single pair's verdict flipped between PASS and REGRESSION by chance.
+
+Replicate mode answers "does training this way change the NE a trained model reaches?".
+It takes several baseline runs and several candidate runs (different seeds or data
+orders, same held-out examples) and per task estimates
+
+    Δ = mean_j NE(c_j) / mean_i NE(b_i) - 1
+
+with a variance that adds the two sources:
+
+- between runs: ``s_b² / n_b + s_c² / n_c`` from the spread of the runs' NE (Welch), the
+  training noise a single pair hides;
+- the eval set: a bootstrap over examples (the same resample scores every run), the
+  noise of having scored these examples and not others.
+
+The interval is ``Δ ± t(df) · se`` with Welch-Satterthwaite degrees of freedom of the
+between-run part (the eval part has thousands). It needs at least two runs per side:
+with one, between-run variance cannot be estimated and the paired gate is the honest
+answer to a narrower question.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from loka.gate.budget import GateBudget
+from loka.gate.outputs import EvalOutputs
+from loka.gate.result import Check, GateResult, classify_upper
+from loka.gate.stats import _as_labels, _as_probs, _check_probs_range, _group_units, _log_loss, _resampled_sums
+from loka.gate.stats import clip_eps, normalized_entropy
+
+
+class ReplicateError(ValueError):
+    """The runs cannot be compared as replicates (too few, different eval sets)."""
+
+
+def replicate_ne(labels: object, runs_a: list, runs_b: list, *, n_boot: int = 1000, seed: int | None = 0,
+                 confidence: float = 0.95, max_units: int = 20_000) -> dict:
+    """Relative NE change of the mean of runs_b over the mean of runs_a, with its interval.
+
+    ``labels`` [n]; ``runs_*``: lists of prediction arrays [n] on those examples (>= 2 each).
+    Returns ``{estimate, ci_lo, ci_hi, se, se_runs, se_eval, df, ne_a, ne_b}`` (relative
+    quantities are fractions of the mean baseline NE).
+    """
+    _check_counts(len(runs_a), len(runs_b))
+    y = _as_labels(labels)
+    probs = [_as_probs(p, y.size, f"run {k}") for k, p in enumerate(list(runs_a) + list(runs_b))]
+    for p in probs:
+        _check_probs_range(p)
+    eps = [clip_eps(p) for p in list(runs_a) + list(runs_b)]
+    ne = np.array([normalized_entropy(y, p, e) for p, e in zip(probs, eps)])
+    ne_a, ne_b = ne[: len(runs_a)], ne[len(runs_a):]
+    base = ne_a.mean()
+    estimate = ne_b.mean() / base - 1.0
+    var_a, var_b = ne_a.var(ddof=1) / ne_a.size, ne_b.var(ddof=1) / ne_b.size
+    se_runs = math.sqrt(var_a + var_b) / base
+    df = _welch_df(var_a, var_b, ne_a.size, ne_b.size)
+    se_eval = _eval_se(y, probs, eps, len(runs_a), n_boot, seed, max_units)
+    se = math.hypot(se_runs, se_eval)
+    from scipy import stats as sps  # heavy: scipy.stats takes about a second to import; `import loka.gate` stays fast
+
+    half = float(sps.t.ppf(0.5 + confidence / 2, df)) * se
+    return {"estimate": estimate, "ci_lo": estimate - half, "ci_hi": estimate + half, "se": se,
+            "se_runs": se_runs, "se_eval": se_eval, "df": df, "ne_a": ne_a.tolist(), "ne_b": ne_b.tolist()}
+
+
+def _check_counts(n_a: int, n_b: int) -> None:
+    if n_a < 2 or n_b < 2:
+        raise ReplicateError(
+            f"replicate mode needs at least 2 baseline and 2 candidate runs (got {n_a} and {n_b}): train each "
+            "side again with another seed or data order, or use the paired gate for a fixed checkpoint"
+        )
+
+
+def _welch_df(var_a: float, var_b: float, n_a: int, n_b: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of var_a + var_b (each already divided by its n)."""
+    num = (var_a + var_b) ** 2
+    den = (var_a**2 / (n_a - 1) if var_a else 0.0) + (var_b**2 / (n_b - 1) if var_b else 0.0)
+    return num / den if den > 0 else float(n_a + n_b - 2)
+
+
+def _eval_se(y, probs, eps, n_a: int, n_boot: int, seed, max_units: int) -> float:
+    """Bootstrap sd of the relative change over resamples of the examples (every run on the same resample)."""
+    rng = np.random.default_rng(seed)
+    cols = np.stack([np.ones_like(y), y] + [_log_loss(y, p, e) for p, e in zip(probs, eps)], axis=1)
+    sums = _resampled_sums(_group_units(cols, max_units, rng), n_boot, rng)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = sums[:, 1] / sums[:, 0]
+        h = -(rate * np.log(rate) + (1.0 - rate) * np.log1p(-rate))
+        ne = sums[:, 2:] / sums[:, :1] / h[:, None]
+        rel = ne[:, n_a:].mean(1) / ne[:, :n_a].mean(1) - 1.0
+    rel = rel[np.isfinite(rel)]
+    if rel.size < n_boot / 2:
+        raise ReplicateError("the eval set is too small: most resamples held a single class")
+    return float(rel.std(ddof=1))
+
+
+def gate_replicates(baselines: list[EvalOutputs], candidates: list[EvalOutputs],
+                    budget: GateBudget | None = None) -> GateResult:
+    """Replicate-mode gate on NE per task (see the module docstring); every run scored the same examples."""
+    budget = budget or GateBudget()
+    runs = list(baselines) + list(candidates)
+    _check_counts(len(baselines), len(candidates))
+    ref = runs[0]
+    for k, r in enumerate(runs[1:], 1):
+        if r.eval_fingerprint != ref.eval_fingerprint:
+            raise ReplicateError(f"run {k} scored different examples than run 0; score every run on the same held-out set")
+    runs = [ref] + [r.aligned_to(ref.example_ids) for r in runs[1:]]
+    n_a = len(baselines)
+    checks, notes = [], []
+    tasks = budget.tasks or ref.tasks
+    for k, task in enumerate(tasks):
+        seed = None if budget.seed is None else budget.seed + 7919 * k
+        r = replicate_ne(ref.labels[task], [x.probs[task] for x in runs[:n_a]], [x.probs[task] for x in runs[n_a:]],
+                         n_boot=budget.n_boot, seed=seed, confidence=budget.confidence)
+        verdict, _ = classify_upper(ref.n, r["estimate"], r["ci_lo"], r["ci_hi"], budget.ne_rel)
+        checks.append(Check(
+            name=f"ne[{task}] replicates", kind="model", baseline=float(np.mean(r["ne_a"])),
+            candidate=float(np.mean(r["ne_b"])), estimate=r["estimate"], ci_lo=r["ci_lo"], ci_hi=r["ci_hi"],
+            budget=f"<= +{budget.ne_rel * 100:.4f}%", verdict=verdict, n=ref.n, n_needed=None, relative=True,
+        ))  # fmt: skip
+        notes.append(f"{task}: between-run se {r['se_runs']:.3%}, eval-set se {r['se_eval']:.3%} "
+                     f"({n_a} baseline, {len(runs) - n_a} candidate runs; df {r['df']:.1f})")
+    return GateResult(checks=tuple(checks), n_examples=ref.n, confidence=budget.confidence, n_boot=budget.n_boot,
+                      baseline=f"{n_a} runs", candidate=f"{len(runs) - n_a} runs",
+                      inconclusive_passes=budget.inconclusive_passes, notes=tuple(notes))
+
+
+__all__ = ["ReplicateError", "gate_replicates", "replicate_ne"]

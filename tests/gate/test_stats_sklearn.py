@@ -1,0 +1,88 @@
+"""NE, AUC and calibration against scikit-learn (an independent implementation) to 1e-12."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from loka.gate.stats import auc, calibration, normalized_entropy, paired_bootstrap
+
+sk_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def _sk_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    # scikit-learn 1.9 renamed y_pred to y_proba; feature-check rather than version-check
+    if "y_proba" in inspect.signature(sk_metrics.log_loss).parameters:
+        return float(sk_metrics.log_loss(y, y_proba=p, labels=[0, 1]))
+    return float(sk_metrics.log_loss(y, p, labels=[0, 1]))
+
+
+def _sk_ne(y: np.ndarray, p: np.ndarray) -> float:
+    rate = y.mean()
+    return _sk_log_loss(y, p) / _sk_log_loss(y, np.full(y.shape, rate, dtype=np.float64))
+
+
+def _confidently_wrong(seed: int, n: int = 1000, n_wrong: int = 5, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    print("seed", seed)
+    z = rng.normal(size=n) - 1.0
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+    y[:2] = [0.0, 1.0]
+    p = 1.0 / (1.0 + np.exp(-(z + rng.normal(0, 0.3, n))))
+    wrong = rng.choice(np.arange(2, n), n_wrong, replace=False)
+    # certain and almost-certain mistakes: exact 0/1, and values inside (0, 1e-7)
+    p[wrong] = np.where(y[wrong] == 1.0, rng.choice([0.0, 1e-300, 1e-12], n_wrong), rng.choice([1.0, 1 - 1e-15], n_wrong))
+    return y, p.astype(dtype)
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_ne_matches_sklearn_with_confident_mistakes(draw):
+    y, p = _confidently_wrong(int(np.random.randint(2**31)))
+    ref = _sk_ne(y, p)
+    assert math.isfinite(ref)
+    assert normalized_entropy(y, p) == pytest.approx(ref, rel=1e-12, abs=0)
+
+
+def test_ne_issue_example_is_no_longer_forgiven():
+    """5 confidently wrong predictions in 1,000: the old 1e-7 clip said NE 14% lower."""
+    y, p = _confidently_wrong(17)
+    y_eps, p_eps = y, np.clip(p, 1e-7, 1 - 1e-7)
+    assert normalized_entropy(y, p) > 1.05 * _sk_ne(y_eps, p_eps)  # the old answer was far off
+
+
+def test_ne_float32_predictions_clip_at_float32_eps():
+    y, p64 = _confidently_wrong(5)
+    p32 = p64.astype(np.float32)
+    eps32 = float(np.finfo(np.float32).eps)
+    # same clip as scikit-learn on float32 input, evaluated in float64 by both
+    ref = _sk_ne(y, np.clip(p32.astype(np.float64), eps32, 1 - eps32))
+    assert normalized_entropy(y, p32) == pytest.approx(ref, rel=1e-12)
+    # scikit-learn itself computes in float32 there: agreement to float32 precision
+    assert normalized_entropy(y, p32) == pytest.approx(_sk_ne(y, p32), rel=1e-5)
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(np.random.randint(2**31))
+    n = int(rng.integers(300, 3000))
+    y = (rng.random(n) < 0.15).astype(np.float64)
+    y[:2] = [0.0, 1.0]
+    s = np.round(rng.normal(size=n) + 0.7 * y, 1)  # many ties
+    assert auc(y, s) == pytest.approx(sk_metrics.roc_auc_score(y, s), rel=1e-12)
+
+
+def test_calibration_matches_exact_sum_ratio():
+    # scikit-learn has no sum(p)/sum(y); math.fsum is an exactly rounded independent reference
+    y, p = _confidently_wrong(11)
+    assert calibration(y, p) == pytest.approx(math.fsum(p) / math.fsum(y), rel=1e-12)
+
+
+def test_bootstrap_point_values_match_sklearn():
+    y, pa = _confidently_wrong(3)
+    _, pb = _confidently_wrong(4)
+    r = paired_bootstrap(y, pa, pb, "ne", n_boot=100, seed=0)
+    assert r.value_a == pytest.approx(_sk_ne(y, pa), rel=1e-12)
+    assert r.value_b == pytest.approx(_sk_ne(y, pb), rel=1e-12)
+    assert np.isfinite(r.ci_lo) and np.isfinite(r.ci_hi)
