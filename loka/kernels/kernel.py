@@ -67,6 +67,8 @@ class GemmKernel(ABC):
     nonfinite_amax: ClassVar[str] = "skip"
     # True when the code path was written without the hardware to run it (reported by doctor).
     untested: ClassVar[bool] = False
+    # Whether ``mm`` takes a pre-quantized ``b`` (a cached FP8 weight, loka/weight_cache.py).
+    takes_quantized_b: ClassVar[bool] = True
 
     def library_version(self) -> str:
         """Version of the library behind this kernel (part of benchmark cache keys)."""
