@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from loka.kernels import KERNELS
+from loka.kernels.kernel import default_candidates
 from loka.probe.fit import Fit
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
 from loka.timer import Timing, device_name, time_fn
@@ -62,7 +63,7 @@ def time_site(
     """
 
     dev = torch.device(device or "cpu")
-    names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]
+    names = kernels if kernels is not None else ["emulated", *default_candidates()]
     bf16 = KERNELS.get("bf16")
     out = {"device_name": device_name(dev), "representative": dev.type == "cuda", "m": int(shape[0]),
            "dtype": str(dtype).replace("torch.", ""),
