@@ -131,19 +131,23 @@ def triton_us(m: int, k: int, n: int, dev: DeviceModel = H100_SXM) -> float:
 
 
 def kernel_us(kernel: str, recipe, gemm: str, m: int, k: int, n: int, dev: DeviceModel = H100_SXM, *,
-              compiled: bool = True) -> float:
+              compiled: bool = True, a_in_producer: bool = False, b_cached: bool = False) -> float:
     """Predicted time of ``kernel`` running ``gemm`` of ``recipe`` at [M,K]·[N,K]ᵀ, quantization included.
 
     ``compiled``: the per-call casts are compiled by torch.compile (False: eager). The
     Triton kernel always casts ``b`` eagerly (loka.quantize) and ``a`` inside the kernel.
+    ``a_in_producer``: ``a`` arrives in FP8 from the op that produced it (a fused norm+quantize
+    kernel, or a cast torch.compile fused into the producer, tests/dispatch/test_producer_fusion.py),
+    so no pass over ``a`` is charged. ``b_cached``: ``b`` is a weight whose FP8 copy is cached
+    (loka/weight_cache.py: serving, or later micro-batches of a step).
     """
     g = as_recipe(recipe).gemm(gemm)
     if g.is_hp:
         return bf16_us(m, k, n, dev)
     if kernel.startswith("triton"):
         return triton_us(m, k, n, dev) + quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=False)
-    quant_a = quantize_us(m, k, dev, amax_pass=g.a.scaling == "dynamic", compiled=compiled)
-    quant_b = quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=compiled)
+    quant_a = 0.0 if a_in_producer else quantize_us(m, k, dev, amax_pass=g.a.scaling == "dynamic", compiled=compiled)
+    quant_b = 0.0 if b_cached else quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=compiled)
     return fp8_gemm_us(m, k, n, dev) + quant_a + quant_b
 
 
