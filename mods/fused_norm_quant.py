@@ -148,7 +148,8 @@ def _fits(recipe: Recipe) -> str:
 
 
 def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "rowwise", kernels="auto",
-          backend: str = "auto", flow: Dataflow | None = None, only_fp8: bool = False) -> ModResult:
+          backend: str = "auto", flow: Dataflow | None = None, only_fp8: bool = False,
+          only: set[str] | None = None) -> ModResult:
     """Fuse every Norm -> Linear block where the Linear is the norm's only consumer (serving path).
 
     ``only_fp8``: take only Linears that are already Float8Linear (a plan's FP8 sites), so a
@@ -164,6 +165,8 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
         norm = get_module(model, block.norm)
         info, why = norm_info(norm)
         lin_fqn = block.linears[0]
+        if only is not None and lin_fqn not in only:
+            continue
         if info is None or not block.exclusive or len(block.linears) != 1:
             skipped.append((block.norm, why or "the norm's output has other consumers than one Linear"))
             continue
