@@ -44,6 +44,16 @@ class _Entry:
     version: int
     step: int
     operand: Quantized
+    op: OperandRecipe
+    transposed: bool
+
+    def valid_for(self, weight: torch.Tensor, version: int) -> bool:
+        return self.ref() is weight and self.version == version and self.step == _STEPS[0]
+
+
+def _transposable(op: OperandRecipe) -> bool:
+    """Whether quantize(Wᵀ) == quantize(W)ᵀ: one scale, or square scale blocks (transposed with it)."""
+    return op.granularity == "tensorwise" or (op.granularity == "blockwise" and op.block[0] == op.block[1])
 
 
 _STEPS = [0]  # optimizer steps taken in this process (any optimizer)
@@ -76,13 +86,16 @@ def weight_version(w: torch.Tensor) -> int | None:
 class WeightCache:
     """Per-GEMM FP8 copies of one weight, valid while the weight's version is unchanged.
 
-    ``hits``/``misses`` count lookups (a test and ``loka doctor``-style reports read them).
+    ``hits`` count lookups served from the cache, ``misses`` casts from the hp weight, and
+    ``derived`` operands made by transposing the other GEMM's FP8 weight (tensorwise and
+    square-block scales: the same bits as casting ``Wᵀ``, one pass over the hp weight per step).
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self.hits = 0
         self.misses = 0
+        self.derived = 0
         self.enabled = True
         _hook_optimizer_steps()
 
@@ -98,17 +111,30 @@ class WeightCache:
         if version is None:
             return None
         e = self._entries.get(gemm)
-        if e is not None and e.ref() is weight and e.version == version and e.step == _STEPS[0]:
+        if e is not None and e.valid_for(weight, version):
             self.hits += 1
             return e.operand
-        self.misses += 1
-        with torch.no_grad():
-            w = weight.detach()
-            w = w.t() if transpose else w
-            data, scale = quantize_operand(w.contiguous(), op)
-        q = Quantized(data.contiguous(), scale)
-        self._entries[gemm] = _Entry(weakref.ref(weight), version, _STEPS[0], q)
+        q = self._from_transpose(weight, version, op, transpose)
+        if q is None:
+            self.misses += 1
+            with torch.no_grad():
+                w = weight.detach()
+                w = w.t() if transpose else w
+                data, scale = quantize_operand(w.contiguous(), op)
+            q = Quantized(data.contiguous(), scale)
+        self._entries[gemm] = _Entry(weakref.ref(weight), version, _STEPS[0], q, op, transpose)
         return q
+
+    def _from_transpose(self, weight, version: int, op: OperandRecipe, transpose: bool) -> Quantized | None:
+        """The other orientation's cached FP8 weight, transposed, where that is exact."""
+        if not _transposable(op):
+            return None
+        for e in self._entries.values():
+            if e.transposed != transpose and e.op == op and e.valid_for(weight, version):
+                self.derived += 1
+                scale = e.operand.scale if e.operand.scale.dim() == 0 else e.operand.scale.t().contiguous()
+                return Quantized(e.operand.data.t().contiguous(), scale)
+        return None
 
     def invalidate(self) -> None:
         """Drop every entry (the next lookup quantizes again)."""
