@@ -5,10 +5,11 @@ the GEMM sites once (Float8Linear quantizes and caches its weights on the first 
 again only if they change: loka/weight_cache.py), optionally compiles, and scores batches:
 one user's N candidate ads, or many users' candidates concatenated by the server's batcher.
 
-``fuse_norm_quant=True`` is the plan's producer-quantized serving path: every LayerNorm or
-RMSNorm whose only consumer is an FP8 Linear with a dynamic rowwise fprop emits that Linear's
-FP8 input and row scales itself (loka.mods.fused_norm_quant: one pass instead of norm, amax
-and cast), so those sites run their GEMM on an activation quantized where it was produced.
+The producer-quantized serving path: a LayerNorm or RMSNorm whose only consumer is an FP8
+Linear with a dynamic rowwise fprop emits that Linear's FP8 input and row scales itself
+(loka.mods.fused_norm_quant: one pass instead of norm, amax and cast). ``fuse_norm_quant``:
+None (default) follows the plan file's ``producer: "norm_quant"`` sites; True also takes every
+eligible FP8 site of a plan without producer choices (or of ``fp8``); False never fuses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import threading
 import torch
 from torch import Tensor
 
+from loka.dispatch import load_plan
+from loka.dispatch.producers import apply_producers
 from loka.mods import fused_norm_quant
 
 from .batch import Batch
@@ -40,7 +43,7 @@ class InferenceEngine:
     """
 
     def __init__(self, model: Ranker, precision: str = "bf16", compile: bool = False,
-                 device: str = "auto", autocast: bool | None = None, fuse_norm_quant: bool = False) -> None:
+                 device: str = "auto", autocast: bool | None = None, fuse_norm_quant: bool | None = None) -> None:
         self.device = resolve_device(device)
         self.config: RankerConfig = model.config
         self.precision = precision
@@ -48,19 +51,26 @@ class InferenceEngine:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.norm_quant = self._fuse_norm_quant() if fuse_norm_quant else None
+        self.norm_quant = self._fuse_norm_quant(fuse_norm_quant) if fuse_norm_quant is not False else None
         if autocast is None:
             autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = autocast
         self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
         self._lock = threading.Lock()  # one forward at a time; the batcher provides concurrency
 
-    def _fuse_norm_quant(self):
-        """Apply loka.mods.fused_norm_quant to the converted model (FP8 precisions only)."""
+    def _fuse_norm_quant(self, requested: bool | None):
+        """Fuse norm+quantize at the plan's producer sites (or, if requested, every eligible FP8 site)."""
         if self.convert_result is None:
-            raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={self.precision!r} keeps every "
-                             "GEMM in high precision; pass a plan file (or 'fp8')")
+            if requested:
+                raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={self.precision!r} keeps "
+                                 "every GEMM in high precision; pass a plan file (or 'fp8')")
+            return None
+        plan = load_plan(self.precision) if self.precision.endswith(".json") or os.path.isfile(self.precision) else None
         sample = example_batch(self.config, 8).to(self.device)
+        if plan is not None and any(s.producer == "norm_quant" for s in plan.sites):
+            return apply_producers(self.model, plan, sample)
+        if not requested:
+            return None
         return fused_norm_quant.apply(self.model, sample=sample, recipe="rowwise", only_fp8=True)
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,28 @@ def test_weights_are_quantized_once_across_requests(engines):
     fp8 = [m for m in fused.model.modules() if isinstance(m, Float8Linear)]
     assert fp8 and any(isinstance(m, PrequantFloat8Linear) for m in fp8)
     assert all(m.weight_cache.misses == 1 for m in fp8), [(type(m).__name__, m.weight_cache.misses) for m in fp8]
+
+
+def test_engine_follows_the_plans_producer_choices(tmp_path):
+    from loka.dispatch import load_plan
+    from loka.dispatch.producers import with_producers
+
+    cfg = RankerConfig.from_size("tiny")
+    model = Ranker(cfg)
+    ckpt = save_checkpoint(tmp_path / "model.pt", model)
+    batch = _batch(cfg, 16)
+    plan = load_plan(_serving_plan(model, tmp_path / "plan.json"))
+    marked = with_producers(plan, model.eval(), batch)
+    chosen = sorted(s.fqn for s in marked.sites if s.producer == "norm_quant")
+    assert chosen
+    # Keep one choice only: the engine must fuse exactly what the plan says, not every eligible site.
+    only_one = replace(marked, sites=[s if s.fqn == chosen[0] else replace(s, producer=None) for s in marked.sites])
+    engine = InferenceEngine.from_checkpoint(ckpt, plan=str(only_one.save(tmp_path / "marked.json")), device="cpu")
+    assert [c.fqn.split(" -> ")[1] for c in engine.norm_quant.changes] == [chosen[0]]
+    plain = InferenceEngine.from_checkpoint(ckpt, plan=str(tmp_path / "plan.json"), device="cpu")
+    assert plain.norm_quant is None  # no producer choices in the plan, not requested
+    for task in cfg.tasks:
+        torch.testing.assert_close(engine.score(batch)[task], plain.score(batch)[task], rtol=0, atol=2e-3)
 
 
 def test_bf16_precision_refuses_fuse_norm_quant():
