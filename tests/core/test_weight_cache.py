@@ -221,3 +221,21 @@ def test_derived_transpose_is_the_cast_of_the_transpose(recipe):
     assert (cache.misses, cache.derived) == (1, 1)
     data, scale = quantize_operand(w.detach().t().contiguous(), op)
     assert torch.equal(q_t.data.view(torch.uint8), data.view(torch.uint8)) and torch.equal(q_t.scale, scale)
+
+
+@pytest.mark.requires_sm89
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_cached_path_is_bit_identical_on_gpu(recipe):
+    """scaled_mm on the GPU takes the cached FP8 weight: same bits as the per-call cast, fwd and bwd."""
+    cached = Float8Linear(256, 128, recipe=recipe, kernels="scaled_mm", device="cuda")
+    plain = Float8Linear(256, 128, recipe=recipe, kernels="scaled_mm", device="cuda")
+    plain.load_state_dict(cached.state_dict())
+    plain.weight_cache.enabled = False
+    for _ in range(2):
+        x, dy = torch.randn(64, 256, device="cuda"), torch.randn(64, 128, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = [_fwd_bwd(m, x, dy) for m in (cached, plain)]
+        for got, want in zip(*outs):
+            _same(got, want)
+        cached.zero_grad(), plain.zero_grad()
+    assert cached.weight_cache.hits == 2
