@@ -83,6 +83,8 @@ def doctor_text(device: torch.device) -> str:
         note = why
         if ok and kernel.untested:
             note = "code path never run on this kind of machine by loka's tests (untested)"
+        if kernel.not_default:
+            note = f"{note}; {kernel.not_default}" if note else kernel.not_default
         lines.append(f"{kernel.name:<22} {kernel.backend:<10} {_recipes_taken(kernel, device):<34} {status:<12} {note}")
     return "\n".join(lines)
 

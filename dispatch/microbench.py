@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loka.kernels import KERNELS
+from loka.kernels.kernel import default_candidates
 from loka.kernels.costmodel import H100_SXM, DeviceModel, model_site_timings
 from loka.probe.fit import Fit
 from loka.probe.reader import report_sites
@@ -108,7 +109,7 @@ def _dist_name(fits: dict | None, gemm: str) -> str:
 
 def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
     """(gemm, kernel, recipe name) triples to time; skipped ones recorded with the reason."""
-    names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp and k.name != "emulated"]
+    names = kernels if kernels is not None else default_candidates()
     jobs = []
     for gemm in gemms:
         gshape = gemm_shape(gemm, *shape)

@@ -286,6 +286,8 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
     if name not in KERNELS:
         return "not a registered kernel"
     kernel = KERNELS.get(name)
+    if allowed is None and kernel.not_default:
+        return f"not a default candidate: {kernel.not_default}"
     if gemm not in kernel.gemms:
         return f"implements {sorted(kernel.gemms)} only"
     ok, why = kernel.available(device)
@@ -301,6 +303,8 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
     reasons = []
     for kernel in KERNELS:
         if kernel.hp or kernel.name == "emulated" or (allowed is not None and kernel.name not in allowed):
+            continue
+        if allowed is None and kernel.not_default:
             continue
         if not kernel.available(device):
             continue

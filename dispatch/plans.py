@@ -54,6 +54,9 @@ class GemmChoice:
         return HP_GEMM if not self.is_fp8 else as_recipe(self.recipe).gemm(gemm)
 
 
+PRODUCERS = ("norm_quant",)
+
+
 @dataclass(frozen=True)
 class SitePlan:
     """The plan of one Linear site ``y[M,N] = x[M,K] · W[N,K]ᵀ`` (K = in, N = out features)."""
@@ -64,6 +67,9 @@ class SitePlan:
     m: int
     gemms: dict  # gemm -> GemmChoice
     sensitivity: float | None = None  # relative NE per unit relative fprop error
+    # Who quantizes fprop's input: None (the GEMM's own cast) or one of PRODUCERS
+    # ("norm_quant": the preceding norm emits FP8 + row scales; loka.dispatch.producers).
+    producer: str | None = None
 
     @property
     def is_fp8(self) -> bool:
@@ -186,12 +192,15 @@ def _site_dict(s: SitePlan) -> dict:
     d = {"fqn": s.fqn, "in_features": s.in_features, "out_features": s.out_features, "m": s.m,
          "sensitivity": s.sensitivity, "expected_speedup": s.expected_speedup(),
          "gemms": {g: asdict(c) for g, c in s.gemms.items()}}
+    if s.producer is not None:  # absent in plans without producer choices (files stay as they were)
+        d["producer"] = s.producer
     return d
 
 
 def _site_from(d: dict) -> SitePlan:
     gemms = {g: GemmChoice(**d["gemms"][g]) for g in GEMMS}
-    return SitePlan(d["fqn"], d["in_features"], d["out_features"], d["m"], gemms, d.get("sensitivity"))
+    return SitePlan(d["fqn"], d["in_features"], d["out_features"], d["m"], gemms, d.get("sensitivity"),
+                    d.get("producer"))
 
 
 _GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__}
@@ -224,6 +233,8 @@ def validate_plan_doc(doc) -> list[str]:
         for key, typ in (("fqn", str), ("in_features", int), ("out_features", int), ("m", int), ("gemms", dict)):
             if not isinstance(s.get(key), typ):
                 problems.append(f"{where}.{key}: expected {typ.__name__}, got {s.get(key)!r}")
+        if s.get("producer") not in (None, *PRODUCERS):
+            problems.append(f"{where}.producer: expected null or one of {list(PRODUCERS)}, got {s.get('producer')!r}")
         sens = s.get("sensitivity")
         if sens is not None and (isinstance(sens, bool) or not isinstance(sens, _NUMBER)):
             problems.append(f"{where}.sensitivity: expected a number or null, got {sens!r}")

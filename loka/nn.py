@@ -13,6 +13,11 @@ plan can choose a different kernel (or hp) per GEMM. When a kernel cannot take
 a shape seen at run time (e.g. wgrad's K = batch size not a multiple of 16),
 the module either raises (``fallback="error"``) or runs that GEMM in hp and
 records why in ``fallbacks`` (``fallback="hp"``).
+
+The weight is cast to FP8 once per weight version, not per call: fprop's ``W``
+and dgrad's ``Wᵀ`` (with their scales) live in ``weight_cache``
+(loka/weight_cache.py) until an optimizer step (or any in-place update) bumps
+the weight's version counter, in training and serving alike.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
+from loka.weight_cache import WeightCache
 
 Fallback = Literal["error", "hp"]
 AUTO_PREFERENCE = ("scaled_mm", "emulated")
@@ -99,7 +105,7 @@ class Float8Linear(nn.Linear):
         self.fallback = fallback
         self.fallbacks: dict[str, str] = {}  # gemm -> why it ran in hp
         self.scale_state = ScaleState(self.recipe)
-        self._weight_cache: tuple[int, Quantized] | None = None
+        self.weight_cache = WeightCache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, recipe: Recipe | str = "tensorwise", kernels: str | Mapping[str, str] = "auto", fallback: Fallback = "error") -> "Float8Linear":
@@ -133,7 +139,10 @@ class Float8Linear(nn.Linear):
         return y
 
     # --- the three GEMMs, each through its kernel -------------------------------------
-    def run_gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def run_gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, *,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``a · bᵀ`` of ``gemm``; ``weight`` is the Parameter ``b`` derives from (fprop: ``W``,
+        dgrad: ``Wᵀ``), which lets the kernel take its cached FP8 copy."""
         kernel, g = self.kernels[gemm], self.recipe.gemm(gemm)
         shape = (a.shape[0], a.shape[1], b.shape[0])
         if not kernel.hp:
@@ -151,7 +160,11 @@ class Float8Linear(nn.Linear):
             return kernel.mm(a.to(out_dtype), b.to(out_dtype), g, out_dtype=out_dtype)
         a_role, b_role = GEMM_ROLES[gemm]
         scale_a = self.scale_state.scale_for(gemm, a_role, a)
-        b_in = self._cached_weight(gemm, b) if b_role == "weight" and not torch.is_grad_enabled() and not self.training else b
+        b_in = None
+        if b_role == "weight" and weight is not None and kernel.takes_quantized_b:
+            b_in = self.weight_cache.get(gemm, weight, g.b, transpose=gemm == "dgrad")
+        if b_in is None:
+            b_in = b.contiguous()
         scale_b = self.scale_state.scale_for(gemm, b_role, b) if not isinstance(b_in, Quantized) else None
         return kernel.mm(a, b_in, g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
@@ -159,18 +172,13 @@ class Float8Linear(nn.Linear):
         return KERNELS.get("bf16")
 
     def _cached_weight(self, gemm: str, w: torch.Tensor) -> torch.Tensor | Quantized:
-        """In eval mode the fprop weight is quantized once and reused until it changes."""
-        if gemm != "fprop" or self.recipe.fprop.b.scaling != "dynamic":
-            return w
-        version = self.weight._version
-        if self._weight_cache is None or self._weight_cache[0] != version:
-            data, scale = quantize_operand(w, self.recipe.fprop.b)
-            self._weight_cache = (version, Quantized(data.contiguous(), scale))
-        return self._weight_cache[1]
+        """``gemm``'s FP8 weight from the cache, or ``w`` itself where it is not cached."""
+        q = self.weight_cache.get(gemm, w, self.recipe.gemm(gemm).b, transpose=gemm == "dgrad")
+        return w if q is None else q
 
-    def train(self, mode: bool = True):
-        self._weight_cache = None
-        return super().train(mode)
+    def invalidate_weight_cache(self) -> None:
+        """Forget the FP8 weights (after an update the version counter cannot see, e.g. via ``.data``)."""
+        self.weight_cache.invalidate()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -185,9 +193,10 @@ class _Float8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, module: Float8Linear, compute_dtype: torch.dtype):
         ctx.module, ctx.compute_dtype = module, compute_dtype
+        ctx.weight_is_param = weight is module.weight  # then backward may use the weight cache
         ctx.save_for_backward(x2d, weight)
         # [M, K] · [N, K]ᵀ -> [M, N]
-        return module.run_gemm("fprop", x2d, weight, compute_dtype)
+        return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -196,7 +205,8 @@ class _Float8LinearFn(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # dgrad: [M, N] · ([K, N])ᵀ -> [M, K]
-            dx = module.run_gemm("dgrad", dy, weight.t().contiguous(), dt).to(x2d.dtype)
+            w_param = module.weight if ctx.weight_is_param else None
+            dx = module.run_gemm("dgrad", dy, weight.t(), dt, weight=w_param).to(x2d.dtype)
         if ctx.needs_input_grad[1]:
             # wgrad: [N, M] · ([K, M])ᵀ -> [N, K]
             dw = module.run_gemm("wgrad", dy.t().contiguous(), x2d.t().contiguous(), dt).to(weight.dtype)

@@ -1,9 +1,15 @@
 """Inference engine: a trained ranker ready to score candidates, loaded once, used many times.
 
 Loads a checkpoint (and optionally a loka plan or ``fp8``), switches to eval mode, converts
-the GEMM sites once (Float8Linear quantizes and caches its weights on the first eval call,
-not per request), optionally compiles, and scores batches: one user's N candidate ads, or
-many users' candidates concatenated by the server's batcher.
+the GEMM sites once (Float8Linear quantizes and caches its weights on the first call, and
+again only if they change: loka/weight_cache.py), optionally compiles, and scores batches:
+one user's N candidate ads, or many users' candidates concatenated by the server's batcher.
+
+The producer-quantized serving path: a LayerNorm or RMSNorm whose only consumer is an FP8
+Linear with a dynamic rowwise fprop emits that Linear's FP8 input and row scales itself
+(loka.mods.fused_norm_quant: one pass instead of norm, amax and cast). ``fuse_norm_quant``:
+None (default) follows the plan file's ``producer: "norm_quant"`` sites; True also takes every
+eligible FP8 site of a plan without producer choices (or of ``fp8``); False never fuses.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import threading
 
 import torch
 from torch import Tensor
+
+from loka.dispatch import load_plan
+from loka.dispatch.producers import apply_producers
+from loka.mods import fused_norm_quant
 
 from .batch import Batch
 from .checkpoint import load_checkpoint
@@ -33,7 +43,7 @@ class InferenceEngine:
     """
 
     def __init__(self, model: Ranker, precision: str = "bf16", compile: bool = False,
-                 device: str = "auto", autocast: bool | None = None) -> None:
+                 device: str = "auto", autocast: bool | None = None, fuse_norm_quant: bool | None = None) -> None:
         self.device = resolve_device(device)
         self.config: RankerConfig = model.config
         self.precision = precision
@@ -41,11 +51,27 @@ class InferenceEngine:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.norm_quant = self._fuse_norm_quant(fuse_norm_quant) if fuse_norm_quant is not False else None
         if autocast is None:
             autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = autocast
         self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
         self._lock = threading.Lock()  # one forward at a time; the batcher provides concurrency
+
+    def _fuse_norm_quant(self, requested: bool | None):
+        """Fuse norm+quantize at the plan's producer sites (or, if requested, every eligible FP8 site)."""
+        if self.convert_result is None:
+            if requested:
+                raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={self.precision!r} keeps "
+                                 "every GEMM in high precision; pass a plan file (or 'fp8')")
+            return None
+        plan = load_plan(self.precision) if self.precision.endswith(".json") or os.path.isfile(self.precision) else None
+        sample = example_batch(self.config, 8).to(self.device)
+        if plan is not None and any(s.producer == "norm_quant" for s in plan.sites):
+            return apply_producers(self.model, plan, sample)
+        if not requested:
+            return None
+        return fused_norm_quant.apply(self.model, sample=sample, recipe="rowwise", only_fp8=True)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, plan: str | None = None, **kwargs) -> "InferenceEngine":

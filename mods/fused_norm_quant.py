@@ -148,10 +148,12 @@ def _fits(recipe: Recipe) -> str:
 
 
 def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "rowwise", kernels="auto",
-          backend: str = "auto", flow: Dataflow | None = None) -> ModResult:
+          backend: str = "auto", flow: Dataflow | None = None, only_fp8: bool = False,
+          only: set[str] | None = None) -> ModResult:
     """Fuse every Norm -> Linear block where the Linear is the norm's only consumer (serving path).
 
-    After the rewrite the model runs ``sample`` once without grad; a block whose
+    ``only_fp8``: take only Linears that are already Float8Linear (a plan's FP8 sites), so a
+    site the plan keeps in bf16 stays bf16. After the rewrite the model runs ``sample`` once without grad; a block whose
     Linear did not receive the norm's output directly (e.g. a copy was made in
     between) is put back and reported as skipped.
     """
@@ -163,12 +165,17 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
         norm = get_module(model, block.norm)
         info, why = norm_info(norm)
         lin_fqn = block.linears[0]
+        if only is not None and lin_fqn not in only:
+            continue
         if info is None or not block.exclusive or len(block.linears) != 1:
             skipped.append((block.norm, why or "the norm's output has other consumers than one Linear"))
             continue
         lin = get_module(model, lin_fqn)
         if type(lin) not in (nn.Linear, Float8Linear):
             skipped.append((block.norm, f"{lin_fqn} is a {type(lin).__name__}, not a Linear this mod can take"))
+            continue
+        if only_fp8 and not isinstance(lin, Float8Linear):
+            skipped.append((block.norm, f"{lin_fqn} is kept in high precision (not an FP8 site)"))
             continue
         site_recipe = lin.recipe if isinstance(lin, Float8Linear) else recipe
         why = _fits(site_recipe)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from loka.kernels import KERNELS
+from loka.kernels.kernel import default_candidates
 from loka.kernels.padded import needs_padding
 from loka.probe.fit import Fit
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
@@ -63,7 +64,7 @@ def time_site(
     """
 
     dev = torch.device(device or "cpu")
-    names = kernels if kernels is not None else [k.name for k in KERNELS if not k.hp]
+    names = kernels if kernels is not None else ["emulated", *default_candidates()]
     bf16 = KERNELS.get("bf16")
     out = {"device_name": device_name(dev), "representative": dev.type == "cuda", "m": int(shape[0]),
            "dtype": str(dtype).replace("torch.", ""),

@@ -81,6 +81,7 @@ class TEKernel(GemmKernel):
     """Transformer Engine cast + cuBLASLt GEMM for tensorwise, blockwise and MXFP8 recipes."""
 
     name = "te"
+    takes_quantized_b = False  # quantizes b itself
     backend = "te"
     exact_quantization = False
     nonfinite_amax = "poison"

@@ -165,6 +165,7 @@ class TorchaoBlockwiseKernel(_TorchaoBase):
     """torchao's blockwise FP8 (DeepSeek-style) Triton GEMMs. Untested here (needs sm_90)."""
 
     name = "torchao_blockwise"
+    takes_quantized_b = False  # quantizes b itself
     backend = "torchao"
     nonfinite_amax = "poison"
     exact_quantization = False
@@ -221,6 +222,7 @@ class TorchaoMXKernel(_TorchaoBase):
     """torchao's MXFP8 GEMM (``MXTensor`` + cuBLAS MX). Untested here (needs sm_100)."""
 
     name = "torchao_mx"
+    takes_quantized_b = False  # quantizes b itself
     backend = "torchao"
     nonfinite_amax = "poison"
     exact_quantization = False

@@ -67,6 +67,11 @@ class GemmKernel(ABC):
     nonfinite_amax: ClassVar[str] = "skip"
     # True when the code path was written without the hardware to run it (reported by doctor).
     untested: ClassVar[bool] = False
+    # Whether ``mm`` takes a pre-quantized ``b`` (a cached FP8 weight, loka/weight_cache.py).
+    takes_quantized_b: ClassVar[bool] = True
+    # Why the planner, the probe and the micro-benchmarks leave this kernel out unless it is
+    # named explicitly (``kernels=[...]``); empty: it is a default candidate.
+    not_default: ClassVar[str] = ""
 
     def library_version(self) -> str:
         """Version of the library behind this kernel (part of benchmark cache keys)."""
@@ -138,6 +143,13 @@ class KernelRegistry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._kernels
+
+
+def default_candidates(registry: "KernelRegistry | None" = None) -> list[str]:
+    """Names of the FP8 kernels considered when the caller names none (not hp, not ``emulated``,
+    not marked ``not_default``)."""
+    reg = KERNELS if registry is None else registry
+    return [k.name for k in reg if not k.hp and k.name != "emulated" and not k.not_default]
 
 
 KERNELS = KernelRegistry()

@@ -19,6 +19,13 @@ Where it should pay: fprop and dgrad of small/skinny sites (K <= 256 quantizes
 a once per program). wgrad's a is dyᵀ, a transposed view whose reduction dim
 is the batch: it is read with strided loads and K is large, so expect it slow
 there; the micro-benchmarks decide per site.
+
+Not a default candidate (``not_default``): measured on one H200 on 2026-11-30
+(bench/results/h200_2026-11-30_gemm_triton.md, ``bench/gemm_triton.py``) it ran at
+0.21-0.25x of bf16 and at 0.29-0.78x of scaled_mm with a compiled cast at all five
+ranker shapes (A re-quantized by every N tile, an unpipelined amax sweep, not
+persistent). The planner, probe and micro-benchmarks consider it only when named
+(``kernels=["triton"]``), until a redesign beats ``torch._scaled_mm`` there.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class TritonFusedQuantKernel(GemmKernel):
     name = "triton"
     backend = "triton"
     fast_accum = False
+    not_default = ("measured 0.21-0.25x of bf16 on an H200 (bench/results/h200_2026-11-30_gemm_triton.md); "
+                   "considered only when named, e.g. kernels=['triton']")
 
     def available(self, device=None) -> Support:
         ok, reason = triton_available(device)

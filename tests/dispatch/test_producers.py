@@ -1,0 +1,92 @@
+"""Producer choices in the plan (norm_quant), chosen on the model's dataflow and applied for serving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loka.dispatch import apply_plan, load_plan
+from loka.dispatch.plans import GemmChoice, Plan, PlanError, SitePlan
+from loka.dispatch.producers import apply_producers, norm_fed_linears, with_producers
+from loka.kernels.costmodel import H200_SXM, quantize_us
+from loka.mods.fused_norm_quant import NormQuantize
+
+
+class Toy(nn.Module):
+    """norm_a -> fed (exclusive), norm_b -> (shared_1, shared_2), act -> after_act, norm_c -> kept (bf16 site)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.norm_a, self.fed = nn.LayerNorm(d), nn.Linear(d, d)
+        self.norm_b, self.shared_1, self.shared_2 = nn.RMSNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+        self.after_act = nn.Linear(d, d)
+        self.norm_c, self.kept = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.fed(self.norm_a(x))
+        nb = self.norm_b(h)
+        h = self.shared_1(nb) + self.shared_2(nb)
+        h = self.after_act(F.silu(h))
+        return self.kept(self.norm_c(h))
+
+
+def _plan(model: Toy, m: int = 32, recipe: str = "rowwise") -> Plan:
+    sites = []
+    for fqn in ("fed", "shared_1", "shared_2", "after_act", "kept"):
+        fp8 = fqn != "kept"
+        fprop = GemmChoice("emulated", recipe, "test", 0.03, 25.0, 1.0, 0.5) if fp8 else GemmChoice(reason="kept", bf16_ms=1.0)
+        gemms = {"fprop": fprop, "dgrad": GemmChoice(reason="serving"), "wgrad": GemmChoice(reason="serving")}
+        sites.append(SitePlan(fqn, 64, 64, m, gemms))
+    return Plan(sites=sites, budget={}, device={"name": "H200 SXM (speed model)", "source": "model"})
+
+
+def test_only_exclusive_norm_fed_fp8_rowwise_sites_are_chosen():
+    model = Toy()
+    x = torch.randn(8, 64)
+    assert norm_fed_linears(model, x) == {"fed": "norm_a", "kept": "norm_c"}
+    p = with_producers(_plan(model), model, x, H200_SXM)
+    assert {s.fqn: s.producer for s in p.sites} == {"fed": "norm_quant", "shared_1": None, "shared_2": None,
+                                                  "after_act": None, "kept": None}  # kept: the plan keeps it bf16
+    fed = p.site("fed").gemms["fprop"]
+    assert fed.planned_ms == pytest.approx(0.5 - quantize_us(32, 64, H200_SXM) / 1e3)  # the cast is not paid
+    assert "norm_a" in fed.reason and any("norm_quant" in n for n in p.notes)
+    tensorwise = with_producers(_plan(model, recipe="tensorwise"), model, x, H200_SXM)
+    assert all(s.producer is None for s in tensorwise.sites)  # the fused kernel emits row scales only
+
+
+def test_producer_survives_the_plan_file_and_bad_values_are_refused(tmp_path):
+    model = Toy()
+    p = with_producers(_plan(model), model, torch.randn(8, 64), H200_SXM)
+    back = load_plan(p.save(tmp_path / "plan.json"))
+    assert back.site("fed").producer == "norm_quant" and back.site("after_act").producer is None
+    assert "producer" not in json.loads(_plan(model).to_json())["sites"][0]  # plans without it are unchanged
+    doc = json.loads(p.to_json())
+    doc["sites"][1]["producer"] = "epilogue"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="producer"):
+        load_plan(tmp_path / "bad.json")
+
+
+def test_applied_producer_matches_the_emulated_plan():
+    torch.manual_seed(int(torch.randint(0, 1 << 30, ())))
+    model, reference = Toy(), Toy()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(16, 64) * 3
+    p = with_producers(_plan(model), model, x, H200_SXM)
+    apply_plan(model, p)
+    apply_plan(reference, p)
+    result = apply_producers(model, p, x)
+    assert [c.fqn for c in result.changes] == ["norm_a -> fed"]
+    norm = model.norm_a
+    assert isinstance(norm, NormQuantize)
+    norm.fused_calls = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert norm.fused_calls == 1
+    xg = x.clone().requires_grad_()  # with grad the fused path is off: training is unchanged
+    y = model(xg)
+    torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
