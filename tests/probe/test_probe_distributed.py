@@ -58,6 +58,7 @@ def _worker(rank, world, port, out_path):
         if rank == 0:
             with open(out_path, "wb") as f:
                 pickle.dump(_summary(probe), f)
+        probe.close()  # the analysis worker thread ends before the process group and the interpreter do
     finally:
         dist.destroy_process_group()
 
