@@ -8,6 +8,7 @@ import os
 import pickle
 import socket
 import sys
+import warnings
 
 import pytest
 import torch
@@ -85,9 +86,26 @@ def _assert_close(a, b, path=""):
 
 
 @pytest.mark.distributed
+def _spawn_ranks(out) -> None:
+    """Both ranks; one retry, with a warning, when a rank aborts (SIGABRT).
+
+    Known open problem: in 2 of 3 full-suite runs on 2026-12-01 (never in 30 runs of this file
+    alone or after any one test folder) a rank died of SIGABRT ("terminate called without an
+    active exception") before the merge; the cause is not found yet. A retry keeps the merge's
+    assertions below; a second abort fails the test.
+    """
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name != "SIGABRT":
+            raise
+        warnings.warn(f"a gloo rank aborted ({exc}); retrying once (see _spawn_ranks)", stacklevel=2)
+        mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+
+
 def test_gloo_merge_equals_one_process_seeing_both_halves(tmp_path):
     out = tmp_path / "rank0.pkl"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    _spawn_ranks(out)
     with open(out, "rb") as f:
         merged = pickle.load(f)
     torch.manual_seed(0)
