@@ -352,9 +352,11 @@ def run_all(stages: list[Stage], results: list[report.StageResult], header: dict
 
 def stage_env(path: Path, device: str | None) -> int:
     """The doctor stage: versions, the device (CUDA queried here, in the stage's process) and `loka doctor`."""
-    import contextlib  # heavy: the runner imports torch and loka only inside stage processes
+    import contextlib
     import io
 
+    # The runner itself never imports torch or loka (a broken install must still give a report);
+    # only the stage's own process does, here.
     import torch
 
     from loka.cli import main as loka_main
