@@ -2,7 +2,7 @@
 
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
-              [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json]
+              [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json] [--producers producers.json]
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
 """
@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                         "hand, e.g. on CPU), or 'measured' (= --measure); default: the report's timings")
     p.add_argument("--keep-bf16", default=None, metavar="JSON",
                    help="JSON file {site: reason} of sites a policy keeps in bf16 (the demo writes keep_bf16.json)")
+    p.add_argument("--producers", default=None, metavar="JSON",
+                   help="JSON file {site: norm_quant|compiled_cast} of sites whose fprop input arrives in FP8 from "
+                        "its producer (loka.dispatch.producers.producer_sites writes it); priced without that cast")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
     p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
@@ -116,8 +119,10 @@ def _plan(args) -> int:
     try:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
+        producers = _site_map(args.producers, "--producers", "norm_quant") if args.producers else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
-                 kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model)
+                 kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
+                 producers=producers)
     except (ValueError, TypeError) as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback
@@ -131,15 +136,20 @@ def _plan(args) -> int:
 
 def _keep_bf16(path: str) -> dict[str, str]:
     """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
+    return _site_map(path, "--keep-bf16", "reason")
+
+
+def _site_map(path: str, flag: str, value: str) -> dict[str, str]:
+    """``{fqn: str}`` from a JSON file; ValueError naming the flag, file and problem otherwise."""
     try:
-        keep = json.loads(Path(path).read_text())
+        out = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise ValueError(f"--keep-bf16 {path}: cannot read it ({exc.strerror})") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--keep-bf16 {path}: not valid JSON ({exc}); write {{\"site.fqn\": \"reason\"}}") from None
-    if not isinstance(keep, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keep.items()):
-        raise ValueError(f"--keep-bf16 {path}: expected a JSON object {{\"site.fqn\": \"reason\"}}")
-    return keep
+        raise ValueError(f"{flag} {path}: not valid JSON ({exc}); write {{\"site.fqn\": \"{value}\"}}") from None
+    if not isinstance(out, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in out.items()):
+        raise ValueError(f"{flag} {path}: expected a JSON object {{\"site.fqn\": \"{value}\"}}")
+    return out
 
 
 def _bench(args) -> int:

@@ -26,6 +26,7 @@ import torch
 from loka.dispatch.budget import Budget
 from loka.dispatch.microbench import combine_buckets, model_timings, time_serving_buckets, time_site_cached
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
+from loka.dispatch.producer_pricing import CastPricer, check_producers, producer_feeds
 from loka.dispatch.solver import Option, solve
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
@@ -39,6 +40,7 @@ class _Candidate:
     recipe: str
     ms: float
     err: GemmError
+    cast_saved_ms: float = 0.0  # the input's cast a producer does instead (loka.dispatch.producer_pricing)
 
 
 @dataclass
@@ -65,6 +67,7 @@ def plan(
     m_buckets: list[int] | None = None,
     keep_bf16: dict[str, str] | None = None,
     speed_model: str | None = None,
+    producers: dict[str, str] | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -79,6 +82,10 @@ def plan(
     ``speed_model``: ``"h100"`` / ``"h200"`` rank kernels by that GPU's speed model
     (loka.kernels.costmodel) at every site instead of timings, for planning where that GPU is
     not at hand; ``"measured"`` is ``measure=True``; None (default): the timings as above.
+    ``producers``: ``{fqn: "norm_quant" | "compiled_cast"}`` of sites whose fprop input can
+    arrive in FP8 from the op that produces it (``loka.dispatch.producers.producer_sites``);
+    their FP8 candidates are priced without that cast (loka.dispatch.producer_pricing) and a
+    site whose chosen fprop takes it records ``producer`` in the plan.
     """
     budget = budget or Budget()
     if speed_model is not None:
@@ -90,6 +97,8 @@ def plan(
                          "use the fqns of the probed model (after its mods)")
     device = torch.device(device or "cpu")
     sites = report_sites(report)
+    producers = check_producers(producers, {s.fqn for s in sites})
+    pricer = CastPricer(device, dtype)
     notes: list[str] = []
     bench = dict(bench or {}, refresh=refresh, cache_dir=cache_dir, progress=progress)
     if m_buckets:
@@ -104,7 +113,8 @@ def plan(
                 bf16_ms = (site_timings.get(site.fqn) or {}).get("bf16_ms", {}).get(gemm)
                 go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
             else:
-                go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype)
+                go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype,
+                                   (producers.get(site.fqn), pricer))
             per_gemm[(site.fqn, gemm)] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
@@ -116,7 +126,9 @@ def plan(
     unchosen = _unchosen_reasons(options, solution, budget.max_model_ne_delta)
     for key, reason in unchosen.items():
         per_gemm[key].reason = reason
-    site_plans = [_site_plan(s, per_gemm, solution.chosen, coefs.get(s.fqn), budget) for s in sites]
+    site_plans = [_site_plan(s, per_gemm, solution.chosen, coefs.get(s.fqn), budget, producers.get(s.fqn))
+                  for s in sites]
+    notes.extend(pricer.notes(sum(p.producer is not None for p in site_plans)))
     return Plan(sites=site_plans, budget=budget.to_dict(), device=_device_info(site_timings, device, notes),
                 versions=library_versions(), solver=solution.solver, notes=notes,
                 created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -215,7 +227,8 @@ def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -
     return coef * err.ci_hi * weight
 
 
-def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype) -> _GemmOptions:
+def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype,
+                  producer=(None, None)) -> _GemmOptions:
     shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
     passing, failing = _recipes_within_budget(site, gemm, budget)
@@ -237,7 +250,8 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         if why:
             unsupported.append(f"{e['kernel']}: {why}")
             continue
-        c = _Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]])
+        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]]),
+                             gemm, shape, timings, *producer)
         if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
             best_per_recipe[c.recipe] = c
     if not best_per_recipe:
@@ -253,6 +267,20 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
                                          f"(best {top.kernel}/{top.recipe} {bf16_ms / top.ms:.2f}x)")
     fast.sort(key=lambda c: (c.ms, c.kernel, c.recipe))
     return _GemmOptions(bf16_ms, fast, "kept bf16: not chosen within the model-level NE budget")
+
+
+def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: str | None,
+                     pricer: CastPricer | None) -> _Candidate:
+    """``c`` without its input's cast where ``producer`` hands that operand over in FP8."""
+    if producer is None or not producer_feeds(producer, c.recipe, gemm, c.kernel):
+        return c
+    op = as_recipe(c.recipe).gemm(gemm).a
+    casts = [pricer.cast_ms(timings, m, shape[1], op) for m in timings.get("m_buckets") or [shape[0]]]
+    if any(t is None for t in casts):
+        return c
+    cast = sum(casts)  # a serving plan's fprop time is summed over its batch sizes, so is the cast
+    cast = min(cast, 0.95 * c.ms)  # a noisy cast timing never makes a GEMM free
+    return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast)
 
 
 def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):
@@ -315,8 +343,8 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
     return sorted(set(reasons))
 
 
-def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budget) -> SitePlan:
-    gemms = {}
+def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budget, producer: str | None) -> SitePlan:
+    gemms, takes_producer = {}, False
     for gemm in GEMMS:
         go: _GemmOptions = per_gemm[(site.fqn, gemm)]
         pick = chosen.get(f"{site.fqn}|{gemm}")
@@ -327,9 +355,13 @@ def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budge
         limit = budget.max_rel_error[gemm]
         reason = (f"{cand.kernel}/{cand.recipe}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
                   f"{cand.err.ci_hi:.1e} (budget {limit:.1e})")
+        if cand.cast_saved_ms:
+            takes_producer = True
+            reason += f"; input in FP8 from its producer ({producer}), its cast ({cand.cast_saved_ms:.3g} ms) not paid"
         gemms[gemm] = GemmChoice(cand.kernel, cand.recipe, reason, cand.err.ci_hi, cand.err.sqnr_db, go.bf16_ms,
                                  cand.ms, _error_cost(coef, cand.err, gemm, budget))
-    return SitePlan(site.fqn, site.in_features, site.out_features, site.m, gemms, coef)
+    return SitePlan(site.fqn, site.in_features, site.out_features, site.m, gemms, coef,
+                    producer if takes_producer else None)
 
 
 def _device_info(site_timings: dict, device, notes: list[str]) -> dict:

@@ -54,7 +54,7 @@ class GemmChoice:
         return HP_GEMM if not self.is_fp8 else as_recipe(self.recipe).gemm(gemm)
 
 
-PRODUCERS = ("norm_quant",)
+PRODUCERS = ("norm_quant", "compiled_cast")
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,10 @@ def apply_producers(model: nn.Module, plan: Plan, sample) -> ModResult:
     only = {s.fqn for s in plan.sites if s.producer == "norm_quant"}
     return fused_norm_quant.apply(model, sample=sample, recipe="rowwise", only_fp8=True, only=only)
 
+
+
+def producer_sites(model: nn.Module, sample) -> dict[str, str]:
+    """``{linear fqn: "norm_quant"}`` for ``loka.dispatch.plan(producers=...)``: the sites whose
+    input can come in FP8 from their own norm, known before the GEMMs are chosen (the planner
+    then prices their FP8 candidates without the input's cast)."""
+    return {fqn: "norm_quant" for fqn in norm_fed_linears(model, sample)}
