@@ -156,6 +156,7 @@ class Setup:
 def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool):
     """A short probe on a copy of the base model, then a plan timed on this device; saved to out_dir."""
     from loka.dispatch import Budget, plan
+    from loka.dispatch.producers import producer_sites
     from loka.models.train import task_losses, total_loss
     from loka.probe.cli import train_with_probe
     from loka.probe.config import ProbeConfig, SamplingSchedule
@@ -164,6 +165,8 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
 
     model = setup.fresh_model()
     batches = setup.batches
+    # Sites whose input can come in FP8 from their own norm: priced without that cast (producer_pricing).
+    producers = producer_sites(model, (batches[0], setup.layouts[0]))
     wl = Workload(model, lambda i: batches[i % len(batches)],
                   lambda m, b: total_loss(task_losses(m(b), b)), name=f"ranker-{args.size}")
     steps = args.probe_steps
@@ -174,7 +177,8 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
     report = probe.report(model=f"ranker-{args.size}")
     dtype = torch.bfloat16 if setup.autocast else torch.float32
     bench = {"warmup": 2, "iters": 5} if args.cpu_smoke else {"warmup": 5, "iters": 20}
-    p = plan(report, Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench)
+    p = plan(report, Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench,
+             producers=producers)
     path = p.save(out_dir / f"plan-{args.size}.json")
     del model, probe, wl  # the probed copy (and its Adam state) must not stay on the device
     gc.collect()
@@ -206,7 +210,8 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     try:
-        built = BUILDERS[name](setup.fresh_model(), device=setup.device, plan=plan)
+        built = BUILDERS[name](setup.fresh_model(), device=setup.device, plan=plan,
+                               sample=(setup.batches[0], setup.layouts[0]))
     except Unavailable as exc:
         result.status = str(exc)
         return result, None
@@ -338,9 +343,26 @@ def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[Va
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
         paired_vs_bf16(results, preds, list(setup.cfg.tasks))
+        predicted_vs_measured(results, plan_of=get_plan if "loka-plan" in args.variants else None)
         if on_result is not None:
             on_result(results)
     return results
+
+
+def predicted_vs_measured(results: list[VariantResult], plan_of) -> None:
+    """The loka-plan row's step speed-up as its plan predicts it (loka.dispatch.predict), beside the
+    measured one, both against the bf16 row of this run."""
+    from loka.dispatch.predict import predicted_step
+
+    rows = {r.name: r for r in results}
+    base, mine = rows.get("bf16"), rows.get("loka-plan")
+    if plan_of is None or base is None or mine is None or not base.step_ms or not mine.step_ms:
+        return
+    try:
+        mine.predicted_speedup = predicted_step(plan_of(), base.step_ms[0])["speedup"]
+    except ValueError as exc:  # e.g. timings from another device than the one measured here
+        mine.predicted_speedup = None
+        mine.notes.append(f"no predicted step speed-up: {exc}")
 
 
 def write_results(results, args, argv, setup: Setup, flops, settings, out_dir: Path, flops_executed=None,

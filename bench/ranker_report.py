@@ -27,13 +27,14 @@ class VariantResult:
     latency_ms: dict[int, tuple[float, float] | str] = field(default_factory=dict)  # batch -> (p50, p99) or error
     notes: list[str] = field(default_factory=list)
     peak_mem_gib: float | None = None  # torch.cuda.max_memory_allocated over the variant (None on CPU)
+    predicted_speedup: float | None = None  # loka-plan: the step speed-up its plan predicts vs this run's bf16
 
     def to_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "sites": self.sites, "compiled": self.compiled,
                 "step_ms": self.step_ms, "first_step_s": self.first_step_s, "ne": self.ne,
                 "ne_vs_bf16": {t: dataclasses.asdict(r) for t, r in self.ne_vs_bf16.items()},
                 "latency_ms": {str(b): v for b, v in self.latency_ms.items()}, "notes": self.notes,
-                "peak_mem_gib": self.peak_mem_gib}
+                "peak_mem_gib": self.peak_mem_gib, "predicted_speedup": self.predicted_speedup}
 
 
 @dataclass
@@ -114,6 +115,38 @@ def latency_table(results: list[VariantResult], batch_sizes: list[int]) -> list[
     return lines
 
 
+def ratio_table(results: list[VariantResult], batch_sizes: list[int]) -> list[str]:
+    """bf16 time / variant time: training step (median) and inference (p50) per batch size, with the
+    plan's predicted step speed-up and its error beside the measured one (loka-plan)."""
+    base = next((r for r in results if r.name == "bf16"), None)
+    lines = ["| variant | training step | predicted (plan) | prediction error | "
+             + " | ".join(f"inference B={b}" for b in batch_sizes) + " |",
+             "|---|---|---|---|" + "---|" * len(batch_sizes)]
+    if base is None:
+        return lines[:2] + ["| (no bf16 row in this run: no ratios) |" + " |" * (3 + len(batch_sizes))]
+    for r in results:
+        if r.name == "bf16":
+            continue
+        step = _ratio(base.step_ms and base.step_ms[0], r.step_ms and r.step_ms[0])
+        pred, err = "—", "—"
+        if r.predicted_speedup is not None:
+            pred = f"{r.predicted_speedup:.2f}x"
+            if r.step_ms and base.step_ms:
+                measured = base.step_ms[0] / r.step_ms[0]
+                err = f"{100 * (r.predicted_speedup - measured) / measured:+.1f}%"
+        infer = [_ratio(_p50(base.latency_ms.get(b)), _p50(r.latency_ms.get(b))) for b in batch_sizes]
+        lines.append(f"| {r.name} | {step} | {pred} | {err} | " + " | ".join(infer) + " |")
+    return lines
+
+
+def _p50(value) -> float | None:
+    return value[0] if isinstance(value, tuple) else None
+
+
+def _ratio(base: float | None, mine: float | None) -> str:
+    return f"{base / mine:.2f}x" if base and mine else "—"
+
+
 def _latency_cell(value) -> str:
     if value is None:
         return "—"
@@ -145,6 +178,7 @@ def render(results: list[VariantResult], info: RunInfo, tasks: list[str], batch_
     lines += ["", "## Training step", ""] + training_table(results, info)
     lines += ["", f"## Quality after {info.warmup + info.steps} steps", ""] + quality_table(results, tasks)
     lines += ["", "## Inference latency (eval mode, no grad)", ""] + latency_table(results, batch_sizes)
+    lines += ["", "## Speed vs bf16, measured in this run", ""] + ratio_table(results, batch_sizes)
     notes = [f"- {r.name}: {n}" for r in results for n in r.notes]
     if notes:
         lines += ["", "## Notes", ""] + notes

@@ -125,13 +125,21 @@ def _linears(model: nn.Module):
     return out
 
 
-def build_loka_plan(model: nn.Module, *, plan, **_) -> Built:
+def build_loka_plan(model: nn.Module, *, plan, sample=None, **_) -> Built:
+    """``loka.convert(model, plan=plan)``, then the plan's producers (fused norm+quantize) on ``sample``."""
     import loka
+    from loka.dispatch.producers import apply_producers
 
     n = _n_linears(model)
     result = loka.convert(model, plan=plan)
-    return Built(model, len(result.converted), n,
-                 notes=[f"{len(result.skipped)} sites kept bf16 by the plan"] if result.skipped else [])
+    notes = [f"{len(result.skipped)} sites kept bf16 by the plan"] if result.skipped else []
+    if any(s.producer == "norm_quant" for s in plan.sites):
+        if sample is None:
+            raise ValueError("the plan has norm_quant sites: build_loka_plan needs a sample batch to fuse them")
+        fused = apply_producers(model, plan, sample)
+        notes.append(f"{len(fused.changes)} norm+quantize producers fused"
+                     + (f", {len(fused.skipped)} not: {fused.skipped[0][1]}" if fused.skipped else ""))
+    return Built(model, len(result.converted), n, notes=notes)
 
 
 BUILDERS: dict[str, Callable[..., Built]] = {

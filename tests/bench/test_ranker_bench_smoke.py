@@ -27,26 +27,34 @@ def _load_bench():
     return module
 
 
-def _site(fqn: str, k: int, n: int, m: int) -> dict:
+def _site(fqn: str, k: int, n: int, m: int, recipe: str = "tensorwise", device: str = "test",
+          fp8_ms: float = 0.5, bf16_ms: float = 1.0) -> dict:
     err = {"mean": 0.01, "ci_lo": 0.008, "ci_hi": 0.012, "sqnr_db": 38.0, "n": 3, "threshold": 0.1, "verdict": "safe"}
-    entries = [{"gemm": g, "kernel": "scaled_mm", "recipe": "tensorwise", "median_ms": 0.5, "p10_ms": 0.5,
-                "p90_ms": 0.5, "iters": 3} for g in GEMMS]
+    entries = [{"gemm": g, "kernel": "scaled_mm", "recipe": recipe, "median_ms": fp8_ms, "p10_ms": fp8_ms,
+                "p90_ms": fp8_ms, "iters": 3} for g in GEMMS]
     return {"fqn": fqn, "in_features": k, "out_features": n, "m_values": [m],
-            "errors": {"tensorwise": {g: err for g in GEMMS}},
-            "sensitivity": {"tensorwise": {"loss_ref": 1.0, "loss_fp8": 1.0, "loss_delta": 0.0,
-                                           "rel_loss_delta": 1e-7}},
-            "timings": {"device_name": "test", "representative": False, "m": m, "bf16_ms": {g: 1.0 for g in GEMMS},
-                        "entries": entries}}
+            "errors": {recipe: {g: err for g in GEMMS}},
+            "sensitivity": {recipe: {"loss_ref": 1.0, "loss_fp8": 1.0, "loss_delta": 0.0, "rel_loss_delta": 1e-7}},
+            "timings": {"device_name": device, "representative": False, "m": m,
+                        "bf16_ms": {g: bf16_ms for g in GEMMS}, "entries": entries}}
 
 
-def _tiny_plan(path: Path) -> Path:
+def _tiny_plan(path: Path, producers: bool = False) -> Path:
+    """Every Linear FP8 (tensorwise); ``producers``: rowwise, timed here as fast as bf16, so only the
+    sites fed by their own norm (priced without the input's cast) go FP8, with ``producer: norm_quant``."""
     from loka.dispatch import Budget, plan
-    from loka.models import Ranker, RankerConfig
+    from loka.dispatch.producers import producer_sites
+    from loka.models import Ranker, RankerConfig, SyntheticStream
+    from loka.timer import device_name
 
-    model = Ranker(RankerConfig.from_size("tiny"))
-    sites = [_site(fqn, m.in_features, m.out_features, 64) for fqn, m in model.named_modules()
+    cfg = RankerConfig.from_size("tiny")
+    model = Ranker(cfg)
+    kw = dict(recipe="rowwise", device=device_name(torch.device("cpu")), fp8_ms=0.01, bf16_ms=0.01) if producers else {}
+    sites = [_site(fqn, m.in_features, m.out_features, 64, **kw) for fqn, m in model.named_modules()
              if isinstance(m, torch.nn.Linear)]
-    p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+    fed = producer_sites(model, SyntheticStream(cfg, 8, seed=1).batch(0)) if producers else None
+    p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False,
+             device="cpu", producers=fed)
     return p.save(path)
 
 
@@ -85,6 +93,32 @@ def test_cpu_smoke_table_has_every_variant(tmp_path):
     assert quality["loka-plan"][2].endswith("]"), "paired NE interval vs bf16"
     doc = json.loads(md[0].with_suffix(".json").read_text())
     assert [v["name"] for v in doc["variants"]] == list(train)
+    ratios = _rows(text, "Speed vs bf16")
+    assert list(ratios) == ["torchao-tensorwise", "torchao-rowwise", "te", "loka-plan"]
+    measured = float(train["bf16"][2].split()[0]) / float(train["loka-plan"][2].split()[0])
+    assert ratios["loka-plan"][0] == f"{measured:.2f}x"
+    mine = next(v for v in doc["variants"] if v["name"] == "loka-plan")
+    if mine["predicted_speedup"] is None:  # the hand-made timings save more than a CPU step: said, not hidden
+        assert any("no predicted step speed-up" in n for n in mine["notes"]), mine["notes"]
+    else:
+        assert ratios["loka-plan"][1] == f"{mine['predicted_speedup']:.2f}x"
+
+
+def test_loka_plan_row_fuses_the_plans_norm_quant_producers(tmp_path):
+    bench = _load_bench()
+    plan_path = _tiny_plan(tmp_path / "plan.json", producers=True)
+    fed = [s["fqn"] for s in json.loads(plan_path.read_text())["sites"] if s.get("producer") == "norm_quant"]
+    assert fed, "the producer sites were not priced without their cast"
+    out = tmp_path / "out"
+    rc = bench.main(["--size", "tiny", "--cpu-smoke", "--variants", "bf16,loka-plan", "--plan", str(plan_path),
+                     "--out", str(out), "--steps", "1", "--eval-examples", "512", "--infer-batch-sizes", "8",
+                     "--infer-iters", "2", "--no-progress"])
+    assert rc == 0
+    doc = json.loads(next(out.glob("cpu-*.json")).read_text())
+    mine = next(v for v in doc["variants"] if v["name"] == "loka-plan")
+    assert mine["status"] == "ok", mine
+    assert f"{len(fed)} norm+quantize producers fused" in " ".join(mine["notes"]), mine["notes"]
+    assert all(math.isfinite(v) for v in mine["ne"].values())
 
 
 def test_cpu_results_never_default_to_bench_results():
