@@ -315,14 +315,16 @@ def results_dir(args, device: torch.device) -> Path:
     return out
 
 
-def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[VariantResult]:
+def run_all(args, setup: Setup, get_plan, show: bool, on_result=None, save_plan=None) -> list[VariantResult]:
     """Every variant in turn (one on the device at a time) and the paired NE vs bf16.
 
     ``get_plan()`` is called when the ``loka-plan`` variant's turn comes (so the variants before
     it are measured even if making the plan fails or runs long); ``on_result(results)`` after
-    each variant, so a run stopped from outside still leaves the rows measured so far.
+    each variant, so a run stopped from outside still leaves the rows measured so far;
+    ``save_plan(plan)`` receives the plan stating its predicted step (this run's bf16 step).
     """
     from loka.models import SyntheticStream
+    from loka.timer import device_name
 
     infer_batches = {b: SyntheticStream(setup.cfg, b, seed=7, device=setup.device).batch(0)
                      for b in args.infer_batch_sizes}
@@ -343,23 +345,30 @@ def run_all(args, setup: Setup, get_plan, show: bool, on_result=None) -> list[Va
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
         paired_vs_bf16(results, preds, list(setup.cfg.tasks))
-        predicted_vs_measured(results, plan_of=get_plan if "loka-plan" in args.variants else None)
+        predicted_vs_measured(results, get_plan if "loka-plan" in args.variants else None, save_plan,
+                              f"measured bf16 step of bench/ranker.py --size {args.size} on {device_name(setup.device)}, "
+                              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}")
         if on_result is not None:
             on_result(results)
     return results
 
 
-def predicted_vs_measured(results: list[VariantResult], plan_of) -> None:
+def predicted_vs_measured(results: list[VariantResult], plan_of, save_plan=None, source: str = "") -> None:
     """The loka-plan row's step speed-up as its plan predicts it (loka.dispatch.predict), beside the
-    measured one, both against the bf16 row of this run."""
-    from loka.dispatch.predict import predicted_step
+    measured one, both against the bf16 row of this run; the plan stating it goes to ``save_plan``."""
+    from loka.dispatch.predict import with_predicted_step
 
     rows = {r.name: r for r in results}
     base, mine = rows.get("bf16"), rows.get("loka-plan")
     if plan_of is None or base is None or mine is None or not base.step_ms or not mine.step_ms:
         return
+    if mine.predicted_speedup is not None or any(n.startswith("no predicted step") for n in mine.notes):
+        return  # stated once, when both rows first exist
     try:
-        mine.predicted_speedup = predicted_step(plan_of(), base.step_ms[0])["speedup"]
+        stated = with_predicted_step(plan_of(), base.step_ms[0], source)
+        mine.predicted_speedup = stated.step["speedup"]
+        if save_plan is not None:
+            save_plan(stated)
     except ValueError as exc:  # e.g. timings from another device than the one measured here
         mine.predicted_speedup = None
         mine.notes.append(f"no predicted step speed-up: {exc}")
@@ -430,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     def save(results, quiet=True):
         return write_results(results, args, argv, setup, flops, settings, out_dir, flops_executed, quiet=quiet)
 
-    save(run_all(args, setup, get_plan, show, on_result=save), quiet=False)
+    def save_plan(p):
+        settings.append(f"loka plan with its predicted step: {p.save(out_dir / f'plan-{args.size}.json')}")
+
+    save(run_all(args, setup, get_plan, show, on_result=save, save_plan=save_plan), quiet=False)
     return 0
 
 

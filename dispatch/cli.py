@@ -3,6 +3,7 @@
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
               [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json] [--producers producers.json]
+              [--bf16-step-ms 41.5]   (the plan then states its predicted step speed-up)
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
 """
@@ -20,6 +21,7 @@ import torch
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
+from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
 from loka.kernels import KERNELS
 from loka.recipe import RECIPE_NAMES, as_recipe
@@ -40,6 +42,9 @@ def register(subparsers) -> None:
                         "hand, e.g. on CPU), or 'measured' (= --measure); default: the report's timings")
     p.add_argument("--keep-bf16", default=None, metavar="JSON",
                    help="JSON file {site: reason} of sites a policy keeps in bf16 (the demo writes keep_bf16.json)")
+    p.add_argument("--bf16-step-ms", type=float, default=None, metavar="MS",
+                   help="the measured bf16 training step (ms) of the model on the plan's device: the plan then "
+                        "states its predicted step speed-up (the GEMM time it saves, the rest unchanged)")
     p.add_argument("--producers", default=None, metavar="JSON",
                    help="JSON file {site: norm_quant|compiled_cast} of sites whose fprop input arrives in FP8 from "
                         "its producer (loka.dispatch.producers.producer_sites writes it); priced without that cast")
@@ -123,6 +128,8 @@ def _plan(args) -> int:
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
                  producers=producers)
+        if args.bf16_step_ms is not None:
+            p = with_predicted_step(p, args.bf16_step_ms, "given on the command line (--bf16-step-ms)")
     except (ValueError, TypeError) as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback

@@ -46,5 +46,12 @@ def plan_table(plan) -> str:
         f"{t['planned_ms']:.4g} ms per step (expected speedup {_fmt_speedup(t['speedup'])}); "
         f"model error {t['error_cost']:.3g} of budget {budget.get('max_model_ne_delta', float('nan')):.3g} (relative NE).",
     ]
+    if plan.step:
+        st = plan.step
+        lines.append(f"Predicted training step: bf16 {st['bf16_step_ms']:.4g} ms ({st['source']}) -> "
+                     f"{st['planned_step_ms']:.4g} ms, speed-up {st['speedup']:.2f}x (the GEMM time saved above; "
+                     "the rest of the step unchanged).")
+    else:
+        lines.append("Predicted training step: not stated (give the measured bf16 step: `loka plan --bf16-step-ms`).")
     lines += [f"Note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"

@@ -106,6 +106,9 @@ class Plan:
     solver: str = "milp"
     notes: list = field(default_factory=list)
     created_utc: str = ""
+    # The predicted training step (loka.dispatch.predict.with_predicted_step): {"bf16_step_ms",
+    # "saved_ms", "planned_step_ms", "speedup", "source"}; empty until a bf16 step time is given.
+    step: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sites = sorted(self.sites, key=lambda s: s.fqn)
@@ -147,6 +150,7 @@ class Plan:
             "notes": list(self.notes),
             "totals": self.totals(),
             "sites": [_site_dict(s) for s in self.sites],
+            **({"step": dict(self.step)} if self.step else {}),  # absent until predicted (files stay as they were)
         }
 
     def to_json(self) -> str:
@@ -166,7 +170,8 @@ class Plan:
         doc = decode_floats(doc)
         sites = [_site_from(d) for d in doc["sites"]]
         return cls(sites=sites, budget=doc["budget"], device=doc["device"], versions=doc["versions"],
-                   solver=doc["solver"], notes=list(doc["notes"]), created_utc=doc["created_utc"])
+                   solver=doc["solver"], notes=list(doc["notes"]), created_utc=doc["created_utc"],
+                   step=dict(doc.get("step") or {}))
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -225,6 +230,7 @@ def validate_plan_doc(doc) -> list[str]:
     if problems:
         return problems
     problems += [f"notes[{i}]: expected a string" for i, n in enumerate(doc["notes"]) if not isinstance(n, str)]
+    problems += _step_problems(doc.get("step"))
     for i, s in enumerate(doc["sites"]):
         where = f"sites[{i}]" + (f" ({s.get('fqn')})" if isinstance(s, dict) else "")
         if not isinstance(s, dict):
@@ -245,6 +251,21 @@ def validate_plan_doc(doc) -> list[str]:
                 continue
             problems += _gemm_problems(gemms[g], f"{where}.gemms.{g}", g)
     return problems
+
+
+STEP_KEYS = ("bf16_step_ms", "saved_ms", "planned_step_ms", "speedup")
+
+
+def _step_problems(step) -> list[str]:
+    if step is None:
+        return []
+    if not isinstance(step, dict):
+        return [f"step: expected an object, got {type(step).__name__}"]
+    out = [f"step.{k}: expected a number, got {step.get(k)!r}" for k in STEP_KEYS
+           if isinstance(step.get(k), bool) or not isinstance(step.get(k), (int, float))]
+    if not isinstance(step.get("source"), str):
+        out.append(f"step.source: expected a string, got {step.get('source')!r}")
+    return out
 
 
 def _gemm_problems(c, where: str, gemm: str) -> list[str]:

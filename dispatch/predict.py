@@ -15,6 +15,7 @@ within 15%). It assumes the plan's timings come from the device the step is meas
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from loka.dispatch.plans import Plan
 
@@ -38,3 +39,11 @@ def prediction_error(predicted_speedup: float, measured_speedup: float) -> float
     if not measured_speedup > 0:
         raise ValueError(f"measured_speedup={measured_speedup!r} must be > 0")
     return (predicted_speedup - measured_speedup) / measured_speedup
+
+
+def with_predicted_step(plan: Plan, bf16_step_ms: float, source: str) -> Plan:
+    """``plan`` stating its predicted training step for a bf16 step of ``bf16_step_ms`` (``source``:
+    where that time comes from, e.g. "measured on NVIDIA H200, bench/ranker.py, 2026-12-01")."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("source must say where the bf16 step time comes from (device, command, date)")
+    return replace(plan, step={**predicted_step(plan, bf16_step_ms), "source": source})

@@ -158,3 +158,42 @@ class _Block(nn.Module):
 
 def test_producer_sites_are_the_linears_fed_only_by_their_norm():
     assert producer_sites(_Block(), torch.randn(8, 32)) == {"fc": "norm_quant"}
+
+
+def test_plan_states_its_predicted_step_and_keeps_it_through_the_file(tmp_path):
+    from loka.dispatch import load_plan
+    from loka.dispatch.predict import with_predicted_step
+
+    rows = _h200_rows()
+    p = plan(_calibration_report(), Budget(), speed_model="h200", kernels=["scaled_mm"], progress=False)
+    assert "Predicted training step: not stated" in p.summary()
+    t = p.totals()
+    stated = with_predicted_step(p, 10.0, "test: a 10 ms bf16 step")
+    want = 10.0 / (10.0 - t["saved_ms"])
+    assert stated.step["speedup"] == pytest.approx(want) and t["saved_ms"] > 0
+    back = load_plan(stated.save(tmp_path / "plan.json"))
+    assert back.step == stated.step and f"speed-up {want:.2f}x" in back.summary()
+    assert "step" not in json.loads(p.to_json())  # plans without it keep their old form
+    with pytest.raises(ValueError, match="source"):
+        with_predicted_step(p, 10.0, " ")
+    with pytest.raises(ValueError, match="another device"):  # a saving larger than the step
+        with_predicted_step(p, t["saved_ms"] / 2, "too short")
+    doc = json.loads(stated.to_json())
+    doc["step"]["speedup"] = "fast"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(Exception, match="step.speedup: expected a number"):
+        load_plan(tmp_path / "bad.json")
+    assert len(rows) == len(p.sites)
+
+
+def test_cli_bf16_step_ms(tmp_path, capsys):
+    rep = tmp_path / "report.json"
+    rep.write_text(json.dumps(_calibration_report()))
+    out = tmp_path / "plan.json"
+    assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--kernels", "scaled_mm",
+                      "--bf16-step-ms", "50", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["step"]["bf16_step_ms"] == 50.0
+    assert "Predicted training step: bf16 50 ms" in capsys.readouterr().out
+    assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--bf16-step-ms", "-1",
+                      "--out", str(out), "--device", "cpu"]) == 2
+    assert "bf16_step_ms" in capsys.readouterr().err
