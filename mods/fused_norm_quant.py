@@ -227,7 +227,8 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
             skipped.append((block.norm, why))
             continue
         site_kernels = {g: k.name for g, k in lin.kernels.items()} if isinstance(lin, Float8Linear) else kernels
-        new_lin = PrequantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=site_kernels)
+        fallback = lin.fallback if isinstance(lin, Float8Linear) else "error"
+        new_lin = PrequantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=site_kernels, fallback=fallback)
         a = site_recipe.fprop.a
         new_norm = NormQuantize(norm, a.format, backend, pow2_scale=a.pow2)
         new_lin.handoff = new_norm.handoff
