@@ -13,7 +13,7 @@ Per mod it measures what the mod is for:
   (the probe measures GEMM outputs, which this mod deliberately leaves row-scaled);
 - padding and horizontal fusion: GEMM shapes and counts, counted on a recorded
   forward pass before and after, and the max output difference (exactness check);
-- fused norm + quantize (serving path, PyTorch reference on CPU) vs the unfused FP8 block;
+- fused norm + quantize (forward without grad, PyTorch reference on CPU) vs the unfused FP8 block;
 - keep-in-hp: the policy with its reasons.
 
 Numbers are measured on CPU with emulated FP8 (exact FP8 numerics, no speed).
@@ -197,7 +197,7 @@ def section_fused_and_policy(size, batch, seed) -> list[str]:
         setattr(get_module(ref, parent), name, Float8Linear.from_linear(get_module(ref, fqn), recipe="rowwise", kernels="emulated"))
     y, y_ref = model(sample), ref(sample)
     worst = max(rel_error(y_ref[k], y[k]) for k in y)
-    lines = ["### 5. Fused norm + quantize (serving path; PyTorch reference on CPU)", "",
+    lines = ["### 5. Fused norm + quantize (forward without grad; PyTorch reference on CPU)", "",
              f"Blocks fused: {len(res.changes)}; model output vs the unfused rowwise FP8 blocks: max rel. difference {worst:.1e}", ""]
     lines += [f"- `{c.fqn}`" for c in res.changes]
     lines += ["", *(f"- skipped `{fqn}`: {why}" for fqn, why in res.skipped)]

@@ -10,7 +10,9 @@ planner chose the GEMMs, and applied with ``apply_producers`` after ``apply_plan
 Where the plan's timings come from the speed model, the fprop time of such a site
 drops the activation's cast (``loka.kernels.costmodel.quantize_us``); measured
 timings include the cast and are left as they are (a conservative prediction).
-Forward without grad only (serving): with grad the norm and Linear run as before.
+Training and serving alike: with grad the fused block's backward equals the unfused one
+(loka.mods.norm_quant_autograd; it recomputes the hp norm from the saved input), and
+``loka.models.train`` applies the plan's producers as the inference engine does.
 """
 
 from __future__ import annotations
@@ -67,13 +69,17 @@ def with_producers(plan: Plan, model: nn.Module, sample, dev: DeviceModel | None
         n += 1
     notes = list(plan.notes)
     if n:
-        notes.append(f"{n} sites take their fprop input in FP8 from the preceding norm (norm_quant, serving)"
+        notes.append(f"{n} sites take their fprop input in FP8 from the preceding norm (norm_quant, training and serving)"
                      + ("" if modelled else "; their timings include a separate cast (conservative)"))
     return replace(plan, sites=sites, notes=notes)
 
 
 def apply_producers(model: nn.Module, plan: Plan, sample) -> ModResult:
-    """Fuse norm+quantize at the plan's ``norm_quant`` sites (after ``apply_plan``)."""
+    """Fuse norm+quantize at the plan's ``norm_quant`` sites (after ``apply_plan``), for training or serving.
+
+    The mod checks the hand-off on one run of ``sample`` without grad; a run with grad goes
+    through the same modules (the Linear takes the norm's FP8 output through autograd).
+    """
     only = {s.fqn for s in plan.sites if s.producer == "norm_quant"}
     return fused_norm_quant.apply(model, sample=sample, recipe="rowwise", only_fp8=True, only=only)
 

@@ -33,10 +33,11 @@ from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, 
                      grads_finite)
 from .evaluate import evaluate
 from .optim import build_optimizers
-from .precision import apply_precision, check_precision
+from .precision import apply_plan_producers, apply_precision, check_precision
 from .resume import restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
+from .serving_schema import example_batch
 from .synthetic import SyntheticStream
 
 
@@ -157,6 +158,7 @@ class TrainResult:
     checkpoint: Path | None = None
     evaluation: object | None = None
     convert_result: object | None = None
+    producers: object | None = None  # loka ModResult of the plan's norm_quant sites, None without
     skipped_steps: int = 0
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
@@ -256,6 +258,9 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
         model.over.init_bias(data.base_rates())
     convert_result = apply_precision(model, config.precision)
     model.to(ctx.device)
+    # The plan's norm_quant sites: a schema-valid batch (as the inference engine uses), not the
+    # stream's first one, so the data position stays what resume expects.
+    producers = apply_plan_producers(model, config.precision, example_batch(cfg, 8).to(ctx.device))
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
     if state is not None:
@@ -265,7 +270,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
             data.load_state_dict(state["stream"])
         restore_rng(state)
         step = int(state["step"])
-    return model, data, optimizers, step, convert_result
+    return model, data, optimizers, step, (convert_result, producers)
 
 
 def train(config: TrainConfig | None = None, *, model: Ranker | None = None, data=None,
@@ -283,7 +288,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     state = load_checkpoint(resume) if resume else None
     config = config.replace(precision=resume_precision(config.precision, state, resume))
     ctx = init_distributed(config.device, config.dist_timeout_s)
-    model, data, optimizers, step, convert_result = _build(config, model, data, state, ctx)
+    model, data, optimizers, step, (convert_result, producers) = _build(config, model, data, state, ctx)
     resolve_task_weights(config.task_weights, model.config.tasks)  # unknown task names fail here
     run_id = (state or {}).get("run_id") or new_run_id()
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -296,7 +301,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     if config.compile:
         runner = torch.compile(runner)
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
-                         convert_result=convert_result)
+                         convert_result=convert_result, producers=producers)
     saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main, last=resume)
     with StopSignals() as signals, ctx.watch():
         _loop(config, runner, data, optimizers, result, ctx, saver, signals)

@@ -12,7 +12,7 @@ row_scale_free         exact (eps; bias)   Linear -> Norm: skip the activation r
 padding                exact               K, N padded to multiples of 16
 horizontal_fusion      exact               Linears sharing an input -> one wider GEMM
 grouped_gemm           exact               same-shape Linears, different inputs -> grouped
-fused_norm_quant       exact (serving)     Norm -> FP8 Linear: norm + cast in one pass
+fused_norm_quant       exact               Norm -> FP8 Linear: norm + cast in one pass
 keep_hp                no change           {fqn: reason} kept bf16 (heads, raw, tiny)
 =====================  ==================  ==============================================
 

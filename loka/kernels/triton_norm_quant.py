@@ -20,10 +20,11 @@ on the float32 ``y``; the unfused path in a bf16 model would round ``y`` to
 bf16 first, so the fused result is if anything closer to exact.
 ``norm_quant_reference`` is that math in PyTorch.
 
-Training: this is a forward-only op for serving / inference. It refuses inputs
-that require grad (the FP8 output cannot carry a gradient to the norm's input,
-weight and bias). A training model keeps the norm in high precision (PyTorch)
-and lets the FP8 Linear quantize its input; nothing here defines a backward.
+Training: the kernel is forward-only. Called directly on inputs that require
+grad it refuses (the FP8 output cannot carry a gradient to the norm's input,
+weight and bias). Training uses it inside ``loka.mods.norm_quant_autograd.NormQuantFn``,
+which calls it on detached inputs and defines the backward (the exact norm
+backward on a recomputed high-precision norm).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def fused_norm_quant(
     _check(x, weight, bias, kind, fmt)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError(
-            "fused_norm_quant is forward-only (serving); call it under torch.no_grad() or "
-            "torch.inference_mode(), and in training keep the norm in high precision"
+            "fused_norm_quant is forward-only; call it under torch.no_grad() / torch.inference_mode(), "
+            "and in training through loka.mods.NormQuantize (its autograd function defines the backward)"
         )
     ok, reason = triton_available(x.device)
     if not ok:

@@ -87,6 +87,41 @@ def test_applied_producer_matches_the_emulated_plan():
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
     assert norm.fused_calls == 1
-    xg = x.clone().requires_grad_()  # with grad the fused path is off: training is unchanged
-    y = model(xg)
+    y = model(x.clone().requires_grad_())  # with grad the fused path runs too, same numbers in fp32
     torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
+    assert norm.fused_calls == 2
+
+
+def _training_plan(m: int = 32) -> Plan:
+    """Every GEMM of every site FP8 rowwise on the emulated kernel (a training plan)."""
+    sites = [SitePlan(fqn, 64, 64, m, {g: GemmChoice("emulated", "rowwise", "test", 0.03, 25.0, 1.0, 0.5)
+                                      for g in ("fprop", "dgrad", "wgrad")})
+             for fqn in ("fed", "shared_1", "shared_2", "after_act", "kept")]
+    return Plan(sites=sites, budget={}, device={"name": "H200 SXM (speed model)", "source": "model"})
+
+
+def test_applied_producers_train_like_the_plan_without_them():
+    """apply_producers on a model that is then trained: a grad-mode run takes the hand-off at
+    every chosen site, and the output and every gradient equal the plan without producers."""
+    model, reference = Toy(), Toy()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(16, 64) * 3
+    p = with_producers(_training_plan(), model, x, H200_SXM)
+    assert sorted(s.fqn for s in p.sites if s.producer == "norm_quant") == ["fed", "kept"]
+    apply_plan(model, p)
+    apply_plan(reference, p)
+    result = apply_producers(model, p, x)
+    assert sorted(c.fqn for c in result.changes) == ["norm_a -> fed", "norm_c -> kept"]
+    norms = [model.norm_a, model.norm_c]
+    for n in norms:
+        n.fused_calls = 0
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = model(xa), reference(xb)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert all(n.fused_calls == 1 and n.handoff.placeholder is None for n in norms)  # grad mode took the hand-off
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
