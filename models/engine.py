@@ -47,7 +47,7 @@ class InferenceEngine:
         self.device = resolve_device(device)
         self.config: RankerConfig = model.config
         self.precision = precision
-        self.convert_result = apply_precision(model, precision)
+        self.convert_result = apply_precision(model, precision, compile=compile)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -254,7 +254,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
         model.load_state_dict(state["model"])
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
-    convert_result = apply_precision(model, config.precision)
+    convert_result = apply_precision(model, config.precision, compile=config.compile)
     model.to(ctx.device)
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
