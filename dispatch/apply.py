@@ -16,6 +16,7 @@ in ``ConvertResult.skipped`` with its reason, and the rest is converted.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +118,7 @@ def apply_plan(
     *,
     on_mismatch: str = "error",
     fallback: str = "hp",
+    compile: bool | None = None,
 ) -> ConvertResult:
     """Apply ``plan`` (a Plan or a plan JSON path) to ``model`` in place.
 
@@ -124,12 +126,17 @@ def apply_plan(
     ``"bf16"`` keeps mismatching sites as they are. ``fallback`` is passed to Float8Linear:
     ``"hp"`` (default) runs a GEMM in hp when a run-time shape (e.g. a ragged last batch)
     does not suit its kernel and records it in ``module.fallbacks``; ``"error"`` raises.
+    ``compile``: whether the caller runs the model under torch.compile; ``False`` with
+    ``compiled_cast`` sites in the plan warns once, naming them (their casts then run as
+    passes of their own, which the plan did not count). ``None``: not said, no warning.
     """
 
     if on_mismatch not in ("error", "bf16"):
         raise ValueError(f"on_mismatch={on_mismatch!r} is not valid; use 'error' or 'bf16'")
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
+    if compile is False:
+        warn_uncompiled_casts(plan)
     diffs = plan_differences(model, plan)
     if diffs and on_mismatch == "error":
         raise PlanMismatchError([p for fqn in sorted(diffs) for p in diffs[fqn]])
@@ -162,6 +169,17 @@ def apply_plan(
     for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result
+
+
+def warn_uncompiled_casts(plan: Plan) -> list[str]:
+    """Warn once (one warning naming every site) when ``compiled_cast`` sites will run without torch.compile."""
+    sites = [s.fqn for s in plan.sites if s.producer == "compiled_cast"]
+    if sites:
+        warnings.warn(f"the plan's compiled_cast sites {sites} rely on torch.compile fusing their FP8 casts into the "
+                      "producing ops; run without it, each pays a separate cast pass the plan did not count. "
+                      "Compile the model (compile=True / --compile) or re-plan without compiled casts.",
+                      UserWarning, stacklevel=3)
+    return sites
 
 
 def _apply_matmuls(model, planned, diffs, fallback, result) -> None:

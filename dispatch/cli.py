@@ -32,7 +32,11 @@ def register(subparsers) -> None:
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
     doctor.set_defaults(func=_doctor)
 
-    p = subparsers.add_parser("plan", help="choose a kernel (or bf16) per GEMM from a probe report and a budget")
+    p = subparsers.add_parser(
+        "plan", help="choose a kernel (or bf16) per GEMM from a probe report and a budget",
+        epilog="Producer choices need the model and a sample batch, which `loka plan` does not have: mark casts "
+               "torch.compile fuses into their producers with loka.dispatch.compiled_casts.with_compiled_casts(plan, "
+               "model, sample, train=...) and fused norm+quantize with loka.dispatch.producers.with_producers, in Python.")
     p.add_argument("--report", required=True, help="probe report JSON (loka probe ... --out)")
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
     p.add_argument("--out", required=True, help="where to write plan.json")

@@ -68,7 +68,9 @@ class SitePlan:
     gemms: dict  # gemm -> GemmChoice
     sensitivity: float | None = None  # relative NE per unit relative fprop error
     # Who quantizes fprop's input: None (the GEMM's own cast) or one of PRODUCERS
-    # ("norm_quant": the preceding norm emits FP8 + row scales; loka.dispatch.producers).
+    # ("norm_quant": the preceding norm emits FP8 + row scales; loka.dispatch.producers;
+    # "compiled_cast": torch.compile fuses the cast into the producing op, proven by
+    # loka.dispatch.compiled_casts; paid as a separate cast when the model is not compiled).
     producer: str | None = None
 
     @property

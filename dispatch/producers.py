@@ -57,7 +57,7 @@ def with_producers(plan: Plan, model: nn.Module, sample, dev: DeviceModel | None
     modelled = (plan.device or {}).get("source") == "model"
     sites, n = [], 0
     for s in plan.sites:
-        if s.fqn not in fed or not _takes_norm_quant(s):
+        if s.fqn not in fed or s.producer is not None or not _takes_norm_quant(s):  # one producer a site
             sites.append(s)
             continue
         c = s.gemms["fprop"]

@@ -97,7 +97,47 @@ class WeightCache:
         self.misses = 0
         self.derived = 0
         self.enabled = True
+        self._frozen: dict[str, _Entry] = {}  # serving: kept while compiling (see freeze)
         _hook_optimizer_steps()
+
+    def freeze(self, gemm: str, weight: torch.Tensor, op: OperandRecipe, transpose: bool) -> bool:
+        """Keep ``gemm``'s FP8 weight for serving, also inside torch.compile graphs.
+
+        A cached weight is normally left out of a compiled graph (the graph casts it on every
+        call, because a trace cannot follow version counters). A frozen one is a tensor of the
+        graph's, so a compiled serving model casts no weight at all. Outside a trace the weight's
+        version is still checked and the frozen copy refreshed in place (same storage, so
+        graphs compiled earlier read the new values); inside one it is trusted: freeze only
+        weights nothing updates (``requires_grad=False``, as ``loka.models.InferenceEngine``
+        does). Returns False where the weight cannot be cached (not dynamic, hp).
+        """
+        if op.is_hp or op.scaling != "dynamic" or weight_version(weight) is None:
+            return False
+        self._frozen.pop(gemm, None)
+        q = self.get(gemm, weight, op, transpose)
+        if q is None:
+            return False
+        self._frozen[gemm] = self._entries[gemm]
+        return True
+
+    def _frozen_operand(self, gemm: str, weight: torch.Tensor) -> Quantized | None:
+        e = self._frozen.get(gemm)
+        if e is None:
+            return None
+        if _compiling():  # no weakref or version to follow in a trace: frozen means trusted
+            return e.operand
+        if e.ref() is not weight:
+            return None
+        version = weight_version(weight)
+        if version != e.version:  # updated since frozen: recast into the same storage
+            with torch.no_grad():
+                w = weight.detach()
+                data, scale = quantize_operand((w.t() if e.transposed else w).contiguous(), e.op)
+                e.operand.data.copy_(data)
+                e.operand.scale.copy_(scale)
+            e.version = version
+        self.hits += 1
+        return e.operand
 
     def get(self, gemm: str, weight: torch.Tensor, op: OperandRecipe, transpose: bool) -> Quantized | None:
         """The FP8 operand of ``gemm`` (``Wᵀ`` when ``transpose``), quantizing on a miss.
@@ -105,6 +145,9 @@ class WeightCache:
         None when this weight cannot be cached (disabled, not dynamic, no version counter,
         or inside a torch.compile trace, where the cast belongs to the compiled graph).
         """
+        frozen = self._frozen_operand(gemm, weight) if self._frozen else None
+        if frozen is not None:
+            return frozen
         if not self.enabled or op.is_hp or op.scaling != "dynamic" or _compiling():
             return None
         version = weight_version(weight)
@@ -137,8 +180,9 @@ class WeightCache:
         return None
 
     def invalidate(self) -> None:
-        """Drop every entry (the next lookup quantizes again)."""
+        """Drop every entry, frozen ones included (the next lookup quantizes again)."""
         self._entries.clear()
+        self._frozen.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -162,4 +206,20 @@ def invalidate_weight_caches(model: nn.Module) -> int:
     for cache in _caches(model):
         cache.invalidate()
         n += 1
+    return n
+
+
+def freeze_fp8_weights(model: nn.Module) -> int:
+    """Freeze fprop's FP8 weight of every FP8 module of ``model`` for serving (see
+    ``WeightCache.freeze``); returns how many were frozen. Call it after the model's last
+    weight update and before compiling; ``invalidate_weight_caches`` undoes it."""
+    n = 0
+    for m in model.modules():
+        cache = getattr(m, "weight_cache", None)
+        recipe, weight = getattr(m, "recipe", None), getattr(m, "weight", None)
+        if isinstance(cache, WeightCache) and recipe is not None and isinstance(weight, torch.Tensor):
+            g = recipe.gemm("fprop")
+            kernel = getattr(m, "kernels", {}).get("fprop")
+            if not g.is_hp and kernel is not None and kernel.takes_quantized_b:
+                n += cache.freeze("fprop", weight, g.b, transpose=False)
     return n

@@ -23,6 +23,7 @@ from torch import Tensor
 from loka.dispatch import load_plan
 from loka.dispatch.producers import apply_producers
 from loka.mods import fused_norm_quant
+from loka.weight_cache import freeze_fp8_weights
 
 from .batch import Batch
 from .checkpoint import load_checkpoint
@@ -47,11 +48,13 @@ class InferenceEngine:
         self.device = resolve_device(device)
         self.config: RankerConfig = model.config
         self.precision = precision
-        self.convert_result = apply_precision(model, precision)
+        self.convert_result = apply_precision(model, precision, compile=compile)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.norm_quant = self._fuse_norm_quant(fuse_norm_quant) if fuse_norm_quant is not False else None
+        # FP8 weights cast once and kept, also inside the compiled graph (no per-call weight cast)
+        self.frozen_fp8_weights = freeze_fp8_weights(self.model)
         if autocast is None:
             autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = autocast

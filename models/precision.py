@@ -40,14 +40,18 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"plan file {precision!r} does not exist; write it with `loka plan` first.")
 
 
-def apply_precision(model: nn.Module, precision: str):
-    """Convert ``model`` in place for ``precision``; returns loka's ConvertResult or None (hp)."""
+def apply_precision(model: nn.Module, precision: str, compile: bool | None = None):
+    """Convert ``model`` in place for ``precision``; returns loka's ConvertResult or None (hp).
+
+    ``compile``: whether the model will run under torch.compile (``False`` warns about a plan's
+    ``compiled_cast`` sites, whose casts then run unfused; ``None``: not said).
+    """
     check_precision(precision)
     if precision in HP_PRECISIONS:
         return None
     if precision == "fp8":
         return convert(model, recipe="tensorwise")
-    return apply_plan(model, load_plan(precision))
+    return apply_plan(model, load_plan(precision), compile=compile)
 
 
 def plan_producers(precision: str):

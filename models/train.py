@@ -256,7 +256,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
         model.load_state_dict(state["model"])
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
-    convert_result = apply_precision(model, config.precision)
+    convert_result = apply_precision(model, config.precision, compile=config.compile)
     model.to(ctx.device)
     # The plan's norm_quant sites: a schema-valid batch (as the inference engine uses), not the
     # stream's first one, so the data position stays what resume expects.

@@ -197,3 +197,25 @@ def test_cli_bf16_step_ms(tmp_path, capsys):
     assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--bf16-step-ms", "-1",
                       "--out", str(out), "--device", "cpu"]) == 2
     assert "bf16_step_ms" in capsys.readouterr().err
+
+
+def test_with_producers_keeps_a_site_that_already_has_its_producer():
+    """A site the planner priced with a producer is not given a second one (nor discounted twice)."""
+    from dataclasses import replace
+
+    from loka.dispatch.producers import with_producers
+    from loka.kernels.costmodel import H200_SXM
+
+    model, x = _Block(), torch.randn(8, 32)
+    doc = report(site("fc", 32, 16, m=8, errors={"rowwise": {g: 0.01 for g in GEMMS}}),
+                 *(site(f, 16, 16, m=8) for f in ("a", "b")))
+    p = plan(doc, Budget(min_speedup=1.0), speed_model="h200", kernels=["scaled_mm"], progress=False)
+    fc = p.site("fc")
+    forced = replace(p, sites=[replace(fc, gemms={**fc.gemms, "fprop": replace(fc.gemms["fprop"], kernel="scaled_mm",
+                                                                               recipe="rowwise", planned_ms=1.0)},
+                                       producer="compiled_cast"), p.site("a"), p.site("b")])
+    again = with_producers(forced, model, x, dev=H200_SXM)
+    assert again.site("fc").producer == "compiled_cast" and again.site("fc").gemms["fprop"].planned_ms == 1.0
+    unset = with_producers(replace(forced, sites=[replace(forced.site("fc"), producer=None), p.site("a"), p.site("b")]),
+                           model, x, dev=H200_SXM)
+    assert unset.site("fc").producer == "norm_quant"
