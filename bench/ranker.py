@@ -204,6 +204,7 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
     from loka.models import build_optimizers, predict
     from loka.models.train import task_losses, total_loss
     from loka.timer import time_fn
+    from loka.weight_cache import freeze_fp8_weights
 
     result = VariantResult(name)
     torch._dynamo.reset()
@@ -239,6 +240,9 @@ def run_variant(name: str, setup: Setup, args, plan, infer_batches) -> tuple[Var
         pred = predict(model, setup.held_out, args.eval_examples)
     result.ne = ne_per_task(pred, list(setup.cfg.tasks))
     model.eval()
+    frozen = freeze_fp8_weights(model)  # serving casts loka's FP8 weights once, also in compiled graphs
+    if frozen:
+        result.notes.append(f"serving: {frozen} FP8 weights frozen (cast once, as loka.models.InferenceEngine does)")
 
     @torch.no_grad()  # not inference_mode: torchao's rowwise Float8Linear cannot reshape its cast input there
     def serve(batch):

@@ -52,6 +52,6 @@ def plan_table(plan) -> str:
                      f"{st['planned_step_ms']:.4g} ms, speed-up {st['speedup']:.2f}x (the GEMM time saved above; "
                      "the rest of the step unchanged).")
     else:
-        lines.append("Predicted training step: not stated (give the measured bf16 step: `loka plan --bf16-step-ms`).")
+        lines.append("Predicted training step: not stated (give the measured bf16 step to loka plan --bf16-step-ms MS).")
     lines += [f"Note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"

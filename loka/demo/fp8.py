@@ -19,6 +19,7 @@ from torch import nn
 
 from loka.convert import convert
 from loka.dispatch import apply_plan
+from loka.dispatch.producers import apply_producers
 from loka.kernels.costmodel import H100_SXM, bf16_us, kernel_us
 from loka.recipe import gemm_shape
 
@@ -72,13 +73,17 @@ def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -
     return bf16 / fp8 if fp8 > 0 else None
 
 
-def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str) -> Fp8Choice:
-    """Convert ``model`` in place: by the plan, or (``mode`` "safe-sites", or "auto" with an all-bf16 plan)
-    every accuracy-safe site; returns what was done."""
+def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str, sample=None) -> Fp8Choice:
+    """Convert ``model`` in place: by the plan (its norm+quantize producers fused on ``sample``), or
+    (``mode`` "safe-sites", or "auto" with an all-bf16 plan) every accuracy-safe site; returns what was done."""
 
     if mode == "plan" or (mode == "auto" and plan.totals()["fp8_gemms"] > 0):
         result = apply_plan(model, plan)
         print(f"FP8 model = the plan: {len(result.converted)} sites converted, {len(result.skipped)} kept in bf16")
+        if sample is not None and any(s.producer == "norm_quant" for s in plan.sites):
+            fused = apply_producers(model, plan, sample)
+            print(f"  {len(fused.changes)} norm+quantize producers fused (the norm emits the FP8 input)"
+                  + "".join(f"\n  {fqn}: not fused ({why})" for fqn, why in fused.skipped))
         return Fp8Choice("plan", {f: "plan" for f in result.converted}, plan.totals()["speedup"])
     recipes = safe_site_recipes(report, keep)
     skipped = convert_safe_sites(model, recipes)

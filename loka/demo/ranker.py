@@ -27,6 +27,7 @@ from torch import nn
 
 from loka import mods
 from loka.demo.fp8 import choose_fp8
+from loka.dispatch.producers import producer_sites
 from loka.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
@@ -196,24 +197,30 @@ def mods_skip_reason(results) -> str:
     return "; ".join(parts)
 
 
-def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path):
+def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path, producers: dict | None = None):
     """Stage 5: the fastest kernel per GEMM within the default budget; keep-in-hp sites stay bf16.
 
     On a GPU the kernels are timed there. On a CPU, timings say nothing about a
     GPU, so kernels are ranked by the H100 speed model (loka.kernels.costmodel)
-    and the plan says so.
+    and the plan says so. ``producers``: the sites whose input their own norm can hand over in
+    FP8 (loka.dispatch.producers.producer_sites), priced without that cast.
     """
 
     speed = "h100" if cfg.device == "cpu" else "measured"
     if cfg.device == "cpu":
         print("timings: the H100 speed model for the FP8 kernels available here (CPU timings are not representative)")
-    p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep)
+    p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep,
+             producers=producers)
     path = p.save(out / "plan.json")
     keep_path = out / "keep_bf16.json"
     keep_path.write_text(json.dumps(keep, indent=1, sort_keys=True))
+    prod_path = out / "producers.json"
+    prod_path.write_text(json.dumps(producers or {}, indent=1, sort_keys=True))
+    print(f"{len(producers or {})} sites can take their input in FP8 from their own norm (fused norm+quantize); "
+          f"{sum(s.producer is not None for s in p.sites)} of them are in FP8 in this plan")
     print(p.summary())
     print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
-          f"--device {cfg.device} --out {path}")
+          f"--producers {prod_path} --device {cfg.device} --out {path}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
@@ -324,9 +331,9 @@ def run(cfg: DemoConfig | None = None) -> dict:
     print(f"probe report: {report_paths.get('html')}")
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
-    plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"])
+    plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"], producer_sites(modded, sample))
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
-    fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8)
+    fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8, sample)
 
     label = "FP8 plan" if fp8.kind == "plan" else "FP8 (accuracy-safe sites)"
     stages.start(f"6. continue training {cfg.continue_steps} steps: bf16 and {label} side by side, same data")
