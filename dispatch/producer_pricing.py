@@ -18,6 +18,9 @@ GEMM without the input's cast:
 - measured timings from another device: nothing is subtracted (the cast time there is
   unknown) and a plan note says so; the choice is then conservative.
 
+For a training plan, give ``compiled_cast`` only to sites proven on a training step (their
+dgrad is priced without ``dy``'s cast too); a serving proof says nothing about the backward.
+
 Which recipes a producer can feed: ``norm_quant`` writes dynamic rowwise scales (the fused
 kernel's layout); a compiled cast takes any per-call (dynamic) scaling. loka's Triton GEMM
 casts its activation inside the GEMM, so it gains nothing from a producer.
@@ -36,9 +39,11 @@ from loka.quantize import quantize_operand
 from loka.recipe import OperandRecipe, as_recipe
 from loka.timer import device_name, time_fn
 
-# The GEMMs whose ``a`` operand a producer quantizes (dgrad's ``dy`` is produced by the backward
-# of the op after the site: a compiled cast can fuse there too, but only fprop is claimed here).
-PRODUCER_GEMMS = ("fprop",)
+# The GEMMs whose ``a`` operand each producer quantizes. The fused norm kernel emits fprop's
+# input; a compiled cast proven on a training step (prove_compiled_casts(train=True)) also has
+# dgrad's ``dy`` cast in the kernel of the backward op that produces it (a site with any
+# separate cast kernel is not proven), so both are priced without their cast.
+PRODUCER_GEMMS = {"norm_quant": ("fprop",), "compiled_cast": ("fprop", "dgrad")}
 
 
 def check_producers(producers: Mapping[str, str] | None, site_fqns: set[str]) -> dict[str, str]:
@@ -56,7 +61,7 @@ def check_producers(producers: Mapping[str, str] | None, site_fqns: set[str]) ->
 
 def producer_feeds(producer: str, recipe: str, gemm: str, kernel: str) -> bool:
     """Whether ``producer`` can hand ``kernel`` the FP8 ``a`` operand of ``gemm`` under ``recipe``."""
-    if gemm not in PRODUCER_GEMMS or kernel.startswith("triton"):
+    if gemm not in PRODUCER_GEMMS.get(producer, ()) or kernel.startswith("triton"):
         return False
     g = as_recipe(recipe).gemm(gemm)
     if g.is_hp or g.a.scaling != "dynamic":
@@ -96,7 +101,7 @@ class CastPricer:
     def notes(self, n_sites: int) -> list[str]:
         if not n_sites:
             return []
-        out = [f"{n_sites} sites take their fprop input in FP8 from its producer: their FP8 candidates are "
+        out = [f"{n_sites} sites take a GEMM input in FP8 from its producer: their FP8 candidates are "
                "priced without the input's cast"]
         if self.unknown_devices:
             out.append(f"the cast time on {sorted(self.unknown_devices)} is unknown here (timings from another "

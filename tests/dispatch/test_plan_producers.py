@@ -219,3 +219,17 @@ def test_with_producers_keeps_a_site_that_already_has_its_producer():
     unset = with_producers(replace(forced, sites=[replace(forced.site("fc"), producer=None), p.site("a"), p.site("b")]),
                            model, x, dev=H200_SXM)
     assert unset.site("fc").producer == "norm_quant"
+
+
+def test_compiled_cast_also_prices_dgrad_without_dys_cast():
+    """A site proven on a training step has dgrad's dy cast in the producing backward kernel too."""
+    m, k, n = 32768, 4096, 4096
+    doc = report(site("a", k, n, m=m, errors={"rowwise": {g: 0.01 for g in GEMMS}}))
+    p = plan(doc, Budget(), speed_model="h200", kernels=["scaled_mm"], progress=False, producers={"a": "compiled_cast"})
+    for gemm, fed in (("fprop", True), ("dgrad", True), ("wgrad", False)):
+        c = p.site("a").gemms[gemm]
+        assert c.is_fp8, (gemm, c.reason)
+        want = kernel_us("scaled_mm", "rowwise", gemm, *gemm_shape(gemm, m, k, n), H200_SXM, a_in_producer=fed)
+        assert c.planned_ms == pytest.approx(want / 1e3, rel=1e-9), gemm
+    nq = plan(doc, Budget(), speed_model="h200", kernels=["scaled_mm"], progress=False, producers={"a": "norm_quant"})
+    assert nq.site("a").gemms["dgrad"].planned_ms > p.site("a").gemms["dgrad"].planned_ms
