@@ -100,9 +100,11 @@ def gpu_stages(args, work: Path, out: Path) -> list[Stage]:
               _py("bench/probe_overhead.py", "--size", "base", "--steps", "20", "--every", "5", "--batch-size",
                   "4096", "--device", "cuda", "--out", str(work / "probe_overhead.json")),
               40, lambda: report.collect_probe_overhead(work)),
-        Stage("ranker_large", "ranker `large` at batch 1024 (bf16, loka plan), with what is left",
-              _py(*ranker, "--size", "large", "--batch-size", "1024", "--variants", "bf16,loka-plan", "--steps", "5",
-                  "--warmup", "2", "--eval-examples", "4096", "--infer-batch-sizes", "512", "--infer-iters", "10",
+        Stage("ranker_large", "ranker `large` at batch 1024 (bf16, loka plan, then torchao tensorwise if time is "
+              "left), with what is left",
+              _py(*ranker, "--size", "large", "--batch-size", "1024", "--variants", "bf16,loka-plan,torchao-tensorwise",
+                  "--steps", "5", "--warmup", "2", "--eval-examples", "4096", "--infer-batch-sizes", "512,4096",
+                  "--infer-iters", "10",
                   "--probe-steps", "4", "--variant-timeout", "40", "--out", str(rl)),
               120, lambda: report.collect_ranker(rl), min_s=60),
     ]
