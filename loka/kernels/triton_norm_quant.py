@@ -22,7 +22,7 @@ bf16 first, so the fused result is if anything closer to exact.
 
 Training: the kernel is forward-only. Called directly on inputs that require
 grad it refuses (the FP8 output cannot carry a gradient to the norm's input,
-weight and bias). Training uses it inside ``loka.mods.norm_quant_autograd.NormQuantFn``,
+weight and bias). Training uses it inside ``loka.mods.norm_quant_autograd.NormQuantLinearFn``,
 which calls it on detached inputs and defines the backward (the exact norm
 backward on a recomputed high-precision norm).
 """
@@ -102,7 +102,7 @@ def fused_norm_quant(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError(
             "fused_norm_quant is forward-only; call it under torch.no_grad() / torch.inference_mode(), "
-            "and in training through loka.mods.NormQuantize (its autograd function defines the backward)"
+            "and in training through loka.mods.NormQuantFloat8Linear (its autograd function defines the backward)"
         )
     ok, reason = triton_available(x.device)
     if not ok:
