@@ -259,9 +259,28 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
         set_module(model, block.norm, new_norm)
         set_module(model, lin_fqn, new_lin)
         done.append((block, norm, lin, new_norm, info))
+    skipped += _op_between(model, flow, only, only_fp8)
     changes = _verify(model, sample, done, shapes, skipped)
     return ModResult(NAME, EXACT, "norm and FP8 cast of the next Linear's input fused into one pass (training and serving)",
                      tuple(changes), tuple(skipped))
+
+
+def _op_between(model, flow: Dataflow, only, only_fp8: bool) -> list[tuple[str, str]]:
+    """Why a norm one op away from a Linear (``norm -> *2 -> Linear``, dropout, ...) is not
+    fused: the Linear does not read the norm's output, so the norm cannot be deferred into it."""
+    blocks = {b.norm for b in flow.norm_to_linear()}
+    linears = flow._single("linear")
+    out = []
+    for fqn, norm in flow._single("norm").items():
+        made = flow.edges.get(norm.output, set())
+        for lin_fqn, lin in linears.items():
+            if fqn in blocks or lin.input not in made or (only is not None and lin_fqn not in only):
+                continue
+            if only_fp8 and not isinstance(get_module(model, lin_fqn), Float8Linear):
+                continue
+            ops = sorted({c[3:] for c in flow.consumers[norm.output] if c.startswith("op:")}) or ["another op"]
+            out.append((fqn, f"{lin_fqn} reads the norm's output through {', '.join(ops)}, not the output itself"))
+    return out
 
 
 def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
