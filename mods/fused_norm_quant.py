@@ -118,7 +118,8 @@ class DeferredNorm(nn.Module):
         return self._dtypes[key]
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, {self.normalized_shape}, eps={self.eps}, fmt={self.fmt}, backend={self.backend} (deferred)"
+        return (f"{self.kind}, {self.normalized_shape}, eps={self.eps}, fmt={self.fmt}, backend={self.backend}, "
+                "deferred into the next Linear")
 
 
 class NormQuantFloat8Linear(Float8Linear):
@@ -147,7 +148,8 @@ class NormQuantFloat8Linear(Float8Linear):
     @property
     def norm(self) -> DeferredNorm:
         if not self._deferred:
-            raise ValueError("this NormQuantFloat8Linear has no DeferredNorm; build it with loka.mods.fused_norm_quant.apply")
+            raise ValueError("this NormQuantFloat8Linear has no DeferredNorm attached; "
+                             "build the block with loka.mods.fused_norm_quant.apply")
         return self._deferred[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +306,8 @@ def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
         if not _received_unchanged(probe):
             set_module(model, block.norm, norm)
             set_module(model, lin_fqn, lin)
-            skipped.append((block.norm, f"{lin_fqn} did not receive the norm's output directly (a copy, cast or write in between)"))
+            why = f"{lin_fqn} did not receive the norm's output directly (a copy, cast or write in between)"
+            skipped.append((block.norm, why))
             continue
         new_lin.fused_calls = 0
         m = shapes[lin_fqn].in_shape

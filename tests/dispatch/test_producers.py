@@ -82,7 +82,8 @@ def test_applied_producer_matches_the_emulated_plan():
     result = apply_producers(model, p, x)
     assert [c.fqn for c in result.changes] == ["norm_a -> fed"]
     lin = model.fed
-    assert isinstance(model.norm_a, DeferredNorm) and isinstance(lin, NormQuantFloat8Linear) and lin.norm is model.norm_a
+    assert isinstance(model.norm_a, DeferredNorm) and isinstance(lin, NormQuantFloat8Linear)
+    assert lin.norm is model.norm_a
     lin.fused_calls = 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)

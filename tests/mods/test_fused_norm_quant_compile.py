@@ -57,7 +57,9 @@ def test_compiled_forward_and_backward_equal_eager():
     own LayerNorm (forward and backward), which differs from eager's by about one float32 ulp;
     the FP8 rounding keeps that unless a value sits on an e4m3 rounding boundary, so the
     tolerance is 1e-5 relative / 1e-6 absolute on the output and every gradient (a flipped FP8
-    value would be one e4m3 step, 2**-3 relative, far outside it)."""
+    value would be one e4m3 step, 2**-3 relative, far outside it). Measured: largest difference
+    at most 3.6e-7 of the largest value, output and every gradient, seeds 0-3 (torch 2.13 CPU,
+    2026-12-01)."""
     m = _block()
     x = torch.randn(3, 7, 48) * 3
     x[0, 1] = 0.0  # a zero row (scale 0 guarded in the cast)
