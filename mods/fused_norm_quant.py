@@ -43,7 +43,7 @@ from torch import nn
 from loka.kernels.backend_scaled_mm import ScaledMMKernel
 from loka.kernels.kernel import Quantized
 from loka.kernels.triton_gemm import triton_available
-from loka.kernels.triton_norm_quant import fused_norm_quant, norm_quant_reference
+from loka.kernels.triton_norm_quant import fused_norm_quant, fused_norm_quant_op, norm_quant_reference
 from loka.mods.graph import Dataflow, record, run_sample
 from loka.mods.norm_quant_autograd import NormQuantLinearFn, autocast_state, hp_norm
 from loka.mods.norms import norm_info
@@ -63,6 +63,9 @@ def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str
         raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'triton' or 'reference'")
     use_triton = backend == "triton" or (backend == "auto" and triton_available(x.device)[0])
     if use_triton:
+        op = fused_norm_quant_op()  # opaque to torch.compile: one graph node, not a traced launcher
+        if op is not None:
+            return op(x, weight, bias, kind, float(eps), fmt, bool(pow2_scale))
         return fused_norm_quant(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     y_fp8, scale, _ = norm_quant_reference(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     return y_fp8, scale

@@ -136,3 +136,56 @@ def test_views_that_keep_the_rows_are_fused():
     res = fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="reference")
     assert res.sites == ["norm -> lin"] and isinstance(m.norm, DeferredNorm) and m.norm.probe is None
     torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+
+
+_INTERPRETER_SCRIPT = """
+import copy, os, torch
+from torch import nn
+from loka import Float8Linear
+from loka.mods import fused_norm_quant
+torch.manual_seed(int.from_bytes(os.urandom(4), 'little'))
+m = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 16))
+m[1] = Float8Linear.from_linear(m[1], recipe="rowwise", kernels="emulated")
+assert fused_norm_quant.apply(m, sample=torch.randn(4, 32), backend="triton").sites == ["0 -> 1"]
+x, g = torch.randn(3, 5, 32) * 3, torch.randn(3, 5, 16)
+for grad in (False, True):
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        e = torch._dynamo.explain(m)(x)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(r.reason)[:300] for r in e.break_reasons]
+runs = []
+for fn in (m, torch.compile(copy.deepcopy(m), backend="aot_eager")):
+    xg = x.clone().requires_grad_()
+    y = fn(xg)
+    y.backward(g)
+    runs.append((y.detach(), xg.grad))
+assert all(torch.equal(a, b) for a, b in zip(*runs))
+print("OK")
+"""
+
+
+@pytest.mark.slow  # a subprocess under the Triton CPU interpreter (~5 s)
+def test_triton_kernel_path_compiles_in_one_graph_under_interpreter():
+    """With the Triton backend the kernel is an opaque torch.library op in the graph
+    (loka.kernels.triton_norm_quant.fused_norm_quant_op): one graph, no break, and the
+    compiled (aot_eager) forward and input gradient equal eager's bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.requires_sm89
+@pytest.mark.parametrize("grad", [False, True], ids=["serving", "training"])
+def test_native_triton_kernel_path_is_one_graph_on_gpu(grad):
+    """The native Triton kernel as a torch.library op in a CUDA graph (written without a GPU:
+    never run yet)."""
+    m = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 512), nn.SiLU(), nn.Linear(512, 64)).cuda()
+    m[1] = Float8Linear.from_linear(m[1], recipe="rowwise", kernels="scaled_mm")
+    fused_norm_quant.apply(m, sample=torch.randn(32, 256, device="cuda"), backend="triton")
+    e = _explain(m, torch.randn(1024, 256, device="cuda", requires_grad=grad), grad)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(r.reason)[:200] for r in e.break_reasons]
