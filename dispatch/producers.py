@@ -77,8 +77,9 @@ def with_producers(plan: Plan, model: nn.Module, sample, dev: DeviceModel | None
 def apply_producers(model: nn.Module, plan: Plan, sample) -> ModResult:
     """Fuse norm+quantize at the plan's ``norm_quant`` sites (after ``apply_plan``), for training or serving.
 
-    The mod checks the hand-off on one run of ``sample`` without grad; a run with grad goes
-    through the same modules (the Linear takes the norm's FP8 output through autograd).
+    The mod checks once, on one run of ``sample`` without grad, that each Linear receives its
+    norm's output unchanged; then the norm runs inside the Linear's call (one autograd function,
+    with grad or without, one graph under torch.compile).
     """
     only = {s.fqn for s in plan.sites if s.producer == "norm_quant"}
     return fused_norm_quant.apply(model, sample=sample, recipe="rowwise", only_fp8=True, only=only)

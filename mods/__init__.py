@@ -20,7 +20,7 @@ Apply mods to a model whose weights are already loaded (checkpoints are
 loaded *before* the mods; see docs/mods.md), then ``loka.convert``.
 """
 
-from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
+from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear
 from loka.mods.graph import Dataflow, LinearNorm, NormLinear, record
 from loka.mods.grouped import GroupedLinear, find_groups, grouped_linear, scaled_grouped_linear
 from loka.mods.horizontal import FusedLinearMember, fuse_linears
@@ -35,15 +35,15 @@ __all__ = [
     "DEFAULT_ORDER",
     "MODS",
     "Dataflow",
+    "DeferredNorm",
     "apply_all",
     "FusedLinearMember",
     "GroupedLinear",
     "LinearNorm",
     "ModResult",
     "NormLinear",
-    "NormQuantize",
+    "NormQuantFloat8Linear",
     "PaddedLinear",
-    "PrequantFloat8Linear",
     "RowScaleInvariantLinear",
     "SiteChange",
     "find_groups",

@@ -6,24 +6,29 @@ the FP8 GEMM path reads ``y`` for its amax, reads it again to cast, and writes
 it, so ``loka.kernels.triton_norm_quant.fused_norm_quant`` writes only
 ``y_fp8`` and one scale per row (bytes per element: 9 unfused vs 3 fused).
 
-The block keeps its modules and ``state_dict`` keys:
+The mod only takes blocks where the Linear is the norm's *only* consumer (checked on
+the recorded dataflow), so the norm can be *deferred into the Linear's call*. The
+block keeps its modules and ``state_dict`` keys:
 
-- the norm becomes :class:`NormQuantize` (same ``weight`` / ``bias``
-  Parameters). It runs the fused kernel (Triton on CUDA or the Triton
-  interpreter, the PyTorch reference elsewhere), hands ``(y_fp8, scale)`` to
-  the Linear, and returns a *placeholder* of ``y``'s shape that holds no data
-  (a NaN expanded with stride 0);
-- the Linear becomes :class:`PrequantFloat8Linear`, which recognizes the
-  placeholder (by storage) and runs its fprop on the pre-quantized operand:
-  no amax pass, no cast pass.
+- the norm becomes :class:`DeferredNorm` (same ``weight`` / ``bias`` Parameters),
+  a pass-through that returns its input unchanged;
+- the Linear becomes :class:`NormQuantFloat8Linear` (same Parameters), which holds
+  the DeferredNorm outside the module tree and, on the raw norm input, runs one
+  autograd function (loka.mods.norm_quant_autograd): the fused norm + rowwise
+  cast (Triton on CUDA or the Triton interpreter, the PyTorch reference
+  elsewhere), then fprop on the pre-quantized operand (no amax pass, no cast
+  pass); backward: dgrad as in Float8Linear, wgrad on ``y`` recomputed from the
+  norm's input, the norm's backward by PyTorch's norm (costs in that module).
 
-With grad enabled (training) the placeholder is the output of an autograd
-function (loka.mods.norm_quant_autograd), so the gradient of the norm's
-output reaches the norm through it: dgrad as in Float8Linear, wgrad on ``y``
-recomputed from the norm's input, the norm's backward by PyTorch's norm
-(costs and savings in that module). The placeholder is only safe because the mod
-checks on the recorded dataflow that the Linear is the norm's only consumer;
-if anything else ever read it, it would read NaN, not a plausible number.
+No Python state passes between the two modules on the hot path, so torch.compile
+traces the block without a graph break (one graph for LayerNorm -> fused Linear ->
+SiLU -> Linear, with grad and without). Whether the Linear really receives the
+norm's output unchanged (no copy, cast, other op or in-place write in between) is
+checked once, when the mod is applied: a flag-guarded probe during one sample run
+(``_verify``), which costs nothing afterwards; a block that fails is put back and
+reported as skipped. A forward hook on the DeferredNorm sees the norm's input,
+not its output.
+
 Exactness: same FP8 bytes as rowwise quantization of the float32 norm output
 (an fp32 model's unfused path is identical, forward and backward; a bf16
 model's rounds ``y`` to bf16 first, so the fused one is if anything closer to exact).
@@ -38,37 +43,17 @@ from torch import nn
 from loka.kernels.backend_scaled_mm import ScaledMMKernel
 from loka.kernels.kernel import Quantized
 from loka.kernels.triton_gemm import triton_available
-from loka.kernels.triton_norm_quant import fused_norm_quant, norm_quant_reference
+from loka.kernels.triton_norm_quant import fused_norm_quant, fused_norm_quant_op, norm_quant_reference
 from loka.mods.graph import Dataflow, record, run_sample
-from loka.mods.norm_quant_autograd import NormQuantFn, PrequantLinearFn, Produced, autocast_state, hp_norm
+from loka.mods.norm_quant_autograd import NormQuantLinearFn, autocast_state, hp_norm
 from loka.mods.norms import norm_info
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
-from loka.nn import Float8Linear, _compute_dtype
+from loka.nn import Float8Linear
 from loka.quantize import dequantize, operand_block, quantize_operand
 from loka.recipe import Recipe, as_recipe
 
 NAME = "fused_norm_quant"
 EXACT = True
-
-
-class _Handoff:
-    """The pre-quantized activation passed from a NormQuantize to its Linear (plain object)."""
-
-    def __init__(self) -> None:
-        self.placeholder: torch.Tensor | None = None
-        self.produced: Produced | None = None
-
-    def put(self, placeholder: torch.Tensor, produced: Produced) -> None:
-        self.placeholder, self.produced = placeholder, produced
-
-    def take(self, x: torch.Tensor) -> Produced | None:
-        """What the norm produced when ``x`` is (a view of) its placeholder, else None."""
-        p = self.placeholder
-        if p is None or x.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() or x.shape[-1] != p.shape[-1]:
-            return None
-        out = self.produced
-        self.placeholder = self.produced = None
-        return out
 
 
 def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str = "auto", pow2_scale: bool = False):
@@ -78,73 +63,117 @@ def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str
         raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'triton' or 'reference'")
     use_triton = backend == "triton" or (backend == "auto" and triton_available(x.device)[0])
     if use_triton:
+        op = fused_norm_quant_op()  # opaque to torch.compile: one graph node, not a traced launcher
+        if op is not None:
+            return op(x, weight, bias, kind, float(eps), fmt, bool(pow2_scale))
         return fused_norm_quant(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     y_fp8, scale, _ = norm_quant_reference(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     return y_fp8, scale
 
 
-class NormQuantize(nn.Module):
-    """A LayerNorm/RMSNorm that emits FP8 + row scales for the next FP8 Linear (with or without grad)."""
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+class DeferredNorm(nn.Module):
+    """A LayerNorm/RMSNorm whose work runs inside the next Linear's call: returns its input.
+
+    It keeps the norm's ``weight`` / ``bias`` Parameters (same ``state_dict`` keys) and what the
+    fused kernel and the exact backward need; the :class:`NormQuantFloat8Linear` it feeds reads
+    them. ``probe`` is None except while ``apply`` checks the block (see ``_verify``).
+    """
 
     def __init__(self, norm: nn.Module, fmt: str = "e4m3", backend: str = "auto", pow2_scale: bool = False) -> None:
         super().__init__()
         info, why = norm_info(norm)
         if info is None:
-            raise ValueError(f"NormQuantize needs a norm over the last dim: {why}")
+            raise ValueError(f"DeferredNorm needs a norm over the last dim: {why}")
         self.kind, self.eps, self.normalized_shape = info.kind, info.eps, (info.channels,)
         self.hp_eps = getattr(norm, "eps", info.eps)  # as the unfused norm passes it (RMSNorm: maybe None)
         self.weight = norm.weight
         self.bias = getattr(norm, "bias", None)
         self.fmt, self.backend, self.pow2_scale = fmt, backend, pow2_scale
-        self.handoff = _Handoff()
-        self.fused_calls = 0
+        self.probe: list | None = None
         self._dtypes: dict[tuple, torch.dtype] = {}
 
-    def _hp(self, x: torch.Tensor) -> torch.Tensor:
-        return hp_norm(x, self.weight, self.bias, self.kind, self.normalized_shape, self.hp_eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.probe is not None:  # only during apply's check run
+            self.probe.append(("norm", x, x._version))
+        return x
 
-    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the unfused norm would output here (autocast may change it): asked of PyTorch once."""
-        key = (x.dtype, None if self.weight is None else self.weight.dtype, *autocast_state(x.device.type))
-        if key not in self._dtypes:
-            with torch.no_grad():
-                self._dtypes[key] = self._hp(x.reshape(-1, x.shape[-1])[:0]).dtype
-        return self._dtypes[key]
-
-    def _quantize(self, x, weight, bias):
+    def quantize(self, x, weight, bias):
+        """(y_fp8, row scale) of the norm of ``x`` (detached inputs)."""
         return norm_quant(x, weight, bias, kind=self.kind, eps=self.eps, fmt=self.fmt, backend=self.backend,
                           pow2_scale=self.pow2_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        placeholder = NormQuantFn.apply(x, self.weight, self.bias, self, self._quantize, self._out_dtype(x))
-        self.fused_calls += 1
-        return placeholder
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the unfused norm outputs here without autocast: asked of PyTorch on zero rows
+        (cached in eager; under torch.compile the zero-row call is traced and its dtype is static)."""
+        key = (x.dtype, None if self.weight is None else self.weight.dtype)
+        if _compiling() or key not in self._dtypes:
+            with torch.no_grad():
+                dtype = hp_norm(x.reshape(-1, x.shape[-1])[:0], self.weight, self.bias, self.kind,
+                                self.normalized_shape, self.hp_eps).dtype
+            if _compiling():
+                return dtype
+            self._dtypes[key] = dtype
+        return self._dtypes[key]
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, {self.normalized_shape}, eps={self.eps}, fmt={self.fmt}, backend={self.backend}"
+        return (f"{self.kind}, {self.normalized_shape}, eps={self.eps}, fmt={self.fmt}, backend={self.backend}, "
+                "deferred into the next Linear")
 
 
-class PrequantFloat8Linear(Float8Linear):
-    """Float8Linear whose fprop takes the FP8 activation a preceding NormQuantize produced."""
+class NormQuantFloat8Linear(Float8Linear):
+    """Float8Linear that takes the raw input of the norm before it (a :class:`DeferredNorm`) and runs
+    norm + rowwise FP8 cast in one pass, then its fprop on that FP8 activation (one autograd function).
+
+    The norm is held outside the module tree (in a tuple), so its Parameters are not listed twice.
+    ``fused_calls`` counts eager calls (it does not change inside a torch.compile graph).
+    """
 
     def _configure(self, recipe, kernels, fallback) -> None:
         super()._configure(recipe, kernels, fallback)
         why = _fits(self.recipe)
         if why:
-            raise ValueError(f"PrequantFloat8Linear: {why}")
-        self.handoff: _Handoff | None = None
+            raise ValueError(f"NormQuantFloat8Linear: {why}")
+        self._deferred: tuple[DeferredNorm, ...] = ()
+        self.fused_calls = 0
+
+    def attach(self, norm: DeferredNorm) -> None:
+        """Take ``norm``'s work into this Linear's call."""
+        if not isinstance(norm, DeferredNorm) or norm.normalized_shape != (self.in_features,):
+            raise ValueError(f"NormQuantFloat8Linear({self.in_features}, ...) needs a DeferredNorm over "
+                             f"{self.in_features} channels, got {norm!r}")
+        self._deferred = (norm,)
+
+    @property
+    def norm(self) -> DeferredNorm:
+        if not self._deferred:
+            raise ValueError("this NormQuantFloat8Linear has no DeferredNorm attached; "
+                             "build the block with loka.mods.fused_norm_quant.apply")
+        return self._deferred[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.handoff.take(x) if self.handoff is not None else None
-        if pre is None:
-            return super().forward(x)
+        norm = self.norm
+        if norm.probe is not None:  # only during apply's check run
+            norm.probe.append(("linear", x, x._version))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dim is {x.shape[-1]}, this layer takes in_features={self.in_features}")
+        device = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else norm.out_dtype(x)
         x2d = x.reshape(-1, self.in_features)
-        detached = [None if t is None else t.detach() for t in (pre.x, pre.weight, pre.bias)]
-        y2d = PrequantLinearFn.apply(x2d, self.weight, *detached, self, pre, _compute_dtype(x))
+        y2d = NormQuantLinearFn.apply(x2d, norm.weight, norm.bias, self.weight, norm, self, compute_dtype,
+                                      autocast_state(device))
+        if not _compiling():
+            self.fused_calls += 1
         y = y2d.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        kind = self._deferred[0].kind if self._deferred else "no norm attached"
+        return f"{super().extra_repr()}, norm+quantize of its input fused in ({kind})"
 
     def fprop_prequantized(self, a_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor,
                            out_dtype: torch.dtype, *, weight_param: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -198,7 +227,7 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
 
     ``only_fp8``: take only Linears that are already Float8Linear (a plan's FP8 sites), so a
     site the plan keeps in bf16 stays bf16. After the rewrite the model runs ``sample`` once without grad; a block whose
-    Linear did not receive the norm's output directly (e.g. a copy was made in
+    Linear did not receive the norm's output unchanged (e.g. a copy, a cast or an in-place write in
     between) is put back and reported as skipped.
     """
     recipe = as_recipe(recipe)
@@ -228,33 +257,77 @@ def apply(model: nn.Module, report=None, *, sample, recipe: Recipe | str = "roww
             continue
         site_kernels = {g: k.name for g, k in lin.kernels.items()} if isinstance(lin, Float8Linear) else kernels
         fallback = lin.fallback if isinstance(lin, Float8Linear) else "error"
-        new_lin = PrequantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=site_kernels, fallback=fallback)
+        new_lin = NormQuantFloat8Linear.from_linear(lin, recipe=site_recipe, kernels=site_kernels, fallback=fallback)
         a = site_recipe.fprop.a
-        new_norm = NormQuantize(norm, a.format, backend, pow2_scale=a.pow2)
-        new_lin.handoff = new_norm.handoff
+        new_norm = DeferredNorm(norm, a.format, backend, pow2_scale=a.pow2)
+        new_lin.attach(new_norm)
         set_module(model, block.norm, new_norm)
         set_module(model, lin_fqn, new_lin)
         done.append((block, norm, lin, new_norm, info))
+    skipped += _op_between(model, flow, only, only_fp8)
     changes = _verify(model, sample, done, shapes, skipped)
     return ModResult(NAME, EXACT, "norm and FP8 cast of the next Linear's input fused into one pass (training and serving)",
                      tuple(changes), tuple(skipped))
 
 
-def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
-    """Run ``sample`` without grad; put back blocks whose hand-off was not taken."""
+def _op_between(model, flow: Dataflow, only, only_fp8: bool) -> list[tuple[str, str]]:
+    """Why a norm one op away from a Linear (``norm -> *2 -> Linear``, dropout, ...) is not
+    fused: the Linear does not read the norm's output, so the norm cannot be deferred into it."""
+    blocks = {b.norm for b in flow.norm_to_linear()}
+    linears = flow._single("linear")
+    out = []
+    for fqn, norm in flow._single("norm").items():
+        made = flow.edges.get(norm.output, set())
+        for lin_fqn, lin in linears.items():
+            if fqn in blocks or lin.input not in made or (only is not None and lin_fqn not in only):
+                continue
+            if only_fp8 and not isinstance(get_module(model, lin_fqn), Float8Linear):
+                continue
+            ops = sorted({c[3:] for c in flow.consumers[norm.output] if c.startswith("op:")}) or ["another op"]
+            out.append((fqn, f"{lin_fqn} reads the norm's output through {', '.join(ops)}, not the output itself"))
+    return out
 
-    with torch.no_grad():
-        run_sample(model, sample)
+
+def _verify(model, sample, done, shapes, skipped) -> list[SiteChange]:
+    """Run ``sample`` once without grad with each DeferredNorm's probe on; put back blocks whose
+    Linear did not get the norm's input rows unchanged (same tensor or a same-rows view, no write
+    since). The probes are off again afterwards, so the check costs nothing in later calls."""
+
+    for _, _, _, new_norm, _ in done:
+        new_norm.probe = []
+    try:
+        with torch.no_grad():
+            run_sample(model, sample)
+        seen = [list(new_norm.probe) for _, _, _, new_norm, _ in done]
+    finally:
+        for _, _, _, new_norm, _ in done:
+            new_norm.probe = None
     changes = []
-    for block, norm, lin, new_norm, info in done:
+    for (block, norm, lin, new_norm, info), probe in zip(done, seen):
         lin_fqn = block.linears[0]
-        if new_norm.fused_calls == 0 or new_norm.handoff.placeholder is not None:
+        new_lin = get_module(model, lin_fqn)
+        if not _received_unchanged(probe):
             set_module(model, block.norm, norm)
             set_module(model, lin_fqn, lin)
-            skipped.append((block.norm, f"{lin_fqn} did not receive the norm's output directly (a copy in between)"))
+            why = f"{lin_fqn} did not receive the norm's output directly (a copy, cast or write in between)"
+            skipped.append((block.norm, why))
             continue
-        new_norm.fused_calls = 0
+        new_lin.fused_calls = 0
         m = shapes[lin_fqn].in_shape
         changes.append(SiteChange(f"{block.norm} -> {lin_fqn}", f"{info.kind} (hp out) + amax + cast + FP8 GEMM {m}",
-                                  "fused norm+quantize (fp8 + row scale out) + FP8 GEMM on it; backward recomputes the hp norm"))
+                                  "norm deferred into the Linear: fused norm+quantize (fp8 + row scale) + FP8 GEMM on it; "
+                                  "backward recomputes the hp norm"))
     return changes
+
+
+def _received_unchanged(probe: list) -> bool:
+    """Whether the probe saw the norm called once, then the Linear on the same rows, unwritten."""
+    if [kind for kind, _, _ in probe] != ["norm", "linear"]:
+        return False
+    (_, src, version), (_, got, got_version) = probe
+    if got is src:
+        return got_version == version
+    same_rows = (got.dtype == src.dtype and got.shape[-1] == src.shape[-1] and got.numel() == src.numel()
+                 and got.is_contiguous() and src.is_contiguous() and got.storage_offset() == src.storage_offset()
+                 and got.untyped_storage().data_ptr() == src.untyped_storage().data_ptr())
+    return same_rows and got_version == version

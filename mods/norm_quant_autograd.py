@@ -1,20 +1,20 @@
-"""Autograd of the fused norm+quantize block: training on the FP8 activation the norm emits.
+"""Autograd of the fused norm+quantize block: one function from the norm's input to the Linear's output.
 
-Two functions, one per module of the block (loka.mods.fused_norm_quant):
+The block (loka.mods.fused_norm_quant) defers the norm into the Linear's call, so one
+``torch.autograd.Function`` covers both modules and nothing passes between them in Python:
 
-- ``NormQuantFn`` (the norm): forward runs the fused norm + rowwise FP8 cast on detached
-  inputs (Triton kernel or its PyTorch reference; the kernel itself is forward-only) and
-  returns the placeholder, which requires grad so that autograd connects norm -> Linear.
-  Backward is the norm's own backward, by autograd on a recomputed high-precision norm.
-- ``PrequantLinearFn`` (the Linear): fprop on the pre-quantized ``(y_fp8, scale)``;
-  dgrad exactly as ``Float8Linear`` (its result is the gradient of the norm's output);
-  wgrad on ``y`` recomputed from the saved norm input, in the dtype the unfused norm
-  produces (float32 LayerNorm output under CUDA autocast, ``x.dtype`` without it).
+- forward: the fused norm + rowwise FP8 cast of the norm input ``x`` (Triton kernel or its
+  PyTorch reference; the kernel itself is forward-only, so it runs on detached inputs), then
+  fprop on the pre-quantized ``(y_fp8, scale)``;
+- backward: dgrad exactly as ``Float8Linear`` (its result is the gradient of the norm's
+  output ``y``), wgrad on ``y`` recomputed from the saved ``x`` in the dtype the unfused norm
+  produces (float32 LayerNorm output under CUDA autocast, ``x.dtype`` without it), and the
+  norm's own backward by autograd on that same recompute (one recompute serves both).
 
-Both recompute ``y`` with the same PyTorch norm and the same autocast state as the
-unfused block, so the gradients equal the unfused Norm -> Float8Linear's bit for bit
-(one recompute serves both: the Linear's backward, which runs first, leaves its graph
-for the norm's backward).
+It recomputes ``y`` with the same PyTorch norm and the same autocast state as the unfused
+block, so the gradients equal the unfused Norm -> Float8Linear's bit for bit. It keeps no
+Python state between calls (everything lives on ``ctx``), so torch.compile traces it whole:
+forward and backward stay in one graph each.
 
 What it costs and saves, per element of the norm input ``x`` (bf16 ``x``, bf16 ``y``;
 statistics and weights ignored):
@@ -51,86 +51,67 @@ def _autocast(state):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
-class Produced:
-    """What a NormQuantize hands its Linear: the FP8 activation and how to recompute ``y``."""
-
-    def __init__(self, y_fp8, scale, x, weight, bias, norm, state, y_dtype) -> None:
-        self.y_fp8, self.scale = y_fp8, scale
-        self.x, self.weight, self.bias = x, weight, bias
-        self.kind, self.shape, self.eps = norm.kind, norm.normalized_shape, norm.hp_eps
-        self.state, self.y_dtype = state, y_dtype
-        self.graph = None  # (leaves, y) left by the Linear's backward for the norm's backward
-
-    def recompute(self, x, weight, bias, needs=(False, False, False)):
-        """``y`` as the unfused norm gives it; with ``needs``, also its graph from fresh leaves."""
-        with torch.enable_grad() if any(needs) else torch.no_grad(), _autocast(self.state):
-            leaves = tuple(None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip((x, weight, bias), needs))
-            y = hp_norm(*leaves, self.kind, self.shape, self.eps)
-        return leaves, y
+def recompute(norm, state, x, weight, bias):
+    """``y`` as the unfused ``norm`` gives it under autocast ``state`` (no grad)."""
+    with torch.no_grad(), _autocast(state):
+        return hp_norm(x, weight, bias, norm.kind, norm.normalized_shape, norm.hp_eps)
 
 
-class NormQuantFn(torch.autograd.Function):
-    """placeholder = fused norm+quantize(x); backward: the hp norm's exact backward."""
+def recompute_with_vjp(norm, state, x, weight, bias, needs):
+    """``(y, vjp)``: ``y`` as in :func:`recompute`, and ``vjp(dy)`` -> the gradients of the inputs
+    marked in ``needs`` (x, weight, bias), by PyTorch's own norm backward. ``torch.func.vjp``
+    rather than ``torch.autograd.grad``, which torch.compile cannot trace inside a backward."""
+    args = [_detached(t) for t in (x, weight, bias)]
+    picked = [i for i, n in enumerate(needs) if n]
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, module, quantize, y_dtype):
-        """``quantize(x, weight, bias) -> (y_fp8, scale)`` runs on detached inputs (no grad here)."""
-        ctx.save_for_backward(x, weight, bias)
-        y_fp8, scale = quantize(x.detach(), None if weight is None else weight.detach(),
-                                None if bias is None else bias.detach())
-        state = autocast_state(x.device.type)
-        ctx.produced = Produced(y_fp8, scale, x, weight, bias, module, state, y_dtype)
-        placeholder = torch.full((), float("nan"), dtype=y_dtype, device=x.device).expand(x.shape)
-        module.handoff.put(placeholder, ctx.produced)
-        return placeholder
+    def norm_of(*primals):
+        full = list(args)
+        for i, p in zip(picked, primals):
+            full[i] = p
+        with _autocast(state):
+            return hp_norm(*full, norm.kind, norm.normalized_shape, norm.hp_eps)
+
+    return torch.func.vjp(norm_of, *(args[i] for i in picked))
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+class NormQuantLinearFn(torch.autograd.Function):
+    """out = quantize(norm(x)) · Wᵀ, the FP8 activation made by the fused norm kernel;
+    backward: dgrad/wgrad as ``_Float8LinearFn``, then the hp norm's exact backward."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        pre = ctx.produced
-        graph, pre.graph = pre.graph, None
-        if graph is None or tuple(t is not None and t.requires_grad for t in graph[0]) != tuple(
-                n and t is not None for t, n in zip((x, weight, bias), needs)):
-            graph = pre.recompute(x, weight, bias, needs)
-        leaves, y = graph
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else ())
-        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return (*out, None, None, None)
-
-
-class PrequantLinearFn(torch.autograd.Function):
-    """y = y_fp8 Wᵀ on the handed-off FP8 activation; dgrad/wgrad as ``_Float8LinearFn``."""
-
-    @staticmethod
-    def forward(ctx, p2d, weight, x, n_weight, n_bias, module, pre: Produced, compute_dtype):
-        ctx.module, ctx.pre, ctx.compute_dtype, ctx.p_dtype = module, pre, compute_dtype, p2d.dtype
+    def forward(ctx, x2d, n_weight, n_bias, weight, norm, module, compute_dtype, state):
+        ctx.norm, ctx.module, ctx.compute_dtype, ctx.state = norm, module, compute_dtype, state
         ctx.weight_is_param = weight is module.weight
-        ctx.save_for_backward(weight, x, n_weight, n_bias)
+        ctx.save_for_backward(x2d, n_weight, n_bias, weight)
         w_param = weight if ctx.weight_is_param else None
-        k = p2d.shape[-1]
-        out = module.fprop_prequantized(pre.y_fp8.reshape(-1, k), pre.scale.reshape(-1, 1), weight,
-                                        compute_dtype, weight_param=w_param)
+        y_fp8, scale = norm.quantize(x2d.detach(), _detached(n_weight), _detached(n_bias))
+        out = module.fprop_prequantized(y_fp8, scale, weight, compute_dtype, weight_param=w_param)
         if out is None:  # the kernel cannot take this shape: the unfused fprop (raises or runs hp)
-            y = pre.recompute(x, n_weight, n_bias)[1].reshape(-1, k)
+            y = recompute(norm, state, x2d, n_weight, n_bias)
             out = module.run_gemm("fprop", y, weight, compute_dtype, weight=w_param)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        weight, x, n_weight, n_bias = ctx.saved_tensors
-        module, dt, pre = ctx.module, ctx.compute_dtype, ctx.pre
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
+        x2d, n_weight, n_bias, weight = ctx.saved_tensors
+        module, dt = ctx.module, ctx.compute_dtype
+        needs = tuple(n and t is not None for n, t in zip(ctx.needs_input_grad[:3], (x2d, n_weight, n_bias)))
+        if any(needs):  # the single recompute: wgrad's operand and the norm's backward
+            y, vjp = recompute_with_vjp(ctx.norm, ctx.state, x2d, n_weight, n_bias, needs)
+        else:
+            y, vjp = recompute(ctx.norm, ctx.state, x2d, n_weight, n_bias), None
+        dy_norm = dw = None
+        if vjp is not None:  # dgrad first, as the unfused block runs it
             w_param = module.weight if ctx.weight_is_param else None
-            dx = module.run_gemm("dgrad", dy, weight.t(), dt, weight=w_param).to(ctx.p_dtype)
-        if ctx.needs_input_grad[1]:
-            needs = tuple(t is not None and t.requires_grad for t in (pre.x, pre.weight, pre.bias))
-            needs = needs if ctx.needs_input_grad[0] else (False, False, False)
-            leaves, y = pre.recompute(x, n_weight, n_bias, needs)
-            if any(needs):
-                pre.graph = (leaves, y)  # the norm's backward runs next and reuses this recompute
-            y2d = y.detach().reshape(-1, y.shape[-1])
-            dw = module.run_gemm("wgrad", dy.t().contiguous(), y2d.t().contiguous(), dt).to(weight.dtype)
-        return dx, dw, None, None, None, None, None, None
+            dy_norm = module.run_gemm("dgrad", dy, weight.t(), dt, weight=w_param).to(y.dtype)
+        if ctx.needs_input_grad[3]:
+            dw = module.run_gemm("wgrad", dy.t().contiguous(), y.detach().t().contiguous(), dt).to(weight.dtype)
+        grads = [None, None, None]
+        if vjp is not None:  # the norm's backward, on the same recompute
+            got = iter(vjp(dy_norm))
+            grads = [next(got) if n else None for n in needs]
+        return (*grads, dw, None, None, None, None)

@@ -22,9 +22,10 @@ bf16 first, so the fused result is if anything closer to exact.
 
 Training: the kernel is forward-only. Called directly on inputs that require
 grad it refuses (the FP8 output cannot carry a gradient to the norm's input,
-weight and bias). Training uses it inside ``loka.mods.norm_quant_autograd.NormQuantFn``,
+weight and bias). Training uses it inside ``loka.mods.norm_quant_autograd.NormQuantLinearFn``,
 which calls it on detached inputs and defines the backward (the exact norm
-backward on a recomputed high-precision norm).
+backward on a recomputed high-precision norm), through ``fused_norm_quant_op``: the same
+call as a ``torch.library`` op, which torch.compile keeps as one node of its graph.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def fused_norm_quant(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError(
             "fused_norm_quant is forward-only; call it under torch.no_grad() / torch.inference_mode(), "
-            "and in training through loka.mods.NormQuantize (its autograd function defines the backward)"
+            "and in training through loka.mods.NormQuantFloat8Linear (its autograd function defines the backward)"
         )
     ok, reason = triton_available(x.device)
     if not ok:
@@ -148,3 +149,40 @@ def _launch(x2, weight, bias, y_fp8, scale, y_hp, kind, eps, fmt, pow2_scale, st
         POW2=pow2_scale, EMULATE=emulate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         **fp8_constexprs(fmt),
     )
+
+
+_OP: list = []  # the torch.library op wrapping fused_norm_quant, made on first use
+
+
+def fused_norm_quant_op():
+    """``fused_norm_quant`` as an opaque ``torch.library`` op (``loka::fused_norm_quant``), or None
+    where this torch has no ``torch.library.custom_op``.
+
+    Why: torch.compile then keeps the Triton launch as one node of its graph (shapes from the
+    fake implementation) instead of tracing into the launcher, which under the Triton CPU
+    interpreter fails outright. Same arguments and results as :func:`fused_norm_quant`
+    (without ``return_hp`` / ``emulate``); inputs must not require grad.
+    """
+    if not _OP:
+        _OP.append(_define_op())
+    return _OP[0]
+
+
+def _define_op():
+    library = getattr(torch, "library", None)
+    if library is None or not hasattr(library, "custom_op") or not hasattr(library, "register_fake"):
+        return None
+    schema = "(Tensor x, Tensor? weight, Tensor? bias, str kind, float eps, str fmt, bool pow2_scale) -> (Tensor, Tensor)"
+
+    def run(x, weight, bias, kind, eps, fmt, pow2_scale):
+        return fused_norm_quant(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
+
+    op = library.custom_op("loka::fused_norm_quant", run, mutates_args=(), schema=schema)
+
+    def fake(x, weight, bias, kind, eps, fmt, pow2_scale):
+        _check(x, weight, bias, kind, fmt)
+        fp8 = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+        return x.new_empty(x.shape, dtype=fp8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+    op.register_fake(fake)
+    return op

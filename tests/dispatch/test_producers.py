@@ -13,7 +13,7 @@ from loka.dispatch import apply_plan, load_plan
 from loka.dispatch.plans import GemmChoice, Plan, PlanError, SitePlan
 from loka.dispatch.producers import apply_producers, norm_fed_linears, with_producers
 from loka.kernels.costmodel import H200_SXM, quantize_us
-from loka.mods.fused_norm_quant import NormQuantize
+from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear
 
 
 class Toy(nn.Module):
@@ -81,15 +81,16 @@ def test_applied_producer_matches_the_emulated_plan():
     apply_plan(reference, p)
     result = apply_producers(model, p, x)
     assert [c.fqn for c in result.changes] == ["norm_a -> fed"]
-    norm = model.norm_a
-    assert isinstance(norm, NormQuantize)
-    norm.fused_calls = 0
+    lin = model.fed
+    assert isinstance(model.norm_a, DeferredNorm) and isinstance(lin, NormQuantFloat8Linear)
+    assert lin.norm is model.norm_a
+    lin.fused_calls = 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
-    assert norm.fused_calls == 1
+    assert lin.fused_calls == 1
     y = model(x.clone().requires_grad_())  # with grad the fused path runs too, same numbers in fp32
     torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
-    assert norm.fused_calls == 2
+    assert lin.fused_calls == 2
 
 
 def _training_plan(m: int = 32) -> Plan:
@@ -101,7 +102,7 @@ def _training_plan(m: int = 32) -> Plan:
 
 
 def test_applied_producers_train_like_the_plan_without_them():
-    """apply_producers on a model that is then trained: a grad-mode run takes the hand-off at
+    """apply_producers on a model that is then trained: a grad-mode run takes the fused path at
     every chosen site, and the output and every gradient equal the plan without producers."""
     model, reference = Toy(), Toy()
     reference.load_state_dict(model.state_dict())
@@ -112,15 +113,16 @@ def test_applied_producers_train_like_the_plan_without_them():
     apply_plan(reference, p)
     result = apply_producers(model, p, x)
     assert sorted(c.fqn for c in result.changes) == ["norm_a -> fed", "norm_c -> kept"]
-    norms = [model.norm_a, model.norm_c]
-    for n in norms:
-        n.fused_calls = 0
+    lins = [model.fed, model.kept]
+    assert [lin.norm for lin in lins] == [model.norm_a, model.norm_c]
+    for lin in lins:
+        lin.fused_calls = 0
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, y_ref = model(xa), reference(xb)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
-    assert all(n.fused_calls == 1 and n.handoff.placeholder is None for n in norms)  # grad mode took the hand-off
+    assert all(lin.fused_calls == 1 for lin in lins)  # grad mode ran the fused path
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):

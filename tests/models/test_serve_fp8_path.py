@@ -21,7 +21,7 @@ from loka.models import Ranker, RankerConfig, SyntheticStream, save_checkpoint
 from loka.models.engine import InferenceEngine
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import batch_to_request
-from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
+from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear
 from loka.nn import Float8Linear
 
 
@@ -56,8 +56,9 @@ def _batch(cfg, n: int):
 def test_fused_norm_quant_scores_like_the_emulated_plan(engines):
     cfg, reference, fused = engines
     assert fused.norm_quant is not None and len(fused.norm_quant.changes) >= 1
-    norms = [m for m in fused.model.modules() if isinstance(m, NormQuantize)]
-    for m in norms:
+    lins = [m for m in fused.model.modules() if isinstance(m, NormQuantFloat8Linear)]
+    assert len(lins) == len(fused.norm_quant.changes) and all(isinstance(m.norm, DeferredNorm) for m in lins)
+    for m in lins:
         m.fused_calls = 0
     for n in (1, 17, 64):
         batch = _batch(cfg, n)
@@ -65,7 +66,7 @@ def test_fused_norm_quant_scores_like_the_emulated_plan(engines):
         for task in cfg.tasks:
             # Same FP8 bytes up to the norm's float32 rounding (the fused kernel computes the norm itself).
             torch.testing.assert_close(got[task], want[task], rtol=0, atol=2e-3)
-    assert norms and all(m.fused_calls == 3 for m in norms)  # the fast path ran on every request
+    assert lins and all(m.fused_calls == 3 for m in lins)  # the fast path ran on every request
 
 
 def test_weights_are_quantized_once_across_requests(engines):
@@ -73,7 +74,7 @@ def test_weights_are_quantized_once_across_requests(engines):
     for n in (3, 9):
         fused.score(_batch(cfg, n))
     fp8 = [m for m in fused.model.modules() if isinstance(m, Float8Linear)]
-    assert fp8 and any(isinstance(m, PrequantFloat8Linear) for m in fp8)
+    assert fp8 and any(isinstance(m, NormQuantFloat8Linear) for m in fp8)
     assert all(m.weight_cache.misses == 1 for m in fp8), [(type(m).__name__, m.weight_cache.misses) for m in fp8]
 
 

@@ -19,7 +19,7 @@ from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producers import with_producers
 from loka.models import Ranker, RankerConfig, TrainConfig, train
 from loka.models.serving_schema import example_batch
-from loka.mods.fused_norm_quant import NormQuantize, PrequantFloat8Linear
+from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear
 
 FAST = dict(size="tiny", batch_size=64, progress=False, warmup_steps=2, lr_schedule="constant")
 
@@ -47,10 +47,10 @@ def test_plan_with_producers_trains_like_the_plan_without(tmp_path):
     assert unfused.producers is None
     assert sorted(c.fqn.split(" -> ")[1] for c in fused.producers.changes) == sorted(chosen)
     mods = dict(fused.model.named_modules())
-    norms = [m for m in mods.values() if isinstance(m, NormQuantize)]
-    assert all(isinstance(mods[fqn], PrequantFloat8Linear) for fqn in chosen)
-    assert len(norms) == len(chosen) and all(n.fused_calls == 3 for n in norms)  # every step, fused
-    assert not any(isinstance(m, NormQuantize) for m in unfused.model.modules())
+    norms = [m for m in mods.values() if isinstance(m, DeferredNorm)]
+    assert all(isinstance(mods[fqn], NormQuantFloat8Linear) for fqn in chosen)
+    assert len(norms) == len(chosen) and all(mods[fqn].fused_calls == 3 for fqn in chosen)  # every step, fused
+    assert not any(isinstance(m, DeferredNorm) for m in unfused.model.modules())
     assert fused.losses == unfused.losses, (seed, fused.losses, unfused.losses)
     state, ref = fused.model.state_dict(), unfused.model.state_dict()
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
@@ -64,4 +64,4 @@ def test_producer_sites_the_model_no_longer_has_are_skipped(tmp_path):
     moved = replace(plan, sites=[replace(s, producer="norm_quant" if s.fqn == wrong else None) for s in plan.sites])
     result = train(TrainConfig(precision=str(moved.save(tmp_path / "moved.json")), steps=1, autocast="off", **FAST))
     assert result.producers is not None and not result.producers.changes
-    assert not any(isinstance(m, NormQuantize) for m in result.model.modules())
+    assert not any(isinstance(m, DeferredNorm) for m in result.model.modules())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loka import Float8Linear
-from loka.mods import NormQuantize, PrequantFloat8Linear, fused_norm_quant
+from loka.mods import DeferredNorm, NormQuantFloat8Linear, fused_norm_quant
 
 
 @pytest.mark.parametrize("norm_cls", [nn.LayerNorm, nn.RMSNorm])
@@ -19,14 +19,14 @@ def test_serving_path_matches_unfused_fp8(norm_cls):
     ref[1] = Float8Linear.from_linear(ref[1], recipe="rowwise", kernels="emulated")
     x = torch.randn(20, 48) * 3
     res = fused_norm_quant.apply(m, sample=x, kernels="emulated", backend="reference")
-    assert res.sites == ["0 -> 1"] and isinstance(m[0], NormQuantize) and isinstance(m[1], PrequantFloat8Linear)
+    assert res.sites == ["0 -> 1"] and isinstance(m[0], DeferredNorm) and isinstance(m[1], NormQuantFloat8Linear)
     with torch.no_grad():
         y, y_ref = m(x), ref(x)
-    assert m[0].fused_calls == 1 and m[0].handoff.placeholder is None
+    assert m[1].fused_calls == 1 and m[1].norm is m[0]
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_training_path_takes_the_hand_off():
+def test_training_path_runs_fused():
     """With grad the block still runs fused (tests/mods/test_fused_norm_quant_training.py checks the numbers)."""
     m = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 16))
     ref = copy.deepcopy(m)
@@ -36,7 +36,7 @@ def test_training_path_takes_the_hand_off():
     y = m(x)
     torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
     y.sum().backward()
-    assert m[0].weight.grad is not None and m[0].fused_calls == 1 and m[0].handoff.placeholder is None
+    assert m[0].weight.grad is not None and m[1].fused_calls == 1
 
 
 def test_state_dict_keys_unchanged():
@@ -46,10 +46,17 @@ def test_state_dict_keys_unchanged():
     assert set(m.state_dict()) == keys
 
 
-def test_placeholder_read_elsewhere_is_nan_not_plausible():
-    norm = NormQuantize(nn.LayerNorm(16), backend="reference")
-    with torch.no_grad():
-        assert torch.isnan(norm(torch.randn(3, 16))).all()
+def test_deferred_norm_passes_its_input_and_parameters_are_listed_once():
+    """The norm's work moved into the Linear: the DeferredNorm returns its input itself, and the
+    Linear's reference to it is outside the module tree (no parameter listed twice)."""
+    m = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 8))
+    names = [n for n, _ in m.named_parameters()]
+    fused_norm_quant.apply(m, sample=torch.randn(3, 16), kernels="emulated", backend="reference")
+    x = torch.randn(3, 16)
+    assert m[0](x) is x
+    assert [n for n, _ in m.named_parameters()] == names and all(mod is not m[0] for mod in m[1].modules())
+    with pytest.raises(ValueError, match="DeferredNorm"):
+        m[1].attach(DeferredNorm(nn.LayerNorm(12)))
 
 
 def test_shared_norm_output_is_not_fused():
@@ -116,7 +123,7 @@ r2 = fused_norm_quant.apply(ref, sample=x, kernels="emulated", backend="referenc
 assert r1.changes and r2.changes
 with torch.no_grad():
     y, y_ref = m(x), ref(x)
-assert m[0].fused_calls == 1
+assert m[1].fused_calls == 1
 err = ((y - y_ref).norm() / y_ref.norm()).item()
 assert err < 1e-2, err
 print("OK", err)
@@ -124,7 +131,7 @@ print("OK", err)
 
 
 def test_triton_kernel_under_interpreter():
-    """The Triton path of NormQuantize, run by the Triton CPU interpreter in a subprocess."""
+    """The Triton path of NormQuantFloat8Linear, run by the Triton CPU interpreter in a subprocess."""
     import os
     import subprocess
     import sys

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from fp8_oracle import oracle_fake_quantize
 from loka import Float8Linear
 from loka.kernels import KERNELS
-from loka.mods import NormQuantize, PrequantFloat8Linear, fused_norm_quant
+from loka.mods import DeferredNorm, NormQuantFloat8Linear, fused_norm_quant
 from loka.quantize import dequantize
 from loka.recipe import GemmRecipe, OperandRecipe, Recipe, as_recipe
 
@@ -63,8 +63,9 @@ def _pair(norm_cls, recipe, kernels, k=48, n=32, fallback="hp"):
     fused = copy.deepcopy(ref)
     res = fused_norm_quant.apply(fused, sample=torch.randn(4, k), backend="reference")
     assert res.sites == ["0 -> 1"], res.skipped
-    assert isinstance(fused[0], NormQuantize) and isinstance(fused[1], PrequantFloat8Linear)
-    fused[0].fused_calls = 0
+    assert isinstance(fused[0], DeferredNorm) and isinstance(fused[1], NormQuantFloat8Linear)
+    assert fused[1].norm is fused[0]
+    fused[1].fused_calls = 0
     return fused, ref
 
 
@@ -107,7 +108,7 @@ def test_forward_and_backward_equal_the_unfused_block(norm_cls, recipe, kernels,
         for name in want[2]:
             _assert_same(got[2][name], want[2][name], f"{shape} grad of {name}")
         assert fused[1].fallbacks == ref[1].fallbacks
-    assert fused[0].fused_calls == 3 and fused[0].handoff.placeholder is None
+    assert fused[1].fused_calls == 3
 
 
 def test_nan_in_the_input_gives_nan_where_the_unfused_block_does():
@@ -123,16 +124,19 @@ def test_nan_in_the_input_gives_nan_where_the_unfused_block_does():
 
 @pytest.mark.parametrize("norm_cls", [nn.LayerNorm, nn.RMSNorm])
 def test_fp8_activation_equals_the_ml_dtypes_oracle(norm_cls):
-    """The handed-off FP8 values are the oracle's rowwise cast of the float32 norm output."""
+    """The FP8 values the fused norm feeds the fprop GEMM are the oracle's rowwise cast of the
+    float32 norm output (read by a spy around the real ``fprop_prequantized``)."""
     fused, ref = _pair(norm_cls, RECIPES["rowwise"], "emulated")
     x = _inputs((33, 48), torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ()))))
     x.requires_grad_()
-    fused[0](x)
-    pre = fused[0].handoff.take(fused[0].handoff.placeholder)
+    fed, real = [], fused[1].fprop_prequantized
+    fused[1].fprop_prequantized = lambda a, s, *args, **kw: fed.append((a, s)) or real(a, s, *args, **kw)
+    fused(x)
     with torch.no_grad():
         y = ref[0](x)
     want = oracle_fake_quantize(y, ROW)
-    torch.testing.assert_close(dequantize(pre.y_fp8, pre.scale), want, rtol=0, atol=0, equal_nan=True)
+    (y_fp8, scale), = fed
+    torch.testing.assert_close(dequantize(y_fp8, scale), want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
@@ -165,7 +169,7 @@ def test_training_steps_give_identical_losses(opt, kernels):
         losses[name] = out
     assert losses["fused"] == losses["ref"]
     assert all(torch.equal(a, b) for a, b in zip(fused.parameters(), ref.parameters()))
-    assert fused[1].fused_calls == 4 and fused[4].fused_calls == 4  # the fused path ran every step
+    assert fused[2].fused_calls == 4 and fused[5].fused_calls == 4  # the fused path ran every step
 
 
 def test_bf16_autocast_is_close_to_the_unfused_block():
@@ -188,7 +192,7 @@ def test_bf16_autocast_is_close_to_the_unfused_block():
             y = m(x)
         y.backward(g.to(y.dtype))
         out[name] = [y] + [p.grad for p in m.parameters()]
-    assert fused[1].fused_calls == 1
+    assert fused[2].fused_calls == 1
     (y, *grads), (y_ref, *grads_ref) = out["fused"], out["ref"]
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 5e-2
@@ -216,7 +220,7 @@ def test_backward_recomputes_the_norm_once(monkeypatch):
 def test_kernel_refuses_direct_training_use_but_the_block_trains():
     from loka.kernels.triton_norm_quant import fused_norm_quant as kernel
 
-    with pytest.raises(RuntimeError, match="NormQuantize"):
+    with pytest.raises(RuntimeError, match="NormQuantFloat8Linear"):
         kernel(torch.randn(4, 16, requires_grad=True))
     fused, _ = _pair(nn.LayerNorm, RECIPES["rowwise"], "emulated")
     fused(torch.randn(4, 48, requires_grad=True)).sum().backward()
@@ -248,7 +252,7 @@ for cls in (nn.LayerNorm, nn.RMSNorm):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, y_ref = m(xa), ref(xb)
     y.backward(g); y_ref.backward(g)
-    assert m[0].fused_calls == 1, m[0].fused_calls
+    assert m[1].fused_calls == 1, m[1].fused_calls
     err = ((y - y_ref).norm() / y_ref.norm()).item()
     assert err < 1e-2, (seed, err)
     # The backward does not read the FP8 activation: with the same dy it is the same bits.
@@ -259,7 +263,7 @@ for cls in (nn.LayerNorm, nn.RMSNorm):
 
 
 def test_triton_kernel_trains_under_interpreter():
-    """NormQuantize's Triton path with grad, run by the Triton CPU interpreter in a subprocess:
+    """NormQuantFloat8Linear's Triton path with grad, run by the Triton CPU interpreter in a subprocess:
     the forward within 1% (the kernel's float32 norm may round an FP8 value differently), the
     gradients bitwise (they depend on dy and the recomputed PyTorch norm, not on the FP8 bytes)."""
     pytest.importorskip("triton")
@@ -286,7 +290,7 @@ def test_triton_kernel_trains_on_gpu(norm_cls):
             y = m(xg)
         y.backward(g.to(y.dtype))
         out[name] = [y.float(), xg.grad.float()] + [p.grad.float() for p in m.parameters()]
-    assert fused[0].fused_calls == 1
+    assert fused[1].fused_calls == 1
     (y, *grads), (y_ref, *grads_ref) = out["fused"], out["ref"]
     assert ((y - y_ref).norm() / y_ref.norm()).item() < 2e-2
     for a, b in zip(grads, grads_ref):
