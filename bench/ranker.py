@@ -84,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "a row with the reason and the next one runs (default: no limit; --cpu-smoke: 900)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (--cpu-smoke: 1; more threads than free cores make CPU steps erratic)")
+    p.add_argument("--compiled-casts", action="store_true",
+                   help="with --compile on: prove on this device which sites' casts torch.compile fuses into their "
+                        "producers (several compiles of the model: loka.dispatch.compiled_casts) and plan those "
+                        "sites without their casts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -102,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup must be >= 1 (the first step, where torch.compile compiles, is timed on its own)")
     if args.variant_timeout is not None and args.variant_timeout <= 0:
         p.error("--variant-timeout must be > 0 seconds")
+    if args.compiled_casts and (args.compile != "on" or args.plan):
+        p.error("--compiled-casts proves casts torch.compile fuses for the plan made here: it needs --compile on "
+                "and no --plan")
     return args
 
 
@@ -156,6 +163,7 @@ class Setup:
 def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool):
     """A short probe on a copy of the base model, then a plan timed on this device; saved to out_dir."""
     from loka.dispatch import Budget, plan
+    from loka.dispatch.compiled_casts import plan_with_compiled_casts
     from loka.dispatch.producers import producer_sites
     from loka.models.train import task_losses, total_loss
     from loka.probe.cli import train_with_probe
@@ -177,8 +185,14 @@ def make_plan(setup: Setup, args: argparse.Namespace, out_dir: Path, show: bool)
     report = probe.report(model=f"ranker-{args.size}")
     dtype = torch.bfloat16 if setup.autocast else torch.float32
     bench = {"warmup": 2, "iters": 5} if args.cpu_smoke else {"warmup": 5, "iters": 20}
-    p = plan(report, Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench,
-             producers=producers)
+    kw = dict(budget=Budget(), measure=True, device=setup.device, dtype=dtype, progress=show, bench=bench)
+    if args.compiled_casts:  # proved on a fresh copy (the probed one may still carry the probe's hooks)
+        p, proofs = plan_with_compiled_casts(report, setup.fresh_model(), (batches[0], setup.layouts[0]), train=True,
+                                             producers=producers, **kw)
+        if show:
+            print(proofs.summary(), file=sys.stderr)
+    else:
+        p = plan(report, producers=producers, **kw)
     path = p.save(out_dir / f"plan-{args.size}.json")
     del model, probe, wl  # the probed copy (and its Adam state) must not stay on the device
     gc.collect()

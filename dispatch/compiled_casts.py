@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from loka.dispatch.apply import apply_plan
+from loka.dispatch.planner import plan as make_plan
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.kernels.costmodel import DeviceModel, quantize_us
 from loka.kernels.fusion_check import generated_kernels
 from loka.mods.graph import run_sample
+from loka.probe.reader import report_sites
 from loka.recipe import gemm_shape
 from loka.weight_cache import freeze_fp8_weights
 
@@ -232,3 +234,31 @@ def _note(proofs: CastProofs, modelled: bool) -> str:
     text = (f"compiled_cast ({mode}, {proofs.kernels_fp8} kernels vs {proofs.kernels_bf16} in bf16): proven fused at "
             f"{', '.join(proven) or 'no site'}; not proven at {', '.join(not_proven) or 'no site'}")
     return text + ("" if modelled or not proven else "; their measured timings include the cast (conservative)")
+
+
+def plan_with_compiled_casts(report, model: nn.Module, sample, *, train: bool, producers: dict | None = None,
+                             dynamic: bool | None = False, **plan_kwargs) -> tuple[Plan, CastProofs]:
+    """A plan in which the casts torch.compile fuses into their producers are not paid, proven first.
+
+    ``with_compiled_casts`` marks a plan already made, so a site that loses to bf16 with its
+    cast but wins without it stays bf16 there. This plans in three steps instead:
+
+    1. an optimistic plan (``loka.dispatch.plan(report, **plan_kwargs)``) with every site not fed
+       by a given producer (``producers``, e.g. norm_quant) priced as if its casts were fused;
+    2. ``prove_compiled_casts`` on ``model`` for that plan's FP8 sites (``train``: a training
+       step, which proves dgrad's ``dy`` cast too; else a no-grad forward, for serving plans);
+    3. the final plan with the given producers plus the proven sites as ``compiled_cast``.
+
+    Returns the final plan (a note gives the proof) and the proofs. A no-grad proof says nothing
+    about dgrad, so ``train=False`` needs a serving plan (``m_buckets=...``, fprop only).
+    """
+    if not train and not plan_kwargs.get("m_buckets"):
+        raise ValueError("train=False proves only fprop's cast, but this is a training plan (dgrad is priced "
+                         "too): pass train=True, or m_buckets=[...] for a serving plan")
+    given = dict(producers or {})
+    assumed = {s.fqn: "compiled_cast" for s in report_sites(report)}
+    optimistic = make_plan(report, producers={**assumed, **given}, **plan_kwargs)
+    proofs = prove_compiled_casts(model, optimistic, sample, train=train, dynamic=dynamic)
+    final = make_plan(report, producers={**{f: "compiled_cast" for f in proofs.proven()}, **given}, **plan_kwargs)
+    # the planner priced the proven sites without the cast itself (its own note says how)
+    return replace(final, notes=list(final.notes) + [_note(proofs, True)]), proofs

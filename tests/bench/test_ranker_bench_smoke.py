@@ -150,3 +150,12 @@ def test_variant_past_its_time_limit_is_a_row_with_the_reason(tmp_path):
     assert "time limit per variant: 0.001 s" in text
     row = _rows(text, "Training step")["bf16"]
     assert row[0] == "error: VariantTimeout: bf16 did not finish within 0.001 s (--variant-timeout)"
+
+
+def test_compiled_casts_needs_compile_and_a_plan_made_here(capsys):
+    bench = _load_bench()
+    for argv in (["--cpu-smoke", "--compiled-casts"], ["--compile", "on", "--compiled-casts", "--plan", "p.json"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert "--compiled-casts" in capsys.readouterr().err
+    assert bench.parse_args(["--cpu-smoke", "--compile", "on", "--compiled-casts"]).compiled_casts

@@ -62,9 +62,13 @@ def test_matmul_gradients_match_hp_within_fp8_error():
     fp8, res = _converted(model, x)
     model(x).sum().backward()
     fp8(x).sum().backward()
+    # Gradients pass e5m2 casts (2 mantissa bits: about 7% rms rounding error each). Over seeds 0-149
+    # (2026-12-01, CPU, emulated) the largest relative error was 0.072 everywhere except deep.weight,
+    # whose gradient carries the e5m2 dy of the deep tower and its e4m3 input: median 0.124, max 0.150
+    # (one CI seed reached 0.159). Bounds: 0.1, and 0.2 for deep.weight.
     for (n, p), (_, q) in zip(model.named_parameters(), fp8.named_parameters()):
         assert q.grad is not None, n
-        assert rel_error(p.grad, q.grad) < 0.15, n
+        assert rel_error(p.grad, q.grad) < (0.2 if n == "deep.weight" else 0.1), n
     assert res.fp8_gemms("kernels.0") == ["fprop", "dgrad", "wgrad"]
 
 

@@ -213,3 +213,42 @@ def test_proof_on_cuda():
     verdict = {p.fqn: p for p in proofs.sites}
     assert not verdict["inp"].fused and all(is_separate_cast(n) for n in verdict["inp"].separate_casts)
     assert proofs.kernels_fp8 > proofs.kernels_bf16
+
+
+class TwoWide(nn.Module):
+    """As Two, at K = N = 1024, where the H200 model has FP8 fprop lose with its cast (0.77x of bf16
+    at M = 32768) and win without it (1.11x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.out = nn.Linear(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 16)
+
+    def forward(self, x):
+        return self.out(F.silu(self.second(F.silu(self.first(x)))))
+
+
+@pytest.mark.slow
+def test_plan_with_compiled_casts_turns_only_the_proven_site_fp8():
+    """The optimistic plan takes both wide sites; the proof keeps the one whose input SiLU produces."""
+    from dispatch_report_fixtures import GEMMS, report, site
+
+    from loka.dispatch import Budget, plan
+    from loka.dispatch.compiled_casts import plan_with_compiled_casts
+
+    _needs_scaled_mm()
+    rows = 32768
+    doc = report(*(site(f, k, n, m=rows, errors={"rowwise": {g: 0.01 for g in GEMMS}})
+                   for f, k, n in (("first", 1024, 1024), ("second", 1024, 1024), ("out", 1024, 16))))
+    kw = dict(speed_model="h200", kernels=["scaled_mm"], progress=False)
+    plain = plan(doc, Budget(), **kw)
+    assert not plain.site("first").gemms["fprop"].is_fp8 and not plain.site("second").gemms["fprop"].is_fp8
+    model, x = TwoWide(), torch.randn(16, 1024)
+    final, proofs = plan_with_compiled_casts(doc, model, x, train=True, budget=Budget(), **kw)
+    assert {p.fqn: p.fused for p in proofs.sites}.get("second") is True, proofs.summary()
+    assert proofs.train and not next(p for p in proofs.sites if p.fqn == "first").fused
+    second, first = final.site("second"), final.site("first")
+    assert second.gemms["fprop"].is_fp8 and second.producer == "compiled_cast"
+    assert not first.gemms["fprop"].is_fp8 and first.producer is None  # its cast is a kernel of its own
+    assert any(n.startswith("compiled_cast (training step") for n in final.notes)
+    with pytest.raises(ValueError, match="m_buckets"):
+        plan_with_compiled_casts(doc, model, x, train=False, budget=Budget(), **kw)
