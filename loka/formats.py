@@ -53,7 +53,21 @@ class Float8Format:
         rule and why are in loka/quantize.py's docstring); kernels take this
         constant from here so that they and the reference multiply by the same bits.
         """
-        return struct.unpack("<f", struct.pack("<f", 1.0 / self.max))[0]
+        rcp = _RCP_MAX.get(self.max)
+        if rcp is None:  # a format made at run time; the built-in ones are filled in at import
+            rcp = _RCP_MAX[self.max] = _to_float32(1.0 / self.max)
+        return rcp
+
+
+def _to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (held exactly in a Python float)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+# max -> fl32(1 / max), computed outside any trace: torch.compile must not trace struct.pack (on
+# torch 2.13, with dynamic=True, dynamo's struct.pack polyfill calls itself until the recursion
+# limit: every InferenceEngine(compile=True) with an FP8 plan crashed; tests/core/test_scale_rule.py).
+_RCP_MAX: dict[float, float] = {}
 
 
 E4M3 = Float8Format(
@@ -78,6 +92,8 @@ E5M2 = Float8Format(
 )
 
 FORMATS: dict[str, Float8Format] = {"e4m3": E4M3, "e5m2": E5M2}
+for _f in FORMATS.values():
+    _f.rcp_max  # noqa: B018 (fills _RCP_MAX before any trace)
 
 
 def get_format(name: str | Float8Format) -> Float8Format:

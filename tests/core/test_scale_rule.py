@@ -40,6 +40,23 @@ def random_amax(n: int, fmt: str) -> tuple[np.ndarray, int]:
     return np.concatenate([bits.view(np.float32), uniform, np.array(edges, dtype=np.float32)]), seed
 
 
+def test_rcp_max_traces_under_torch_compile_as_a_constant():
+    """A compiled quantization reads fl32(1/fmax) as a constant: dynamo must not trace struct.pack, whose
+    polyfill recursed until the limit with dynamic shapes on torch 2.13 (InferenceEngine(compile=True)
+    compiles with dynamic=True and crashed on every FP8 plan before 2026-12-01)."""
+    from dataclasses import replace
+
+    for f in FORMATS.values():
+        for n in (64, 96):  # two sizes: the dynamic-shape graph is used
+            x = torch.randn(n, 32) * 1000
+            q, s = torch.compile(lambda t, f=f: quantize(t, f.name, "rowwise"), dynamic=True, backend="eager")(x)
+            q_ref, s_ref = quantize(x, f.name, "rowwise")
+            assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    made = replace(FORMATS["e4m3"], max=240.0)  # a format made at run time: its constant is made eagerly
+    assert made.rcp_max == float(np.float32(1 / 240.0))
+    torch._dynamo.reset()
+
+
 def test_rcp_max_is_the_float32_nearest_to_one_over_fmax():
     for f in FORMATS.values():
         r = f.rcp_max

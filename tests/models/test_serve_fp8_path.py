@@ -126,3 +126,21 @@ def test_http_service_serves_the_fused_path(engines):
     direct = reference.score(batch)
     for task in cfg.tasks:
         torch.testing.assert_close(torch.tensor(body["scores"][task]), direct[task], rtol=0, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_compiled_engine_scores_like_the_eager_fused_engine(engines, tmp_path):
+    """compile=True on the plan's fused path: frozen FP8 weights in the graph, the fused norm inside it,
+    the same scores as eager up to inductor's float rounding."""
+    cfg, _, fused = engines
+    model = Ranker(cfg)
+    model.load_state_dict(fused.model.state_dict())
+    plan = _serving_plan(model, tmp_path / "plan.json")
+    compiled = InferenceEngine(model, precision=plan, device="cpu", compile=True, fuse_norm_quant=True)
+    assert compiled.frozen_fp8_weights > 0 and compiled.norm_quant is not None
+    torch._dynamo.reset()
+    for n in (5, 33):
+        batch = _batch(cfg, n)
+        got, want = compiled.score(batch), fused.score(batch)
+        for task in cfg.tasks:
+            torch.testing.assert_close(got[task], want[task], rtol=0, atol=2e-3)
