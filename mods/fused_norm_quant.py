@@ -56,12 +56,23 @@ NAME = "fused_norm_quant"
 EXACT = True
 
 
+_TRITON_RUNS: dict[str, bool] = {}  # device -> triton_available, asked once (not from inside every compiled call)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    key = str(device)
+    ok = _TRITON_RUNS.get(key)
+    if ok is None:
+        ok = _TRITON_RUNS[key] = triton_available(device)[0]
+    return ok
+
+
 def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str = "auto", pow2_scale: bool = False):
     """(y_fp8[..., N], scale[..., 1]) by the fused Triton kernel or the PyTorch reference."""
 
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend={backend!r} is not valid; use 'auto', 'triton' or 'reference'")
-    use_triton = backend == "triton" or (backend == "auto" and triton_available(x.device)[0])
+    use_triton = backend == "triton" or (backend == "auto" and _triton_runs_on(x.device))
     if use_triton:
         op = fused_norm_quant_op()  # opaque to torch.compile: one graph node, not a traced launcher
         if op is not None:
