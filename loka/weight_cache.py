@@ -124,7 +124,7 @@ class WeightCache:
         e = self._frozen.get(gemm)
         if e is None:
             return None
-        if _compiling():  # no weakref or version to follow in a trace: frozen means trusted
+        if compiling():  # no weakref or version to follow in a trace: frozen means trusted
             return e.operand
         if e.ref() is not weight:
             return None
@@ -148,7 +148,7 @@ class WeightCache:
         frozen = self._frozen_operand(gemm, weight) if self._frozen else None
         if frozen is not None:
             return frozen
-        if not self.enabled or op.is_hp or op.scaling != "dynamic" or _compiling():
+        if not self.enabled or op.is_hp or op.scaling != "dynamic" or compiling():
             return None
         version = weight_version(weight)
         if version is None:
@@ -188,7 +188,8 @@ class WeightCache:
         return len(self._entries)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether torch.compile is tracing the code that calls this (False where torch has no compiler)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loka.kernels.backend_scaled_mm import ScaledMMKernel
+from loka.kernels import KERNELS
 from loka.kernels.kernel import Quantized
 from loka.kernels.triton_gemm import triton_available
 from loka.kernels.triton_norm_quant import fused_norm_quant, fused_norm_quant_op, norm_quant_reference
@@ -49,7 +49,8 @@ from loka.mods.norm_quant_autograd import NormQuantLinearFn, autocast_state, hp_
 from loka.mods.norms import norm_info
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
 from loka.nn import Float8Linear
-from loka.quantize import dequantize, operand_block, quantize_operand
+from loka.weight_cache import compiling
+from loka.quantize import quantize_operand
 from loka.recipe import Recipe, as_recipe
 
 NAME = "fused_norm_quant"
@@ -80,11 +81,6 @@ def norm_quant(x, weight, bias, *, kind: str, eps: float, fmt: str, backend: str
         return fused_norm_quant(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     y_fp8, scale, _ = norm_quant_reference(x, weight, bias, kind=kind, eps=eps, fmt=fmt, pow2_scale=pow2_scale)
     return y_fp8, scale
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class DeferredNorm(nn.Module):
@@ -122,11 +118,11 @@ class DeferredNorm(nn.Module):
         """The dtype the unfused norm outputs here without autocast: asked of PyTorch on zero rows
         (cached in eager; under torch.compile the zero-row call is traced and its dtype is static)."""
         key = (x.dtype, None if self.weight is None else self.weight.dtype)
-        if _compiling() or key not in self._dtypes:
+        if compiling() or key not in self._dtypes:
             with torch.no_grad():
                 dtype = hp_norm(x.reshape(-1, x.shape[-1])[:0], self.weight, self.bias, self.kind,
                                 self.normalized_shape, self.hp_eps).dtype
-            if _compiling():
+            if compiling():
                 return dtype
             self._dtypes[key] = dtype
         return self._dtypes[key]
@@ -177,7 +173,7 @@ class NormQuantFloat8Linear(Float8Linear):
         x2d = x.reshape(-1, self.in_features)
         y2d = NormQuantLinearFn.apply(x2d, norm.weight, norm.bias, self.weight, norm, self, compute_dtype,
                                       autocast_state(device))
-        if not _compiling():
+        if not compiling():
             self.fused_calls += 1
         y = y2d.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -191,8 +187,8 @@ class NormQuantFloat8Linear(Float8Linear):
         """a_fp8 [M, K] · Wᵀ with rowwise dequant ``scale_a`` [M, 1] -> [M, N], as ``run_gemm("fprop")``
         would compute it on the same activation; None when the kernel cannot take the shape.
 
-        ``scaled_mm`` kernels run ``torch._scaled_mm`` as ScaledMMKernel does; every other kernel
-        gets the emulated GEMM (dequantize, float32 matmul), which is ``emulated`` itself.
+        Kernels that take a pre-quantized ``a`` (``scaled_mm``, ``emulated``) run it themselves;
+        every other kernel gets the emulated GEMM (dequantize, float32 matmul).
         """
         kernel, g = self.kernels["fprop"], self.recipe.fprop
         shape = (a_fp8.shape[0], a_fp8.shape[1], weight.shape[0])
@@ -203,23 +199,8 @@ class NormQuantFloat8Linear(Float8Linear):
             q = self.weight_cache.get("fprop", weight_param, g.b, transpose=False)
         if q is None:
             q = Quantized(*quantize_operand(weight.contiguous(), g.b, self.scale_state.scale_for("fprop", "weight", weight)))
-        if isinstance(kernel, ScaledMMKernel):
-            return _scaled_mm(kernel, a_fp8, scale_a, q, g, out_dtype)
-        with torch.autocast(a_fp8.device.type, enabled=False):
-            a_dq = dequantize(a_fp8, scale_a)
-            w_dq = dequantize(q.data, q.scale, block=operand_block(g.b, q.data.shape))
-            return (a_dq @ w_dq.t()).to(out_dtype)
-
-
-def _scaled_mm(kernel, a_fp8, scale_a, q: Quantized, g, out_dtype):
-    """ScaledMMKernel.mm's call on an activation quantized beforehand (rowwise: both operands)."""
-    n = q.data.shape[0]
-    sb = q.scale.expand(n, 1) if q.scale.dim() == 0 else q.scale
-    mm_dtype = torch.bfloat16 if a_fp8.is_cuda and out_dtype == torch.float32 else out_dtype
-    out = torch._scaled_mm(a_fp8.contiguous(), q.data.contiguous().t(), scale_a=scale_a.float().contiguous(),
-                           scale_b=sb.float().reshape(1, n).contiguous(), out_dtype=mm_dtype,
-                           use_fast_accum=kernel.fast_accum)
-    return out.to(out_dtype)
+        run = kernel if kernel.takes_quantized_a else KERNELS.get("emulated")
+        return run.mm(Quantized(a_fp8, scale_a), q, g, out_dtype=out_dtype)
 
 
 def _fits(recipe: Recipe) -> str:

@@ -12,7 +12,7 @@ import torch
 from loka.quantize import dequantize, fake_quantize, operand_block
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no, quantized_out_dtype
 
 
 def _no_autocast(device_type: str):
@@ -43,17 +43,22 @@ class EmulatedKernel(GemmKernel):
 
     name = "emulated"
     backend = "emulated"
+    takes_quantized_a = True
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
         return YES
 
     def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
         check_operands(a, b)
-        out_dtype = out_dtype or a.dtype
-        a_dq = fake_quantize(a.float(), recipe.a, scale_a)
-        if isinstance(b, Quantized):
-            b_dq = dequantize(b.data, b.scale, block=operand_block(recipe.b, b.data.shape))
-        else:
-            b_dq = fake_quantize(b.float(), recipe.b, scale_b)
-        with _no_autocast(a.device.type):
+        out_dtype = out_dtype or quantized_out_dtype(a)
+        a_dq = _dequantized(a, recipe.a, scale_a)
+        b_dq = _dequantized(b, recipe.b, scale_b)
+        with _no_autocast(a_dq.device.type):
             return (a_dq @ b_dq.t()).to(out_dtype)
+
+
+def _dequantized(x, op, scale) -> torch.Tensor:
+    """float32 ``x`` as the GEMM sees it: a pre-quantized operand dequantized, an hp one fake-quantized."""
+    if isinstance(x, Quantized):
+        return dequantize(x.data, x.scale, block=operand_block(op, x.data.shape))
+    return fake_quantize(x.float(), op, scale)

@@ -15,7 +15,7 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no, quantized_out_dtype
 
 ALIGN = 16
 
@@ -61,6 +61,7 @@ class ScaledMMKernel(GemmKernel):
     name = "scaled_mm"
     backend = "scaled_mm"
     fast_accum = False
+    takes_quantized_a = True
 
     def available(self, device=None) -> Support:
         device = torch.device(device or "cpu")
@@ -81,22 +82,20 @@ class ScaledMMKernel(GemmKernel):
 
     def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
         m, k, n = check_operands(a, b)
-        ok, reason = self.supports(recipe, (m, k, n), a.dtype, a.device)
+        a_data = a.data if isinstance(a, Quantized) else a
+        ok, reason = self.supports(recipe, (m, k, n), a_data.dtype, a_data.device)
         if not ok:
             raise ValueError(f"scaled_mm cannot run this GEMM [M={m}, K={k}, N={n}]: {reason}")
-        out_dtype = out_dtype or a.dtype
-        a_fp8, sa = quantize_operand(a, recipe.a, scale_a)
-        if isinstance(b, Quantized):
-            b_fp8, sb = b.data, b.scale
-        else:
-            b_fp8, sb = quantize_operand(b, recipe.b, scale_b)
+        out_dtype = out_dtype or quantized_out_dtype(a)
+        a_fp8, sa = _fp8(a, recipe.a, scale_a)
+        b_fp8, sb = _fp8(b, recipe.b, scale_b)
         rowwise = recipe.a.granularity == "rowwise"
         if rowwise:
             # A per-tensor (delayed/static) scale broadcasts onto the rowwise layout.
             sa = sa.expand(m, 1) if sa.dim() == 0 else sa
             sb = sb.expand(n, 1) if sb.dim() == 0 else sb
         # cuBLASLt's rowwise FP8 GEMM writes bf16; an fp32 caller gets that result upcast.
-        mm_dtype = torch.bfloat16 if rowwise and a.is_cuda and out_dtype == torch.float32 else out_dtype
+        mm_dtype = torch.bfloat16 if rowwise and a_fp8.is_cuda and out_dtype == torch.float32 else out_dtype
         out = torch._scaled_mm(
             a_fp8.contiguous(),
             b_fp8.contiguous().t(),  # column-major [K, N]
@@ -106,6 +105,11 @@ class ScaledMMKernel(GemmKernel):
             use_fast_accum=self.fast_accum,
         )
         return out.to(out_dtype)
+
+
+def _fp8(x, op, scale):
+    """(fp8 data, dequant scale) of an operand: a pre-quantized one as it is, else quantized now."""
+    return (x.data, x.scale) if isinstance(x, Quantized) else quantize_operand(x, op, scale)
 
 
 class ScaledMMFastAccumKernel(ScaledMMKernel):

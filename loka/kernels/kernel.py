@@ -69,6 +69,9 @@ class GemmKernel(ABC):
     untested: ClassVar[bool] = False
     # Whether ``mm`` takes a pre-quantized ``b`` (a cached FP8 weight, loka/weight_cache.py).
     takes_quantized_b: ClassVar[bool] = True
+    # Whether ``mm`` takes a pre-quantized ``a`` (an activation its producer quantized, e.g. the
+    # fused norm+quantize of loka.mods.fused_norm_quant); then ``out_dtype`` must be given.
+    takes_quantized_a: ClassVar[bool] = False
     # Why the planner, the probe and the micro-benchmarks leave this kernel out unless it is
     # named explicitly (``kernels=[...]``); empty: it is a default candidate.
     not_default: ClassVar[str] = ""
@@ -88,7 +91,7 @@ class GemmKernel(ABC):
     @abstractmethod
     def mm(
         self,
-        a: torch.Tensor,
+        a: torch.Tensor | Quantized,
         b: torch.Tensor | Quantized,
         recipe: GemmRecipe,
         *,
@@ -97,14 +100,23 @@ class GemmKernel(ABC):
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``a[M,K] · b[N,K]ᵀ -> [M,N]``. ``scale_a``/``scale_b`` are precomputed (delayed or
-        static) dequant scales; None means dynamic. ``b`` may be pre-quantized."""
+        static) dequant scales; None means dynamic. ``b`` may be pre-quantized, and ``a`` too
+        where ``takes_quantized_a``."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({self.backend})>"
 
 
-def check_operands(a: torch.Tensor, b: torch.Tensor | Quantized) -> Shape:
+def quantized_out_dtype(a: torch.Tensor | Quantized) -> torch.dtype:
+    """``mm``'s default output dtype: ``a``'s; a pre-quantized ``a`` has none to give."""
+    if isinstance(a, Quantized):
+        raise ValueError("a pre-quantized a has no high-precision dtype: pass out_dtype")
+    return a.dtype
+
+
+def check_operands(a: torch.Tensor | Quantized, b: torch.Tensor | Quantized) -> Shape:
     """Validate 2-D operands with matching reduction dims; returns (M, K, N)."""
+    a = a.data if isinstance(a, Quantized) else a
     b_data = b.data if isinstance(b, Quantized) else b
     if a.dim() != 2 or b_data.dim() != 2:
         raise ValueError(f"GEMM operands must be 2-D, got a{tuple(a.shape)} and b{tuple(b_data.shape)}")
