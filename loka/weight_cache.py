@@ -130,11 +130,9 @@ class WeightCache:
             return None
         version = weight_version(weight)
         if version != e.version:  # updated since frozen: recast into the same storage
-            with torch.no_grad():
-                w = weight.detach()
-                data, scale = quantize_operand((w.t() if e.transposed else w).contiguous(), e.op)
-                e.operand.data.copy_(data)
-                e.operand.scale.copy_(scale)
+            q = _cast(weight, e.op, e.transposed)
+            e.operand.data.copy_(q.data)
+            e.operand.scale.copy_(q.scale)
             e.version = version
         self.hits += 1
         return e.operand
@@ -160,11 +158,7 @@ class WeightCache:
         q = self._from_transpose(weight, version, op, transpose)
         if q is None:
             self.misses += 1
-            with torch.no_grad():
-                w = weight.detach()
-                w = w.t() if transpose else w
-                data, scale = quantize_operand(w.contiguous(), op)
-            q = Quantized(data.contiguous(), scale)
+            q = _cast(weight, op, transpose)
         self._entries[gemm] = _Entry(weakref.ref(weight), version, _STEPS[0], q, op, transpose)
         return q
 
@@ -186,6 +180,14 @@ class WeightCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _cast(weight: torch.Tensor, op: OperandRecipe, transpose: bool) -> Quantized:
+    """The FP8 copy of ``weight`` (``Wᵀ`` when ``transpose``), row-major."""
+    with torch.no_grad():
+        w = weight.detach()
+        data, scale = quantize_operand((w.t() if transpose else w).contiguous(), op)
+    return Quantized(data.contiguous(), scale)
 
 
 def compiling() -> bool:

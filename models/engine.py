@@ -20,8 +20,6 @@ import threading
 import torch
 from torch import Tensor
 
-from loka.dispatch import load_plan
-from loka.dispatch.producers import apply_producers
 from loka.mods import fused_norm_quant
 from loka.weight_cache import freeze_fp8_weights
 
@@ -29,7 +27,7 @@ from .batch import Batch
 from .checkpoint import load_checkpoint
 from .config import RankerConfig
 from .distributed import resolve_device
-from .precision import apply_precision
+from .precision import apply_plan_producers, apply_precision
 from .ranker import Ranker
 from .serving_schema import example_batch
 
@@ -68,12 +66,10 @@ class InferenceEngine:
                 raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={self.precision!r} keeps "
                                  "every GEMM in high precision; pass a plan file (or 'fp8')")
             return None
-        plan = load_plan(self.precision) if self.precision.endswith(".json") or os.path.isfile(self.precision) else None
         sample = example_batch(self.config, 8).to(self.device)
-        if plan is not None and any(s.producer == "norm_quant" for s in plan.sites):
-            return apply_producers(self.model, plan, sample)
-        if not requested:
-            return None
+        fused = apply_plan_producers(self.model, self.precision, sample)
+        if fused is not None or not requested:
+            return fused
         return fused_norm_quant.apply(self.model, sample=sample, recipe="rowwise", only_fp8=True)
 
     @classmethod
