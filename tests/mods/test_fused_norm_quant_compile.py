@@ -56,10 +56,11 @@ def test_compiled_forward_and_backward_equal_eager():
     """Compiled (CPU inductor) vs eager, the same fused model and inputs. Inductor generates its
     own LayerNorm (forward and backward), which differs from eager's by about one float32 ulp;
     the FP8 rounding keeps that unless a value sits on an e4m3 rounding boundary, so the
-    tolerance is 1e-5 relative / 1e-6 absolute on the output and every gradient (a flipped FP8
-    value would be one e4m3 step, 2**-3 relative, far outside it). Measured: largest difference
-    at most 3.6e-7 of the largest value, output and every gradient, seeds 0-3 (torch 2.13 CPU,
-    2026-12-01)."""
+    tolerance is 1e-5 relative plus 2e-6 of the tensor's largest value, on the output and every
+    gradient (a flipped FP8 value would be one e4m3 step, 2**-3 relative, far outside it unless
+    the element is under 2e-5 of the largest). Measured: largest difference at most 3.6e-7 of the
+    largest value, output and every gradient, seeds 0-11 (torch 2.13 CPU, 2026-12-01); an
+    absolute 1e-6 failed once, on an element near zero (1.2e-6 apart)."""
     m = _block()
     x = torch.randn(3, 7, 48) * 3
     x[0, 1] = 0.0  # a zero row (scale 0 guarded in the cast)
@@ -74,7 +75,7 @@ def test_compiled_forward_and_backward_equal_eager():
         runs[name] = [y.detach(), xg.grad] + [p.grad for p in model.parameters()]
     assert all(t is not None for t in runs["compiled"])
     for a, b in zip(runs["compiled"], runs["eager"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * b.abs().max().item())
 
 
 class _Between(nn.Module):

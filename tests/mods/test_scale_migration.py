@@ -41,16 +41,23 @@ def test_pow2_scales_are_bit_exact_in_fp32():
 
 
 def test_fp8_error_drops_with_outlier_channels():
-    m = outlier_block(big=1e4)
-    x = torch.randn(256, 64, dtype=torch.float64)
-    ref = m(x)
-    res = scale_migration.apply(m, sample=x, recipe="tensorwise")
-    (site,) = res.data.values()
-    assert site["error_after"] < 0.85 * site["error_before"]
-    torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
-    # the chosen scales really are what lowers the error (recompute independently)
-    y = m[0](x).detach()
-    assert fprop_error(y, m[1].weight.detach().double(), as_recipe("tensorwise")) == pytest.approx(site["error_after"], rel=1e-6)
+    """After / before is random with the block (seeds 0-199, 2026-12-01: median 0.66, max 0.89; a
+    single block under 0.85 failed 5 of 200 fresh seeds, one in CI), so four blocks are drawn:
+    each must drop, their mean under 0.85 (mean of four over seeds 0-99: at most 0.74)."""
+    ratios = []
+    for _ in range(4):
+        m = outlier_block(big=1e4)
+        x = torch.randn(256, 64, dtype=torch.float64)
+        ref = m(x)
+        res = scale_migration.apply(m, sample=x, recipe="tensorwise")
+        (site,) = res.data.values()
+        ratios.append(site["error_after"] / site["error_before"])
+        torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
+        # the chosen scales really are what lowers the error (recompute independently)
+        y = m[0](x).detach()
+        assert fprop_error(y, m[1].weight.detach().double(), as_recipe("tensorwise")) == pytest.approx(
+            site["error_after"], rel=1e-6)
+    assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.85, ratios
 
 
 def test_non_exclusive_norm_is_skipped():
