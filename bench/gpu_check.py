@@ -361,7 +361,7 @@ def stage_env(path: Path, device: str | None) -> int:
     # only the stage's own process does, here.
     import torch
 
-    from loka.cli import main as loka_main
+    from loka.app.cli import main as loka_main
 
     cuda = torch.cuda.is_available() and device != "cpu"
     env = {"cuda": cuda, "versions": dict(_versions(), cuda=str(torch.version.cuda))}

@@ -3,7 +3,7 @@
 The example loka is shown on, not something the library needs: nothing below this layer
 imports it. It also holds what joins the ranker to the layers below: ``workload`` (the
 ranker as a probe workload) and ``gate_inputs`` (a checkpoint scored to EvalOutputs for
-the gate); ``loka.cli`` wires both in.
+the gate); ``loka.app.cli`` wires both in.
 
 A production-shaped large recommendation model (Wukong interaction over sparse, dense and
 InterFormer-style sequence arches, multi-task CTR/CVR heads) that every loka feature is

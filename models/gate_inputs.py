@@ -124,6 +124,6 @@ def gate_checkpoints(
 
 def checkpoint_loader(side: str, path: str, precision: str | None, *, eval_examples: int, eval_seed: int | None,
                       device: str) -> EvalOutputs:
-    """The ``loka gate`` command's loader of a ``.pt`` side (wired by ``loka.cli``)."""
+    """The ``loka gate`` command's loader of a ``.pt`` side (wired by ``loka.app.cli``)."""
     return load_side(side, path, precision, CheckpointEval(eval_examples=eval_examples, eval_seed=eval_seed,
                                                           device=device))

@@ -1,7 +1,7 @@
 """The bundled ranker as a probe workload: ``loka probe --model small`` and ``loka mods show``.
 
 The probe trains whatever :class:`loka.probe.workload.Workload` it is given and knows no
-model; the command line (``loka.cli``) offers the ranker's sizes by name through
+model; the command line (``loka.app.cli``) offers the ranker's sizes by name through
 :data:`RANKER_WORKLOADS`.
 """
 

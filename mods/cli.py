@@ -31,7 +31,7 @@ DESCRIPTIONS = {
 
 
 def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
-    """Add ``loka mods``; ``show`` runs on ``named_workloads`` (``loka.cli`` gives the bundled ranker's sizes)."""
+    """Add ``loka mods``; ``show`` runs on ``named_workloads`` (``loka.app.cli`` gives the bundled ranker's sizes)."""
     p = subparsers.add_parser("mods", help="model adaptations (Mods) for FP8 stability and speed")
     sub = p.add_subparsers(dest="mods_command", metavar="SUBCOMMAND")
     lst = sub.add_parser("list", help="list the mods and whether each is exact")

@@ -24,7 +24,7 @@ from loka.probe.workload import NamedWorkload, load_workload
 
 
 def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
-    """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.cli`` gives the ranker's)."""
+    """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.app.cli`` gives the ranker's)."""
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")

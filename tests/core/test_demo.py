@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loka.demo.ranker import STEPS_BY_DEVICE, DemoConfig
-from loka.demo.fp8 import convert_safe_sites, modelled_speedup, safe_site_recipes
-from loka.demo.summary import ne_lines
+from loka.app.demo.ranker import STEPS_BY_DEVICE, DemoConfig
+from loka.app.demo.fp8 import convert_safe_sites, modelled_speedup, safe_site_recipes
+from loka.app.demo.summary import ne_lines
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.gate.result import Check, GateResult
 from loka.recipe import GEMMS
@@ -90,8 +90,8 @@ def test_inconclusive_ne_says_how_many_examples_would_decide():
 
 @pytest.mark.slow
 def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
-    from loka.cli import main
-    from loka.demo.ranker import run
+    from loka.app.cli import main
+    from loka.app.demo.ranker import run
 
     cfg = DemoConfig(size="tiny", device="cpu", out_dir=str(tmp_path), warm_steps=4, probe_steps=12,
                      continue_steps=3, eval_examples=2048, serve_requests=2, fp8="safe-sites", progress=False)

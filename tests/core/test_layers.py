@@ -1,19 +1,23 @@
 """The house runs one way: every import, read from the source, points to the same layer or below.
 
-Layers (docs/architecture.md), by module name under the pyproject ``package-dir`` mapping:
+Each top-level folder is one layer (docs/architecture.md), imported through pyproject's
+``package-dir`` mapping:
 
-1. core: ``loka.*`` (formats, recipe, quantize, metrics, kernels, nn, convert, ...)
-2. ``loka.probe``
-3. ``loka.mods``, ``loka.dispatch``, ``loka.gate``
-4. ``loka.models``
-5. top: ``loka.demo``, ``loka.cli``, and the facade ``loka`` (``loka/__init__.py``), which
-   binds core names eagerly and upper ones lazily through ``__getattr__``; any other
-   module importing a name from the facade would import upward.
+1. core: ``loka/`` (formats, recipe, quantize, metrics, kernels, nn, convert, ...)
+2. ``probe/`` (``loka.probe``)
+3. ``mods/``, ``dispatch/``, ``gate/`` (``loka.mods``, ``loka.dispatch``, ``loka.gate``): peers,
+   with no cycle between them
+4. ``models/`` (``loka.models``)
+5. top: ``app/`` (``loka.app``: the command line and the demo) and the facade ``loka``
+   (``loka/__init__.py``), which binds core names eagerly and upper ones lazily through
+   ``__getattr__``; any other module importing a name from the facade would import upward.
 
-Every import statement counts, at module level or inside a function, ``try`` or ``if``.
-A function-local import is allowed only for an optional dependency (``# optional: <why>``
-on its line: it may be absent, e.g. Transformer Engine, or Triton's kernels) or a heavy one
-(``# heavy: <why>``: slow to import and needed by few calls, e.g. scipy, matplotlib).
+``bench/`` may import anything and nothing imports it. Every import statement counts, at
+module level or inside a function, ``try`` or ``if``, and so does
+``importlib.import_module("loka....")`` with a literal name. A function-local import is
+allowed only for an optional dependency (``# optional: <why>`` on its line: it may be absent,
+e.g. Transformer Engine, or Triton's kernels) or a heavy one (``# heavy: <why>``: slow to
+import and needed by few calls, e.g. scipy, matplotlib).
 """
 
 from __future__ import annotations
@@ -29,11 +33,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOCAL_IMPORT_TAGS = ("# optional:", "# heavy:")  # may be absent / slow to import: loaded on first use
 
 
+# Each top-level folder is one layer; a folder not listed here fails the test (add it to a layer first).
+FOLDER_LAYERS = {"loka": 1, "probe": 2, "mods": 3, "dispatch": 3, "gate": 3, "models": 4, "app": 5}
+
+
+def _folder(module: str) -> str:
+    return MODULES[module].relative_to(ROOT).parts[0]
+
+
 def _layer(module: str) -> int:
-    parts = module.split(".")
-    if module == "loka" or parts[1] in ("demo", "cli"):
+    if module == "loka":  # the facade: loads upper layers on first use of their names
         return 5
-    return {"probe": 2, "mods": 3, "dispatch": 3, "gate": 3, "models": 4}.get(parts[1], 1)
+    return FOLDER_LAYERS[_folder(module)]
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -70,13 +81,23 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -
             base = ".".join(parent + ([node.module] if node.module else []))
         # `from pkg import sub` imports the submodule `pkg.sub`; `from pkg import name` imports pkg
         names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
-    out = []
-    for name in names:
-        while name not in MODULES and "." in name:
-            name = name.rsplit(".", 1)[0]
-        if name in MODULES:
-            out.append(name)
-    return out
+    return [target for name in names if (target := _resolve(name))]
+
+
+def _import_module_name(node: ast.AST) -> str | None:
+    """The literal module name of ``importlib.import_module("loka...")`` (or a bare ``import_module``)."""
+    if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    name = node.args[0].value
+    return name if called == "import_module" and isinstance(name, str) and name.startswith("loka") else None
+
+
+def _resolve(name: str) -> str | None:
+    while name not in MODULES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name if name in MODULES else None
 
 
 def _imports() -> list[Import]:
@@ -91,6 +112,9 @@ def _imports() -> list[Import]:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target in _targets(node, module, path.name == "__init__.py"):
                     found.append(Import(module, target, node.lineno, id(node) in local, lines[node.lineno - 1]))
+            elif (dynamic := _import_module_name(node)) and (target := _resolve(dynamic)):
+                # a dynamic import is still an import: it loads the module as surely as a statement
+                found.append(Import(module, target, node.lineno, False, lines[node.lineno - 1]))
     return found
 
 
@@ -100,7 +124,7 @@ IMPORTS = _imports()
 def test_the_layer_map_covers_the_packages():
     """Guard the test itself: it sees the real tree (a wrong mapping would make every check vacuous)."""
     for name in ("loka.nn", "loka.kernels.kernel", "loka.probe.probe", "loka.dispatch.planner", "loka.gate.compare",
-                 "loka.mods.pipeline", "loka.models.ranker", "loka.demo.ranker", "loka.cli"):
+                 "loka.mods.pipeline", "loka.models.ranker", "loka.app.demo.ranker", "loka.app.cli"):
         assert name in MODULES, name
     assert [_layer(m) for m in ("loka.nn", "loka.probe.probe", "loka.gate", "loka.models.ranker", "loka")] == [1, 2, 3, 4, 5]
     assert any(i.source == "loka.nn" and i.target == "loka.kernels" for i in IMPORTS)
@@ -167,6 +191,57 @@ def test_no_import_cycle():
 def test_import_loka_loads_the_core_alone():
     """The facade resolves upper-layer names on first use, so ``import loka`` pulls in no upper layer."""
     code = ("import sys, loka; upper = sorted(m for m in sys.modules if m.startswith('loka.') "
-            "and m.split('.')[1] in ('probe', 'mods', 'dispatch', 'gate', 'models', 'demo', 'cli')); print(upper)")
+            "and m.split('.')[1] in ('probe', 'mods', 'dispatch', 'gate', 'models', 'app')); print(upper)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_top_level_folder_is_one_layer():
+    """A package folder is mapped (pyproject) and given a layer here; a new one fails until it is placed."""
+    mapped = {folder for folder in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()}
+    assert mapped == set(FOLDER_LAYERS), f"folders without a layer: {mapped - set(FOLDER_LAYERS)}, stale: {set(FOLDER_LAYERS) - mapped}"
+    packages_on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages_on_disk <= mapped, f"top-level packages not in pyproject's package-dir: {packages_on_disk - mapped}"
+    assert {_folder(m) for m in MODULES} == set(FOLDER_LAYERS)
+
+
+def _folder_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {folder: set() for folder in FOLDER_LAYERS}
+    for i in IMPORTS:
+        if i.source != "loka" and _folder(i.source) != _folder(i.target):  # the facade sits on top of its own folder
+            graph[_folder(i.source)].add(_folder(i.target))
+    return graph
+
+
+def test_folders_import_downward_only_and_peers_form_no_cycle():
+    graph = _folder_graph()
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if FOLDER_LAYERS[b] > FOLDER_LAYERS[a])
+    assert not upward, f"folders importing a folder above them: {upward}"
+    seen: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def cyclic(folder: str) -> bool:
+        seen[folder] = 1
+        found = any(seen.get(t) == 1 or (t not in seen and cyclic(t)) for t in graph[folder])
+        seen[folder] = 2
+        return found
+
+    assert not any(cyclic(f) for f in graph if f not in seen), f"folder-level import cycle in {graph}"
+    assert graph["app"] and graph["models"] and "loka" in graph["probe"]  # the check sees real edges
+
+
+def test_a_literal_import_module_counts_as_an_import():
+    call = ast.parse("importlib.import_module('loka.models.ranker')").body[0].value
+    assert _import_module_name(call) == "loka.models.ranker"
+    assert _import_module_name(ast.parse("import_module('json')").body[0].value) is None
+
+
+def test_nothing_imports_bench():
+    """bench/ sits beside the house: it may import any layer, and no library module imports it."""
+    offenders = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{module}: {n}" for n in names if n == "bench" or n.startswith("bench.")]
+    assert not offenders, offenders
+    assert list((ROOT / "bench").glob("*.py")), "bench/ moved: update this test"

@@ -15,7 +15,7 @@ import pytest
 from torch import nn
 
 import loka
-from loka.cli import main
+from loka.app.cli import main
 from loka.dispatch import PlanError, load_plan, plan
 from loka.probe.reader import ReportSchemaError, report_sites
 

@@ -77,7 +77,7 @@ def test_plan_cli_writes_a_plan_and_prints_the_table(tmp_path, capsys):
 
 
 def test_commands_are_wired_into_the_loka_cli(capsys):
-    from loka.cli import main
+    from loka.app.cli import main
 
     assert main(["doctor", "--device", "cpu"]) == 0
     assert "scaled_mm" in capsys.readouterr().out

@@ -114,7 +114,7 @@ def test_mis_scaled_e5m2_is_a_regression(trained):
 
 def test_cli_checkpoint_with_plan_file_passes(trained, loka_plan, tmp_path, capsys):
     """``loka gate`` on a checkpoint: bf16 against the same checkpoint converted by a plan JSON."""
-    from loka.cli import main
+    from loka.app.cli import main
     from loka.models.checkpoint import save_checkpoint
 
     model, _, _ = trained

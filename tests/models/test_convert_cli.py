@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import loka
-from loka.cli import build_parser, main
+from loka.app.cli import build_parser, main
 from loka.models.checkpoint import load_model, save_checkpoint
 from loka.models.config import RankerConfig
 from loka.models.ranker import Ranker

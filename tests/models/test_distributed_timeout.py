@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _start(rank: int, port: int, out) -> subprocess.Popen:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
            "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "loka.cli", "train", "--size", "tiny", "--steps", "10000000",
+    cmd = [sys.executable, "-m", "loka.app.cli", "train", "--size", "tiny", "--steps", "10000000",
            "--batch-size", "16", "--device", "cpu", "--dist-timeout", str(TIMEOUT_S), "--out", str(out),
            "--eval-examples", "0", "--no-progress", "--log-every", "1", "--checkpoint-every", "0",
            "--checkpoint-minutes", "0", "--threads", "1"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loka.cli import main as loka_main
+from loka.app.cli import main as loka_main
 from loka.models import Ranker, RankerConfig
 from loka.models.estimate import ARCHES, estimate_step, shape_batch
 from loka.models.layers import BatchMatmul

@@ -111,7 +111,7 @@ def test_writes_are_fsynced_file_and_directory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "loka.cli", "train", "--size", "tiny", "--steps", "10000000",
+    cmd = [sys.executable, "-m", "loka.app.cli", "train", "--size", "tiny", "--steps", "10000000",
            "--batch-size", "16", "--out", str(out), "--eval-examples", "0", "--no-progress",
            "--log-every", "1", "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from loka import __version__
-from loka.demo import cli as demo_cli
+from loka.app.demo import cli as demo_cli
 from loka.dispatch import cli as dispatch_cli
 from loka.gate import cli as gate_cli
 from loka.models import cli as models_cli

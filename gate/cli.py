@@ -9,7 +9,7 @@
 A thin layer over :func:`loka.gate.gate`: every bad input (missing file, different
 models, different eval sets, bad budget) becomes one clear line on stderr and exit
 code 2, never a traceback. The gate reads saved EvalOutputs (``.npz``); ranker
-checkpoints (``.pt``) are scored by the ``checkpoint_loader`` that ``loka.cli`` wires
+checkpoints (``.pt``) are scored by the ``checkpoint_loader`` that ``loka.app.cli`` wires
 in from ``loka.models`` (without it, a checkpoint is refused with that reason).
 """
 
@@ -33,7 +33,7 @@ CheckpointLoader = Callable[..., object]
 
 
 def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -> None:
-    """Add ``loka gate``; ``checkpoint_loader`` scores ``.pt`` checkpoint sides (``loka.cli`` gives loka.models')."""
+    """Add ``loka gate``; ``checkpoint_loader`` scores ``.pt`` checkpoint sides (``loka.app.cli`` gives loka.models')."""
     p = subparsers.add_parser(
         "gate",
         help="fail CI when a candidate (FP8 plan, kernel, model version) loses quality",

@@ -1,4 +1,4 @@
-"""loka.demo (top layer): the whole workflow shown end to end, for ``loka demo``.
+"""loka.app.demo (top layer): the whole workflow shown end to end, for ``loka demo``.
 
 ``ranker`` runs train -> probe -> mods -> plan -> convert -> train -> gate -> serve on
 the bundled ranker (``loka.models``); ``mlp`` is the one-minute per-layer error table of

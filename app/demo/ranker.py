@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from loka import mods
-from loka.demo.fp8 import choose_fp8
+from loka.app.demo.fp8 import choose_fp8
 from loka.dispatch.producers import producer_sites
-from loka.demo.summary import print_summary
+from loka.app.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
 from loka.models import SyntheticStream, TrainConfig, evaluate, train
@@ -54,7 +54,7 @@ class DemoConfig:
     """Knobs of the demo; ``"auto"`` / ``None`` pick by device (``SIZES_BY_DEVICE``, ``STEPS_BY_DEVICE``).
 
     ``fp8``: which FP8 model trains next to bf16 -- ``"plan"`` (the plan, even if it keeps
-    everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.demo.fp8``),
+    everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.app.demo.fp8``),
     or ``"auto"`` (the plan, unless it converts nothing).
     """
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from loka.demo import mlp as demo_mlp
-from loka.demo.ranker import DemoConfig, run
+from loka.app.demo import mlp as demo_mlp
+from loka.app.demo.ranker import DemoConfig, run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
