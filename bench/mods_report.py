@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from loka import Float8Linear  # noqa: E402
 from loka.metrics import rel_error  # noqa: E402
-from loka.mods import find_groups, fused_norm_quant, horizontal, keep_hp, padding, record, row_scale, scale_migration  # noqa: E402
+from loka.mods import find_groups, fused_norm_quant, horizontal_fusion, keep_hp, padding, record, row_scale_free, scale_migration  # noqa: E402
 from loka.mods.result import get_module  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def section_row_scale(size, batch, seed) -> list[str]:
         ref = norm64(lin64(x))
         outs = {}
         for name, cls, recipe in (("tw", Float8Linear, "tensorwise"), ("rw", Float8Linear, "rowwise"),
-                                  ("free", row_scale.RowScaleInvariantLinear, "rowwise")):
+                                  ("free", row_scale_free.RowScaleInvariantLinear, "rowwise")):
             m = cls.from_linear(copy.deepcopy(lin64), recipe=recipe, kernels="emulated")
             outs[name] = norm64(m(x))
         lines.append(f"| `{b.linear}` -> `{b.norm}` | {rel_error(ref, outs['tw']):.4f} | {rel_error(ref, outs['rw']):.4f} "
@@ -161,7 +161,7 @@ def _linear_calls(model, sample) -> list:
 def section_shapes(size, batch, seed) -> list[str]:
     lines = []
     for title, mod, kwargs in (("3. Padding K, N to multiples of 16", padding, {}),
-                               ("4. Horizontal fusion of Linears sharing an input", horizontal, {})):
+                               ("4. Horizontal fusion of Linears sharing an input", horizontal_fusion, {})):
         model, stream = build(size, batch, seed)
         sample = stream.batch(1000)
         ref = {k: v.double() for k, v in model(sample).items()}

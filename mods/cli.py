@@ -13,21 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from typing import Mapping
 
-from loka.mods.pipeline import MODS
+from loka.mods.pipeline import MODS, SPECS
 from loka.probe.workload import NamedWorkload
-
-DESCRIPTIONS = {
-    "scale_migration": "exact: Norm -> Linear(s), per-channel scales moved into the Linears' weights",
-    "row_scale_free": "exact up to eps (bias rules): Linear -> Norm skips the activation row scale",
-    "padding": "exact: K, N zero-padded to multiples of 16, output sliced",
-    "horizontal_fusion": "exact: Linears sharing an input become one wider GEMM",
-    "grouped_gemm": "exact: same-shape Linears on different inputs -> one grouped GEMM (fx rewrite)",
-    "fused_norm_quant": "exact (serving): norm + FP8 cast in one pass, fed to the FP8 GEMM",
-    "keep_hp": "no change: sites kept bf16 (raw dense input, task heads, tiny GEMMs) with reasons",
-}
 
 
 def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
@@ -45,8 +34,8 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
 
 
 def _list(args: argparse.Namespace) -> int:
-    for name in MODS:
-        print(f"{name:<20} {DESCRIPTIONS.get(name, '')}")
+    for spec in SPECS.values():
+        print(f"{spec.name:<20} {spec.exact}: {spec.pattern}")
     return 0
 
 
@@ -63,7 +52,7 @@ def _show(args: argparse.Namespace) -> int:
         return 2
     sample = named[args.size](batch_size=args.batch).make_batch(0)
     for name in names:
-        options = {"kernels": "emulated"} if name in ("row_scale_free", "fused_norm_quant") else {}
+        options = dict(SPECS[name].show_options)
         model = named[args.size](batch_size=args.batch).model  # a fresh copy for each mod
         print(MODS[name](model, sample=sample, **options).table())
         print()

@@ -52,6 +52,7 @@ from loka.nn import Float8Linear
 from loka.weight_cache import compiling
 from loka.quantize import quantize_operand
 from loka.recipe import Recipe, as_recipe
+from loka.mods.spec import ModSpec
 
 NAME = "fused_norm_quant"
 EXACT = True
@@ -323,3 +324,14 @@ def _received_unchanged(probe: list) -> bool:
                  and got.is_contiguous() and src.is_contiguous() and got.storage_offset() == src.storage_offset()
                  and got.untyped_storage().data_ptr() == src.untyped_storage().data_ptr())
     return same_rows and got_version == version
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=60,
+    exact="exact (training and serving)",
+    pattern="Norm -> FP8 Linear: norm and FP8 cast in one pass",
+    apply=apply,
+    show_options=(("kernels", "emulated"),),
+    files=("norm_quant_autograd.py",),
+)

@@ -25,6 +25,7 @@ from torch import nn
 
 from loka.mods.graph import Dataflow, record
 from loka.mods.result import ModResult
+from loka.mods.spec import ModSpec
 
 NAME = "keep_hp"
 EXACT = True
@@ -67,3 +68,12 @@ def apply(model: nn.Module, report=None, *, sample, min_dim: int = DEFAULT_MIN_D
     policy = keep_in_hp(model, sample=sample, min_dim=min_dim, flow=flow)
     advice = tuple((fqn, f"keep bf16: {why}") for fqn, why in policy.items())
     return ModResult(NAME, EXACT, "sites kept in bf16 by default (model unchanged)", (), (), {"policy": policy}, advice)
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=70,
+    exact="no change",
+    pattern="`{fqn: reason}` for sites kept bf16: raw dense input, task heads, tiny GEMMs",
+    apply=apply,
+)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from loka.mods.result import ModResult, SiteChange, set_module
+from loka.mods.spec import ModSpec
 
 NAME = "padding"
 EXACT = True
@@ -118,3 +119,12 @@ def apply(model: nn.Module, report=None, *, sample=None, multiple: int = 16, mod
         changes.append(SiteChange(fqn, f"GEMM K={k} N={n}", f"GEMM K={new.linear.in_features} N={new.linear.out_features} (site {fqn}.linear)"))
     return ModResult(NAME, EXACT, f"Linears zero-padded to K, N multiples of {multiple}; output sliced",
                      tuple(changes), tuple(skipped))
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=30,
+    exact="exact",
+    pattern="K, N zero-padded to multiples of 16, output sliced",
+    apply=apply,
+)

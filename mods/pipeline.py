@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from loka.mods import fused_norm_quant, grouped_rewrite, horizontal, keep_hp, padding, row_scale, scale_migration
 from loka.mods.result import ModResult
+from loka.mods.spec import ModSpec, discover
 
-# Every mod by name, in the order ``loka mods list`` shows them.
-MODS = {
-    m.NAME: m.apply
-    for m in (scale_migration, row_scale, padding, horizontal, grouped_rewrite, fused_norm_quant, keep_hp)
-}
+# Every mod's declaration by name (each file's ``MOD``), in the order ``loka mods list`` shows them.
+SPECS: dict[str, ModSpec] = discover()
+MODS = {name: spec.apply for name, spec in SPECS.items()}
 
 
 def get_mod(name: str):

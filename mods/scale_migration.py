@@ -35,6 +35,7 @@ from loka.mods.norms import norm_info
 from loka.mods.result import ModResult, SiteChange, get_module
 from loka.quantize import fake_quantize, round_up_pow2
 from loka.recipe import Recipe, as_recipe
+from loka.mods.spec import ModSpec
 
 NAME = "scale_migration"
 EXACT = True
@@ -190,3 +191,12 @@ def _why_not(block, norm: nn.Module, report, min_spread: float) -> str:
     if spread is not None and math.isfinite(spread) and spread < min_spread:
         return f"probe report: channel amax spread {spread:.2f} < {min_spread}, no outlier channels to migrate"
     return ""
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=10,
+    exact="exact (bit-exact with `pow2=True`)",
+    pattern="Norm -> Linear(s): per-channel scales moved from the norm's affine into the Linears' weight columns",
+    apply=apply,
+)

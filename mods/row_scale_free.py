@@ -42,6 +42,7 @@ from loka.mods.result import ModResult, SiteChange, get_module, set_module
 from loka.nn import Float8Linear
 from loka.quantize import dequantize, operand_block, quantize_operand
 from loka.recipe import Recipe, as_recipe
+from loka.mods.spec import ModSpec
 
 NAME = "row_scale_free"
 EXACT = True  # with bias="drop" on a site with a non-removable bias the result says exact=False
@@ -190,3 +191,13 @@ def apply(
     if not exact:
         what += "; some biases were dropped or moved after the norm, which changes the model"
     return ModResult(NAME, exact, what, tuple(changes), tuple(skipped))
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=20,
+    exact='exact up to the norm\'s eps; `bias="drop"` is model-changing',
+    pattern="Linear -> Norm: the activation's row scale is never applied",
+    apply=apply,
+    show_options=(("kernels", "emulated"),),
+)

@@ -8,7 +8,7 @@ from torch import nn
 
 from loka import Float8Linear
 from loka.metrics import rel_error
-from loka.mods import RowScaleInvariantLinear, row_scale
+from loka.mods import RowScaleInvariantLinear, row_scale_free
 
 
 @pytest.mark.parametrize("norm_cls", [nn.LayerNorm, nn.RMSNorm])
@@ -29,7 +29,7 @@ def test_same_block_output_and_grads_as_float8_linear(norm_cls, granularity):
     ref = _block(norm_cls)
     modded = copy.deepcopy(ref)
     x = torch.randn(40, 48, dtype=torch.float64)
-    res = row_scale.apply(modded, sample=x, recipe=granularity, kernels="emulated")
+    res = row_scale_free.apply(modded, sample=x, recipe=granularity, kernels="emulated")
     assert res.exact and isinstance(modded[0], RowScaleInvariantLinear)
     ref[0] = Float8Linear.from_linear(ref[0], recipe=granularity, kernels="emulated")  # the unfused FP8 path
     x1 = torch.randn(40, 48, dtype=torch.float64, requires_grad=True)
@@ -50,7 +50,7 @@ def test_output_of_linear_is_row_scaled_not_dequantized():
     m[1].eps = 1e-12  # rows of 1e-3 would otherwise be eps-dominated in the hp reference itself
     x = torch.randn(8, 48, dtype=torch.float64) * torch.logspace(-3, 3, 8, dtype=torch.float64)[:, None]
     z_hp = m[0](x)
-    row_scale.apply(m, sample=x, kernels="emulated")
+    row_scale_free.apply(m, sample=x, kernels="emulated")
     z = m[0](x)
     ratio = (z.norm(dim=1) / z_hp.norm(dim=1))
     assert ratio.max() / ratio.min() > 100  # rows scaled by 1/s_a, which spans the input's range
@@ -61,25 +61,25 @@ def test_bias_rules():
     x = torch.randn(8, 48, dtype=torch.float64)
     zero = _block(nn.LayerNorm, bias=True)
     nn.init.zeros_(zero[0].bias)
-    assert row_scale.apply(zero, sample=x, kernels="emulated").changes
+    assert row_scale_free.apply(zero, sample=x, kernels="emulated").changes
     const = _block(nn.LayerNorm, bias=True)
     nn.init.constant_(const[0].bias, 0.7)
     y = const(x)
-    res = row_scale.apply(const, sample=x, kernels="emulated")
+    res = row_scale_free.apply(const, sample=x, kernels="emulated")
     assert res.exact and "constant bias" in res.changes[0].after
     const_rms = _block(nn.RMSNorm, bias=True)
     nn.init.constant_(const_rms[0].bias, 0.7)
-    res = row_scale.apply(const_rms, sample=x, kernels="emulated")
+    res = row_scale_free.apply(const_rms, sample=x, kernels="emulated")
     assert not res.changes and "bias='drop'" in res.skipped[0][1]
-    res = row_scale.apply(const_rms, sample=x, kernels="emulated", bias="drop")
+    res = row_scale_free.apply(const_rms, sample=x, kernels="emulated", bias="drop")
     assert res.changes and not res.exact
     moved = _block(nn.LayerNorm, bias=True)
     b, beta = moved[0].bias.detach().clone(), moved[1].bias.detach().clone()
-    res = row_scale.apply(moved, sample=x, kernels="emulated", bias="move")
+    res = row_scale_free.apply(moved, sample=x, kernels="emulated", bias="move")
     assert res.changes and not res.exact and "MOVED" in res.changes[0].after
     torch.testing.assert_close(moved[1].bias.detach(), beta + b)
     no_norm_bias = _block(nn.RMSNorm, bias=True)
-    res = row_scale.apply(no_norm_bias, sample=x, kernels="emulated", bias="move")
+    res = row_scale_free.apply(no_norm_bias, sample=x, kernels="emulated", bias="move")
     assert not res.changes and "affine bias" in res.skipped[0][1]
     assert y.shape == const(x).shape
 
@@ -100,7 +100,7 @@ def test_norm_with_other_consumers_is_skipped():
             return self.norm(z) + z
 
     m = Two()
-    res = row_scale.apply(m, sample=torch.randn(4, 16), kernels="emulated")
+    res = row_scale_free.apply(m, sample=torch.randn(4, 16), kernels="emulated")
     assert not res.changes and type(m.lin) is nn.Linear
 
 
@@ -109,7 +109,7 @@ def test_scaled_mm_path_on_gpu():
     ref = nn.Sequential(nn.Linear(256, 512, bias=False), nn.LayerNorm(512)).cuda().to(torch.bfloat16)
     modded = copy.deepcopy(ref)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
-    row_scale.apply(modded, sample=x, recipe="rowwise", kernels="scaled_mm")
+    row_scale_free.apply(modded, sample=x, recipe="rowwise", kernels="scaled_mm")
     ref[0] = Float8Linear.from_linear(ref[0], recipe="rowwise", kernels="scaled_mm")
     with torch.no_grad():
         assert rel_error(ref(x), modded(x)) < 1e-2

@@ -8,7 +8,7 @@ from torch import nn
 
 import loka
 from loka.metrics import rel_error
-from loka.mods import GroupedLinear, find_groups, grouped_linear, horizontal, record
+from loka.mods import GroupedLinear, find_groups, grouped_linear, horizontal_fusion, record
 from loka.mods.grouped import grouped_mm_works
 
 from .helpers import NormLinearBlock, TransposedShared
@@ -18,7 +18,7 @@ def test_shared_input_fusion_exact_and_one_gemm():
     m = NormLinearBlock().double()
     ref = copy.deepcopy(m)
     x = torch.randn(6, 24, dtype=torch.float64)
-    res = horizontal.apply(m, sample=x)
+    res = horizontal_fusion.apply(m, sample=x)
     assert res.exact and res.data == {"gemms_before": 2, "gemms_after": 1}
     x1 = torch.randn(10, 24, dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
@@ -39,14 +39,14 @@ def test_equal_but_distinct_inputs_share_the_gemm():
     m = TransposedShared().double()
     ref = copy.deepcopy(m)
     x = torch.randn(3, 12, 5, dtype=torch.float64)
-    horizontal.apply(m, sample=x)
+    horizontal_fusion.apply(m, sample=x)
     torch.testing.assert_close(m(x), ref(x), rtol=1e-13, atol=1e-13)
     assert m.p._group.gemm_calls == 1
 
 
 def test_member_called_on_other_input_recomputes_exactly():
     m = NormLinearBlock().double()
-    horizontal.apply(m, sample=torch.randn(2, 24, dtype=torch.float64))
+    horizontal_fusion.apply(m, sample=torch.randn(2, 24, dtype=torch.float64))
     u, v = torch.randn(4, 24, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64)
     wa = m.a.fused.weight[:40]
     torch.testing.assert_close(m.a(u), u @ wa.t() + m.a.bias)
@@ -55,7 +55,7 @@ def test_member_called_on_other_input_recomputes_exactly():
 
 def test_convert_after_fusion_converts_the_fused_site():
     m = NormLinearBlock()
-    horizontal.apply(m, sample=torch.randn(2, 24))
+    horizontal_fusion.apply(m, sample=torch.randn(2, 24))
     res = loka.convert(m, "tensorwise", kernels="emulated")
     assert "a.fused" in res.converted
     assert torch.isfinite(m(torch.randn(3, 24))).all()
@@ -147,7 +147,7 @@ def test_transposed_copies_share_under_autograd():
     ref = copy.deepcopy(m)
     x1 = torch.randn(3, 12, 5, dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
-    horizontal.apply(m, sample=x1.detach())
+    horizontal_fusion.apply(m, sample=x1.detach())
     m(x1).square().sum().backward()
     ref(x2).square().sum().backward()
     assert m.p._group.gemm_calls == 1

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from loka.mods import GroupedLinear, grouped_rewrite
+from loka.mods import GroupedLinear, grouped_gemm
 
 
 class Towers(nn.Module):
@@ -44,7 +44,7 @@ def test_towers_grouped_exactly():
     m = Model().double()
     ref = copy.deepcopy(m)
     x = torch.randn(3, 5, 16, dtype=torch.float64)
-    res = grouped_rewrite.apply(m, sample=x, backend="bmm")
+    res = grouped_gemm.apply(m, sample=x, backend="bmm")
     assert res.exact and len(res.changes) == 1
     assert any(isinstance(mod, GroupedLinear) for mod in m.body.modules())
     assert not any(type(mod) is nn.Linear for mod in m.body.modules())
@@ -62,9 +62,9 @@ def test_dependent_members_are_not_grouped():
             return self.c(x)
 
     m = Wrap()
-    res = grouped_rewrite.apply(m, sample=torch.randn(2, 8))
+    res = grouped_gemm.apply(m, sample=torch.randn(2, 8))
     assert not res.changes and not res.skipped  # the recorded dataflow already rules them out
-    gm, why = grouped_rewrite._rewrite(m.c, ["a", "b"], "bmm")  # and so does the fx graph
+    gm, why = grouped_gemm._rewrite(m.c, ["a", "b"], "bmm")  # and so does the fx graph
     assert gm is None and "computed from another member" in why
 
 
@@ -83,7 +83,7 @@ def test_untraceable_container_is_reported():
         def forward(self, x):
             return self.b(x)
 
-    res = grouped_rewrite.apply(Wrap(), sample=torch.randn(3, 2, 16))
+    res = grouped_gemm.apply(Wrap(), sample=torch.randn(3, 2, 16))
     assert not res.changes and "not fx-traceable" in res.skipped[0][1]
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from loka.mods.graph import Dataflow, record
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
+from loka.mods.spec import ModSpec
 
 NAME = "horizontal_fusion"
 EXACT = True
@@ -180,3 +181,12 @@ def apply(model: nn.Module, report=None, *, sample, min_members: int = 2, flow: 
         data["gemms_after"] += 1
     return ModResult(NAME, EXACT, "Linears sharing an input run as one wider GEMM; outputs split",
                      tuple(changes), tuple(skipped), data)
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=40,
+    exact="exact",
+    pattern="Linears sharing an input -> one wider GEMM, outputs split",
+    apply=apply,
+)

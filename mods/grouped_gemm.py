@@ -28,6 +28,7 @@ from torch import fx, nn
 from loka.mods.graph import Dataflow, record
 from loka.mods.grouped import GroupedLinear, find_groups
 from loka.mods.result import ModResult, SiteChange, get_module, set_module
+from loka.mods.spec import ModSpec
 
 NAME = "grouped_gemm"
 EXACT = True
@@ -131,3 +132,13 @@ def apply(model: nn.Module, report=None, *, sample, min_members: int = 2, backen
                                   f"1 grouped GEMM [G={len(group)},K={k},N={n}] (module {where}.grouped_*)"))
     return ModResult(NAME, EXACT, "same-shape Linears on different inputs run as one grouped GEMM (fx rewrite)",
                      tuple(changes), tuple(skipped))
+
+
+MOD = ModSpec(
+    name=NAME,
+    order=50,
+    exact="exact in hp",
+    pattern="same-shape Linears on different inputs -> one grouped/batched GEMM (`GroupedLinear`), by an fx rewrite of their container",
+    apply=apply,
+    files=("grouped.py",),
+)
