@@ -39,8 +39,8 @@ def _package(tmp_path, files: dict[str, str]) -> str:
     pkg = tmp_path / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name, source in files.items():
-        (pkg / f"{name}.py").write_text(textwrap.dedent(source))
+    for module, source in files.items():
+        (pkg / f"{module}.py").write_text(textwrap.dedent(source))
     sys.path.insert(0, str(tmp_path))
     return name
 
