@@ -82,10 +82,12 @@ def _uint_dtype(size: int):
 class EvalOutputs:
     """One model's predictions on one held-out set.
 
-    example_ids: [n] int64, unique. labels / probs: {task: [n] float64}, same tasks,
-    labels 0/1, probs in [0, 1]. meta: JSON-able dict; known keys ``model`` (which
-    architecture/config), ``model_fingerprint`` (weights + plan) and ``info``.
-    Build with ``EvalOutputs.build(...)`` to convert tensors and lists.
+    example_ids: [n] int64, unique. labels: {task: [n] float64} 0/1. probs: {task: [n]}
+    in [0, 1], same tasks, float16/32/64 as the model produced them: NE clips them at their
+    dtype's machine epsilon (``loka.gate.stats``), so the dtype is part of the data.
+    meta: JSON-able dict; known keys ``model`` (which architecture/config),
+    ``model_fingerprint`` (weights + plan) and ``info``. Build with
+    ``EvalOutputs.build(...)`` to convert tensors and lists.
     """
 
     example_ids: np.ndarray
@@ -123,12 +125,17 @@ class EvalOutputs:
         model_fingerprint: str = "",
         info: Mapping[str, Any] | None = None,
     ) -> "EvalOutputs":
-        """Convert ids/labels/probs (numpy, torch or lists, each [n]) and validate."""
+        """Convert ids/labels/probs (numpy, torch or lists, each [n]) and validate.
+
+        Probabilities keep their floating dtype (bfloat16 becomes float32, non-float input
+        float64): casting float32 predictions to float64 would clip them at 2.2e-16 instead
+        of float32's 1.2e-7 and overstate the log loss of confident mistakes.
+        """
         meta = {"model": model, "model_fingerprint": model_fingerprint, "info": dict(info or {})}
         return cls(
             example_ids=_to_numpy(example_ids).astype(np.int64).reshape(-1),
             labels={str(t): _to_numpy(v).astype(np.float64).reshape(-1) for t, v in labels.items()},
-            probs={str(t): _to_numpy(v).astype(np.float64).reshape(-1) for t, v in probs.items()},
+            probs={str(t): _as_float(_to_numpy(v)).reshape(-1) for t, v in probs.items()},
             meta=meta,
         )
 
@@ -210,16 +217,28 @@ class EvalOutputs:
         return out
 
 
+_PROB_DTYPES = (np.float16, np.float32, np.float64)
+
+
 def _to_numpy(x: object) -> np.ndarray:
     if type(x).__module__.startswith("torch"):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in (torch.float16, torch.float32, torch.float64):
+            x = x.float()  # bfloat16 / float8: numpy has no such dtype
+        return x.numpy()
     return np.asarray(x)
 
 
+def _as_float(arr: np.ndarray) -> np.ndarray:
+    """Floating arrays as they are (their dtype decides the log-loss clip); anything else as float64."""
+    return arr if arr.dtype in _PROB_DTYPES else arr.astype(np.float64)
+
+
 def _check_task_arrays(task: str, y: object, p: object, n: int) -> None:
-    for name, arr in (("labels", y), ("probs", p)):
-        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype != np.float64:
-            raise EvalOutputsError(f"{name}[{task!r}] must be a 1-D float64 numpy array; use EvalOutputs.build(...)")
+    for name, arr, dtypes in (("labels", y, (np.float64,)), ("probs", p, _PROB_DTYPES)):
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype not in dtypes:
+            kind = "float64" if name == "labels" else "float16/32/64"
+            raise EvalOutputsError(f"{name}[{task!r}] must be a 1-D {kind} numpy array; use EvalOutputs.build(...)")
         if arr.size != n:
             raise EvalOutputsError(f"{name}[{task!r}] has {arr.size} values for {n} example ids")
     if not np.all((y == 0.0) | (y == 1.0)):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from loka.gate import EvalOutputs, gate
 from loka.gate.stats import auc, calibration, normalized_entropy, paired_bootstrap
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
@@ -86,3 +87,45 @@ def test_bootstrap_point_values_match_sklearn():
     assert r.value_a == pytest.approx(_sk_ne(y, pa), rel=1e-12)
     assert r.value_b == pytest.approx(_sk_ne(y, pb), rel=1e-12)
     assert np.isfinite(r.ci_lo) and np.isfinite(r.ci_hi)
+
+
+def _gate_ne(y: np.ndarray, probs) -> float:
+    ids = np.arange(y.size)
+    out = EvalOutputs.build(ids, {"ctr": y}, {"ctr": probs})
+    return gate(out, out, n_boot=100).checks[0].baseline
+
+
+def test_gate_keeps_float32_predictions_for_the_clip(tmp_path):
+    """EvalOutputs.build used to cast to float64 first: a clip at 2.2e-16, not float32's 1.2e-7."""
+    y, p64 = _confidently_wrong(int(np.random.randint(2**31)))
+    p32 = p64.astype(np.float32)
+    out = EvalOutputs.build(np.arange(y.size), {"ctr": y}, {"ctr": p32})
+    assert out.probs["ctr"].dtype == np.float32
+    out.save(tmp_path / "o.npz")
+    assert EvalOutputs.load(tmp_path / "o.npz").probs["ctr"].dtype == np.float32
+    eps32 = float(np.finfo(np.float32).eps)
+    ref = _sk_ne(y, np.clip(p32.astype(np.float64), eps32, 1 - eps32))
+    assert _gate_ne(y, p32) == pytest.approx(ref, rel=1e-12)
+    assert _gate_ne(y, p32) == pytest.approx(_sk_ne(y, p32), rel=1e-5)
+    assert _gate_ne(y, p32.astype(np.float64)) > 1.02 * ref  # the float64 clip overstates it
+
+
+def test_gate_ne_of_saturated_torch_sigmoids_matches_sklearn():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(np.random.randint(2**31))
+    n = 2000
+    logits = rng.normal(-1.0, 1.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+    y[:2] = [0.0, 1.0]
+    wrong = rng.choice(np.arange(2, n), 8, replace=False)
+    logits[wrong] = np.where(y[wrong] == 1.0, -200.0, 60.0)  # float32 sigmoid saturates to exactly 0 / 1
+    p_t = torch.sigmoid(torch.tensor(logits, dtype=torch.float32))
+    assert {0.0, 1.0} <= set(p_t[wrong].tolist())
+    p32 = p_t.numpy()
+    eps32 = float(np.finfo(np.float32).eps)
+    ref = _sk_ne(y, np.clip(p32.astype(np.float64), eps32, 1 - eps32))
+    assert _gate_ne(y, p_t) == pytest.approx(ref, rel=1e-12)
+    assert _gate_ne(y, p_t) == pytest.approx(_sk_ne(y, p32), rel=1e-5)
+    # a float64 tensor stays float64 (it was cast to float32 before)
+    p_t64 = torch.sigmoid(torch.tensor(logits, dtype=torch.float64))
+    assert EvalOutputs.build(np.arange(n), {"ctr": y}, {"ctr": p_t64}).probs["ctr"].dtype == np.float64
