@@ -155,7 +155,8 @@ class BootstrapResult:
     """Paired difference b - a of one metric with a bootstrap confidence interval.
 
     ``diff = value_b - value_a`` and ``rel_diff = diff / value_a``; ``ci_*`` bound
-    ``diff`` and ``rel_ci_*`` bound ``rel_diff`` at ``confidence``. ``diff_se`` and
+    ``diff`` and ``rel_ci_*`` bound ``rel_diff`` at ``confidence`` (the relative ones are
+    NaN when the baseline's value is 0, e.g. an AUC of 0). ``diff_se`` and
     ``rel_se`` are the bootstrap standard errors (they shrink as 1/sqrt(n)).
     """
 
@@ -289,20 +290,23 @@ def paired_bootstrap(
         rel = diff / boot_a
     # a resample with no positive (or no negative) has no NE/AUC: the interval is conditional
     # on both classes being present, and refused when that condition is itself unlikely
-    keep = np.isfinite(diff) & np.isfinite(rel)
+    keep = np.isfinite(diff)
     if keep.mean() < 0.5:
         raise ValueError(
             f"{metric}: {int((~keep).sum())} of {n_boot} resamples had a single class; "
             f"the eval set ({int(y.sum())} positives of {y.size}) is too small to give an interval"
         )
     lo, hi, se = _interval(diff[keep], confidence)
-    rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence)
+    # a baseline of exactly 0 (AUC of a fully inverted ranking, calibration of all-zero
+    # predictions) has an absolute change but no relative one: NaN, not an error
+    rel_defined = value_a != 0.0 and bool(np.isfinite(rel[keep]).all())
+    rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence) if rel_defined else (np.nan, np.nan, np.nan)
     return BootstrapResult(
         metric=metric,
         value_a=value_a,
         value_b=value_b,
         diff=value_b - value_a,
-        rel_diff=(value_b - value_a) / value_a,
+        rel_diff=(value_b - value_a) / value_a if rel_defined else float("nan"),
         ci_lo=lo,
         ci_hi=hi,
         rel_ci_lo=rel_lo,
