@@ -209,7 +209,9 @@ def gate(
     fp_a, fp_b = base.meta.get("model_fingerprint"), cand.meta.get("model_fingerprint")
     if fp_a and fp_a == fp_b:
         notes.insert(0, f"baseline and candidate have the same model fingerprint {fp_a}: is this the same model?")
+    identical = all(np.array_equal(base.probs[t], cand.probs[t]) for t in _tasks(base, budget))
     return GateResult(
         checks=tuple(checks), n_examples=base.n, confidence=budget.confidence, n_boot=budget.n_boot,
         baseline=base_name, candidate=cand_name, inconclusive_passes=budget.inconclusive_passes, notes=tuple(notes),
+        identical_predictions=identical,
     )  # fmt: skip

@@ -8,6 +8,11 @@ A check compares an interval with a budget:
   examples (or probe samples, for sites) would shrink it enough to decide, from the
   interval's half-width scaling as 1/sqrt(n);
 - ``info``: measured and reported, no budget given.
+
+When the two sides predicted exactly the same probabilities on every example (the same
+model, or a plan that converted nothing), there is no change to judge: the result's
+verdict is ``identical`` (exit 0, nothing was lost) and its table says so instead of
+printing a PASS over intervals of +0.0000%.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Literal
 
 from loka.jsonio import dumps
 
-Verdict = Literal["pass", "regression", "inconclusive", "info"]
-PASS, REGRESSION, INCONCLUSIVE, INFO = "pass", "regression", "inconclusive", "info"
+Verdict = Literal["pass", "regression", "inconclusive", "info", "identical"]
+PASS, REGRESSION, INCONCLUSIVE, INFO, IDENTICAL = "pass", "regression", "inconclusive", "info", "identical"
 EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
@@ -86,12 +91,15 @@ class GateResult:
     candidate: str
     inconclusive_passes: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    identical_predictions: bool = False  # both sides predicted the same probabilities everywhere
 
     @property
     def verdict(self) -> Verdict:
         verdicts = {c.verdict for c in self.checks}
         if REGRESSION in verdicts:
             return REGRESSION
+        if self.identical_predictions:
+            return IDENTICAL
         if INCONCLUSIVE in verdicts:
             return INCONCLUSIVE
         return PASS
@@ -118,6 +126,7 @@ class GateResult:
             "confidence": self.confidence,
             "n_boot": self.n_boot,
             "inconclusive_passes": self.inconclusive_passes,
+            "identical_predictions": self.identical_predictions,
             "notes": list(self.notes),
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -133,6 +142,8 @@ class GateResult:
             f"loka gate: {self.verdict.upper()}  baseline={self.baseline}  candidate={self.candidate}  "
             f"({self.n_examples} examples, paired bootstrap {pct}% CI, {self.n_boot} resamples)"
         )
+        if self.verdict == IDENTICAL:
+            return "\n".join([head, "", _IDENTICAL_TEXT.format(n=self.n_examples)] + [f"note: {n}" for n in self.notes])
         rows = [("check", "baseline", "candidate", "change", f"{pct}% CI", "budget", "verdict")]
         quiet_sites = [c for c in self.checks if c.kind == "site" and c.verdict in (PASS, INFO)]
         quiet_ids = {id(c) for c in quiet_sites}
@@ -165,6 +176,13 @@ class GateResult:
                 "(see 'need n=') or accept with inconclusive_passes / --allow-inconclusive."
             )
         return "\n".join(lines)
+
+
+_IDENTICAL_TEXT = (
+    "no verdict: baseline and candidate predicted identical probabilities on all {n} examples, so there is "
+    "no change to gate. Are they the same model? (A plan that keeps every site in bf16 converts nothing; "
+    "check the candidate is the model you meant to test.)"
+)
 
 
 def _num(v: float) -> str:
