@@ -9,7 +9,9 @@ reports, and says pass / regression / inconclusive. This is what CI runs:
 
 For a model *trained* in FP8 against one trained in bf16, give several runs a side:
 ``gate_replicates(baselines, candidates)`` (``loka gate --baseline b1 b2 --candidate c1 c2``)
-includes the between-run training noise that one pair cannot see (``loka.gate.replicates``).
+includes the between-run training noise that one pair cannot see (``loka.gate.replicates``);
+``paired=True`` / ``--paired`` when run j of each side shares its seed and data order. Lists
+work from the facade too: ``loka.gate([b1, b2], [c1, c2], paired=True)``.
 
 It takes EvalOutputs and probe reports and never builds a model: scoring a ranker
 checkpoint is ``loka.models.gate_inputs``' job. The package is callable:

@@ -21,6 +21,7 @@ import numpy as np
 from loka.gate.budget import GateBudget
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, is_eval_outputs_file
 from loka.gate.result import INFO, Check, GateResult, classify_lower, classify_upper
+from loka.gate.replicates import gate_replicates
 from loka.gate.sites import ReportError, site_checks
 from loka.gate.stats import BootstrapResult, paired_bootstrap
 
@@ -175,6 +176,20 @@ def _site_results(baseline_report: object, candidate_report: object, budget: Gat
         raise GateInputError(str(exc)) from None
 
 
+def _gate_runs(baseline: object, candidate: object, budget: GateBudget, paired: bool, reports: object) -> GateResult:
+    """Replicate mode from ``gate``: a list of runs a side (one alone is the paired gate's question)."""
+    if not (isinstance(baseline, (list, tuple)) and isinstance(candidate, (list, tuple))):
+        raise GateInputError("give a list of runs on both sides (replicate mode) or one output on each")
+    if reports:
+        raise GateInputError("replicate mode gates NE over runs; probe reports compare one pair: drop them")
+    base = [load_input(f"baseline {k}", b)[0] for k, b in enumerate(baseline)]
+    cand = [load_input(f"candidate {k}", c)[0] for k, c in enumerate(candidate)]
+    try:
+        return gate_replicates(base, cand, budget, paired=paired)
+    except ValueError as exc:
+        raise GateInputError(str(exc)) from None
+
+
 def gate(
     baseline: EvalOutputs | str | os.PathLike,
     candidate: EvalOutputs | str | os.PathLike,
@@ -183,6 +198,7 @@ def gate(
     baseline_report: object = None,
     candidate_report: object = None,
     allow_different_models: bool = False,
+    paired: bool = False,
     **budget_fields,
 ) -> GateResult:
     """Compare ``candidate`` against ``baseline`` on the same examples; see the module docstring.
@@ -194,11 +210,18 @@ def gate(
     ``budget_fields`` override fields of ``budget`` (e.g. ``ne_rel=0.001``). Reports are
     probe reports (path, dict or ProbeReport), both or neither. Raises GateInputError
     when the two cannot be compared.
+
+    Lists of runs on both sides are replicate mode (``loka.gate.replicates``;
+    ``paired=True`` when run j of each side shares its seed and data order).
     """
     try:
         budget = replace(budget or GateBudget(), **budget_fields)
     except TypeError as exc:
         raise GateInputError(f"unknown budget field: {exc}") from None
+    if isinstance(baseline, (list, tuple)) or isinstance(candidate, (list, tuple)):
+        return _gate_runs(baseline, candidate, budget, paired, baseline_report or candidate_report)
+    if paired:
+        raise GateInputError("paired=True pairs lists of runs (baseline j with candidate j); pass a list a side")
     # the cheap checks first, so a bad report fails before a checkpoint is evaluated
     site_results, notes = _site_results(baseline_report, candidate_report, budget)
     base, base_name = load_input("baseline", baseline)

@@ -31,7 +31,9 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 @dataclass(frozen=True)
 class Check:
     """One compared quantity. ``estimate``/``ci_*`` are the candidate-minus-baseline change
-    (relative for NE, absolute otherwise; for sites the candidate's error itself)."""
+    (relative for NE, absolute otherwise; for sites the candidate's error itself).
+    ``n`` / ``n_needed`` count examples, probe samples (sites) or runs (``unit``,
+    e.g. " pairs" for paired replicates)."""
 
     name: str
     kind: Literal["model", "site"]
@@ -46,6 +48,7 @@ class Check:
     n_needed: int | None = None
     relative: bool = False
     note: str = ""
+    unit: str = ""  # what n counts when not examples: " probe samples", " pairs", " runs a side"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -135,6 +138,14 @@ class GateResult:
         """Strict JSON (non-finite floats written as "inf" / "-inf" / "nan")."""
         return dumps(self.to_dict(), indent=indent)
 
+    def _advice(self) -> str:
+        """What would decide the inconclusive checks: more examples, probe samples, runs or pairs."""
+        units = {c.unit or (" probe samples" if c.kind == "site" else "") for c in self.checks if c.verdict == INCONCLUSIVE}
+        more = {"": "evaluate on more examples", " probe samples": "probe more samples",
+                " pairs": "train more baseline/candidate pairs (same seed and data order within a pair)",
+                " runs a side": "train more runs a side (or pair the runs: --paired)"}
+        return "; ".join(more.get(u, f"add{u}") for u in sorted(units)) + " (see 'need n=')"
+
     def table(self) -> str:
         """Readable summary: one row per check with its interval, budget and verdict."""
         pct = round(self.confidence * 100)
@@ -172,8 +183,8 @@ class GateResult:
         lines += [f"note: {n}" for n in self.notes]
         if self.verdict == INCONCLUSIVE:
             lines.append(
-                "inconclusive: an interval straddles its budget; evaluate on more examples "
-                "(see 'need n=') or accept with inconclusive_passes / --allow-inconclusive."
+                f"inconclusive: an interval straddles its budget; {self._advice()} "
+                "or accept with inconclusive_passes / --allow-inconclusive."
             )
         return "\n".join(lines)
 
@@ -200,8 +211,8 @@ def _delta(v: float, c: Check) -> str:
 def _verdict_text(c: Check) -> str:
     text = c.verdict.upper() if c.verdict in (REGRESSION, INCONCLUSIVE) else c.verdict
     if c.verdict == INCONCLUSIVE:
-        unit = " probe samples" if c.kind == "site" else ""
-        text += f" (need n={c.n_needed}{unit})" if c.n_needed else " (estimate on the budget)"
+        unit = c.unit or (" probe samples" if c.kind == "site" else "")
+        text += f" (need n={c.n_needed}{unit})" if c.n_needed else ("" if c.note else " (estimate on the budget)")
     if c.note:
         text += f" [{c.note}]"
     return text
