@@ -18,9 +18,7 @@ checkpoint is ``loka.models.gate_inputs``' job. The package is callable:
 ``loka.gate(...)`` is ``loka.gate.gate(...)``.
 """
 
-import sys
-import types
-
+from loka.callable_module import make_callable
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
@@ -52,12 +50,4 @@ __all__ = [
     "replicate_ne",
 ]
 
-
-class _CallableModule(types.ModuleType):
-    """``loka.gate`` is both the package and its main function (``loka.gate(baseline, candidate)``)."""
-
-    def __call__(self, *args, **kwargs) -> GateResult:
-        return gate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, gate)  # ``loka.gate(baseline, candidate)`` is ``loka.gate.gate(...)``
