@@ -255,11 +255,11 @@ def pace_line(cfg: DemoConfig, warm_seconds: float) -> str:
     per_step = warm_seconds / cfg.warm_steps
     # both branches take continue_steps each; the FP8 branch is emulated on CPU, so at least as slow
     at_least = 2 * cfg.continue_steps * per_step
-    shorter = ("--quick, or fewer --continue-steps / --eval-examples" if not cfg.quick
+    shorter = ("`loka demo --quick`, or fewer --continue-steps / --eval-examples" if not cfg.quick
                else "fewer --continue-steps / --eval-examples")
     return (f"(at this machine's pace in stage 1, {per_step:.2f} s a step, these {2 * cfg.continue_steps} steps take "
             f"at least {at_least / 60:.1f} min, then the gate scores {cfg.eval_examples:,} examples twice; "
-            f"shorter: loka demo {shorter})")
+            f"a shorter run: {shorter})")
 
 
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
