@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "unless it keeps everything in bf16")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and held-out examples where not given (CPU: warm 60, probe 12, continue 30, "
-                        "eval 16384): a shorter run on a slow or busy machine; the gate is then usually inconclusive")
+                        "eval 16384): a shorter run on a slow or busy machine; the gate may then be inconclusive")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 

@@ -50,7 +50,7 @@ STEPS_BY_DEVICE = {
     "cpu": dict(warm_steps=150, probe_steps=24, continue_steps=100, eval_examples=65_536),
     "cuda": dict(warm_steps=300, probe_steps=40, continue_steps=200, eval_examples=262_144),
 }
-# --quick: the same stages with fewer steps and examples (the gate is then usually inconclusive).
+# --quick: the same stages with fewer steps and examples (the gate may then be inconclusive).
 QUICK_STEPS_BY_DEVICE = {
     "cpu": dict(warm_steps=60, probe_steps=12, continue_steps=30, eval_examples=16_384),
     "cuda": dict(warm_steps=100, probe_steps=20, continue_steps=60, eval_examples=65_536),

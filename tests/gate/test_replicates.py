@@ -94,26 +94,32 @@ def test_replicate_ne_needs_two_runs_a_side():
         replicate_ne(y, [p], [p, p])
 
 
-def test_cli_takes_several_runs_a_side(tmp_path, capsys):
+def _saved(tmp_path, base: list, cand: list) -> dict[str, list[str]]:
+    paths = {"b": [], "c": []}
+    for side, runs in (("b", base), ("c", cand)):
+        for k, run in enumerate(runs):
+            paths[side].append(str(tmp_path / f"{side}{k}.npz"))
+            run.save(paths[side][-1])
+    return paths
+
+
+def _cli(argv: list[str]) -> int:
     import argparse
 
     from loka.gate.cli import register
 
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["gate", *argv, "--n-boot", "200"])
+    return args.func(args)
+
+
+def test_cli_takes_several_runs_a_side(tmp_path, capsys):
     seed = 404
     z, y = _population(seed)
     rng = np.random.default_rng(seed + 1)
-    paths = {}
-    for side, s in (("b", 0.05), ("c", 0.0935)):
-        for k, run in enumerate(_runs(z, y, rng, 3, s, 0.002)):
-            paths.setdefault(side, []).append(str(tmp_path / f"{side}{k}.npz"))
-            run.save(paths[side][-1])
-    parser = argparse.ArgumentParser(prog="loka")
-    register(parser.add_subparsers())
-
-    def run(argv):
-        args = parser.parse_args(["gate", *argv, "--n-boot", "200"])
-        return args.func(args)
-
+    paths = _saved(tmp_path, _runs(z, y, rng, 3, 0.05, 0.002), _runs(z, y, rng, 3, 0.0935, 0.002))
+    run = _cli
     assert run(["--baseline", *paths["b"], "--candidate", *paths["c"]]) == 1  # the planted 0.1% regression
     assert "replicates" in capsys.readouterr().out
     assert run(["--baseline", paths["b"][0], "--candidate", *paths["c"][:2], "--json", str(tmp_path / "r.json")]) == 2
@@ -208,25 +214,13 @@ def test_weighted_replicates_equal_repeated_examples():
 
 
 def test_cli_paired_and_gate_takes_lists(tmp_path, capsys):
-    import argparse
-
     import loka
-    from loka.gate.cli import register
 
     seed = 909
     z, y = _population(seed)
     base, cand = _pairs(z, y, np.random.default_rng(seed + 1), 3, 0.05, 0.0935, 0.15, 0.003)
-    paths = {"b": [], "c": []}
-    for side, runs in (("b", base), ("c", cand)):
-        for k, run in enumerate(runs):
-            paths[side].append(str(tmp_path / f"{side}{k}.npz"))
-            run.save(paths[side][-1])
-    parser = argparse.ArgumentParser(prog="loka")
-    register(parser.add_subparsers())
-
-    def run(argv):
-        args = parser.parse_args(["gate", *argv, "--n-boot", "200"])
-        return args.func(args)
+    paths = _saved(tmp_path, base, cand)
+    run = _cli
 
     assert run(["--paired", "--baseline", *paths["b"], "--candidate", *paths["c"]]) == 1
     assert "ne[ctr] paired replicates" in capsys.readouterr().out
