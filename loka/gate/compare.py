@@ -91,6 +91,9 @@ def _describe_set_difference(base: EvalOutputs, cand: EvalOutputs) -> str:
         return f"the tasks differ: baseline has {list(base.tasks)}, candidate {list(cand.tasks)}"
     cand = cand.aligned_to(base.example_ids)
     bad = [t for t in base.tasks if not np.array_equal(base.labels[t], cand.labels[t])]
+    if not bad:
+        return (f"the example weights differ (weighted tasks: baseline {sorted(base.weights)}, candidate "
+                f"{sorted(cand.weights)}); weight both sides' held-out examples alike")
     n_bad = int(sum((base.labels[t] != cand.labels[t]).sum() for t in bad))
     return f"the labels differ on {n_bad} examples (tasks {bad}); both sides must use the same held-out labels"
 
@@ -153,7 +156,7 @@ def _model_checks(base: EvalOutputs, cand: EvalOutputs, budget: GateBudget) -> l
     for k, task in enumerate(_tasks(base, budget)):
         y, pa, pb = base.labels[task], base.probs[task], cand.probs[task]
         seed = None if budget.seed is None else budget.seed + 7919 * k
-        boot = dict(n_boot=budget.n_boot, seed=seed, confidence=budget.confidence)
+        boot = dict(n_boot=budget.n_boot, seed=seed, confidence=budget.confidence, weights=base.weights.get(task))
         try:
             checks.append(_ne_check(task, paired_bootstrap(y, pa, pb, "ne", **boot), budget))
             checks.append(_auc_check(task, paired_bootstrap(y, pa, pb, "auc", **boot), budget))

@@ -190,7 +190,8 @@ def gate_replicates(baselines: list[EvalOutputs], candidates: list[EvalOutputs],
     for k, task in enumerate(tasks):
         seed = None if budget.seed is None else budget.seed + 7919 * k
         r = replicate_ne(ref.labels[task], [x.probs[task] for x in runs[:n_a]], [x.probs[task] for x in runs[n_a:]],
-                         paired=paired, n_boot=budget.n_boot, seed=seed, confidence=budget.confidence)
+                         paired=paired, weights=ref.weights.get(task), n_boot=budget.n_boot, seed=seed,
+                         confidence=budget.confidence)
         verdict, _ = classify_upper(ref.n, r["estimate"], r["ci_lo"], r["ci_hi"], budget.ne_rel)
         needed = runs_needed(r, budget.ne_rel, budget.confidence) if verdict == INCONCLUSIVE else None
         note = "the eval set limits it: evaluate on more examples" if verdict == INCONCLUSIVE and not needed else ""
