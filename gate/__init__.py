@@ -9,16 +9,16 @@ reports, and says pass / regression / inconclusive. This is what CI runs:
 
 For a model *trained* in FP8 against one trained in bf16, give several runs a side:
 ``gate_replicates(baselines, candidates)`` (``loka gate --baseline b1 b2 --candidate c1 c2``)
-includes the between-run training noise that one pair cannot see (``loka.gate.replicates``).
+includes the between-run training noise that one pair cannot see (``loka.gate.replicates``);
+``paired=True`` / ``--paired`` when run j of each side shares its seed and data order. Lists
+work from the facade too: ``loka.gate([b1, b2], [c1, c2], paired=True)``.
 
 It takes EvalOutputs and probe reports and never builds a model: scoring a ranker
 checkpoint is ``loka.models.gate_inputs``' job. The package is callable:
 ``loka.gate(...)`` is ``loka.gate.gate(...)``.
 """
 
-import sys
-import types
-
+from loka.callable_module import make_callable
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint
@@ -50,12 +50,4 @@ __all__ = [
     "replicate_ne",
 ]
 
-
-class _CallableModule(types.ModuleType):
-    """``loka.gate`` is both the package and its main function (``loka.gate(baseline, candidate)``)."""
-
-    def __call__(self, *args, **kwargs) -> GateResult:
-        return gate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, gate)  # ``loka.gate(baseline, candidate)`` is ``loka.gate.gate(...)``

@@ -3,6 +3,7 @@
     loka gate --baseline bf16.npz --candidate fp8.npz [--budget-ne 0.0002] \\
               [--report-baseline probe_a.json --report-candidate probe_b.json] [--json result.json]
     loka gate --baseline bf16_seed1.npz bf16_seed2.npz --candidate fp8_seed1.npz fp8_seed2.npz   # replicates
+    loka gate --paired --baseline bf16_s1.npz bf16_s2.npz --candidate fp8_s1.npz fp8_s2.npz      # pairs share seeds
     loka gate --baseline run/checkpoint.pt --baseline-plan bf16 \\
               --candidate run/checkpoint.pt --candidate-plan plan.json --eval-examples 100000
 
@@ -49,6 +50,9 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--candidate", required=True, nargs="+",
                    help="saved evaluation outputs or a ranker checkpoint; several for replicate mode: a model "
                         "trained in FP8 vs one trained in bf16, with between-run variance in the decision")  # fmt: skip
+    p.add_argument("--paired", action="store_true",
+                   help="replicate mode: baseline run j and candidate run j share data order and initialisation "
+                        "(same seed); gate the per-pair NE differences (far narrower than unpaired runs)")  # fmt: skip
     p.add_argument("--baseline-plan", dest="baseline_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
     p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
@@ -137,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         _check_reports(args.report_baseline, args.report_candidate)  # before any slow evaluation
         if len(args.baseline) > 1 or len(args.candidate) > 1:
             return _run_replicates(args, budget)
+        if args.paired:
+            raise ValueError("--paired pairs several runs a side (baseline j with candidate j); give 2 or more "
+                             "to --baseline and --candidate, or drop --paired for one pair of outputs")
         base, base_name = _side(args, "baseline", args.baseline[0], args.baseline_precision)
         cand, cand_name = _side(args, "candidate", args.candidate[0], args.candidate_precision)
         if args.save_outputs:
@@ -174,4 +181,4 @@ def _run_replicates(args: argparse.Namespace, budget: GateBudget) -> int:
         raise ValueError("replicate mode gates NE over runs; drop --report-* and --save-outputs (they compare one pair)")
     base = [_side(args, "baseline", b, args.baseline_precision)[0] for b in args.baseline]
     cand = [_side(args, "candidate", c, args.candidate_precision)[0] for c in args.candidate]
-    return _print_result(gate_replicates(base, cand, budget), args.json)
+    return _print_result(gate_replicates(base, cand, budget, paired=args.paired), args.json)

@@ -21,6 +21,7 @@ import numpy as np
 from loka.gate.budget import GateBudget
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, is_eval_outputs_file
 from loka.gate.result import INFO, Check, GateResult, classify_lower, classify_upper
+from loka.gate.replicates import gate_replicates
 from loka.gate.sites import ReportError, site_checks
 from loka.gate.stats import BootstrapResult, paired_bootstrap
 
@@ -90,6 +91,9 @@ def _describe_set_difference(base: EvalOutputs, cand: EvalOutputs) -> str:
         return f"the tasks differ: baseline has {list(base.tasks)}, candidate {list(cand.tasks)}"
     cand = cand.aligned_to(base.example_ids)
     bad = [t for t in base.tasks if not np.array_equal(base.labels[t], cand.labels[t])]
+    if not bad:
+        return (f"the example weights differ (weighted tasks: baseline {sorted(base.weights)}, candidate "
+                f"{sorted(cand.weights)}); weight both sides' held-out examples alike")
     n_bad = int(sum((base.labels[t] != cand.labels[t]).sum() for t in bad))
     return f"the labels differ on {n_bad} examples (tasks {bad}); both sides must use the same held-out labels"
 
@@ -152,7 +156,7 @@ def _model_checks(base: EvalOutputs, cand: EvalOutputs, budget: GateBudget) -> l
     for k, task in enumerate(_tasks(base, budget)):
         y, pa, pb = base.labels[task], base.probs[task], cand.probs[task]
         seed = None if budget.seed is None else budget.seed + 7919 * k
-        boot = dict(n_boot=budget.n_boot, seed=seed, confidence=budget.confidence)
+        boot = dict(n_boot=budget.n_boot, seed=seed, confidence=budget.confidence, weights=base.weights.get(task))
         try:
             checks.append(_ne_check(task, paired_bootstrap(y, pa, pb, "ne", **boot), budget))
             checks.append(_auc_check(task, paired_bootstrap(y, pa, pb, "auc", **boot), budget))
@@ -175,6 +179,20 @@ def _site_results(baseline_report: object, candidate_report: object, budget: Gat
         raise GateInputError(str(exc)) from None
 
 
+def _gate_runs(baseline: object, candidate: object, budget: GateBudget, paired: bool, reports: object) -> GateResult:
+    """Replicate mode from ``gate``: a list of runs a side (one alone is the paired gate's question)."""
+    if not (isinstance(baseline, (list, tuple)) and isinstance(candidate, (list, tuple))):
+        raise GateInputError("give a list of runs on both sides (replicate mode) or one output on each")
+    if reports:
+        raise GateInputError("replicate mode gates NE over runs; probe reports compare one pair: drop them")
+    base = [load_input(f"baseline {k}", b)[0] for k, b in enumerate(baseline)]
+    cand = [load_input(f"candidate {k}", c)[0] for k, c in enumerate(candidate)]
+    try:
+        return gate_replicates(base, cand, budget, paired=paired)
+    except ValueError as exc:
+        raise GateInputError(str(exc)) from None
+
+
 def gate(
     baseline: EvalOutputs | str | os.PathLike,
     candidate: EvalOutputs | str | os.PathLike,
@@ -183,6 +201,7 @@ def gate(
     baseline_report: object = None,
     candidate_report: object = None,
     allow_different_models: bool = False,
+    paired: bool = False,
     **budget_fields,
 ) -> GateResult:
     """Compare ``candidate`` against ``baseline`` on the same examples; see the module docstring.
@@ -194,11 +213,18 @@ def gate(
     ``budget_fields`` override fields of ``budget`` (e.g. ``ne_rel=0.001``). Reports are
     probe reports (path, dict or ProbeReport), both or neither. Raises GateInputError
     when the two cannot be compared.
+
+    Lists of runs on both sides are replicate mode (``loka.gate.replicates``;
+    ``paired=True`` when run j of each side shares its seed and data order).
     """
     try:
         budget = replace(budget or GateBudget(), **budget_fields)
     except TypeError as exc:
         raise GateInputError(f"unknown budget field: {exc}") from None
+    if isinstance(baseline, (list, tuple)) or isinstance(candidate, (list, tuple)):
+        return _gate_runs(baseline, candidate, budget, paired, baseline_report or candidate_report)
+    if paired:
+        raise GateInputError("paired=True pairs lists of runs (baseline j with candidate j); pass a list a side")
     # the cheap checks first, so a bad report fails before a checkpoint is evaluated
     site_results, notes = _site_results(baseline_report, candidate_report, budget)
     base, base_name = load_input("baseline", baseline)
@@ -209,7 +235,9 @@ def gate(
     fp_a, fp_b = base.meta.get("model_fingerprint"), cand.meta.get("model_fingerprint")
     if fp_a and fp_a == fp_b:
         notes.insert(0, f"baseline and candidate have the same model fingerprint {fp_a}: is this the same model?")
+    identical = all(np.array_equal(base.probs[t], cand.probs[t]) for t in _tasks(base, budget))
     return GateResult(
         checks=tuple(checks), n_examples=base.n, confidence=budget.confidence, n_boot=budget.n_boot,
         baseline=base_name, candidate=cand_name, inconclusive_passes=budget.inconclusive_passes, notes=tuple(notes),
+        identical_predictions=identical,
     )  # fmt: skip

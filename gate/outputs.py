@@ -82,16 +82,21 @@ def _uint_dtype(size: int):
 class EvalOutputs:
     """One model's predictions on one held-out set.
 
-    example_ids: [n] int64, unique. labels / probs: {task: [n] float64}, same tasks,
-    labels 0/1, probs in [0, 1]. meta: JSON-able dict; known keys ``model`` (which
-    architecture/config), ``model_fingerprint`` (weights + plan) and ``info``.
-    Build with ``EvalOutputs.build(...)`` to convert tensors and lists.
+    example_ids: [n] int64, unique. labels: {task: [n] float64} 0/1. probs: {task: [n]}
+    in [0, 1], same tasks, float16/32/64 as the model produced them: NE clips them at their
+    dtype's machine epsilon (``loka.gate.stats``), so the dtype is part of the data.
+    meta: JSON-able dict; known keys ``model`` (which architecture/config),
+    ``model_fingerprint`` (weights + plan) and ``info``. weights: {task: [n] float64 >= 0},
+    optional per-example weights (e.g. the inverse of a negative down-sampling rate; empty:
+    every example counts once); part of the eval set, so in ``eval_fingerprint``. Build with
+    ``EvalOutputs.build(...)`` to convert tensors and lists.
     """
 
     example_ids: np.ndarray
     labels: Mapping[str, np.ndarray]
     probs: Mapping[str, np.ndarray]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    weights: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ids = self.example_ids
@@ -111,6 +116,8 @@ class EvalOutputs:
             _check_task_arrays(task, self.labels[task], self.probs[task], ids.size)
         if not isinstance(self.meta, Mapping):
             raise EvalOutputsError("meta must be a dict")
+        for task, w in self.weights.items():
+            _check_weights(task, w, self.labels, ids.size)
 
     @classmethod
     def build(
@@ -122,14 +129,21 @@ class EvalOutputs:
         model: str = "",
         model_fingerprint: str = "",
         info: Mapping[str, Any] | None = None,
+        weights: Mapping[str, object] | None = None,
     ) -> "EvalOutputs":
-        """Convert ids/labels/probs (numpy, torch or lists, each [n]) and validate."""
+        """Convert ids/labels/probs (numpy, torch or lists, each [n]) and validate.
+
+        Probabilities keep their floating dtype (bfloat16 becomes float32, non-float input
+        float64): casting float32 predictions to float64 would clip them at 2.2e-16 instead
+        of float32's 1.2e-7 and overstate the log loss of confident mistakes.
+        """
         meta = {"model": model, "model_fingerprint": model_fingerprint, "info": dict(info or {})}
         return cls(
             example_ids=_to_numpy(example_ids).astype(np.int64).reshape(-1),
             labels={str(t): _to_numpy(v).astype(np.float64).reshape(-1) for t, v in labels.items()},
-            probs={str(t): _to_numpy(v).astype(np.float64).reshape(-1) for t, v in probs.items()},
+            probs={str(t): _as_float(_to_numpy(v)).reshape(-1) for t, v in probs.items()},
             meta=meta,
+            weights={str(t): _to_numpy(v).astype(np.float64).reshape(-1) for t, v in (weights or {}).items()},
         )
 
     @property
@@ -144,7 +158,10 @@ class EvalOutputs:
     def eval_fingerprint(self) -> str:
         """Hash of example ids + labels (in id order): equal iff the same eval set."""
         order = np.argsort(self.example_ids, kind="stable")
-        return fingerprint(self.example_ids[order], {t: self.labels[t][order] for t in self.tasks})
+        parts = [self.example_ids[order], {t: self.labels[t][order] for t in self.tasks}]
+        if self.weights:  # unweighted outputs keep the fingerprint they always had
+            parts.append({t: w[order] for t, w in self.weights.items()})
+        return fingerprint(*parts)
 
     def aligned_to(self, example_ids: np.ndarray) -> "EvalOutputs":
         """The same outputs reordered to ``example_ids`` (which must be the same set)."""
@@ -159,7 +176,7 @@ class EvalOutputs:
         if missing.any():
             raise EvalOutputsError(f"example id {int(example_ids[missing][0])} is missing from these outputs")
         pick = lambda d: {t: v[order] for t, v in d.items()}  # noqa: E731
-        return EvalOutputs(self.example_ids[order], pick(self.labels), pick(self.probs), self.meta)
+        return EvalOutputs(self.example_ids[order], pick(self.labels), pick(self.probs), self.meta, pick(self.weights))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one .npz file (no pickle) at exactly ``path``."""
@@ -173,6 +190,8 @@ class EvalOutputs:
         for task in self.tasks:
             arrays[f"labels.{task}"] = self.labels[task]
             arrays[f"probs.{task}"] = self.probs[task]
+        for task, w in self.weights.items():
+            arrays[f"weights.{task}"] = w
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
@@ -200,6 +219,7 @@ class EvalOutputs:
                 labels={t: arrays[f"labels.{t}"] for t in tasks},
                 probs={t: arrays[f"probs.{t}"] for t in tasks},
                 meta=meta,
+                weights={t: arrays[f"weights.{t}"] for t in tasks if f"weights.{t}" in arrays},
             )
         except KeyError as exc:
             raise EvalOutputsError(f"{path}: array {exc.args[0]} is missing") from None
@@ -210,22 +230,44 @@ class EvalOutputs:
         return out
 
 
+_PROB_DTYPES = (np.float16, np.float32, np.float64)
+
+
 def _to_numpy(x: object) -> np.ndarray:
     if type(x).__module__.startswith("torch"):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in (torch.float16, torch.float32, torch.float64):
+            x = x.float()  # bfloat16 / float8: numpy has no such dtype
+        return x.numpy()
     return np.asarray(x)
 
 
+def _as_float(arr: np.ndarray) -> np.ndarray:
+    """Floating arrays as they are (their dtype decides the log-loss clip); anything else as float64."""
+    return arr if arr.dtype in _PROB_DTYPES else arr.astype(np.float64)
+
+
 def _check_task_arrays(task: str, y: object, p: object, n: int) -> None:
-    for name, arr in (("labels", y), ("probs", p)):
-        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype != np.float64:
-            raise EvalOutputsError(f"{name}[{task!r}] must be a 1-D float64 numpy array; use EvalOutputs.build(...)")
+    for name, arr, dtypes in (("labels", y, (np.float64,)), ("probs", p, _PROB_DTYPES)):
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype not in dtypes:
+            kind = "float64" if name == "labels" else "float16/32/64"
+            raise EvalOutputsError(f"{name}[{task!r}] must be a 1-D {kind} numpy array; use EvalOutputs.build(...)")
         if arr.size != n:
             raise EvalOutputsError(f"{name}[{task!r}] has {arr.size} values for {n} example ids")
     if not np.all((y == 0.0) | (y == 1.0)):
         raise EvalOutputsError(f"labels[{task!r}] must be 0 or 1")
     if not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0:
         raise EvalOutputsError(f"probs[{task!r}] must be finite probabilities in [0, 1]")
+
+
+def _check_weights(task: str, w: object, labels: Mapping[str, np.ndarray], n: int) -> None:
+    if task not in labels:
+        raise EvalOutputsError(f"weights[{task!r}] names no task; tasks are {sorted(labels)}")
+    if not isinstance(w, np.ndarray) or w.ndim != 1 or w.dtype != np.float64 or w.size != n:
+        raise EvalOutputsError(f"weights[{task!r}] must be a 1-D float64 numpy array of {n} values; "
+                               "use EvalOutputs.build(...)")
+    if not np.all(np.isfinite(w)) or w.min() < 0.0 or w.sum() == 0.0:
+        raise EvalOutputsError(f"weights[{task!r}] must be finite, >= 0 and not all zero")
 
 
 def is_eval_outputs_file(path: str | os.PathLike) -> bool:

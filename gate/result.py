@@ -8,6 +8,11 @@ A check compares an interval with a budget:
   examples (or probe samples, for sites) would shrink it enough to decide, from the
   interval's half-width scaling as 1/sqrt(n);
 - ``info``: measured and reported, no budget given.
+
+When the two sides predicted exactly the same probabilities on every example (the same
+model, or a plan that converted nothing), there is no change to judge: the result's
+verdict is ``identical`` (exit 0, nothing was lost) and its table says so instead of
+printing a PASS over intervals of +0.0000%.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from typing import Literal
 
 from loka.jsonio import dumps
 
-Verdict = Literal["pass", "regression", "inconclusive", "info"]
-PASS, REGRESSION, INCONCLUSIVE, INFO = "pass", "regression", "inconclusive", "info"
+Verdict = Literal["pass", "regression", "inconclusive", "info", "identical"]
+PASS, REGRESSION, INCONCLUSIVE, INFO, IDENTICAL = "pass", "regression", "inconclusive", "info", "identical"
 EXIT_PASS, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class Check:
     """One compared quantity. ``estimate``/``ci_*`` are the candidate-minus-baseline change
-    (relative for NE, absolute otherwise; for sites the candidate's error itself)."""
+    (relative for NE, absolute otherwise; for sites the candidate's error itself).
+    ``n`` / ``n_needed`` count examples, probe samples (sites) or runs (``unit``,
+    e.g. " pairs" for paired replicates)."""
 
     name: str
     kind: Literal["model", "site"]
@@ -41,6 +48,7 @@ class Check:
     n_needed: int | None = None
     relative: bool = False
     note: str = ""
+    unit: str = ""  # what n counts when not examples: " probe samples", " pairs", " runs a side"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -86,12 +94,15 @@ class GateResult:
     candidate: str
     inconclusive_passes: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    identical_predictions: bool = False  # both sides predicted the same probabilities everywhere
 
     @property
     def verdict(self) -> Verdict:
         verdicts = {c.verdict for c in self.checks}
         if REGRESSION in verdicts:
             return REGRESSION
+        if self.identical_predictions:
+            return IDENTICAL
         if INCONCLUSIVE in verdicts:
             return INCONCLUSIVE
         return PASS
@@ -118,6 +129,7 @@ class GateResult:
             "confidence": self.confidence,
             "n_boot": self.n_boot,
             "inconclusive_passes": self.inconclusive_passes,
+            "identical_predictions": self.identical_predictions,
             "notes": list(self.notes),
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -126,6 +138,14 @@ class GateResult:
         """Strict JSON (non-finite floats written as "inf" / "-inf" / "nan")."""
         return dumps(self.to_dict(), indent=indent)
 
+    def _advice(self) -> str:
+        """What would decide the inconclusive checks: more examples, probe samples, runs or pairs."""
+        units = {c.unit or (" probe samples" if c.kind == "site" else "") for c in self.checks if c.verdict == INCONCLUSIVE}
+        more = {"": "evaluate on more examples", " probe samples": "probe more samples",
+                " pairs": "train more baseline/candidate pairs (same seed and data order within a pair)",
+                " runs a side": "train more runs a side (or pair the runs: --paired)"}
+        return "; ".join(more.get(u, f"add{u}") for u in sorted(units)) + " (see 'need n=')"
+
     def table(self) -> str:
         """Readable summary: one row per check with its interval, budget and verdict."""
         pct = round(self.confidence * 100)
@@ -133,6 +153,8 @@ class GateResult:
             f"loka gate: {self.verdict.upper()}  baseline={self.baseline}  candidate={self.candidate}  "
             f"({self.n_examples} examples, paired bootstrap {pct}% CI, {self.n_boot} resamples)"
         )
+        if self.verdict == IDENTICAL:
+            return "\n".join([head, "", _IDENTICAL_TEXT.format(n=self.n_examples)] + [f"note: {n}" for n in self.notes])
         rows = [("check", "baseline", "candidate", "change", f"{pct}% CI", "budget", "verdict")]
         quiet_sites = [c for c in self.checks if c.kind == "site" and c.verdict in (PASS, INFO)]
         quiet_ids = {id(c) for c in quiet_sites}
@@ -161,10 +183,17 @@ class GateResult:
         lines += [f"note: {n}" for n in self.notes]
         if self.verdict == INCONCLUSIVE:
             lines.append(
-                "inconclusive: an interval straddles its budget; evaluate on more examples "
-                "(see 'need n=') or accept with inconclusive_passes / --allow-inconclusive."
+                f"inconclusive: an interval straddles its budget; {self._advice()} "
+                "or accept with inconclusive_passes / --allow-inconclusive."
             )
         return "\n".join(lines)
+
+
+_IDENTICAL_TEXT = (
+    "no verdict: baseline and candidate predicted identical probabilities on all {n} examples, so there is "
+    "no change to gate. Are they the same model? (A plan that keeps every site in bf16 converts nothing; "
+    "check the candidate is the model you meant to test.)"
+)
 
 
 def _num(v: float) -> str:
@@ -182,8 +211,8 @@ def _delta(v: float, c: Check) -> str:
 def _verdict_text(c: Check) -> str:
     text = c.verdict.upper() if c.verdict in (REGRESSION, INCONCLUSIVE) else c.verdict
     if c.verdict == INCONCLUSIVE:
-        unit = " probe samples" if c.kind == "site" else ""
-        text += f" (need n={c.n_needed}{unit})" if c.n_needed else " (estimate on the budget)"
+        unit = c.unit or (" probe samples" if c.kind == "site" else "")
+        text += f" (need n={c.n_needed}{unit})" if c.n_needed else ("" if c.note else " (estimate on the budget)")
     if c.note:
         text += f" [{c.note}]"
     return text

@@ -12,6 +12,10 @@ Metrics (``labels`` are 0/1 click labels, ``probs`` predicted probabilities, sha
 - ``auc``: probability that a random positive scores above a random negative (ties 1/2).
 - ``calibration``: sum of predicted probabilities / number of positives (1.0 is ideal).
 
+Each takes optional ``weights`` [n] >= 0 (e.g. the inverse of a negative down-sampling
+rate): every sum above becomes a weighted sum, as scikit-learn's ``sample_weight`` does
+(``log_loss``, ``roc_auc_score``; tests/gate/test_stats_sklearn.py agrees to 1e-12).
+
 Log loss is undefined at p in {0, 1}, so predictions are clipped to ``[eps, 1 - eps]``
 with ``eps`` the machine epsilon of the dtype the predictions arrive in (float64:
 2.2e-16, float32: 1.2e-7), the rule scikit-learn's ``log_loss`` uses. A fixed, larger
@@ -62,6 +66,18 @@ def _as_probs(probs: object, n: int, name: str = "probs") -> np.ndarray:
     return p
 
 
+def _as_weights(weights: object, n: int) -> np.ndarray:
+    """Sample weights [n] (ones when None): finite, >= 0, not all zero."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"weights has {w.shape[0]} values but labels have {n}; give one weight per example")
+    if not np.all(np.isfinite(w)) or w.min() < 0.0 or w.sum() == 0.0:
+        raise ValueError("weights must be finite, >= 0 and not all zero (one weight per example)")
+    return w
+
+
 def _check_probs_range(p: np.ndarray, name: str = "probs") -> None:
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError(f"{name} must be probabilities in [0, 1]; apply a sigmoid to logits first")
@@ -89,45 +105,48 @@ def _log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
 # ----------------------------------------------------------------- point metrics
 
 
-def normalized_entropy(labels: object, probs: object, eps: float | None = None) -> float:
-    """NE = mean log loss / entropy of the base rate. labels, probs: [n]. Lower is better.
+def normalized_entropy(labels: object, probs: object, eps: float | None = None, weights: object = None) -> float:
+    """NE = mean log loss / entropy of the base rate. labels, probs, weights: [n]. Lower is better.
 
     ``eps``: clip of the predictions; default the machine epsilon of their dtype.
+    ``weights``: per-example weights (means and the base rate become weighted).
     """
     eps = clip_eps(probs) if eps is None else eps
     y = _as_labels(labels)
     p = _as_probs(probs, y.size)
+    w = _as_weights(weights, y.size)
     _check_probs_range(p)
-    base_rate = y.mean()
-    if base_rate in (0.0, 1.0):
+    base_rate = (w * y).sum() / w.sum()
+    if (w * y).sum() == 0.0 or (w * (1.0 - y)).sum() == 0.0:
         raise ValueError("NE needs both positive and negative labels; the eval set has only one class")
-    return float(_log_loss(y, p, eps).mean() / _binary_entropy(base_rate))
+    return float((w * _log_loss(y, p, eps)).sum() / w.sum() / _binary_entropy(base_rate))
 
 
-def calibration(labels: object, probs: object) -> float:
-    """sum(probs) / sum(labels): 1.0 is calibrated, > 1 over-predicts. labels, probs: [n]."""
+def calibration(labels: object, probs: object, weights: object = None) -> float:
+    """sum(w p) / sum(w y): 1.0 is calibrated, > 1 over-predicts. labels, probs, weights: [n]."""
     y = _as_labels(labels)
     p = _as_probs(probs, y.size)
+    w = _as_weights(weights, y.size)
     _check_probs_range(p)
-    if y.sum() == 0:
+    if (w * y).sum() == 0:
         raise ValueError("calibration needs at least one positive label")
-    return float(p.sum() / y.sum())
+    return float((w * p).sum() / (w * y).sum())
 
 
-def _placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
-    """DeLong placement values: for a positive, the share of negatives it beats (ties 1/2);
-    for a negative, the share of positives that beat it. Returns ([n], auc)."""
-    n_pos = y.sum()
-    n_neg = y.size - n_pos
+def _placements(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """DeLong placement values: for a positive, the (weighted) share of negatives it beats
+    (ties 1/2); for a negative, the share of positives that beat it. Returns ([n], auc)."""
+    n_pos = (w * y).sum()
+    n_neg = (w * (1.0 - y)).sum()
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs both positive and negative labels; the eval set has only one class")
     order = np.argsort(scores, kind="stable")
     s_sorted = scores[order]
-    y_sorted = y[order]
+    y_sorted, w_sorted = y[order], w[order]
     # tie groups in sorted order
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
-    pos_g = np.add.reduceat(y_sorted, starts)
-    neg_g = np.add.reduceat(1.0 - y_sorted, starts)
+    pos_g = np.add.reduceat(w_sorted * y_sorted, starts)
+    neg_g = np.add.reduceat(w_sorted * (1.0 - y_sorted), starts)
     neg_below = np.cumsum(neg_g) - neg_g  # negatives strictly lower than the group
     pos_above = n_pos - np.cumsum(pos_g)  # positives strictly higher than the group
     group_of = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, s_sorted.size]))
@@ -140,11 +159,11 @@ def _placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
     return placement, auc_value
 
 
-def auc(labels: object, scores: object) -> float:
-    """Area under the ROC curve from ranks (ties count 1/2). labels, scores: [n]."""
+def auc(labels: object, scores: object, weights: object = None) -> float:
+    """Area under the ROC curve from ranks (ties count 1/2). labels, scores, weights: [n]."""
     y = _as_labels(labels)
     s = _as_probs(scores, y.size, "scores")
-    return _placements(y, s)[1]
+    return _placements(y, s, _as_weights(weights, y.size))[1]
 
 
 # ----------------------------------------------------------------- paired bootstrap
@@ -155,7 +174,8 @@ class BootstrapResult:
     """Paired difference b - a of one metric with a bootstrap confidence interval.
 
     ``diff = value_b - value_a`` and ``rel_diff = diff / value_a``; ``ci_*`` bound
-    ``diff`` and ``rel_ci_*`` bound ``rel_diff`` at ``confidence``. ``diff_se`` and
+    ``diff`` and ``rel_ci_*`` bound ``rel_diff`` at ``confidence`` (the relative ones are
+    NaN when the baseline's value is 0, e.g. an AUC of 0). ``diff_se`` and
     ``rel_se`` are the bootstrap standard errors (they shrink as 1/sqrt(n)).
     """
 
@@ -180,8 +200,8 @@ class BootstrapResult:
         return dict(self.__dict__)
 
 
-def _ne_columns(y, pa, pb, eps_a, eps_b):
-    cols = np.stack([np.ones_like(y), y, _log_loss(y, pa, eps_a), _log_loss(y, pb, eps_b)], axis=1)
+def _ne_columns(y, w, pa, pb, eps_a, eps_b):
+    cols = w[:, None] * np.stack([np.ones_like(y), y, _log_loss(y, pa, eps_a), _log_loss(y, pb, eps_b)], axis=1)
 
     def values(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = _binary_entropy(s[:, 1] / s[:, 0])
@@ -190,16 +210,16 @@ def _ne_columns(y, pa, pb, eps_a, eps_b):
     return cols, values
 
 
-def _calibration_columns(y, pa, pb, eps_a, eps_b):
-    cols = np.stack([y, pa, pb], axis=1)
+def _calibration_columns(y, w, pa, pb, eps_a, eps_b):
+    cols = w[:, None] * np.stack([y, pa, pb], axis=1)
     return cols, lambda s: (s[:, 1] / s[:, 0], s[:, 2] / s[:, 0])
 
 
-def _auc_columns(y, pa, pb, eps_a, eps_b):
-    place_a, auc_a = _placements(y, pa)
-    place_b, auc_b = _placements(y, pb)
-    neg = 1.0 - y
-    cols = np.stack([y, neg, y * place_a, neg * place_a, y * place_b, neg * place_b], axis=1)
+def _auc_columns(y, w, pa, pb, eps_a, eps_b):
+    place_a, auc_a = _placements(y, pa, w)
+    place_b, auc_b = _placements(y, pb, w)
+    pos, neg = w * y, w * (1.0 - y)
+    cols = np.stack([pos, neg, pos * place_a, neg * place_a, pos * place_b, neg * place_b], axis=1)
 
     def values(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # linearised AUC of a resample: mean placement of its positives + of its negatives - AUC
@@ -262,26 +282,29 @@ def paired_bootstrap(
     seed: int | None = None,
     confidence: float = 0.95,
     max_units: int = 20_000,
+    weights: object = None,
 ) -> BootstrapResult:
-    """Paired bootstrap CI of metric(b) - metric(a) on the same examples. labels, probs_*: [n].
+    """Paired bootstrap CI of metric(b) - metric(a) on the same examples. labels, probs_*, weights: [n].
 
     Percentile intervals from ``n_boot`` resamples of the examples (or of ``max_units``
-    random groups of them when n is larger; see the module docstring).
+    random groups of them when n is larger; see the module docstring). A weighted
+    example is resampled whole, with its weight.
     """
     _check_bootstrap_args(metric, n_boot, confidence, max_units)
     y = _as_labels(labels)
     eps_a, eps_b = clip_eps(probs_a), clip_eps(probs_b)
     pa = _as_probs(probs_a, y.size, "probs_a")
     pb = _as_probs(probs_b, y.size, "probs_b")
+    w = _as_weights(weights, y.size)
     if metric != "auc":
         _check_probs_range(pa, "probs_a")
         _check_probs_range(pb, "probs_b")
     if metric == "ne":
-        value_a, value_b = normalized_entropy(y, pa, eps_a), normalized_entropy(y, pb, eps_b)
+        value_a, value_b = normalized_entropy(y, pa, eps_a, w), normalized_entropy(y, pb, eps_b, w)
     else:
-        value_a, value_b = _POINT[metric](y, pa), _POINT[metric](y, pb)
+        value_a, value_b = _POINT[metric](y, pa, w), _POINT[metric](y, pb, w)
     rng = np.random.default_rng(seed)
-    cols, values = _COLUMNS[metric](y, pa, pb, eps_a, eps_b)
+    cols, values = _COLUMNS[metric](y, w, pa, pb, eps_a, eps_b)
     units = _group_units(cols, max_units, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         boot_a, boot_b = values(_resampled_sums(units, n_boot, rng))
@@ -289,20 +312,23 @@ def paired_bootstrap(
         rel = diff / boot_a
     # a resample with no positive (or no negative) has no NE/AUC: the interval is conditional
     # on both classes being present, and refused when that condition is itself unlikely
-    keep = np.isfinite(diff) & np.isfinite(rel)
+    keep = np.isfinite(diff)
     if keep.mean() < 0.5:
         raise ValueError(
             f"{metric}: {int((~keep).sum())} of {n_boot} resamples had a single class; "
             f"the eval set ({int(y.sum())} positives of {y.size}) is too small to give an interval"
         )
     lo, hi, se = _interval(diff[keep], confidence)
-    rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence)
+    # a baseline of exactly 0 (AUC of a fully inverted ranking, calibration of all-zero
+    # predictions) has an absolute change but no relative one: NaN, not an error
+    rel_defined = value_a != 0.0 and bool(np.isfinite(rel[keep]).all())
+    rel_lo, rel_hi, rel_se = _interval(rel[keep], confidence) if rel_defined else (np.nan, np.nan, np.nan)
     return BootstrapResult(
         metric=metric,
         value_a=value_a,
         value_b=value_b,
         diff=value_b - value_a,
-        rel_diff=(value_b - value_a) / value_a,
+        rel_diff=(value_b - value_a) / value_a if rel_defined else float("nan"),
         ci_lo=lo,
         ci_hi=hi,
         rel_ci_lo=rel_lo,

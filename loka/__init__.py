@@ -7,15 +7,22 @@ It sits on top of every layer yet is executed first whenever any ``loka.*`` modu
 imported, so it binds only the core names eagerly (formats, recipes, quantize,
 Float8Linear, convert) and resolves the upper ones (``Probe``, ``plan``, ``gate``, ...)
 on first access through :func:`__getattr__`. ``import loka`` therefore loads the core
-alone, and no core module ever needs an upper one. ``loka.gate`` is the package
-``loka.gate``, callable as ``loka.gate(baseline, candidate, ...)``.
+alone, and no core module ever needs an upper one. The upper packages are attributes
+too (``loka.mods``, ``loka.probe``, ``loka.dispatch``, ``loka.models``, ``loka.gate``),
+imported on first access.
+
+``loka.quantize``, ``loka.convert`` and ``loka.gate`` are the modules themselves, callable
+as their main function (``loka.quantize(x, "e4m3")``, ``loka.convert(model, plan)``,
+``loka.gate(baseline, candidate)``), so ``loka.quantize.fake_quantize`` works as well.
 """
 
 import importlib
 
 from loka import convert as _convert_module
+from loka import quantize  # the module, callable as its quantize function (loka.callable_module)
+from loka.callable_module import make_callable
 from loka.nn import Float8Linear
-from loka.quantize import dequantize, quantize
+from loka.quantize import dequantize
 from loka.recipe import Recipe
 
 __version__ = "0.1.0"
@@ -30,11 +37,13 @@ _LAZY = {
     "apply_mods": ("loka.mods", "apply_all"),
     "EvalOutputs": ("loka.gate", "EvalOutputs"),
 }
+# Upper-layer packages, reachable as attributes (``loka.mods.MODS``) without importing them first.
+_SUBPACKAGES = ("probe", "mods", "dispatch", "models", "gate")
 
 
 def __getattr__(name: str):
-    if name == "gate":  # the package itself, callable (see loka/gate/__init__.py)
-        return importlib.import_module("loka.gate")
+    if name in _SUBPACKAGES:  # loka.gate is the package itself, callable (see gate/__init__.py)
+        return importlib.import_module(f"loka.{name}")
     if name in _LAZY:
         module, attribute = _LAZY[name]
         value = getattr(importlib.import_module(module), attribute)
@@ -43,7 +52,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loka' has no attribute {name!r}")
 
 
-def convert(model, recipe="tensorwise", *, plan=None, **options):
+def _convert(model, recipe="tensorwise", *, plan=None, **options):
     """Swap a model's Linear sites for ``Float8Linear``, by a recipe or by a plan.
 
     ``loka.convert(model, "rowwise")``: every Linear (``module_filter_fn``, ``kernels``,
@@ -65,8 +74,13 @@ def convert(model, recipe="tensorwise", *, plan=None, **options):
     return __getattr__("apply_plan")(model, plan, **options)
 
 
+# ``loka.convert`` is the module ``loka.convert`` (``loka.convert.ConvertResult``), callable as the
+# function above, which also routes a plan to loka.dispatch.apply_plan.
+convert = make_callable("loka.convert", _convert)
+
+
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | {"gate"})
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [

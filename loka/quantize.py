@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from loka.callable_module import make_callable
 from loka.formats import Float8Format, get_format
 from loka.recipe import GRANULARITIES, OperandRecipe
 
@@ -276,3 +277,5 @@ def fraction_underflow_saturate(x: torch.Tensor, op: OperandRecipe) -> tuple[flo
     sat = int(((y > f.max) & finite).sum())
     return under / n, sat / n
 
+
+make_callable(__name__, quantize)  # loka.quantize(x, ...) is quantize(x, ...); loka.quantize.<name> the module's

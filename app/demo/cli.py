@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fp8", default="auto", choices=("auto", "plan", "safe-sites"),
                    help="FP8 model trained next to bf16: the plan; every accuracy-safe site; auto = the plan "
                         "unless it keeps everything in bf16")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer steps and held-out examples where not given (CPU: warm 60, probe 12, continue 30, "
+                        "eval 16384): a shorter run on a slow or busy machine; the gate may then be inconclusive")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -40,7 +43,8 @@ def _run_ranker(args: argparse.Namespace) -> int:
     given = {"warm_steps": args.warm_steps, "probe_steps": args.probe_steps, "continue_steps": args.continue_steps,
              "eval_examples": args.eval_examples}
     try:
-        cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8, **given)
+        cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8,
+                         quick=args.quick, **given)
     except ValueError as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback

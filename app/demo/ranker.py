@@ -7,8 +7,12 @@
 Each stage prints what it decided and why; the end prints the summary a model
 owner reads: sites with verdicts and reasons, chosen kernels, expected and
 measured speedup, and NE bf16 vs FP8 with its paired interval. On CPU the
-``small`` ranker runs in a few minutes; timings there are not representative
-of GPU speed and are labelled so. With a CUDA device the ``base`` size is used.
+``small`` ranker takes about 40 s of CPU time on one thread (README); its wall clock
+grows with the machine's load (31 min on a 2-core machine shared with other jobs), so
+the demo says before its slow stages how long they will take at the pace it measured,
+and ``quick=True`` (``loka demo --quick``) runs fewer steps and examples. Timings on
+CPU are not representative of GPU speed and are labelled so. With a CUDA device the
+``base`` size is used.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ STEPS_BY_DEVICE = {
     "cpu": dict(warm_steps=150, probe_steps=24, continue_steps=100, eval_examples=65_536),
     "cuda": dict(warm_steps=300, probe_steps=40, continue_steps=200, eval_examples=262_144),
 }
+# --quick: the same stages with fewer steps and examples (the gate may then be inconclusive).
+QUICK_STEPS_BY_DEVICE = {
+    "cpu": dict(warm_steps=60, probe_steps=12, continue_steps=30, eval_examples=16_384),
+    "cuda": dict(warm_steps=100, probe_steps=20, continue_steps=60, eval_examples=65_536),
+}
 FP8_MODES = ("auto", "plan", "safe-sites")
 
 
@@ -55,7 +64,8 @@ class DemoConfig:
 
     ``fp8``: which FP8 model trains next to bf16 -- ``"plan"`` (the plan, even if it keeps
     everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.app.demo.fp8``),
-    or ``"auto"`` (the plan, unless it converts nothing).
+    or ``"auto"`` (the plan, unless it converts nothing). ``quick``: the steps and examples
+    not given come from ``QUICK_STEPS_BY_DEVICE`` (a shorter run for a slow or busy machine).
     """
 
     size: str = "auto"
@@ -71,6 +81,7 @@ class DemoConfig:
     fp8: str = "auto"
     seed: int = 0
     progress: bool = True
+    quick: bool = False
 
     def __post_init__(self) -> None:
         for name in ("warm_steps", "probe_steps", "probe_every", "continue_steps", "batch_size", "eval_examples",
@@ -88,7 +99,8 @@ class DemoConfig:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         size = SIZES_BY_DEVICE[device] if self.size == "auto" else self.size
-        steps = {k: v for k, v in STEPS_BY_DEVICE[device].items() if getattr(self, k) is None}
+        defaults = (QUICK_STEPS_BY_DEVICE if self.quick else STEPS_BY_DEVICE)[device]
+        steps = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return replace(self, device=device, size=size, **steps)
 
 
@@ -238,6 +250,18 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
                "Try a larger ranker (--size large) or batch."))
 
 
+def pace_line(cfg: DemoConfig, warm_seconds: float) -> str:
+    """How long the slow stages will take at the pace stage 1 ran, and how to make them shorter."""
+    per_step = warm_seconds / cfg.warm_steps
+    # both branches take continue_steps each; the FP8 branch is emulated on CPU, so at least as slow
+    at_least = 2 * cfg.continue_steps * per_step
+    shorter = ("`loka demo --quick`, or fewer --continue-steps / --eval-examples" if not cfg.quick
+               else "fewer --continue-steps / --eval-examples")
+    return (f"(at this machine's pace in stage 1, {per_step:.2f} s a step, these {2 * cfg.continue_steps} steps take "
+            f"at least {at_least / 60:.1f} min, then the gate scores {cfg.eval_examples:,} examples twice; "
+            f"a shorter run: {shorter})")
+
+
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
     """Stage 6: continue from the warm weights on the same data (fresh optimizers on both branches)."""
 
@@ -338,6 +362,7 @@ def run(cfg: DemoConfig | None = None) -> dict:
     label = "FP8 plan" if fp8.kind == "plan" else "FP8 (accuracy-safe sites)"
     stages.start(f"6. continue training {cfg.continue_steps} steps: bf16 and {label} side by side, same data")
     print("(bf16 = the modded model unconverted; the mods are exact, so FP8 is the only difference)")
+    print(pace_line(cfg, stages.seconds[next(iter(stages.seconds))]))
     bf16_run = continue_training(modded_bf16, cfg, "bf16")
     fp8_run = continue_training(modded, cfg, "fp8")
 

@@ -110,7 +110,8 @@ def ne_lines(gate_result, eval_examples: int) -> list[str]:
         lines.append(line)
     meaning = {"pass": "FP8 stays within the NE budget on every task",
                "regression": "FP8 costs more NE than the budget allows on some task: do not ship this FP8 model",
-               "inconclusive": "the held-out set is too small to tell; evaluate on more examples"}
+               "inconclusive": "the held-out set is too small to tell; evaluate on more examples",
+               "identical": "FP8 and bf16 predicted exactly the same: nothing ran in FP8"}
     lines.append(f"gate: {gate_result.verdict} ({meaning.get(gate_result.verdict, '')}; details in gate.json). "
                  "The intervals cover the held-out sample only, not run-to-run training variation.")
     return lines

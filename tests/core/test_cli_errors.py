@@ -54,7 +54,7 @@ def test_debug_shows_the_traceback(files):
 def test_the_installed_command_exits_2_with_one_line(files):
     """The real entry point, in a fresh process: exit status 2 and one stderr line."""
     run = subprocess.run([sys.executable, "-m", "loka.app.cli", "mods", "show", "--size", "huge"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=3600)  # hang guard only
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 

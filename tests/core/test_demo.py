@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loka.app.demo.ranker import STEPS_BY_DEVICE, DemoConfig
+from loka.app.demo.ranker import QUICK_STEPS_BY_DEVICE, STEPS_BY_DEVICE, DemoConfig, pace_line
 from loka.app.demo.fp8 import convert_safe_sites, modelled_speedup, safe_site_recipes
 from loka.app.demo.summary import ne_lines
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
@@ -25,6 +25,32 @@ def test_config_fills_steps_by_device_and_keeps_given_ones():
     assert cfg.size == "small" and cfg.continue_steps == 7
     assert cfg.warm_steps == STEPS_BY_DEVICE["cpu"]["warm_steps"]
     assert cfg.eval_examples == STEPS_BY_DEVICE["cpu"]["eval_examples"]
+
+
+def test_quick_takes_fewer_steps_and_examples_and_keeps_given_ones():
+    """The demo took 31 min on a busy 2-core machine: --quick is the documented shorter run."""
+    import argparse
+
+    from loka.app.demo.cli import register
+
+    for device in ("cpu", "cuda"):
+        quick, full = QUICK_STEPS_BY_DEVICE[device], STEPS_BY_DEVICE[device]
+        assert set(quick) == set(full) and all(quick[k] < full[k] for k in full)
+    cfg = DemoConfig(device="cpu", quick=True, eval_examples=5000).resolved()
+    assert cfg.continue_steps == QUICK_STEPS_BY_DEVICE["cpu"]["continue_steps"] and cfg.eval_examples == 5000
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers())
+    assert parser.parse_args(["demo", "--quick"]).quick and not parser.parse_args(["demo"]).quick
+
+
+def test_pace_line_says_how_long_the_slow_stages_take_and_how_to_shorten_them():
+    cfg = DemoConfig(device="cpu").resolved()
+    line = pace_line(cfg, warm_seconds=cfg.warm_steps * 1.5)  # 1.5 s a step: a busy machine
+    minutes = 2 * cfg.continue_steps * 1.5 / 60
+    assert "1.50 s a step" in line and f"at least {minutes:.1f} min" in line and "--quick" in line
+    assert f"{cfg.eval_examples:,} examples" in line
+    quick = DemoConfig(device="cpu", quick=True).resolved()
+    assert "--quick" not in pace_line(quick, 10.0) and "--continue-steps" in pace_line(quick, 10.0)
 
 
 @pytest.mark.parametrize("kw, words", [({"fp8": "all"}, "fp8='all' is not valid"),

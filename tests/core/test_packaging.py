@@ -39,7 +39,45 @@ def test_the_facade_exports_the_workflow():
     from loka.probe import Probe
 
     assert loka.Probe is Probe and loka.plan is plan and loka.apply_mods is apply_all
-    assert callable(loka.quantize) and callable(loka.convert)  # functions, not the modules of the same name
+    assert callable(loka.quantize) and callable(loka.convert)  # the modules, callable as their main function
+
+
+_SPELLINGS = """
+import inspect, sys, warnings
+import torch
+import loka
+import loka.convert as convert_module, loka.quantize as quantize_module
+assert loka.quantize is quantize_module and loka.convert is convert_module
+x = torch.randn(8, 32)
+q, s = loka.quantize(x, "e4m3", "rowwise")
+q2, s2 = loka.quantize.quantize(x, "e4m3", "rowwise")
+assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2)
+assert callable(loka.quantize.fake_quantize) and loka.convert.ConvertResult.__name__ == "ConvertResult"
+assert list(inspect.signature(loka.quantize).parameters)[:2] == ["x", "fmt"]
+assert list(inspect.signature(loka.gate).parameters)[:2] == ["baseline", "candidate"]
+assert loka.convert(torch.nn.Sequential(torch.nn.Linear(32, 32)), "tensorwise").converted == ["0"]
+assert "loka.mods" not in sys.modules  # reachable without an import, loaded on first access
+assert loka.mods.__name__ == "loka.mods" and loka.probe.Probe is loka.Probe and loka.models.__name__ == "loka.models"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import loka.kernels, loka.kernels.costmodel
+    assert loka.dispatch.KERNELS is loka.kernels.KERNELS and loka.dispatch.get_kernel("emulated").name == "emulated"
+    from loka.dispatch.costmodel import H100_SXM
+    assert loka.dispatch.costmodel is loka.kernels.costmodel and H100_SXM is loka.kernels.costmodel.H100_SXM
+moved = sorted({str(w.message).split(" moved")[0] for w in caught if w.category is DeprecationWarning})
+assert moved == ["loka.dispatch.KERNELS", "loka.dispatch.costmodel", "loka.dispatch.get_kernel"], moved
+print("ok")
+"""
+
+
+def test_obvious_spellings_work_in_a_fresh_process():
+    """``loka.quantize.fake_quantize`` (the function used to hide the module), ``loka.mods`` without an
+    import, and the names that moved from loka.dispatch to loka.kernels (deprecated aliases)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SPELLINGS], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_loka_gate_is_callable_and_is_gate_gate():

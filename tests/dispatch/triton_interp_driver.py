@@ -20,7 +20,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SKIP_REASON = "runs in the TRITON_INTERPRET=1 subprocess started by this file's test_under_interpreter"
 
 
-def run_file_under_interpreter(test_file: str, min_passed: int, timeout_s: int = 300) -> None:
+def run_file_under_interpreter(test_file: str, min_passed: int, timeout_s: int = 3600) -> None:
     """Run ``test_file``'s tests with TRITON_INTERPRET=1; fail with their output unless >= min_passed pass."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", str(test_file)]

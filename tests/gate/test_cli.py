@@ -169,3 +169,9 @@ def test_malformed_probe_report_is_one_line_and_exit_2(saved, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert message in err and str(bad) in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_same_outputs_on_both_sides_say_so(saved, capsys):
+    assert _run(["--baseline", saved["base"], "--candidate", saved["base"]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("loka gate: IDENTICAL") and "no change to gate" in out and "PASS" not in out

@@ -30,10 +30,23 @@ def test_tiny_change_passes():
     assert {c.verdict for c in r.checks if not c.name.startswith("ne")} == {"info"}
 
 
-def test_identical_outputs_pass_and_note_same_fingerprint():
-    a, _ = synthetic_pair(n=3000)
+def test_identical_outputs_say_so_instead_of_a_verdict():
+    """A plan that converts nothing used to print PASS "+0.0000% [+0.0000%, +0.0000%]"."""
+    a, b = synthetic_pair(n=3000)
     r = gate(a, a)
-    assert r.verdict == "pass" and any("same model fingerprint" in n for n in r.notes)
+    assert r.verdict == "identical" and r.exit_code == 0 and any("same model fingerprint" in n for n in r.notes)
+    table = r.table()
+    assert "IDENTICAL" in table and "identical probabilities on all 3000 examples" in table
+    assert "PASS" not in table and "+0.0000%" not in table
+    assert r.to_dict()["identical_predictions"] is True
+    # other weights, same predictions (e.g. a bf16 plan and a plan that converted nothing)
+    same = EvalOutputs.build(b.example_ids, b.labels, a.probs, model="ranker-a", model_fingerprint="other")
+    assert gate(a, same).verdict == "identical"
+    # one example differs: a real comparison again
+    probs = a.probs["click"].copy()
+    probs[7] = min(probs[7] * 1.001, 1.0)
+    near = EvalOutputs.build(a.example_ids, a.labels, {"click": probs}, model="ranker-a")
+    assert gate(a, near).verdict == "pass"
 
 
 def test_budget_on_the_estimate_is_inconclusive_with_examples_needed():
@@ -101,7 +114,7 @@ def test_different_eval_sets_models_and_labels_are_bad_inputs():
     other_model = EvalOutputs(b.example_ids, b.labels, b.probs, {**b.meta, "model": "ranker-b"})
     with pytest.raises(GateInputError, match="different models"):
         gate(a, other_model)
-    assert gate(a, other_model, allow_different_models=True, **FAST).verdict in ("pass", "regression", "inconclusive")
+    assert gate(a, other_model, allow_different_models=True, **FAST).verdict == "identical"  # noise=0: the same predictions
 
 
 def test_bad_budget_and_missing_file(tmp_path):
@@ -125,7 +138,7 @@ def test_classify_helpers():
 
 
 def test_task_without_positives_is_a_bad_input_that_names_the_way_out():
-    a, b = synthetic_pair(n=2000, tasks=("click", "purchase"))
+    a, b = synthetic_pair(n=2000, tasks=("click", "purchase"), noise=0.002)
     no_pos = {**a.labels, "purchase": np.zeros(a.n)}
     a2 = EvalOutputs(a.example_ids, no_pos, a.probs, a.meta)
     b2 = EvalOutputs(b.example_ids, no_pos, b.probs, b.meta)

@@ -43,7 +43,7 @@ def test_same_checkpoint_passes_against_its_saved_outputs(tmp_path):
     saved = tmp_path / "a.npz"
     load_side("baseline", ckpt, None, FAST_EVAL).save(saved)
     r = gate_checkpoints(str(saved), ckpt, checkpoint_eval=FAST_EVAL, n_boot=200)
-    assert r.verdict == "pass" and all(c.estimate == 0.0 for c in r.checks)
+    assert r.verdict == "identical" and r.exit_code == 0 and all(c.estimate == 0.0 for c in r.checks)
 
 
 def test_checkpoints_of_different_models_exit_2(tmp_path, capsys):

@@ -5,7 +5,8 @@ on held-out synthetic examples three ways:
 
 - **the loka plan**: probe -> plan -> convert as a user runs it on this machine. On CPU
   the plan keeps every GEMM in bf16 (FP8 is emulated here and never faster), so the
-  candidate must pass the default 0.02% NE budget exactly;
+  candidate predicts exactly what the baseline does and the gate must say so
+  (``identical``, exit 0); a plan that converts sites must pass the 0.02% NE budget;
 - **e5m2, no scaling**: every site's forward activations cast to e5m2 with a static
   scale of 1.0 (the issue's example of a harmful plan). On ``tiny`` its NE change is
   small next to the noise of a CPU-sized eval set, so the gate cannot show it is within
@@ -88,10 +89,12 @@ def loka_plan(trained):
 def test_loka_plan_passes(trained, loka_plan):
     model, stream, baseline = trained
     candidate = copy.deepcopy(model)
-    loka.convert(candidate, plan=loka_plan)
+    converted = loka.convert(candidate, plan=loka_plan).converted
     outputs = evaluate(candidate, stream, n_examples=EVAL_EXAMPLES).outputs
     result = gate(baseline, outputs, **FAST)
-    assert result.exit_code == 0 and result.verdict == "pass", result.table() + "\n" + loka_plan.summary()
+    # on CPU the plan keeps every GEMM in bf16: the same predictions, which the gate names as such
+    expected = "pass" if converted else "identical"
+    assert result.exit_code == 0 and result.verdict == expected, result.table() + "\n" + loka_plan.summary()
 
 
 def test_e5m2_without_scaling_is_not_passed(trained):
@@ -126,5 +129,5 @@ def test_cli_checkpoint_with_plan_file_passes(trained, loka_plan, tmp_path, caps
     code = main(argv)  # the loka command wires loka.models' checkpoint evaluation into the gate
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
-    assert f"[{plan_path}]" in out.out and "loka gate: PASS" in out.out
+    assert f"[{plan_path}]" in out.out and ("loka gate: PASS" in out.out or "loka gate: IDENTICAL" in out.out)
 

@@ -109,3 +109,32 @@ def test_load_errors_are_clear(tmp_path):
     np.savez(tampered, **arrays)
     with pytest.raises(EvalOutputsError, match="missing"):
         EvalOutputs.load(tampered)
+
+
+def test_weights_round_trip_enter_the_fingerprint_and_weight_the_gate(tmp_path):
+    from loka.gate import gate
+    from loka.gate.stats import normalized_entropy
+
+    from .helpers import synthetic_pair
+
+    a, b = synthetic_pair(n=3000, noise=0.05)
+    rng = np.random.default_rng(np.random.randint(2**31))
+    w = rng.integers(1, 5, a.n).astype(np.float64)
+    wa = EvalOutputs.build(a.example_ids, a.labels, a.probs, model="ranker-a", weights={"click": w})
+    wb = EvalOutputs.build(b.example_ids, b.labels, b.probs, model="ranker-a", weights={"click": w})
+    wa.save(tmp_path / "a.npz")
+    loaded = EvalOutputs.load(tmp_path / "a.npz")
+    assert np.array_equal(loaded.weights["click"], w) and loaded.eval_fingerprint == wa.eval_fingerprint
+    assert wa.eval_fingerprint != a.eval_fingerprint  # the weights are part of the eval set
+    order = np.random.default_rng(0).permutation(a.n)
+    shuffled = EvalOutputs(wb.example_ids[order], {"click": wb.labels["click"][order]},
+                           {"click": wb.probs["click"][order]}, wb.meta, {"click": w[order]})
+    ne = gate(wa, shuffled, n_boot=200).checks[0]
+    assert ne.baseline == pytest.approx(normalized_entropy(a.labels["click"], a.probs["click"], weights=w), rel=1e-12)
+    assert ne.candidate == pytest.approx(normalized_entropy(b.labels["click"], b.probs["click"], weights=w), rel=1e-12)
+    with pytest.raises(ValueError, match="example weights differ"):
+        gate(wa, b)
+    with pytest.raises(EvalOutputsError, match="not all zero"):
+        EvalOutputs.build(a.example_ids, a.labels, a.probs, weights={"click": np.zeros(a.n)})
+    with pytest.raises(EvalOutputsError, match="names no task"):
+        EvalOutputs.build(a.example_ids, a.labels, a.probs, weights={"buy": w})

@@ -160,3 +160,30 @@ def test_few_positives_drop_single_class_resamples():
     assert 0 < r.n_single_class < 100 and np.isfinite(r.ci_lo) and np.isfinite(r.ci_hi)
     with pytest.raises(ValueError, match="only one class"):
         paired_bootstrap(np.zeros(n), pa, pb, metric="auc")
+
+
+def test_baseline_auc_or_calibration_of_zero_gives_an_absolute_interval():
+    """A baseline of exactly 0 has no relative change; it used to be called a single-class eval set."""
+    rng = np.random.default_rng(np.random.randint(2**31))
+    y, _, pb = _synthetic(rng, 3000)
+    inverted = 1.0 - y * 0.9 - rng.random(y.size) * 0.05  # every negative above every positive: AUC 0
+    r = paired_bootstrap(y, inverted, pb, metric="auc", n_boot=200)
+    assert r.value_a == 0.0 and r.diff == pytest.approx(auc(y, pb), abs=1e-12)
+    assert r.ci_lo <= r.diff <= r.ci_hi and r.ci_lo > 0
+    assert np.isnan(r.rel_diff) and np.isnan(r.rel_ci_lo) and r.n_single_class == 0
+    c = paired_bootstrap(y, np.zeros(y.size), pb, metric="calibration", n_boot=200)
+    assert c.value_a == 0.0 and c.ci_lo <= c.diff <= c.ci_hi and np.isnan(c.rel_diff)
+
+
+def test_gate_reports_a_zero_baseline_calibration():
+    from loka.gate import EvalOutputs, gate
+
+    rng = np.random.default_rng(np.random.randint(2**31))
+    y, _, pb = _synthetic(rng, 3000)
+    ids = np.arange(y.size)
+    base = EvalOutputs.build(ids, {"ctr": y}, {"ctr": np.zeros(y.size)})
+    cand = EvalOutputs.build(ids, {"ctr": y}, {"ctr": pb})
+    res = gate(base, cand, n_boot=200, calibration_abs=0.01)
+    cal = next(c for c in res.checks if c.name == "calibration[ctr]")
+    assert cal.baseline == 0.0 and cal.verdict == "regression"
+    assert "single class" not in res.table()

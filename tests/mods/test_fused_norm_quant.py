@@ -138,5 +138,5 @@ def test_triton_kernel_under_interpreter():
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=3600)  # hang guard only
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

@@ -268,7 +268,7 @@ def test_triton_kernel_trains_under_interpreter():
     gradients bitwise (they depend on dy and the recomputed PyTorch norm, not on the FP8 bytes)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=3600)  # hang guard only
     assert proc.returncode == 0 and proc.stdout.count("OK") == 2, proc.stdout + proc.stderr
 
 
