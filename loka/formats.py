@@ -209,7 +209,7 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> |value|
 def e2m1_codes(x_rounded: torch.Tensor) -> torch.Tensor:
     """uint8 codes of float32 values already on the e2m1 grid (``|x| <= 6``), sign in bit 3.
 
-    NaN has no code: it becomes -0 (code 8), as ml_dtypes' float4_e2m1fn cast does.
+    NaN has no code: it becomes -0 (code 8), as ml_dtypes' float4_e2m1fn cast does for +NaN.
     """
     table = torch.tensor(E2M1_VALUES, device=x_rounded.device)
     mag = torch.searchsorted(table, x_rounded.abs().nan_to_num(0.0).contiguous()).clamp(max=7).to(torch.uint8)
