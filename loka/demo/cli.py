@@ -6,6 +6,7 @@ import argparse
 
 from loka.demo import mlp as demo_mlp
 from loka.demo.ranker import DemoConfig, run
+from loka.devices import target_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fp8", default="auto", choices=("auto", "plan", "safe-sites"),
                    help="FP8 model trained next to bf16: the plan; every accuracy-safe site; auto = the plan "
                         "unless it keeps everything in bf16")
+    p.add_argument("--target", default=None, choices=target_names(),
+                   help="a GPU to probe and plan for (every recipe it runs, FP8 and FP4 side by side; emulated "
+                        "off that GPU); default: this device's recipes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -40,7 +44,8 @@ def _run_ranker(args: argparse.Namespace) -> int:
     given = {"warm_steps": args.warm_steps, "probe_steps": args.probe_steps, "continue_steps": args.continue_steps,
              "eval_examples": args.eval_examples}
     try:
-        cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8, **given)
+        cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8,
+                         target=args.target, **given)
     except ValueError as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback
