@@ -65,7 +65,7 @@ DEVICES: tuple[DeviceCaps, ...] = (
                ("tensorwise_fnuz", "rowwise_fnuz"), ("scaled_mm", "scaled_mm+pad"), "mi300x"),
     DeviceCaps("gfx950", ("mi350x", "mi355x", "gfx950"), ("e4m3", "e5m2", "e2m1"), ("tensorwise", "rowwise", "mx"),
                ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mx", "mxfp8", "mxfp8_floor"),
-               ("scaled_mm", "scaled_mm+pad", "scaled_mm_mx"), "mi300x"),
+               ("scaled_mm", "scaled_mm+pad", "scaled_mm_mx"), "mi350x"),
 )
 _BY_NAME = {n: d for d in DEVICES for n in d.names}
 

@@ -38,6 +38,12 @@ class Nvfp4Scale:
     block: torch.Tensor
     tensor: torch.Tensor
 
+    def copy_(self, other: "Nvfp4Scale") -> "Nvfp4Scale":
+        """Overwrite both scales in place (as ``Tensor.copy_``: a cached FP4 weight refreshed)."""
+        self.block.copy_(other.block)
+        self.tensor.copy_(other.tensor)
+        return self
+
     def block_e4m3(self) -> torch.Tensor:
         """The block scales as torch.float8_e4m3fn (what an NVFP4 kernel takes); exact."""
         return self.block.to(torch.float8_e4m3fn)

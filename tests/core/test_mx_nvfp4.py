@@ -136,3 +136,14 @@ def test_nvfp4_stochastic_rounding_is_unbiased_where_nearest_is_not():
     mean_sr = torch.stack([fake_quantize(x, sr) for _ in range(4000)]).mean(0)[0, 1:]
     assert float(fake_quantize(x, near)[0, 1]) == 0.5
     assert abs(float(mean_sr.mean()) - 0.7) < 0.01  # 60000 draws of a {0.5, 1} variable: sd 0.002
+
+
+def test_cached_fp4_weight_refreshes_in_place():
+    """The weight cache refreshes a frozen FP4 weight in its own storage (data.copy_, scale.copy_)."""
+    w = torch.randn(32, 64)
+    codes, scale = quantize(w, "e2m1", "nvfp4")
+    block, tensor = scale.block, scale.tensor
+    new_codes, new_scale = quantize(w * 3 + 1, "e2m1", "nvfp4")
+    codes.copy_(new_codes)
+    assert scale.copy_(new_scale) is scale and scale.block is block and scale.tensor is tensor
+    assert torch.equal(dequantize(codes, scale), dequantize(new_codes, new_scale))
