@@ -24,7 +24,7 @@ from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
-from loka.devices import resolve_device, target_names
+from loka.devices import detect_target, resolve_device, target_names
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.recipe import RECIPE_NAMES, as_recipe
@@ -90,9 +90,13 @@ def doctor_text(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability(device)
         dev = f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+    target = detect_target(device)
     lines = [
         f"python {platform.python_version()} · " + " · ".join(f"{k} {v or ('none' if k == 'cuda' else 'not installed')}" for k, v in versions.items()),
         f"device: {dev}",
+        (f"target: {target.describe()}, runs {', '.join(target.caps.recipes)} natively (loka/devices.py)"
+         if target else "target: none detected (no GPU of loka/devices.py here); plan for one with "
+                        "`loka plan --device " + "|".join(("b200", "h100", "mi300x")) + "|...`"),
         "",
         f"{'kernel':<22} {'backend':<10} {'recipes':<34} {'status':<12} reason",
     ]

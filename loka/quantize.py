@@ -44,7 +44,6 @@ from eager on ties (the scales do not).
 
 from __future__ import annotations
 
-import math
 
 import torch
 
