@@ -108,7 +108,11 @@ class ProbeConfig:
         if self.capture_rows < 16:
             raise ValueError(f"capture_rows={self.capture_rows} must be >= 16")
         if self.target is not None:
-            get_target(self.target)  # raises naming the devices loka knows
+            caps = get_target(self.target).caps  # raises naming the devices loka knows
+            foreign = [c for c in (*self.candidates, *self.predict) if isinstance(c, str) and not caps.runs(c)]
+            if foreign:
+                raise ValueError(f"candidates {foreign} do not run on {self.target}; use "
+                                 f"ProbeConfig.for_device({self.target!r}) for every recipe it runs")
         if not self.candidates:
             raise ValueError("candidates is empty; name at least one recipe, e.g. ('tensorwise',)")
         for c in (*self.candidates, *self.predict):
@@ -123,6 +127,11 @@ class ProbeConfig:
         for attr in ("include", "exclude"):
             if isinstance(getattr(self, attr), str):
                 raise ValueError(f"{attr} must be a tuple of glob patterns, not one string; write ({getattr(self, attr)!r},)")
+
+    @classmethod
+    def for_device(cls, name: str, **kw) -> "ProbeConfig":
+        """A config that measures every recipe GPU ``name`` runs (``"b200"``, ``"mi300x"``; loka/devices.py)."""
+        return cls(candidates=get_target(name).caps.recipes, target=name, **kw)
 
     def recipes(self) -> list[Recipe]:
         """Candidate recipes as :class:`loka.Recipe` objects (names resolved; bf16 dropped)."""

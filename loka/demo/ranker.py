@@ -152,9 +152,9 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
         return total_loss(task_losses(m(batch), batch))
 
     schedule = SamplingSchedule(warmup=0, every=cfg.probe_every, max_samples=max(3, cfg.probe_steps // cfg.probe_every))
-    per_target = {} if cfg.target is None else {"candidates": get_target(cfg.target).caps.recipes,
-                                                 "target": cfg.target}
-    probe = Probe(work, ProbeConfig(schedule=schedule, seed=cfg.seed, **per_target))
+    config = (ProbeConfig(schedule=schedule, seed=cfg.seed) if cfg.target is None else
+              ProbeConfig.for_device(cfg.target, schedule=schedule, seed=cfg.seed))
+    probe = Probe(work, config)
     workload = Workload(work, stream.batch, loss_fn, name=f"ranker-{cfg.size}")
     train_with_probe(workload, probe, cfg.probe_steps, lr=1e-4, device=cfg.device, autocast=cfg.device == "cuda",
                      progress=cfg.progress)

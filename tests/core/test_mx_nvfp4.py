@@ -167,3 +167,16 @@ def test_stochastically_rounded_gradients_average_to_the_unrounded_ones():
         lin(xi).backward(dy)
         grads.append(xi.grad.double())
     assert rel_error(unrounded, torch.stack(grads).mean(0)) < 0.4 * rel_error(unrounded, nearest)
+
+
+def test_mxfp4_round_up_matches_oracle():
+    """MXFP4 (e2m1 in 1x32 blocks) by the default rule: 2**ceil(log2(fl32(amax * fl32(1/6)))), codes by ml_dtypes."""
+    x = blocks_over_binades(8, 32 * 5, 32)[3:]  # leave out the all-zero and tiny blocks
+    codes, scale = quantize(x, "e2m1", "mx")
+    amax = x.abs().reshape(x.shape[0], -1, 32).amax(-1).numpy().astype(np.float32)
+    prod = (amax.astype(np.float64) * np.float64(np.float32(1 / 6))).astype(np.float32)
+    ref_scale = np.exp2(np.ceil(np.log2(prod.astype(np.float64)))).astype(np.float32)
+    np.testing.assert_array_equal(scale.numpy(), ref_scale)
+    scaled = x.numpy() / np.repeat(ref_scale, 32, axis=1)
+    assert np.abs(scaled).max() <= 6.0  # round_up never saturates
+    np.testing.assert_array_equal(codes.numpy(), scaled.astype(ml_dtypes.float4_e2m1fn).view(np.uint8))

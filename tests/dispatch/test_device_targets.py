@@ -100,3 +100,12 @@ def test_plan_cli_device_b200(tmp_path, capsys):
     assert "for b200 (sm100)" in out and "B200 (spec, not measured)" in out
     doc = json.loads((tmp_path / "plan.json").read_text())
     assert doc["device"]["target"] == "b200"
+
+
+def test_probe_config_for_a_device():
+    from loka.probe import ProbeConfig
+
+    cfg = ProbeConfig.for_device("b200")
+    assert cfg.candidates == get_target("b200").caps.recipes and cfg.target == "b200"
+    with pytest.raises(ValueError, match=r"\['blockwise'\] do not run on b200.*for_device\('b200'\)"):
+        ProbeConfig(candidates=("rowwise", "blockwise"), target="b200")
