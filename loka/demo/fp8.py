@@ -40,14 +40,19 @@ class Fp8Choice:
 
 def runnable_here(plan, device):
     """``plan`` with every FP8 GEMM whose kernel cannot run on ``device`` moved to ``emulated``
-    (same recipe, same numerics: a B200 plan trained on a CPU); the plan itself when all can run."""
+    (same recipe, same numerics: a B200 plan trained on a CPU or an H100), no longer bound to the
+    plan's GPU; the plan itself when all can run."""
     def here(choice):
         if not choice.is_fp8 or KERNELS.get(choice.kernel).available(device):
             return choice
         return replace(choice, kernel="emulated", reason=f"{choice.reason} [emulated here: {choice.kernel} needs "
                                                           f"{plan.device.get('target', 'its GPU')}]")
     sites = [replace(s, gemms={g: here(c) for g, c in s.gemms.items()}) for s in plan.sites]
-    return plan if sites == plan.sites else replace(plan, sites=sites)
+    if sites == plan.sites:
+        return plan
+    # emulated GEMMs run anywhere: the copy is no longer bound to the target's architecture
+    device = {k: v for k, v in plan.device.items() if k not in ("target", "arch")}
+    return replace(plan, sites=sites, device={**device, "emulating": plan.device.get("target", "")})
 
 
 def safe_site_recipes(report, keep: dict[str, str], target: str | None = None) -> dict[str, str]:

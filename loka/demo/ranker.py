@@ -27,7 +27,7 @@ from torch import nn
 
 from loka import mods
 from loka.demo.fp8 import choose_fp8, runnable_here
-from loka.devices import get_target
+from loka.devices import detect_target, get_target
 from loka.dispatch.producers import producer_sites
 from loka.demo.summary import print_summary
 from loka.dispatch import Budget, plan
@@ -216,10 +216,14 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
     """
 
     target = get_target(cfg.target) if cfg.target else None
-    speed = (target.caps.speed_model if target else "h100") if cfg.device == "cpu" else "measured"
-    if cfg.device == "cpu":
+    here = detect_target(cfg.device)
+    speed = "h100" if cfg.device == "cpu" else "measured"
+    if target is not None and (here is None or here.arch != target.arch):  # its kernels do not run here
+        speed = target.caps.speed_model
+    if speed != "measured":
+        why = "CPU timings are not representative" if cfg.device == "cpu" else f"this GPU is not a {cfg.target}"
         print(f"timings: the {speed} speed model for the FP8 kernels {f'{target.name} runs' if target else 'available here'}"
-              " (CPU timings are not representative)")
+              f" ({why})")
     p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep,
              producers=producers, target=target)
     path = p.save(out / "plan.json")

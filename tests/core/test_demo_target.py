@@ -24,6 +24,7 @@ def test_a_b200_plan_runs_emulated_on_a_cpu():
     here = runnable_here(p, "cpu")
     c = here.sites[0].gemms["fprop"]
     assert (c.kernel, c.recipe) == ("emulated", "nvfp4") and "emulated here" in c.reason
+    assert here.device == {"emulating": "b200"}  # runs anywhere now: apply_plan does not refuse it
     assert here.sites[0].gemms["dgrad"] == GemmChoice() and p.sites[0].gemms["fprop"].kernel == "scaled_mm_nvfp4"
     cpu_plan = Plan(sites=[SitePlan("s", 64, 64, 128, {g: GemmChoice("emulated", "rowwise") for g in GEMMS})],
                     budget={})
