@@ -24,6 +24,7 @@ from torch import nn
 
 from loka.convert import ConvertResult, _linears_post_order
 from loka.convert_gemms import Float8Conv1x1, ParamMatmul, attach_matmuls, conv1x1_sites
+from loka.devices import Target, detect_target, get_target, plan_target_problem
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
 from loka.nn import Float8Linear
@@ -119,9 +120,13 @@ def apply_plan(
     on_mismatch: str = "error",
     fallback: str = "hp",
     compile: bool | None = None,
+    target: Target | str | None = None,
 ) -> ConvertResult:
     """Apply ``plan`` (a Plan or a plan JSON path) to ``model`` in place.
 
+    ``target``: the GPU the model will run on (``"h100"``, a loka.devices.Target; default: the
+    model's device, detected). A plan made for another architecture (a B200 plan on an H100) is
+    refused with one :class:`PlanError` line naming both; plans without a recorded target apply.
     ``on_mismatch``: ``"error"`` raises :class:`PlanMismatchError` listing every difference;
     ``"bf16"`` keeps mismatching sites as they are. ``fallback`` is passed to Float8Linear:
     ``"hp"`` (default) runs a GEMM in hp when a run-time shape (e.g. a ragged last batch)
@@ -135,6 +140,9 @@ def apply_plan(
         raise ValueError(f"on_mismatch={on_mismatch!r} is not valid; use 'error' or 'bf16'")
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
+    wrong_device = plan_target_problem(plan.device, _target_of(model, target))
+    if wrong_device:
+        raise PlanError(wrong_device)
     if compile is False:
         warn_uncompiled_casts(plan)
     diffs = plan_differences(model, plan)
@@ -169,6 +177,15 @@ def apply_plan(
     for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
         result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     return result
+
+
+def _target_of(model: nn.Module, target: Target | str | None) -> Target | None:
+    if isinstance(target, str):
+        return get_target(target)
+    if target is not None:
+        return target
+    param = next(model.parameters(), None)
+    return detect_target(param.device) if param is not None else None
 
 
 def warn_uncompiled_casts(plan: Plan) -> list[str]:

@@ -2,7 +2,8 @@
 
     loka doctor [--device cuda]
     loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
-              [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json] [--producers producers.json]
+              [--speed-model h100|h200|b200|mi300x|mi350x|measured] [--keep-bf16 keep_bf16.json]
+              [--producers producers.json] [--device b200|mi300x|h100|...|cuda|cpu]
               [--bf16-step-ms 41.5]   (the plan then states its predicted step speed-up)
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
     loka bench-kernels --shape 8192,512,512 [--recipes rowwise,tensorwise] [--device cuda] [--refresh]
@@ -23,7 +24,9 @@ from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
+from loka.devices import detect_target, resolve_device, target_names
 from loka.kernels import KERNELS
+from loka.kernels.costmodel import DEVICE_MODELS
 from loka.recipe import RECIPE_NAMES, as_recipe
 
 
@@ -41,9 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
     p.add_argument("--out", required=True, help="where to write plan.json")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
-    p.add_argument("--speed-model", choices=("h100", "h200", "measured"), default=None,
-                   help="rank kernels by that GPU's speed model at every site (h100, h200: plan for a GPU not at "
-                        "hand, e.g. on CPU), or 'measured' (= --measure); default: the report's timings")
+    p.add_argument("--speed-model", choices=(*DEVICE_MODELS, "measured"), default=None,
+                   help="rank kernels by that GPU's speed model at every site (plan for a GPU not at hand, e.g. on "
+                        "CPU; b200, mi300x, mi350x are spec, not measured), or 'measured' (= --measure); default: the "
+                        "report's timings, or the --device target's speed model when planning away from it")
     p.add_argument("--keep-bf16", default=None, metavar="JSON",
                    help="JSON file {site: reason} of sites a policy keeps in bf16 (the demo writes keep_bf16.json)")
     p.add_argument("--bf16-step-ms", type=float, default=None, metavar="MS",
@@ -53,7 +57,10 @@ def register(subparsers) -> None:
                    help="JSON file {site: norm_quant|compiled_cast} of sites whose fprop input arrives in FP8 from "
                         "its producer (loka.dispatch.producers.producer_sites writes it); priced without that cast")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
-    p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="the device the plan is for: a GPU name (" + ", ".join(target_names()) + "), whose recipes "
+                        "and kernels alone are planned, or a torch device (default: cuda if available, its GPU "
+                        "detected)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
     p.add_argument("--m-buckets", default=None, help="serving plan: comma-separated batch sizes, e.g. 1,64,512")
@@ -83,9 +90,13 @@ def doctor_text(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability(device)
         dev = f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+    target = detect_target(device)
     lines = [
         f"python {platform.python_version()} · " + " · ".join(f"{k} {v or ('none' if k == 'cuda' else 'not installed')}" for k, v in versions.items()),
         f"device: {dev}",
+        (f"target: {target.describe()}, runs {', '.join(target.caps.recipes)} natively (loka/devices.py)"
+         if target else "target: none detected (no GPU of loka/devices.py here); plan for one with "
+                        "`loka plan --device " + "|".join(("b200", "h100", "mi300x")) + "|...`"),
         "",
         f"{'kernel':<22} {'backend':<10} {'recipes':<34} {'status':<12} reason",
     ]
@@ -129,9 +140,10 @@ def _plan(args) -> int:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
         producers = _site_map(args.producers, "--producers", "norm_quant") if args.producers else None
-        p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
+        device, target = resolve_device(args.device)
+        p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=device,
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
-                 producers=producers)
+                 producers=producers, target=target)
         if args.bf16_step_ms is not None:
             p = with_predicted_step(p, args.bf16_step_ms, "given on the command line (--bf16-step-ms)")
     except (ValueError, TypeError) as exc:

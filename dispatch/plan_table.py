@@ -24,8 +24,9 @@ def plan_table(plan) -> str:
     """One row per site: shape, choice per GEMM, expected speedup, and why; then totals and notes."""
     t = plan.totals()
     dev = plan.device or {}
+    target = f", for {dev['target']} ({dev['arch']})" if dev.get("target") else ""
     lines = [
-        f"# loka plan ({len(plan.sites)} sites, device: {dev.get('name', 'unknown')}, solver: {plan.solver})",
+        f"# loka plan ({len(plan.sites)} sites{target}, device: {dev.get('name', 'unknown')}, solver: {plan.solver})",
         "",
     ]
     if dev.get("source") == "model":

@@ -28,6 +28,7 @@ from loka.dispatch.microbench import combine_buckets, model_timings, time_servin
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producer_pricing import CastPricer, check_producers, producer_feeds
 from loka.dispatch.solver import Option, solve
+from loka.devices import Target, detect_target, get_target
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.reader import GemmError, SiteInfo, report_sites
@@ -68,6 +69,7 @@ def plan(
     keep_bf16: dict[str, str] | None = None,
     speed_model: str | None = None,
     producers: dict[str, str] | None = None,
+    target: Target | str | None = None,
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -86,10 +88,23 @@ def plan(
     arrive in FP8 from the op that produces it (``loka.dispatch.producers.producer_sites``);
     their FP8 candidates are priced without that cast (loka.dispatch.producer_pricing) and a
     site whose chosen fprop takes it records ``producer`` in the plan.
+    ``target``: the device the plan is for (``"b200"``, ``"mi300x"``, a loka.devices.Target; default:
+    ``device``'s, detected). Only the recipes and kernels it runs natively (loka/devices.py) are
+    planned, and the plan records it. A target that is not ``device`` (planning for a B200 on a
+    CPU) is priced by its speed model unless timings are given, and its kernels are not asked
+    whether they run here.
     """
     budget = budget or Budget()
+    target = get_target(target) if isinstance(target, str) else (target or detect_target(device))
+    here = detect_target(device)
+    remote = target is not None and (here is None or here.arch != target.arch)
+    if target is not None:  # the target's kernels; of those, the default candidates unless named
+        kernels = [k for k in target.caps.kernels if k in KERNELS and (
+            k in kernels if kernels is not None else not KERNELS.get(k).not_default)]
+        if remote and speed_model is None and timings is None and not measure:
+            speed_model = target.caps.speed_model
     if speed_model is not None:
-        timings, measure = _speed_model_timings(report, speed_model, timings, measure, device, kernels)
+        timings, measure = _speed_model_timings(report, speed_model, timings, measure, device, kernels, remote)
     keep_bf16 = dict(keep_bf16 or {})
     unknown_keep = sorted(set(keep_bf16) - {s.fqn for s in report_sites(report)})
     if unknown_keep:
@@ -114,7 +129,7 @@ def plan(
                 go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
             else:
                 go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype,
-                                   (producers.get(site.fqn), pricer))
+                                   (producers.get(site.fqn), pricer), target, remote)
             per_gemm[(site.fqn, gemm)] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
@@ -129,12 +144,18 @@ def plan(
     site_plans = [_site_plan(s, per_gemm, solution.chosen, coefs.get(s.fqn), budget, producers.get(s.fqn))
                   for s in sites]
     notes.extend(pricer.notes(sum(p.producer is not None for p in site_plans)))
-    return Plan(sites=site_plans, budget=budget.to_dict(), device=_device_info(site_timings, device, notes),
+    device_info = _device_info(site_timings, device, notes)
+    if target is not None:  # absent for plans without a target (files stay as they were)
+        device_info.update(target=target.name, arch=target.arch)
+        if remote:
+            notes.append(f"planned for {target.describe()} away from it: only its recipes "
+                         f"({', '.join(target.caps.recipes)}) and kernels, priced without running them here")
+    return Plan(sites=site_plans, budget=budget.to_dict(), device=device_info,
                 versions=library_versions(), solver=solution.solver, notes=notes,
                 created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def _speed_model_timings(report, speed_model: str, timings, measure: bool, device, kernels):
+def _speed_model_timings(report, speed_model: str, timings, measure: bool, device, kernels, remote: bool = False):
     """``(timings, measure)`` for ``plan(speed_model=...)``: a named GPU's model, or measuring."""
     choices = sorted(DEVICE_MODELS) + ["measured"]
     if speed_model not in choices:
@@ -144,7 +165,7 @@ def _speed_model_timings(report, speed_model: str, timings, measure: bool, devic
     if speed_model == "measured":
         return None, True
     here = torch.device(device or "cpu")
-    names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and k.available(here)
+    names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and (remote or k.available(here))
              and (kernels is None or k.name in kernels)]
     return model_timings(report, names, DEVICE_MODELS[speed_model]), False
 
@@ -228,10 +249,10 @@ def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -
 
 
 def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype,
-                  producer=(None, None)) -> _GemmOptions:
+                  producer=(None, None), target: Target | None = None, remote: bool = False) -> _GemmOptions:
     shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
-    passing, failing = _recipes_within_budget(site, gemm, budget)
+    passing, failing = _recipes_within_budget(site, gemm, budget, target)
     if bf16_ms is None:
         if timings and "m_buckets" in timings:
             return _GemmOptions(None, [], f"kept bf16: serving plan, {gemm} does not run")
@@ -246,7 +267,7 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
     for e in (timings or {}).get("entries", []):
         if e.get("gemm") != gemm or e.get("recipe") not in passing:
             continue
-        why = _kernel_problem(e["kernel"], e["recipe"], gemm, shape, dtype, device, allowed)
+        why = _kernel_problem(e["kernel"], e["recipe"], gemm, shape, dtype, device, allowed, remote)
         if why:
             unsupported.append(f"{e['kernel']}: {why}")
             continue
@@ -255,7 +276,7 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
             best_per_recipe[c.recipe] = c
     if not best_per_recipe:
-        why = sorted(set(unsupported)) or _why_no_kernel(passing, gemm, shape, dtype, device, allowed)
+        why = sorted(set(unsupported)) or _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote)
         detail = f" ({'; '.join(why[:3])})" if why else ""
         return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available here takes {'/'.join(sorted(passing))} "
                                          f"at [M={shape[0]}, K={shape[1]}, N={shape[2]}]{detail}")
@@ -283,10 +304,13 @@ def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: s
     return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast)
 
 
-def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):
+def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Target | None = None):
     passing: dict[str, GemmError] = {}
     failing: list[tuple[str, float, str]] = []
     for recipe in sorted(site.errors):
+        if target is not None and not target.caps.runs(recipe):
+            failing.append((recipe, math.inf, f"{recipe} does not run on {target.describe()}"))
+            continue
         e = site.errors[recipe].get(gemm)
         try:
             g = as_recipe(recipe).gemm(gemm)
@@ -306,7 +330,7 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget):
     return passing, failing
 
 
-def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed) -> str | None:
+def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed, remote: bool = False) -> str | None:
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
     if name == "emulated":
@@ -318,14 +342,14 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
         return f"not a default candidate: {kernel.not_default}"
     if gemm not in kernel.gemms:
         return f"implements {sorted(kernel.gemms)} only"
-    ok, why = kernel.available(device)
+    ok, why = (True, "") if remote else kernel.available(device)  # remote: the target's table says it runs there
     if not ok:
         return why
     ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
     return None if ok else why
 
 
-def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
+def _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote: bool = False) -> list[str]:
     """Reasons the kernels available here give for not taking the passing recipes at ``shape``."""
 
     reasons = []
@@ -334,7 +358,7 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed) -> list[str]:
             continue
         if allowed is None and kernel.not_default:
             continue
-        if not kernel.available(device):
+        if not remote and not kernel.available(device):
             continue
         for recipe in sorted(passing):
             ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)

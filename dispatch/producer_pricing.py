@@ -35,6 +35,7 @@ import torch
 
 from loka.dispatch.plans import PRODUCERS
 from loka.kernels.costmodel import DEVICE_MODELS, quantize_us
+from loka.kernels.kernel import OCP_FP8
 from loka.quantize import quantize_operand
 from loka.recipe import OperandRecipe, as_recipe
 from loka.timer import device_name, time_fn
@@ -66,7 +67,8 @@ def producer_feeds(producer: str, recipe: str, gemm: str, kernel: str) -> bool:
     g = as_recipe(recipe).gemm(gemm)
     if g.is_hp or g.a.scaling != "dynamic":
         return False
-    return producer == "compiled_cast" or g.a.granularity == "rowwise"
+    # the fused norm+quantize kernels emit OCP FP8 with row scales only
+    return producer == "compiled_cast" or (g.a.granularity == "rowwise" and g.a.format in OCP_FP8)
 
 
 @dataclass

@@ -44,13 +44,13 @@ from eager on ties (the scales do not).
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from loka.callable_module import make_callable
-from loka.formats import Float8Format, get_format
-from loka.recipe import GRANULARITIES, OperandRecipe
+from loka.formats import Float8Format, e2m1_codes, e2m1_values, get_format, round_stochastic, round_to_format
+from loka.fp4 import NVFP4_BLOCK, Nvfp4Scale, nvfp4_dequantize, nvfp4_scaled, nvfp4_scales
+from loka.recipe import ALL_GRANULARITIES, DEFAULT_MX_SCALE_RULE, MX_SCALE_RULES, OperandRecipe, default_block
 
 MIN_SCALE = 2.0**-126  # smallest normal float32: keeps 1/scale finite
 MAX_POW2_EXP = 127
@@ -60,14 +60,16 @@ class NonFiniteError(ValueError):
     """Raised when a tensor with NaN/Inf is quantized under ``nonfinite="raise"``."""
 
 
-def _group_shape(shape: torch.Size, granularity: str, block: tuple[int, int]) -> tuple[int, int] | None:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is not valid; use one of {list(GRANULARITIES)}")
+def _group_shape(shape: torch.Size, granularity: str, block: tuple[int, int] | None) -> tuple[int, int] | None:
+    if granularity not in ALL_GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not valid; use one of {list(ALL_GRANULARITIES)}")
     if granularity == "tensorwise":
         return None
     if granularity == "rowwise":
         return (1, shape[-1])
-    br, bc = block
+    if granularity == "nvfp4":
+        return NVFP4_BLOCK
+    br, bc = block or default_block(granularity)
     if br != 1 and len(shape) != 2:
         raise ValueError(
             f"{granularity} with {br}x{bc} blocks needs a 2-D tensor, got shape {tuple(shape)}; "
@@ -85,8 +87,10 @@ def _padded_blocks(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // br, br, x.shape[1] // bc, bc)
 
 
-def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] = (1, 128), *, finite_only: bool = True) -> torch.Tensor:
-    """Per-group max of |x| in float32, shaped like the scale (see module doc)."""
+def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] | None = None, *,
+               finite_only: bool = True) -> torch.Tensor:
+    """Per-group max of |x| in float32, shaped like the scale (see module doc); ``block`` defaults
+    to the granularity's (``loka.recipe.default_block``)."""
     ax = x.detach().abs().float()
     if finite_only:
         ax = torch.nan_to_num(ax, nan=0.0, posinf=0.0)  # |x| >= 0: NaN and +Inf are the non-finite values
@@ -115,6 +119,18 @@ def scale_from_amax(amax: torch.Tensor, fmt: str | Float8Format, pow2: bool = Fa
     return scale
 
 
+def mx_scale(amax: torch.Tensor, fmt: str | Float8Format, rule: str = DEFAULT_MX_SCALE_RULE) -> torch.Tensor:
+    """Power-of-two (e8m0) MX block scale(s) from amax(es) by ``rule`` (module doc, loka.recipe.MX_SCALE_RULES)."""
+    if rule not in MX_SCALE_RULES:
+        raise ValueError(f"mx_scale_rule={rule!r} is not valid; use one of {list(MX_SCALE_RULES)}")
+    f = get_format(fmt)
+    if rule == "round_up":
+        return scale_from_amax(amax, f, pow2=True)
+    exp_field = (amax.float().view(torch.int32) >> 23) & 0xFF  # floor(log2 amax) + 127 for normal amax
+    exp = (exp_field - 127 - f.emax).clamp(-127, 127)
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), exp).clamp_min(MIN_SCALE)
+
+
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     """Smallest power of two >= ``scale`` (exact; finite positive inputs)."""
     mantissa, exponent = torch.frexp(scale)  # scale = m * 2**e, m in [0.5, 1)
@@ -138,10 +154,23 @@ def expand_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int] 
     return out
 
 
-def saturated_cast(x_scaled: torch.Tensor, fmt: str | Float8Format) -> torch.Tensor:
-    """Round float32 values to FP8, clamping finite values to ±fmax; NaN/Inf pass through."""
+def saturated_cast(x_scaled: torch.Tensor, fmt: str | Float8Format, rounding: str = "nearest") -> torch.Tensor:
+    """Round float32 values to ``fmt``'s dtype (FP4: uint8 codes), clamping finite values to ±fmax;
+    NaN/Inf pass through as the format can hold them (module doc)."""
     f = get_format(fmt)
-    return _saturate(x_scaled, f).to(f.dtype)
+    if f.bits == 4:  # no torch cast to FP4: round in float32, then look the codes up
+        return e2m1_codes(_round(x_scaled.float().clamp(-f.max, f.max), f, rounding))
+    x_sat = _saturate(x_scaled, f)
+    return (x_sat if rounding == "nearest" else _round(x_sat, f, rounding)).to(f.dtype)
+
+
+def _round(x_sat: torch.Tensor, f: Float8Format, rounding: str) -> torch.Tensor:
+    """Saturated float32 values rounded onto ``f``'s grid, kept in float32."""
+    if rounding == "stochastic":
+        return torch.where(torch.isfinite(x_sat), round_stochastic(x_sat, f), x_sat)
+    if rounding != "nearest":
+        raise ValueError(f"rounding={rounding!r} is not valid; use 'nearest' or 'stochastic'")
+    return round_to_format(x_sat, f)
 
 
 def _saturate(x_scaled: torch.Tensor, f: Float8Format) -> torch.Tensor:
@@ -155,60 +184,63 @@ def _saturate(x_scaled: torch.Tensor, f: Float8Format) -> torch.Tensor:
     return torch.where(torch.isfinite(x_scaled), x_scaled.clamp(-f.max, f.max), x_scaled)
 
 
-def round_to_format(x: torch.Tensor, fmt: str | Float8Format) -> torch.Tensor:
-    """``x`` rounded to the nearest value of ``fmt`` (ties to even), kept in float32.
-
-    For ``x`` in ``[-fmax, fmax]`` (what saturation leaves), ±Inf (e5m2) or NaN this equals
-    ``x.to(fmt.dtype).float()`` bit for bit, signed zeros included, without the FP8 dtype:
-    adding ``c = 1.5 * 2**(e + 23 - m)``, with ``e`` the value's binary exponent clamped to the
-    format's normal range and ``m`` its mantissa bits, leaves a float32 whose last bit weighs
-    ``2**(e - m)``, the format's spacing at ``x`` (its subnormal spacing below the smallest
-    normal), so the hardware's round-to-nearest-even does the rounding and ``- c`` is exact.
-    On CPU it is about twice as fast as the FP8 cast round trip, which matters to the probe
-    and the emulated kernels, which round the same operand under several recipes.
-    """
-    f = get_format(fmt)
-    x = x.float()
-    emin = int(math.log2(f.min_normal))
-    exp_bits = (x.view(torch.int32) & 0x7F800000).clamp((emin + 127) << 23, (f.emax + 127) << 23)
-    c = (exp_bits + (((23 - f.mantissa_bits) << 23) | (1 << 22))).view(torch.float32)
-    return ((x + c) - c).copysign(x)
-
-
 def quantize(
     x: torch.Tensor,
     fmt: str | Float8Format = "e4m3",
     granularity: str = "tensorwise",
     *,
-    block: tuple[int, int] = (1, 128),
+    block: tuple[int, int] | None = None,
     scale: torch.Tensor | None = None,
     pow2_scale: bool = False,
     nonfinite: str = "skip",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x[..., C]`` to FP8; returns ``(x_fp8, scale)`` (see module doc).
+    mx_scale_rule: str = DEFAULT_MX_SCALE_RULE,
+    rounding: str = "nearest",
+) -> tuple[torch.Tensor, torch.Tensor | Nvfp4Scale]:
+    """Quantize ``x[..., C]`` to ``fmt``; returns ``(x_q, scale)`` (see module doc).
 
     ``scale`` given (delayed/static scaling) is used as is and broadcast over
     the groups; otherwise it is computed from the groups' amax (dynamic).
-    ``mx`` always uses power-of-two scales.
+    ``block`` defaults to the granularity's (``loka.recipe.default_block``: mx 1x32, as the
+    named recipes). ``mx`` always uses power-of-two scales, by ``mx_scale_rule``.
+    ``nvfp4`` (``fmt="e2m1"``) returns an ``Nvfp4Scale`` (loka/fp4.py).
     """
     f = get_format(fmt)
-    scale, group = _scale_for(x, f, granularity, block, scale, pow2_scale, nonfinite)
-    x_fp8 = saturated_cast(x.float() / expand_scale(scale, x.shape, group), f)
-    return x_fp8, scale
+    if granularity == "nvfp4":
+        scale = _nvfp4_scale_for(x, f, scale, nonfinite)
+        return saturated_cast(nvfp4_scaled(x, scale), f, rounding), scale
+    scale, group = _scale_for(x, f, granularity, block, scale, pow2_scale, nonfinite, mx_scale_rule)
+    x_q = saturated_cast(x.float() / expand_scale(scale, x.shape, group), f, rounding)
+    return x_q, scale
 
 
-def _scale_for(x, f: Float8Format, granularity: str, block, scale, pow2_scale: bool, nonfinite: str):
-    """``(scale, group shape)`` of a quantization of ``x``, after checking the arguments."""
+def _nvfp4_scale_for(x, f: Float8Format, scale, nonfinite: str) -> Nvfp4Scale:
+    _check_input(x, nonfinite)
+    if f.name != "e2m1":
+        raise ValueError(f"granularity='nvfp4' quantizes to FP4: use fmt='e2m1', not {f.name!r}")
+    if scale is not None:
+        raise ValueError("nvfp4 scales are dynamic (computed from the tensor); call quantize without scale=")
+    return nvfp4_scales(x)
+
+
+def _check_input(x, nonfinite: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
     if nonfinite not in ("skip", "raise"):
         raise ValueError(f"nonfinite={nonfinite!r} is not valid; use 'skip' or 'raise'")
     if nonfinite == "raise":
         _raise_if_nonfinite(x)
+
+
+def _scale_for(x, f: Float8Format, granularity: str, block, scale, pow2_scale: bool, nonfinite: str,
+               mx_scale_rule: str = DEFAULT_MX_SCALE_RULE):
+    """``(scale, group shape)`` of a quantization of ``x``, after checking the arguments."""
+    _check_input(x, nonfinite)
     group = _group_shape(x.shape, granularity, block)
     pow2_scale = pow2_scale or granularity == "mx"  # e8m0 scales are powers of two
-    if scale is None:
-        scale = scale_from_amax(group_amax(x, granularity, block), f, pow2_scale)
+    if scale is None and granularity == "mx":
+        scale = mx_scale(group_amax(x, granularity, group), f, mx_scale_rule)
+    elif scale is None:
+        scale = scale_from_amax(group_amax(x, granularity, group), f, pow2_scale)
     else:
         scale = scale.float().clamp_min(MIN_SCALE).to(x.device)
         scale = round_up_pow2(scale) if pow2_scale else scale
@@ -226,13 +258,17 @@ def _raise_if_nonfinite(x: torch.Tensor) -> None:
 
 def dequantize(
     x_fp8: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | Nvfp4Scale,
     *,
     block: tuple[int, int] | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``x_fp8 * scale`` in float32, cast to ``out_dtype``; ``block`` is needed for blockwise/mx scales."""
-    return (x_fp8.float() * expand_scale(scale, x_fp8.shape, block)).to(out_dtype)
+    """``x_q * scale`` in float32, cast to ``out_dtype``; ``block`` is needed for blockwise/mx scales.
+    uint8 ``x_q`` are FP4 codes (an ``Nvfp4Scale`` or a power-of-two mx scale)."""
+    values = e2m1_values(x_fp8) if x_fp8.dtype == torch.uint8 else x_fp8.float()
+    if isinstance(scale, Nvfp4Scale):
+        return nvfp4_dequantize(values, scale).to(out_dtype)
+    return (values * expand_scale(scale, x_fp8.shape, block)).to(out_dtype)
 
 
 def quantize_operand(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +276,8 @@ def quantize_operand(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | N
     if op.is_hp:
         raise ValueError("quantize_operand got an hp operand recipe; hp operands are not quantized")
     return quantize(
-        x, op.format, op.granularity, block=op.block, scale=scale, pow2_scale=op.pow2, nonfinite=op.nonfinite
+        x, op.format, op.granularity, block=op.block, scale=scale, pow2_scale=op.pow2, nonfinite=op.nonfinite,
+        mx_scale_rule=op.mx_scale_rule, rounding=op.rounding,
     )
 
 
@@ -253,14 +290,17 @@ def fake_quantize(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | None
     """Quantize then dequantize (the ``emulated`` cast), in ``x``'s dtype. hp returns ``x``.
 
     The same values as ``dequantize(*quantize_operand(x, op, scale))``, rounded in float32
-    (:func:`round_to_format`) rather than through an FP8 tensor.
+    (``loka.formats.round_to_format``) rather than through an FP8 tensor.
     """
     if op.is_hp:
         return x
     f = get_format(op.format)
-    scale, group = _scale_for(x, f, op.granularity, op.block, scale, op.pow2, op.nonfinite)
+    if op.granularity == "nvfp4":
+        nv = _nvfp4_scale_for(x, f, scale, op.nonfinite)
+        return nvfp4_dequantize(_round(_saturate(nvfp4_scaled(x, nv), f), f, op.rounding), nv).to(x.dtype)
+    scale, group = _scale_for(x, f, op.granularity, op.block, scale, op.pow2, op.nonfinite, op.mx_scale_rule)
     s = expand_scale(scale, x.shape, group)
-    return (round_to_format(_saturate(x.float() / s, f), f) * s).to(x.dtype)
+    return (_round(_saturate(x.float() / s, f), f, op.rounding) * s).to(x.dtype)
 
 
 def fraction_underflow_saturate(x: torch.Tensor, op: OperandRecipe) -> tuple[float, float]:
@@ -271,8 +311,11 @@ def fraction_underflow_saturate(x: torch.Tensor, op: OperandRecipe) -> tuple[flo
     n = int(finite.sum())
     if n == 0:
         return 0.0, 0.0
-    s = scale_from_amax(group_amax(x, op.granularity, op.block), f, op.pow2)
-    y = (x / expand_scale(s, x.shape, _group_shape(x.shape, op.granularity, op.block))).abs()
+    if op.granularity == "nvfp4":
+        y = nvfp4_scaled(x, nvfp4_scales(x)).abs()
+    else:
+        s, group = _scale_for(x, f, op.granularity, op.block, None, op.pow2, "skip", op.mx_scale_rule)
+        y = (x / expand_scale(s, x.shape, group)).abs()
     under = int(((y < f.min_subnormal / 2) & finite).sum())
     sat = int(((y > f.max) & finite).sum())
     return under / n, sat / n

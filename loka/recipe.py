@@ -23,14 +23,28 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from loka.formats import FORMATS
+from loka.fp4 import NVFP4_BLOCK
 
-Granularity = Literal["tensorwise", "rowwise", "blockwise", "mx"]
+Granularity = Literal["tensorwise", "rowwise", "blockwise", "mx", "nvfp4"]
 Scaling = Literal["dynamic", "delayed", "static"]
 Role = Literal["input", "weight", "grad_output"]
 GemmName = Literal["fprop", "dgrad", "wgrad"]
 NonFinitePolicy = Literal["skip", "raise"]
 
-GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "blockwise", "mx")
+GRANULARITIES: tuple[str, ...] = ("tensorwise", "rowwise", "blockwise", "mx")  # the FP8 ones
+FP4_GRANULARITIES: tuple[str, ...] = ("nvfp4",)  # e2m1 in 1x16 blocks, e4m3 block scales + fp32 tensor scale
+ALL_GRANULARITIES: tuple[str, ...] = GRANULARITIES + FP4_GRANULARITIES
+# How an MX block's e8m0 scale comes from its amax (loka/quantize.py, mx_scale):
+#   "round_up": the smallest power of two >= amax / fmax: no element saturates (NVIDIA's MXFP8
+#               training recipe and Blackwell's cvt.rp rounding; torchao's RCEIL up to one ulp).
+#   "floor":    2**(floor(log2 amax) - emax_elem), the OCP MX v1.0 rule and torchao 0.18's to_mx
+#               default: the block's largest elements may saturate (e4m3: amax mantissa > 1.75).
+# The default is round_up: for Gaussian-like blocks about 19% of e4m3 blocks clip their largest
+# element under floor (by up to 12.5%), while round_up costs only the block's smallest values one
+# binade of subnormal room; and it keeps loka's invariant that a dynamic scale never saturates.
+MX_SCALE_RULES: tuple[str, ...] = ("round_up", "floor")
+DEFAULT_MX_SCALE_RULE = "round_up"
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 SCALINGS: tuple[str, ...] = ("dynamic", "delayed", "static")
 ROLES: tuple[str, ...] = ("input", "weight", "grad_output")
 GEMMS: tuple[str, ...] = ("fprop", "dgrad", "wgrad")
@@ -55,6 +69,11 @@ WEIGHT_BLOCK = (128, 128)
 MX_BLOCK = (1, 32)
 
 
+def default_block(granularity: str) -> tuple[int, int]:
+    """The scale block a granularity uses unless told otherwise (the named recipes' activation blocks)."""
+    return {"mx": MX_BLOCK, "nvfp4": NVFP4_BLOCK}.get(granularity, ACTIVATION_BLOCK)
+
+
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{what}={value!r} is not valid; use one of {list(choices)}")
@@ -64,14 +83,19 @@ def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
 class OperandRecipe:
     """How one operand of one GEMM is quantized.
 
-    ``format`` is ``"e4m3"``, ``"e5m2"`` or ``"hp"`` (not quantized).
-    ``block`` is the (rows, cols) scale group for ``blockwise`` and ``mx``; cols
+    ``format`` is an element format of loka/formats.py (``"e4m3"``, ``"e5m2"``, ``"e4m3fnuz"``,
+    ``"e5m2fnuz"``, ``"e2m1"``) or ``"hp"`` (not quantized); ``e2m1`` (FP4) takes granularity
+    ``nvfp4`` (1x16 blocks, e4m3 block scales under an fp32 tensor scale: loka/fp4.py, dynamic
+    scaling only) or ``mx`` (MXFP4), and ``nvfp4`` takes only ``e2m1``.
+    ``block`` is the (rows, cols) scale group for ``blockwise``, ``mx`` and ``nvfp4`` (1x16); cols
     run along the reduction dim. ``delayed`` keeps a per-tensor amax history of
     ``history_len`` entries reduced by ``history_reduce``; ``static`` uses a
     calibrated per-tensor scale set on the module. ``pow2_scale`` rounds scales
     up to powers of two (always on for ``mx``, whose scales are e8m0).
     ``nonfinite``: ``"skip"`` ignores NaN/Inf when computing amax (they pass
     through as NaN/Inf and are counted by the caller); ``"raise"`` raises.
+    ``mx_scale_rule``: ``"round_up"`` (default) or ``"floor"`` (OCP MX v1.0), see ``MX_SCALE_RULES``.
+    ``rounding``: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased; for gradients in FP4).
     """
 
     format: str = "e4m3"
@@ -82,10 +106,14 @@ class OperandRecipe:
     history_len: int = 16
     history_reduce: Literal["max", "most_recent"] = "max"
     nonfinite: NonFinitePolicy = "skip"
+    mx_scale_rule: Literal["round_up", "floor"] = DEFAULT_MX_SCALE_RULE
+    rounding: Literal["nearest", "stochastic"] = "nearest"
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, (*FORMATS, HP))
-        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("granularity", self.granularity, ALL_GRANULARITIES)
+        _check_choice("mx_scale_rule", self.mx_scale_rule, MX_SCALE_RULES)
+        _check_choice("rounding", self.rounding, ROUNDINGS)
         _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("history_reduce", self.history_reduce, ("max", "most_recent"))
         _check_choice("nonfinite", self.nonfinite, ("skip", "raise"))
@@ -93,6 +121,18 @@ class OperandRecipe:
             raise ValueError(f"history_len={self.history_len} must be >= 1")
         if len(self.block) != 2 or min(self.block) < 1:
             raise ValueError(f"block={self.block} must be two positive ints (rows, cols)")
+        self._check_fp4()
+
+    def _check_fp4(self) -> None:
+        if self.granularity == "nvfp4" and self.format not in ("e2m1", HP):
+            raise ValueError(f"granularity='nvfp4' quantizes to FP4: set format='e2m1', not {self.format!r}")
+        if self.format == "e2m1" and self.granularity not in ("nvfp4", "mx"):
+            raise ValueError(f"format='e2m1' (FP4) takes granularity 'nvfp4' or 'mx', not {self.granularity!r}")
+        if self.granularity == "nvfp4" and tuple(self.block) != NVFP4_BLOCK:
+            raise ValueError(f"nvfp4 blocks are {NVFP4_BLOCK[0]}x{NVFP4_BLOCK[1]}; pass block={NVFP4_BLOCK}")
+        if self.granularity == "nvfp4" and self.scaling != "dynamic":
+            raise ValueError(f"nvfp4 scales are dynamic (its fp32 tensor scale comes from the tensor); "
+                             f"use scaling='dynamic', not {self.scaling!r}")
 
     @property
     def is_hp(self) -> bool:
@@ -144,6 +184,10 @@ def _operand_str(op: OperandRecipe) -> str:
     s = f"{op.format}/{op.granularity}"
     if op.granularity in ("blockwise", "mx"):
         s += f"{op.block[0]}x{op.block[1]}"
+    if op.granularity == "mx" and op.mx_scale_rule != DEFAULT_MX_SCALE_RULE:
+        s += f"/{op.mx_scale_rule}"
+    if op.rounding == "stochastic":
+        s += "/sr"
     if op.scaling != "dynamic":
         s += f"/{op.scaling}"
     if op.pow2_scale and op.granularity != "mx":
@@ -187,9 +231,11 @@ class Recipe:
 
     @classmethod
     def from_name(cls, name: str, *, scaling: Scaling = "dynamic", **operand_overrides) -> "Recipe":
-        """A named recipe: ``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``,
-        ``blockwise``, ``mx`` or ``bf16`` (no FP8), with ``scaling`` applied to
-        every FP8 operand. ``operand_overrides`` (e.g. ``pow2_scale=True``,
+        """A named recipe (``RECIPE_NAMES``): ``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``,
+        ``blockwise``, ``mx`` (e4m3, e5m2 gradients), ``mxfp8`` / ``mxfp8_floor`` (e4m3 for every
+        operand; round-up or OCP floor scale rule), ``nvfp4`` / ``nvfp4_sr`` (FP4; ``_sr``: stochastic
+        rounding of gradients), ``tensorwise_fnuz`` / ``rowwise_fnuz`` (MI300's encodings) or
+        ``bf16`` (no FP8), with ``scaling`` applied to every FP8 operand. ``operand_overrides`` (e.g. ``pow2_scale=True``,
         ``history_len=32``) are applied to every FP8 operand.
 
         >>> Recipe.from_name("rowwise").fprop.describe()
@@ -198,7 +244,24 @@ class Recipe:
         return named_recipe(name, scaling=scaling, **operand_overrides)
 
 
-RECIPE_NAMES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise", "mx", "bf16")
+# name -> (granularity, format of input and weight, format of grad_output, options of every FP8 operand);
+# options with a "grad_" prefix apply to grad_output operands only.
+_NAMED: dict[str, tuple[str, str, str, dict]] = {
+    "tensorwise": ("tensorwise", "e4m3", "e5m2", {}),
+    "rowwise": ("rowwise", "e4m3", "e5m2", {}),
+    "rowwise_with_gw_hp": ("rowwise", "e4m3", "e5m2", {}),
+    "blockwise": ("blockwise", "e4m3", "e5m2", {}),
+    "mx": ("mx", "e4m3", "e5m2", {}),
+    # MXFP8 as NVIDIA trains with it: e4m3 for every operand (the 1x32 blocks give gradients range)
+    "mxfp8": ("mx", "e4m3", "e4m3", {}),
+    "mxfp8_floor": ("mx", "e4m3", "e4m3", {"mx_scale_rule": "floor"}),
+    "nvfp4": ("nvfp4", "e2m1", "e2m1", {}),
+    "nvfp4_sr": ("nvfp4", "e2m1", "e2m1", {"grad_rounding": "stochastic"}),
+    # MI300 (gfx942) runs the fnuz encodings
+    "tensorwise_fnuz": ("tensorwise", "e4m3fnuz", "e5m2fnuz", {}),
+    "rowwise_fnuz": ("rowwise", "e4m3fnuz", "e5m2fnuz", {}),
+}
+RECIPE_NAMES: tuple[str, ...] = (*_NAMED, "bf16")
 
 
 def named_recipe(name: str, *, scaling: Scaling = "dynamic", **overrides) -> Recipe:
@@ -207,16 +270,19 @@ def named_recipe(name: str, *, scaling: Scaling = "dynamic", **overrides) -> Rec
     _check_choice("scaling", scaling, SCALINGS)
     if name == "bf16":
         return Recipe(name="bf16", fprop=HP_GEMM, dgrad=HP_GEMM, wgrad=HP_GEMM)
-    granularity = {"rowwise_with_gw_hp": "rowwise"}.get(name, name)
+    granularity, fmt, grad_fmt, options = _NAMED[name]
 
     def op(role: str) -> OperandRecipe:
-        fmt = "e5m2" if role == "grad_output" else "e4m3"
-        block = ACTIVATION_BLOCK
+        block = default_block(granularity)
         if granularity == "blockwise" and role == "weight":
             block = WEIGHT_BLOCK
-        if granularity == "mx":
-            block = MX_BLOCK
-        kw = dict(format=fmt, granularity=granularity, scaling=scaling, block=block)
+        kw = dict(format=grad_fmt if role == "grad_output" else fmt, granularity=granularity, scaling=scaling,
+                  block=block)
+        for key, value in options.items():
+            if not key.startswith("grad_"):
+                kw[key] = value
+            elif role == "grad_output":
+                kw[key[len("grad_"):]] = value
         kw.update(overrides)
         return OperandRecipe(**kw)
 

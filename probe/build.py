@@ -8,7 +8,8 @@ from importlib.metadata import version
 
 import torch
 
-from loka.kernels.costmodel import model_site_timings
+from loka.devices import get_target
+from loka.kernels.costmodel import DEVICE_MODELS, model_site_timings
 from loka.probe.error import SAFE, UNDECIDED, UNSAFE
 from loka.probe.fit import Fit, fit_values, gemm_fits, predict_gemm_error
 from loka.probe.reader import speedup
@@ -66,13 +67,19 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
 MODELED_KERNELS = ("scaled_mm", "triton")
 
 
-def modeled_timings(st, recipes) -> dict | None:
-    """The H100 speed model's timings of ``recipes`` at the site's median M (None if it never ran)."""
+def modeled_timings(st, recipes, target: str | None = None) -> dict | None:
+    """The speed model's timings of ``recipes`` at the site's median M (None if it never ran): the
+    ``target`` GPU's model and kernels (loka/devices.py), else the H100's."""
 
     if not st.m_values or not recipes:
         return None
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
-    return model_site_timings((m, st.site.in_features, st.site.out_features), list(recipes), list(MODELED_KERNELS))
+    shape = (m, st.site.in_features, st.site.out_features)
+    if target is None:
+        return model_site_timings(shape, list(recipes), list(MODELED_KERNELS))
+    caps = get_target(target).caps
+    kernels = [k for k in MODELED_KERNELS if k in caps.kernels]
+    return model_site_timings(shape, list(recipes), kernels, DEVICE_MODELS[caps.speed_model])
 
 
 
@@ -135,7 +142,7 @@ def site_entry(probe, fqn: str) -> dict:
     fits = _fits(st)
     timings = probe.timings.get(fqn)
     measured = timings if timings and timings["representative"] else None
-    modeled = None if measured else modeled_timings(st, list(errors))
+    modeled = None if measured else modeled_timings(st, list(errors), cfg.target)
     verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, measured or modeled)
     return {
         "fqn": fqn,
@@ -162,6 +169,14 @@ def site_entry(probe, fqn: str) -> dict:
     }
 
 
+def _target_meta(cfg) -> dict:
+    """``{"target", "target_arch"}`` of a probe made for a GPU (absent otherwise: reports stay as they were)."""
+    if cfg.target is None:
+        return {}
+    t = get_target(cfg.target)
+    return {"target": t.name, "target_arch": t.arch}
+
+
 def build_report(probe, **meta):
     """A ProbeReport of everything ``probe`` learned (``meta`` is stored as given)."""
     try:
@@ -172,7 +187,8 @@ def build_report(probe, **meta):
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "meta": {"loka_version": loka_version, "torch_version": torch.__version__, **meta},
+        "meta": {"loka_version": loka_version, "torch_version": torch.__version__, **_target_meta(probe.config),
+                 **meta},
         "config": _config_dict(probe.config),
         "sampled_steps": sorted(probe.sampled_steps),
         "sites": [site_entry(probe, fqn) for fqn in probe.state],

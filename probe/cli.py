@@ -2,6 +2,7 @@
 
     loka probe --size small --steps 200 --every 10 --out runs/probe
     loka probe --model mypkg.models:make_workload --steps 100 --out runs/probe
+    loka probe --size tiny --device b200 --out runs/probe-b200   (B200's recipes, emulated here)
 
 Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
 ``probe_report.html`` into ``--out`` and prints the summary table.
@@ -18,6 +19,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from loka.devices import Target, resolve_device, target_names
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
 from loka.probe.workload import NamedWorkload, load_workload
@@ -35,7 +37,9 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p.add_argument("--warmup", type=int, default=0, help="steps to skip before sampling (default 0)")
     p.add_argument("--max-samples", type=int, default=20, help="at most this many sampled steps (default 20)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for the ranker (default 256)")
-    p.add_argument("--recipes", default=",".join(DEFAULT_CANDIDATES), help="candidate recipes, comma-separated")
+    p.add_argument("--recipes", default=None,
+                   help="candidate recipes, comma-separated (default: every recipe the --device target runs, "
+                        f"else {','.join(DEFAULT_CANDIDATES)})")
     p.add_argument("--predict", default="", help="recipes to predict from fitted distributions only")
     for g, t in DEFAULT_THRESHOLDS.items():
         p.add_argument(f"--threshold-{g}", type=float, default=t, help=f"relative-error threshold for {g} (default {t})")
@@ -45,7 +49,9 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p.add_argument("--include", action="append", default=[], help="fqn glob of sites to probe (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="fqn glob of sites to skip (repeatable)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (default cpu), or a GPU to probe for (" + ", ".join(target_names()) + "): its "
+                        "recipes are measured, emulated on the CPU unless this machine is that GPU")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
     p.add_argument("--kernels", default="", help="kernels to time, comma-separated (default: every available one)")
     p.add_argument("--no-timing", action="store_true", help="skip kernel timing")
@@ -59,11 +65,24 @@ def _split(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def config_from_args(args) -> ProbeConfig:
+def candidates_for(recipes: str | None, target: Target | None) -> tuple[str, ...]:
+    """``--recipes`` as given (each must run on the target), else the target's recipes, else the defaults."""
+    if recipes is None:
+        return target.caps.recipes if target is not None else DEFAULT_CANDIDATES
+    names = _split(recipes)
+    foreign = [r for r in names if target is not None and not target.caps.runs(r)]
+    if foreign:
+        raise ValueError(f"--recipes {','.join(foreign)} do not run on {target.describe()}; it runs "
+                         f"{','.join(target.caps.recipes)}")
+    return names
+
+
+def config_from_args(args, target: Target | None = None) -> ProbeConfig:
     return ProbeConfig(
         schedule=SamplingSchedule(warmup=args.warmup, every=args.every, max_samples=args.max_samples),
-        include=tuple(args.include), exclude=tuple(args.exclude), candidates=_split(args.recipes),
+        include=tuple(args.include), exclude=tuple(args.exclude), candidates=candidates_for(args.recipes, target),
         predict=_split(args.predict), confidence=args.confidence, seed=args.seed,
+        target=target.name if target is not None else None,
         overhead_budget=args.overhead_budget,
         thresholds={g: getattr(args, f"threshold_{g}") for g in DEFAULT_THRESHOLDS},
     )
@@ -98,16 +117,17 @@ def run(args) -> int:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
     try:
-        cfg = config_from_args(args)
+        device, target = resolve_device(args.device)
+        cfg = config_from_args(args, target)
         workload = load_workload(args.model, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
-                                 seed=args.seed, device=args.device)
+                                 seed=args.seed, device=str(device))
         probe = Probe(workload.model, cfg)
     except ValueError as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback
         print(f"loka probe: {exc}", file=sys.stderr)
         return 2
-    train_with_probe(workload, probe, args.steps, lr=args.lr, device=args.device, autocast=args.autocast)
+    train_with_probe(workload, probe, args.steps, lr=args.lr, device=str(device), autocast=args.autocast)
     if not probe.sampled_steps:
         print(f"loka probe: no step was sampled in {args.steps} steps (warmup={args.warmup}, every={args.every}); "
               "run more steps or sample more often", file=sys.stderr)
@@ -115,9 +135,14 @@ def run(args) -> int:
     if not args.no_sensitivity:
         batches = [workload.make_batch(args.steps + i) for i in range(max(args.sensitivity_batches, 1))]
         probe.measure_sensitivity(lambda b: workload.loss_fn(workload.model, b), batches=batches, progress=True)
-    if not args.no_timing:
-        probe.time_sites(device=args.device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2, iters=5 if args.device == "cpu" else 20)
-    report = probe.report(model=workload.name, steps=args.steps, device=args.device)
+    away = target is not None and device.type == "cpu"  # the target's kernels do not run here
+    if away and not args.no_timing:
+        print(f"loka probe: not timing kernels: {target.describe()} is not this machine; `loka plan --device "
+              f"{target.name}` prices its kernels with its speed model", file=sys.stderr)
+    elif not args.no_timing:
+        probe.time_sites(device=str(device), progress=True, kernels=list(_split(args.kernels)) or None, warmup=2,
+                         iters=5 if device.type == "cpu" else 20)
+    report = probe.report(model=workload.name, steps=args.steps, device=str(device))
     paths = report.save(Path(args.out))
     print(report.to_markdown(paths["json"]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

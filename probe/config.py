@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loka.devices import get_target
 from loka.recipe import GEMMS, RECIPE_NAMES, Recipe, as_recipe
 
 DEFAULT_CANDIDATES = ("tensorwise", "rowwise", "blockwise", "mx")
@@ -67,6 +68,8 @@ class ProbeConfig:
       :meth:`Probe.measure_sensitivity` ran on >= 2 batches; None disables it).
     - ``overhead_budget``: if set (e.g. 0.05), a due sample is postponed while the probe's
       measured time would exceed this fraction of training time (see loka.probe.overhead).
+    - ``target``: the GPU the probe is for (``"b200"``, ``"mi300x"``; loka/devices.py): sites without
+      GPU timings are ranked by its speed model (default: the H100's), and the report names it.
     - ``background``: analyse a sampled step's captures on a worker thread while training
       goes on (same results; see :mod:`loka.probe.probe`); False analyses them in
       ``finish`` on the training thread.
@@ -89,6 +92,7 @@ class ProbeConfig:
     background: bool = True
     sensitivity_threshold: float | None = 2e-3
     seed: int = 0
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.confidence < 1:
@@ -103,6 +107,12 @@ class ProbeConfig:
             raise ValueError(f"sensitivity_threshold={self.sensitivity_threshold} must be > 0 (a relative loss change) or None")
         if self.capture_rows < 16:
             raise ValueError(f"capture_rows={self.capture_rows} must be >= 16")
+        if self.target is not None:
+            caps = get_target(self.target).caps  # raises naming the devices loka knows
+            foreign = [c for c in (*self.candidates, *self.predict) if isinstance(c, str) and not caps.runs(c)]
+            if foreign:
+                raise ValueError(f"candidates {foreign} do not run on {self.target}; use "
+                                 f"ProbeConfig.for_device({self.target!r}) for every recipe it runs")
         if not self.candidates:
             raise ValueError("candidates is empty; name at least one recipe, e.g. ('tensorwise',)")
         for c in (*self.candidates, *self.predict):
@@ -117,6 +127,11 @@ class ProbeConfig:
         for attr in ("include", "exclude"):
             if isinstance(getattr(self, attr), str):
                 raise ValueError(f"{attr} must be a tuple of glob patterns, not one string; write ({getattr(self, attr)!r},)")
+
+    @classmethod
+    def for_device(cls, name: str, **kw) -> "ProbeConfig":
+        """A config that measures every recipe GPU ``name`` runs (``"b200"``, ``"mi300x"``; loka/devices.py)."""
+        return cls(candidates=get_target(name).caps.recipes, target=name, **kw)
 
     def recipes(self) -> list[Recipe]:
         """Candidate recipes as :class:`loka.Recipe` objects (names resolved; bf16 dropped)."""

@@ -89,6 +89,7 @@ class ProbeReport:
             "",
             f"Sampled steps: {len(self.doc['sampled_steps'])} · confidence {cfg['confidence']:.0%} · "
             f"thresholds (relative GEMM error) {', '.join(f'{g} {t:g}' for g, t in cfg['thresholds'].items())}",
+            *target_line(self.doc["meta"], recipes),
             "",
             verdict_counts(self.sites),
             "",
@@ -148,6 +149,14 @@ def verdict_counts(sites: list[dict]) -> str:
             f"{unaligned} with a shape cuBLAS FP8 GEMMs refuse (⚠).**")
 
 
+def target_line(meta: dict, recipes: list[str]) -> list[str]:
+    """The GPU the report is for and the recipes (its formats side by side) measured for it."""
+    if not meta.get("target"):
+        return []
+    return [f"Target: {meta['target']} ({meta.get('target_arch', '?')}); every recipe it runs is measured, "
+            f"side by side: {', '.join(recipes)}"]
+
+
 def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
     """What a model owner runs next, most useful first; the last step is always the plan."""
     sites = report.sites
@@ -168,7 +177,12 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
                      "`loka.mods.padding.apply(model)` pads them (exact; `loka mods list` describes every mod), "
                      "then probe the padded model again.")
     timed = any(s["timings"] and s["timings"]["representative"] for s in sites)
-    if timed:
+    target = report.doc["meta"].get("target")
+    if target:
+        steps.append(f"`loka plan --report {json_path} --device {target} --out plan.json` chooses a kernel or bf16 "
+                     f"per GEMM among the recipes and kernels {target} runs"
+                     + ("." if timed else f", ranked by its speed model where this report has no {target} timings."))
+    elif timed:
         steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
     else:
         steps.append(f"`loka plan --report {json_path} --speed-model h100 --out plan.json` chooses a kernel or "

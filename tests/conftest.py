@@ -57,8 +57,27 @@ def _cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability()
 
 
+def _gpu_arch() -> str:
+    """``sm90``-style (NVIDIA) or ``gfx942``-style (ROCm) name of this machine's GPU; ``none`` without one."""
+    if not torch.cuda.is_available():
+        return "none"
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+# marker -> (GPU architectures it needs, what they are)
+ARCH_MARKERS = {
+    "requires_sm100": (("sm100", "sm103"), "a Blackwell GPU (sm_100: MXFP8/NVFP4 tensor cores)"),
+    "requires_gfx942": (("gfx942",), "an MI300-class GPU (gfx942: fnuz FP8 through hipBLASLt)"),
+    "requires_gfx950": (("gfx950",), "an MI350-class GPU (gfx950: OCP FP8 and MX through hipBLASLt)"),
+}
+
+
 def pytest_collection_modifyitems(config, items):
     cap = _cuda_capability()
+    arch = _gpu_arch() if cap is not None else "none"
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
     skip_sm89 = pytest.mark.skip(
         reason=f"needs an FP8 GPU (sm_89+); this machine has {'none' if cap is None else f'sm_{cap[0]}{cap[1]}'}"
@@ -66,8 +85,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and cap is None:
             item.add_marker(skip_cuda)
-        if "requires_sm89" in item.keywords and (cap is None or cap < (8, 9)):
+        if "requires_sm89" in item.keywords and (cap is None or cap < (8, 9) or torch.version.hip):
             item.add_marker(skip_sm89)
+        for marker, (archs, what) in ARCH_MARKERS.items():
+            if marker in item.keywords and arch not in archs:
+                item.add_marker(pytest.mark.skip(reason=f"needs {what}; this machine has {arch}"))
 
 
 @pytest.fixture

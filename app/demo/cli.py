@@ -6,6 +6,7 @@ import argparse
 
 from loka.app.demo import mlp as demo_mlp
 from loka.app.demo.ranker import DemoConfig, run
+from loka.devices import target_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer steps and held-out examples where not given (CPU: warm 60, probe 12, continue 30, "
                         "eval 16384): a shorter run on a slow or busy machine; the gate may then be inconclusive")
+    p.add_argument("--target", default=None, choices=target_names(),
+                   help="a GPU to probe and plan for (every recipe it runs, FP8 and FP4 side by side; emulated "
+                        "off that GPU); default: this device's recipes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -44,7 +48,7 @@ def _run_ranker(args: argparse.Namespace) -> int:
              "eval_examples": args.eval_examples}
     try:
         cfg = DemoConfig(size=args.size, device=args.device, out_dir=args.out, seed=args.seed, fp8=args.fp8,
-                         quick=args.quick, **given)
+                         quick=args.quick, target=args.target, **given)
     except ValueError as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback

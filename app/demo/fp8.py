@@ -13,12 +13,14 @@ runs (tensorwise or rowwise, lower error first), and says plainly that this mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from loka.convert import convert
+from loka.devices import get_target
 from loka.dispatch import apply_plan
+from loka.kernels import KERNELS
 from loka.dispatch.producers import apply_producers
 from loka.kernels.costmodel import H100_SXM, bf16_us, kernel_us
 from loka.recipe import gemm_shape
@@ -36,13 +38,32 @@ class Fp8Choice:
     note: str = ""
 
 
-def safe_site_recipes(report, keep: dict[str, str]) -> dict[str, str]:
-    """{fqn: recipe} of every accuracy-safe site not kept in bf16, with its lowest-error safe recipe."""
+def runnable_here(plan, device):
+    """``plan`` with every FP8 GEMM whose kernel cannot run on ``device`` moved to ``emulated``
+    (same recipe, same numerics: a B200 plan trained on a CPU or an H100), no longer bound to the
+    plan's GPU; the plan itself when all can run."""
+    def here(choice):
+        if not choice.is_fp8 or KERNELS.get(choice.kernel).available(device):
+            return choice
+        return replace(choice, kernel="emulated", reason=f"{choice.reason} [emulated here: {choice.kernel} needs "
+                                                          f"{plan.device.get('target', 'its GPU')}]")
+    sites = [replace(s, gemms={g: here(c) for g, c in s.gemms.items()}) for s in plan.sites]
+    if sites == plan.sites:
+        return plan
+    # emulated GEMMs run anywhere: the copy is no longer bound to the target's architecture
+    device = {k: v for k, v in plan.device.items() if k not in ("target", "arch")}
+    return replace(plan, sites=sites, device={**device, "emulating": plan.device.get("target", "")})
+
+
+def safe_site_recipes(report, keep: dict[str, str], target: str | None = None) -> dict[str, str]:
+    """{fqn: recipe} of every accuracy-safe site not kept in bf16, with its lowest-error safe recipe
+    (among the ``target`` GPU's recipes, else ``WHATIF_RECIPES``)."""
+    candidates = get_target(target).caps.recipes if target else WHATIF_RECIPES
     out = {}
     for s in report.sites:
         if s["fqn"] in keep or s["verdict"] != "safe" or s["in_features"] % 16 or s["out_features"] % 16:
             continue
-        safe = [r for r in WHATIF_RECIPES if s["recipe_verdicts"].get(r, {}).get("verdict") == "safe"]
+        safe = [r for r in candidates if s["recipe_verdicts"].get(r, {}).get("verdict") == "safe"]
         if safe:
             out[s["fqn"]] = min(safe, key=lambda r: max([e["ci_hi"] for e in s["errors"][r].values() if e["n"] > 0],
                                                         default=float("inf")))
@@ -73,7 +94,8 @@ def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -
     return bf16 / fp8 if fp8 > 0 else None
 
 
-def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str, sample=None) -> Fp8Choice:
+def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str, sample=None,
+               target: str | None = None) -> Fp8Choice:
     """Convert ``model`` in place: by the plan (its norm+quantize producers fused on ``sample``), or
     (``mode`` "safe-sites", or "auto" with an all-bf16 plan) every accuracy-safe site; returns what was done."""
 
@@ -85,7 +107,7 @@ def choose_fp8(model: nn.Module, plan, report, keep: dict[str, str], mode: str, 
             print(f"  {len(fused.changes)} norm+quantize producers fused (the norm emits the FP8 input)"
                   + "".join(f"\n  {fqn}: not fused ({why})" for fqn, why in fused.skipped))
         return Fp8Choice("plan", {f: "plan" for f in result.converted}, plan.totals()["speedup"])
-    recipes = safe_site_recipes(report, keep)
+    recipes = safe_site_recipes(report, keep, target)
     skipped = convert_safe_sites(model, recipes)
     recipes = {f: r for f, r in recipes.items() if f not in skipped}
     speedup = modelled_speedup(plan, recipes)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from loka import mods
-from loka.app.demo.fp8 import choose_fp8
+from loka.app.demo.fp8 import choose_fp8, runnable_here
+from loka.devices import detect_target, get_target
 from loka.dispatch.producers import producer_sites
 from loka.app.demo.summary import print_summary
 from loka.dispatch import Budget, plan
@@ -66,6 +67,9 @@ class DemoConfig:
     everything in bf16), ``"safe-sites"`` (every accuracy-safe site, see ``loka.app.demo.fp8``),
     or ``"auto"`` (the plan, unless it converts nothing). ``quick``: the steps and examples
     not given come from ``QUICK_STEPS_BY_DEVICE`` (a shorter run for a slow or busy machine).
+    ``target``: a GPU to probe and plan for (``"b200"``, ``"mi300x"``; loka/devices.py): the probe
+    measures every recipe it runs, FP8 and FP4 side by side per site, and the plan only those; off
+    that GPU its GEMMs run emulated (``loka.app.demo.fp8.runnable_here``). None: this device's defaults.
     """
 
     size: str = "auto"
@@ -82,6 +86,7 @@ class DemoConfig:
     seed: int = 0
     progress: bool = True
     quick: bool = False
+    target: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("warm_steps", "probe_steps", "probe_every", "continue_steps", "batch_size", "eval_examples",
@@ -93,6 +98,8 @@ class DemoConfig:
             raise ValueError(f"device={self.device!r} is not valid; use 'auto', 'cpu' or 'cuda'")
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"fp8={self.fp8!r} is not valid; use one of {', '.join(FP8_MODES)}")
+        if self.target is not None:
+            get_target(self.target)  # raises naming the GPUs loka knows
 
     def resolved(self) -> "DemoConfig":
         device = self.device
@@ -157,7 +164,9 @@ def probe_model(model: nn.Module, cfg: DemoConfig, out: Path, label: str, *, tim
         return total_loss(task_losses(m(batch), batch))
 
     schedule = SamplingSchedule(warmup=0, every=cfg.probe_every, max_samples=max(3, cfg.probe_steps // cfg.probe_every))
-    probe = Probe(work, ProbeConfig(schedule=schedule, seed=cfg.seed))
+    config = (ProbeConfig(schedule=schedule, seed=cfg.seed) if cfg.target is None else
+              ProbeConfig.for_device(cfg.target, schedule=schedule, seed=cfg.seed))
+    probe = Probe(work, config)
     workload = Workload(work, stream.batch, loss_fn, name=f"ranker-{cfg.size}")
     train_with_probe(workload, probe, cfg.probe_steps, lr=1e-4, device=cfg.device, autocast=cfg.device == "cuda",
                      progress=cfg.progress)
@@ -218,11 +227,17 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
     FP8 (loka.dispatch.producers.producer_sites), priced without that cast.
     """
 
+    target = get_target(cfg.target) if cfg.target else None
+    here = detect_target(cfg.device)
     speed = "h100" if cfg.device == "cpu" else "measured"
-    if cfg.device == "cpu":
-        print("timings: the H100 speed model for the FP8 kernels available here (CPU timings are not representative)")
+    if target is not None and (here is None or here.arch != target.arch):  # its kernels do not run here
+        speed = target.caps.speed_model
+    if speed != "measured":
+        why = "CPU timings are not representative" if cfg.device == "cpu" else f"this GPU is not a {cfg.target}"
+        print(f"timings: the {speed} speed model for the FP8 kernels {f'{target.name} runs' if target else 'available here'}"
+              f" ({why})")
     p = plan(report, Budget(), speed_model=speed, device=cfg.device, progress=cfg.progress, keep_bf16=keep,
-             producers=producers)
+             producers=producers, target=target)
     path = p.save(out / "plan.json")
     keep_path = out / "keep_bf16.json"
     keep_path.write_text(json.dumps(keep, indent=1, sort_keys=True))
@@ -232,7 +247,7 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
           f"{sum(s.producer is not None for s in p.sites)} of them are in FP8 in this plan")
     print(p.summary())
     print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
-          f"--producers {prod_path} --device {cfg.device} --out {path}")
+          f"--producers {prod_path} --device {cfg.target or cfg.device} --out {path}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
@@ -323,7 +338,8 @@ def run(cfg: DemoConfig | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _quiet_import_noise()
     torch.manual_seed(cfg.seed)
-    print(f"loka demo: ranker size {cfg.size} on {cfg.device}; results in {out}/")
+    print(f"loka demo: ranker size {cfg.size} on {cfg.device}{f' for {cfg.target}' if cfg.target else ''}; "
+          f"results in {out}/")
     if cfg.device == "cpu":
         print("(CPU: FP8 runs emulated and timings are measured but not representative of GPU speed; the plan is "
               "made for an H100 from a speed model)")
@@ -357,7 +373,7 @@ def run(cfg: DemoConfig | None = None) -> dict:
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
     plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"], producer_sites(modded, sample))
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
-    fp8 = choose_fp8(modded, plan, report, keep, cfg.fp8, sample)
+    fp8 = choose_fp8(modded, runnable_here(plan, cfg.device), report, keep, cfg.fp8, sample, cfg.target)
 
     label = "FP8 plan" if fp8.kind == "plan" else "FP8 (accuracy-safe sites)"
     stages.start(f"6. continue training {cfg.continue_steps} steps: bf16 and {label} side by side, same data")

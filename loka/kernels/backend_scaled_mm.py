@@ -1,9 +1,11 @@
-"""``scaled_mm``: cuBLASLt FP8 GEMMs through ``torch._scaled_mm``.
+"""``scaled_mm``: cuBLASLt (NVIDIA) / hipBLASLt (ROCm) FP8 GEMMs through ``torch._scaled_mm``.
 
 Takes tensorwise or rowwise recipes (both operands the same granularity),
 not e5m2 x e5m2, with K and N multiples of 16 (cuBLASLt's alignment rule; we
 apply it on CPU too so that a plan valid here is valid on a GPU). Runs on
-sm_89+ GPUs and on CPU with torch builds that implement FP8 ``_scaled_mm``.
+sm_89+ GPUs, on MI300/MI350 (ROCm), and on CPU with torch builds that implement FP8
+``_scaled_mm``. Element formats follow the device (loka/devices.py): OCP e4m3/e5m2 on
+NVIDIA and gfx950, the fnuz encodings on gfx942 (hipBLASLt; untested here), either on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +17,20 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no, quantized_out_dtype
+from loka.kernels.kernel import (
+    OCP_FP8,
+    YES,
+    GemmKernel,
+    Quantized,
+    Shape,
+    Support,
+    check_operands,
+    formats_problem,
+    no,
+    quantized_out_dtype,
+)
+
+FNUZ_FP8 = ("e4m3fnuz", "e5m2fnuz")
 
 ALIGN = 16
 
@@ -37,20 +52,41 @@ def _cpu_fp8_scaled_mm() -> Support:
 def _cuda_support(device: torch.device) -> Support:
     if not torch.cuda.is_available():
         return no("CUDA is not available")
+    if torch.version.hip:
+        arch = _rocm_arch(device)
+        return YES if arch in ("gfx942", "gfx950") else no(f"FP8 on ROCm needs gfx942/gfx950, this GPU is {arch}")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return no(f"FP8 tensor cores need sm_89+, this GPU is sm_{major}{minor}")
     return YES
 
 
-def scaled_mm_recipe_problem(recipe: GemmRecipe, who: str) -> str | None:
+def _rocm_arch(device: torch.device) -> str:
+    return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+
+
+def device_formats(device) -> tuple[str, ...]:
+    """The FP8 encodings ``torch._scaled_mm`` multiplies on ``device``: fnuz on gfx942, OCP on other
+    GPUs, both on CPU (the CPU kernel takes either)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return OCP_FP8 + FNUZ_FP8
+    if torch.version.hip and _rocm_arch(device) == "gfx942":
+        return FNUZ_FP8
+    return OCP_FP8
+
+
+def scaled_mm_recipe_problem(recipe: GemmRecipe, who: str, formats: tuple[str, ...] = OCP_FP8) -> str | None:
     """Why torch._scaled_mm (used by ``who``) cannot take ``recipe``, or None if it can."""
     if recipe.is_hp:
         return f"{who} runs FP8 GEMMs only; this GEMM is hp"
+    problem = formats_problem(recipe, formats, who)
+    if problem:
+        return problem
     ga, gb = recipe.a.granularity, recipe.b.granularity
     if ga != gb or ga not in ("tensorwise", "rowwise"):
         return f"{who} takes tensorwise or rowwise on both operands, got {ga} x {gb}"
-    if recipe.a.format == "e5m2" and recipe.b.format == "e5m2":
+    if recipe.a.format.startswith("e5m2") and recipe.b.format.startswith("e5m2"):
         return f"{who} (torch._scaled_mm) has no e5m2 x e5m2 GEMM"
     return None
 
@@ -70,7 +106,7 @@ class ScaledMMKernel(GemmKernel):
         return _cuda_support(device) if device.type == "cuda" else _cpu_fp8_scaled_mm()
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
-        problem = scaled_mm_recipe_problem(recipe, "scaled_mm")
+        problem = scaled_mm_recipe_problem(recipe, "scaled_mm", device_formats(device))
         if problem:
             return no(problem)
         m, k, n = shape

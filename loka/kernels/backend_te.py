@@ -36,7 +36,7 @@ import torch
 
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no
 
 ALIGN = 16
 _MIN_CAPABILITY = {"tensorwise": (8, 9), "blockwise": (9, 0), "mx": (10, 0)}
@@ -110,6 +110,9 @@ class TEKernel(GemmKernel):
         a, b = recipe.a, recipe.b
         if a.granularity != b.granularity or a.granularity not in _MIN_CAPABILITY:
             return no(f"te takes tensorwise, blockwise or mx on both operands, got {a.granularity} x {b.granularity}")
+        problem = formats_problem(recipe, OCP_FP8, "te")
+        if problem:
+            return no(problem)
         if a.format == "e5m2" and b.format == "e5m2":
             return no("te (cuBLASLt) has no e5m2 x e5m2 GEMM")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -246,6 +246,8 @@ class TorchaoMXKernel(_TorchaoBase):
             return no("torchao_mx's GEMM takes e4m3 x e4m3 elements only")
         if a.scaling != "dynamic" or b.scaling != "dynamic":
             return no("torchao_mx scales dynamically only")
+        if a.mx_scale_rule != b.mx_scale_rule:
+            return no("torchao_mx takes one MX scale rule for both operands")
         if dtype not in (torch.float32, torch.bfloat16):
             return no(f"torchao_mx casts float32/bfloat16 inputs, got {dtype}")
         m, k, n = shape
@@ -265,8 +267,11 @@ class TorchaoMXKernel(_TorchaoBase):
         if not ok or isinstance(b, Quantized):
             raise ValueError(f"torchao_mx cannot run this GEMM [M={m}, K={k}, N={n}]: {reason or 'pre-quantized b'}")
         out_dtype = out_dtype or a.dtype
-        # RCEIL rounds the e8m0 scale up, as loka's pow2 scales do (FLOOR, torchao's default, can saturate).
-        kw = dict(block_size=32, scaling_mode=ScaleCalculationMode.RCEIL, kernel_preference=KernelPreference.AUTO)
+        # The recipe's MX scale rule (loka.recipe.MX_SCALE_RULES): "floor" is torchao's FLOOR bit for bit
+        # (tests/core/test_mx_nvfp4.py); "round_up" is RCEIL, which rounds the e8m0 scale up as loka does
+        # (they can differ where amax / fmax rounds onto a power of two).
+        mode = ScaleCalculationMode.FLOOR if recipe.a.mx_scale_rule == "floor" else ScaleCalculationMode.RCEIL
+        kw = dict(block_size=32, scaling_mode=mode, kernel_preference=KernelPreference.AUTO)
         a_mx = MXTensor.to_mx(a.contiguous(), torch.float8_e4m3fn, **kw)
         b_mx = MXTensor.to_mx(b.contiguous(), torch.float8_e4m3fn, **kw)
         return torch.mm(a_mx, b_mx.t()).to(out_dtype)  # [M, K] · [K, N] -> [M, N] (bf16 from cuBLAS)

@@ -36,6 +36,13 @@ Known miss, a strict xfail in the test: the H100 statement that per-call
 quantized FP8 loses at M=8192 K=N=4096 while it wins at M=32768 K=N>=2048 (same
 FLOPs, more bytes to cast) cannot both hold in this model.
 
+``B200`` and ``MI300X`` (and ``MI350X``) are not fitted to anything: their peaks are the vendors'
+published dense figures (NVIDIA HGX B200: bf16 2.25, FP8 4.5, FP4 9 PFLOP/s, HBM3e 8 TB/s; AMD
+Instinct MI300X: bf16 1307, FP8 2615 TFLOP/s, HBM3 5.3 TB/s; MI350X: bf16 2.3, FP8 4.6, MXFP4 9.2
+PFLOP/s, 8 TB/s), the other constants the H100's. Their names say "spec, not measured", and so does
+every table that shows them, until a measured calibration replaces them. FP4 GEMMs (``e2m1``
+operands) run at ``fp4_tflops`` and read half a byte per element.
+
 Everything it returns is labelled ``source: model`` and ``representative:
 false``: it ranks kernels sensibly, it does not replace measuring on the GPU.
 """
@@ -67,12 +74,13 @@ class DeviceModel:
     triton_requant_gelems: float = 500.0
     triton_block_n: int = 256
     fused_efficiency: float = 1.0
+    fp4_tflops: float = 0.0  # 0: no FP4 tensor cores (an FP4 GEMM is priced at the FP8 rate)
 
     def __post_init__(self) -> None:
         for f in ("bf16_tflops", "fp8_tflops", "hbm_tbps", "triton_requant_gelems"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"DeviceModel.{f} must be > 0, got {getattr(self, f)}")
-        for f in ("launch_us", "fp8_setup_us", "k_half_bf16", "k_half_fp8", "quant_launch_us", "eager_quant_bytes",
+        for f in ("fp4_tflops", "launch_us", "fp8_setup_us", "k_half_bf16", "k_half_fp8", "quant_launch_us", "eager_quant_bytes",
                   "triton_overhead_us"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"DeviceModel.{f} must be >= 0, got {getattr(self, f)}")
@@ -87,7 +95,14 @@ H100_SXM = DeviceModel("H100 SXM (speed model)", bf16_tflops=735.0, fp8_tflops=1
 # peaks are asymptotic (K -> inf): the measured 8192x4096x4096 throughputs are 800 (bf16) and 1353 (FP8) TFLOP/s.
 H200_SXM = DeviceModel("H200 SXM (speed model)", bf16_tflops=834.0, fp8_tflops=1512.0, hbm_tbps=4.3,
                        launch_us=18.0, fp8_setup_us=10.0, quant_launch_us=10.0, k_half_bf16=176.0, k_half_fp8=256.0)
-DEVICE_MODELS = {"h100": H100_SXM, "h200": H200_SXM}
+# Published peaks only (module doc): spec, not measured.
+B200_SPEC = DeviceModel("B200 (spec, not measured)", bf16_tflops=2250.0, fp8_tflops=4500.0, hbm_tbps=8.0,
+                        fp4_tflops=9000.0)
+MI300X_SPEC = DeviceModel("MI300X (spec, not measured)", bf16_tflops=1307.4, fp8_tflops=2614.9, hbm_tbps=5.3)
+MI350X_SPEC = DeviceModel("MI350X (spec, not measured)", bf16_tflops=2300.0, fp8_tflops=4600.0, hbm_tbps=8.0,
+                          fp4_tflops=9200.0)
+DEVICE_MODELS = {"h100": H100_SXM, "h200": H200_SXM, "b200": B200_SPEC, "mi300x": MI300X_SPEC,
+                 "mi350x": MI350X_SPEC}
 
 HP_BYTES, FP8_BYTES, OUT_BYTES = 2, 1, 2
 
@@ -103,11 +118,15 @@ def bf16_us(m: int, k: int, n: int, dev: DeviceModel = H100_SXM) -> float:
     return max(dev.launch_us, _work_us(flops, HP_BYTES * (m * k + n * k + m * n), dev.bf16_tflops, dev.hbm_tbps))
 
 
-def fp8_gemm_us(m: int, k: int, n: int, dev: DeviceModel = H100_SXM, *, a_bytes: int = FP8_BYTES, efficiency: float = 1.0) -> float:
-    """FP8 GEMM on already-quantized operands (``a_bytes=2``: ``a`` read in hp and cast in-kernel)."""
+def fp8_gemm_us(m: int, k: int, n: int, dev: DeviceModel = H100_SXM, *, a_bytes: float = FP8_BYTES, efficiency: float = 1.0,
+                fp4: bool = False) -> float:
+    """FP8 GEMM on already-quantized operands (``a_bytes=2``: ``a`` read in hp and cast in-kernel);
+    ``fp4``: both operands FP4, at ``fp4_tflops`` where the device has it."""
     flops = 2 * m * k * n * (k + dev.k_half_fp8) / k
-    bytes_ = a_bytes * m * k + FP8_BYTES * n * k + OUT_BYTES * m * n
-    return dev.fp8_setup_us + max(dev.launch_us, _work_us(flops, bytes_, dev.fp8_tflops * efficiency, dev.hbm_tbps))
+    b_bytes = FP8_BYTES / 2 if fp4 else FP8_BYTES
+    bytes_ = a_bytes * m * k + b_bytes * n * k + OUT_BYTES * m * n
+    peak = dev.fp4_tflops if fp4 and dev.fp4_tflops else dev.fp8_tflops
+    return dev.fp8_setup_us + max(dev.launch_us, _work_us(flops, bytes_, peak * efficiency, dev.hbm_tbps))
 
 
 def quantize_us(rows: int, cols: int, dev: DeviceModel = H100_SXM, *, amax_pass: bool = True, compiled: bool = True) -> float:
@@ -151,7 +170,9 @@ def kernel_us(kernel: str, recipe, gemm: str, m: int, k: int, n: int, dev: Devic
         return triton_us(m, k, n, dev) + quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=False)
     quant_a = 0.0 if a_in_producer else quantize_us(m, k, dev, amax_pass=g.a.scaling == "dynamic", compiled=compiled)
     quant_b = 0.0 if b_cached else quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=compiled)
-    return fp8_gemm_us(m, k, n, dev) + quant_a + quant_b
+    fp4 = g.a.format == "e2m1" and g.b.format == "e2m1"
+    gemm_us = fp8_gemm_us(m, k, n, dev, a_bytes=FP8_BYTES / 2, fp4=True) if fp4 else fp8_gemm_us(m, k, n, dev)
+    return gemm_us + quant_a + quant_b
 
 
 def model_site_timings(shape: tuple[int, int, int], recipes, kernels: list[str], dev: DeviceModel = H100_SXM) -> dict:

@@ -107,6 +107,17 @@ class GemmKernel(ABC):
         return f"<{type(self).__name__} {self.name} ({self.backend})>"
 
 
+OCP_FP8 = ("e4m3", "e5m2")  # the encodings NVIDIA GPUs (and MI350) multiply; MI300's are the fnuz ones
+
+
+def formats_problem(recipe: GemmRecipe, allowed: tuple[str, ...], who: str) -> str | None:
+    """Why ``who`` cannot take the element formats of ``recipe``'s operands (None if it can)."""
+    bad = [op.format for op in (recipe.a, recipe.b) if not op.is_hp and op.format not in allowed]
+    if bad:
+        return f"{who} takes {'/'.join(allowed)} elements, not {'/'.join(dict.fromkeys(bad))}"
+    return None
+
+
 def quantized_out_dtype(a: torch.Tensor | Quantized) -> torch.dtype:
     """``mm``'s default output dtype: ``a``'s; a pre-quantized ``a`` has none to give."""
     if isinstance(a, Quantized):

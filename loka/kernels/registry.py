@@ -2,10 +2,12 @@
 
 Optional backends (torchao, Transformer Engine, Triton) register here too;
 whether they can run on this machine is asked lazily through ``available()``.
+Which device runs which of them natively is loka/devices.py's table (``DeviceCaps.kernels``).
 """
 
 from __future__ import annotations
 
+from loka.kernels.backend_block_scaled import ScaledMMMXKernel, ScaledMMNVFP4Kernel
 from loka.kernels.backend_reference import Bf16Kernel, EmulatedKernel
 from loka.kernels.backend_scaled_mm import ScaledMMFastAccumKernel, ScaledMMKernel
 from loka.kernels.backend_torchao import (
@@ -24,6 +26,8 @@ for _kernel in (
     EmulatedKernel(),
     ScaledMMKernel(),
     ScaledMMFastAccumKernel(),
+    ScaledMMMXKernel(),
+    ScaledMMNVFP4Kernel(),
     TorchaoKernel(),
     TorchaoFastAccumKernel(),
     TorchaoBlockwiseKernel(),

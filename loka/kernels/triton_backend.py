@@ -35,7 +35,7 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no
 from loka.kernels.triton_gemm import fp8_mm_fused_quant, triton_available
 
 GRANULARITIES = ("tensorwise", "rowwise")
@@ -63,6 +63,9 @@ class TritonFusedQuantKernel(GemmKernel):
                 return no(f"triton needs both operands in FP8; {side} is hp")
             if op.granularity not in GRANULARITIES:
                 return no(f"triton takes tensorwise or rowwise scaling, {side} is {op.granularity}")
+        problem = formats_problem(recipe, OCP_FP8, "triton")
+        if problem:
+            return no(problem)
         if recipe.a.nonfinite == "raise":
             return no("triton skips NaN/Inf inside the kernel and cannot honour nonfinite='raise' on a")
         if dtype not in DTYPES:

@@ -247,7 +247,7 @@ def test_nd_rowwise_scale_shape():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="unknown FP8 format"):
+    with pytest.raises(ValueError, match="unknown element format"):
         quantize(torch.randn(4, 4), "e3m4")
     with pytest.raises(ValueError, match="granularity"):
         quantize(torch.randn(4, 4), "e4m3", "columnwise")

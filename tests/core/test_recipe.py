@@ -7,7 +7,10 @@ import pytest
 from loka.recipe import RECIPE_NAMES, GemmRecipe, OperandRecipe, Recipe, as_recipe
 
 
-@pytest.mark.parametrize("name", [n for n in RECIPE_NAMES if n != "bf16"])
+OCP_FP8_NAMES = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise", "mx")
+
+
+@pytest.mark.parametrize("name", OCP_FP8_NAMES)
 @pytest.mark.parametrize("scaling", ["dynamic", "delayed", "static"])
 def test_named_recipes_default_formats(name, scaling):
     r = Recipe.from_name(name, scaling=scaling)
@@ -19,6 +22,48 @@ def test_named_recipes_default_formats(name, scaling):
         assert r.wgrad.is_hp and not r.fprop.is_hp
     else:
         assert r.operand("wgrad", "grad_output").format == "e5m2"
+
+
+# name -> (granularity, input/weight format, grad_output format, block, mx rule, grad_output rounding)
+NEW_RECIPES = {
+    "mxfp8": ("mx", "e4m3", "e4m3", (1, 32), "round_up", "nearest"),
+    "mxfp8_floor": ("mx", "e4m3", "e4m3", (1, 32), "floor", "nearest"),
+    "nvfp4": ("nvfp4", "e2m1", "e2m1", (1, 16), "round_up", "nearest"),
+    "nvfp4_sr": ("nvfp4", "e2m1", "e2m1", (1, 16), "round_up", "stochastic"),
+    "tensorwise_fnuz": ("tensorwise", "e4m3fnuz", "e5m2fnuz", (1, 128), "round_up", "nearest"),
+    "rowwise_fnuz": ("rowwise", "e4m3fnuz", "e5m2fnuz", (1, 128), "round_up", "nearest"),
+}
+
+
+def test_every_named_recipe_is_covered():
+    assert set(RECIPE_NAMES) == {*OCP_FP8_NAMES, *NEW_RECIPES, "bf16"}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_RECIPES))
+def test_device_recipes(name):
+    gran, fmt, grad_fmt, block, rule, grad_rounding = NEW_RECIPES[name]
+    r = as_recipe(name)
+    for gemm, role in (("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output"), ("wgrad", "input")):
+        op = r.operand(gemm, role)
+        assert (op.granularity, op.block, op.mx_scale_rule) == (gran, block, rule)
+        assert op.format == (grad_fmt if role == "grad_output" else fmt)
+        assert op.rounding == (grad_rounding if role == "grad_output" else "nearest")
+    assert as_recipe(r.name) == r  # the name alone rebuilds it (plans store names)
+
+
+def test_fp4_recipe_validation():
+    with pytest.raises(ValueError, match="format='e2m1'"):
+        OperandRecipe(format="e4m3", granularity="nvfp4", block=(1, 16))
+    with pytest.raises(ValueError, match="takes granularity 'nvfp4' or 'mx'"):
+        OperandRecipe(format="e2m1", granularity="rowwise")
+    with pytest.raises(ValueError, match="block=\\(1, 16\\)"):
+        OperandRecipe(format="e2m1", granularity="nvfp4")
+    with pytest.raises(ValueError, match="scaling='dynamic'"):
+        Recipe.from_name("nvfp4", scaling="delayed")
+    with pytest.raises(ValueError, match="mx_scale_rule"):
+        OperandRecipe(granularity="mx", mx_scale_rule="nearest")
+    assert "floor" in as_recipe("mxfp8_floor").fprop.describe()
+    assert "/sr" in as_recipe("nvfp4_sr").dgrad.describe() and "/sr" not in as_recipe("nvfp4_sr").fprop.describe()
 
 
 def test_granularity_blocks():

@@ -54,6 +54,7 @@ def test_doctor_lists_every_kernel_with_a_status():
     for kernel in KERNELS:
         assert kernel.name in text
     assert "te: not installed" in text and "torch" in text and "device: cpu" in text
+    assert "target: none detected" in text and "--device b200" in text
 
 
 def _run(argv) -> int:

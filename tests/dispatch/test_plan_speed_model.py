@@ -121,5 +121,5 @@ def test_cli_bad_keep_bf16_file_is_one_line_exit_2(toy_report, tmp_path, capsys,
 
 
 def test_unknown_speed_model_is_refused_with_the_choices(toy_report):
-    with pytest.raises(ValueError, match="speed model 'a100' is not known; use one of h100, h200, measured"):
+    with pytest.raises(ValueError, match="speed model 'a100' is not known; use one of b200, h100, h200, mi300x, mi350x, measured"):
         plan(str(toy_report), speed_model="a100", progress=False)
