@@ -138,20 +138,29 @@ class GateResult:
         """Strict JSON (non-finite floats written as "inf" / "-inf" / "nan")."""
         return dumps(self.to_dict(), indent=indent)
 
+    def _method(self) -> str:
+        if any(c.unit in _RUN_UNITS for c in self.checks):
+            return "t-interval over runs with the eval-set bootstrap,"
+        return "paired bootstrap"
+
     def _advice(self) -> str:
         """What would decide the inconclusive checks: more examples, probe samples, runs or pairs."""
-        units = {c.unit or (" probe samples" if c.kind == "site" else "") for c in self.checks if c.verdict == INCONCLUSIVE}
+        undecided = [c for c in self.checks if c.verdict == INCONCLUSIVE]
+        # a replicate check without a count is limited by the eval set: more examples, not more runs
+        units = {(c.unit if c.n_needed or c.unit not in _RUN_UNITS else "") or (" probe samples" if c.kind == "site"
+                 else "") for c in undecided}
         more = {"": "evaluate on more examples", " probe samples": "probe more samples",
                 " pairs": "train more baseline/candidate pairs (same seed and data order within a pair)",
                 " runs a side": "train more runs a side (or pair the runs: --paired)"}
-        return "; ".join(more.get(u, f"add{u}") for u in sorted(units)) + " (see 'need n=')"
+        see = " (see 'need n=')" if any(c.n_needed for c in undecided) else ""
+        return "; ".join(more.get(u, f"add{u}") for u in sorted(units)) + see
 
     def table(self) -> str:
         """Readable summary: one row per check with its interval, budget and verdict."""
         pct = round(self.confidence * 100)
         head = (
             f"loka gate: {self.verdict.upper()}  baseline={self.baseline}  candidate={self.candidate}  "
-            f"({self.n_examples} examples, paired bootstrap {pct}% CI, {self.n_boot} resamples)"
+            f"({self.n_examples} examples, {self._method()} {pct}% CI, {self.n_boot} resamples)"
         )
         if self.verdict == IDENTICAL:
             return "\n".join([head, "", _IDENTICAL_TEXT.format(n=self.n_examples)] + [f"note: {n}" for n in self.notes])
@@ -189,6 +198,7 @@ class GateResult:
         return "\n".join(lines)
 
 
+_RUN_UNITS = (" pairs", " runs a side")
 _IDENTICAL_TEXT = (
     "no verdict: baseline and candidate predicted identical probabilities on all {n} examples, so there is "
     "no change to gate. Are they the same model? (A plan that keeps every site in bf16 converts nothing; "

@@ -190,6 +190,7 @@ def test_eval_set_limited_replicates_say_so():
     check = res.checks[0]
     assert check.verdict == "inconclusive" and check.n_needed is None, res.table()
     assert "the eval set limits it" in res.table()
+    assert "evaluate on more examples" in res.table().splitlines()[-1] and "train more" not in res.table()
 
 
 def test_paired_replicates_need_one_candidate_per_baseline():
