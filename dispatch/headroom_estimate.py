@@ -1,0 +1,61 @@
+"""``estimate_headroom``: the whole answer (regimes, per arch, what a plan captures, levers) as one JSON doc.
+
+The document is what ``loka headroom`` prints, ``loka plan`` summarizes and the probe report shows
+(``loka.probe.headroom_section`` renders it: the probe layer gets the document, not this code).
+"""
+
+from __future__ import annotations
+
+from loka.dispatch.headroom import (ALL_PRODUCERS, REGIMES, HeadroomOptions, captured, price_regime, regime_summary,
+                                    saved_ms, step_parts_ms)
+from loka.dispatch.headroom_census import StepCensus
+from loka.dispatch.headroom_levers import levers
+from loka.dispatch.plans import Plan
+from loka.kernels.costmodel import CALIBRATED_REGIONS, DeviceModel
+
+HEADROOM_KIND = "loka.headroom"
+
+
+def _step(parts: dict[str, float], opts: HeadroomOptions) -> tuple[float, str]:
+    if opts.bf16_step_ms is not None:
+        return opts.bf16_step_ms, f"measured: {opts.step_source}"
+    rest = parts["optimizer"] + parts["embedding"] + parts["elementwise"]
+    return parts["gemm"] + parts["bmm"] + parts["attention"] + rest, (
+        "model: GEMMs and attention at the device model's peaks, optimizer, embedding update and eager "
+        "elementwise work at its bandwidth (no launch gaps, no data loading: a lower bound of the real step)")
+
+
+def estimate_headroom(census: StepCensus, dev: DeviceModel, opts: HeadroomOptions | None = None,
+                      plan: Plan | None = None) -> dict:
+    """The headroom of ``census`` on ``dev``: per regime the bound and step speed-up as bands, per arch,
+    what ``plan`` captures, and the levers (``loka.dispatch.headroom_levers``). JSON-ready."""
+    opts = opts or HeadroomOptions()
+    unknown = sorted(set(opts.producers) - {s.fqn for s in census.sites})
+    if unknown:
+        raise ValueError(f"producers names sites the census does not have: {unknown[:5]}; "
+                         "use the fqns of the recorded model (loka.dispatch.producers.producer_sites finds them)")
+    parts = step_parts_ms(census, dev, opts)
+    core = parts["gemm"] + parts["bmm"] + parts["attention"]
+    step, step_source = _step(parts, opts)
+    notes = []
+    if opts.bf16_step_ms is not None and step < core:
+        notes.append(f"the measured step ({step:.3g} ms) is shorter than the modelled GEMMs + attention ({core:.3g} ms): "
+                     "the speed model is slower than this device; the step figures are conservative")
+        step = max(step, core)
+    prices = {r: price_regime(census, r, dev, opts) for r in (*REGIMES, ALL_PRODUCERS)}
+    regimes = {r: regime_summary(p, core, step) for r, p in prices.items()}
+    doc = {"kind": HEADROOM_KIND, "model": census.label, "device_model": dev.name,
+           "assumptions": {"attention_efficiency": opts.attention_efficiency, "min_width": opts.min_width,
+                           "recompute": opts.recompute, "producers": dict(sorted(dict(opts.producers).items()))},
+           "step": {"bf16_ms": step, "source": step_source, "parts_ms": parts, "core_ms": core},
+           "regimes": regimes, "captured": None, "notes": notes + list(census.notes),
+           "calibration": _calibration_lines(dev)}
+    if plan is not None:
+        doc["captured"] = captured(prices["producers"], plan, saved_ms(prices["producers"]))
+    doc["levers"] = levers(census, dev, opts, prices, parts, step, plan)
+    return doc
+
+
+def _calibration_lines(dev: DeviceModel) -> list[str]:
+    regions = CALIBRATED_REGIONS.get(dev.name, ())
+    return [r.describe() for r in regions] or [f"{dev.name} has no measured region: every figure is extrapolated"]
