@@ -57,5 +57,10 @@ def estimate_headroom(census: StepCensus, dev: DeviceModel, opts: HeadroomOption
 
 
 def _calibration_lines(dev: DeviceModel) -> list[str]:
-    regions = CALIBRATED_REGIONS.get(dev.name, ())
-    return [r.describe() for r in regions] or [f"{dev.name} has no measured region: every figure is extrapolated"]
+    """One line per measured extent (kernels sharing it named together)."""
+    extents: dict[tuple, list[str]] = {}
+    for r in CALIBRATED_REGIONS.get(dev.name, ()):
+        extents.setdefault((r.m, r.k, r.n, r.source), []).append(r.kernel)
+    return ([f"{' and '.join(kernels)} measured at M {m[0]}-{m[1]}, K {k[0]}-{k[1]}, N {n[0]}-{n[1]} ({src})"
+             for (m, k, n, src), kernels in extents.items()]
+            or [f"{dev.name} has no measured region: every figure is extrapolated"])
