@@ -86,3 +86,10 @@ def headroom_markdown(doc: dict | None, level: int = 2, max_levers: int = 12) ->
     if doc.get("notes"):
         lines += ["", *(f"- {n}" for n in doc["notes"])]
     return lines + [""]
+
+
+def with_headroom(report, doc: dict):
+    """A copy of probe ``report`` carrying the headroom document ``doc`` (its Markdown and HTML show it)."""
+    if not isinstance(doc, dict) or doc.get("kind") != "loka.headroom":
+        raise ValueError("with_headroom takes the document of loka.dispatch.headroom_estimate.estimate_headroom")
+    return type(report)({**report.doc, "headroom": doc})
