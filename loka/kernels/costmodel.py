@@ -166,7 +166,9 @@ def model_site_timings(shape: tuple[int, int, int], recipes, kernels: list[str],
             for name in kernels:
                 t = kernel_us(name, recipe, gemm, gm, gk, gn, dev) / 1e3
                 out["entries"].append({"gemm": gemm, "kernel": name, "recipe": as_recipe(recipe).name,
-                                       "median_ms": t, "p10_ms": t, "p90_ms": t, "iters": 0})
+                                       "median_ms": t, "p10_ms": t, "p90_ms": t, "iters": 0,
+                                       "extrapolated": is_extrapolated(dev, name, gm, gk, gn)
+                                       or is_extrapolated(dev, "bf16", gm, gk, gn)})
     return out
 
 

@@ -168,3 +168,21 @@ def test_record_gemms_sees_linears_bmm_and_elementwise_on_fake_tensors():
     assert sites["(root)"] == GemmSite("(root)", 8, 5, 8, kind="bmm", batch=16)
     assert rec["elementwise_fwd_bytes"] >= 2 * 80 * 8 * 4  # the norm read and wrote [80, 8] fp32 at least
     assert rec["fused_fwd_bytes"] == 2.0 * (80 * 24 + 80 * 8)
+
+
+def test_plan_reason_says_when_a_modelled_win_is_extrapolated():
+    """A site planned on speed-model timings outside the measured region says so in its reason."""
+    from dispatch_report_fixtures import report, site
+
+    from loka.dispatch.planner import plan
+    from loka.kernels.costmodel import model_site_timings
+
+    far = model_site_timings((2**20, 1024, 1024), ["rowwise"], ["scaled_mm"], H200_SXM)  # a million rows
+    near = model_site_timings((8192, 8192, 8192), ["rowwise"], ["scaled_mm"], H200_SXM)
+    assert all(e["extrapolated"] for e in far["entries"]) and not any(e["extrapolated"] for e in near["entries"])
+    doc = report(site("far", 1024, 1024, m=2**20), site("near", 8192, 8192, m=8192))
+    p = plan(doc, timings={"far": far, "near": near}, device="cpu", progress=False,
+             kernels=["scaled_mm"], producers={"far": "norm_quant"})
+    fprop = {s.fqn: s.gemms["fprop"] for s in p.sites}
+    assert fprop["far"].is_fp8 and "extrapolated outside its measured range" in fprop["far"].reason
+    assert fprop["near"].is_fp8 and "extrapolated" not in fprop["near"].reason
