@@ -20,10 +20,13 @@ import torch
 
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.headroom_estimate import plan_headroom
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
 from loka.kernels import KERNELS
+from loka.kernels.costmodel import DEVICE_MODELS
+from loka.probe.headroom_section import headroom_summary
 from loka.recipe import RECIPE_NAMES, as_recipe
 
 
@@ -141,8 +144,20 @@ def _plan(args) -> int:
         return 2
     p.save(args.out)
     print(p.summary())
+    print(_headroom_line(p, args))
     print(f"wrote {args.out}")
     return 0
+
+
+def _headroom_line(p, args) -> str:
+    """What FP8 could save at the plan's sites on the planned-for GPU's speed model, and what the plan takes."""
+    name = args.speed_model or next((k for k in DEVICE_MODELS if k.upper() in str(p.device.get("name", "")).upper()), None)
+    if args.m_buckets or name not in DEVICE_MODELS:
+        return ("FP8 headroom: not estimated here (training plans on an H100/H200, or with --speed-model h100|h200; "
+                "`loka headroom` prices a whole step)")
+    step = args.bf16_step_ms
+    doc = plan_headroom(p, DEVICE_MODELS[name], step, "given on the command line (--bf16-step-ms)" if step else "")
+    return headroom_summary(doc) + " (the plan's sites only; `loka headroom` prices the whole step)"
 
 
 def _keep_bf16(path: str) -> dict[str, str]:

@@ -30,7 +30,8 @@ _BMM = {_aten.bmm.default: (0, 1), _aten.baddbmm.default: (1, 2)}
 _MM = {_aten.mm.default, _aten.addmm.default, *_BMM}
 _FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze", "slice",
          "select", "alias", "detach", "empty", "empty_like", "zeros", "ones", "full", "arange", "as_strided",
-         "split", "split_with_sizes", "unbind", "lift_fresh", "_to_copy_meta"}
+         "split", "split_with_sizes", "unbind", "lift_fresh", "new_empty", "new_empty_strided", "empty_strided"}
+_FILLS = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "fill")  # write, read nothing
 _ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")
 
 
@@ -114,8 +115,9 @@ class _StepRecorder(TorchDispatchMode):
             weight, ids = args[0], args[1]
             self.embedding["embedding_lookups"] += int(ids.numel())
             self.embedding.update(embedding_dim=int(weight.shape[-1]), embedding_bytes=weight.element_size())
-        elif func not in _MM and name not in _FREE and not any(t in name for t in _ATTENTION):
-            self.elementwise_bytes += _bytes(args) + _bytes(out)
+        elif (func not in _MM and name not in _FREE and _bytes(out) > 0  # metadata queries return no tensor
+              and not any(t in name for t in _ATTENTION)):
+            self.elementwise_bytes += _bytes(out) + (0.0 if name.startswith(_FILLS) else _bytes(args))
         return out
 
 

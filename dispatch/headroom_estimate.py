@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from loka.dispatch.headroom import (ALL_PRODUCERS, REGIMES, HeadroomOptions, captured, price_regime, regime_summary,
                                     saved_ms, step_parts_ms)
-from loka.dispatch.headroom_census import StepCensus
+from loka.dispatch.headroom_census import GemmSite, StepCensus
 from loka.dispatch.headroom_levers import levers
 from loka.dispatch.plans import Plan
 from loka.kernels.costmodel import CALIBRATED_REGIONS, DeviceModel
@@ -64,3 +64,13 @@ def _calibration_lines(dev: DeviceModel) -> list[str]:
     return ([f"{' and '.join(kernels)} measured at M {m[0]}-{m[1]}, K {k[0]}-{k[1]}, N {n[0]}-{n[1]} ({src})"
              for (m, k, n, src), kernels in extents.items()]
             or [f"{dev.name} has no measured region: every figure is extrapolated"])
+
+
+def plan_headroom(plan: Plan, dev: DeviceModel, bf16_step_ms: float | None = None, step_source: str = "") -> dict:
+    """The headroom of a plan's own sites (GEMMs only: a plan knows no attention, bmm or rest of the
+    step), with the plan's producers, and what the plan captures of it. ``loka plan`` prints its summary."""
+    sites = tuple(GemmSite(s.fqn, max(int(s.m), 1), s.in_features, s.out_features) for s in plan.sites)
+    census = StepCensus(sites, label="the plan's sites (GEMMs only; `loka headroom` prices the whole step)")
+    producers = {s.fqn: s.producer for s in plan.sites if s.producer}
+    opts = HeadroomOptions(producers=producers, bf16_step_ms=bf16_step_ms, step_source=step_source)
+    return estimate_headroom(census, dev, opts, plan)

@@ -186,3 +186,21 @@ def test_plan_reason_says_when_a_modelled_win_is_extrapolated():
     fprop = {s.fqn: s.gemms["fprop"] for s in p.sites}
     assert fprop["far"].is_fp8 and "extrapolated outside its measured range" in fprop["far"].reason
     assert fprop["near"].is_fp8 and "extrapolated" not in fprop["near"].reason
+
+
+def test_plan_cli_prints_the_headroom_of_its_sites_and_what_it_captures(tmp_path, capsys):
+    from dispatch_report_fixtures import report, site
+
+    from loka.dispatch.cli import register
+    import argparse
+
+    rep = tmp_path / "probe.json"
+    rep.write_text(json.dumps(report(site("big", 8192, 8192, m=8192), site("small", 256, 256, m=8192))))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", "--report", str(rep), "--speed-model", "h200", "--device", "cpu",
+                              "--out", str(tmp_path / "plan.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("FP8 headroom"))
+    assert "H200 SXM" in line and "this plan captures" in line and "the plan's sites only" in line
