@@ -23,7 +23,7 @@ def _step(parts: dict[str, float], opts: HeadroomOptions) -> tuple[float, str]:
     return parts["gemm"] + parts["bmm"] + parts["attention"] + rest, (
         "model: GEMMs and attention at the device model's peaks, optimizer, embedding update and eager "
         "elementwise work at its bandwidth, no launch gaps or data loading: a lower bound of the real step, so its "
-        "speed-ups are upper bounds (bench/results: the base ranker's measured step is 10x this model's); "
+        "speed-ups are upper bounds (bench/results: the base ranker's measured step is over 10x this model's); "
         "give the measured bf16 step to anchor them")
 
 

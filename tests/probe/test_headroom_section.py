@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
-import subprocess
-
 import pytest
 import torch
 
@@ -17,6 +12,7 @@ from loka.kernels.costmodel import H200_SXM
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.headroom_section import band, headroom_markdown, with_headroom
 from loka.probe.report import ProbeReport
+from browser import check_page
 from probe_toy import ToyMLP, loss_fn, make_batch
 
 
@@ -68,14 +64,6 @@ def test_report_without_headroom_has_no_section(report):
     assert headroom_markdown(None) == []
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed and scripts/setup.sh could not install it "
-                    "(needs root and apt-get): `apt-get install -y chromium`")
-    return exe
-
-
 _CHECK = """<script>
 window.__errors = [];
 window.addEventListener('error', e => window.__errors.push(String(e.message || e)), true);
@@ -90,16 +78,7 @@ window.addEventListener('load', () => {
 
 
 def test_headroom_section_renders_in_a_real_browser(report, headroom, tmp_path):
-    exe = _chromium()
-    page = report.to_html()
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.replace("<head>", "<head>" + _CHECK, 1))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
-    run = subprocess.run([exe, *flags, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    m = re.search(r'<pre id="loka-check">(.*?)</pre>', run.stdout, re.S)
-    assert m, f"chromium did not finish loading the page:\n{run.stderr[-2000:]}"
-    result = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    result, _ = check_page(report.to_html(), _CHECK, tmp_path)
     assert result["errors"] == []
     assert any(h.startswith("FP8 headroom: toy ranker") for h in result["h"])
     assert "Per arch (ms saved)" in result["h"] and "What to change, largest modelled gain first" in result["h"]
