@@ -99,7 +99,8 @@ def step_levers(parts: dict[str, float]) -> list[dict]:
     return [
         _lever("fusion", "eager elementwise passes (norms, activations, casts)", None,
                f"{parts['elementwise']:.3g} ms at full bandwidth eager; fused to one read/write per GEMM operand "
-               f"{parts['elementwise_fused']:.3g} ms (model)", "torch.compile (loka's kernels compile)", (fusion, fusion)),
+               f"{parts['elementwise_fused']:.3g} ms (model; a step already compiled has taken part of it)",
+               "torch.compile (loka's kernels compile)", (fusion, fusion)),
         _lever("update floor", "optimizer and embedding update", None,
                f"{parts['optimizer']:.3g} ms AdamW + {parts['embedding']:.3g} ms embedding gather/update at full "
                "bandwidth: FP8 does not speed them up (FP8 optimizer states would)", "no", (0.0, 0.0))

@@ -42,22 +42,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def ranker_headroom(size: str, batch: int, device: str = "h200", plan=None, **options) -> dict:
-    """The headroom document of ranker ``size`` at ``batch`` on the ``device`` speed model."""
+def ranker_headroom(size: str, batch: int, device: str = "h200", plan=None, *, producers: bool = True,
+                    **options) -> dict:
+    """The headroom document of ranker ``size`` at ``batch`` on the ``device`` speed model
+    (``producers=False``: price the producers regime without loka's producers)."""
     if batch < 1:
         raise ValueError(f"--batch {batch} must be >= 1")
-    census, producers = ranker_census(RankerConfig.from_size(size), batch)
-    return estimate_headroom(census, DEVICE_MODELS[device], HeadroomOptions(producers=producers, **options), plan)
+    census, sites = ranker_census(RankerConfig.from_size(size), batch)
+    opts = HeadroomOptions(producers=sites if producers else {}, **options)
+    return estimate_headroom(census, DEVICE_MODELS[device], opts, plan)
 
 
 def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     options = {"attention_efficiency": args.attention_efficiency, "min_width": args.min_width,
                "recompute": not args.no_recompute, "bf16_step_ms": args.step_ms, "step_source": args.step_source}
-    doc = ranker_headroom(args.size, args.batch, args.device, plan, **options)
-    if args.no_producers:
-        census, _ = ranker_census(RankerConfig.from_size(args.size), args.batch)
-        doc = estimate_headroom(census, DEVICE_MODELS[args.device], HeadroomOptions(**options), plan)
+    doc = ranker_headroom(args.size, args.batch, args.device, plan, producers=not args.no_producers, **options)
     print("\n".join(headroom_markdown(doc, level=1)))
     if args.json:
         Path(args.json).write_text(dumps(doc))

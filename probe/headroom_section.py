@@ -72,7 +72,7 @@ def headroom_markdown(doc: dict | None, level: int = 2, max_levers: int = 12) ->
     h = "#" * level
     step = doc["step"]
     a = doc["assumptions"]
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in step["parts_ms"].items())
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in step["parts_ms"].items() if k != "elementwise_fused")
     lines = [f"{h} FP8 headroom: {doc['model']} on {doc['device_model']}", "",
              headroom_summary(doc) + ".", "",
              f"bf16 step {step['bf16_ms']:.2f} ms ({step['source']}); parts, ms (model): {parts}.",

@@ -40,8 +40,7 @@ def test_cli_prints_the_headroom_and_says_what_it_cannot_compare(tmp_path, capsy
 
 def test_against_gpu_runs_prints_the_step_error_and_the_unchecked_regimes():
     proj = _load()
-    doc = {"step": {"parts_ms": {"gemm": 100.0, "attention": 20.0, "elementwise": 100.0, "elementwise_fused": 5.0}},
-           "regimes": {}}
+    doc = {"step": {"bf16_ms": 220.0}, "regimes": {}}
     lines = proj.against_gpu_runs(doc, "base", 8192, "h200")
     assert "modelled 220.0 ms, measured 240.5 ms" in lines[0] and "-9%" in lines[0]
     assert "per_call, producers, prequantized regime(s)" in lines[-1]

@@ -204,3 +204,15 @@ def test_plan_cli_prints_the_headroom_of_its_sites_and_what_it_captures(tmp_path
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("FP8 headroom"))
     assert "H200 SXM" in line and "this plan captures" in line and "the plan's sites only" in line
+
+
+def test_a_measured_step_anchors_the_step_speedup_and_says_so():
+    c = _census()
+    step = random.uniform(200, 400)
+    doc = estimate_headroom(c, H200_SXM, HeadroomOptions(bf16_step_ms=step, step_source="H200, bench/ranker.py"))
+    assert doc["step"]["bf16_ms"] == step and doc["step"]["source"] == "measured: H200, bench/ranker.py"
+    for r in doc["regimes"].values():
+        assert r["step"]["high"] == pytest.approx(step / (step - r["saved_ms"]["high"]))
+        assert r["step"]["high"] <= r["bound"]["high"]  # the rest of the step only dilutes the gain
+    short = estimate_headroom(c, H200_SXM, HeadroomOptions(bf16_step_ms=0.01, step_source="x"))
+    assert "shorter than the modelled GEMMs" in short["notes"][0]

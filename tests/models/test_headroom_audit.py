@@ -83,3 +83,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys):
     assert main(["headroom", "--size", "tiny", "--step-ms", "100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "attention_efficiency" in err[1] and "step_source" in err[2]
+
+
+def test_cli_options_reach_the_estimate(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    assert main(["headroom", "--size", "tiny", "--batch", "256", "--no-producers", "--step-ms", "50",
+                 "--step-source", "made up for the test", "--attention-efficiency", "0.5", "--min-width", "64",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["assumptions"] == {"attention_efficiency": 0.5, "min_width": 64, "recompute": True, "producers": {}}
+    assert doc["step"]["bf16_ms"] == 50 and doc["step"]["source"] == "measured: made up for the test"
+    assert "attention at 50% of the bf16 peak; 0 producer site(s) (none); FP8 only at K, N >= 64" in capsys.readouterr().out
