@@ -19,7 +19,7 @@ from pathlib import Path
 from loka.jsonio import dumps
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.models.headroom_cli import ranker_headroom
-from loka.probe.headroom_section import headroom_markdown
+from loka.probe.headroom_section import band, headroom_markdown
 
 # GPU runs in bench/results with a measured training step (ms, median), by (size, batch, speed model).
 GPU_RUNS = {
@@ -47,23 +47,34 @@ def against_gpu_runs(doc: dict, size: str, batch: int, speed_model: str) -> list
     return lines
 
 
+def serving_line(serve: dict, batch: int) -> str:
+    r = serve["regimes"]
+    return (f"Serving at batch {batch} (fprop only, FP8 weights frozen once), GEMMs + attention at most "
+            f"{band(r['per_call']['bound'])} with the activation cast per call, {band(r['producers']['bound'])} with "
+            f"the producers loka has, {band(r['all_producers']['bound'])} with every activation from its producer.")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="large", help="tiny | small | base | large (default large)")
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--speed-model", choices=sorted(DEVICE_MODELS), default="h200")
     ap.add_argument("--attention-efficiency", type=float, default=1.0)
+    ap.add_argument("--serve-batch", type=int, default=4096, help="serving batch to bound as well (default 4096)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     try:
         doc = ranker_headroom(args.size, args.batch, args.speed_model, attention_efficiency=args.attention_efficiency)
+        serve = ranker_headroom(args.size, args.serve_batch, args.speed_model, serving=True,
+                                attention_efficiency=args.attention_efficiency)
     except ValueError as exc:
         print(f"bench/fp8_projection.py: {exc}", file=sys.stderr)
         return 2
-    print("\n".join(headroom_markdown(doc, level=1) + ["## Against GPU runs", "",
+    print("\n".join(headroom_markdown(doc, level=1) + ["## Serving", "", serving_line(serve, args.serve_batch), "",
+                                                       "## Against GPU runs", "",
                                                        *against_gpu_runs(doc, args.size, args.batch, args.speed_model)]))
     if args.json:
-        Path(args.json).write_text(dumps({"size": args.size, "batch": args.batch, **doc}, indent=1))
+        Path(args.json).write_text(dumps({"size": args.size, "batch": args.batch, **doc, "serving": serve}, indent=1))
     return 0
 
 

@@ -17,6 +17,7 @@ its low end counts only calibrated gains, its high end also the extrapolated one
 when nothing was extrapolated. The step around the GEMMs: attention at ``attention_efficiency``
 of the bf16 peak, bmm GEMMs (kept bf16), checkpoint recompute, the optimizer and embedding update
 and elementwise work at the device's bandwidth (a model), or the measured bf16 step when given.
+``serving=True`` prices a forward instead: fprop only, FP8 weights frozen once, no update.
 
 Step speed-up (Amdahl): S = step / (step - saved). The "GEMM + attention" bound sets every other
 cost to zero: no step can beat it.
@@ -49,6 +50,7 @@ class HeadroomOptions:
     producers: Mapping[str, str] = field(default_factory=dict)
     min_width: int = 0  # FP8 only at sites with K, N >= min_width (0: wherever the model says it wins)
     recompute: bool = True  # price the forward that checkpointing runs again
+    serving: bool = False  # a forward only (fprop), FP8 weights frozen once (loka.weight_cache)
     bf16_step_ms: float | None = None  # the measured bf16 step, replaces the modelled one
     step_source: str = ""
 
@@ -94,14 +96,14 @@ def price_gemm(site: GemmSite, gemm: str, regime: str, dev: DeviceModel, opts: H
     """bf16 vs the fastest FP8 recipe for ``gemm`` of ``site`` (x2 for a recomputed fprop)."""
     # a bmm's batch priced as one GEMM of batch·M rows: the same FLOPs and bytes, one launch
     shape = gemm_shape(gemm, site.m * site.batch, site.k, site.n)
-    reps = 2 if gemm == "fprop" and site.recomputed and opts.recompute else 1
+    reps = 2 if gemm == "fprop" and site.recomputed and opts.recompute and not opts.serving else 1
     b = bf16_us(*shape, dev)
     best, recipe = b, None
     if site.kind == "linear" and min(site.k, site.n) >= opts.min_width:
         producer = dict(opts.producers).get(site.fqn)
         for r in RECIPES:
             t = kernel_us("scaled_mm", r, gemm, *shape, dev, a_in_producer=_fed(regime, producer, r, gemm),
-                          b_cached=regime == "prequantized")
+                          b_cached=regime == "prequantized" or opts.serving)
             if t < best:
                 best, recipe = t, r
     extrapolated = recipe is not None and (is_extrapolated(dev, "scaled_mm", *shape) or is_extrapolated(dev, "bf16", *shape))
@@ -109,7 +111,8 @@ def price_gemm(site: GemmSite, gemm: str, regime: str, dev: DeviceModel, opts: H
 
 
 def price_regime(census: StepCensus, regime: str, dev: DeviceModel, opts: HeadroomOptions) -> list[GemmPrice]:
-    return [price_gemm(s, g, regime, dev, opts) for s in census.sites for g in GEMMS]
+    gemms = ("fprop",) if opts.serving else GEMMS
+    return [price_gemm(s, g, regime, dev, opts) for s in census.sites for g in gemms]
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,17 @@ def step_parts_ms(census: StepCensus, dev: DeviceModel, opts: HeadroomOptions) -
     gemm = sum(p.bf16_us for p in prices if p.site.kind == "linear") / 1e3
     bmm = sum(p.bf16_us for p in prices if p.site.kind == "bmm") / 1e3
     passes = 3 + (1 if census.attention_recomputed and opts.recompute else 0)  # fwd + 2x bwd (+ recompute)
+    step = 3  # the backward's elementwise work ~ twice the forward's bytes
+    if opts.serving:
+        passes = step = 1
     attention = passes * census.attention_fwd_flops / (dev.bf16_tflops * opts.attention_efficiency * 1e9)
     bw = dev.hbm_tbps * 1e9  # bytes per ms
     emb = census.embedding_lookups * census.embedding_dim * census.embedding_bytes
     return {"gemm": gemm, "bmm": bmm, "attention": attention,
-            "optimizer": ADAMW_BYTES * census.dense_params / bw,
-            "embedding": (EMBEDDING_FWD_BYTES + EMBEDDING_BWD_BYTES) * emb / bw,
-            "elementwise": 3 * census.elementwise_fwd_bytes / bw,  # backward ~ twice the forward's bytes
-            "elementwise_fused": 3 * census.fused_fwd_bytes / bw}
+            "optimizer": 0.0 if opts.serving else ADAMW_BYTES * census.dense_params / bw,
+            "embedding": (EMBEDDING_FWD_BYTES + (0 if opts.serving else EMBEDDING_BWD_BYTES)) * emb / bw,
+            "elementwise": step * census.elementwise_fwd_bytes / bw,
+            "elementwise_fused": step * census.fused_fwd_bytes / bw}
 
 
 def _band(b: Band) -> dict:

@@ -48,7 +48,8 @@ def estimate_headroom(census: StepCensus, dev: DeviceModel, opts: HeadroomOption
     regimes = {r: regime_summary(p, core, step) for r, p in prices.items()}
     doc = {"kind": HEADROOM_KIND, "model": census.label, "device_model": dev.name,
            "assumptions": {"attention_efficiency": opts.attention_efficiency, "min_width": opts.min_width,
-                           "recompute": opts.recompute, "producers": dict(sorted(dict(opts.producers).items()))},
+                           "recompute": opts.recompute, "serving": opts.serving,
+                           "producers": dict(sorted(dict(opts.producers).items()))},
            "step": {"bf16_ms": step, "source": step_source, "parts_ms": parts, "core_ms": core},
            "regimes": regimes, "captured": None, "notes": notes + list(census.notes),
            "calibration": _calibration_lines(dev)}

@@ -34,6 +34,7 @@ def register(subparsers) -> None:
                    help="fraction of the bf16 GEMM peak attention reaches (default 1.0: an optimistic bound)")
     p.add_argument("--min-width", type=int, default=0, help="FP8 only at sites with K, N >= this (default 0: no limit)")
     p.add_argument("--no-recompute", action="store_true", help="leave checkpoint recompute out of the step")
+    p.add_argument("--serving", action="store_true", help="price serving: a forward (fprop), FP8 weights frozen once")
     p.add_argument("--no-producers", action="store_true", help="price the producers regime without loka's producers")
     p.add_argument("--step-ms", type=float, default=None, help="bf16 step measured on that GPU, ms (replaces the model's)")
     p.add_argument("--step-source", default="", help="where --step-ms comes from (device, command, date)")
@@ -56,7 +57,8 @@ def ranker_headroom(size: str, batch: int, device: str = "h200", plan=None, *, p
 def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     options = {"attention_efficiency": args.attention_efficiency, "min_width": args.min_width,
-               "recompute": not args.no_recompute, "bf16_step_ms": args.step_ms, "step_source": args.step_source}
+               "recompute": not args.no_recompute, "serving": args.serving, "bf16_step_ms": args.step_ms,
+               "step_source": args.step_source}
     doc = ranker_headroom(args.size, args.batch, args.device, plan, producers=not args.no_producers, **options)
     print("\n".join(headroom_markdown(doc, level=1)))
     if args.json:

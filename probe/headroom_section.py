@@ -79,7 +79,8 @@ def headroom_markdown(doc: dict | None, level: int = 2, max_levers: int = 12) ->
              f"Assumptions: attention at {a['attention_efficiency']:.0%} of the bf16 peak; "
              f"{len(a['producers'])} producer site(s) ({', '.join(sorted(set(a['producers'].values()))) or 'none'}); "
              + (f"FP8 only at K, N >= {a['min_width']}; " if a["min_width"] else "FP8 wherever the model has it faster; ")
-             + f"checkpoint recompute {'priced' if a['recompute'] else 'left out'}.",
+             + ("serving: a forward, fprop only, FP8 weights frozen once." if a.get("serving") else
+                f"a training step; checkpoint recompute {'priced' if a['recompute'] else 'left out'}."),
              "Every figure is the speed model's (not measured); a band's low end counts only calibrated GEMMs "
              "(inside the measured region: " + "; ".join(doc["calibration"]) + "), its high end extrapolated ones too.",
              "", *_regime_rows(doc), "", f"{h}# Per arch (ms saved)", "", *_arch_rows(doc), "",

@@ -30,10 +30,11 @@ def test_cli_prints_the_headroom_and_says_what_it_cannot_compare(tmp_path, capsy
     out = tmp_path / "p.json"
     assert proj.main(["--size", "tiny", "--batch", "64", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| per-call casts |" in text and "## Against GPU runs" in text
+    assert "| per-call casts |" in text and "## Against GPU runs" in text and "Serving at batch 4096" in text
     assert "No GPU run of `tiny` at batch 64 on h200" in text
     doc = json.loads(out.read_text())
     assert doc["size"] == "tiny" and {"per_call", "producers", "prequantized"} <= set(doc["regimes"])
+    assert doc["serving"]["assumptions"]["serving"] is True
     assert proj.main(["--size", "huge"]) == 2 and proj.main(["--size", "tiny", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
 

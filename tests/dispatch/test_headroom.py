@@ -216,3 +216,14 @@ def test_a_measured_step_anchors_the_step_speedup_and_says_so():
         assert r["step"]["high"] <= r["bound"]["high"]  # the rest of the step only dilutes the gain
     short = estimate_headroom(c, H200_SXM, HeadroomOptions(bf16_step_ms=0.01, step_source="x"))
     assert "shorter than the modelled GEMMs" in short["notes"][0]
+
+
+def test_serving_prices_fprop_with_frozen_weights_and_no_update():
+    c = _census()
+    doc = estimate_headroom(c, H200_SXM, HeadroomOptions(serving=True))
+    fed = price_gemm(c.sites[0], "fprop", "per_call", H200_SXM, HeadroomOptions(serving=True))
+    shape = gemm_shape("fprop", 8192, 4096, 4096)
+    assert fed.best_us == min([bf16_us(*shape, H200_SXM)] + [kernel_us("scaled_mm", r, "fprop", *shape, H200_SXM,
+                                                                       b_cached=True) for r in ("tensorwise", "rowwise")])
+    assert all(r["gemms"] == len(c.sites) for r in doc["regimes"].values())  # fprop only
+    assert doc["step"]["parts_ms"]["optimizer"] == 0.0

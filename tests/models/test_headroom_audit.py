@@ -91,6 +91,7 @@ def test_cli_options_reach_the_estimate(tmp_path, capsys):
                  "--step-source", "made up for the test", "--attention-efficiency", "0.5", "--min-width", "64",
                  "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["assumptions"] == {"attention_efficiency": 0.5, "min_width": 64, "recompute": True, "producers": {}}
+    assert doc["assumptions"] == {"attention_efficiency": 0.5, "min_width": 64, "recompute": True, "serving": False,
+                                  "producers": {}}
     assert doc["step"]["bf16_ms"] == 50 and doc["step"]["source"] == "measured: made up for the test"
     assert "attention at 50% of the bf16 peak; 0 producer site(s) (none); FP8 only at K, N >= 64" in capsys.readouterr().out
