@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="large", help="ranker size: tiny | small | base | large (default large)")
     p.add_argument("--batch", type=int, default=8192, help="training batch (default 8192)")
-    p.add_argument("--device", choices=sorted(DEVICE_MODELS), default="h200", help="speed model of the GPU (default h200)")
+    p.add_argument("--device", "--speed-model", dest="device", choices=sorted(DEVICE_MODELS), default="h200",
+                   help="the GPU to estimate for, by its speed model (as `loka plan --speed-model`; default h200)")
     p.add_argument("--attention-efficiency", type=float, default=1.0,
                    help="fraction of the bf16 GEMM peak attention reaches (default 1.0: an optimistic bound)")
     p.add_argument("--min-width", type=int, default=0, help="FP8 only at sites with K, N >= this (default 0: no limit)")
