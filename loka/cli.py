@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order shown by --help
     demo_cli.register(sub)
     models_cli.register(sub)
-    probe_cli.register(sub, named_workloads=RANKER_WORKLOADS)
+    probe_cli.register(sub, named_workloads=RANKER_WORKLOADS, headroom=headroom_cli.probe_headroom)
     dispatch_cli.register(sub)
     mods_cli.register(sub, named_workloads=RANKER_WORKLOADS)
     convert_cli.register(sub)

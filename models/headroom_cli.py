@@ -20,7 +20,7 @@ from loka.jsonio import dumps
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.headroom_section import headroom_markdown
 
-from .config import RankerConfig
+from .config import SIZES, RankerConfig
 from .headroom_inputs import ranker_census
 
 
@@ -53,6 +53,13 @@ def ranker_headroom(size: str, batch: int, device: str = "h200", plan=None, *, p
     census, sites = ranker_census(RankerConfig.from_size(size), batch)
     opts = HeadroomOptions(producers=sites if producers else {}, **options)
     return estimate_headroom(census, DEVICE_MODELS[device], opts, plan)
+
+
+def probe_headroom(workload_name: str, batch: int, device: str) -> dict | None:
+    """For ``loka probe``: the headroom of a bundled ranker workload (``ranker-SIZE``) at the probe's batch on
+    ``device``'s speed model; None for any other model (its attention and checkpointing are unknown here)."""
+    size = workload_name.removeprefix("ranker-")
+    return ranker_headroom(size, batch, device) if workload_name.startswith("ranker-") and size in SIZES else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,3 +95,14 @@ def test_cli_options_reach_the_estimate(tmp_path, capsys):
                                   "producers": {}}
     assert doc["step"]["bf16_ms"] == 50 and doc["step"]["source"] == "measured: made up for the test"
     assert "attention at 50% of the bf16 peak; 0 producer site(s) (none); FP8 only at K, N >= 64" in capsys.readouterr().out
+
+
+def test_loka_probe_on_a_ranker_writes_the_headroom_section(tmp_path, capsys):
+    assert main(["probe", "--size", "tiny", "--steps", "2", "--every", "1", "--batch-size", "64", "--no-timing",
+                 "--no-sensitivity", "--headroom", "h100", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "probe_report.md").read_text()
+    assert "## FP8 headroom: ranker tiny, batch 64 (fake tensors) on H100 SXM (speed model)" in md
+    assert "<h2>FP8 headroom: ranker tiny" in (tmp_path / "probe_report.html").read_text()
+    assert main(["probe", "--size", "tiny", "--steps", "2", "--every", "1", "--batch-size", "64", "--no-timing",
+                 "--no-sensitivity", "--headroom", "none", "--out", str(tmp_path / "no")]) == 0
+    assert "FP8 headroom" not in (tmp_path / "no" / "probe_report.md").read_text()
