@@ -7,23 +7,28 @@ any batch costs seconds on a CPU. One forward is recorded:
 - every ``nn.Linear`` call: its fqn and [M, K] · [N, K]ᵀ (a training step runs fprop, dgrad, wgrad);
 - every ``bmm`` outside a Linear (an FM interaction's XᵀX): batch x [M, K] · [K, N], kept in bf16
   (loka converts no activation x activation GEMM), run three times a step like a Linear;
+- the FLOPs of fused attention kernels (QKᵀ and AV), and embedding rows gathered;
 - the bytes every other (non-view) op reads and writes: eager elementwise work (norms, activations,
   casts, concatenations), and the floor compile fusion could reach: each GEMM's input written once
   and its output read once.
 
-The model's own code says what the census cannot see (attention FLOPs inside a fused kernel,
-checkpointed blocks, dense parameter and embedding lookup counts): the caller passes them in
-(``loka.models.headroom_inputs`` does it for the bundled ranker).
+The model's own code says what the census cannot see (which blocks are checkpointed, attention
+over jagged sequences that a fake run cannot size): the caller passes it in
+(``loka.models.headroom_inputs`` does it for the bundled ranker; ``model_census`` for any model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import math
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
+
+from loka.mods.graph import run_sample
 
 _aten = torch.ops.aten
 _BMM = {_aten.bmm.default: (0, 1), _aten.baddbmm.default: (1, 2)}
@@ -102,6 +107,7 @@ class _StepRecorder(TorchDispatchMode):
         self.bmms: list[tuple[str, int, int, int, int]] = []
         self.elementwise_bytes = 0.0
         self.embedding = {"embedding_lookups": 0, "embedding_dim": 0, "embedding_bytes": 4}
+        self.attention_flops = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -115,6 +121,9 @@ class _StepRecorder(TorchDispatchMode):
             weight, ids = args[0], args[1]
             self.embedding["embedding_lookups"] += int(ids.numel())
             self.embedding.update(embedding_dim=int(weight.shape[-1]), embedding_bytes=weight.element_size())
+        elif any(t in name for t in _ATTENTION) and "backward" not in name:
+            q, k, v = args[0], args[1], args[2]  # [B, H, L, E], [B, H, S, E], [B, H, S, Ev]: QKᵀ and AV
+            self.attention_flops += 2.0 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
         elif (func not in _MM and name not in _FREE and _bytes(out) > 0  # metadata queries return no tensor
               and not any(t in name for t in _ATTENTION)):
             self.elementwise_bytes += _bytes(out) + (0.0 if name.startswith(_FILLS) else _bytes(args))
@@ -131,8 +140,8 @@ def _bytes(obj) -> float:
 
 def record_gemms(model: nn.Module, forward, recomputed=lambda fqn: False) -> dict:
     """Run ``forward()`` (one forward of ``model``, under the caller's fake mode) and return the
-    ``StepCensus`` fields it sees: ``sites``, ``elementwise_fwd_bytes``, ``fused_fwd_bytes`` and the
-    embedding lookups. ``recomputed(fqn)``: whether the site's forward runs again in backward."""
+    ``StepCensus`` fields it sees: ``sites``, ``elementwise_fwd_bytes``, ``fused_fwd_bytes``, the FLOPs
+    of fused attention kernels (``scaled_dot_product_attention``) and the embedding lookups. ``recomputed(fqn)``: whether the site's forward runs again in backward."""
     names = {m: n for n, m in model.named_modules()}
     sites: list[GemmSite] = []
     rec = _StepRecorder()
@@ -158,4 +167,17 @@ def record_gemms(model: nn.Module, forward, recomputed=lambda fqn: False) -> dic
               for fqn, b, m, k, n in rec.bmms]
     fused = sum(2.0 * (s.m * s.k + s.m * s.n) for s in sites if s.kind == "linear")  # bf16 in, bf16 out
     return {"sites": tuple(sites), "elementwise_fwd_bytes": rec.elementwise_bytes, "fused_fwd_bytes": fused,
-            **rec.embedding}
+            "attention_fwd_flops": rec.attention_flops, **rec.embedding}
+
+
+def model_census(model: nn.Module, sample, label: str, recomputed=lambda fqn: False) -> StepCensus:
+    """The census of one training step of any ``model`` on ``sample`` (a tuple is unpacked, a dict passed
+    as kwargs): run it on fake tensors (``FakeTensorMode``) for a model too large to run here.
+    Every parameter that requires grad is counted as AdamW-updated."""
+    def forward():
+        with torch.no_grad():
+            run_sample(model, sample)
+
+    rec = record_gemms(model, forward, recomputed)
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dim() > 0)
+    return StepCensus(label=label, dense_params=dense, **rec)

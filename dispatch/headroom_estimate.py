@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from loka.dispatch.headroom import (ALL_PRODUCERS, REGIMES, HeadroomOptions, captured, price_regime, regime_summary,
                                     saved_ms, step_parts_ms)
-from loka.dispatch.headroom_census import GemmSite, StepCensus
+from loka.dispatch.headroom_census import GemmSite, StepCensus, model_census
 from loka.dispatch.headroom_levers import levers
 from loka.dispatch.plans import Plan
-from loka.kernels.costmodel import CALIBRATED_REGIONS, DeviceModel
+from loka.dispatch.producers import producer_sites
+from loka.kernels.costmodel import CALIBRATED_REGIONS, DEVICE_MODELS, DeviceModel
 
 HEADROOM_KIND = "loka.headroom"
 
@@ -77,3 +78,15 @@ def plan_headroom(plan: Plan, dev: DeviceModel, bf16_step_ms: float | None = Non
     producers = {s.fqn: s.producer for s in plan.sites if s.producer}
     opts = HeadroomOptions(producers=producers, bf16_step_ms=bf16_step_ms, step_source=step_source)
     return estimate_headroom(census, dev, opts, plan)
+
+
+def model_headroom(model, sample, device: str = "h200", *, label: str = "model", plan: Plan | None = None,
+                   **options) -> dict:
+    """The headroom of any ``model``'s training step on ``sample`` (run it under ``FakeTensorMode`` for a
+    model too large to run here), with loka's ``norm_quant`` producers found on its dataflow;
+    ``options``: ``HeadroomOptions`` fields (``attention_efficiency``, ``bf16_step_ms``, ...)."""
+    if device not in DEVICE_MODELS:
+        raise ValueError(f"device={device!r} has no speed model; use one of {sorted(DEVICE_MODELS)}")
+    census = model_census(model, sample, label)
+    opts = HeadroomOptions(producers=producer_sites(model, sample), **options)
+    return estimate_headroom(census, DEVICE_MODELS[device], opts, plan)

@@ -40,8 +40,8 @@ def ranker_census(cfg: RankerConfig, batch_size: int, seed: int = 0) -> tuple[St
                 model(batch, layout)
 
         rec = record_gemms(model, forward, lambda fqn: cfg.checkpoint_blocks and bool(CHECKPOINTED.match(fqn + ".")))
+    rec["attention_fwd_flops"] = _attention_flops(cfg, layout)  # over each example's own tokens, not padded ones
     census = StepCensus(label=f"ranker {cfg.size}, batch {batch_size} (fake tensors)",
-                        attention_fwd_flops=_attention_flops(cfg, layout),
                         attention_recomputed=bool(cfg.checkpoint_blocks and cfg.history_len),
                         dense_params=dense_params, **rec)
     return census, producers

@@ -227,3 +227,36 @@ def test_serving_prices_fprop_with_frozen_weights_and_no_update():
                                                                        b_cached=True) for r in ("tensorwise", "rowwise")])
     assert all(r["gemms"] == len(c.sites) for r in doc["regimes"].values())  # fprop only
     assert doc["step"]["parts_ms"]["optimizer"] == 0.0
+
+
+class _Block(nn.Module):
+    """x[B, S, D] -> LayerNorm -> qkv Linear -> SDPA -> out Linear (+ x)."""
+
+    def __init__(self, d: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, S, D/H]
+        return x + self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+def test_model_headroom_of_any_model_on_fake_tensors():
+    from loka.dispatch.headroom_estimate import model_headroom
+
+    with FakeTensorMode():
+        model = _Block()
+        x = torch.randn(32, 128, 64)
+        doc = model_headroom(model, x, "h200", label="block")
+    assert doc["model"] == "block" and doc["assumptions"]["producers"] == {"qkv": "norm_quant"}
+    attention = 2.0 * (32 * 4 * 128) * 128 * (16 + 16)  # QKᵀ and AV over 32 x 4 heads of 128 tokens
+    assert doc["step"]["parts_ms"]["attention"] == pytest.approx(3 * attention / (H200_SXM.bf16_tflops * 1e9))
+    assert doc["step"]["parts_ms"]["optimizer"] == pytest.approx(28 * sum(p.numel() for p in _Block().parameters())
+                                                                 / (H200_SXM.hbm_tbps * 1e9))
+    with pytest.raises(ValueError, match="speed model"):
+        model_headroom(_Block(), torch.randn(2, 4, 64), "b300")
