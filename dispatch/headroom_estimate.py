@@ -56,6 +56,9 @@ def estimate_headroom(census: StepCensus, dev: DeviceModel, opts: HeadroomOption
            "calibration": _calibration_lines(dev)}
     if plan is not None:
         doc["captured"] = captured(prices["producers"], plan, saved_ms(prices["producers"]))
+    else:
+        doc["notes"].append("no plan given: what a plan captures, and the GEMMs its accuracy budget keeps in bf16 "
+                            "(a lever), need one (loka headroom --plan plan.json)")
     doc["levers"] = levers(census, dev, opts, prices, parts, step, plan)
     return doc
 

@@ -56,7 +56,7 @@ def _lever_rows(doc: dict, limit: int) -> list[str]:
 def headroom_summary(doc: dict) -> str:
     """One line: the producers regime's bound and step speed-up, and what a plan captures."""
     p = doc["regimes"]["producers"]
-    line = (f"FP8 headroom ({doc['device_model']}, model): GEMM + attention bound {band(doc['regimes']['per_call']['bound'])} "
+    line = (f"FP8 headroom on the {doc['device_model']}: GEMM + attention bound {band(doc['regimes']['per_call']['bound'])} "
             f"with per-call casts, {band(p['bound'])} with the producers loka has, "
             f"{band(doc['regimes']['prequantized']['bound'])} pre-quantized; step {band(p['step'])}")
     cap = doc.get("captured")

@@ -109,7 +109,7 @@ def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
     assert Path(summary["paths"]["report_html"]).exists() and (tmp_path / "plan.json").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["stage_seconds"]
     # The FP8 headroom of the whole step: in the summary, its JSON, and the saved probe report's section.
-    assert "FP8 headroom (H100 SXM (speed model), model): GEMM + attention bound" in out.split("=== summary")[1]
+    assert "FP8 headroom on the H100 SXM (speed model): GEMM + attention bound" in out.split("=== summary")[1]
     assert summary["headroom"]["kind"] == "loka.headroom" and summary["headroom"]["captured"] is not None
     assert "FP8 headroom: ranker tiny" in Path(summary["paths"]["report_html"]).read_text()
     # The mods stage changes something it shows, or says in one line why it changed nothing.
