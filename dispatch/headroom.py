@@ -188,7 +188,8 @@ def plan_fp8_gemms(plan: Plan) -> set[tuple[str, str]]:
 
 
 def captured(prices: list[GemmPrice], plan: Plan, bound_saved: Band) -> dict:
-    """What ``plan`` takes of the producers regime's saving: ms and share of the bound (bands)."""
+    """What ``plan`` takes of the producers regime's saving: ms and share of the bound (bands). Each GEMM
+    the plan runs in FP8 is priced as the headroom prices it (its best recipe at the census's shape)."""
     chosen = plan_fp8_gemms(plan)
     mine = [p for p in prices if (p.site.fqn, p.gemm) in chosen]
     saved = saved_ms(mine)
