@@ -131,7 +131,7 @@ def _plan(args) -> int:
     try:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
-        producers = _site_map(args.producers, "--producers", "norm_quant") if args.producers else None
+        producers = read_site_map(args.producers, "--producers", "norm_quant") if args.producers else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
                  producers=producers)
@@ -162,10 +162,10 @@ def _headroom_line(p, args) -> str:
 
 def _keep_bf16(path: str) -> dict[str, str]:
     """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
-    return _site_map(path, "--keep-bf16", "reason")
+    return read_site_map(path, "--keep-bf16", "reason")
 
 
-def _site_map(path: str, flag: str, value: str) -> dict[str, str]:
+def read_site_map(path: str, flag: str, value: str) -> dict[str, str]:
     """``{fqn: str}`` from a JSON file; ValueError naming the flag, file and problem otherwise."""
     try:
         out = json.loads(Path(path).read_text())

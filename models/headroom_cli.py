@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loka.dispatch.headroom import HeadroomOptions
 from loka.dispatch.headroom_estimate import estimate_headroom
+from loka.dispatch.cli import read_site_map
 from loka.dispatch.plans import load_plan
 from loka.jsonio import dumps
 from loka.kernels.costmodel import DEVICE_MODELS
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-recompute", action="store_true", help="leave checkpoint recompute out of the step")
     p.add_argument("--serving", action="store_true", help="price serving: a forward (fprop), FP8 weights frozen once")
     p.add_argument("--no-producers", action="store_true", help="price the producers regime without loka's producers")
+    p.add_argument("--producers", default=None, metavar="JSON",
+                   help="JSON file {site: norm_quant|compiled_cast} of producers proven on this model and device "
+                        "(loka.dispatch.compiled_casts); added to the norm_quant sites found on the model")
     p.add_argument("--step-ms", type=float, default=None, help="bf16 step measured on that GPU, ms (replaces the model's)")
     p.add_argument("--step-source", default="", help="where --step-ms comes from (device, command, date)")
     p.add_argument("--plan", default=None, help="a plan JSON: say what it captures of the bound")
@@ -45,13 +49,13 @@ def register(subparsers) -> None:
 
 
 def ranker_headroom(size: str, batch: int, device: str = "h200", plan=None, *, producers: bool = True,
-                    **options) -> dict:
+                    proven: dict | None = None, **options) -> dict:
     """The headroom document of ranker ``size`` at ``batch`` on the ``device`` speed model
-    (``producers=False``: price the producers regime without loka's producers)."""
+    (``producers=False``: without the norm_quant sites found on it; ``proven``: more producer sites)."""
     if batch < 1:
         raise ValueError(f"--batch {batch} must be >= 1")
     census, sites = ranker_census(RankerConfig.from_size(size), batch)
-    opts = HeadroomOptions(producers=sites if producers else {}, **options)
+    opts = HeadroomOptions(producers={**(sites if producers else {}), **(proven or {})}, **options)
     return estimate_headroom(census, DEVICE_MODELS[device], opts, plan)
 
 
@@ -67,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     options = {"attention_efficiency": args.attention_efficiency, "min_width": args.min_width,
                "recompute": not args.no_recompute, "serving": args.serving, "bf16_step_ms": args.step_ms,
                "step_source": args.step_source}
-    doc = ranker_headroom(args.size, args.batch, args.device, plan, producers=not args.no_producers, **options)
+    proven = read_site_map(args.producers, "--producers", "compiled_cast") if args.producers else None
+    doc = ranker_headroom(args.size, args.batch, args.device, plan, producers=not args.no_producers, proven=proven,
+                          **options)
     print("\n".join(headroom_markdown(doc, level=1)))
     if args.json:
         Path(args.json).write_text(dumps(doc))

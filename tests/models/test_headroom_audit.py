@@ -106,3 +106,22 @@ def test_loka_probe_on_a_ranker_writes_the_headroom_section(tmp_path, capsys):
     assert main(["probe", "--size", "tiny", "--steps", "2", "--every", "1", "--batch-size", "64", "--no-timing",
                  "--no-sensitivity", "--headroom", "none", "--out", str(tmp_path / "no")]) == 0
     assert "FP8 headroom" not in (tmp_path / "no" / "probe_report.md").read_text()
+
+
+def test_proven_compiled_casts_count_in_the_producers_regime(large, tmp_path, capsys):
+    """A compiled_cast proven on the model feeds fprop and dgrad: the producers regime gains exactly what
+    pricing those GEMMs fed gives, and an unknown site or producer is one line, exit 2."""
+    census, producers = large
+    site = "interaction.layers.0.fmb.mlp.out"
+    base = estimate_headroom(census, H200_SXM, HeadroomOptions(producers=producers))["regimes"]["producers"]
+    more = estimate_headroom(census, H200_SXM, HeadroomOptions(producers={**producers, site: "compiled_cast"}))
+    gain = more["regimes"]["producers"]["saved_ms"]["high"] - base["saved_ms"]["high"]
+    from loka.dispatch.headroom import price_gemm
+    s = next(x for x in census.sites if x.fqn == site)
+    expected = sum(price_gemm(s, g, "all_producers", H200_SXM, HeadroomOptions()).saved_us
+                   - price_gemm(s, g, "per_call", H200_SXM, HeadroomOptions()).saved_us for g in ("fprop", "dgrad")) / 1e3
+    assert gain == pytest.approx(expected) and gain > 0
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"nope.site": "compiled_cast"}))
+    assert main(["headroom", "--size", "tiny", "--batch", "64", "--producers", str(path)]) == 2
+    assert "census does not have: ['nope.site']" in capsys.readouterr().err
