@@ -18,7 +18,7 @@ from loka.app.demo import cli as demo_cli
 from loka.dispatch import cli as dispatch_cli
 from loka.gate import cli as gate_cli
 from loka.models import cli as models_cli
-from loka.models import convert_cli
+from loka.models import convert_cli, headroom_cli
 from loka.models.gate_inputs import checkpoint_loader
 from loka.models.workload import RANKER_WORKLOADS
 from loka.mods import cli as mods_cli
@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order shown by --help
     demo_cli.register(sub)
     models_cli.register(sub)
-    probe_cli.register(sub, named_workloads=RANKER_WORKLOADS)
+    probe_cli.register(sub, named_workloads=RANKER_WORKLOADS, headroom=headroom_cli.probe_headroom)
     dispatch_cli.register(sub)
     mods_cli.register(sub, named_workloads=RANKER_WORKLOADS)
     convert_cli.register(sub)
+    headroom_cli.register(sub)
     gate_cli.register(sub, checkpoint_loader=checkpoint_loader)
     _finish_help(parser)
     return parser

@@ -21,12 +21,14 @@ import torch
 
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.headroom_estimate import plan_headroom
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
 from loka.devices import detect_target, resolve_device, target_names
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
+from loka.probe.headroom_section import headroom_summary
 from loka.recipe import RECIPE_NAMES, as_recipe
 
 
@@ -139,7 +141,7 @@ def _plan(args) -> int:
     try:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
-        producers = _site_map(args.producers, "--producers", "norm_quant") if args.producers else None
+        producers = read_site_map(args.producers, "--producers", "norm_quant") if args.producers else None
         device, target = resolve_device(args.device)
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=device,
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
@@ -153,16 +155,28 @@ def _plan(args) -> int:
         return 2
     p.save(args.out)
     print(p.summary())
+    print(_headroom_line(p, args))
     print(f"wrote {args.out}")
     return 0
 
 
+def _headroom_line(p, args) -> str:
+    """What FP8 could save at the plan's sites on the planned-for GPU's speed model, and what the plan takes."""
+    name = args.speed_model or next((k for k in DEVICE_MODELS if k.upper() in str(p.device.get("name", "")).upper()), None)
+    if args.m_buckets or name not in DEVICE_MODELS:
+        return ("FP8 headroom: not estimated here (training plans on an H100/H200, or with --speed-model h100|h200; "
+                "`loka headroom` prices a whole step)")
+    step = args.bf16_step_ms
+    doc = plan_headroom(p, DEVICE_MODELS[name], step, "given on the command line (--bf16-step-ms)" if step else "")
+    return headroom_summary(doc) + " (the plan's sites only; `loka headroom` prices the whole step)"
+
+
 def _keep_bf16(path: str) -> dict[str, str]:
     """``{fqn: reason}`` from a JSON file; ValueError naming the problem otherwise."""
-    return _site_map(path, "--keep-bf16", "reason")
+    return read_site_map(path, "--keep-bf16", "reason")
 
 
-def _site_map(path: str, flag: str, value: str) -> dict[str, str]:
+def read_site_map(path: str, flag: str, value: str) -> dict[str, str]:
     """``{fqn: str}`` from a JSON file; ValueError naming the flag, file and problem otherwise."""
     try:
         out = json.loads(Path(path).read_text())

@@ -42,6 +42,7 @@ class _Candidate:
     ms: float
     err: GemmError
     cast_saved_ms: float = 0.0  # the input's cast a producer does instead (loka.dispatch.producer_pricing)
+    extrapolated: bool = False  # its time is the speed model's outside the measured region (costmodel)
 
 
 @dataclass
@@ -271,8 +272,8 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         if why:
             unsupported.append(f"{e['kernel']}: {why}")
             continue
-        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]]),
-                             gemm, shape, timings, *producer)
+        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]],
+                                        extrapolated=bool(e.get("extrapolated"))), gemm, shape, timings, *producer)
         if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
             best_per_recipe[c.recipe] = c
     if not best_per_recipe:
@@ -301,7 +302,7 @@ def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: s
         return c
     cast = sum(casts)  # a serving plan's fprop time is summed over its batch sizes, so is the cast
     cast = min(cast, 0.95 * c.ms)  # a noisy cast timing never makes a GEMM free
-    return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast)
+    return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast, c.extrapolated)
 
 
 def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Target | None = None):
@@ -379,6 +380,9 @@ def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budge
         limit = budget.max_rel_error[gemm]
         reason = (f"{cand.kernel}/{cand.recipe}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
                   f"{cand.err.ci_hi:.1e} (budget {limit:.1e})")
+        if cand.extrapolated:
+            reason += ("; speed-model time extrapolated outside its measured range (M, K, N): "
+                       "measure this site on the GPU before trusting the win")
         if cand.cast_saved_ms:
             takes_producer = True
             reason += f"; input in FP8 from its producer ({producer}), its cast ({cand.cast_saved_ms:.3g} ms) not paid"

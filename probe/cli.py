@@ -20,13 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 from loka.devices import Target, resolve_device, target_names
+from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
+from loka.probe.headroom_section import with_headroom
 from loka.probe.probe import Probe
 from loka.probe.workload import NamedWorkload, load_workload
 
 
-def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None) -> None:
-    """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.app.cli`` gives the ranker's)."""
+def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None = None, headroom=None) -> None:
+    """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.app.cli`` gives the ranker's).
+    ``headroom(workload name, batch size, speed model) -> dict | None``: the FP8 headroom document the report
+    shows as a section (``loka.app.cli`` gives the ranker's; the probe layer knows no speed-model pricing)."""
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
@@ -58,7 +62,10 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p.add_argument("--sensitivity-batches", type=int, default=4, help="batches for the loss sensitivity (default 4)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-site loss sensitivity")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run, named_workloads=dict(named_workloads or {}))
+    if headroom is not None:
+        p.add_argument("--headroom", default="h200", choices=(*sorted(DEVICE_MODELS), "none"),
+                       help="add the FP8 headroom section for that GPU's speed model (default h200; none: leave it out)")
+    p.set_defaults(func=run, named_workloads=dict(named_workloads or {}), headroom_of=headroom)
 
 
 def _split(s: str) -> tuple[str, ...]:
@@ -143,6 +150,10 @@ def run(args) -> int:
         probe.time_sites(device=str(device), progress=True, kernels=list(_split(args.kernels)) or None, warmup=2,
                          iters=5 if device.type == "cpu" else 20)
     report = probe.report(model=workload.name, steps=args.steps, device=str(device))
+    headroom_of = getattr(args, "headroom_of", None)
+    if headroom_of is not None and args.headroom != "none":
+        doc = headroom_of(workload.name, args.batch_size, args.headroom)
+        report = with_headroom(report, doc) if doc else report
     paths = report.save(Path(args.out))
     print(report.to_markdown(paths["json"]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

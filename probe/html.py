@@ -203,7 +203,13 @@ def _md_to_html(md: str) -> str:
         if in_list and not re.match(r"\d+\. ", line):
             out.append("</ol>")
             in_list = False
-        if line.startswith("|"):
+        if in_table and not line.startswith("|"):  # a report has several tables (the headroom section's)
+            out.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 4)
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("|"):
             if line.startswith("|---"):
                 continue
             tag = "td" if in_table else "th"

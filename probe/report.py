@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loka.jsonio import decode_floats, encode_floats, loads, read_json
 from loka.probe.error import deciding_gemm
+from loka.probe.headroom_section import headroom_markdown
 from loka.probe.html import render_html
 from loka.probe.schema import ReportSchemaError, validate
 
@@ -114,6 +115,8 @@ class ProbeReport:
                   "|" + "---|" * (len(recipes) + 6)]
         for s in self.sites:
             lines.append(_md_row(s, recipes))
+        if self.doc.get("headroom"):  # attached from above (loka.probe.headroom_section.with_headroom)
+            lines += ["", *headroom_markdown(self.doc["headroom"])]
         return "\n".join(lines) + "\n"
 
     def to_html(self, json_path: str | Path | None = None) -> str:

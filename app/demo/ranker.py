@@ -36,13 +36,16 @@ from loka.dispatch.producers import producer_sites
 from loka.app.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
+from loka.kernels.costmodel import DEVICE_MODELS
 from loka.models import SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
+from loka.models.headroom_cli import ranker_headroom
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import batch_to_request
 from loka.models.train import task_losses, total_loss
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.cli import train_with_probe
+from loka.probe.headroom_section import headroom_summary, with_headroom
 from loka.probe.workload import Workload
 
 SIZES_BY_DEVICE = {"cpu": "small", "cuda": "base"}
@@ -253,6 +256,16 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
     return p, path
 
 
+def headroom_of(cfg: DemoConfig, plan) -> dict:
+    """The whole training step's FP8 headroom at the demo's size and batch, on the speed model of the GPU
+    the plan is for (CPU: the H100's, as the plan), with what the plan captures of it."""
+    name = "h100"
+    if cfg.device == "cuda":
+        gpu = torch.cuda.get_device_name().upper()
+        name = next((k for k in DEVICE_MODELS if k.upper() in gpu), "h100")
+    return ranker_headroom(cfg.size, cfg.batch_size, name, plan)
+
+
 def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
     k_n = max(max(s["in_features"], s["out_features"]) for s in report.sites)
     where = "on the H100 speed model" if cfg.device == "cpu" else "as timed on this GPU"
@@ -372,6 +385,10 @@ def run(cfg: DemoConfig | None = None) -> dict:
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
     plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"], producer_sites(modded, sample))
+    headroom = headroom_of(cfg, plan)
+    print(headroom_summary(headroom))
+    report = with_headroom(report, headroom)  # the saved report shows the headroom section
+    report_paths = report.save(out, stem=Path(report_paths["json"]).stem)
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
     fp8 = choose_fp8(modded, runnable_here(plan, cfg.device), report, keep, cfg.fp8, sample, cfg.target)
 
@@ -390,7 +407,8 @@ def run(cfg: DemoConfig | None = None) -> dict:
     stages.end()
 
     return print_summary(cfg, out, report=report, plan=plan, plan_path=plan_path, fp8=fp8, runs=(bf16_run, fp8_run),
-                         gate_result=gate_result, served=served, report_paths=report_paths, stages=stages.seconds)
+                         gate_result=gate_result, served=served, report_paths=report_paths, stages=stages.seconds,
+                         headroom=headroom)
 
 
 def _quiet_import_noise() -> None:

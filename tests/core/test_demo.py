@@ -134,6 +134,10 @@ def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
     assert len(summary["sites"]) > 0 and all(r["plan"] and r["why"] for r in summary["sites"])
     assert Path(summary["paths"]["report_html"]).exists() and (tmp_path / "plan.json").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["stage_seconds"]
+    # The FP8 headroom of the whole step: in the summary, its JSON, and the saved probe report's section.
+    assert "FP8 headroom on the H100 SXM (speed model): GEMM + attention bound" in out.split("=== summary")[1]
+    assert summary["headroom"]["kind"] == "loka.headroom" and summary["headroom"]["captured"] is not None
+    assert "FP8 headroom: ranker tiny" in Path(summary["paths"]["report_html"]).read_text()
     # The mods stage changes something it shows, or says in one line why it changed nothing.
     mods_stage = out.split("=== 3. mods", 1)[1].split("\n=== 4.", 1)[0]
     assert "->" in mods_stage or len([x for x in mods_stage.splitlines()[1:] if x and not x.startswith("(")]) == 1

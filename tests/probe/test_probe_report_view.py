@@ -3,11 +3,8 @@ one deciding GEMM in table and reason, unaligned shapes with their fix, and an H
 real browser renders with every image loaded and no error."""
 
 import copy
-import json
 import math
 import random
-import re
-import shutil
 import subprocess
 
 import pytest
@@ -18,6 +15,7 @@ from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.error import ErrorTrack, deciding_gemm
 from loka.probe.report import ProbeReport
 from loka.probe.site_state import combine_verdict
+from browser import FLAGS, check_page, chromium
 from probe_toy import ToyMLP, loss_fn, make_batch
 
 
@@ -135,14 +133,6 @@ def test_html_captions_say_what_is_left_out(report, monkeypatch):
     assert "No error measured (site never ran on a sampled step): never" in page
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed and scripts/setup.sh could not install it "
-                    "(needs root and apt-get): `apt-get install -y chromium`")
-    return exe
-
-
 # Injected by the test only: records every image's load state and any error into the DOM.
 _CHECK = """<script>
 window.__errors = [];
@@ -158,18 +148,12 @@ window.addEventListener('load', () => {
 
 
 def test_html_renders_in_a_real_browser(report, tmp_path):
-    exe = _chromium()
+    exe = chromium()
     rep = _with_sites(report, _odd_sites(report))
     paths = rep.save(tmp_path)
     page = paths["html"].read_text()
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.replace("<head>", "<head>" + _CHECK, 1))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
-    run = subprocess.run([exe, *flags, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
-                         capture_output=True, text=True, timeout=3600)  # hang guard only
-    m = re.search(r'<pre id="loka-check">(.*?)</pre>', run.stdout, re.S)
-    assert m, f"chromium did not finish loading the page:\n{run.stderr[-2000:]}"
-    result = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    result, run = check_page(page, _CHECK, tmp_path)
+    flags = FLAGS
     assert len(result["imgs"]) == page.count("data:image/png;base64,") == 3
     assert all(i["ok"] and i["w"] > 200 for i in result["imgs"]), result
     assert result["errors"] == []
