@@ -1,7 +1,8 @@
 """``loka plan``, ``loka doctor`` and ``loka bench-kernels``: thin CLI over loka.dispatch.
 
     loka doctor [--device cuda]
-    loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+    loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out runs/plan [--measure] [--refresh]
+              [--objective speed|accuracy]   (accuracy: every GEMM the budget allows, fast or not)
               [--speed-model h100|h200|measured] [--keep-bf16 keep_bf16.json] [--producers producers.json]
               [--bf16-step-ms 41.5]   (the plan then states its predicted step speed-up)
               [--m-buckets 1,64,512]   (serving plan: fprop timed at those batch sizes)
@@ -18,18 +19,18 @@ from pathlib import Path
 
 import torch
 
+from loka.cli_vocab import add_device, add_json, out_file, resolve_device, write_json
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
-from loka.jsonio import encode_floats
 from loka.kernels import KERNELS
 from loka.recipe import RECIPE_NAMES, as_recipe
 
 
 def register(subparsers) -> None:
     doctor = subparsers.add_parser("doctor", help="list every FP8 kernel and whether it runs on this machine")
-    doctor.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
+    add_device(doctor, "device to check")
     doctor.set_defaults(func=_doctor)
 
     p = subparsers.add_parser(
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
                "model, sample, train=...) and fused norm+quantize with loka.dispatch.producers.with_producers, in Python.")
     p.add_argument("--report", required=True, help="probe report JSON (loka probe ... --out)")
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
-    p.add_argument("--out", required=True, help="where to write plan.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write plan.json into")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
     p.add_argument("--speed-model", choices=("h100", "h200", "measured"), default=None,
                    help="rank kernels by that GPU's speed model at every site (h100, h200: plan for a GPU not at "
@@ -53,26 +54,25 @@ def register(subparsers) -> None:
                    help="JSON file {site: norm_quant|compiled_cast} of sites whose fprop input arrives in FP8 from "
                         "its producer (loka.dispatch.producers.producer_sites writes it); priced without that cast")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
-    p.add_argument("--device", default=None, help="device kernels must run on (default: cuda if available)")
+    add_device(p, "device the kernels must run on")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
     p.add_argument("--m-buckets", default=None, help="serving plan: comma-separated batch sizes, e.g. 1,64,512")
+    add_json(p, "the plan")
     p.set_defaults(func=_plan)
 
     b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
     b.add_argument("--shape", required=True, help="M,K,N of the site y[M,N] = x[M,K] W[N,K]^T")
     b.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated recipe names")
-    b.add_argument("--device", default=None, help="device to time on (default: cuda if available, else cpu)")
+    add_device(b, "device to time on")
     b.add_argument("--iters", type=int, default=20, help="timed calls per kernel (default 20)")
     b.add_argument("--refresh", action="store_true", help="re-measure instead of using cached timings")
-    b.add_argument("--json", default=None, metavar="PATH", help="also write the timings as JSON to PATH")
+    add_json(b, "the timings")
     b.set_defaults(func=_bench)
 
 
 def _device(arg: str | None) -> torch.device:
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(resolve_device(arg))
 
 
 def doctor_text(device: torch.device) -> str:
@@ -139,9 +139,12 @@ def _plan(args) -> int:
             raise  # --debug: the traceback
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
-    p.save(args.out)
+    path = out_file(args.out, "plan.json")
+    p.save(path)
     print(p.summary())
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, p.to_json())
     return 0
 
 
@@ -187,7 +190,7 @@ def _bench(args) -> int:
     for what, why in sorted(t["skipped"].items()):
         print(f"skipped {what}: {why}")
     if args.json:
-        Path(args.json).write_text(json.dumps(encode_floats(t), indent=1, allow_nan=False))
+        write_json(args.json, t)
     return 0
 
 

@@ -4,7 +4,9 @@
     loka probe --model mypkg.models:make_workload --steps 100 --out runs/probe
 
 Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
-``probe_report.html`` into ``--out`` and prints the summary table.
+``probe_report.html`` into ``--out`` and prints the summary table. On CPU the kernels
+are not timed (a CPU timing decides nothing about a GPU plan; ``loka plan
+--speed-model h100`` ranks them instead): ``--timing`` times them anyway.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from loka.cli_vocab import add_device, add_json, resolve_device, write_json
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
 from loka.probe.workload import NamedWorkload, load_workload
@@ -27,10 +30,11 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     """Add ``loka probe``; ``named_workloads`` are the bare ``--model`` names offered (``loka.cli`` gives the ranker's)."""
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
-    p.add_argument("--size", dest="model", help="ranker size: tiny, small, base or large (as --model SIZE)")
+    p.add_argument("--size", default="small", help="ranker size: tiny, small, base or large (default small)")
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own model instead of the ranker: module:factory or file.py:factory (see loka.probe.workload)")
     p.add_argument("--steps", type=int, default=100, help="training steps to run (default 100)")
-    p.add_argument("--out", required=True, help="directory for the report files")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the report files")
     p.add_argument("--every", type=int, default=10, help="sample every N steps (default 10)")
     p.add_argument("--warmup", type=int, default=0, help="steps to skip before sampling (default 0)")
     p.add_argument("--max-samples", type=int, default=20, help="at most this many sampled steps (default 20)")
@@ -45,13 +49,16 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p.add_argument("--include", action="append", default=[], help="fqn glob of sites to probe (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="fqn glob of sites to skip (repeatable)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device(p)
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
     p.add_argument("--kernels", default="", help="kernels to time, comma-separated (default: every available one)")
-    p.add_argument("--no-timing", action="store_true", help="skip kernel timing")
+    p.add_argument("--timing", dest="timing", action="store_true", default=None,
+                   help="time the kernels at each site's shape, on CPU too (default: on a GPU only)")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="skip kernel timing")
     p.add_argument("--sensitivity-batches", type=int, default=4, help="batches for the loss sensitivity (default 4)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-site loss sensitivity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed (default 0)")
+    add_json(p, "the report")
     p.set_defaults(func=run, named_workloads=dict(named_workloads or {}))
 
 
@@ -97,17 +104,18 @@ def run(args) -> int:
     if args.steps < 1:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
+    device = resolve_device(args.device)
     try:
         cfg = config_from_args(args)
-        workload = load_workload(args.model, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
-                                 seed=args.seed, device=args.device)
+        workload = load_workload(args.model or args.size, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
+                                 seed=args.seed, device=device)
         probe = Probe(workload.model, cfg)
     except ValueError as exc:
         if getattr(args, "debug", False):
             raise  # --debug: the traceback
         print(f"loka probe: {exc}", file=sys.stderr)
         return 2
-    train_with_probe(workload, probe, args.steps, lr=args.lr, device=args.device, autocast=args.autocast)
+    train_with_probe(workload, probe, args.steps, lr=args.lr, device=device, autocast=args.autocast)
     if not probe.sampled_steps:
         print(f"loka probe: no step was sampled in {args.steps} steps (warmup={args.warmup}, every={args.every}); "
               "run more steps or sample more often", file=sys.stderr)
@@ -115,10 +123,17 @@ def run(args) -> int:
     if not args.no_sensitivity:
         batches = [workload.make_batch(args.steps + i) for i in range(max(args.sensitivity_batches, 1))]
         probe.measure_sensitivity(lambda b: workload.loss_fn(workload.model, b), batches=batches, progress=True)
-    if not args.no_timing:
-        probe.time_sites(device=args.device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2, iters=5 if args.device == "cpu" else 20)
-    report = probe.report(model=workload.name, steps=args.steps, device=args.device)
+    timing = args.timing if args.timing is not None else device != "cpu"
+    if timing:
+        probe.time_sites(device=device, progress=True, kernels=list(_split(args.kernels)) or None, warmup=2,
+                         iters=5 if device == "cpu" else 20)
+    report = probe.report(model=workload.name, steps=args.steps, device=device)
     paths = report.save(Path(args.out))
     print(report.to_markdown(paths["json"]))
+    if args.timing is None and not timing:
+        print("kernel timing skipped on CPU: CPU timings decide nothing for a GPU plan (`loka plan --speed-model "
+              "h100` ranks the kernels); --timing times them here anyway")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.json:
+        write_json(args.json, report.to_json())
     return 0
