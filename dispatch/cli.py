@@ -22,7 +22,7 @@ import torch
 from loka.cli_vocab import add_device, add_json, out_file, resolve_device, write_json
 from loka.dispatch import Budget, plan
 from loka.dispatch.microbench import time_site_cached
-from loka.dispatch.planner import library_versions
+from loka.dispatch.planner import OBJECTIVES, library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.kernels import KERNELS
 from loka.recipe import RECIPE_NAMES, as_recipe
@@ -57,6 +57,10 @@ def register(subparsers) -> None:
     add_device(p, "device the kernels must run on")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
+    p.add_argument("--objective", default="speed", choices=OBJECTIVES,
+                   help="speed (default): FP8 only where it is faster; accuracy: every GEMM the accuracy budget allows, "
+                        "with its lowest-error recipe, fast or not (to check FP8's quality on your model with "
+                        "`loka gate` when the speed plan keeps everything in bf16)")
     p.add_argument("--m-buckets", default=None, help="serving plan: comma-separated batch sizes, e.g. 1,64,512")
     add_json(p, "the plan")
     p.set_defaults(func=_plan)
@@ -131,7 +135,7 @@ def _plan(args) -> int:
         producers = _site_map(args.producers, "--producers", "norm_quant") if args.producers else None
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=_device(args.device),
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
-                 producers=producers)
+                 producers=producers, objective=args.objective)
         if args.bf16_step_ms is not None:
             p = with_predicted_step(p, args.bf16_step_ms, "given on the command line (--bf16-step-ms)")
     except (ValueError, TypeError) as exc:
