@@ -55,7 +55,7 @@ def _add_train(sub) -> None:
     p.add_argument("--plan", dest="precision", default=None,
                    help="bf16 | fp32 | fp8 | path to a loka plan JSON (default: bf16; on --resume the "
                         "checkpoint's own precision)")
-    p.add_argument("--precision", dest="precision", help=argparse.SUPPRESS)  # the old name of --plan
+    add_alias(p, "--precision", "--plan")
     p.add_argument("--out", default=None, metavar="DIR", help="directory for metrics.jsonl, checkpoint.pt, eval results")
     p.add_argument("--lr-dense", type=float, default=None, help="AdamW lr (default: TrainConfig's)")
     p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
@@ -168,7 +168,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--plan", default=None, help="fp8 or a plan file to convert the model with")
     p.add_argument("--eval-examples", dest="examples", type=int, default=50_000,
                    help="held-out examples (default 50000)")
-    p.add_argument("--examples", dest="examples", type=int, help=argparse.SUPPRESS)  # old name
+    add_alias(p, "--examples", "--eval-examples")
     p.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out stream seed (default 1000003)")
     add_alias(p, "--seed", "--eval-seed")
     p.add_argument("--out", dest="outputs", default=None, metavar="DIR",

@@ -21,6 +21,7 @@ import sys
 from dataclasses import replace
 from typing import Callable
 
+from loka.cli_vocab import add_alias
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
 from loka.gate.replicates import gate_replicates
@@ -54,7 +55,7 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
     for side in ("baseline", "candidate"):  # the old names of --baseline-plan / --candidate-plan
-        p.add_argument(f"--{side}-precision", dest=f"{side}_precision", help=argparse.SUPPRESS)
+        add_alias(p, f"--{side}-precision", f"--{side}-plan")
     p.add_argument("--eval-examples", type=int, default=50_000,
                    help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
     p.add_argument("--eval-seed", type=int, default=None,
@@ -78,10 +79,10 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
-    p.add_argument("--save-outputs", dest="save_outputs", help=argparse.SUPPRESS)  # the old name of --out
     p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
+    add_alias(p, "--save-outputs", "--out")
     p.set_defaults(func=run, checkpoint_loader=checkpoint_loader)
 
 
