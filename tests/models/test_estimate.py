@@ -97,13 +97,13 @@ def test_named_sizes_fit_one_80gb_gpu_at_batch_8192_and_interaction_dominates(si
 
 def test_loka_info_prints_and_writes_json(tmp_path, capsys):
     path = tmp_path / "info.json"
-    assert loka_main(["info", "--size", "tiny", "--batch", "64", "--json", str(path)]) == 0
+    assert loka_main(["info", "--size", "tiny", "--batch-size", "64", "--json", str(path)]) == 0
     assert "estimated peak memory" in capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data["params"] == Ranker(RankerConfig.from_size("tiny")).num_parameters()
     assert set(data["flops_per_example"]) == set(ARCHES) and data["peak_memory_gib"] > 0
-    with pytest.raises(SystemExit, match="batch"):
-        loka_main(["info", "--size", "tiny", "--batch", "0"])
+    assert loka_main(["info", "--size", "tiny", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_count_step_flops_of_real_batches_matches_the_hand_count():
