@@ -31,7 +31,7 @@ from loka.dispatch.producers import producer_sites
 from loka.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
-from loka.models import SyntheticStream, TrainConfig, evaluate, train
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import batch_to_request
@@ -233,9 +233,21 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
             f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
             "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
             "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
-            + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
-               "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
+            + (f"On a CUDA device the demo uses the base ranker, whose {wide_linears('base')} are where FP8 can "
+               "win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
+
+
+def wide_linears(size: str, at_least: int = 1024) -> str:
+    """Where FP8 can win in a ranker size, read from its config: its Linears with K and N >= ``at_least``."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = Ranker(RankerConfig.from_size(size))
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= at_least]
+    if not shapes:
+        return f"Linears (none with K, N >= {at_least})"
+    k, n = (f"{min(v)}-{max(v)}" if min(v) < max(v) else str(v[0]) for v in zip(*shapes))
+    return f"{len(shapes)} Linears with K, N >= {at_least} (K {k}, N {n})"
 
 
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
