@@ -105,9 +105,14 @@ def run(args) -> int:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
+    named = getattr(args, "named_workloads", None) or {}
+    if args.model is None and args.size not in named:
+        print(f"loka probe: --size {args.size!r} is not a ranker size; use one of {sorted(named)}, or --model "
+              "MODULE:FACTORY for your own model", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args)
-        workload = load_workload(args.model or args.size, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
+        workload = load_workload(args.model or args.size, named=named, batch_size=args.batch_size,
                                  seed=args.seed, device=device)
         probe = Probe(workload.model, cfg)
     except ValueError as exc:

@@ -79,10 +79,12 @@ def test_every_hidden_option_is_a_listed_deprecated_spelling():
         assert set(hidden) <= listed | {"--debug"}, (command, hidden)
 
 
-def test_a_bad_size_is_one_line_and_exit_2(capsys):
-    assert main(["info", "--size", "huge"]) == 2
+@pytest.mark.parametrize("argv, command", [("info --size huge", "info"), ("probe --size huge --out unused", "probe"),
+                                           ("mods show --size huge", "mods show"), ("train --size huge", "train")])
+def test_a_bad_size_is_one_line_and_exit_2(capsys, argv, command):
+    assert main(argv.split()) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("loka info: error:") and "'huge'" in err and len(err.splitlines()) == 1
+    assert err.startswith(f"loka {command}") and "'huge'" in err and "tiny" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("command", [["serve", "--plan", "{}"], ["plan", "--report", "{}"]])
