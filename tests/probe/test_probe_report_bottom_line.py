@@ -10,21 +10,14 @@ import random
 import pytest
 
 from loka.dispatch import plan
-from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.build import _site_verdict
 from loka.probe.report import ProbeReport
-from probe_toy import ToyMLP, loss_fn, make_batch
+from probe_toy import toy_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    model = ToyMLP()
-    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=4), candidates=("tensorwise", "rowwise"),
-                                     stop_when_decided=False))
-    for step in range(4):
-        with probe.step(step):
-            loss_fn(model, make_batch(step)).backward()
-    return probe.report(model="toy")
+    return toy_report()
 
 
 def _copies(report, n: int, **fields) -> ProbeReport:

@@ -11,26 +11,17 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from scipy import stats as sps
 
-from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.error import ErrorTrack, deciding_gemm
 from loka.probe.report import ProbeReport
 from loka.probe.site_state import combine_verdict
-from probe_toy import ToyMLP, loss_fn, make_batch
+from probe_toy import toy_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    torch.manual_seed(0)
-    model = ToyMLP()
-    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=4), candidates=("tensorwise", "rowwise"),
-                                     stop_when_decided=False))
-    for step in range(4):
-        with probe.step(step):
-            loss_fn(model, make_batch(step)).backward()
-    return probe.report(model="toy")
+    return toy_report()
 
 
 def _with_sites(report, sites) -> ProbeReport:
