@@ -106,6 +106,8 @@ def run(args) -> int:
         return 2
     device = resolve_device(args.device)
     named = getattr(args, "named_workloads", None) or {}
+    if args.model in named:  # the old spelling of --size
+        print(f"loka probe: --model {args.model} is deprecated; use --size {args.model}", file=sys.stderr)
     if args.model is None and args.size not in named:
         print(f"loka probe: --size {args.size!r} is not a ranker size; use one of {sorted(named)}, or --model "
               "MODULE:FACTORY for your own model", file=sys.stderr)

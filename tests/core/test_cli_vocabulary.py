@@ -8,6 +8,7 @@ no subcommand.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -106,3 +107,12 @@ def test_version_imports_no_subcommand():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["loka 0.1.0", "[]"], run.stdout
+
+
+def test_train_json_path_writes_the_result(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    assert main(["train", "--size", "tiny", "--steps", "2", "--batch-size", "16", "--eval-examples", "0",
+                 "--no-progress", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["steps"] == 2 and doc["examples_per_s"] > 0 and doc["evaluation"] is None
+    assert doc["checkpoint"] == str(tmp_path / "run" / "checkpoint.pt") and (tmp_path / "run" / "checkpoint.pt").is_file()
