@@ -220,7 +220,7 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
           f"{sum(s.producer is not None for s in p.sites)} of them are in FP8 in this plan")
     print(p.summary())
     print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
-          f"--producers {prod_path} --device {cfg.device} --out {path}")
+          f"--producers {prod_path} --device {cfg.device} --out {out}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
