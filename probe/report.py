@@ -176,7 +176,7 @@ def bottom_line(sites: list[dict]) -> str:
         best = max(s["speedup"] for s in safe)
         text = (f"at these shapes the plan will keep everything in bf16: {_sites(len(safe), be=True)} accuracy-safe but "
                 f"none is faster than bf16 ({_speed_source(safe)}; the best {best:.2f}x). To see what FP8 does to "
-                "your model's quality anyway: `loka plan --objective accuracy`")
+                "your model's quality anyway, plan with --objective accuracy (next steps)")
     else:
         n = Counter(s["verdict"] for s in sites)
         text = (f"the plan will keep everything in bf16: no site is accuracy-safe yet ({n['unsafe']} unsafe, "
@@ -264,8 +264,8 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
                      "ranked by the H100 speed model (on the GPU, `--speed-model measured` times them).")
     if not any(s["verdict"] == "safe" and s["speed"] == "fast" for s in sites):
         steps.append(f"`loka plan --report {json_path}{'' if timed else ' --speed-model h100'} --objective accuracy "
-                     "--out runs/plan_accuracy` converts every accuracy-safe GEMM, fast or not: with it, `loka "
-                     "convert` / `loka gate` show what FP8 does to your model's quality (not a plan for speed).")
+                     "--out runs/plan_accuracy` converts every accuracy-safe GEMM, fast or not: convert, train "
+                     "or gate with that plan to see what FP8 does to your model's quality (not a plan for speed).")
     return [f"Next step{'s' if len(steps) > 1 else ''}:"] + [f"{i}. {t}" for i, t in enumerate(steps, 1)]
 
 

@@ -137,7 +137,7 @@ def test_whole_demo_at_tiny_size(tmp_path, capsys, monkeypatch):
     for command in dict.fromkeys(commands):
         rc = main(shlex.split(command)[1:])
         assert rc in (0, 1), (command, rc, capsys.readouterr().err)
-        if command.startswith("loka plan") and f"--out {tmp_path / 'plan.json'}" in command:
+        if command.startswith("loka plan") and command.endswith(f"--out {tmp_path}"):
             # `loka plan` with the printed flags reproduced the demo's plan (it rewrote the same file)
             assert _plan_choices(tmp_path / "plan.json") == plan_before
             reproduced = True

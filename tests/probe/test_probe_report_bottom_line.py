@@ -41,7 +41,7 @@ def test_the_bottom_line_comes_first_and_agrees_with_the_plan(report):
     fp8 = plan(report, speed_model="h100", progress=False).totals()["fp8_gemms"]
     assert ("at these shapes the plan will keep everything in bf16" in first) == (fp8 == 0), (first, fp8)
     if fp8 == 0:
-        assert "`loka plan --objective accuracy`" in first
+        assert "plan with --objective accuracy" in first and "--objective accuracy --out runs/plan_accuracy`" in md
 
 
 def test_the_bottom_line_says_when_some_site_is_safe_and_fast(report):
