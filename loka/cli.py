@@ -15,6 +15,8 @@ import logging
 import sys
 
 from loka import __version__
+from loka.cli_vocab import resolve_device
+from loka.jsonio import read_json
 
 # Each subcommand -> the module whose register(subparsers, **wiring) adds it, in --help's order.
 # Modules are imported only for the command run (`loka --version` imports none of them).
@@ -118,7 +120,8 @@ def _required_later(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]
     for name, p in (sub.choices.items() if sub else ()):
         for a in p._actions:
             if a.required and a.option_strings:
-                a.required = False
+                a.required = False  # still said in its help, and checked by _check_named_files_then_required
+                a.help = f"{a.help} (required)" if a.help else "required"
                 out.setdefault(name, {})[a.dest] = a.option_strings[0]
     return out
 
@@ -129,7 +132,6 @@ def _check_named_files_then_required(args, required: dict[str, str], parser) -> 
     missing = [flag for dest, flag in required.items() if getattr(args, dest, None) in (None, [])]
     if not missing:
         return
-    read_json = _attribute("loka.jsonio", "read_json")
     sub = parser._subparsers._group_actions[0].choices[args.command]
     for action in sub._actions:
         values = getattr(args, action.dest, None) if action.option_strings else None
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loka {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if getattr(args, "device", None) == "auto":
-        args.device = _attribute("loka.cli_vocab", "resolve_device")("auto")
+        args.device = resolve_device("auto")
     if not getattr(args, "debug", False):
         _quiet_library_noise()
     try:
