@@ -115,7 +115,7 @@ def detect_target(device: torch.device | str | None) -> Target | None:
 
 
 def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
-    """``--device`` of the CLI: a torch device (``cpu``, ``cuda``: its target detected) or a target
+    """``--device`` of the CLI: ``auto`` (cuda if present, else cpu), a torch device (``cpu``, ``cuda``: its target detected) or a target
     name (``b200``): then the torch device is this machine's GPU if it is that target, else the CPU,
     where the target's recipes are emulated."""
     if is_target_name(arg):
@@ -123,7 +123,8 @@ def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
         here = detect_target("cuda") if torch.cuda.is_available() else None
         on_it = here is not None and here.arch == target.arch
         return torch.device("cuda" if on_it else "cpu"), target
-    device = torch.device(arg) if arg else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = arg in (None, "", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(arg)
     return device, detect_target(device)
 
 

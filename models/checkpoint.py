@@ -130,7 +130,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     that would need to run code to be read.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} does not exist.")
+        raise ValueError(f"checkpoint {path} does not exist; `loka train --size SIZE --out DIR` writes one "
+                         "(DIR/checkpoint.pt).")
     state = safe_torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a loka ranker checkpoint (expected format {FORMAT}).")

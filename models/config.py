@@ -181,7 +181,7 @@ SIZES: dict[str, RankerConfig] = {
         fm_rank=8, fm_hidden=128, over_hidden=(128, 64), size="small"),
     # base / large (architecture 2): the dense interaction arch dominates, as in Wukong: at
     # large, interaction + over hold about 65% of a training step's GEMM FLOPs, 98% of those at
-    # K, N >= 2048 (`loka info --size large --batch 8192`); large recomputes its blocks.
+    # K, N >= 2048 (`loka info --size large --batch-size 8192`); large recomputes its blocks.
     "base": RankerConfig(
         embed_dim=64,
         sparse_cardinalities=(2_000_000, 500_000, 20_000, 256, 8, 200, 8, 24)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from loka.cli_vocab import resolve_device
 from loka.gate import GateResult, gate
 from loka.gate.compare import GateInputError, read_outputs
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint, is_eval_outputs_file
@@ -126,4 +127,4 @@ def checkpoint_loader(side: str, path: str, precision: str | None, *, eval_examp
                       device: str) -> EvalOutputs:
     """The ``loka gate`` command's loader of a ``.pt`` side (wired by ``loka.app.cli``)."""
     return load_side(side, path, precision, CheckpointEval(eval_examples=eval_examples, eval_seed=eval_seed,
-                                                          device=device))
+                                                          device=resolve_device(device)))

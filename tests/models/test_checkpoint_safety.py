@@ -60,7 +60,7 @@ def test_api_loaders_refuse_a_code_carrying_pickle(tmp_path, loader):
 
 
 @pytest.mark.parametrize("argv", [
-    ["eval", "--checkpoint", "{path}", "--examples", "64"],
+    ["eval", "--checkpoint", "{path}", "--eval-examples", "64"],
     ["train", "--size", "tiny", "--steps", "2", "--batch-size", "16", "--eval-examples", "0",
      "--no-progress", "--resume", "{path}"],
     ["serve", "--checkpoint", "{path}", "--port", "0"],
