@@ -27,7 +27,7 @@ from loka.dispatch.headroom_estimate import plan_headroom
 from loka.dispatch.planner import OBJECTIVES, library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
-from loka.devices import detect_target, resolve_device, target_names
+from loka.devices import detect_target, device_and_target, target_names
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.headroom_section import headroom_summary
@@ -145,7 +145,7 @@ def _plan(args) -> int:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
         producers = read_site_map(args.producers, "--producers", "norm_quant") if args.producers else None
-        device, target = resolve_device(args.device)
+        device, target = device_and_target(args.device)
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=device,
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
                  producers=producers, target=target, objective=args.objective)

@@ -114,7 +114,7 @@ def detect_target(device: torch.device | str | None) -> Target | None:
     return get_target(arch) if arch in _BY_NAME else None
 
 
-def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
+def device_and_target(arg: str | None) -> tuple[torch.device, Target | None]:
     """``--device`` of the CLI: ``auto`` (cuda if present, else cpu), a torch device (``cpu``, ``cuda``: its target detected) or a target
     name (``b200``): then the torch device is this machine's GPU if it is that target, else the CPU,
     where the target's recipes are emulated."""

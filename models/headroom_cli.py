@@ -69,10 +69,11 @@ def probe_headroom(workload_name: str, batch: int, device: str) -> dict | None:
 
 
 def _speed_model(device: str) -> str:
-    """``auto``: this machine's GPU when loka has its speed model, else the H200's."""
-    if device != "auto":
+    """A GPU's speed model by name; ``auto`` (which the CLI turns into cuda or cpu): this machine's GPU
+    when loka has its speed model, else the H200's."""
+    if device in DEVICE_MODELS:
         return device
-    here = detect_target("cuda")
+    here = detect_target("cuda" if device == "auto" else device)
     return here.speed_model if here is not None and here.speed_model in DEVICE_MODELS else "h200"
 
 

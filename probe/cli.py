@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loka.cli_vocab import add_device, add_json, write_json
-from loka.devices import Target, resolve_device, target_names
+from loka.devices import Target, device_and_target, target_names
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.headroom_section import with_headroom
@@ -129,7 +129,7 @@ def run(args) -> int:
     if args.steps < 1:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
-    device, target = resolve_device(args.device)
+    device, target = device_and_target(args.device)
     named = getattr(args, "named_workloads", None) or {}
     if args.model in named:  # the old spelling of --size
         print(f"loka probe: --model {args.model} is deprecated; use --size {args.model}", file=sys.stderr)
