@@ -22,7 +22,7 @@ from loka.gate import GateResult, gate
 from loka.gate.compare import GateInputError, read_outputs
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint, is_eval_outputs_file
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .config import RankerConfig
 from .evaluate import evaluate
 from .precision import apply_precision
@@ -80,7 +80,7 @@ def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: Che
     train_cfg = state.get("train_config") or {}
     try:
         model = Ranker(RankerConfig.from_dict(state["ranker_config"]))
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, path)
         apply_precision(model, precision)
     except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
         raise EvalOutputsError(f"{path}: cannot build the model for precision {precision!r}: {exc}") from None

@@ -124,9 +124,21 @@ def _tensors(value) -> list[Tensor]:
     return []
 
 
-def check_before_save(model: nn.Module, optimizers: dict, step: int) -> None:
-    """NonFiniteError instead of writing a checkpoint that holds NaN/Inf anywhere."""
+def last_good(last) -> str:
+    """'the last good checkpoint is X' / 'no checkpoint was written', for error messages."""
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+
+
+def check_before_save(model: nn.Module, optimizers: dict, step: int, last=None, rerun=None) -> None:
+    """NonFiniteError instead of writing a checkpoint that holds NaN/Inf anywhere, or whose
+    weights, finite but blown up, give NaN/Inf when ``rerun()`` repeats the forward of the step
+    that produced them (one extra forward per checkpoint). ``last``: the newest good checkpoint."""
     bad = first_nonfinite([*model.state_dict().items(), *optimizer_tensors(optimizers)])
     if bad is not None:
-        raise NonFiniteError(f"not writing a checkpoint at step {step}: {bad} holds NaN/Inf; "
-                             "the last checkpoint written is still the good one.")
+        raise NonFiniteError(f"not writing a checkpoint at step {step}: {bad} holds NaN/Inf; {last_good(last)}.")
+    module = first_nonfinite_output(model, rerun) if rerun is not None else None
+    if module is not None:
+        raise NonFiniteError(
+            f"not writing a checkpoint at step {step}: its weights are finite but the forward on that step's "
+            f"batch gives NaN/Inf (first in {module}): the update blew them up (too high a learning rate?); "
+            f"{last_good(last)}. Lower the learning rate{' and resume from it' if last else ''}.")

@@ -26,11 +26,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .batch import Batch
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
 from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, check_labels, diagnose,
-                     grads_finite)
+                     grads_finite, last_good)
 from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import apply_plan_producers, apply_precision, check_precision
@@ -242,7 +242,7 @@ class _Logger:
             self.file.close()
 
 
-def _build(config: TrainConfig, model, data, state, ctx: DistContext):
+def _build(config: TrainConfig, model, data, state, ctx: DistContext, resume=None):
     cfg = model.config if model is not None else RankerConfig.from_size(config.size)
     if model is None:
         with torch.random.fork_rng(devices=[]):  # seed the init without resetting the caller's RNG
@@ -253,7 +253,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
                                teacher_seed=config.teacher_seed, device=ctx.device,
                                rank=ctx.rank, world_size=ctx.world_size)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, resume)
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
     convert_result = apply_precision(model, config.precision, compile=config.compile)
@@ -264,13 +264,27 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
     if state is not None:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+        _load_optimizers(optimizers, state, resume)
         if state.get("stream") is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(state["stream"])
         restore_rng(state)
         step = int(state["step"])
     return model, data, optimizers, step, (convert_result, producers)
+
+
+def _load_optimizers(optimizers: dict, state: dict, resume) -> None:
+    """Each optimizer's state from the checkpoint; ValueError (one line) when it is missing or
+    does not fit this model's parameters."""
+    saved = state.get("optimizers")
+    for name, opt in optimizers.items():
+        if not isinstance(saved, dict) or not isinstance(saved.get(name), dict):
+            raise ValueError(f"{resume} has no state for the {name!r} optimizer, so it cannot resume a run "
+                             "exactly; use a checkpoint written by `loka train`.")
+        try:
+            opt.load_state_dict(saved[name])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"{resume}: the {name!r} optimizer state does not fit this model "
+                             f"({' '.join(str(exc).split())[:200]}); use a checkpoint written by `loka train`.") from None
 
 
 def train(config: TrainConfig | None = None, *, model: Ranker | None = None, data=None,
@@ -288,7 +302,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     state = load_checkpoint(resume) if resume else None
     config = config.replace(precision=resume_precision(config.precision, state, resume))
     ctx = init_distributed(config.device, config.dist_timeout_s)
-    model, data, optimizers, step, (convert_result, producers) = _build(config, model, data, state, ctx)
+    model, data, optimizers, step, (convert_result, producers) = _build(config, model, data, state, ctx, resume)
     resolve_task_weights(config.task_weights, model.config.tasks)  # unknown task names fail here
     run_id = (state or {}).get("run_id") or new_run_id()
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -349,6 +363,7 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             for opt in optimizers.values():
                 opt.step()
             skips_in_a_row = 0
+            saver.rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
         else:
             rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
             skips_in_a_row = _nonfinite(config, result, rerun, losses, saver, skips_in_a_row)
@@ -377,7 +392,7 @@ def _forward(runner, batch: Batch, device_type: str, autocast: bool) -> dict[str
 def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skips_in_a_row: int) -> int:
     """Stop (NonFiniteError) or count a skipped step; returns the new run of skips."""
     where, fatal = diagnose(result.model, losses, rerun)
-    last = f"the last checkpoint is {saver.last}" if saver.last else "no checkpoint was written"
+    last = last_good(saver.last)
     if config.nonfinite == "stop" or fatal or skips_in_a_row + 1 >= MAX_CONSECUTIVE_SKIPS:
         raise NonFiniteError(
             f"training stopped at step {result.step + 1}: {where}; {last}. Lower the learning "
