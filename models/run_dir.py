@@ -3,7 +3,8 @@ whose directory it is.
 
 Why: a long run must not lose its work. Checkpoints are written every ``checkpoint_every``
 steps and every ``checkpoint_minutes`` minutes by default, and once more when SIGTERM or
-SIGINT asks the run to stop (the current step finishes first). Periodic files
+SIGINT asks the run to stop (the current step finishes first; a second signal waits for that
+checkpoint, a third stops at once). Periodic files
 ``checkpoint_<step>.pt`` are rotated (the last ``keep_checkpoints`` stay); ``checkpoint.pt``
 is the run's latest end point. A directory that holds another run is never written over
 without ``overwrite`` (and nothing in it is touched then), and temp files a killed writer
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -109,18 +111,29 @@ def rotate(out_dir: Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+class ForcedStop(KeyboardInterrupt):
+    """A third stop signal: the run ended at once; ``signum`` is that signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class StopSignals:
-    """While active, SIGTERM and SIGINT ask the run to stop after the current step (which then
-    writes a checkpoint) instead of killing it; a second signal stops at once.
+    """While active, SIGTERM and SIGINT ask the run to stop after the current step and write
+    its checkpoint instead of killing it. A second signal is ignored (with a line saying so)
+    until that checkpoint is written, since schedulers often signal twice in quick succession;
+    a third stops at once, without the checkpoint (`ForcedStop`, a KeyboardInterrupt).
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
-    run keeps the default behaviour. ``signum`` is the signal received, or None.
+    run keeps the default behaviour. ``signum`` is the first signal received, or None.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received = 0
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
@@ -130,9 +143,15 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # asked twice: stop now
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signum = signum
+        self.received += 1
+        name = signal.Signals(signum).name
+        if self.received == 1:
+            self.signum = signum
+        elif self.received == 2:
+            print(f"{name} again: still stopping after this step and writing checkpoint.pt; "
+                  "a third signal stops at once without it", file=sys.stderr, flush=True)
+        else:
+            raise ForcedStop(signum, f"{name} a third time: stopped at once, without writing checkpoint.pt")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

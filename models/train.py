@@ -317,10 +317,10 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
                          convert_result=convert_result, producers=producers)
     saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main, last=resume)
-    with StopSignals() as signals, ctx.watch():
+    with StopSignals() as signals, ctx.watch():  # held until checkpoint.pt is written
         _loop(config, runner, data, optimizers, result, ctx, saver, signals)
-    result.stopped_by = signals.name
-    result.checkpoint = saver.save("checkpoint.pt", result.step)
+        result.stopped_by = signals.name
+        result.checkpoint = saver.save("checkpoint.pt", result.step)
     if config.eval_examples and ctx.is_main and not result.stopped_by:
         result.evaluation = _final_eval(config, model, ctx, out_dir)
     ctx.barrier()

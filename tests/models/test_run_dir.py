@@ -134,3 +134,29 @@ def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
     assert state["step"] == logged[-1] >= 1
     resumed = train(TrainConfig(steps=state["step"] + 1, out_dir=str(out), **FAST), resume=out / "checkpoint.pt")
     assert resumed.first_step == state["step"] and torch.isfinite(torch.tensor(resumed.losses)).all()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_path):
+    """Schedulers often signal twice: the second waits for checkpoint.pt (a third would force)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "loka.cli", "train", "--size", "tiny", "--steps", "10000000",
+           "--batch-size", "16", "--out", str(out), "--eval-examples", "0", "--no-progress",
+           "--log-every", "1", "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, metrics = time.monotonic() + 60, out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "SIGTERM again" in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
