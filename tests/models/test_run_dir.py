@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from loka.models import TrainConfig, load_checkpoint, train
+from loka.models import RankerConfig, SyntheticStream, TrainConfig, load_checkpoint, train
 from loka.models.checkpoint import write_atomic
 from loka.models.cli import register
 
@@ -160,3 +162,37 @@ def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_pat
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "SIGTERM again" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
+
+
+def _resume_hint(message: str):
+    found = re.search(r"--resume (\S+\.pt)", message)
+    return Path(found.group(1)) if found else None
+
+
+def test_a_refused_out_is_left_untouched_and_its_hint_names_a_real_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(steps=2, checkpoint_every=1, out_dir=str(out), **FAST))
+    (out / "checkpoint.pt").unlink()  # killed after its periodic checkpoints: no checkpoint.pt
+    (out / "checkpoint.pt.tmp").write_bytes(os.urandom(64))
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(ValueError, match="already holds another run") as info:
+        train(TrainConfig(steps=1, out_dir=str(out), **FAST))
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # nothing touched
+    hint = _resume_hint(str(info.value))
+    assert hint is not None and hint.exists() and load_checkpoint(hint)["step"] == 2
+    for periodic in out.glob("checkpoint_*.pt"):
+        periodic.unlink()
+    with pytest.raises(ValueError, match="already holds another run") as info:  # metrics, no checkpoint
+        train(TrainConfig(steps=1, out_dir=str(out), **FAST))
+    assert _resume_hint(str(info.value)) is None and "no checkpoint" in str(info.value)
+
+
+def test_a_first_run_that_failed_on_bad_data_does_not_block_its_out(tmp_path):
+    out = tmp_path / "run"
+    batch = SyntheticStream(RankerConfig.from_size("tiny"), FAST["batch_size"], seed=0).batch(0)
+    batch.labels[0, 0] = 2.0
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        train(TrainConfig(steps=2, out_dir=str(out), **FAST), data=iter([batch]))
+    assert (out / "config.json").exists()
+    result = train(TrainConfig(steps=1, out_dir=str(out), **FAST))  # the fixed data, the same --out
+    assert load_checkpoint(result.checkpoint)["step"] == 1

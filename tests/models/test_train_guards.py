@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, train
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, load_checkpoint, load_model, train
 from loka.models.cli import register
 from loka.models.guards import NonFiniteError, check_before_save
 
@@ -178,3 +180,24 @@ def test_no_checkpoint_is_written_with_nan_in_optimizer_state():
     next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = math.inf
     with pytest.raises(NonFiniteError, match=r"dense\.state\[0\]\.exp_avg_sq holds NaN/Inf"):
         check_before_save(model, {"dense": opt}, 1)
+
+
+def _forward_finite(path) -> bool:
+    """The checkpoint's model, forward on the batch of the step that wrote it (data_seed 0)."""
+    state = load_checkpoint(path)
+    model = load_model(path)
+    batch = SyntheticStream(model.config, FAST["batch_size"], seed=0).batch(state["step"] - 1)
+    with torch.no_grad():
+        return all(torch.isfinite(v).all() for v in model(batch).values())
+
+
+def test_a_checkpoint_whose_forward_is_nan_is_not_written_and_the_good_one_is_named(good_run):
+    """A huge learning rate leaves finite weights whose forward overflows: no checkpoint of them."""
+    out, _ = good_run
+    with pytest.raises(NonFiniteError) as info:
+        train(TrainConfig(steps=8, out_dir=str(out), **FAST).replace(lr_dense=1e6, checkpoint_every=1),
+              resume=out / "checkpoint.pt")
+    written = sorted(out.glob("checkpoint*.pt"))
+    assert all(_forward_finite(p) for p in written), [p.name for p in written]
+    named = re.search(r"the last good checkpoint is (\S+\.pt)", str(info.value))
+    assert named and Path(named.group(1)) in written, str(info.value)
