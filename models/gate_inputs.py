@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from loka.dispatch import PlanMismatchError
 from loka.gate import GateResult, gate
 from loka.gate.compare import GateInputError, read_outputs
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint, is_eval_outputs_file
@@ -83,7 +84,8 @@ def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: Che
         load_model_state(model, state, path)
         apply_precision(model, precision)
     except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
-        raise EvalOutputsError(f"{path}: cannot build the model for precision {precision!r}: {exc}") from None
+        reason = exc.summary() if isinstance(exc, PlanMismatchError) else " ".join(str(exc).split())
+        raise EvalOutputsError(f"{path}: cannot build the model for precision {precision!r}: {reason}") from None
     model.to(torch.device(how.device))
     seed = how.eval_seed if how.eval_seed is not None else train_cfg.get("eval_seed", 1_000_003)
     stream = SyntheticStream(model.config, min(how.batch_size, how.eval_examples), seed=seed,
