@@ -81,6 +81,9 @@ def _add_train(sub) -> None:
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=None,
                    help="a NaN/Inf loss or gradient: stop with an error naming where (default), "
                         "or skip that step's update")
+    p.add_argument("--on-nonfinite-dense", choices=("warn", "stop"), default=None,
+                   help="NaN/Inf dense feature values: replace them and warn once with the count "
+                        "(default), or stop with an error naming the step")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="SEC",
                    help="data-parallel: fail after SEC seconds without an answer from a rank (default 300)")
     p.add_argument("--log-every", type=int, default=10)
@@ -111,6 +114,7 @@ def _run_train(args) -> int:
                                 ("checkpoint_minutes", args.checkpoint_minutes),
                                 ("keep_checkpoints", args.keep_checkpoints),
                                 ("nonfinite", args.on_nonfinite),
+                                ("nonfinite_dense", args.on_nonfinite_dense),
                                 ("dist_timeout_s", args.dist_timeout)) if v is not None}
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          precision=args.precision, out_dir=args.out, **recipe,
@@ -133,6 +137,8 @@ def _run_train(args) -> int:
     print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s")
     if args.criteo:
         print(f"skipped malformed lines: {data.skipped}")
+    if result.nonfinite_dense:
+        print(f"NaN/Inf dense feature values replaced: {result.nonfinite_dense}", file=sys.stderr)
     if result.evaluation is not None:
         print(result.evaluation.table())
     if result.checkpoint:

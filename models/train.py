@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from .batch import Batch
 from .checkpoint import load_checkpoint, load_model_state
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
-from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, check_labels, diagnose,
-                     grads_finite, last_good)
+from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_DENSE_POLICIES, NONFINITE_POLICIES, NonFiniteError,
+                     check_batch, diagnose, grads_finite, last_good)
 from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import apply_plan_producers, apply_precision, check_precision
@@ -68,6 +69,9 @@ class TrainConfig:
     nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise `NonFiniteError` naming
     where it appeared; no checkpoint is written) or "skip" (drop that step's update and go
     on; a parameter already NaN/Inf still stops). See `guards.py`.
+    nonfinite_dense: NaN/Inf dense feature values: "warn" (the dense arch replaces them, NaN -> 0,
+    +-Inf -> +-1e30; the first batch with any is warned about once, the run's count is
+    ``TrainResult.nonfinite_dense`` and in metrics.jsonl) or "stop" (ValueError naming the step).
     max_seconds: stop early once training has run this long (the step reached is reported).
     dist_timeout_s: how long a collective may wait for another rank before the run fails
     naming the rank that stopped answering (data-parallel runs only).
@@ -98,6 +102,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     overwrite: bool = False
     nonfinite: str = "stop"
+    nonfinite_dense: str = "warn"
     eval_examples: int = 0
     eval_seed: int = 1_000_003
     max_seconds: float | None = None
@@ -136,6 +141,8 @@ class TrainConfig:
             raise ValueError("checkpoint_minutes must be >= 0 (0: off) and keep_checkpoints >= 1.")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={self.nonfinite!r}: choose one of {NONFINITE_POLICIES}.")
+        if self.nonfinite_dense not in NONFINITE_DENSE_POLICIES:
+            raise ValueError(f"nonfinite_dense={self.nonfinite_dense!r}: choose one of {NONFINITE_DENSE_POLICIES}.")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds={self.max_seconds} must be > 0 (None: no time limit).")
         if not 0 < self.dist_timeout_s < math.inf:
@@ -160,6 +167,7 @@ class TrainResult:
     convert_result: object | None = None
     producers: object | None = None  # loka ModResult of the plan's norm_quant sites, None without
     skipped_steps: int = 0
+    nonfinite_dense: int = 0  # NaN/Inf dense feature values seen (and replaced) by this run
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
@@ -350,7 +358,9 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
         except StopIteration:
             bar.write(f"data ended after step {result.step}; stopping")
             break
-        check_labels(batch, result.model.config.tasks)
+        bad_dense = check_batch(batch, result.model.config.tasks)
+        if bad_dense:
+            _nonfinite_dense(config, result, bad_dense, bar)
         for name, opt in optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
@@ -380,6 +390,7 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             logger.log({"step": result.step, "loss": result.losses[-1],
                         **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
                         "examples_per_s": result.examples_per_s, "skipped_steps": result.skipped_steps,
+                        "nonfinite_dense": result.nonfinite_dense,
                         "elapsed_s": time.perf_counter() - start})
         saver.periodic(result.step)
 
@@ -399,6 +410,19 @@ def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skip
             "rate, fix the data, or skip such steps with nonfinite='skip' (--on-nonfinite skip).")
     result.skipped_steps += 1
     return skips_in_a_row + 1
+
+
+def _nonfinite_dense(config, result: TrainResult, count: int, bar) -> None:
+    """Refuse NaN/Inf dense features (nonfinite_dense="stop") or count them, warning once per run."""
+    where = f"step {result.step + 1}'s batch has {count} NaN/Inf dense feature values"
+    if config.nonfinite_dense == "stop":
+        raise ValueError(f"{where}; fix the data source, or let the model replace them (NaN -> 0, "
+                         "+-Inf -> +-1e30) with nonfinite_dense='warn' (--on-nonfinite-dense warn).")
+    if not result.nonfinite_dense:
+        bar.write(f"warning: {where}; the model replaces them (NaN -> 0, +-Inf -> +-1e30). Said once per run: "
+                  "the run's total is in metrics.jsonl (nonfinite_dense); stop on them with "
+                  "--on-nonfinite-dense stop.", file=sys.stderr)
+    result.nonfinite_dense += count
 
 
 def _final_eval(config: TrainConfig, model: Ranker, ctx: DistContext, out_dir: Path | None):
