@@ -250,12 +250,25 @@ def _run_serve(args) -> int:
                                              device=args.device)
     engine.warmup()
     server = ScoringServer(engine, config)
+    received: list[int] = []
+
+    def record(signum, frame) -> None:
+        received.append(signum)
+        server.ask_stop()  # a signal before uvicorn installs its own handlers stops it as well
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handlers
+    # it found: these record it, so both signals exit alike, 128 + signal (143, 130), as `train` does
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
     print(f"serving {engine.config.size} ranker ({engine.precision}) at {server.url}/score", flush=True)
     try:
-        server.serve_forever()  # SIGINT/SIGTERM: graceful shutdown
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    return 0
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not received:
+        return 0
+    print(f"stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
+    return 128 + received[0]
 
 
 def _add_info(sub) -> None:
