@@ -85,7 +85,8 @@ def _add_train(sub) -> None:
                    help="NaN/Inf dense feature values: replace them and warn once with the count "
                         "(default), or stop with an error naming the step")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="SEC",
-                   help="data-parallel: fail after SEC seconds without an answer from a rank (default 300)")
+                   help="data-parallel: fail after SEC seconds without an answer from a rank, naming it "
+                        "within about 5 s more (default 300)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--criteo", nargs="+", default=None, metavar="TSV",
                    help="train on Criteo-format files instead of synthetic data")
@@ -221,7 +222,8 @@ def _run_eval(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP on loopback",
                        description="POST /score with one user and N candidates -> N scores per task; "
-                                   "GET /health, GET /metrics. Limits: see models/README.md.")
+                                   "GET /health, GET /metrics. Limits: see models/README.md. SIGTERM "
+                                   "or Ctrl-C stops gracefully and exits 128 + the signal (143, 130).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--plan", default=None, help="fp8 or a loka plan file (default: bf16)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -232,7 +234,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long to gather requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--max-inflight", type=int, default=4,
-                   help="requests read, parsed and scored at once (bounds memory); others wait")
+                   help="requests parsed and scored at once (bodies are read before, so a slow "
+                        "client holds no slot); others wait")
     p.add_argument("--max-connections", type=int, default=1024, help="past this, requests get 503")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds for a request head, and for its body")
     p.add_argument("--request-timeout", type=float, default=30.0,

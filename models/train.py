@@ -74,7 +74,8 @@ class TrainConfig:
     ``TrainResult.nonfinite_dense`` and in metrics.jsonl) or "stop" (ValueError naming the step).
     max_seconds: stop early once training has run this long (the step reached is reported).
     dist_timeout_s: how long a collective may wait for another rank before the run fails
-    naming the rank that stopped answering (data-parallel runs only).
+    naming the rank that stopped answering (data-parallel runs only); the check that names it
+    adds at most 5 s (`distributed.MONITOR_TIMEOUT_S`).
     """
 
     size: str = "small"
