@@ -54,6 +54,18 @@ def check_batch(batch: Batch, tasks: tuple[str, ...]) -> int:
     return int(flags[2])
 
 
+def report_nonfinite_dense(policy: str, count: int, step: int, *, first: bool, write) -> None:
+    """``count`` NaN/Inf dense values in step ``step``'s batch: ValueError under policy "stop";
+    under "warn", one line through ``write`` if this is the run's ``first`` such batch."""
+    where = f"step {step}'s batch has {count} NaN/Inf dense feature values"
+    if policy == "stop":
+        raise ValueError(f"{where}; fix the data source, or let the model replace them (NaN -> 0, "
+                         "+-Inf -> +-1e30) with nonfinite_dense='warn' (--on-nonfinite-dense warn).")
+    if first:
+        write(f"warning: {where}; the model replaces them (NaN -> 0, +-Inf -> +-1e30). Said once per run: "
+              "the run's total is in metrics.jsonl (nonfinite_dense); stop on them with --on-nonfinite-dense stop.")
+
+
 def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
     """Name of the first tensor holding NaN or Inf (one host sync), or None."""
     named = [(n, t) for n, t in named if t is not None and (t.is_floating_point() or t.is_complex())]

@@ -31,11 +31,11 @@ from .checkpoint import load_checkpoint, load_model_state
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
 from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_DENSE_POLICIES, NONFINITE_POLICIES, NonFiniteError,
-                     check_batch, diagnose, grads_finite, last_good)
+                     check_batch, diagnose, grads_finite, last_good, report_nonfinite_dense)
 from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import apply_plan_producers, apply_precision, check_precision
-from .resume import restore_rng, resume_precision
+from .resume import load_optimizers, restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
 from .serving_schema import example_batch
@@ -273,27 +273,12 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext, resume=Non
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
     if state is not None:
-        _load_optimizers(optimizers, state, resume)
+        load_optimizers(optimizers, state, resume)
         if state.get("stream") is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(state["stream"])
         restore_rng(state)
         step = int(state["step"])
     return model, data, optimizers, step, (convert_result, producers)
-
-
-def _load_optimizers(optimizers: dict, state: dict, resume) -> None:
-    """Each optimizer's state from the checkpoint; ValueError (one line) when it is missing or
-    does not fit this model's parameters."""
-    saved = state.get("optimizers")
-    for name, opt in optimizers.items():
-        if not isinstance(saved, dict) or not isinstance(saved.get(name), dict):
-            raise ValueError(f"{resume} has no state for the {name!r} optimizer, so it cannot resume a run "
-                             "exactly; use a checkpoint written by `loka train`.")
-        try:
-            opt.load_state_dict(saved[name])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ValueError(f"{resume}: the {name!r} optimizer state does not fit this model "
-                             f"({' '.join(str(exc).split())[:200]}); use a checkpoint written by `loka train`.") from None
 
 
 def train(config: TrainConfig | None = None, *, model: Ranker | None = None, data=None,
@@ -361,7 +346,9 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             break
         bad_dense = check_batch(batch, result.model.config.tasks)
         if bad_dense:
-            _nonfinite_dense(config, result, bad_dense, bar)
+            report_nonfinite_dense(config.nonfinite_dense, bad_dense, result.step + 1,
+                                   first=not result.nonfinite_dense, write=functools.partial(bar.write, file=sys.stderr))
+            result.nonfinite_dense += bad_dense
         for name, opt in optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
@@ -411,19 +398,6 @@ def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skip
             "rate, fix the data, or skip such steps with nonfinite='skip' (--on-nonfinite skip).")
     result.skipped_steps += 1
     return skips_in_a_row + 1
-
-
-def _nonfinite_dense(config, result: TrainResult, count: int, bar) -> None:
-    """Refuse NaN/Inf dense features (nonfinite_dense="stop") or count them, warning once per run."""
-    where = f"step {result.step + 1}'s batch has {count} NaN/Inf dense feature values"
-    if config.nonfinite_dense == "stop":
-        raise ValueError(f"{where}; fix the data source, or let the model replace them (NaN -> 0, "
-                         "+-Inf -> +-1e30) with nonfinite_dense='warn' (--on-nonfinite-dense warn).")
-    if not result.nonfinite_dense:
-        bar.write(f"warning: {where}; the model replaces them (NaN -> 0, +-Inf -> +-1e30). Said once per run: "
-                  "the run's total is in metrics.jsonl (nonfinite_dense); stop on them with "
-                  "--on-nonfinite-dense stop.", file=sys.stderr)
-    result.nonfinite_dense += count
 
 
 def _final_eval(config: TrainConfig, model: Ranker, ctx: DistContext, out_dir: Path | None):

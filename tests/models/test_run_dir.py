@@ -109,39 +109,8 @@ def test_writes_are_fsynced_file_and_directory(tmp_path, monkeypatch):
         assert synced[0].endswith("a.bin.tmp") and synced[1] == os.path.realpath(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "loka.cli", "train", "--size", "tiny", "--steps", "10000000",
-           "--batch-size", "16", "--out", str(out), "--eval-examples", "0", "--no-progress",
-           "--log-every", "1", "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + sig, err
-    assert f"stopped by {signal.Signals(sig).name}" in err
-    state = load_checkpoint(out / "checkpoint.pt")
-    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert state["step"] == logged[-1] >= 1
-    resumed = train(TrainConfig(steps=state["step"] + 1, out_dir=str(out), **FAST), resume=out / "checkpoint.pt")
-    assert resumed.first_step == state["step"] and torch.isfinite(torch.tensor(resumed.losses)).all()
-
-
-@pytest.mark.slow
-def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_path):
-    """Schedulers often signal twice: the second waits for checkpoint.pt (a third would force)."""
-    out = tmp_path / "run"
+def _signalled_run(out, signals: list[int]) -> tuple[int, str]:
+    """(exit status, stderr) of `loka train` sent ``signals`` 0.05 s apart once it logged a step."""
     cmd = [sys.executable, "-m", "loka.cli", "train", "--size", "tiny", "--steps", "10000000",
            "--batch-size", "16", "--out", str(out), "--eval-examples", "0", "--no-progress",
            "--log-every", "1", "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--threads", "1"]
@@ -151,15 +120,37 @@ def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_pat
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        for i, sig in enumerate(signals):
+            time.sleep(0.05 if i else 0.0)
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
+    out = tmp_path / "run"
+    code, err = _signalled_run(out, [sig])
+    assert code == 128 + sig, err
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    state = load_checkpoint(out / "checkpoint.pt")
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["step"] == logged[-1] >= 1
+    resumed = train(TrainConfig(steps=state["step"] + 1, out_dir=str(out), **FAST), resume=out / "checkpoint.pt")
+    assert resumed.first_step == state["step"] and torch.isfinite(torch.tensor(resumed.losses)).all()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_path):
+    """Schedulers often signal twice: the second waits for checkpoint.pt (a third would force)."""
+    out = tmp_path / "run"
+    code, err = _signalled_run(out, [signal.SIGTERM, signal.SIGTERM])
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "SIGTERM again" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
 

@@ -363,12 +363,11 @@ def test_serve_exits_128_plus_the_signal_after_a_graceful_stop(tmp_path, sig):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         line = proc.stdout.readline()  # "serving tiny ranker (bf16) at http://127.0.0.1:PORT/score"
-        assert "serving" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert "serving" in line, line
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        code = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + sig, err
-    assert f"stopped by {signal.Signals(sig).name}" in err
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+    err = proc.stderr.read()
+    assert code == 128 + sig and f"stopped by {signal.Signals(sig).name}" in err, (code, err)
