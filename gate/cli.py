@@ -91,7 +91,8 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
 
 
 def _error(message: str) -> int:
-    print(f"loka gate: could not evaluate: {message}", file=sys.stderr)
+    one_line = " ".join(message.split())  # a multi-line reason (a plan's differences) stays one line
+    print(f"loka gate: could not evaluate: {one_line}", file=sys.stderr)
     return EXIT_ERROR
 
 

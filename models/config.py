@@ -159,6 +159,16 @@ class RankerConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+INPUT_FIELDS = ("sparse_cardinalities", "multi_hot_cardinalities", "multi_hot_len", "n_dense", "history_len",
+                "history_item_feature", "n_actions", "n_gap_buckets", "tasks")
+"""The fields that fix a batch's shapes, id ranges and tasks: rankers equal on these score the same batches."""
+
+
+def input_mismatch(a: RankerConfig, b: RankerConfig) -> list[str]:
+    """Names of the `INPUT_FIELDS` in which ``a`` and ``b`` differ (empty: same inputs)."""
+    return [name for name in INPUT_FIELDS if getattr(a, name) != getattr(b, name)]
+
+
 def criteo_config(size: str = "small", hash_buckets: int = 100_000) -> RankerConfig:
     """A config for Criteo-format data: 13 dense, 26 hashed categorical features, CTR only."""
     if size not in SIZES:
