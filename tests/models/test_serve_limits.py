@@ -103,9 +103,8 @@ def test_a_silent_or_slow_client_is_dropped_after_the_read_timeout(server):
     """The old server had no socket timeout: each slow client held a thread forever."""
     silent, slow_head = _raw_connect(server), _raw_connect(server)
     slow_head.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # the head never completes
-    start = time.monotonic()
+    # read_timeout_s=0.5: both are closed by the server (the helper's own recv timeout would raise otherwise)
     assert _read_until_closed(silent) == b"" and _read_until_closed(slow_head) == b""
-    assert time.monotonic() - start < 3.0  # read_timeout_s=0.5 (a 5 s recv timeout would raise)
     slow_body = _raw_connect(server)
     slow_body.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"user\": ")
     reply = _read_until_closed(slow_body)
@@ -248,7 +247,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, engine):
         assert resp.status == 200 and _strict_json(resp.read())["n"] == n
         ports.add(conn.sock.getsockname()[1])
     times = []
-    for _ in range(7):
+    for _ in range(15):
         start = time.perf_counter()
         conn.request("GET", "/health")
         assert conn.getresponse().read()
@@ -256,8 +255,9 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, engine):
     conn.close()
     assert len(ports) == 1
     # Nagle's algorithm held each answer's body for the client's delayed ACK (40 ms) until
-    # the server set TCP_NODELAY; the round trip itself is well under a millisecond
-    assert sorted(times)[3] < 0.030, times
+    # the server set TCP_NODELAY; the round trip itself is well under a millisecond. The fastest of
+    # 15 is the check: a busy machine only adds delay, while the stall hit every answer
+    assert min(times) < 0.030, times
 
 
 def test_every_answer_is_json_and_metrics_count_them(server):
