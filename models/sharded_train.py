@@ -1,0 +1,142 @@
+"""Sharded training: the ranker with TorchRec-sharded tables and FSDP2/DDP dense arches.
+
+`train_sharded(TrainConfig(...), ShardingConfig(...))` runs the trainer's recipe (schedule,
+task weights, seeds) on the layout `loka.models.sharding` builds, one process or N under
+``torchrun`` (``loka train --nproc N --tables row-wise``). Each rank reads its own slice of the
+stream, and the step's loss is the *global* one: each task's loss is the sum over all ranks'
+examples divided by the all-reduced label weight, so N ranks of B examples train exactly as one
+process on those N x B examples (the gradient averaging of FSDP2/DDP and of torchrec's
+all-to-all undo the factor N each rank's loss carries).
+
+The dense optimizer is AdamW (or SGD, for exactness checks); the tables are updated by FBGEMM's
+fused row-wise Adagrad inside the backward, its learning rate set before each step.
+Precision: "fp32"/"bf16" (the parameters as stored; CPU runs no autocast) or "fp8", torchao's
+float8 training on every Linear whose dims are multiples of 16 (the FP8 sites), whose weights
+FSDP2 all-gathers in FP8 with ``ShardingConfig.fp8_all_gather``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .batch import Batch
+from .config import RankerConfig
+from .distributed import DistContext, init_distributed
+from .ranker import Ranker
+from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_tables, sparse_optimizer,
+                       wrap_dense)
+from .synthetic import SyntheticStream
+from .torchrec_sparse import use_torchrec_sparse
+from .train import TrainConfig, TrainResult, _lr_scale, resolve_task_weights
+
+
+def global_task_losses(logits: dict[str, Tensor], batch: Batch, world_size: int) -> tuple[dict, dict]:
+    """(loss to differentiate on this rank, global loss to report), each {task: scalar}.
+
+    Each task's loss is sum(w * bce) over every rank's examples / sum(w) over every rank; the
+    differentiated one is this rank's share times ``world_size``, since gradients are averaged.
+    """
+    bce = [F.binary_cross_entropy_with_logits(z.float(), batch.labels[:, i], reduction="none")
+           for i, z in enumerate(logits.values())]  # each [B]
+    sums = torch.stack([(batch.label_weights[:, i] * v).sum() for i, v in enumerate(bce)])  # [n_tasks]
+    stats = torch.cat([batch.label_weights.sum(0), sums.detach()])  # [2 * n_tasks]
+    if world_size > 1:
+        dist.all_reduce(stats)
+    n = len(logits)
+    weight = stats[:n].clamp_min(1.0)
+    local = sums * world_size / weight
+    reported = stats[n:] / weight
+    return dict(zip(logits, local)), dict(zip(logits, reported))
+
+
+def fp8_sites(model: nn.Module) -> list[str]:
+    """Linear sites torchao's float8 training takes: both dims multiples of 16, outside the tables."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("sparse.")
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+
+
+def to_float8(model: nn.Module, fp8_all_gather: bool) -> list[str]:
+    """torchao float8 training at `fp8_sites` (tensorwise dynamic scaling); returns the sites."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional dependency
+
+    sites = set(fp8_sites(model))
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fp8_all_gather)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in sites)
+    return sorted(sites)
+
+
+def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContext, model: Ranker | None = None,
+                  base_rates: Tensor | None = None):
+    """The sharded model, its runner (the DDP wrapper or the model), the table plan and the FP8 sites."""
+    if config.precision not in (None, "bf16", "fp32", "fp8"):
+        raise ValueError(f"precision={config.precision!r}: sharded training takes 'fp32', 'bf16' or 'fp8' "
+                         "(a plan file is not applied to sharded runs yet).")
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = Ranker(RankerConfig.from_size(config.size))
+        if base_rates is not None:
+            model.over.init_bias(base_rates)
+    use_torchrec_sparse(model)
+    sites = to_float8(model, sharding.fp8_all_gather) if config.precision == "fp8" else []
+    model.to(ctx.device)
+    plan = shard_tables(model, sharding, config.lr_sparse, ctx)
+    runner = wrap_dense(model, sharding, ctx)
+    return model, runner, plan, sites
+
+
+def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *, model: Ranker | None = None,
+                  data=None, print_plan: bool = True) -> TrainResult:
+    """Train with sharded tables and FSDP2/DDP dense arches; ``losses`` are the global step losses.
+
+    ``model``: an unwrapped `Ranker` with the pure-PyTorch sparse arch (its tables are copied into
+    the EBC); default a fresh one of ``config.size`` seeded by ``config.seed``. ``data``: this
+    rank's iterator of `Batch` (default: its slice of the synthetic stream).
+    """
+    sharding = sharding or ShardingConfig()
+    ctx = init_distributed(config.device, config.dist_timeout_s)
+    cfg = model.config if model is not None else RankerConfig.from_size(config.size)
+    stream = None
+    if data is None:
+        data = stream = SyntheticStream(cfg, config.batch_size, seed=config.data_seed, teacher_seed=config.teacher_seed,
+                                        device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+    model, runner, plan, _ = build_sharded(config, sharding, ctx, model,
+                                           stream.base_rates() if stream is not None else None)
+    resolve_task_weights(config.task_weights, cfg.tasks)
+    if print_plan and ctx.is_main:
+        print(f"table sharding ({sharding.tables}, {ctx.world_size} rank(s)):\n{plan_text(plan)}", flush=True)
+    dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, config.weight_decay)
+    result = TrainResult(model=model, step=0, first_step=0)
+    with ctx.watch():
+        run_steps(config, runner, model, data, dense_opt, result, ctx)
+    ctx.barrier()
+    return result
+
+
+def run_steps(config: TrainConfig, runner, model: nn.Module, data, dense_opt, result: TrainResult,
+              ctx: DistContext) -> None:
+    """Optimizer steps from ``result.step`` to ``config.steps``, appending global losses."""
+    sparse_opt = sparse_optimizer(model)
+    weights = resolve_task_weights(config.task_weights, model.config.tasks)
+    start, seen = time.perf_counter(), 0
+    runner.train()
+    while result.step < config.steps:
+        batch = next(data).to(ctx.device)
+        for g in dense_opt.param_groups:
+            g["lr"] = config.lr_dense * _lr_scale(result.step, config, "dense")
+        for g in sparse_opt.param_groups:
+            g["lr"] = config.lr_sparse * _lr_scale(result.step, config, "sparse")
+        sparse_opt.zero_grad()  # hands the lr to the fused kernel before this step's backward
+        local, reported = global_task_losses(runner(batch), batch, ctx.world_size)
+        sum(weights[t] * v for t, v in local.items()).backward()
+        dense_opt.step()
+        dense_opt.zero_grad(set_to_none=True)
+        result.step += 1
+        result.losses.append(float(sum(weights[t] * v for t, v in reported.items())))
+        seen += batch.size * ctx.world_size
+        result.examples_per_s = seen / max(time.perf_counter() - start, 1e-9)
