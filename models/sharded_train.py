@@ -71,7 +71,7 @@ def to_float8(model: nn.Module, fp8_all_gather: bool) -> list[str]:
 
 
 def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContext, model: Ranker | None = None,
-                  base_rates: Tensor | None = None):
+                  base_rates: Tensor | None = None, param_dtype=None):
     """The sharded model, its runner (the DDP wrapper or the model), the table plan and the FP8 sites."""
     if config.precision not in (None, "bf16", "fp32", "fp8"):
         raise ValueError(f"precision={config.precision!r}: sharded training takes 'fp32', 'bf16' or 'fp8' "
@@ -86,7 +86,7 @@ def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContex
     sites = to_float8(model, sharding.fp8_all_gather) if config.precision == "fp8" else []
     model.to(ctx.device)
     plan = shard_tables(model, sharding, config.lr_sparse, ctx)
-    runner = wrap_dense(model, sharding, ctx)
+    runner = wrap_dense(model, sharding, ctx, param_dtype, own_units=tuple(sites))
     return model, runner, plan, sites
 
 

@@ -131,15 +131,20 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if not n.startswith("sparse.") and p.requires_grad]
 
 
-def wrap_dense(model: nn.Module, sharding: ShardingConfig, ctx: DistContext, param_dtype=None) -> nn.Module:
+def wrap_dense(model: nn.Module, sharding: ShardingConfig, ctx: DistContext, param_dtype=None,
+               own_units: tuple[str, ...] = ()) -> nn.Module:
     """FSDP2 on each dense arch (returns ``model``) or DDP on the model (returns the DDP runner).
 
     ``param_dtype``: FSDP2's all-gather/compute dtype for parameters (None: as stored).
+    ``own_units``: fqns of modules that get an FSDP2 unit (one all-gather) of their own, e.g. the
+    FP8 sites, so their all-gathers can be counted apart.
     """
     if sharding.dense == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype)
+        for fqn in own_units:
+            fully_shard(model.get_submodule(fqn), mp_policy=policy, reshard_after_forward=True)
         for name in DENSE_ARCHES:
             arch = getattr(model, name, None)
             if arch is not None:
@@ -163,3 +168,25 @@ def build_dense_optimizer(model: nn.Module, sharding: ShardingConfig, lr: float,
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, foreach=False)
+
+
+def count_all_gathers(model: nn.Module, fqns) -> dict[str, list[int]]:
+    """Count the bytes FSDP2 all-gathers for each module of ``fqns`` (each its own FSDP2 unit):
+    {fqn: [bytes sent by this rank per all-gather call]}, filled as the model runs. The count is
+    taken at the process-group call (each call's input buffer), not estimated from shapes."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    class _Counting(DefaultAllGather):
+        def __init__(self, sink: list[int]) -> None:
+            super().__init__()
+            self.sink = sink
+
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            self.sink.append(input_tensor.numel() * input_tensor.element_size())
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    counts: dict[str, list[int]] = {}
+    for fqn in fqns:
+        counts[fqn] = []
+        model.get_submodule(fqn).set_custom_all_gather(_Counting(counts[fqn]))
+    return counts
