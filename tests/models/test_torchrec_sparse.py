@@ -93,3 +93,11 @@ def test_bad_sharding_choices_name_the_options():
         ShardingConfig(dense="ddp", fp8_all_gather=True)
     with pytest.raises(ValueError, match="float32"):
         TorchRecSparseArch(RankerConfig.from_size("tiny").replace(embedding_dtype="bfloat16"))
+
+
+def test_cli_refuses_what_sharded_runs_do_not_do_yet(capsys):
+    from loka.cli import main
+
+    code = main(["train", "--size", "tiny", "--steps", "1", "--tables", "row-wise", "--resume", "x.pt"])
+    assert code == 2
+    assert "--resume is not supported with --tables yet" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""`loka train --nproc N --tables row-wise`: the sharded trainer's flags and its launcher.
+
+``--nproc N`` starts N processes through torchrun (``torch.distributed.run``) running the same
+command without ``--nproc``; ``--tables`` selects the TorchRec sharded path
+(`loka.models.sharded_train`); without it the command trains as before (DDP under torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from .sharding import DENSE_PARALLEL, TABLE_SHARDINGS, ShardingConfig
+from .train import TrainConfig
+
+
+def add_sharding_args(p) -> None:
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes started by torchrun on this machine (gloo on CPU, nccl on CUDA)")
+    p.add_argument("--tables", default=None, choices=TABLE_SHARDINGS,
+                   help="shard the embedding tables with TorchRec (fused row-wise Adagrad) and print the plan; "
+                        "default: the pure-PyTorch fused table, replicated")
+    p.add_argument("--dense-parallel", default="fsdp2", choices=DENSE_PARALLEL,
+                   help="with --tables: FSDP2 (fully_shard per arch) or DDP for the dense arches (default fsdp2)")
+    p.add_argument("--dense-optimizer", default="adamw", choices=("adamw", "sgd"),
+                   help="with --tables: AdamW (default) or SGD (exactness checks across world sizes)")
+    p.add_argument("--fp8-all-gather", action="store_true",
+                   help="with --tables, --plan fp8 and FSDP2: all-gather the FP8 sites' weights in FP8")
+
+
+def launch(args) -> int | None:
+    """Run this command on ``--nproc`` processes (returns torchrun's exit status); None when this
+    process is to train itself (``--nproc 1``, or already a rank of a torchrun job)."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1.")
+    if args.nproc == 1 or "RANK" in os.environ:
+        return None
+    argv, skip = [], False
+    for token in args._argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+           f"--master_port={port}", "-m", "loka.cli", *argv]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
+
+
+def run_sharded(args, config: TrainConfig) -> int:
+    """Train with sharded tables (``--tables``); rank 0 prints the plan, losses and speed."""
+    from .sharded_train import train_sharded  # imports torchrec (~4 s): only when asked for
+
+    for flag, given in (("--resume", args.resume), ("--criteo", args.criteo), ("--compile", args.compile)):
+        if given:
+            raise ValueError(f"{flag} is not supported with --tables yet; drop it or train without --tables.")
+    sharding = ShardingConfig(tables=args.tables, dense=args.dense_parallel, dense_optimizer=args.dense_optimizer,
+                              fp8_all_gather=args.fp8_all_gather)
+    result = train_sharded(config, sharding)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s; global loss per step:")
+        print(" ".join(f"{v:.6g}" for v in result.losses))
+        print("not in sharded runs yet: checkpoints and the held-out evaluation")
+    return 0
