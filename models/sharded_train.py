@@ -119,13 +119,14 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
 
 
 def run_steps(config: TrainConfig, runner, model: nn.Module, data, dense_opt, result: TrainResult,
-              ctx: DistContext) -> None:
-    """Optimizer steps from ``result.step`` to ``config.steps``, appending global losses."""
+              ctx: DistContext, stop_at: int | None = None) -> None:
+    """Optimizer steps from ``result.step`` to ``stop_at`` (default ``config.steps``, where the
+    schedule ends), appending global losses."""
     sparse_opt = sparse_optimizer(model)
     weights = resolve_task_weights(config.task_weights, model.config.tasks)
     start, seen = time.perf_counter(), 0
     runner.train()
-    while result.step < config.steps:
+    while result.step < (config.steps if stop_at is None else stop_at):
         batch = next(data).to(ctx.device)
         for g in dense_opt.param_groups:
             g["lr"] = config.lr_dense * _lr_scale(result.step, config, "dense")

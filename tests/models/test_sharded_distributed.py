@@ -5,7 +5,8 @@ Checked: TorchRec table-wise and row-wise tables with FSDP2 (and table-wise with
 exactly as one process on both ranks' examples (SGD, 20 steps, 1e-6 relative); site names under
 the wrappers are the unwrapped model's; FP8 sites under FSDP2 all-gather their weights in FP8
 (bytes counted at the process-group call) at <= 0.55x the bf16 bytes, with the same losses as
-FP8 gathered in high precision.
+FP8 gathered in high precision; DCP checkpoints written on 2 ranks resume on 1 and the other
+way, with the next steps' losses those of an uncut run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytest.importorskip("torchrec", reason="torchrec not installed (scripts/setup.sh
 
 from loka.models.distributed import init_distributed  # noqa: E402
 from loka.models.ranker import Ranker  # noqa: E402
+from loka.models.sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
 from loka.models.sharded_train import build_sharded, fp8_sites, run_steps  # noqa: E402
 from loka.models.sharding import ShardingConfig, build_dense_optimizer, count_all_gathers  # noqa: E402
 
@@ -46,14 +48,24 @@ RUNS = {  # name: (train config, sharding, FSDP2 all-gather dtype)
 }
 
 
-def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world: int) -> dict:
+RESUME = (SGD.replace(steps=6, warmup_steps=2), ShardingConfig("row-wise", "fsdp2", "adamw"))  # AdamW: state
+CUT = 3
+
+
+def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world: int,
+         save: str | None = None, load: str | None = None) -> dict:
+    """Train (from the checkpoint ``load``, to step `CUT` then into ``save`` when given)."""
     ctx = init_distributed("cpu")
     model, runner, plan, sites = build_sharded(config, sharding, ctx, base_rates=data.base_rates,
                                                param_dtype=param_dtype)
     counts = count_all_gathers(model, sites) if sharding.dense == "fsdp2" else {}
     result = TrainResult(model=model, step=0, first_step=0)
-    run_steps(config, runner, model, data, build_dense_optimizer(model, sharding, config.lr_dense, 0.0),
-              result, ctx)
+    dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, 0.0)
+    if load:
+        result.step = result.first_step = data.step = load_sharded(load, model, dense_opt)
+    run_steps(config, runner, model, data, dense_opt, result, ctx, stop_at=CUT if save else None)
+    if save:
+        save_sharded(save, model, dense_opt, result.step)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Float8" in type(m).__name__)
     return {"losses": result.losses, "sites": sites, "linears": linears,
             "all_gather_bytes": {k: sum(v) for k, v in counts.items()},
@@ -77,6 +89,17 @@ class _RankData:
         return self.stream.batch(first + self.rank)
 
 
+def _resume_runs(cfg: RankerConfig, rank: int, world: int, out_dir: str) -> dict:
+    """An uncut run, a run cut at `CUT` into ``ck<world>``, and one resumed from the other world's."""
+    config, sharding = RESUME
+    other = os.path.join(out_dir, f"ck{3 - world}")
+    runs = {"uncut": {}, "save": {"save": os.path.join(out_dir, f"ck{world}")}}
+    if os.path.isdir(other):
+        runs["resumed"] = {"load": other}
+    return {f"resume/{k}": _run(config, sharding, None, _RankData(cfg, rank, world, 2), world, **v)
+            for k, v in runs.items()}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
@@ -84,6 +107,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     cfg = RankerConfig.from_size("tiny")
     results = {name: _run(config, sharding, dtype, _RankData(cfg, rank, world, world), world)
                for name, (config, sharding, dtype) in RUNS.items()}
+    results.update(_resume_runs(cfg, rank, world, out_dir))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -96,23 +120,35 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
+def runs(tmp_path_factory):
+    """{"two": [rank 0's, rank 1's results], "one": this process's}: the one-process runs first
+    (they write ``ck1``), then the 2 ranks (resume ``ck1``, write ``ck2``), then ``ck2`` resumed
+    here. The one-process runs read both ranks' examples each step; the FP8 ones are left out,
+    their dynamic activation scales are per rank's batch, so they differ by design."""
+    out, cfg = tmp_path_factory.mktemp("sharded"), RankerConfig.from_size("tiny")
+    try:
+        one = {name: _run(config, sharding, dtype, _RankData(cfg, 0, 1, 2), 1)
+               for name, (config, sharding, dtype) in RUNS.items() if not name.startswith("fp8/")}
+        one.update(_resume_runs(cfg, 0, 1, str(out)))
+    finally:
+        dist.destroy_process_group()
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    two = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    try:
+        one.update(_resume_runs(cfg, 0, 1, str(out)))
+    finally:
+        dist.destroy_process_group()
+    return {"one": one, "two": two}
 
 
 @pytest.fixture(scope="module")
-def one_process():
-    """The same runs in this process, one rank reading both ranks' examples each step (not the
-    FP8 ones: their dynamic activation scales are per rank's batch, so they differ by design)."""
-    cfg = RankerConfig.from_size("tiny")
-    try:
-        return {name: _run(config, sharding, dtype, _RankData(cfg, 0, 1, 2), 1)
-                for name, (config, sharding, dtype) in RUNS.items() if not name.startswith("fp8/")}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def two_ranks(runs):
+    return runs["two"]
+
+
+@pytest.fixture(scope="module")
+def one_process(runs):
+    return runs["one"]
 
 
 @pytest.mark.distributed
@@ -151,3 +187,15 @@ def test_fp8_all_gather_moves_about_half_the_bf16_bytes_with_the_same_losses(two
         assert per_step["fp8/fp32-gather"] == 2 * per_step["fp8/bf16-gather"]
     fp8, hp = (torch.tensor(two_ranks[0][k]["losses"]) for k in ("fp8/fp8-gather", "fp8/fp32-gather"))
     torch.testing.assert_close(fp8, hp, rtol=1e-6, atol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("direction", ["2->1", "1->2"])
+def test_dcp_checkpoint_resumes_on_another_world_size(runs, direction):
+    resumed = runs["one"] if direction == "2->1" else runs["two"][0]
+    uncut = runs["two"][0] if direction == "2->1" else runs["one"]
+    got = torch.tensor(resumed["resume/resumed"]["losses"])
+    assert len(got) == RESUME[0].steps - CUT
+    torch.testing.assert_close(got, torch.tensor(uncut["resume/uncut"]["losses"][CUT:]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(resumed["resume/uncut"]["losses"][:CUT]),
+                               torch.tensor(resumed["resume/save"]["losses"]), rtol=0, atol=0)
