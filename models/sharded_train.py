@@ -10,9 +10,10 @@ all-to-all undo the factor N each rank's loss carries).
 
 The dense optimizer is AdamW (or SGD, for exactness checks); the tables are updated by FBGEMM's
 fused row-wise Adagrad inside the backward, its learning rate set before each step.
-Precision: "fp32"/"bf16" (the parameters as stored; CPU runs no autocast) or "fp8", torchao's
+Precision: "fp32"/"bf16" (the parameters as stored; CPU runs no autocast), "fp8", torchao's
 float8 training on every Linear whose dims are multiples of 16 (the FP8 sites), whose weights
-FSDP2 all-gathers in FP8 with ``ShardingConfig.fp8_all_gather``.
+FSDP2 all-gathers in FP8 with ``ShardingConfig.fp8_all_gather``, or a loka plan file, applied to
+each rank's unwrapped model before sharding (site names are the same on 1 and N processes).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from .batch import Batch
 from .config import RankerConfig
 from .distributed import DistContext, init_distributed
+from .precision import HP_PRECISIONS, apply_precision, plan_producers
 from .ranker import Ranker
 from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_tables, sparse_optimizer,
                        wrap_dense)
@@ -73,9 +75,6 @@ def to_float8(model: nn.Module, fp8_all_gather: bool) -> list[str]:
 def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContext, model: Ranker | None = None,
                   base_rates: Tensor | None = None, param_dtype=None):
     """The sharded model, its runner (the DDP wrapper or the model), the table plan and the FP8 sites."""
-    if config.precision not in (None, "bf16", "fp32", "fp8"):
-        raise ValueError(f"precision={config.precision!r}: sharded training takes 'fp32', 'bf16' or 'fp8' "
-                         "(a plan file is not applied to sharded runs yet).")
     if model is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -83,7 +82,14 @@ def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContex
         if base_rates is not None:
             model.over.init_bias(base_rates)
     use_torchrec_sparse(model)
-    sites = to_float8(model, sharding.fp8_all_gather) if config.precision == "fp8" else []
+    sites = []
+    if config.precision == "fp8":
+        sites = to_float8(model, sharding.fp8_all_gather)
+    elif config.precision not in (None, *HP_PRECISIONS):  # a loka plan, made on the unwrapped model
+        if plan_producers(config.precision) is not None:
+            raise ValueError("a plan with norm_quant producer sites is not applied to sharded runs yet; "
+                             "re-plan without --producers or train without --tables.")
+        apply_precision(model, config.precision)
     model.to(ctx.device)
     plan = shard_tables(model, sharding, config.lr_sparse, ctx)
     runner = wrap_dense(model, sharding, ctx, param_dtype, own_units=tuple(sites))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loka.dispatch import GemmChoice, Plan, SitePlan
 from loka.models.batch import Batch
 from loka.models.config import RankerConfig
 from loka.models.synthetic import SyntheticStream
@@ -52,6 +53,19 @@ RESUME = (SGD.replace(steps=6, warmup_steps=2), ShardingConfig("row-wise", "fsdp
 CUT = 3
 
 
+def _one_process_plan(path: str) -> list[str]:
+    """A loka plan made on one process's unwrapped ranker: the FP8 sites emulated, the rest kept."""
+    model, fp8 = Ranker(RankerConfig.from_size("tiny")), set(fp8_sites(Ranker(RankerConfig.from_size("tiny"))))
+    sites = []
+    for fqn, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            choice = GemmChoice("emulated", "tensorwise", reason="test") if fqn in fp8 else GemmChoice(reason="kept")
+            sites.append(SitePlan(fqn, m.in_features, m.out_features, BATCH, {g: choice for g in ("fprop", "dgrad", "wgrad")}))
+    with open(path, "w") as f:
+        f.write(Plan(sites=sites, budget={}).to_json())
+    return sorted(fp8)
+
+
 def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world: int,
          save: str | None = None, load: str | None = None) -> dict:
     """Train (from the checkpoint ``load``, to step `CUT` then into ``save`` when given)."""
@@ -67,7 +81,9 @@ def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world
     if save:
         save_sharded(save, model, dense_opt, result.step)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Float8" in type(m).__name__)
-    return {"losses": result.losses, "sites": sites, "linears": linears,
+    converted = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"
+                       and type(m).__module__.startswith("loka"))
+    return {"losses": result.losses, "sites": sites, "linears": linears, "loka_fp8": converted,
             "all_gather_bytes": {k: sum(v) for k, v in counts.items()},
             "plan": {k: [p.sharding_type, p.ranks] for k, p in plan.items()}}
 
@@ -108,6 +124,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results = {name: _run(config, sharding, dtype, _RankData(cfg, rank, world, world), world)
                for name, (config, sharding, dtype) in RUNS.items()}
     results.update(_resume_runs(cfg, rank, world, out_dir))
+    plan_run = SGD.replace(steps=2, precision=os.path.join(out_dir, "plan.json"))
+    results["plan"] = _run(plan_run, ShardingConfig("table-wise", "fsdp2", "sgd"), None,
+                           _RankData(cfg, rank, world, world), world)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -126,6 +145,7 @@ def runs(tmp_path_factory):
     here. The one-process runs read both ranks' examples each step; the FP8 ones are left out,
     their dynamic activation scales are per rank's batch, so they differ by design."""
     out, cfg = tmp_path_factory.mktemp("sharded"), RankerConfig.from_size("tiny")
+    planned = _one_process_plan(str(out / "plan.json"))
     try:
         one = {name: _run(config, sharding, dtype, _RankData(cfg, 0, 1, 2), 1)
                for name, (config, sharding, dtype) in RUNS.items() if not name.startswith("fp8/")}
@@ -138,7 +158,7 @@ def runs(tmp_path_factory):
         one.update(_resume_runs(cfg, 0, 1, str(out)))
     finally:
         dist.destroy_process_group()
-    return {"one": one, "two": two}
+    return {"one": one, "two": two, "planned_fp8": planned}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +191,14 @@ def test_the_plan_shards_as_asked_and_site_names_stay_unwrapped(two_ranks):
     for name in ("table-wise/fsdp2", "table-wise/ddp", "fp8/fp8-gather"):
         assert two_ranks[0][name]["linears"] == unwrapped
     assert two_ranks[0]["fp8/fp8-gather"]["sites"] == sorted(fp8_sites(Ranker(RankerConfig.from_size("tiny"))))
+
+
+@pytest.mark.distributed
+def test_a_plan_made_on_one_process_applies_on_two(runs):
+    assert runs["planned_fp8"]
+    for rank in runs["two"]:
+        assert rank["plan"]["loka_fp8"] == runs["planned_fp8"]
+        assert len(rank["plan"]["losses"]) == 2 and all(v == v for v in rank["plan"]["losses"])
 
 
 @pytest.mark.distributed
