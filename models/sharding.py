@@ -59,11 +59,13 @@ class ShardingConfig:
 
 
 def ensure_process_group(ctx: DistContext) -> None:
-    """A one-rank gloo group for a single process (torchrec's sharded modules need a group)."""
+    """A one-rank group for a single process (torchrec's sharded modules need a group): gloo on
+    CPU, nccl on CUDA, as `init_distributed` picks for several ranks."""
     if not dist.is_initialized():
         if ctx.world_size != 1:
             raise ValueError("a multi-rank run needs its process group first (init_distributed).")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def table_placement(sizes: list[int], world: int) -> list[int]:
