@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from .sharding import DENSE_PARALLEL, TABLE_SHARDINGS, ShardingConfig
+from .sharding import DENSE_PARALLEL, TABLE_COMMS, TABLE_SHARDINGS, ShardingConfig
 from .train import TrainConfig
 
 
@@ -28,6 +28,10 @@ def add_sharding_args(p) -> None:
                    help="with --tables: AdamW (default) or SGD (exactness checks across world sizes)")
     p.add_argument("--fp8-all-gather", action="store_true",
                    help="with --tables, --plan fp8 and FSDP2: all-gather the FP8 sites' weights in FP8")
+    p.add_argument("--table-comms", default="fp32", choices=TABLE_COMMS,
+                   help="with --tables: precision of the pooled embeddings and their gradients between ranks")
+    p.add_argument("--comm-bytes", action="store_true",
+                   help="with --tables: count and print the bytes each rank sends per step per collective")
 
 
 def launch(args) -> int | None:
@@ -61,10 +65,12 @@ def run_sharded(args, config: TrainConfig) -> int:
         if given:
             raise ValueError(f"{flag} is not supported with --tables yet; drop it or train without --tables.")
     sharding = ShardingConfig(tables=args.tables, dense=args.dense_parallel, dense_optimizer=args.dense_optimizer,
-                              fp8_all_gather=args.fp8_all_gather)
-    result = train_sharded(config, sharding)
+                              fp8_all_gather=args.fp8_all_gather, table_comms=args.table_comms)
+    result = train_sharded(config, sharding, count_comms=args.comm_bytes)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s; global loss per step:")
         print(" ".join(f"{v:.6g}" for v in result.losses))
+        for op, sent in result.comm_bytes.items():
+            print(f"  {op:<32} {sent:>14,.0f} B sent per step (rank 0, counted at the process group)")
         print("not in sharded runs yet: checkpoints and the held-out evaluation")
     return 0

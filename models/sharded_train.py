@@ -19,6 +19,8 @@ each rank's unwrapped model before sharding (site names are the same on 1 and N 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .batch import Batch
+from .comm_bytes import CommBytes
 from .config import RankerConfig
 from .distributed import DistContext, init_distributed
 from .precision import HP_PRECISIONS, apply_precision, plan_producers
@@ -35,6 +38,13 @@ from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_t
 from .synthetic import SyntheticStream
 from .torchrec_sparse import use_torchrec_sparse
 from .train import TrainConfig, TrainResult, _lr_scale, resolve_task_weights
+
+
+@dataclass
+class ShardedResult(TrainResult):
+    """`TrainResult` plus, when counted, the bytes this rank sent per step per collective."""
+
+    comm_bytes: dict[str, float] = field(default_factory=dict)
 
 
 def global_task_losses(logits: dict[str, Tensor], batch: Batch, world_size: int) -> tuple[dict, dict]:
@@ -97,12 +107,13 @@ def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContex
 
 
 def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *, model: Ranker | None = None,
-                  data=None, print_plan: bool = True) -> TrainResult:
+                  data=None, print_plan: bool = True, count_comms: bool = False) -> ShardedResult:
     """Train with sharded tables and FSDP2/DDP dense arches; ``losses`` are the global step losses.
 
     ``model``: an unwrapped `Ranker` with the pure-PyTorch sparse arch (its tables are copied into
     the EBC); default a fresh one of ``config.size`` seeded by ``config.seed``. ``data``: this
-    rank's iterator of `Batch` (default: its slice of the synthetic stream).
+    rank's iterator of `Batch` (default: its slice of the synthetic stream). ``count_comms``:
+    fill ``comm_bytes`` with the bytes sent per step per collective (`CommBytes`; slows CPU steps).
     """
     sharding = sharding or ShardingConfig()
     ctx = init_distributed(config.device, config.dist_timeout_s)
@@ -117,9 +128,11 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
     if print_plan and ctx.is_main:
         print(f"table sharding ({sharding.tables}, {ctx.world_size} rank(s)):\n{plan_text(plan)}", flush=True)
     dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, config.weight_decay)
-    result = TrainResult(model=model, step=0, first_step=0)
-    with ctx.watch():
+    result = ShardedResult(model=model, step=0, first_step=0)
+    with ctx.watch(), (CommBytes() if count_comms else nullcontext()) as comms:
         run_steps(config, runner, model, data, dense_opt, result, ctx)
+    if comms is not None:
+        result.comm_bytes = comms.per_step(result.step)
     ctx.barrier()
     return result
 

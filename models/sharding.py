@@ -27,6 +27,7 @@ from .distributed import DistContext
 TABLE_SHARDINGS = ("table-wise", "row-wise")
 DENSE_PARALLEL = ("fsdp2", "ddp")
 DENSE_ARCHES = ("dense", "sequence", "interaction", "over")
+TABLE_COMMS = ("fp32", "fp16", "bf16")  # FP8 comms need fbgemm's CUDA build
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ShardingConfig:
     trainer's recipe) | "sgd" (plain SGD, for exactness checks across world sizes).
     fp8_all_gather: under FSDP2 with precision "fp8", all-gather the FP8 sites' weights in FP8
     (torchao's float8 weight wrapper) instead of in high precision.
+    table_comms: precision of the tables' pooled embeddings and their gradients in the
+    all-to-all / reduce-scatter ("fp32", or "fp16"/"bf16": torchrec's quantized comms, half the bytes).
     """
 
     tables: str = "table-wise"
@@ -44,6 +47,7 @@ class ShardingConfig:
     dense_optimizer: str = "adamw"
     fp8_all_gather: bool = False
     adagrad_eps: float = 1e-8
+    table_comms: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.tables not in TABLE_SHARDINGS:
@@ -54,6 +58,8 @@ class ShardingConfig:
             raise ValueError(f"dense_optimizer={self.dense_optimizer!r}: choose 'adamw' or 'sgd'.")
         if self.fp8_all_gather and self.dense != "fsdp2":
             raise ValueError("fp8_all_gather needs dense='fsdp2' (DDP all-reduces gradients and gathers no weights).")
+        if self.table_comms not in TABLE_COMMS:
+            raise ValueError(f"table_comms={self.table_comms!r}: choose one of {TABLE_COMMS} (FP8 comms need a GPU build).")
         if not self.adagrad_eps > 0:
             raise ValueError(f"adagrad_eps={self.adagrad_eps} must be > 0.")
 
@@ -87,10 +93,16 @@ def shard_tables(model: nn.Module, sharding: ShardingConfig, lr: float, ctx: Dis
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingEnv
 
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
     ensure_process_group(ctx)
     ebc = model.sparse.ebc
+    comms = CommType(sharding.table_comms)
+    codecs = None if comms == CommType.FP32 else get_qcomm_codecs_registry(
+        QCommsConfig(forward_precision=comms, backward_precision=comms))
     sharder = EmbeddingBagCollectionSharder(fused_params={
-        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr, "eps": sharding.adagrad_eps})
+        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr, "eps": sharding.adagrad_eps},
+        qcomm_codecs_registry=codecs)
     kernel = EmbeddingComputeKernel.FUSED.value
     names = [c.name for c in ebc.embedding_bag_configs()]
     if sharding.tables == "table-wise":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 from loka.dispatch import GemmChoice, Plan, SitePlan
 from loka.models.batch import Batch
+from loka.models.comm_bytes import CommBytes
 from loka.models.config import RankerConfig
 from loka.models.synthetic import SyntheticStream
 from loka.models.train import TrainConfig, TrainResult
@@ -44,6 +46,8 @@ RUNS = {  # name: (train config, sharding, FSDP2 all-gather dtype)
     "fp8/fp8-gather": (FP8, ShardingConfig("row-wise", "fsdp2", "sgd", fp8_all_gather=True), None),
     "fp8/fp32-gather": (FP8, ShardingConfig("row-wise", "fsdp2", "sgd"), None),
     "fp8/bf16-gather": (FP8.replace(steps=1), ShardingConfig("row-wise", "fsdp2", "sgd"), torch.bfloat16),
+    "comms/fp32": (SGD.replace(steps=2), ShardingConfig("row-wise", "fsdp2", "sgd"), None),
+    "comms/bf16": (SGD.replace(steps=2), ShardingConfig("row-wise", "fsdp2", "sgd", table_comms="bf16"), None),
     "fp8/fp8-gather-bf16": (FP8.replace(steps=1), ShardingConfig("row-wise", "fsdp2", "sgd", fp8_all_gather=True),
                             torch.bfloat16),
 }
@@ -67,7 +71,7 @@ def _one_process_plan(path: str) -> list[str]:
 
 
 def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world: int,
-         save: str | None = None, load: str | None = None) -> dict:
+         save: str | None = None, load: str | None = None, count_comms: bool = False) -> dict:
     """Train (from the checkpoint ``load``, to step `CUT` then into ``save`` when given)."""
     ctx = init_distributed("cpu")
     model, runner, plan, sites = build_sharded(config, sharding, ctx, base_rates=data.base_rates,
@@ -77,13 +81,15 @@ def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world
     dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, 0.0)
     if load:
         result.step = result.first_step = data.step = load_sharded(load, model, dense_opt)
-    run_steps(config, runner, model, data, dense_opt, result, ctx, stop_at=CUT if save else None)
+    with CommBytes() if count_comms else nullcontext() as comms:
+        run_steps(config, runner, model, data, dense_opt, result, ctx, stop_at=CUT if save else None)
     if save:
         save_sharded(save, model, dense_opt, result.step)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Float8" in type(m).__name__)
     converted = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"
                        and type(m).__module__.startswith("loka"))
     return {"losses": result.losses, "sites": sites, "linears": linears, "loka_fp8": converted,
+            "comm_bytes": comms.per_step(result.step) if comms is not None else {},
             "all_gather_bytes": {k: sum(v) for k, v in counts.items()},
             "plan": {k: [p.sharding_type, p.ranks] for k, p in plan.items()}}
 
@@ -121,7 +127,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     cfg = RankerConfig.from_size("tiny")
-    results = {name: _run(config, sharding, dtype, _RankData(cfg, rank, world, world), world)
+    results = {name: _run(config, sharding, dtype, _RankData(cfg, rank, world, world), world,
+                          count_comms=name.startswith("comms/"))
                for name, (config, sharding, dtype) in RUNS.items()}
     results.update(_resume_runs(cfg, rank, world, out_dir))
     plan_run = SGD.replace(steps=2, precision=os.path.join(out_dir, "plan.json"))
@@ -148,7 +155,7 @@ def runs(tmp_path_factory):
     planned = _one_process_plan(str(out / "plan.json"))
     try:
         one = {name: _run(config, sharding, dtype, _RankData(cfg, 0, 1, 2), 1)
-               for name, (config, sharding, dtype) in RUNS.items() if not name.startswith("fp8/")}
+               for name, (config, sharding, dtype) in RUNS.items() if not name.startswith(("fp8/", "comms/"))}
         one.update(_resume_runs(cfg, 0, 1, str(out)))
     finally:
         dist.destroy_process_group()
@@ -227,3 +234,17 @@ def test_dcp_checkpoint_resumes_on_another_world_size(runs, direction):
     torch.testing.assert_close(got, torch.tensor(uncut["resume/uncut"]["losses"][CUT:]), rtol=1e-6, atol=0)
     torch.testing.assert_close(torch.tensor(resumed["resume/uncut"]["losses"][:CUT]),
                                torch.tensor(resumed["resume/save"]["losses"]), rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_bf16_table_comms_send_fewer_bytes_with_nearly_the_same_losses(two_ranks):
+    """Row-wise tables move pooled embeddings by reduce-scatter and their gradients by all-gather:
+    in bf16 those shrink (FSDP2's own share of them does not change); the ids' all-to-all does not."""
+    for rank in two_ranks:
+        fp32, bf16 = rank["comms/fp32"]["comm_bytes"], rank["comms/bf16"]["comm_bytes"]
+        print({op: (fp32[op], bf16[op]) for op in fp32})
+        assert bf16["alltoall_base_"] == fp32["alltoall_base_"] > 0
+        for op in ("_reduce_scatter_base_", "_allgather_base_"):
+            assert bf16[op] < fp32[op]
+    torch.testing.assert_close(torch.tensor(two_ranks[0]["comms/bf16"]["losses"]),
+                               torch.tensor(two_ranks[0]["comms/fp32"]["losses"]), rtol=1e-3, atol=0)

@@ -89,6 +89,8 @@ def test_bad_sharding_choices_name_the_options():
         ShardingConfig(tables="column-wise")
     with pytest.raises(ValueError, match="fsdp2"):
         ShardingConfig(dense="fsdp1")
+    with pytest.raises(ValueError, match="FP8 comms need a GPU"):
+        ShardingConfig(table_comms="fp8")
     with pytest.raises(ValueError, match="fp8_all_gather needs dense='fsdp2'"):
         ShardingConfig(dense="ddp", fp8_all_gather=True)
     with pytest.raises(ValueError, match="float32"):
