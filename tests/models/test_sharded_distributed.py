@@ -33,7 +33,8 @@ pytest.importorskip("torchrec", reason="torchrec not installed (scripts/setup.sh
 from loka.models.distributed import init_distributed  # noqa: E402
 from loka.models.ranker import Ranker  # noqa: E402
 from loka.models.sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
-from loka.models.sharded_train import build_sharded, fp8_sites, run_steps  # noqa: E402
+from loka.models.sharded_train import build_sharded, fp8_sites, global_task_losses, run_steps  # noqa: E402
+from loka.probe import Probe, ProbeConfig, SamplingSchedule  # noqa: E402
 from loka.models.sharding import ShardingConfig, build_dense_optimizer, count_all_gathers  # noqa: E402
 
 BATCH = 16
@@ -122,6 +123,24 @@ def _resume_runs(cfg: RankerConfig, rank: int, world: int, out_dir: str) -> dict
             for k, v in runs.items()}
 
 
+def _probe_sharded(cfg: RankerConfig, rank: int, world: int) -> dict:
+    """Probe the sharded, FSDP2-wrapped ranker for 2 steps and merge its statistics over the ranks."""
+    ctx = init_distributed("cpu")
+    config, sharding, data = SGD.replace(steps=2), ShardingConfig("row-wise", "fsdp2", "sgd"), _RankData(cfg, rank, world, world)
+    model, runner, _, _ = build_sharded(config, sharding, ctx, base_rates=data.base_rates)
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=2), candidates=("tensorwise",),
+                                     stop_when_decided=False, fit_values=0))
+    for step in range(2):
+        batch = next(data)
+        with probe.step(step):
+            local, _ = global_task_losses(runner(batch), batch, world)
+            sum(local.values()).backward()
+    probe.reduce()
+    return {"sites": sorted(s["fqn"] for s in probe.report(model="tiny").sites),
+            "micro_batches": {fqn: st.micro_batches for fqn, st in probe.state.items()},
+            "amax": {fqn: st.operands["input"].summary()["amax"] for fqn, st in probe.state.items()}}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
@@ -131,6 +150,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                           count_comms=name.startswith("comms/"))
                for name, (config, sharding, dtype) in RUNS.items()}
     results.update(_resume_runs(cfg, rank, world, out_dir))
+    results["probe"] = _probe_sharded(cfg, rank, world)
     plan_run = SGD.replace(steps=2, precision=os.path.join(out_dir, "plan.json"))
     results["plan"] = _run(plan_run, ShardingConfig("table-wise", "fsdp2", "sgd"), None,
                            _RankData(cfg, rank, world, world), world)
@@ -198,6 +218,15 @@ def test_the_plan_shards_as_asked_and_site_names_stay_unwrapped(two_ranks):
     for name in ("table-wise/fsdp2", "table-wise/ddp", "fp8/fp8-gather"):
         assert two_ranks[0][name]["linears"] == unwrapped
     assert two_ranks[0]["fp8/fp8-gather"]["sites"] == sorted(fp8_sites(Ranker(RankerConfig.from_size("tiny"))))
+
+
+@pytest.mark.distributed
+def test_probe_on_the_wrapped_model_names_unwrapped_sites_and_merges_ranks(two_ranks):
+    unwrapped = {n for n, m in Ranker(RankerConfig.from_size("tiny")).named_modules() if isinstance(m, torch.nn.Linear)}
+    first, second = (rank["probe"] for rank in two_ranks)
+    assert unwrapped <= set(first["sites"]) and first["sites"] == second["sites"]
+    assert first["amax"] == second["amax"]  # merged: both ranks hold the statistics of every rank's batch
+    assert all(v == 2 * 2 for v in first["micro_batches"].values()), first["micro_batches"]  # 2 steps x 2 ranks
 
 
 @pytest.mark.distributed
