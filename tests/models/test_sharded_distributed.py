@@ -87,10 +87,12 @@ def _run(config: TrainConfig, sharding: ShardingConfig, param_dtype, data, world
     if save:
         save_sharded(save, model, dense_opt, result.step)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Float8" in type(m).__name__)
+    local_share = {fqn: model.get_submodule(fqn).weight.to_local().numel() / model.get_submodule(fqn).weight.numel()
+                   for fqn in sites}  # each FP8 site's weight as FSDP2 keeps it between steps: a DTensor shard
     converted = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"
                        and type(m).__module__.startswith("loka"))
     return {"losses": result.losses, "sites": sites, "linears": linears, "loka_fp8": converted,
-            "comm_bytes": comms.per_step(result.step) if comms is not None else {},
+            "comm_bytes": comms.per_step(result.step) if comms is not None else {}, "local_share": local_share,
             "all_gather_bytes": {k: sum(v) for k, v in counts.items()},
             "plan": {k: [p.sharding_type, p.ranks] for k, p in plan.items()}}
 
@@ -249,6 +251,7 @@ def test_fp8_all_gather_moves_about_half_the_bf16_bytes_with_the_same_losses(two
         print({k: f"{v:.0f} B/step" for k, v in per_step.items()})
         assert per_step["fp8/fp8-gather-bf16"] <= 0.55 * per_step["fp8/bf16-gather"]
         assert per_step["fp8/fp32-gather"] == 2 * per_step["fp8/bf16-gather"]
+        assert set(rank["fp8/fp8-gather"]["local_share"].values()) == {0.5}  # FP8 sites stay sharded
     fp8, hp = (torch.tensor(two_ranks[0][k]["losses"]) for k in ("fp8/fp8-gather", "fp8/fp32-gather"))
     torch.testing.assert_close(fp8, hp, rtol=1e-6, atol=0)
 
