@@ -1,6 +1,7 @@
 """`loka train --nproc N --tables row-wise`: the sharded trainer's flags and its launcher.
 
-``--nproc N`` starts N processes through torchrun (``torch.distributed.run``) running the same
+``--out DIR`` writes a DCP checkpoint (``DIR/sharded_checkpoint``) at the end and ``--resume``
+continues from one, on any number of processes. ``--nproc N`` starts N processes through torchrun (``torch.distributed.run``) running the same
 command without ``--nproc``; ``--tables`` selects the TorchRec sharded path
 (`loka.models.sharded_train`); without it the command trains as before (DDP under torchrun).
 """
@@ -61,16 +62,20 @@ def run_sharded(args, config: TrainConfig) -> int:
     """Train with sharded tables (``--tables``); rank 0 prints the plan, losses and speed."""
     from .sharded_train import train_sharded  # imports torchrec (~4 s): only when asked for
 
-    for flag, given in (("--resume", args.resume), ("--criteo", args.criteo), ("--compile", args.compile)):
+    for flag, given in (("--criteo", args.criteo), ("--compile", args.compile)):
         if given:
             raise ValueError(f"{flag} is not supported with --tables yet; drop it or train without --tables.")
     sharding = ShardingConfig(tables=args.tables, dense=args.dense_parallel, dense_optimizer=args.dense_optimizer,
                               fp8_all_gather=args.fp8_all_gather, table_comms=args.table_comms)
-    result = train_sharded(config, sharding, count_comms=args.comm_bytes)
+    save = os.path.join(args.out, "sharded_checkpoint") if args.out else None
+    result = train_sharded(config, sharding, count_comms=args.comm_bytes, resume=args.resume, save=save)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s; global loss per step:")
         print(" ".join(f"{v:.6g}" for v in result.losses))
         for op, sent in result.comm_bytes.items():
             print(f"  {op:<32} {sent:>14,.0f} B sent per step (rank 0, counted at the process group)")
-        print("not in sharded runs yet: checkpoints and the held-out evaluation")
+        if result.checkpoint:
+            print(f"sharded checkpoint (DCP, loads on any number of ranks): {result.checkpoint}; "
+                  f"continue with --resume {result.checkpoint}")
+        print("not in sharded runs yet: periodic/SIGTERM checkpoints, the NaN guard and the held-out evaluation")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from .config import RankerConfig
 from .distributed import DistContext, init_distributed
 from .precision import HP_PRECISIONS, apply_precision, plan_producers
 from .ranker import Ranker
+from .sharded_checkpoint import load_sharded, save_sharded
 from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_tables, sparse_optimizer,
                        wrap_dense)
 from .synthetic import SyntheticStream
@@ -107,13 +109,16 @@ def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContex
 
 
 def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *, model: Ranker | None = None,
-                  data=None, print_plan: bool = True, count_comms: bool = False) -> ShardedResult:
+                  data=None, print_plan: bool = True, count_comms: bool = False, resume: str | Path | None = None,
+                  save: str | Path | None = None) -> ShardedResult:
     """Train with sharded tables and FSDP2/DDP dense arches; ``losses`` are the global step losses.
 
     ``model``: an unwrapped `Ranker` with the pure-PyTorch sparse arch (its tables are copied into
     the EBC); default a fresh one of ``config.size`` seeded by ``config.seed``. ``data``: this
     rank's iterator of `Batch` (default: its slice of the synthetic stream). ``count_comms``:
     fill ``comm_bytes`` with the bytes sent per step per collective (`CommBytes`; slows CPU steps).
+    ``resume``: a DCP checkpoint directory of `save_sharded` (any world size) to continue from;
+    the default stream continues at the checkpoint's step. ``save``: write one there at the end.
     """
     sharding = sharding or ShardingConfig()
     ctx = init_distributed(config.device, config.dist_timeout_s)
@@ -129,10 +134,16 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
         print(f"table sharding ({sharding.tables}, {ctx.world_size} rank(s)):\n{plan_text(plan)}", flush=True)
     dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, config.weight_decay)
     result = ShardedResult(model=model, step=0, first_step=0)
+    if resume is not None:
+        result.step = result.first_step = load_sharded(resume, model, dense_opt)
+        if stream is not None:
+            stream.position = result.step
     with ctx.watch(), (CommBytes() if count_comms else nullcontext()) as comms:
         run_steps(config, runner, model, data, dense_opt, result, ctx)
     if comms is not None:
-        result.comm_bytes = comms.per_step(result.step)
+        result.comm_bytes = comms.per_step(result.step - result.first_step)
+    if save is not None:
+        result.checkpoint = save_sharded(save, model, dense_opt, result.step)
     ctx.barrier()
     return result
 
