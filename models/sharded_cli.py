@@ -9,11 +9,13 @@ command without ``--nproc``; ``--tables`` selects the TorchRec sharded path
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 from .sharding import DENSE_PARALLEL, TABLE_COMMS, TABLE_SHARDINGS, ShardingConfig
+from .guards import NonFiniteError
 from .train import TrainConfig
 
 
@@ -68,7 +70,11 @@ def run_sharded(args, config: TrainConfig) -> int:
     sharding = ShardingConfig(tables=args.tables, dense=args.dense_parallel, dense_optimizer=args.dense_optimizer,
                               fp8_all_gather=args.fp8_all_gather, table_comms=args.table_comms)
     save = os.path.join(args.out, "sharded_checkpoint") if args.out else None
-    result = train_sharded(config, sharding, count_comms=args.comm_bytes, resume=args.resume, save=save)
+    try:
+        result = train_sharded(config, sharding, count_comms=args.comm_bytes, resume=args.resume, save=save)
+    except NonFiniteError as exc:
+        print(f"loka train: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s; global loss per step:")
         print(" ".join(f"{v:.6g}" for v in result.losses))
@@ -77,5 +83,7 @@ def run_sharded(args, config: TrainConfig) -> int:
         if result.checkpoint:
             print(f"sharded checkpoint (DCP, loads on any number of ranks): {result.checkpoint}; "
                   f"continue with --resume {result.checkpoint}")
-        print("not in sharded runs yet: periodic/SIGTERM checkpoints, the NaN guard and the held-out evaluation")
-    return 0
+        print("not in sharded runs yet: periodic checkpoints, skipping NaN steps and the held-out evaluation")
+        if result.stopped_by:
+            print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
+    return 128 + getattr(signal, result.stopped_by) if result.stopped_by else 0

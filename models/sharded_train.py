@@ -18,6 +18,7 @@ each rank's unwrapped model before sharding (site names are the same on 1 and N 
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from .comm_bytes import CommBytes
 from .config import RankerConfig
 from .distributed import DistContext, init_distributed
 from .precision import HP_PRECISIONS, apply_precision, plan_producers
+from .guards import NonFiniteError
 from .ranker import Ranker
+from .run_dir import StopSignals
 from .sharded_checkpoint import load_sharded, save_sharded
 from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_tables, sparse_optimizer,
                        wrap_dense)
@@ -118,7 +121,8 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
     rank's iterator of `Batch` (default: its slice of the synthetic stream). ``count_comms``:
     fill ``comm_bytes`` with the bytes sent per step per collective (`CommBytes`; slows CPU steps).
     ``resume``: a DCP checkpoint directory of `save_sharded` (any world size) to continue from;
-    the default stream continues at the checkpoint's step. ``save``: write one there at the end.
+    the default stream continues at the checkpoint's step. ``save``: write one there at the end,
+    also when SIGTERM/SIGINT ended the run early (``stopped_by``).
     """
     sharding = sharding or ShardingConfig()
     ctx = init_distributed(config.device, config.dist_timeout_s)
@@ -138,8 +142,9 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
         result.step = result.first_step = load_sharded(resume, model, dense_opt)
         if stream is not None:
             stream.position = result.step
-    with ctx.watch(), (CommBytes() if count_comms else nullcontext()) as comms:
-        run_steps(config, runner, model, data, dense_opt, result, ctx)
+    with StopSignals() as signals, ctx.watch(), (CommBytes() if count_comms else nullcontext()) as comms:
+        run_steps(config, runner, model, data, dense_opt, result, ctx, signals=signals)
+    result.stopped_by = signals.name
     if comms is not None:
         result.comm_bytes = comms.per_step(result.step - result.first_step)
     if save is not None:
@@ -149,14 +154,18 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
 
 
 def run_steps(config: TrainConfig, runner, model: nn.Module, data, dense_opt, result: TrainResult,
-              ctx: DistContext, stop_at: int | None = None) -> None:
+              ctx: DistContext, stop_at: int | None = None, signals: StopSignals | None = None) -> None:
     """Optimizer steps from ``result.step`` to ``stop_at`` (default ``config.steps``, where the
-    schedule ends), appending global losses."""
+    schedule ends), appending global losses; every rank stops after the step in which any got
+    ``signals``. A NaN/Inf global loss raises `NonFiniteError` before its backward, whose fused
+    table update could not be taken back."""
     sparse_opt = sparse_optimizer(model)
     weights = resolve_task_weights(config.task_weights, model.config.tasks)
     start, seen = time.perf_counter(), 0
     runner.train()
     while result.step < (config.steps if stop_at is None else stop_at):
+        if signals is not None and ctx.any_rank(signals.signum is not None):
+            break
         batch = next(data).to(ctx.device)
         for g in dense_opt.param_groups:
             g["lr"] = config.lr_dense * _lr_scale(result.step, config, "dense")
@@ -164,10 +173,15 @@ def run_steps(config: TrainConfig, runner, model: nn.Module, data, dense_opt, re
             g["lr"] = config.lr_sparse * _lr_scale(result.step, config, "sparse")
         sparse_opt.zero_grad()  # hands the lr to the fused kernel before this step's backward
         local, reported = global_task_losses(runner(batch), batch, ctx.world_size)
+        total = float(sum(weights[t] * v for t, v in reported.items()))
+        if not math.isfinite(total):
+            raise NonFiniteError(f"training stopped at step {result.step + 1}: the global loss is {total} "
+                                 f"({', '.join(f'{t}={float(v)}' for t, v in reported.items())}); no update was "
+                                 "applied for it. Lower the learning rates or fix the data.")
         sum(weights[t] * v for t, v in local.items()).backward()
         dense_opt.step()
         dense_opt.zero_grad(set_to_none=True)
         result.step += 1
-        result.losses.append(float(sum(weights[t] * v for t, v in reported.items())))
+        result.losses.append(total)
         seen += batch.size * ctx.world_size
         result.examples_per_s = seen / max(time.perf_counter() - start, 1e-9)

@@ -79,6 +79,49 @@ def test_fused_rowwise_adagrad_trains_as_the_pure_path(own_process_group):
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(pure), rtol=1e-5, atol=0)
 
 
+def test_a_nan_loss_stops_before_its_fused_update(own_process_group):
+    from loka.models.guards import NonFiniteError
+
+    cfg = RankerConfig.from_size("tiny")
+    stream = SyntheticStream(cfg, 16, seed=1)
+
+    def batches():
+        for step in range(3):
+            batch = stream.batch(step)
+            if step == 2:
+                batch.labels[3, 0] = float("nan")  # a corrupt label: its BCE is NaN
+            yield batch
+
+    config = TrainConfig(size="tiny", steps=3, batch_size=16, precision="fp32", progress=False)
+    with pytest.raises(NonFiniteError, match="step 3: the global loss is nan"):
+        train_sharded(config, ShardingConfig(), data=batches(), print_plan=False)
+
+
+def test_sigterm_ends_after_the_step_with_a_checkpoint_that_resumes(own_process_group, tmp_path):
+    import os
+    import signal
+
+    cfg = RankerConfig.from_size("tiny")
+    stream = SyntheticStream(cfg, 16, seed=2)
+
+    def batches():
+        for step in range(10):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 3 is read: it still runs
+            yield stream.batch(step)
+
+    config = TrainConfig(size="tiny", steps=5, batch_size=16, precision="fp32", progress=False)
+    cut = train_sharded(config, ShardingConfig(), data=batches(), print_plan=False, save=tmp_path / "ck")
+    assert cut.stopped_by == "SIGTERM" and cut.step == 3 and (tmp_path / "ck" / ".metadata").is_file()
+    dist.destroy_process_group()
+    uncut = train_sharded(config, ShardingConfig(), data=iter(stream.batch(i) for i in range(5)), print_plan=False)
+    dist.destroy_process_group()
+    rest = train_sharded(config, ShardingConfig(), data=iter(stream.batch(i) for i in range(3, 5)), print_plan=False,
+                         resume=tmp_path / "ck")
+    assert rest.first_step == 3 and rest.losses == uncut.losses[3:]
+    assert cut.losses == uncut.losses[:3]
+
+
 def test_table_placement_balances_rows():
     assert table_placement([500, 400, 40, 16], 2) == [0, 1, 1, 1]
     assert table_placement([10, 10, 10], 1) == [0, 0, 0]
