@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error ends as one line on stderr and exit 2 (``--debug``: the traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # `loka train --nproc N` relaunches it
+    # `loka train --nproc N` relaunches this command through torchrun, as `python -m <this module>`
+    args._argv, args._cli_module = list(sys.argv[1:] if argv is None else argv), __spec__.name
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -56,7 +56,7 @@ def launch(args) -> int | None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           f"--master_port={port}", "-m", "loka.cli", *argv]
+           f"--master_port={port}", "-m", args._cli_module, *argv]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
 
 

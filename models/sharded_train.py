@@ -41,7 +41,7 @@ from .sharded_checkpoint import load_sharded, save_sharded
 from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_tables, sparse_optimizer,
                        wrap_dense)
 from .synthetic import SyntheticStream
-from .torchrec_sparse import use_torchrec_sparse
+from .torchrec_sparse import table_configs, use_torchrec_sparse
 from .train import TrainConfig, TrainResult, _lr_scale, resolve_task_weights
 
 
@@ -135,7 +135,8 @@ def train_sharded(config: TrainConfig, sharding: ShardingConfig | None = None, *
                                            stream.base_rates() if stream is not None else None)
     resolve_task_weights(config.task_weights, cfg.tasks)
     if print_plan and ctx.is_main:
-        print(f"table sharding ({sharding.tables}, {ctx.world_size} rank(s)):\n{plan_text(plan)}", flush=True)
+        tables = table_configs(model.config)
+        print(f"table sharding ({sharding.tables}, {ctx.world_size} rank(s)):\n{plan_text(plan, tables)}", flush=True)
     dense_opt = build_dense_optimizer(model, sharding, config.lr_dense, config.weight_decay)
     result = ShardedResult(model=model, step=0, first_step=0)
     if resume is not None:

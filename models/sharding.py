@@ -129,9 +129,12 @@ def load_full_tables(sharded_ebc: nn.Module, full: dict) -> None:
             shard.tensor.copy_(full[key][r0:r0 + rows, c0:c0 + cols])
 
 
-def plan_text(plan) -> str:
-    """One line per table: its sharding type, kernel and ranks."""
-    rows = [f"{name}: {p.sharding_type} {p.compute_kernel} ranks={p.ranks}" for name, p in plan.items()]
+def plan_text(plan, tables=()) -> str:
+    """One line per table: rows and features (from ``tables``, torchrec table configs), sharding
+    type, kernel and ranks."""
+    about = {t.name: f" ({t.num_embeddings} rows: {', '.join(t.feature_names)})" for t in tables}
+    rows = [f"{name}{about.get(name, '')}: {p.sharding_type} {p.compute_kernel} ranks={p.ranks}"
+            for name, p in plan.items()]
     return "\n".join(rows)
 
 
