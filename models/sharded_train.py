@@ -60,8 +60,9 @@ def global_task_losses(logits: dict[str, Tensor], batch: Batch, world_size: int)
     """
     bce = [F.binary_cross_entropy_with_logits(z.float(), batch.labels[:, i], reduction="none")
            for i, z in enumerate(logits.values())]  # each [B]
-    sums = torch.stack([(batch.label_weights[:, i] * v).sum() for i, v in enumerate(bce)])  # [n_tasks]
-    stats = torch.cat([batch.label_weights.sum(0), sums.detach()])  # [2 * n_tasks]
+    # float64 sums: the reported loss then rounds the same whatever the number of ranks adding it up
+    sums = torch.stack([(batch.label_weights[:, i].double() * v.double()).sum() for i, v in enumerate(bce)])
+    stats = torch.cat([batch.label_weights.double().sum(0), sums.detach()])  # [2 * n_tasks] float64
     if world_size > 1:
         dist.all_reduce(stats)
     n = len(logits)

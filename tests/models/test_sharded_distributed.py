@@ -175,18 +175,23 @@ def runs(tmp_path_factory):
     their dynamic activation scales are per rank's batch, so they differ by design."""
     out, cfg = tmp_path_factory.mktemp("sharded"), RankerConfig.from_size("tiny")
     planned = _one_process_plan(str(out / "plan.json"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same GEMM blocking on both sides
     try:
         one = {name: _run(config, sharding, dtype, _RankData(cfg, 0, 1, 2), 1)
                for name, (config, sharding, dtype) in RUNS.items() if not name.startswith(("fp8/", "comms/"))}
         one.update(_resume_runs(cfg, 0, 1, str(out)))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     two = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     try:
         one.update(_resume_runs(cfg, 0, 1, str(out)))
     finally:
-        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return {"one": one, "two": two, "planned_fp8": planned}
 
 
@@ -206,6 +211,9 @@ def test_two_ranks_train_as_one_process(two_ranks, one_process, name):
     got, want = torch.tensor(two_ranks[0][name]["losses"]), torch.tensor(one_process[name]["losses"])
     assert len(got) == RUNS[name][0].steps and torch.equal(got, torch.tensor(two_ranks[1][name]["losses"]))
     assert got[-1] != got[0]  # it trained
+    # float32 rounding of different batch splits (GEMM reductions over 32 vs 2 x 16 examples),
+    # not growing with steps: at most 9.5e-7 seen over these 20 steps
+    print(f"{name}: largest relative difference {float(((got - want).abs() / want.abs()).max()):.2e}")
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
