@@ -89,11 +89,10 @@ def shard_tables(model: nn.Module, sharding: ShardingConfig, lr: float, ctx: Dis
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
     from torchrec.distributed.shard import shard
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingEnv
-
-    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 
     ensure_process_group(ctx)
     ebc = model.sparse.ebc
@@ -124,9 +123,9 @@ def load_full_tables(sharded_ebc: nn.Module, full: dict) -> None:
     """Copy whole tables {state-dict key: [rows, D]} into this rank's shards (sharding makes new
     tables; this keeps the unsharded model's values)."""
     for key, value in sharded_ebc.state_dict().items():
-        for shard in value.local_shards():
-            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            shard.tensor.copy_(full[key][r0:r0 + rows, c0:c0 + cols])
+        for piece in value.local_shards():
+            (r0, c0), (rows, cols) = piece.metadata.shard_offsets, piece.metadata.shard_sizes
+            piece.tensor.copy_(full[key][r0:r0 + rows, c0:c0 + cols])
 
 
 def plan_text(plan, tables=()) -> str:

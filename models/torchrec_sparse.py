@@ -41,7 +41,7 @@ def torchrec_missing() -> str | None:
     try:
         import torchrec  # noqa: F401  # optional heavy dependency (~4 s to import)
     except Exception as exc:  # an ImportError, or fbgemm's own load error (a CUDA build on a CPU box)
-        return (f"torchrec: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}; install it with "
+        return (f"torchrec: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}; install it with "
                 "`pip install -c requirements/pins.txt --no-deps torchrec fbgemm-gpu-cpu` (scripts/setup.sh)")
     return None
 
@@ -52,7 +52,7 @@ def feature_names(cfg: RankerConfig) -> tuple[str, ...]:
     return tuple(names) + (HISTORY_FEATURES if cfg.history_len else ())
 
 
-def table_configs(cfg: RankerConfig, device: torch.device | str = "cpu"):
+def table_configs(cfg: RankerConfig):
     """One torchrec `EmbeddingBagConfig` per table of `table_sizes` (named ``t0``, ``t1``, ...)."""
     from torchrec import EmbeddingBagConfig  # optional heavy dependency
 
