@@ -44,20 +44,26 @@ def launch(args) -> int | None:
         raise ValueError(f"--nproc {args.nproc}: give a number of processes >= 1.")
     if args.nproc == 1 or "RANK" in os.environ:
         return None
-    argv, skip = [], False
-    for token in args._argv:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            argv.append(token)
+    argv = without_nproc(args._argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
            f"--master_port={port}", "-m", args._cli_module, *argv]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line each rank runs: ``argv`` less ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
 
 
 def run_sharded(args, config: TrainConfig) -> int:

@@ -148,3 +148,10 @@ def test_cli_refuses_what_sharded_runs_do_not_do_yet(capsys):
     code = main(["train", "--size", "tiny", "--steps", "1", "--tables", "row-wise", "--compile"])
     assert code == 2
     assert "--compile is not supported with --tables yet" in capsys.readouterr().err
+
+
+def test_each_rank_runs_the_command_without_nproc():
+    from loka.models.sharded_cli import without_nproc
+
+    argv = ["train", "--size", "tiny", "--nproc", "2", "--tables", "row-wise", "--nproc=3", "--steps", "5"]
+    assert without_nproc(argv) == ["train", "--size", "tiny", "--tables", "row-wise", "--steps", "5"]
