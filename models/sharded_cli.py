@@ -68,7 +68,7 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def run_sharded(args, config: TrainConfig) -> int:
     """Train with sharded tables (``--tables``); rank 0 prints the plan, losses and speed."""
-    from .sharded_train import train_sharded  # imports torchrec (~4 s): only when asked for
+    from .sharded_train import train_sharded  # heavy: imports torchrec (~4 s), only when asked for
 
     for flag, given in (("--criteo", args.criteo), ("--compile", args.compile)):
         if given:

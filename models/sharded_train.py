@@ -80,7 +80,7 @@ def fp8_sites(model: nn.Module) -> list[str]:
 
 def to_float8(model: nn.Module, fp8_all_gather: bool) -> list[str]:
     """torchao float8 training at `fp8_sites` (tensorwise dynamic scaling); returns the sites."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional dependency
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: torchao may be absent
 
     sites = set(fp8_sites(model))
     config = Float8LinearConfig(enable_fsdp_float8_all_gather=fp8_all_gather)

@@ -156,7 +156,7 @@ def wrap_dense(model: nn.Module, sharding: ShardingConfig, ctx: DistContext, par
     FP8 sites, so their all-gathers can be counted apart.
     """
     if sharding.dense == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # heavy: FSDP2, only for sharded runs
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype)
         for fqn in own_units:
@@ -166,7 +166,7 @@ def wrap_dense(model: nn.Module, sharding: ShardingConfig, ctx: DistContext, par
             if arch is not None:
                 fully_shard(arch, mp_policy=policy, reshard_after_forward=True)
         return model
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel  # heavy: DDP, only for sharded runs
 
     ignore = [n for n, _ in model.named_parameters() if n.startswith("sparse.")]
     ignore += [n for n, _ in model.named_buffers() if n.startswith("sparse.")]
@@ -190,7 +190,7 @@ def count_all_gathers(model: nn.Module, fqns) -> dict[str, list[int]]:
     """Count the bytes FSDP2 all-gathers for each module of ``fqns`` (each its own FSDP2 unit):
     {fqn: [bytes sent by this rank per all-gather call]}, filled as the model runs. The count is
     taken at the process-group call (each call's input buffer), not estimated from shapes."""
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather  # optional: a private torch module, absent in some versions
 
     class _Counting(DefaultAllGather):
         def __init__(self, sink: list[int]) -> None:

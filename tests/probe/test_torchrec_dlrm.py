@@ -92,15 +92,21 @@ def test_probe_plan_convert_and_gate_run_on_dlrm_dcn():
     report = probe.report(model="dlrm_dcn")
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert linears <= {s["fqn"] for s in report.sites}, [s["fqn"] for s in report.sites]
-    chosen = plan(report, Budget(), progress=False)
+    # the accuracy objective converts every GEMM the budget allows (a speed plan keeps these tiny GEMMs in
+    # bf16 and the gate would see identical models), so the gate below judges real FP8 numerics
+    chosen = plan(report, Budget(), progress=False, objective="accuracy", speed_model="h100")
     assert linears <= {s.fqn for s in chosen.sites}
+    assert any(c.kernel != "bf16" for s in chosen.sites for c in s.gemms.values()), chosen.summary()
     candidate = copy.deepcopy(model)
     loka.convert(candidate, plan=chosen)
     held_out = [_batch(1024, gen) for _ in range(4)]
     ids = torch.arange(4 * 1024)
     baseline = _outputs(model, held_out, ids)
     result = gate(baseline, _outputs(candidate, held_out, ids), n_boot=400)
-    assert result.exit_code == 0 and result.verdict == "pass", result.table() + "\n" + chosen.summary()
+    # FP8 changes the predictions (not "identical") and does not wreck the model: at 4096 examples the
+    # paired interval either passes the 0.02% budget or straddles it; it never shows a regression
+    ne = next(c for c in result.checks if c.name.startswith("ne"))
+    assert result.verdict in ("pass", "inconclusive") and abs(ne.estimate) < 0.01, result.table() + "\n" + chosen.summary()
     with torch.no_grad():
         candidate.over_arch.model[1].bias += 2.0  # a miscalibrated model: the same gate must stop it
     assert gate(baseline, _outputs(candidate, held_out, ids), n_boot=400).exit_code == 1
