@@ -86,13 +86,13 @@ def table_placement(sizes: list[int], world: int) -> list[int]:
 def shard_tables(model: nn.Module, sharding: ShardingConfig, lr: float, ctx: DistContext):
     """Replace ``model.sparse.ebc`` by its sharded form; returns the torchrec module plan."""
     # optional heavy dependency: torchrec and fbgemm (~4 s to import)
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
-    from torchrec.distributed.shard import shard
-    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
-    from torchrec.distributed.types import ShardingEnv
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType  # optional: torchrec (extra)
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # optional: torchrec (extra)
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # optional: torchrec (extra)
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry  # optional: torchrec (extra)
+    from torchrec.distributed.shard import shard  # optional: torchrec (extra)
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise  # optional: torchrec (extra)
+    from torchrec.distributed.types import ShardingEnv  # optional: torchrec (extra)
 
     ensure_process_group(ctx)
     ebc = model.sparse.ebc

@@ -39,7 +39,7 @@ HISTORY_FEATURES = ("hist_item", "hist_action", "hist_gap")
 def torchrec_missing() -> str | None:
     """Why TorchRec cannot run here (None when it can): the import error, with the install line."""
     try:
-        import torchrec  # noqa: F401  # optional heavy dependency (~4 s to import)
+        import torchrec  # noqa: F401  # optional: torchrec is an extra (~4 s to import)
     except Exception as exc:  # an ImportError, or fbgemm's own load error (a CUDA build on a CPU box)
         return (f"torchrec: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}; install it with "
                 "`pip install -c requirements/pins.txt --no-deps torchrec fbgemm-gpu-cpu` (scripts/setup.sh)")
@@ -54,7 +54,7 @@ def feature_names(cfg: RankerConfig) -> tuple[str, ...]:
 
 def table_configs(cfg: RankerConfig):
     """One torchrec `EmbeddingBagConfig` per table of `table_sizes` (named ``t0``, ``t1``, ...)."""
-    from torchrec import EmbeddingBagConfig  # optional heavy dependency
+    from torchrec import EmbeddingBagConfig  # optional: torchrec is an extra
 
     names = feature_names(cfg)
     n_ctx = cfg.n_sparse + cfg.n_multi_hot
@@ -77,7 +77,7 @@ class TorchRecSparseArch(nn.Module):
 
     def __init__(self, cfg: RankerConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        from torchrec import EmbeddingBagCollection  # optional heavy dependency
+        from torchrec import EmbeddingBagCollection  # optional: torchrec is an extra
 
         if cfg.embedding_dtype != "float32":
             raise ValueError("The TorchRec sparse arch trains float32 tables; set "
@@ -100,7 +100,7 @@ class TorchRecSparseArch(nn.Module):
     def kjt(self, sparse: Tensor, multi_hot: Tensor, multi_hot_mask: Tensor,
             history: tuple[Tensor, Tensor, Tensor] | None):
         """The step's KeyedJaggedTensor: B example rows then B*T event rows (see the module doc)."""
-        from torchrec import KeyedJaggedTensor  # optional heavy dependency
+        from torchrec import KeyedJaggedTensor  # optional: torchrec is an extra
 
         b, dev = sparse.shape[0], sparse.device
         stride = b * (1 + self.history_len)
