@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from loka.dispatch import Budget, plan
-from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.microbench import open_cache
+from loka.probe.timing import time_site
 from loka.dispatch.planner import library_versions
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
@@ -188,7 +189,8 @@ def _bench(args) -> int:
     device = _device(args.device)
     dtype = torch.bfloat16
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    t = time_site_cached((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh)
+    t = time_site((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh,
+                  cache=open_cache(None, device), progress=True).to_dict()
     print(f"device: {t['device_name']}" + ("" if t["representative"] else " (CPU: not representative of GPU speed)"))
     print(f"{'gemm':<6} {'kernel':<22} {'recipe':<12} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs bf16':>8}")
     for gemm, ms in t["bf16_ms"].items():

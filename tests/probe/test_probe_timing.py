@@ -17,7 +17,7 @@ def test_time_fn_on_cpu():
 
 
 def test_time_site_times_available_kernels_with_quantization_vs_bf16():
-    r = time_site((48, 32, 64), ["rowwise", "blockwise"], kernels=["emulated", "scaled_mm"], warmup=1, iters=2)
+    r = time_site((48, 32, 64), ["rowwise", "blockwise"], kernels=["emulated", "scaled_mm"], warmup=1, iters=2).to_dict()
     assert set(r["bf16_ms"]) == {"fprop", "dgrad", "wgrad"} and r["representative"] is False
     got = {(e["gemm"], e["kernel"], e["recipe"]) for e in r["entries"]}
     assert ("fprop", "emulated", "rowwise") in got and ("wgrad", "emulated", "blockwise") in got
@@ -35,5 +35,5 @@ def test_time_fn_cuda_events():
 
 @pytest.mark.requires_sm89
 def test_time_site_on_fp8_gpu_has_scaled_mm():
-    r = time_site((1024, 512, 512), ["rowwise"], device="cuda", warmup=3, iters=10)
+    r = time_site((1024, 512, 512), ["rowwise"], device="cuda", warmup=3, iters=10).to_dict()
     assert any(e["kernel"] == "scaled_mm" for e in r["entries"]) and r["representative"]
