@@ -42,6 +42,12 @@ class PlanMismatchError(PlanError):
             "re-plan for this model and machine, or pass on_mismatch='bf16' to keep those sites in bf16"
         )
 
+    def summary(self) -> str:
+        """The message in one line: the count, the first difference, and the fix."""
+        more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
+        return (f"the plan does not match this model/machine: {self.differences[0]}{more}; re-plan for this "
+                "model and machine (loka plan), or keep the mismatched sites in bf16 (on_mismatch='bf16')")
+
 
 def _features(module) -> tuple[int, int]:
     """(K, N) of a Linear, a 1x1 conv or an ``x @ W`` parameter W[K, N]."""

@@ -10,6 +10,13 @@ model-level budget. An exact multiple-choice knapsack (loka.dispatch.solver)
 picks at most one option per GEMM to maximize the time saved; every GEMM left
 in bf16 gets the reason it was left there.
 
+``objective="accuracy"`` drops the speed test: every GEMM whose error passes the
+budget and that a kernel here takes gets its lowest-error recipe, fast or not, and
+the solver maximizes the number of GEMMs converted under the model-level budget.
+That plan answers "what does FP8 do to my model's quality?" (convert, train or
+evaluate with it, then ``loka gate``) where the speed plan keeps everything in bf16;
+it is not a plan to ship for speed (its expected speedup is usually below 1).
+
 The result is a ``loka.dispatch.plans.Plan`` (the file format); ``plan_table`` renders it.
 """
 
@@ -36,6 +43,9 @@ from loka.probe.reader import GemmError, SiteInfo, report_sites
 from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
+OBJECTIVES = ("speed", "accuracy")
+
+
 @dataclass(frozen=True)
 class _Candidate:
     kernel: str
@@ -43,6 +53,7 @@ class _Candidate:
     ms: float
     err: GemmError
     cast_saved_ms: float = 0.0  # the input's cast a producer does instead (loka.dispatch.producer_pricing)
+    extrapolated: bool = False  # its time is the speed model's outside the measured region (costmodel)
 
 
 @dataclass
@@ -71,6 +82,7 @@ def plan(
     speed_model: str | None = None,
     producers: dict[str, str] | None = None,
     target: Target | str | None = None,
+    objective: str = "speed",
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -94,7 +106,11 @@ def plan(
     planned, and the plan records it. A target that is not ``device`` (planning for a B200 on a
     CPU) is priced by its speed model unless timings are given, and its kernels are not asked
     whether they run here.
+    ``objective``: ``"speed"`` (default) or ``"accuracy"`` (every GEMM the accuracy budget
+    allows, fast or not; see the module docstring).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not known; use one of {', '.join(OBJECTIVES)}")
     budget = budget or Budget()
     target = get_target(target) if isinstance(target, str) else (target or detect_target(device))
     here = detect_target(device)
@@ -130,15 +146,19 @@ def plan(
                 go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
             else:
                 go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype,
-                                   (producers.get(site.fqn), pricer), target, remote)
+                                   (producers.get(site.fqn), pricer), target, remote, objective)
             per_gemm[(site.fqn, gemm)] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
-                options.append(Option(f"{site.fqn}|{gemm}", f"{c.kernel}|{c.recipe}", go.bf16_ms - c.ms, weight))
+                value = 1.0 if objective == "accuracy" else go.bf16_ms - c.ms  # GEMMs converted, or ms saved
+                options.append(Option(f"{site.fqn}|{gemm}", f"{c.kernel}|{c.recipe}", value, weight))
     # Without sensitivities every weight is 0, so the cap binds nothing (a note says so).
     solution = solve(options, budget.max_model_ne_delta, method)
     if solution.note:
         notes.append(solution.note)
+    if objective == "accuracy":
+        notes.append("objective accuracy: every GEMM within the accuracy budget is converted with its lowest-error "
+                     "recipe, fast or not; a plan to check FP8's quality (loka gate), not one to ship for speed")
     unchosen = _unchosen_reasons(options, solution, budget.max_model_ne_delta)
     for key, reason in unchosen.items():
         per_gemm[key].reason = reason
@@ -250,7 +270,8 @@ def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -
 
 
 def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype,
-                  producer=(None, None), target: Target | None = None, remote: bool = False) -> _GemmOptions:
+                  producer=(None, None), target: Target | None = None, remote: bool = False,
+                  objective: str = "speed") -> _GemmOptions:
     shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
     passing, failing = _recipes_within_budget(site, gemm, budget, target)
@@ -272,8 +293,8 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         if why:
             unsupported.append(f"{e['kernel']}: {why}")
             continue
-        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]]),
-                             gemm, shape, timings, *producer)
+        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]],
+                                        extrapolated=bool(e.get("extrapolated"))), gemm, shape, timings, *producer)
         if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
             best_per_recipe[c.recipe] = c
     if not best_per_recipe:
@@ -281,6 +302,9 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         detail = f" ({'; '.join(why[:3])})" if why else ""
         return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available here takes {'/'.join(sorted(passing))} "
                                          f"at [M={shape[0]}, K={shape[1]}, N={shape[2]}]{detail}")
+    if objective == "accuracy":  # the lowest error bound, the faster kernel on a tie
+        best = min(best_per_recipe.values(), key=lambda c: (c.err.ci_hi, c.ms, c.kernel, c.recipe))
+        return _GemmOptions(bf16_ms, [best], "kept bf16: not chosen within the model-level NE budget")
     fast = [c for c in best_per_recipe.values() if c.ms > 0 and bf16_ms / c.ms >= budget.min_speedup]
     if not fast:
         top = min(best_per_recipe.values(), key=lambda c: c.ms)
@@ -302,7 +326,7 @@ def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: s
         return c
     cast = sum(casts)  # a serving plan's fprop time is summed over its batch sizes, so is the cast
     cast = min(cast, 0.95 * c.ms)  # a noisy cast timing never makes a GEMM free
-    return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast)
+    return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast, c.extrapolated)
 
 
 def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Target | None = None):
@@ -380,6 +404,9 @@ def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budge
         limit = budget.max_rel_error[gemm]
         reason = (f"{cand.kernel}/{cand.recipe}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
                   f"{cand.err.ci_hi:.1e} (budget {limit:.1e})")
+        if cand.extrapolated:
+            reason += ("; speed-model time extrapolated outside its measured range (M, K, N): "
+                       "measure this site on the GPU before trusting the win")
         if cand.cast_saved_ms:
             takes_producer = True
             reason += f"; input in FP8 from its producer ({producer}), its cast ({cand.cast_saved_ms:.3g} ms) not paid"

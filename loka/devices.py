@@ -14,8 +14,9 @@ for a B200 means nothing on an H100; MI300's FP8 is the fnuz encoding, which NVI
 Sources: NVIDIA's Hopper/Blackwell architecture documents (sm100 adds block-scaled MXFP8, MXFP4
 and NVFP4 tensor-core MMA), AMD's CDNA3 ISA (gfx942: FP8/BF8 in the fnuz encoding) and CDNA4
 (gfx950: OCP FP8 and MXFP8/MXFP6/MXFP4; no NVFP4). ``kernels`` names loka's registered kernels
-that run each device's recipes natively: each kernel says so itself (``GemmKernel.archs``); whether
-one is installed on this machine is still asked of the kernel (``available``). ``emulated`` runs everything everywhere.
+that run each device's recipes natively: each kernel says so itself (``GemmKernel.archs``);
+whether one is installed on this machine is still asked of the kernel (``available``).
+``emulated`` runs everything everywhere.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def detect_target(device: torch.device | str | None) -> Target | None:
     return get_target(arch) if arch in _BY_NAME else None
 
 
-def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
-    """``--device`` of the CLI: a torch device (``cpu``, ``cuda``: its target detected) or a target
+def device_and_target(arg: str | None) -> tuple[torch.device, Target | None]:
+    """``--device`` of the CLI: ``auto`` (cuda if present, else cpu), a torch device (``cpu``, ``cuda``: its target detected) or a target
     name (``b200``): then the torch device is this machine's GPU if it is that target, else the CPU,
     where the target's recipes are emulated."""
     if is_target_name(arg):
@@ -125,7 +126,8 @@ def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
         here = detect_target("cuda") if torch.cuda.is_available() else None
         on_it = here is not None and here.arch == target.arch
         return torch.device("cuda" if on_it else "cpu"), target
-    device = torch.device(arg) if arg else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = arg in (None, "", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(arg)
     return device, detect_target(device)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 from importlib.metadata import version
 
 import torch
@@ -89,6 +90,9 @@ def _speed_phrase(timings: dict, best: str, sp: float) -> str:
     return f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
 
 
+SPEED_TIE = 0.02  # speedups within 2% of the best count as equal: error decides among them
+
+
 def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
     """(verdict, best_recipe, speedup, speed, reason) of a site from its recipes' verdicts.
 
@@ -98,10 +102,11 @@ def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> 
     if safe:
         speedups = {r: speedup(timings, r) for r in safe}
         timed = {r: s for r, s in speedups.items() if s is not None}
-        if timed:
-            best = max(timed, key=timed.get)
-        else:
-            best = min(safe, key=lambda r: max(s["mean"] for s in errors[r].values() if s["n"]))
+        # The fastest; among recipes within SPEED_TIE of it (or all, untimed) the lowest error bound,
+        # the recipe loka.app.demo.fp8 and the accuracy-objective plan choose too.
+        top = max(timed.values()) if timed else None
+        tied = [r for r in safe if top is None or (r in timed and timed[r] >= top * (1 - SPEED_TIE))]
+        best = min(tied, key=lambda r: (max([s["ci_hi"] for s in errors[r].values() if s["n"]], default=math.inf), r))
         sp = speedups[best]
         speed = "unknown" if sp is None else ("fast" if sp > 1.0 else "slow")
         reason = f"{best} safe: {recipe_verdicts[best]['reason']}"

@@ -8,7 +8,7 @@ object; :meth:`SiteTiming.to_dict` writes exactly that schema and :meth:`SiteTim
 reads it back, refusing a malformed one in one line::
 
     {device_name, representative, [source: "model"], m, [m_buckets], dtype, bf16_ms: {gemm: ms},
-     entries: [{gemm, kernel, recipe, [cached], median_ms, p10_ms, p90_ms, iters}],
+     entries: [{gemm, kernel, recipe, [cached], median_ms, p10_ms, p90_ms, iters, [extrapolated]}],
      skipped: {"kernel" or "gemm/kernel/recipe": why}}
 """
 
@@ -35,12 +35,16 @@ class KernelTime:
     p90_ms: float
     iters: int = 0
     cached: bool | None = None  # measured: whether it came from the micro-benchmark cache
+    extrapolated: bool | None = None  # modelled: outside the speed model's measured region (costmodel)
 
     def to_dict(self) -> dict:
         out = {"gemm": self.gemm, "kernel": self.kernel, "recipe": self.recipe}
         if self.cached is not None:
             out["cached"] = self.cached
-        return {**out, "median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "iters": self.iters}
+        out.update(median_ms=self.median_ms, p10_ms=self.p10_ms, p90_ms=self.p90_ms, iters=self.iters)
+        if self.extrapolated is not None:
+            out["extrapolated"] = self.extrapolated
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class SiteTiming:
         try:
             entries = tuple(KernelTime(str(e["gemm"]), str(e["kernel"]), str(e["recipe"]), float(e["median_ms"]),
                                        float(e.get("p10_ms", e["median_ms"])), float(e.get("p90_ms", e["median_ms"])),
-                                       int(e.get("iters", 0)), e.get("cached"))
+                                       int(e.get("iters", 0)), e.get("cached"), e.get("extrapolated"))
                             for e in d["entries"])
             bf16 = {str(g): float(ms) for g, ms in d["bf16_ms"].items()}
             buckets = d.get("m_buckets")

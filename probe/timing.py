@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loka.kernels import KERNELS
-from loka.kernels.costmodel import DeviceModel, bf16_us, kernel_us
+from loka.kernels.costmodel import DeviceModel, bf16_us, is_extrapolated, kernel_us
 from loka.kernels.kernel import default_candidates
 from loka.kernels.padded import kernel_by_name, needs_padding
 from loka.probe.fit import Fit
@@ -142,14 +142,17 @@ def time_site(
     bar = tqdm(jobs, desc=f"timing M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
     for gemm, kernel, recipe in bar:
         gshape = gemm_shape(gemm, *shape)
+        cached = extrapolated = None
+        if model is not None:  # the model's time, and whether it lies outside the measured region
+            extrapolated = is_extrapolated(model, kernel.name, *gshape) or is_extrapolated(model, "bf16", *gshape)
         if recipe is not None and recipe.gemm(gemm).is_hp:  # the recipe keeps this GEMM in hp: bf16's time
             t = bf16_ms[gemm]
-            entries.append(KernelTime(gemm, kernel.name, recipe.name, t, t, t, 0, False if cache is not None else None))
+            entries.append(KernelTime(gemm, kernel.name, recipe.name, t, t, t, 0, False if cache is not None else None,
+                                      extrapolated))
             continue
         if model is not None:
             ms = (kernel_us(kernel.name, recipe, gemm, *gshape, model) if recipe else bf16_us(*gshape, model)) / 1e3
             timing = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "iters": 0}
-            cached = None
         else:
             timing, cached = _measure(gemm, kernel, recipe, shape, operands, fits, dtype, dev, warmup, iters,
                                       cache, refresh)
@@ -157,7 +160,7 @@ def time_site(
             bf16_ms[gemm] = timing["median_ms"]
         else:
             entries.append(KernelTime(gemm, kernel.name, recipe.name, timing["median_ms"], timing["p10_ms"],
-                                      timing["p90_ms"], timing["iters"], cached))
+                                      timing["p90_ms"], timing["iters"], cached, extrapolated))
     if cache is not None:
         cache.save()
     if model is not None:

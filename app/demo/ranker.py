@@ -36,13 +36,16 @@ from loka.dispatch.producers import producer_sites
 from loka.app.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
-from loka.models import SyntheticStream, TrainConfig, evaluate, train
+from loka.kernels.costmodel import DEVICE_MODELS
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
+from loka.models.headroom_cli import ranker_headroom
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import batch_to_request
 from loka.models.train import task_losses, total_loss
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.cli import train_with_probe
+from loka.probe.headroom_section import headroom_summary, with_headroom
 from loka.probe.workload import Workload
 
 SIZES_BY_DEVICE = {"cpu": "small", "cuda": "base"}
@@ -247,10 +250,20 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
           f"{sum(s.producer is not None for s in p.sites)} of them are in FP8 in this plan")
     print(p.summary())
     print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
-          f"--producers {prod_path} --device {cfg.target or cfg.device} --out {path}")
+          f"--producers {prod_path} --device {cfg.target or cfg.device} --out {out}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
+
+
+def headroom_of(cfg: DemoConfig, plan) -> dict:
+    """The whole training step's FP8 headroom at the demo's size and batch, on the speed model of the GPU
+    the plan is for (CPU: the H100's, as the plan), with what the plan captures of it."""
+    name = "h100"
+    if cfg.device == "cuda":
+        gpu = torch.cuda.get_device_name().upper()
+        name = next((k for k in DEVICE_MODELS if k.upper() in gpu), "h100")
+    return ranker_headroom(cfg.size, cfg.batch_size, name, plan)
 
 
 def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
@@ -260,8 +273,8 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
             f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
             "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
             "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
-            + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
-               "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
+            + (f"On a CUDA device the demo uses the base ranker, whose {wide_linears('base')} are where FP8 can "
+               "win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
 
 
@@ -275,6 +288,18 @@ def pace_line(cfg: DemoConfig, warm_seconds: float) -> str:
     return (f"(at this machine's pace in stage 1, {per_step:.2f} s a step, these {2 * cfg.continue_steps} steps take "
             f"at least {at_least / 60:.1f} min, then the gate scores {cfg.eval_examples:,} examples twice; "
             f"a shorter run: {shorter})")
+
+
+def wide_linears(size: str, at_least: int = 1024) -> str:
+    """Where FP8 can win in a ranker size, read from its config: its Linears with K and N >= ``at_least``."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = Ranker(RankerConfig.from_size(size))
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= at_least]
+    if not shapes:
+        return f"Linears (none with K, N >= {at_least})"
+    k, n = (f"{min(v)}-{max(v)}" if min(v) < max(v) else str(v[0]) for v in zip(*shapes))
+    return f"{len(shapes)} Linears with K, N >= {at_least} (K {k}, N {n})"
 
 
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):
@@ -372,6 +397,10 @@ def run(cfg: DemoConfig | None = None) -> dict:
 
     stages.start("5. plan: fastest kernel per GEMM within the accuracy budget")
     plan, plan_path = make_plan(report, cfg, keep, out, report_paths["json"], producer_sites(modded, sample))
+    headroom = headroom_of(cfg, plan)
+    print(headroom_summary(headroom))
+    report = with_headroom(report, headroom)  # the saved report shows the headroom section
+    report_paths = report.save(out, stem=Path(report_paths["json"]).stem)
     modded_bf16 = copy.deepcopy(modded)  # the baseline: same modded weights, never converted
     fp8 = choose_fp8(modded, runnable_here(plan, cfg.device), report, keep, cfg.fp8, sample, cfg.target)
 
@@ -390,7 +419,8 @@ def run(cfg: DemoConfig | None = None) -> dict:
     stages.end()
 
     return print_summary(cfg, out, report=report, plan=plan, plan_path=plan_path, fp8=fp8, runs=(bf16_run, fp8_run),
-                         gate_result=gate_result, served=served, report_paths=report_paths, stages=stages.seconds)
+                         gate_result=gate_result, served=served, report_paths=report_paths, stages=stages.seconds,
+                         headroom=headroom)
 
 
 def _quiet_import_noise() -> None:

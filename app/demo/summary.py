@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from loka.probe.headroom_section import headroom_summary
 from loka.recipe import GEMMS
 
 
@@ -141,7 +142,7 @@ def effect_line(cfg, plan, fp8, gate_result) -> str:
 
 
 def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_result, served, report_paths,
-                  stages) -> dict:
+                  stages, headroom: dict | None = None) -> dict:
     """Print the end-of-demo summary and write it to ``out/summary.json``; returns it."""
     print(f"\n=== summary {'=' * 64}")
     rows = summary_rows(report, plan, fp8)
@@ -152,6 +153,8 @@ def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_re
     print("\n" + "\n".join(speed))
     print("\n".join(ne_lines(gate_result, cfg.eval_examples)))
     print(effect_line(cfg, plan, fp8, gate_result))
+    if headroom:  # loka.dispatch.headroom_estimate: what FP8 could buy the whole step, and what the plan takes
+        print(headroom_summary(headroom) + " (levers: the probe report's FP8 headroom section)")
     lat = sorted(served["latency_ms"])
     print(f"served {len(lat)} requests of 64 candidates from the FP8 model: median {lat[len(lat) // 2]:.1f} ms")
     html = report_paths.get("html")
@@ -170,6 +173,7 @@ def print_summary(cfg, out: Path, *, report, plan, plan_path, fp8, runs, gate_re
         "gate": gate_result.to_dict(),
         "serve": served,
         "stage_seconds": stages,
+        "headroom": headroom,
         "paths": {"report_html": str(html), "plan": str(plan_path)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -175,3 +175,59 @@ def kernel_us(kernel: str, recipe, gemm: str, m: int, k: int, n: int, dev: Devic
     gemm_us = fp8_gemm_us(m, k, n, dev, a_bytes=FP8_BYTES / 2, fp4=True) if fp4 else fp8_gemm_us(m, k, n, dev)
     return gemm_us + quant_a + quant_b
 
+
+# --- Where the model is calibrated: the measured extent of each (device, kernel) region ----------
+# A prediction inside a region interpolates between shapes that were timed on that device; outside it
+# the model extrapolates (a small-width GEMM over a million rows, or K=64), and a figure resting on it
+# is shown as a band, never as a point. Extents are the bounding boxes of the shapes in
+# bench/results/gemm_calibration.json (tests/dispatch/test_costmodel_range.py checks them against it),
+# K and N up to the 8192³ ceiling shape measured on the same device.
+
+
+@dataclass(frozen=True)
+class CalibratedRegion:
+    """The measured extent (inclusive) of ``kernel``'s timings on one device: GEMM [M,K]·[N,K]ᵀ."""
+
+    kernel: str  # "bf16" or an FP8 kernel name ("scaled_mm", "triton")
+    m: tuple[int, int]
+    k: tuple[int, int]
+    n: tuple[int, int]
+    source: str  # the calibration entry the extent comes from
+
+    def __post_init__(self) -> None:
+        for f in ("m", "k", "n"):
+            lo, hi = getattr(self, f)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"CalibratedRegion.{f}={getattr(self, f)} must be (low, high) with 1 <= low <= high")
+
+    def contains(self, m: int, k: int, n: int) -> bool:
+        return all(lo <= v <= hi for v, (lo, hi) in zip((m, k, n), (self.m, self.k, self.n)))
+
+    def describe(self) -> str:
+        return (f"{self.kernel} measured at M {self.m[0]}-{self.m[1]}, K {self.k[0]}-{self.k[1]}, "
+                f"N {self.n[0]}-{self.n[1]} ({self.source})")
+
+
+def _regions(source: str, m, kn, ceiling_kn: int) -> tuple[CalibratedRegion, ...]:
+    return tuple(CalibratedRegion(kernel, m, (kn[0], ceiling_kn), (kn[0], ceiling_kn), source)
+                 for kernel in ("bf16", "scaled_mm", "triton"))
+
+
+# keyed by DeviceModel.name: h200_2026-11-30 timed M 8192-32768 at K=N 256-4096 (+ the 8192³ ceiling);
+# the H100 record states M 2048-32768 at K,N 256-4096 (+ 8192³); it has no Triton timing.
+CALIBRATED_REGIONS = {
+    H200_SXM.name: _regions("gemm_calibration.json h200_2026-11-30", (8192, 32768), (256, 4096), 8192),
+    H100_SXM.name: _regions("gemm_calibration.json h100_2026-11-22", (2048, 32768), (256, 4096), 8192)[:2],
+}
+
+
+def calibrated_region(dev: DeviceModel, kernel: str, m: int, k: int, n: int) -> CalibratedRegion | None:
+    """The region of ``dev`` that covers ``kernel`` at (M, K, N), or None: the prediction is extrapolated."""
+    k_ = kernel_by_name(kernel)
+    family = "triton" if k_.fuses_a_cast else ("bf16" if k_.hp else "scaled_mm")  # the calibrated cost classes
+    return next((r for r in CALIBRATED_REGIONS.get(dev.name, ()) if r.kernel == family and r.contains(m, k, n)), None)
+
+
+def is_extrapolated(dev: DeviceModel, kernel: str, m: int, k: int, n: int) -> bool:
+    """Whether the model's time of ``kernel`` at (M, K, N) lies outside every measured region of ``dev``."""
+    return calibrated_region(dev, kernel, m, k, n) is None

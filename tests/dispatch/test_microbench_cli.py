@@ -70,11 +70,11 @@ def test_plan_cli_writes_a_plan_and_prints_the_table(tmp_path, capsys):
     rep = tmp_path / "probe.json"
     rep.write_text(json.dumps(report(site("enc.proj", 256, 512, bf16_ms=1.0, entries=entries))))
     out = tmp_path / "plan.json"
-    assert _run(["plan", "--report", str(rep), "--budget", "wgrad=0.01", "--out", str(out)]) == 0
+    assert _run(["plan", "--report", str(rep), "--budget", "wgrad=0.01", "--out", str(out.parent)]) == 0
     printed = capsys.readouterr().out
     assert "| enc.proj | 256×256×512 | scaled_mm/rowwise | scaled_mm/rowwise | bf16 |" in printed
     assert json.loads(out.read_text())["kind"] == "loka.dispatch.plan"
-    assert _run(["plan", "--report", str(rep), "--budget", "wgrad", "--out", str(out)]) == 2
+    assert _run(["plan", "--report", str(rep), "--budget", "wgrad", "--out", str(out.parent)]) == 2
     assert _run(["doctor", "--device", "cpu"]) == 0
 
 
