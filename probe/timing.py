@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DeviceModel, bf16_us, is_extrapolated, kernel_us
-from loka.kernels.kernel import default_candidates
+from loka.kernels.kernel import default_candidates, reference_kernel
 from loka.kernels.padded import kernel_by_name, needs_padding
 from loka.probe.fit import Fit
 from loka.probe.site_timing import KernelTime, SiteTiming
@@ -133,7 +133,7 @@ def time_site(
     """
     dev = torch.device(device or "cpu")
     names = kernels if kernels is not None else [
-        *([k.name for k in KERNELS if k.reference] if with_reference else []), *default_candidates()]
+        *([reference_kernel().name] if with_reference else []), *default_candidates()]
     skipped: dict[str, str] = {}
     jobs = _jobs(shape, [as_recipe(r) for r in recipes], names, gemms, dtype, dev, model, skipped)
     bf16_ms: dict[str, float] = {}

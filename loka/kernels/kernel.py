@@ -201,6 +201,11 @@ def default_candidates(registry: "KernelRegistry | None" = None) -> list[str]:
     return [k.name for k in reg if not k.hp and not k.reference and not k.not_default]
 
 
+def reference_kernel() -> GemmKernel:
+    """The numerical reference every kernel is tested against (``reference``: ``emulated``)."""
+    return next(k for k in KERNELS if k.reference)
+
+
 def modelled_kernels(arch: str | None = None) -> list[str]:
     """Names of the kernels the speed model prices (``modelled``), of those running on ``arch`` if given."""
     return [k.name for k in KERNELS if k.modelled and (arch is None or arch in k.archs)]
