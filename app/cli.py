@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser_for(argv)
     required = _required_later(parser)
     args = parser.parse_args(argv)
+    # `loka train --nproc N` relaunches this command through torchrun, as `python -m <this module>`
+    args._argv, args._cli_module = list(argv), __spec__.name
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

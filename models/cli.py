@@ -25,6 +25,7 @@ from .precision import apply_precision
 from .ranker import Ranker
 from .run_dir import ForcedStop
 from .serve import ScoringServer, ServeConfig
+from .sharded_cli import add_sharding_args, launch, run_sharded
 from .synthetic import SyntheticStream
 from .train import TrainConfig, train
 
@@ -97,11 +98,15 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--no-progress", action="store_true")
     add_json(p, "the result (steps, speed, evaluation, checkpoint)")
+    add_sharding_args(p)
     p.set_defaults(func=_run_train)
 
 
 @_clear_errors("train")
 def _run_train(args) -> int:
+    launched = launch(args)
+    if launched is not None:
+        return launched
     if args.threads:
         torch.set_num_threads(args.threads)
     model = data = None
@@ -125,6 +130,8 @@ def _run_train(args) -> int:
                          device=args.device, compile=args.compile, eval_examples=eval_examples,
                          max_seconds=args.max_seconds, overwrite=args.overwrite,
                          log_every=args.log_every, progress=not args.no_progress)
+    if args.tables:
+        return run_sharded(args, config)
     try:
         result = train(config, model=model, data=data, resume=args.resume)
     except (NonFiniteError, RankTimeoutError) as exc:

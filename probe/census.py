@@ -65,8 +65,20 @@ def _param_owners(model: nn.Module) -> dict[int, tuple[str, str, nn.Module]]:
         for name, p in mod.named_parameters(recurse=False):
             full = f"{mod_fqn}.{name}" if mod_fqn else name
             site = mod_fqn if name == "weight" and isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) else full
-            owners.setdefault(p.untyped_storage().data_ptr(), (full, site, mod))
+            ptr = _storage_ptr(p)
+            if ptr is not None:
+                owners.setdefault(ptr, (full, site, mod))
     return owners
+
+
+def _storage_ptr(p: torch.Tensor) -> int | None:
+    """The parameter's storage, or None for a wrapper without one (an FSDP2 DTensor shard, a
+    torchrec sharded table): its GEMMs run on a gathered copy, so the census cannot name them
+    by storage and counts them under `NO_PARAM`."""
+    try:
+        return p.untyped_storage().data_ptr()
+    except RuntimeError:  # "invalid python storage": a tensor subclass that holds no storage itself
+        return None
 
 
 def _kind(owner: nn.Module | None, func) -> str:
