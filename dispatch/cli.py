@@ -22,9 +22,10 @@ import torch
 
 from loka.cli_vocab import add_device, add_json, out_file, resolve_device, write_json
 from loka.dispatch import Budget, plan
-from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.microbench import open_cache
 from loka.dispatch.headroom_estimate import plan_headroom
 from loka.dispatch.planner import OBJECTIVES, library_versions
+from loka.probe.timing import time_site
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
 from loka.devices import detect_target, device_and_target, target_names
@@ -208,7 +209,8 @@ def _bench(args) -> int:
     device = _device(args.device)
     dtype = torch.bfloat16
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    t = time_site_cached((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh)
+    t = time_site((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh,
+                  cache=open_cache(None, device), progress=True).to_dict()
     print(f"device: {t['device_name']}" + ("" if t["representative"] else " (CPU: not representative of GPU speed)"))
     print(f"{'gemm':<6} {'kernel':<22} {'recipe':<12} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs bf16':>8}")
     for gemm, ms in t["bf16_ms"].items():

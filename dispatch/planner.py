@@ -31,12 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from loka.dispatch.budget import Budget
-from loka.dispatch.microbench import combine_buckets, model_timings, time_serving_buckets, time_site_cached
+from loka.dispatch.microbench import combine_buckets, model_timings, open_cache, time_serving_buckets
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producer_pricing import CastPricer, check_producers, producer_feeds
 from loka.dispatch.solver import Option, solve
 from loka.devices import Target, detect_target, get_target
 from loka.kernels import KERNELS
+from loka.probe.timing import time_site
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.reader import GemmError, SiteInfo, report_sites
 from loka.recipe import GEMMS, as_recipe, gemm_shape
@@ -131,7 +132,7 @@ def plan(
     producers = check_producers(producers, {s.fqn for s in sites})
     pricer = CastPricer(device, dtype)
     notes: list[str] = []
-    bench = dict(bench or {}, refresh=refresh, cache_dir=cache_dir, progress=progress)
+    bench = dict(bench or {}, refresh=refresh, cache=open_cache(cache_dir, device), progress=progress)
     if m_buckets:
         site_timings = _serving_timings(sites, m_buckets, device, dtype, kernels, bench, notes)
     else:
@@ -185,7 +186,7 @@ def _speed_model_timings(report, speed_model: str, timings, measure: bool, devic
     if speed_model == "measured":
         return None, True
     here = torch.device(device or "cpu")
-    names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and (remote or k.available(here))
+    names = [k.name for k in KERNELS if not k.hp and not k.reference and (remote or k.available(here))
              and (kernels is None or k.name in kernels)]
     return model_timings(report, names, DEVICE_MODELS[speed_model]), False
 
@@ -226,8 +227,8 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
     if missing and measure:
         recipes = sorted({r for s in missing for r in s.errors})
         for s in missing:
-            out[s.fqn] = time_site_cached((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
-                                          device=device, fits=s.fits, **bench)
+            out[s.fqn] = time_site((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
+                                   device=device, fits=s.fits, **bench).to_dict()
     elif missing:
         notes.append(f"{len(missing)} sites have no timings; they stay in bf16 (plan with measure=True to time them)")
     return out
@@ -240,7 +241,7 @@ def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, note
     for s in sites:
         per_bucket = time_serving_buckets(s.in_features, s.out_features, list(m_buckets), recipes, kernels=kernels,
                                           dtype=dtype, device=device, fits=s.fits, **bench)
-        out[s.fqn] = combine_buckets(per_bucket)
+        out[s.fqn] = combine_buckets(per_bucket).to_dict()
         s.m = out[s.fqn]["m"]
     return out
 
@@ -357,11 +358,11 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Ta
 def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed, remote: bool = False) -> str | None:
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
-    if name == "emulated":
-        return "emulated is the numerical reference, never planned"
     if name not in KERNELS:
         return "not a registered kernel"
     kernel = KERNELS.get(name)
+    if kernel.reference:
+        return f"{name} is the numerical reference, never planned"
     if allowed is None and kernel.not_default:
         return f"not a default candidate: {kernel.not_default}"
     if gemm not in kernel.gemms:
@@ -378,7 +379,7 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote: bool = 
 
     reasons = []
     for kernel in KERNELS:
-        if kernel.hp or kernel.name == "emulated" or (allowed is not None and kernel.name not in allowed):
+        if kernel.hp or kernel.reference or (allowed is not None and kernel.name not in allowed):
             continue
         if allowed is None and kernel.not_default:
             continue

@@ -14,8 +14,9 @@ for a B200 means nothing on an H100; MI300's FP8 is the fnuz encoding, which NVI
 Sources: NVIDIA's Hopper/Blackwell architecture documents (sm100 adds block-scaled MXFP8, MXFP4
 and NVFP4 tensor-core MMA), AMD's CDNA3 ISA (gfx942: FP8/BF8 in the fnuz encoding) and CDNA4
 (gfx950: OCP FP8 and MXFP8/MXFP6/MXFP4; no NVFP4). ``kernels`` names loka's registered kernels
-that run each device's recipes natively (loka/kernels/registry.py); whether one is installed on
-this machine is still asked of the kernel (``available``). ``emulated`` runs everything everywhere.
+that run each device's recipes natively: each kernel says so itself (``GemmKernel.archs``);
+whether one is installed on this machine is still asked of the kernel (``available``).
+``emulated`` runs everything everywhere.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loka.kernels.kernel import arch_kernels
 from loka.recipe import RECIPE_NAMES
 
 
@@ -36,7 +38,6 @@ class DeviceCaps:
     formats: tuple[str, ...]
     granularities: tuple[str, ...]
     recipes: tuple[str, ...]  # named recipes (loka.recipe.RECIPE_NAMES) the probe measures and plans
-    kernels: tuple[str, ...]  # registered kernel names that run them natively
     speed_model: str  # key of loka.kernels.costmodel.DEVICE_MODELS used when planning away from the device
 
     def __post_init__(self) -> None:
@@ -44,28 +45,30 @@ class DeviceCaps:
         if unknown:
             raise ValueError(f"DeviceCaps({self.arch}): unknown recipes {unknown}; use names from {list(RECIPE_NAMES)}")
 
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Registered kernel names that run this arch's recipes natively (``GemmKernel.archs``)."""
+        return arch_kernels(self.arch)
+
     def runs(self, recipe_name: str) -> bool:
         """Whether the named recipe (``"rowwise"``, ``"rowwise-delayed"``) runs natively here."""
         return recipe_name.partition("-")[0] in self.recipes
 
 
-_NV_FP8 = ("scaled_mm", "scaled_mm_fast_accum", "scaled_mm+pad", "scaled_mm_fast_accum+pad", "torchao",
-           "torchao_fast_accum", "te", "triton", "triton_fast_accum")
-
 DEVICES: tuple[DeviceCaps, ...] = (
     DeviceCaps("sm89", ("l40s", "l4", "rtx4090", "sm89"), ("e4m3", "e5m2"), ("tensorwise", "rowwise"),
-               ("tensorwise", "rowwise", "rowwise_with_gw_hp"), _NV_FP8, "h100"),
+               ("tensorwise", "rowwise", "rowwise_with_gw_hp"), "h100"),
     DeviceCaps("sm90", ("h100", "h200", "gh200", "sm90"), ("e4m3", "e5m2"), ("tensorwise", "rowwise", "blockwise"),
-               ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"), (*_NV_FP8, "torchao_blockwise"), "h100"),
+               ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"), "h100"),
     DeviceCaps("sm100", ("b200", "gb200", "b100", "sm100"), ("e4m3", "e5m2", "e2m1"),
                ("tensorwise", "rowwise", "mx", "nvfp4"),
                ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mx", "mxfp8", "mxfp8_floor", "nvfp4", "nvfp4_sr"),
-               (*_NV_FP8, "torchao_mx", "scaled_mm_mx", "scaled_mm_nvfp4"), "b200"),
+               "b200"),
     DeviceCaps("gfx942", ("mi300x", "mi300a", "mi325x", "gfx942"), ("e4m3fnuz", "e5m2fnuz"), ("tensorwise", "rowwise"),
-               ("tensorwise_fnuz", "rowwise_fnuz"), ("scaled_mm", "scaled_mm+pad"), "mi300x"),
+               ("tensorwise_fnuz", "rowwise_fnuz"), "mi300x"),
     DeviceCaps("gfx950", ("mi350x", "mi355x", "gfx950"), ("e4m3", "e5m2", "e2m1"), ("tensorwise", "rowwise", "mx"),
                ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mx", "mxfp8", "mxfp8_floor"),
-               ("scaled_mm", "scaled_mm+pad", "scaled_mm_mx"), "mi350x"),
+               "mi350x"),
 )
 _BY_NAME = {n: d for d in DEVICES for n in d.names}
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from loka.kernels import KERNELS
-from loka.kernels.kernel import GemmKernel, Quantized
+from loka.kernels.kernel import GemmKernel, Quantized, auto_preference
 from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
@@ -36,14 +36,13 @@ from loka.scaling import ScaleState
 from loka.weight_cache import WeightCache
 
 Fallback = Literal["error", "hp"]
-AUTO_PREFERENCE = ("scaled_mm", "emulated")
 
 
 def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: torch.device | str = "cpu") -> tuple[Recipe, dict[str, GemmKernel]]:
     """Kernel per GEMM from a name, ``"auto"`` or a ``{gemm: name}`` map.
 
     A GEMM given the ``bf16`` kernel runs in hp, so its recipe becomes hp.
-    ``"auto"`` takes the first of ``AUTO_PREFERENCE`` that is available and
+    ``"auto"`` takes the first kernel by ``auto_rank`` that is available and
     takes the recipe (``emulated`` always does).
     """
 
@@ -55,12 +54,12 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
     for gemm in GEMMS:
         g = recipe.gemm(gemm)
         name = names.get(gemm, "auto")
-        if g.is_hp or name == "bf16":
+        if g.is_hp or (name != "auto" and kernel_by_name(name).hp):
             recipe = recipe.with_gemm(gemm, HP_GEMM)
             chosen[gemm] = KERNELS.get("bf16")
             continue
         if name == "auto":
-            name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
+            name = next(n for n in auto_preference() if _fits_recipe(KERNELS.get(n), g, device))
         kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.kernels.padded)
         ok, why = kernel.available(device)
         if not ok:

@@ -10,12 +10,14 @@ from importlib.metadata import version
 import torch
 
 from loka.devices import get_target
-from loka.kernels.costmodel import DEVICE_MODELS, model_site_timings
+from loka.kernels.costmodel import DEVICE_MODELS, H100_SXM
+from loka.kernels.kernel import modelled_kernels
 from loka.probe.error import SAFE, UNDECIDED, UNSAFE
 from loka.probe.fit import Fit, fit_values, gemm_fits, predict_gemm_error
 from loka.probe.reader import speedup
 from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
+from loka.probe.timing import time_site
 from loka.recipe import GEMMS, as_recipe, gemm_shape
 
 
@@ -63,24 +65,21 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
 
 
 
-# Kernels the speed model predicts when a site has no representative timing: cuBLAS with a
-# separate quantization pass, and the Triton kernel that fuses the activation's quantization.
-MODELED_KERNELS = ("scaled_mm", "triton")
-
-
 def modeled_timings(st, recipes, target: str | None = None) -> dict | None:
     """The speed model's timings of ``recipes`` at the site's median M (None if it never ran): the
-    ``target`` GPU's model and kernels (loka/devices.py), else the H100's."""
+    ``target`` GPU's model and kernels (loka/devices.py), else the H100's. The kernels are those the
+    speed model prices (``GemmKernel.modelled``: cuBLAS after separate casts, the Triton kernel that
+    fuses the activation's cast)."""
 
     if not st.m_values or not recipes:
         return None
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
     shape = (m, st.site.in_features, st.site.out_features)
     if target is None:
-        return model_site_timings(shape, list(recipes), list(MODELED_KERNELS))
+        return time_site(shape, list(recipes), model=H100_SXM, kernels=modelled_kernels()).to_dict()
     caps = get_target(target).caps
-    kernels = [k for k in MODELED_KERNELS if k in caps.kernels]
-    return model_site_timings(shape, list(recipes), kernels, DEVICE_MODELS[caps.speed_model])
+    return time_site(shape, list(recipes), model=DEVICE_MODELS[caps.speed_model],
+                     kernels=modelled_kernels(caps.arch)).to_dict()
 
 
 

@@ -307,8 +307,8 @@ class Probe:
             fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
             m = sorted(st.m_values)[len(st.m_values) // 2]
             self.timings[fqn] = time_site((m, st.site.in_features, st.site.out_features), self.recipes,
-                                          kernels=kernels, dtype=dtype, device=dev, fits=fits,
-                                          warmup=warmup, iters=iters)
+                                          kernels=kernels, with_reference=True, dtype=dtype, device=dev, fits=fits,
+                                          warmup=warmup, iters=iters).to_dict()
         return self.timings
 
     def reduce(self, group=None) -> None:

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.skipif(not KERNELS.get("scaled_mm").available("cpu"),
 
 def test_probe_times_padded_kernels_only_where_padding_is_needed():
     odd = time_site((32, 429, 557), ["rowwise"], kernels=["scaled_mm", "scaled_mm+pad"], dtype=torch.float32,
-                    warmup=1, iters=2)
+                    warmup=1, iters=2).to_dict()
     kernels = {(e["gemm"], e["kernel"]) for e in odd["entries"]}
     assert ("fprop", "scaled_mm+pad") in kernels and ("fprop", "scaled_mm") not in kernels
     aligned = time_site((32, 64, 48), ["rowwise"], kernels=["scaled_mm", "scaled_mm+pad"], dtype=torch.float32,
-                        warmup=1, iters=2)
+                        warmup=1, iters=2).to_dict()
     assert {e["kernel"] for e in aligned["entries"]} == {"scaled_mm"}
     assert "aligned shape" in aligned["skipped"]["fprop/scaled_mm+pad/rowwise"]
 
