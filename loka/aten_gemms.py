@@ -1,0 +1,281 @@
+"""GEMMs where they are GEMMs: the ATen ops, the parameter behind an operand, and who observed what.
+
+However a model's code spells a product with a parameter (``nn.Linear``, ``F.linear``,
+``x @ W``, ``torch.matmul(W[i], x)``, ``torch.tensordot``, any ``einsum``, a 1x1
+convolution, ``nn.MultiheadAttention``), it reaches ATen as one of ``mm``, ``addmm``,
+``bmm``, ``baddbmm`` or ``convolution`` with the parameter, a view of it (``W[i]``,
+``W.t()``, a reshape) or a copy of it (autocast's bf16 cast) as an operand. This module
+is the one place that says so, for the census, the probe's capture and the conversion:
+
+- :class:`ParamIndex`: which site an operand belongs to, by the storage it views; copies
+  made from a parameter (``_to_copy``/``clone``, e.g. autocast's bf16 weight) are followed.
+- :func:`gemm_flops`, :func:`conv_gemm_problem`, :func:`batch_problem`: the FLOPs of a GEMM
+  op and why a product is not one plain 2-D GEMM.
+- Observation: what ran in FP8 is *reported* by the code that ran it (loka's GEMM engines
+  call :func:`report`); a :class:`GemmObserver` (a ``TorchDispatchMode``) adds every GEMM on
+  a parameter that ran in hp, and every activation x activation GEMM, so the claims made
+  from it (census shares, ``ConvertResult.converted``) are what ran, never what was hoped.
+
+A site is named like the design's sites: a Linear's or convolution's weight by the owning
+module's fqn, any other parameter by its own fqn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NO_PARAM = "(no parameter operand)"
+_aten = torch.ops.aten
+# GEMM op -> (index of the left operand, index of the right operand) of out = A @ B (+ bias)
+MM_OPS = {_aten.mm.default: (0, 1), _aten.addmm.default: (1, 2), _aten.bmm.default: (0, 1),
+          _aten.baddbmm.default: (1, 2)}
+CONV = _aten.convolution.default
+COPY_OPS = {_aten._to_copy.default, _aten.clone.default}
+SDPA = {getattr(_aten, n, None) for n in ("_scaled_dot_product_flash_attention_for_cpu",
+                                          "_scaled_dot_product_flash_attention",
+                                          "_scaled_dot_product_efficient_attention",
+                                          "_scaled_dot_product_cudnn_attention",
+                                          "_scaled_dot_product_attention_math")} - {None}
+MAX_BATCH_LOOP = 64  # a batched GEMM with distinct parameter slices runs as this many 2-D GEMMs at most
+
+
+def param_sites(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """``{param fqn: (site name, parameter)}`` for every floating parameter with 2+ dims."""
+    out, seen = {}, set()
+    for mod_fqn, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or p.dim() < 2 or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            full = f"{mod_fqn}.{name}" if mod_fqn else name
+            owned = name == "weight" and isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd))
+            out[full] = (mod_fqn if owned else full, p)
+    return out
+
+
+class ParamIndex:
+    """Which site a tensor belongs to: a parameter's storage, or a copy made of one."""
+
+    def __init__(self, sites: dict[str, nn.Parameter]) -> None:
+        self.sites = dict(sites)  # site name -> parameter
+        self._derived: dict[int, tuple[weakref.ref, str]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read storages (``model.to()`` moves them) and forget copies that died."""
+        self._by_ptr = {}
+        for site, p in self.sites.items():
+            if p.numel():
+                self._by_ptr.setdefault(p.untyped_storage().data_ptr(), site)
+        self._derived = {k: v for k, v in self._derived.items() if v[0]() is not None}
+
+    def site_of(self, t) -> str | None:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.numel() == 0:
+            return None
+        marked = getattr(t, "loka_site", None)
+        if marked is not None:
+            return marked
+        ptr = t.untyped_storage().data_ptr()
+        site = self._by_ptr.get(ptr)
+        if site is not None:
+            return site
+        hit = self._derived.get(ptr)
+        if hit is not None:
+            ref = hit[0]()
+            if ref is not None and ref.untyped_storage().data_ptr() == ptr:
+                return hit[1]
+        return None
+
+    def note(self, func, args, out) -> None:
+        """Follow a copy of a parameter (autocast's cast, ``.to()``, ``clone``)."""
+        if func in COPY_OPS and isinstance(out, torch.Tensor) and out.numel():
+            site = self.site_of(args[0])
+            if site is not None:
+                self._derived[out.untyped_storage().data_ptr()] = (weakref.ref(out), site)
+
+
+def gemm_flops(func, args, out) -> float:
+    """2·M·K·N of one GEMM op (a convolution: 2 · output elements · its reduction length)."""
+    if func in MM_OPS:
+        return 2.0 * out.numel() * args[MM_OPS[func][0]].shape[-1]
+    if func is CONV:
+        groups = args[8] if len(args) > 8 else 1
+        return 2.0 * out.numel() * (args[0].shape[1] // groups) * math.prod(args[1].shape[2:])
+    if func is _aten._scaled_mm.default:
+        return 2.0 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+    return 0.0
+
+
+def conv_gemm_problem(args) -> str | None:
+    """Why ``aten.convolution(*args)`` is not one GEMM ``x[B*L, Cin] · W[Cout, Cin]ᵀ`` (None when it is)."""
+    w = args[1]
+    stride, padding, transposed, groups = args[3], args[4], args[6], args[8]
+    if any(k != 1 for k in w.shape[2:]):
+        return f"convolution kernel {tuple(w.shape[2:])} is wider than 1x1 (not a plain GEMM)"
+    if transposed or groups != 1 or any(s != 1 for s in stride) or any(p != 0 for p in padding):
+        return f"1x1 convolution with stride {list(stride)}, padding {list(padding)}, groups {groups}" \
+               f"{', transposed' if transposed else ''} (need 1, 0, 1)"
+    return None
+
+
+def broadcast(t: torch.Tensor) -> bool:
+    """A batched operand that is one matrix for every batch (expanded, or a batch of one)."""
+    return t.dim() == 2 or t.shape[0] == 1 or t.stride(0) == 0
+
+
+def batch_problem(t: torch.Tensor) -> str | None:
+    """Why a batched GEMM with ``t`` as the parameter side cannot run as FP8 2-D GEMMs."""
+    if broadcast(t) or t.shape[0] <= MAX_BATCH_LOOP:
+        return None
+    return f"batched GEMM with {t.shape[0]} distinct parameter slices (at most {MAX_BATCH_LOOP} run as 2-D GEMMs)"
+
+
+# --- observation ---------------------------------------------------------------------------
+
+@dataclass
+class SiteCount:
+    """What ran at one site: GEMM FLOPs and calls in FP8 and in hp, per GEMM, and why hp."""
+
+    fp8: dict = field(default_factory=lambda: {"fprop": 0, "dgrad": 0, "wgrad": 0})
+    hp: dict = field(default_factory=lambda: {"fprop": 0, "dgrad": 0, "wgrad": 0})
+    fp8_flops: float = 0.0
+    hp_flops: float = 0.0
+    why_hp: dict = field(default_factory=dict)  # reason -> count
+    forms: set = field(default_factory=set)  # the ATen ops the site's GEMMs reached
+    fprop_shapes: list = field(default_factory=list)  # [(M, K, N)] of the first fprop calls
+
+    @property
+    def flops(self) -> float:
+        return self.fp8_flops + self.hp_flops
+
+
+_TLS = threading.local()
+# Active observers, process-wide: a backward on CUDA runs on autograd's device threads, which
+# see the dispatch mode (autograd carries it over) but not this thread's Python locals.
+_OBSERVERS: list = []
+
+
+def _observers() -> list:
+    return _OBSERVERS
+
+
+def observing() -> bool:
+    """Whether a :class:`GemmObserver` is active (engines report only then)."""
+    return bool(_OBSERVERS)
+
+
+def report(site: str, gemm: str, flops: float, fp8: bool, form: str, why: str = "", shape=None) -> None:
+    """Called by the code that ran a GEMM of ``site``: in FP8 or not (and why not)."""
+    for obs in _observers():
+        obs.add(site, gemm, flops, fp8, form, why, shape)
+
+
+@contextlib.contextmanager
+def engine_scope():
+    """While loka's own kernels run: the ops they issue are not the model's GEMMs."""
+    depth = getattr(_TLS, "engine_depth", 0)
+    _TLS.engine_depth = depth + 1
+    try:
+        yield
+    finally:
+        _TLS.engine_depth = depth
+
+
+def in_engine() -> bool:
+    return getattr(_TLS, "engine_depth", 0) > 0
+
+
+class GemmObserver(TorchDispatchMode):
+    """Counts every GEMM of the region it is active in, by site (see module doc).
+
+    Reports from loka's engines give the FP8 GEMMs (and the hp ones they chose); the mode
+    itself sees hp GEMMs whose operand is a parameter (or a view/copy of one), which no
+    engine ran, and GEMMs with no parameter operand (``NO_PARAM``). Backward GEMMs of an
+    hp site are named by the autograd node that runs them (mapped from the forward op).
+    """
+
+    def __init__(self, index: ParamIndex) -> None:
+        super().__init__()
+        self.index = index
+        self.counts: dict[str, SiteCount] = {}
+        self._nodes: dict[int, tuple[str, object]] = {}  # id(grad_fn) -> (site, grad_fn kept alive)
+        self._pending: list[tuple[torch.Tensor, str]] = []
+
+    def add(self, site, gemm, flops, fp8, form, why="", shape=None) -> None:
+        c = self.counts.setdefault(site, SiteCount())
+        (c.fp8 if fp8 else c.hp)[gemm] += 1
+        if fp8:
+            c.fp8_flops += flops
+        else:
+            c.hp_flops += flops
+            if why:
+                c.why_hp[why] = c.why_hp.get(why, 0) + 1
+        c.forms.add(form)
+        if gemm == "fprop" and shape is not None and len(c.fprop_shapes) < 4:
+            c.fprop_shapes.append(tuple(int(s) for s in shape))
+
+    def __enter__(self):
+        _OBSERVERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._resolve()
+        _OBSERVERS[:] = [o for o in _OBSERVERS if o is not self]
+        return super().__exit__(*exc)
+
+    def _resolve(self) -> None:
+        for out, site in self._pending:
+            node = out.grad_fn
+            if node is not None:
+                self._nodes[id(node)] = (site, node)
+        self._pending.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if in_engine():
+            return out
+        if self._pending and torch._C._current_graph_task_id() != -1:
+            self._resolve()  # backward started: forward outputs have their autograd nodes now
+        self.index.note(func, args, out)
+        if func in MM_OPS or func is CONV:
+            if any(getattr(a, "loka_site", None) is not None for a in args[:3]):
+                return out  # a marked operand: a loka engine ran (and reported) this GEMM
+            self._hp_gemm(func, args, out)
+        elif func.overloadpacket in SDPA:
+            q, k_, v = args[0], args[1], args[2]
+            flops = 2.0 * math.prod(q.shape[:-1]) * k_.shape[-2] * (q.shape[-1] + v.shape[-1])
+            self.add(NO_PARAM, "fprop", flops, False, "attention kernel")
+        return out
+
+    def _hp_gemm(self, func, args, out) -> None:
+        flops, form = gemm_flops(func, args, out), str(func.overloadpacket.__name__)
+        ops = (args[0], args[1]) if func is CONV else tuple(args[i] for i in MM_OPS[func])
+        sites = [self.index.site_of(t) for t in ops]
+        site = sites[1] or sites[0]
+        if site is not None:
+            gemm = "fprop" if torch._C._current_graph_task_id() == -1 else "dgrad"
+            self.add(site, gemm, flops, False, form, "ran in hp (no loka engine took it)", _mkn(func, args, out))
+            if gemm == "fprop":
+                self._pending.append((out, site))
+            return
+        node = torch._C._current_autograd_node()
+        hit = self._nodes.get(id(node)) if node is not None else None
+        if hit is not None:  # the backward of a parameter GEMM whose operands are no parameter: wgrad
+            self.add(hit[0], "wgrad", flops, False, form, "ran in hp (no loka engine took it)")
+        else:
+            self.add(NO_PARAM, "fprop", flops, False, form)
+
+
+def _mkn(func, args, out) -> tuple[int, int, int]:
+    if func is CONV:
+        return out.numel() // out.shape[1], args[0].shape[1], out.shape[1]
+    k = args[MM_OPS[func][0]].shape[-1]
+    return out.numel() // out.shape[-1], k, out.shape[-1]

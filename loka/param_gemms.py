@@ -1,0 +1,344 @@
+"""FP8 for every ATen GEMM on a parameter, whatever Python spelled it.
+
+A ``Float8Linear`` replaces a module; a product written in the model's own code
+(``torch.tensordot(x, W, ...)``, ``torch.matmul(self.kernels[i], x)``, any ``einsum``,
+``F.linear``, ``nn.MultiheadAttention``'s packed projection, a 1x1 convolution) has no
+module to replace. It does reach ATen as ``mm``/``addmm``/``bmm``/``baddbmm``/``convolution``
+with the parameter (or a view or autocast copy of it, see :class:`~loka.aten_gemms.ParamIndex`)
+as an operand, so this is where loka takes it, for each of the three GEMMs:
+
+- **fprop**: while the model's forward runs, a ``TorchFunctionMode`` looks at each call for an
+  operand that is a converted parameter (one dict lookup per tensor); only around such a call
+  it enters a ``TorchDispatchMode`` that runs the call's GEMMs on that parameter through the
+  site's :class:`ParamEngine` (the kernels, recipe and scale state of ``Float8Linear``).
+- **dgrad, wgrad**: autograd saves the GEMM's operands for its backward formula. A
+  ``saved_tensors_hooks`` pair hands the backward the parameter operand, and the operand the
+  fprop paired with it, wrapped in :class:`Marked` (a wrapper tensor subclass); the backward
+  formula's ``mm``/``bmm``/``convolution_backward`` on a marked operand comes to
+  :meth:`Marked.__torch_dispatch__`, which runs it through the engine: against the parameter
+  it is dgrad, against the fprop's other operand it is wgrad.
+
+The model keeps its ``nn.Parameter`` objects: optimizers, ``state_dict`` and checkpoints do not
+change. Every GEMM an engine runs is counted (:attr:`ParamEngine.ran`) and reported to active
+observers (:mod:`loka.aten_gemms`), so what is claimed converted is what ran in FP8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from loka.aten_gemms import (CONV, MAX_BATCH_LOOP, MM_OPS, ParamIndex, batch_problem, broadcast,
+                             conv_gemm_problem, engine_scope, report)
+from loka.kernels import KERNELS
+from loka.nn import resolve_kernels
+from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe
+from loka.scaling import ScaleState
+
+_aten = torch.ops.aten
+CONV_BACKWARD = _aten.convolution_backward.default
+# Ops whose output is the same tensor seen differently: a mark follows them.
+_KEEP_MARK = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
+              _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default, _aten.unsqueeze.default,
+              _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.select.int, _aten.slice.Tensor,
+              _aten.alias.default, _aten.detach.default, _aten.clone.default, _aten._to_copy.default,
+              _aten.as_strided.default, _aten._reshape_alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
+              _aten.unbind.int, _aten.chunk.default, _aten.narrow.default}
+
+
+class ParamEngine(nn.Module):
+    """The FP8 GEMMs of one parameter site: a kernel and recipe per GEMM, scale state, counts.
+
+    Holds no Parameter (the site's parameter stays where the model keeps it); its scale
+    state is non-persistent buffers, so ``state_dict`` is unchanged.
+    """
+
+    def __init__(self, site: str, param: nn.Parameter, recipe, kernels: str | Mapping[str, str] = "auto",
+                 fallback: str = "hp") -> None:
+        super().__init__()
+        if fallback not in ("error", "hp"):
+            raise ValueError(f"fallback={fallback!r} is not valid; use 'error' or 'hp'")
+        self.site, self._param, self.fallback = site, [param], fallback
+        self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, param.device)
+        self.scale_state = ScaleState(self.recipe)
+        self.ran = {g: {"fp8": 0, "hp": 0} for g in GEMMS}  # GEMMs run, by how
+        self.expected = {g: 0 for g in GEMMS}  # GEMMs the fprops so far imply (dgrad/wgrad need grads)
+        self.why_hp: dict[str, str] = {}  # gemm -> why it ran in hp
+        self.forms: set[str] = set()
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self._param[0]
+
+    def mm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, form: str) -> torch.Tensor:
+        """``a[M, R] · b[Q, R]ᵀ -> [M, Q]`` of ``gemm`` (operand roles as ``loka.recipe.GEMM_ROLES``)."""
+        kernel, g = self.kernels[gemm], self.recipe.gemm(gemm)
+        shape = (a.shape[0], a.shape[1], b.shape[0])
+        why = f"kernel {kernel.name!r} chosen for {gemm}" if kernel.hp else ""
+        if not kernel.hp:
+            ok, reason = kernel.supports(g, shape, a.dtype, a.device)
+            if not ok:
+                if self.fallback == "error":
+                    raise ValueError(f"{gemm} of {self.site} ({form}) with kernel {kernel.name!r} cannot run "
+                                     f"[M={shape[0]}, K={shape[1]}, N={shape[2]}]: {reason}; pad the shape or pass "
+                                     "fallback='hp'")
+                why = f"{kernel.name}: {reason}"
+        with engine_scope():
+            if why:
+                out = KERNELS.get("bf16").mm(a.to(out_dtype), b.to(out_dtype), HP_GEMM, out_dtype=out_dtype)
+            else:
+                a_role, b_role = GEMM_ROLES[gemm]
+                scale_a = self.scale_state.scale_for(gemm, a_role, a)
+                scale_b = self.scale_state.scale_for(gemm, b_role, b)
+                out = kernel.mm(a, b.contiguous(), g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        self.count(gemm, why, form, 2.0 * shape[0] * shape[1] * shape[2], shape)
+        return out
+
+    def count(self, gemm: str, why: str, form: str, flops: float, shape) -> None:
+        self.ran[gemm]["hp" if why else "fp8"] += 1
+        self.forms.add(form)
+        if why:
+            self.why_hp[gemm] = why
+        report(self.site, gemm, flops, not why, form, why, shape)
+
+
+def run_mm(engine: ParamEngine, gemm: str, a_op: torch.Tensor, b_op: torch.Tensor, b_side: int,
+           form: str) -> torch.Tensor:
+    """``a_op @ b_op`` (2-D or batched) with operand ``(a_op, b_op)[b_side]`` in role b of ``gemm``."""
+    if a_op.dim() == 2:
+        if b_side == 1:
+            return engine.mm(gemm, a_op, b_op.t(), a_op.dtype, form)
+        return engine.mm(gemm, b_op.t(), a_op, a_op.dtype, form).t()
+    side = (a_op, b_op)[b_side]
+    if broadcast(side) and gemm != "wgrad":  # one matrix for every batch: fold the batch into M
+        if b_side == 1:
+            out = engine.mm(gemm, a_op.reshape(-1, a_op.shape[-1]), b_op[0].t(), a_op.dtype, form)
+            return out.reshape(a_op.shape[0], a_op.shape[1], b_op.shape[-1])
+        rows = b_op.transpose(1, 2).reshape(-1, b_op.shape[1])  # [B*Q, R]
+        out = engine.mm(gemm, rows, a_op[0], a_op.dtype, form)  # [B*Q, P]
+        return out.reshape(b_op.shape[0], b_op.shape[2], a_op.shape[1]).transpose(1, 2)
+    problem = batch_problem(side) if not broadcast(side) else None
+    if problem is None and max(a_op.shape[0], b_op.shape[0]) > MAX_BATCH_LOOP:
+        problem = f"{gemm} of a shared matrix over {max(a_op.shape[0], b_op.shape[0])} batches (a sum of GEMMs)"
+    if problem:
+        with engine_scope():
+            out = torch.bmm(a_op, b_op)
+        engine.count(gemm, problem, form, 2.0 * out.numel() * a_op.shape[-1], None)
+        return out
+    n = max(a_op.shape[0], b_op.shape[0])
+    pick = lambda t, i: t[0] if t.shape[0] == 1 else t[i]  # noqa: E731
+    return torch.stack([run_mm(engine, gemm, pick(a_op, i), pick(b_op, i), b_side, form) for i in range(n)])
+
+
+def _with_bias(func, args, kwargs, out: torch.Tensor) -> torch.Tensor:
+    """``beta·bias + alpha·out`` for addmm/baddbmm (``out`` as is for mm/bmm)."""
+    alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+    out = out * alpha if alpha != 1 else out
+    if func in (_aten.addmm.default, _aten.baddbmm.default) and beta != 0:
+        out = out + (args[0] * beta if beta != 1 else args[0])
+    return out
+
+
+def conv_fprop(engine: ParamEngine, args) -> torch.Tensor:
+    """A 1x1 convolution ``x[B, Cin, *S]`` as the GEMM ``x[B*S, Cin] · W[Cout, Cin]ᵀ``, plus bias."""
+    x, w, bias = args[0], args[1], args[2]
+    cout, cin = w.shape[0], w.shape[1]
+    rows = x.movedim(1, -1)  # [B, *S, Cin]
+    out = engine.mm("fprop", rows.reshape(-1, cin), w.reshape(cout, cin), x.dtype, "convolution")
+    out = out.reshape(*rows.shape[:-1], cout).movedim(-1, 1)
+    return out if bias is None else out + bias.reshape(cout, *([1] * (x.dim() - 2)))
+
+
+def conv_backward(engine: ParamEngine, args) -> tuple:
+    """``convolution_backward`` of a 1x1 convolution: dgrad and wgrad as GEMMs, the bias grad a sum."""
+    dy, x, w, mask = args[0], args[1], args[2], args[10]
+    cout, cin = w.shape[0], w.shape[1]
+    dy_rows = dy.movedim(1, -1).reshape(-1, cout)  # [M, Cout]
+    dx = dw = db = None
+    if mask[0]:
+        dx = engine.mm("dgrad", dy_rows, w.reshape(cout, cin).t(), dy.dtype, "convolution_backward")
+        dx = dx.reshape(*x.movedim(1, -1).shape).movedim(-1, 1)
+    if mask[1]:
+        x_rows = x.movedim(1, -1).reshape(-1, cin)  # [M, Cin]
+        dw = engine.mm("wgrad", dy_rows.t(), x_rows.t(), dy.dtype, "convolution_backward").reshape(w.shape)
+    if mask[2]:
+        db = dy.sum(dim=[d for d in range(dy.dim()) if d != 1])
+    return dx, dw, db
+
+
+class Marked(torch.Tensor):
+    """A saved operand of a converted GEMM, marked with its site and role for the backward."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor, site: str, role: str, router: "ParamGemms"):
+        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
+                                                storage_offset=inner.storage_offset(), dtype=inner.dtype,
+                                                device=inner.device, requires_grad=False)
+        r.inner, r.loka_site, r.role, r.router = inner, site, role, router
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self) -> str:
+        return f"Marked({self.role} of {self.loka_site}, {tuple(self.shape)})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        marks = [a for a in args if isinstance(a, Marked)]
+        plain = tree_map(lambda t: t.inner if isinstance(t, Marked) else t, args)
+        if func in MM_OPS and marks:
+            routed = marks[0].router.backward_mm(func, args, plain, kwargs)
+            if routed is not None:
+                return routed
+        elif func is CONV_BACKWARD and isinstance(args[2], Marked):
+            routed = args[2].router.backward_conv(args, plain)
+            if routed is not None:
+                return routed
+        out = func(*plain, **tree_map(lambda t: t.inner if isinstance(t, Marked) else t, kwargs))
+        if func in _KEEP_MARK and isinstance(args[0], Marked):
+            m = args[0]
+            return tree_map(lambda t: Marked(t, m.loka_site, m.role, m.router) if isinstance(t, torch.Tensor) else t,
+                            out)
+        return out
+
+
+class _Saved:
+    __slots__ = ("t", "site", "role")
+
+    def __init__(self, t: torch.Tensor, site: str | None, role: str | None) -> None:
+        self.t, self.site, self.role = t, site, role
+
+
+class _Fprop(TorchDispatchMode):
+    """Inside one call on a converted parameter: its GEMMs go to the engines."""
+
+    def __init__(self, router: "ParamGemms") -> None:
+        super().__init__()
+        self.router = router
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        r = self.router
+        if func in MM_OPS:
+            ia, ib = MM_OPS[func]
+            sites = (r.engine_site(args[ia]), r.engine_site(args[ib]))
+            if (sites[0] is None) != (sites[1] is None):
+                side = 1 if sites[1] is not None else 0
+                engine = r.engines[sites[side]]
+                r.fprop_seen(engine, args[(ia, ib)[1 - side]])
+                out = run_mm(engine, "fprop", args[ia], args[ib], side, func.overloadpacket.__name__)
+                return _with_bias(func, args, kwargs, out)
+        elif func is CONV:
+            site = r.engine_site(args[1])
+            if site is not None and conv_gemm_problem(args) is None:
+                r.fprop_seen(r.engines[site], args[0])
+                return conv_fprop(r.engines[site], args)
+        out = func(*args, **kwargs)
+        r.index.note(func, args, out)
+        return out
+
+
+class _Route(TorchFunctionMode):
+    """During the model's forward: calls that touch a converted parameter run under :class:`_Fprop`."""
+
+    def __init__(self, router: "ParamGemms") -> None:
+        super().__init__()
+        self.router = router
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.router.touches(args, kwargs):
+            return func(*args, **kwargs)
+        with self.router.scope():
+            return func(*args, **kwargs)
+
+
+class ParamGemms(nn.Module):
+    """The converted parameter sites of a model, ``{site: ParamEngine}``, and their routing."""
+
+    def __init__(self, engines: dict[str, ParamEngine]) -> None:
+        super().__init__()
+        self.engines_by_key = nn.ModuleDict({s.replace(".", "__"): e for s, e in engines.items()})
+        self.engines = dict(engines)
+        self.index = ParamIndex({s: e.param for s, e in engines.items()})
+        self._packed: dict[int, _Saved] = {}
+        self._route = _Route(self)
+
+    def engine_site(self, t) -> str | None:
+        site = self.index.site_of(t)
+        return site if site in self.engines else None
+
+    def touches(self, args, kwargs) -> bool:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                if self.engine_site(a) is not None:
+                    return True
+            elif isinstance(a, (list, tuple)) and any(self.engine_site(t) is not None for t in a):
+                return True
+        return False
+
+    @contextlib.contextmanager
+    def scope(self):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), _Fprop(self):
+                yield
+        finally:
+            self._packed.clear()
+
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        site = self.engine_site(t)
+        rec = _Saved(t, site, "weight" if site is not None else None)
+        self._packed[id(t)] = rec
+        return rec
+
+    def _unpack(self, rec: _Saved) -> torch.Tensor:
+        return rec.t if rec.role is None else Marked(rec.t, rec.site, rec.role, self)
+
+    def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor) -> None:
+        """An fprop of ``engine``: the GEMMs it implies, and its other operand marked for wgrad."""
+        engine.expected["fprop"] += 1
+        if torch.is_grad_enabled():
+            engine.expected["dgrad"] += int(partner.requires_grad)
+            engine.expected["wgrad"] += int(engine.param.requires_grad)
+        rec = self._packed.get(id(partner))
+        if rec is not None and rec.role is None:
+            rec.site, rec.role = engine.site, "input"
+
+    def backward_mm(self, func, args, plain, kwargs) -> torch.Tensor | None:
+        ia, ib = MM_OPS[func]
+        marks = [(i, a) for i, a in ((0, args[ia]), (1, args[ib])) if isinstance(a, Marked)]
+        if len(marks) != 1:
+            return None
+        side, m = marks[0]
+        gemm = "dgrad" if m.role == "weight" else "wgrad"
+        out = run_mm(self.engines[m.loka_site], gemm, plain[ia], plain[ib], side, func.overloadpacket.__name__)
+        return _with_bias(func, plain, kwargs, out)
+
+    def backward_conv(self, args, plain):
+        w = args[2]
+        conv_args = (plain[1], plain[2], None, plain[4], plain[5], plain[6], plain[7], plain[8], plain[9])
+        if w.role != "weight" or conv_gemm_problem(conv_args) is not None:
+            return None
+        return conv_backward(self.engines[w.loka_site], plain)
+
+    # --- attached to the model's forward ----------------------------------------------------
+    def _enter(self, module, args) -> None:  # a pre-hook's return value would replace the inputs
+        self.index.refresh()
+        self._route.__enter__()
+
+    def _leave(self, module, args, out) -> None:
+        self._route.__exit__(None, None, None)
+
+    def attach(self, model: nn.Module) -> None:
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._leave, always_call=True)
+
+
+__all__ = ["Marked", "ParamEngine", "ParamGemms", "run_mm"]
