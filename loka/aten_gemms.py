@@ -172,10 +172,12 @@ def observing() -> bool:
     return bool(_OBSERVERS)
 
 
-def report(site: str, gemm: str, flops: float, fp8: bool, form: str, why: str = "", shape=None) -> None:
-    """Called by the code that ran a GEMM of ``site``: in FP8 or not (and why not)."""
+def report(site: str | None, gemm: str, flops: float, fp8: bool, form: str, why: str = "", shape=None,
+           param: torch.Tensor | None = None) -> None:
+    """Called by the code that ran a GEMM of ``site`` (or of ``param``'s site): in FP8 or not, and why not."""
     for obs in _observers():
-        obs.add(site, gemm, flops, fp8, form, why, shape)
+        name = site if site is not None else (obs.index.site_of(param) or "(unnamed GEMM module)")
+        obs.add(name, gemm, flops, fp8, form, why, shape)
 
 
 @contextlib.contextmanager
