@@ -67,6 +67,7 @@ class ParamIndex:
     def __init__(self, sites: dict[str, nn.Parameter]) -> None:
         self.sites = dict(sites)  # site name -> parameter
         self._derived: dict[int, tuple[weakref.ref, str]] = {}
+        self._bcast: set[int] = set()  # copies of a parameter expanded over a batch (one matrix per batch)
         self.refresh()
 
     def refresh(self) -> None:
@@ -76,13 +77,11 @@ class ParamIndex:
             if p.numel():
                 self._by_ptr.setdefault(p.untyped_storage().data_ptr(), site)
         self._derived = {k: v for k, v in self._derived.items() if v[0]() is not None}
+        self._bcast &= set(self._derived)
 
     def site_of(self, t) -> str | None:
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.numel() == 0:
             return None
-        marked = getattr(t, "loka_site", None)
-        if marked is not None:
-            return marked
         ptr = t.untyped_storage().data_ptr()
         site = self._by_ptr.get(ptr)
         if site is not None:
@@ -99,7 +98,16 @@ class ParamIndex:
         if func in COPY_OPS and isinstance(out, torch.Tensor) and out.numel():
             site = self.site_of(args[0])
             if site is not None:
-                self._derived[out.untyped_storage().data_ptr()] = (weakref.ref(out), site)
+                ptr = out.untyped_storage().data_ptr()
+                self._derived[ptr] = (weakref.ref(out), site)
+                if args[0].dim() == 3 and self.broadcast(args[0]):
+                    self._bcast.add(ptr)
+                else:
+                    self._bcast.discard(ptr)
+
+    def broadcast(self, t: torch.Tensor) -> bool:
+        """``t`` is one matrix for every batch: by its strides, or as a copy of such a view."""
+        return broadcast(t) or (t.numel() > 0 and t.untyped_storage().data_ptr() in self._bcast)
 
 
 def gemm_flops(func, args, out) -> float:
@@ -248,8 +256,6 @@ class GemmObserver(TorchDispatchMode):
             self._resolve()  # backward started: forward outputs have their autograd nodes now
         self.index.note(func, args, out)
         if func in MM_OPS or func is CONV:
-            if any(getattr(a, "loka_site", None) is not None for a in args[:3]):
-                return out  # a marked operand: a loka engine ran (and reported) this GEMM
             self._hp_gemm(func, args, out)
         elif func.overloadpacket in SDPA:
             q, k_, v = args[0], args[1], args[2]

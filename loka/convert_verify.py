@@ -53,7 +53,11 @@ def finalize(result, model: nn.Module, observer: GemmObserver | None, backward: 
         gemms = GEMMS if backward else ("fprop",)
         short = [g for g in gemms if obj.ran[g]["fp8"] < obj.expected[g] and g not in result.hp_gemms.get(site, {})]
         form = ", ".join(result.observed[site]["forms"])
-        if obj.expected["fprop"] == 0:
+        if obj.expected["fprop"] == 0 and not hasattr(obj, "in_features"):
+            result.converted.remove(site)  # a parameter no GEMM used (a bias, a scale): not a GEMM site
+            result.hp_gemms.pop(site, None)
+            result.skipped[site] = "not a GEMM operand in the verified step"
+        elif obj.expected["fprop"] == 0:
             _demote(result, site, "not converted: none of its GEMMs ran in the verification step")
         elif short and all(obj.ran[g]["fp8"] == 0 for g in gemms if g not in result.hp_gemms.get(site, {})):
             _demote(result, site, f"not converted: {', '.join(short)} ran in hp ({form}): "

@@ -12,11 +12,13 @@ as an operand, so this is where loka takes it, for each of the three GEMMs:
   it enters a ``TorchDispatchMode`` that runs the call's GEMMs on that parameter through the
   site's :class:`ParamEngine` (the kernels, recipe and scale state of ``Float8Linear``).
 - **dgrad, wgrad**: autograd saves the GEMM's operands for its backward formula. A
-  ``saved_tensors_hooks`` pair hands the backward the parameter operand, and the operand the
-  fprop paired with it, wrapped in :class:`Marked` (a wrapper tensor subclass); the backward
-  formula's ``mm``/``bmm``/``convolution_backward`` on a marked operand comes to
-  :meth:`Marked.__torch_dispatch__`, which runs it through the engine: against the parameter
-  it is dgrad, against the fprop's other operand it is wgrad.
+  ``saved_tensors_hooks`` pair marks the parameter operand and the operand the fprop paired
+  with it; when the backward unpacks a marked operand, the hook pushes :class:`_Bprop`, a
+  dispatch mode that lives for that one autograd node (autograd restores the mode stack after
+  each node) and runs the node's ``mm``/``bmm``/``convolution_backward`` through the engine:
+  against the parameter it is dgrad, against the fprop's other operand wgrad. Being pushed
+  last, it sits above any mode the caller runs the backward under, so their counts see
+  loka's FP8 kernels.
 
 The model keeps its ``nn.Parameter`` objects: optimizers, ``state_dict`` and checkpoints do not
 change. Every GEMM an engine runs is counted (:attr:`ParamEngine.ran`) and reported to active
@@ -31,8 +33,7 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _push_mode
 
 from loka.aten_gemms import (CONV, MAX_BATCH_LOOP, MM_OPS, ParamIndex, batch_problem, broadcast,
                              conv_gemm_problem, engine_scope, report)
@@ -43,13 +44,6 @@ from loka.scaling import ScaleState
 
 _aten = torch.ops.aten
 CONV_BACKWARD = _aten.convolution_backward.default
-# Ops whose output is the same tensor seen differently: a mark follows them.
-_KEEP_MARK = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.view.default,
-              _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default, _aten.unsqueeze.default,
-              _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.select.int, _aten.slice.Tensor,
-              _aten.alias.default, _aten.detach.default, _aten.clone.default, _aten._to_copy.default,
-              _aten.as_strided.default, _aten._reshape_alias.default, _aten.split.Tensor, _aten.split_with_sizes.default,
-              _aten.unbind.int, _aten.chunk.default, _aten.narrow.default}
 
 
 class ParamEngine(nn.Module):
@@ -64,7 +58,7 @@ class ParamEngine(nn.Module):
         super().__init__()
         if fallback not in ("error", "hp"):
             raise ValueError(f"fallback={fallback!r} is not valid; use 'error' or 'hp'")
-        self.site, self._param, self.fallback = site, [param], fallback
+        self.site, self._param, self.fallback, self.last_why = site, [param], fallback, ""
         self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, param.device)
         self.scale_state = ScaleState(self.recipe)
         self.ran = {g: {"fp8": 0, "hp": 0} for g in GEMMS}  # GEMMs run, by how
@@ -76,7 +70,8 @@ class ParamEngine(nn.Module):
     def param(self) -> nn.Parameter:
         return self._param[0]
 
-    def mm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, form: str) -> torch.Tensor:
+    def mm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, form: str,
+           count: bool = True) -> torch.Tensor:
         """``a[M, R] · b[Q, R]ᵀ -> [M, Q]`` of ``gemm`` (operand roles as ``loka.recipe.GEMM_ROLES``)."""
         kernel, g = self.kernels[gemm], self.recipe.gemm(gemm)
         shape = (a.shape[0], a.shape[1], b.shape[0])
@@ -97,7 +92,9 @@ class ParamEngine(nn.Module):
                 scale_a = self.scale_state.scale_for(gemm, a_role, a)
                 scale_b = self.scale_state.scale_for(gemm, b_role, b)
                 out = kernel.mm(a, b.contiguous(), g, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-        self.count(gemm, why, form, 2.0 * shape[0] * shape[1] * shape[2], shape)
+        self.last_why = why
+        if count:
+            self.count(gemm, why, form, 2.0 * shape[0] * shape[1] * shape[2], shape)
         return out
 
     def count(self, gemm: str, why: str, form: str, flops: float, shape) -> None:
@@ -109,31 +106,50 @@ class ParamEngine(nn.Module):
 
 
 def run_mm(engine: ParamEngine, gemm: str, a_op: torch.Tensor, b_op: torch.Tensor, b_side: int,
-           form: str) -> torch.Tensor:
-    """``a_op @ b_op`` (2-D or batched) with operand ``(a_op, b_op)[b_side]`` in role b of ``gemm``."""
+           form: str, *, side_bcast: bool | None = None, sum_batches: bool = False, count: bool = True) -> torch.Tensor:
+    """``a_op @ b_op`` (2-D or batched) with operand ``(a_op, b_op)[b_side]`` in role b of ``gemm``.
+
+    ``side_bcast``: that operand is one matrix for every batch (None: read from its strides; an
+    autocast copy of an expanded parameter has lost them). ``sum_batches``: the batched result is
+    only ever summed over the batch (the gradient of a matrix expanded over the batch, one
+    memory for every batch), so it is one GEMM over all batches, returned in batch 0 with
+    zeros elsewhere (the same sum).
+    """
+    if sum_batches and a_op.dim() == 3:
+        p, r, q = a_op.shape[1], a_op.shape[2], b_op.shape[2]
+        a2 = a_op.expand(b_op.shape[0], p, r).transpose(0, 1).reshape(p, -1)  # [P, Bt*R]
+        total = run_mm(engine, gemm, a2, b_op.expand(a_op.shape[0], r, q).reshape(-1, q), b_side, form)
+        out = total.new_zeros(max(a_op.shape[0], b_op.shape[0]), p, q)
+        out[0] = total
+        return out
     if a_op.dim() == 2:
         if b_side == 1:
-            return engine.mm(gemm, a_op, b_op.t(), a_op.dtype, form)
-        return engine.mm(gemm, b_op.t(), a_op, a_op.dtype, form).t()
+            return engine.mm(gemm, a_op, b_op.t(), a_op.dtype, form, count)
+        return engine.mm(gemm, b_op.t(), a_op, a_op.dtype, form, count).t()
     side = (a_op, b_op)[b_side]
-    if broadcast(side) and gemm != "wgrad":  # one matrix for every batch: fold the batch into M
+    bcast = broadcast(side) if side_bcast is None else side_bcast
+    if bcast and gemm != "wgrad":  # one matrix for every batch: fold the batch into M
         if b_side == 1:
             out = engine.mm(gemm, a_op.reshape(-1, a_op.shape[-1]), b_op[0].t(), a_op.dtype, form)
             return out.reshape(a_op.shape[0], a_op.shape[1], b_op.shape[-1])
         rows = b_op.transpose(1, 2).reshape(-1, b_op.shape[1])  # [B*Q, R]
         out = engine.mm(gemm, rows, a_op[0], a_op.dtype, form)  # [B*Q, P]
         return out.reshape(b_op.shape[0], b_op.shape[2], a_op.shape[1]).transpose(1, 2)
-    problem = batch_problem(side) if not broadcast(side) else None
-    if problem is None and max(a_op.shape[0], b_op.shape[0]) > MAX_BATCH_LOOP:
-        problem = f"{gemm} of a shared matrix over {max(a_op.shape[0], b_op.shape[0])} batches (a sum of GEMMs)"
+    n = max(a_op.shape[0], b_op.shape[0])
+    flops = 2.0 * n * a_op.shape[1] * a_op.shape[2] * b_op.shape[2]
+    problem = batch_problem(side) if not bcast else None
+    if problem is None and n > MAX_BATCH_LOOP:
+        problem = f"{gemm} of a shared matrix over {n} batches (a sum of GEMMs)"
     if problem:
         with engine_scope():
             out = torch.bmm(a_op, b_op)
-        engine.count(gemm, problem, form, 2.0 * out.numel() * a_op.shape[-1], None)
+        engine.count(gemm, problem, form, flops, None)
         return out
-    n = max(a_op.shape[0], b_op.shape[0])
     pick = lambda t, i: t[0] if t.shape[0] == 1 else t[i]  # noqa: E731
-    return torch.stack([run_mm(engine, gemm, pick(a_op, i), pick(b_op, i), b_side, form) for i in range(n)])
+    out = torch.stack([run_mm(engine, gemm, pick(a_op, i), pick(b_op, i), b_side, form, count=False)
+                       for i in range(n)])
+    engine.count(gemm, engine.last_why, form, flops, None)  # one batched GEMM, as the model wrote it
+    return out
 
 
 def _with_bias(func, args, kwargs, out: torch.Tensor) -> torch.Tensor:
@@ -172,48 +188,49 @@ def conv_backward(engine: ParamEngine, args) -> tuple:
     return dx, dw, db
 
 
-class Marked(torch.Tensor):
-    """A saved operand of a converted GEMM, marked with its site and role for the backward."""
+class _Bprop(TorchDispatchMode):
+    """During one autograd node whose saved operands belong to a converted GEMM: its GEMMs go to the engine.
 
-    @staticmethod
-    def __new__(cls, inner: torch.Tensor, site: str, role: str, router: "ParamGemms"):
-        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
-                                                storage_offset=inner.storage_offset(), dtype=inner.dtype,
-                                                device=inner.device, requires_grad=False)
-        r.inner, r.loka_site, r.role, r.router = inner, site, role, router
-        return r
+    Pushed by the unpack hook, so it is on top of any mode the caller's backward runs under
+    (their counts see loka's FP8 kernels, not the GEMM it replaced); autograd restores the
+    thread's mode stack after each node, which pops it.
+    """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    def __init__(self, router: "ParamGemms") -> None:
+        super().__init__()
+        self.router = router
+        self.saved: dict[int, _Saved] = {}  # storage pointer -> the marked operand
 
-    def __repr__(self) -> str:
-        return f"Marked({self.role} of {self.loka_site}, {tuple(self.shape)})"
+    def _hit(self, t) -> "_Saved | None":
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.numel() == 0:
+            return None
+        return self.saved.get(t.untyped_storage().data_ptr())
 
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        marks = [a for a in args if isinstance(a, Marked)]
-        plain = tree_map(lambda t: t.inner if isinstance(t, Marked) else t, args)
-        if func in MM_OPS and marks:
-            routed = marks[0].router.backward_mm(func, args, plain, kwargs)
-            if routed is not None:
-                return routed
-        elif func is CONV_BACKWARD and isinstance(args[2], Marked):
-            routed = args[2].router.backward_conv(args, plain)
-            if routed is not None:
-                return routed
-        out = func(*plain, **tree_map(lambda t: t.inner if isinstance(t, Marked) else t, kwargs))
-        if func in _KEEP_MARK and isinstance(args[0], Marked):
-            m = args[0]
-            return tree_map(lambda t: Marked(t, m.loka_site, m.role, m.router) if isinstance(t, torch.Tensor) else t,
-                            out)
-        return out
+        if func in MM_OPS:
+            ia, ib = MM_OPS[func]
+            hits = [(i, h) for i, h in ((0, self._hit(args[ia])), (1, self._hit(args[ib]))) if h is not None]
+            if len(hits) == 1:
+                side, rec = hits[0]
+                gemm = "dgrad" if rec.role == "weight" else "wgrad"
+                out = run_mm(self.router.engines[rec.site], gemm, args[ia], args[ib], side,
+                             func.overloadpacket.__name__, side_bcast=rec.bcast or None,
+                             sum_batches=gemm == "wgrad" and rec.bcast)
+                return _with_bias(func, args, kwargs, out)
+        elif func is CONV_BACKWARD:
+            rec = self._hit(args[2])
+            conv_args = (args[1], args[2], None, args[4], args[5], args[6], args[7], args[8], args[9])
+            if rec is not None and rec.role == "weight" and conv_gemm_problem(conv_args) is None:
+                return conv_backward(self.router.engines[rec.site], args)
+        return func(*args, **kwargs)
 
 
 class _Saved:
-    __slots__ = ("t", "site", "role")
+    __slots__ = ("t", "site", "role", "bcast")
 
     def __init__(self, t: torch.Tensor, site: str | None, role: str | None) -> None:
-        self.t, self.site, self.role = t, site, role
+        self.t, self.site, self.role, self.bcast = t, site, role, False
 
 
 class _Fprop(TorchDispatchMode):
@@ -232,8 +249,11 @@ class _Fprop(TorchDispatchMode):
             if (sites[0] is None) != (sites[1] is None):
                 side = 1 if sites[1] is not None else 0
                 engine = r.engines[sites[side]]
-                r.fprop_seen(engine, args[(ia, ib)[1 - side]])
-                out = run_mm(engine, "fprop", args[ia], args[ib], side, func.overloadpacket.__name__)
+                w = (args[ia], args[ib])[side]
+                bcast = w.dim() == 3 and w.shape[0] > 1 and r.index.broadcast(w)
+                r.fprop_seen(engine, args[(ia, ib)[1 - side]], bcast)
+                out = run_mm(engine, "fprop", args[ia], args[ib], side, func.overloadpacket.__name__,
+                             side_bcast=bcast or None)
                 return _with_bias(func, args, kwargs, out)
         elif func is CONV:
             site = r.engine_site(args[1])
@@ -295,38 +315,29 @@ class ParamGemms(nn.Module):
     def _pack(self, t: torch.Tensor) -> _Saved:
         site = self.engine_site(t)
         rec = _Saved(t, site, "weight" if site is not None else None)
+        rec.bcast = site is not None and t.dim() == 3 and t.shape[0] > 1 and self.index.broadcast(t)
         self._packed[id(t)] = rec
         return rec
 
     def _unpack(self, rec: _Saved) -> torch.Tensor:
-        return rec.t if rec.role is None else Marked(rec.t, rec.site, rec.role, self)
+        if rec.role is not None and rec.t.numel():
+            mode = _get_current_dispatch_mode()
+            if not isinstance(mode, _Bprop) or mode.router is not self:
+                mode = _Bprop(self)
+                _push_mode(mode)  # popped when autograd restores the stack after this node
+            mode.saved[rec.t.untyped_storage().data_ptr()] = rec
+        return rec.t
 
-    def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor) -> None:
-        """An fprop of ``engine``: the GEMMs it implies, and its other operand marked for wgrad."""
+    def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor, bcast: bool = False) -> None:
+        """An fprop of ``engine``: the GEMMs it implies, and its other operand marked for wgrad
+        (``bcast``: the parameter side was one matrix expanded over the batch)."""
         engine.expected["fprop"] += 1
         if torch.is_grad_enabled():
             engine.expected["dgrad"] += int(partner.requires_grad)
             engine.expected["wgrad"] += int(engine.param.requires_grad)
         rec = self._packed.get(id(partner))
         if rec is not None and rec.role is None:
-            rec.site, rec.role = engine.site, "input"
-
-    def backward_mm(self, func, args, plain, kwargs) -> torch.Tensor | None:
-        ia, ib = MM_OPS[func]
-        marks = [(i, a) for i, a in ((0, args[ia]), (1, args[ib])) if isinstance(a, Marked)]
-        if len(marks) != 1:
-            return None
-        side, m = marks[0]
-        gemm = "dgrad" if m.role == "weight" else "wgrad"
-        out = run_mm(self.engines[m.loka_site], gemm, plain[ia], plain[ib], side, func.overloadpacket.__name__)
-        return _with_bias(func, plain, kwargs, out)
-
-    def backward_conv(self, args, plain):
-        w = args[2]
-        conv_args = (plain[1], plain[2], None, plain[4], plain[5], plain[6], plain[7], plain[8], plain[9])
-        if w.role != "weight" or conv_gemm_problem(conv_args) is not None:
-            return None
-        return conv_backward(self.engines[w.loka_site], plain)
+            rec.site, rec.role, rec.bcast = engine.site, "input", bcast
 
     # --- attached to the model's forward ----------------------------------------------------
     def _enter(self, module, args) -> None:  # a pre-hook's return value would replace the inputs
@@ -341,4 +352,4 @@ class ParamGemms(nn.Module):
         model.register_forward_hook(self._leave, always_call=True)
 
 
-__all__ = ["Marked", "ParamEngine", "ParamGemms", "run_mm"]
+__all__ = ["ParamEngine", "ParamGemms", "run_mm"]

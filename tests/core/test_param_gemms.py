@@ -1,0 +1,125 @@
+"""Every GEMM on a parameter, whatever its Python form, runs in FP8 after ``loka.convert`` and says so.
+
+For each form of ``ctr_forms`` (with and without autocast bf16): an independent count (a
+``TorchDispatchMode`` in this file, summing 2·M·K·N of ``mm/addmm/bmm/baddbmm/convolution``
+and of ``_scaled_mm``) shows the step's parameter GEMM FLOPs in FP8; the converted list is
+the form's parameter sites and each ran all its GEMMs in FP8; the loss and every parameter
+gradient match the same forward with each parameter GEMM replaced by an ml_dtypes FP8 GEMM
+(``tests/fp8_oracle.py``, fprop/dgrad/wgrad each quantized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import loka
+from ctr_forms import FORMS
+from fp8_oracle import _OracleLinearFn
+from loka.convert import gemm_counts
+from loka.recipe import as_recipe
+
+_aten = torch.ops.aten
+_HP = {_aten.mm.default: 0, _aten.addmm.default: 1, _aten.bmm.default: 0, _aten.baddbmm.default: 1}
+
+
+class FlopCount(TorchDispatchMode):
+    """2·M·K·N of every hp GEMM op and of every ``_scaled_mm`` (independent of loka's own counting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hp = self.fp8 = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _HP:
+            self.hp += 2.0 * out.numel() * args[_HP[func]].shape[-1]
+        elif func is _aten._scaled_mm.default:
+            self.fp8 += 2.0 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+        elif func is _aten.convolution.default:
+            self.hp += 2.0 * out.numel() * args[1][0].numel()
+        elif func is _aten.convolution_backward.default:
+            grad, w = args[0], args[2]
+            self.hp += sum(args[10][:2]) * 2.0 * grad.numel() * w[0].numel()
+        return out
+
+
+def _autocast(on: bool):
+    return torch.autocast("cpu", torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def _step(model, x, r, autocast: bool):
+    """One forward and backward; returns the loss (float64) and the count of the step's GEMMs."""
+    count = FlopCount()
+    with count:
+        with _autocast(autocast):
+            out = model(x)
+        loss = (out.float() * r).sum()
+        loss.backward()
+    return loss.double(), count
+
+
+def _oracle_step(model, x, r, autocast: bool):
+    recipe, dt = as_recipe("rowwise"), torch.bfloat16 if autocast else torch.float32
+
+    def mm(x2d, w_nk):  # x[M, K] · w[N, K]ᵀ, each of fprop/dgrad/wgrad through the ml_dtypes oracle
+        return _OracleLinearFn.apply(x2d.to(dt).float(), w_nk.to(dt).float(), recipe).to(dt)
+
+    with _autocast(autocast):
+        out = model.oracle(x, mm)
+    loss = (out.float() * r).sum()
+    loss.backward()
+    return loss.double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_every_parameter_gemm_runs_fp8(form, autocast):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    print("seed", seed)
+    torch.manual_seed(seed)
+    make, shape, sites = FORMS[form]
+    hp_model = make()
+    oracle_model = copy.deepcopy(hp_model)
+    fp8_model = copy.deepcopy(hp_model)
+    x = torch.randn(*shape)
+    needs_dx = form == "shared_param"  # one form also checks dgrad of the model's first GEMM
+    r = torch.randn_like(hp_model(x).float())
+    _, hp_count = _step(hp_model, x.clone().requires_grad_(needs_dx), r, autocast)
+    act = getattr(hp_model, "act_flops", lambda: 0.0)()
+    param_flops = hp_count.hp - act
+
+    res = loka.convert(fp8_model, "rowwise")
+    x_grad = x.clone().requires_grad_(needs_dx)
+    loss, count = _step(fp8_model, x_grad, r, autocast)
+    # the independent count: the step's parameter GEMM FLOPs ran in FP8 (all of them, here)
+    assert count.fp8 >= 0.9 * param_flops, (count.fp8, param_flops)
+    assert count.fp8 == pytest.approx(param_flops, rel=1e-12)
+    assert count.hp == pytest.approx(act, rel=1e-12, abs=0.0)
+    # what convert says is what ran: the form's sites, every expected GEMM in FP8
+    assert res.verified and set(res.converted) == sites, res.table()
+    counts = gemm_counts(fp8_model)
+    for site in sites:
+        assert counts[site]["fp8_gemms_observed"] == counts[site]["expected"], (site, counts[site])
+        assert counts[site]["expected"]["wgrad"] >= 1
+    # numerics: loss and gradients against the ml_dtypes FP8 oracle, GEMM by GEMM
+    x_oracle = x.clone().requires_grad_(needs_dx)
+    loss_oracle = _oracle_step(oracle_model, x_oracle, r, autocast)
+    tol = 2e-2 if autocast else 1e-4
+    assert _rel(loss, loss_oracle) < tol
+    grads, hp_grads = dict(fp8_model.named_parameters()), dict(hp_model.named_parameters())
+    for name, p in oracle_model.named_parameters():
+        assert _rel(grads[name].grad, p.grad) < tol, name
+    # the bound tells FP8 from hp: the unconverted model's gradients miss the oracle by more
+    assert max(_rel(hp_grads[n].grad, p.grad) for n, p in oracle_model.named_parameters()) > 2 * tol
+    if needs_dx:
+        assert _rel(x_grad.grad, x_oracle.grad) < tol
