@@ -44,7 +44,7 @@ class ConvertResult:
     skipped: dict[str, str] = field(default_factory=dict)
     hp_gemms: dict[str, dict[str, str]] = field(default_factory=dict)
     verified: bool = False  # True once a step was observed (see loka.convert_verify)
-    observed: dict[str, dict] = field(default_factory=dict)  # site -> GEMMs expected / run in FP8 / in hp
+    counts: dict[str, dict] = field(default_factory=dict)  # site -> GEMMs expected / run in FP8 / in hp
 
     def fp8_gemms(self, fqn: str) -> list[str]:
         """The GEMMs of ``fqn`` that run in FP8 (empty for a site that was not converted)."""
@@ -141,8 +141,6 @@ def convert(
         if module_filter_fn is not None and not module_filter_fn(module, fqn):
             result.skipped[fqn] = "excluded by module_filter_fn"
             continue
-        if isinstance(parent, nn.MultiheadAttention):
-            continue  # its attention passes the weight to F.multi_head_attention_forward: a parameter site
         site_recipe, site_kernels = resolve_kernels(recipe, kernels, module.weight.device)
         hp, shape_problem = _hp_gemms(site_recipe, site_kernels, module)
         if shape_problem and fallback == "error":
@@ -208,12 +206,27 @@ def _conv_problem(conv) -> str | None:
 
 
 def attach_param_gemms(model: nn.Module, engines: dict[str, ParamEngine]) -> None:
-    """Route the GEMMs of ``engines``' parameters through them during ``model``'s forwards."""
+    """Route the GEMMs of ``engines``' parameters through them during ``model``'s forwards.
+
+    The router is kept as ``model.loka_param_gemms``, a plain attribute, not a submodule: a
+    ``Sequential`` or ``ModuleList`` would call or iterate a child, and ``state_dict`` must not
+    change. Engines move their scale state to the parameter's device when they run.
+    """
     if not engines:
         return
+    router = getattr(model, "loka_param_gemms", None)
+    if router is not None:
+        router.add(engines)
+        return
     router = ParamGemms(engines)
-    model.add_module("fp8_param_gemms", router)  # scale state moves with model.to(); no Parameter inside
+    object.__setattr__(model, "loka_param_gemms", router)
     router.attach(model)
+
+
+def param_engines(model: nn.Module) -> dict[str, ParamEngine]:
+    """``{site: ParamEngine}`` of the parameter sites ``convert``/``apply_plan`` attached to ``model``."""
+    router = getattr(model, "loka_param_gemms", None)
+    return {} if router is None else dict(router.engines)
 
 
 def is_plan(obj) -> bool:
@@ -225,14 +238,16 @@ def is_plan(obj) -> bool:
 
 
 def _linears_post_order(model: nn.Module):
-    """(fqn, linear, parent, attribute name) for every nn.Linear, children before parents."""
+    """(fqn, linear, parent, attribute name) for every nn.Linear the model calls, children before parents."""
     found = []
 
     def walk(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             fqn = f"{prefix}.{name}" if prefix else name
             walk(child, fqn)
-            if isinstance(child, nn.Linear):
+            # MultiheadAttention passes out_proj's weight to its functional form and never calls
+            # out_proj: that weight is a parameter site (loka.param_gemms), not a Linear to swap.
+            if isinstance(child, nn.Linear) and not isinstance(module, nn.MultiheadAttention):
                 found.append((fqn, child, module, name))
 
     if isinstance(model, nn.Linear):
@@ -243,4 +258,4 @@ def _linears_post_order(model: nn.Module):
 
 
 
-__all__ = ["ConvertResult", "attach_param_gemms", "convert", "gemm_counts", "verify"]
+__all__ = ["ConvertResult", "attach_param_gemms", "convert", "gemm_counts", "param_engines", "verify"]

@@ -5,7 +5,7 @@ takes) is only *converted* once its GEMMs are seen running in FP8. ``convert(...
 example=inputs)`` runs one forward and backward on ``inputs`` under a
 :class:`~loka.aten_gemms.GemmObserver` (parameter gradients are put back as they were);
 without ``example`` the model's own first forward is observed, and each site's backward
-GEMMs are counted as they run (``ConvertResult.gemm_counts``). A site whose GEMMs did not
+GEMMs are counted as they run (:func:`gemm_counts`). A site whose GEMMs did not
 run in FP8 is named in a warning with the form its GEMMs reached (the ATen ops), and moved
 to ``skipped`` with the reason; a parameter GEMM that no engine took is named the same way.
 """
@@ -26,7 +26,9 @@ def _site_objects(model: nn.Module) -> dict[str, object]:
     out = {}
     for fqn, mod in model.named_modules():
         if hasattr(mod, "ran") and hasattr(mod, "expected"):
-            out[getattr(mod, "site", None) or getattr(mod, "loka_site", None) or fqn] = mod
+            out[getattr(mod, "loka_site", None) or fqn] = mod
+    router = getattr(model, "loka_param_gemms", None)
+    out.update({} if router is None else router.engines)
     return out
 
 
@@ -45,14 +47,14 @@ def _why_hp(obj, gemm: str) -> str:
 def finalize(result, model: nn.Module, observer: GemmObserver | None, backward: bool) -> None:
     """Revise ``result`` from what ran: sites that ran no FP8 GEMM leave ``converted``, each with a warning."""
     objs = _site_objects(model)
-    result.observed = gemm_counts(model)
+    result.counts = gemm_counts(model)
     for site in list(result.converted):
         obj = objs.get(site)
         if obj is None:
             continue
         gemms = GEMMS if backward else ("fprop",)
         short = [g for g in gemms if obj.ran[g]["fp8"] < obj.expected[g] and g not in result.hp_gemms.get(site, {})]
-        form = ", ".join(result.observed[site]["forms"])
+        form = ", ".join(result.counts[site]["forms"])
         if obj.expected["fprop"] == 0 and not hasattr(obj, "in_features"):
             result.converted.remove(site)  # a parameter no GEMM used (a bias, a scale): not a GEMM site
             result.hp_gemms.pop(site, None)
@@ -120,8 +122,7 @@ def verify_on_first_forward(result, model: nn.Module) -> None:
         if observer is None:
             return
         observer.__exit__(None, None, None)
-        for h in handles:
-            h.remove()
+        handles[0].remove()  # the pre-hook; this hook stays, a no-op (forward is iterating the hooks)
         finalize(result, model, observer, backward=False)
 
     handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]

@@ -84,6 +84,8 @@ class ParamEngine(nn.Module):
                                      f"[M={shape[0]}, K={shape[1]}, N={shape[2]}]: {reason}; pad the shape or pass "
                                      "fallback='hp'")
                 why = f"{kernel.name}: {reason}"
+        if self.scale_state.keys() and any(b.device != a.device for b in self.scale_state.buffers()):
+            self.scale_state.to(a.device)  # the model moved; this engine is not one of its submodules
         with engine_scope():
             if why:
                 out = KERNELS.get("bf16").mm(a.to(out_dtype), b.to(out_dtype), HP_GEMM, out_dtype=out_dtype)
@@ -280,16 +282,18 @@ class _Route(TorchFunctionMode):
             return func(*args, **kwargs)
 
 
-class ParamGemms(nn.Module):
+class ParamGemms:
     """The converted parameter sites of a model, ``{site: ParamEngine}``, and their routing."""
 
     def __init__(self, engines: dict[str, ParamEngine]) -> None:
-        super().__init__()
-        self.engines_by_key = nn.ModuleDict({s.replace(".", "__"): e for s, e in engines.items()})
         self.engines = dict(engines)
         self.index = ParamIndex({s: e.param for s, e in engines.items()})
         self._packed: dict[int, _Saved] = {}
         self._route = _Route(self)
+
+    def add(self, engines: dict[str, ParamEngine]) -> None:
+        self.engines.update(engines)
+        self.index = ParamIndex({s: e.param for s, e in self.engines.items()})
 
     def engine_site(self, t) -> str | None:
         site = self.index.site_of(t)

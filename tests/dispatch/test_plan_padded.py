@@ -52,7 +52,7 @@ def test_plan_chooses_padded_kernel_for_429_wide_layers_and_convert_applies_it()
 
 def test_plan_with_conv1x1_sites_applies_to_cin():
     from ctr_zoo import CIN
-    from loka.convert_gemms import Float8Conv1x1
+    from loka.convert import gemm_counts
 
     model = CIN()
     sites = [_site(f"convs.{i}", c.in_channels, c.out_channels) for i, c in enumerate(model.convs)]
@@ -61,9 +61,11 @@ def test_plan_with_conv1x1_sites_applies_to_cin():
     params = list(model.parameters())
     res = convert(model, plan=p)
     assert sorted(res.converted) == ["convs.0", "convs.1", "head"] and not res.hp_gemms, res.table()
-    assert isinstance(model.convs[0], Float8Conv1x1) and model.convs[0].kernels["fprop"].name == "scaled_mm+pad"
+    assert model.loka_param_gemms.engines["convs.0"].kernels["fprop"].name == "scaled_mm+pad"
     model(torch.randn(16, 8, 16)).sum().backward()
     assert all(p is q for p, q in zip(params, model.parameters())) and model.convs[1].weight.grad is not None
+    counts = gemm_counts(model)["convs.1"]
+    assert counts["fp8_gemms_observed"] == counts["expected"] == {"fprop": 1, "dgrad": 1, "wgrad": 1}, counts
 
 
 def test_plan_with_matmul_sites_applies_to_a_cross_network():
