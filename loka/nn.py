@@ -160,6 +160,8 @@ class Float8Linear(nn.Linear):
                     )
                 self.fallbacks[gemm] = f"{kernel.name}: {why}"
                 kernel, g = self.kernels_hp(), HP_GEMM
+        if torch.compiler.is_compiling():  # counts are Python state a traced graph cannot update
+            return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
         self.ran[gemm]["hp" if kernel.hp else "fp8"] += 1
         if not observing():
             return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
@@ -209,9 +211,10 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.module, ctx.compute_dtype = module, compute_dtype
         ctx.weight_is_param = weight is module.weight  # then backward may use the weight cache
         ctx.save_for_backward(x2d, weight)
-        module.expected["fprop"] += 1
-        module.expected["dgrad"] += int(ctx.needs_input_grad[0])
-        module.expected["wgrad"] += int(ctx.needs_input_grad[1])
+        if not torch.compiler.is_compiling():
+            module.expected["fprop"] += 1
+            module.expected["dgrad"] += int(ctx.needs_input_grad[0])
+            module.expected["wgrad"] += int(ctx.needs_input_grad[1])
         # [M, K] · [N, K]ᵀ -> [M, N]
         return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
 
