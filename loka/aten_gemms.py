@@ -38,6 +38,7 @@ _aten = torch.ops.aten
 MM_OPS = {_aten.mm.default: (0, 1), _aten.addmm.default: (1, 2), _aten.bmm.default: (0, 1),
           _aten.baddbmm.default: (1, 2)}
 CONV = _aten.convolution.default
+CONV_BACKWARD = _aten.convolution_backward.default
 COPY_OPS = {_aten._to_copy.default, _aten.clone.default}
 SDPA = {getattr(_aten, n, None) for n in ("_scaled_dot_product_flash_attention_for_cpu",
                                           "_scaled_dot_product_flash_attention",
@@ -156,7 +157,10 @@ class SiteCount:
     hp: dict = field(default_factory=lambda: {"fprop": 0, "dgrad": 0, "wgrad": 0})
     fp8_flops: float = 0.0
     hp_flops: float = 0.0
+    fprop_flops: float = 0.0
+    convertible_flops: float = 0.0  # FLOPs of GEMMs in a form loka's engines take (FP8 or not yet converted)
     why_hp: dict = field(default_factory=dict)  # reason -> count
+    why_not: dict = field(default_factory=dict)  # why a GEMM's form is not convertible -> count
     forms: set = field(default_factory=set)  # the ATen ops the site's GEMMs reached
     fprop_shapes: list = field(default_factory=list)  # [(M, K, N)] of the first fprop calls
 
@@ -185,7 +189,7 @@ def report(site: str | None, gemm: str, flops: float, fp8: bool, form: str, why:
     """Called by the code that ran a GEMM of ``site`` (or of ``param``'s site): in FP8 or not, and why not."""
     for obs in _observers():
         name = site if site is not None else (obs.index.site_of(param) or "(unnamed GEMM module)")
-        obs.add(name, gemm, flops, fp8, form, why, shape)
+        obs.add(name, gemm, flops, fp8, form, why, shape, None if fp8 else why or "ran in hp")
 
 
 @contextlib.contextmanager
@@ -216,18 +220,24 @@ class GemmObserver(TorchDispatchMode):
         super().__init__()
         self.index = index
         self.counts: dict[str, SiteCount] = {}
-        self._nodes: dict[int, tuple[str, object]] = {}  # id(grad_fn) -> (site, grad_fn kept alive)
-        self._pending: list[tuple[torch.Tensor, str]] = []
+        self._nodes: dict[int, tuple] = {}  # id(grad_fn) -> (site, grad_fn kept alive, form problem)
+        self._pending: list[tuple] = []
 
-    def add(self, site, gemm, flops, fp8, form, why="", shape=None) -> None:
+    def add(self, site, gemm, flops, fp8, form, why="", shape=None, problem: str | None = None) -> None:
+        """One GEMM of ``site``; ``problem``: why its form cannot run in FP8 (None: it can, or it did)."""
         c = self.counts.setdefault(site, SiteCount())
         (c.fp8 if fp8 else c.hp)[gemm] += 1
+        c.fprop_flops += flops if gemm == "fprop" else 0.0
         if fp8:
             c.fp8_flops += flops
         else:
             c.hp_flops += flops
             if why:
                 c.why_hp[why] = c.why_hp.get(why, 0) + 1
+        if problem is None and site != NO_PARAM:
+            c.convertible_flops += flops
+        elif problem is not None:
+            c.why_not[problem] = c.why_not.get(problem, 0) + 1
         c.forms.add(form)
         if gemm == "fprop" and shape is not None and len(c.fprop_shapes) < 4:
             c.fprop_shapes.append(tuple(int(s) for s in shape))
@@ -242,10 +252,10 @@ class GemmObserver(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def _resolve(self) -> None:
-        for out, site in self._pending:
+        for out, site, problem in self._pending:
             node = out.grad_fn
             if node is not None:
-                self._nodes[id(node)] = (site, node)
+                self._nodes[id(node)] = (site, node, problem)
         self._pending.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -257,6 +267,8 @@ class GemmObserver(TorchDispatchMode):
         self.index.note(func, args, out)
         if func in MM_OPS or func is CONV:
             self._hp_gemm(func, args, out)
+        elif func is CONV_BACKWARD:
+            self._hp_conv_backward(args)
         elif func.overloadpacket in SDPA:
             q, k_, v = args[0], args[1], args[2]
             flops = 2.0 * math.prod(q.shape[:-1]) * k_.shape[-2] * (q.shape[-1] + v.shape[-1])
@@ -269,17 +281,41 @@ class GemmObserver(TorchDispatchMode):
         sites = [self.index.site_of(t) for t in ops]
         site = sites[1] or sites[0]
         if site is not None:
+            problem = self.form_problem(func, args, ops, sites)
             gemm = "fprop" if torch._C._current_graph_task_id() == -1 else "dgrad"
-            self.add(site, gemm, flops, False, form, "ran in hp (no loka engine took it)", _mkn(func, args, out))
+            self.add(site, gemm, flops, False, form, "ran in hp (no loka engine took it)", _mkn(func, args, out),
+                     problem)
             if gemm == "fprop":
-                self._pending.append((out, site))
+                self._pending.append((out, site, problem))
             return
         node = torch._C._current_autograd_node()
         hit = self._nodes.get(id(node)) if node is not None else None
         if hit is not None:  # the backward of a parameter GEMM whose operands are no parameter: wgrad
-            self.add(hit[0], "wgrad", flops, False, form, "ran in hp (no loka engine took it)")
+            self.add(hit[0], "wgrad", flops, False, form, "ran in hp (no loka engine took it)", problem=hit[2])
         else:
             self.add(NO_PARAM, "fprop", flops, False, form)
+
+    def _hp_conv_backward(self, args) -> None:
+        dy, w, mask = args[0], args[2], args[10]
+        site = self.index.site_of(w)
+        conv_args = (args[1], w, None, args[4], args[5], args[6], args[7], args[8], args[9])
+        problem = conv_gemm_problem(conv_args)
+        flops = 2.0 * dy.numel() * (args[1].shape[1] // args[9]) * math.prod(w.shape[2:])
+        for gemm, wanted in zip(("dgrad", "wgrad"), mask[:2]):
+            if wanted:
+                self.add(site or NO_PARAM, gemm, flops, False, "convolution_backward",
+                         "ran in hp (no loka engine took it)", problem=problem)
+
+    def form_problem(self, func, args, ops, sites) -> str | None:
+        """Why this GEMM on a parameter is in a form loka's engines cannot run in FP8 (None: they can)."""
+        if func is CONV:
+            return conv_gemm_problem(args)
+        if sites[0] is not None and sites[1] is not None:
+            return "both operands are parameters"
+        side = ops[1] if sites[1] is not None else ops[0]
+        if side.dim() == 3 and not self.index.broadcast(side):
+            return batch_problem(side)
+        return None
 
 
 def _mkn(func, args, out) -> tuple[int, int, int]:

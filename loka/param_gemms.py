@@ -35,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _push_mode
 
-from loka.aten_gemms import (CONV, MAX_BATCH_LOOP, MM_OPS, ParamIndex, batch_problem, broadcast,
+from loka.aten_gemms import (CONV, CONV_BACKWARD, MAX_BATCH_LOOP, MM_OPS, ParamIndex, batch_problem, broadcast,
                              conv_gemm_problem, engine_scope, report)
 from loka.kernels import KERNELS
 from loka.nn import resolve_kernels
@@ -43,7 +43,6 @@ from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe
 from loka.scaling import ScaleState
 
 _aten = torch.ops.aten
-CONV_BACKWARD = _aten.convolution_backward.default
 
 
 class ParamEngine(nn.Module):
