@@ -185,11 +185,15 @@ def observing() -> bool:
 
 
 def report(site: str | None, gemm: str, flops: float, fp8: bool, form: str, why: str = "", shape=None,
-           param: torch.Tensor | None = None) -> None:
-    """Called by the code that ran a GEMM of ``site`` (or of ``param``'s site): in FP8 or not, and why not."""
+           param: torch.Tensor | None = None, convertible: bool | None = None) -> None:
+    """Called by the code that ran a GEMM of ``site`` (or of ``param``'s site): in FP8 or not, and why not.
+
+    ``convertible``: whether its form runs in FP8 (default: it does if it did, else ``why`` says not).
+    """
+    problem = None if (fp8 if convertible is None else convertible) else (why or "ran in hp")
     for obs in _observers():
         name = site if site is not None else (obs.index.site_of(param) or "(unnamed GEMM module)")
-        obs.add(name, gemm, flops, fp8, form, why, shape, None if fp8 else why or "ran in hp")
+        obs.add(name, gemm, flops, fp8, form, why, shape, problem)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ class ParamEngine(nn.Module):
         if fallback not in ("error", "hp"):
             raise ValueError(f"fallback={fallback!r} is not valid; use 'error' or 'hp'")
         self.site, self._param, self.fallback, self.last_why = site, [param], fallback, ""
+        self.current_pair = None
         self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, param.device)
         self.scale_state = ScaleState(self.recipe)
         self.ran = {g: {"fp8": 0, "hp": 0} for g in GEMMS}  # GEMMs run, by how
@@ -68,6 +69,10 @@ class ParamEngine(nn.Module):
     @property
     def param(self) -> nn.Parameter:
         return self._param[0]
+
+    def pair_key(self) -> int:
+        """Which fprop a saved operand belongs to (an FP8 engine needs no pairing: 0)."""
+        return 0
 
     def mm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, form: str,
            count: bool = True) -> torch.Tensor:
@@ -215,6 +220,7 @@ class _Bprop(TorchDispatchMode):
             if len(hits) == 1:
                 side, rec = hits[0]
                 gemm = "dgrad" if rec.role == "weight" else "wgrad"
+                self.router.engines[rec.site].current_pair = rec.pair
                 out = run_mm(self.router.engines[rec.site], gemm, args[ia], args[ib], side,
                              func.overloadpacket.__name__, side_bcast=rec.bcast or None,
                              sum_batches=gemm == "wgrad" and rec.bcast)
@@ -223,15 +229,16 @@ class _Bprop(TorchDispatchMode):
             rec = self._hit(args[2])
             conv_args = (args[1], args[2], None, args[4], args[5], args[6], args[7], args[8], args[9])
             if rec is not None and rec.role == "weight" and conv_gemm_problem(conv_args) is None:
+                self.router.engines[rec.site].current_pair = rec.pair
                 return conv_backward(self.router.engines[rec.site], args)
         return func(*args, **kwargs)
 
 
 class _Saved:
-    __slots__ = ("t", "site", "role", "bcast")
+    __slots__ = ("t", "site", "role", "bcast", "pair")
 
     def __init__(self, t: torch.Tensor, site: str | None, role: str | None) -> None:
-        self.t, self.site, self.role, self.bcast = t, site, role, False
+        self.t, self.site, self.role, self.bcast, self.pair = t, site, role, False, None
 
 
 class _Fprop(TorchDispatchMode):
@@ -252,14 +259,14 @@ class _Fprop(TorchDispatchMode):
                 engine = r.engines[sites[side]]
                 w = (args[ia], args[ib])[side]
                 bcast = w.dim() == 3 and w.shape[0] > 1 and r.index.broadcast(w)
-                r.fprop_seen(engine, args[(ia, ib)[1 - side]], bcast)
+                r.fprop_seen(engine, args[(ia, ib)[1 - side]], bcast, w)
                 out = run_mm(engine, "fprop", args[ia], args[ib], side, func.overloadpacket.__name__,
                              side_bcast=bcast or None)
                 return _with_bias(func, args, kwargs, out)
         elif func is CONV:
             site = r.engine_site(args[1])
             if site is not None and conv_gemm_problem(args) is None:
-                r.fprop_seen(r.engines[site], args[0])
+                r.fprop_seen(r.engines[site], args[0], weight=args[1])
                 return conv_fprop(r.engines[site], args)
         out = func(*args, **kwargs)
         r.index.note(func, args, out)
@@ -331,7 +338,8 @@ class ParamGemms:
             mode.saved[rec.t.untyped_storage().data_ptr()] = rec
         return rec.t
 
-    def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor, bcast: bool = False) -> None:
+    def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor, bcast: bool = False,
+                   weight: torch.Tensor | None = None) -> None:
         """An fprop of ``engine``: the GEMMs it implies, and its other operand marked for wgrad
         (``bcast``: the parameter side was one matrix expanded over the batch)."""
         engine.expected["fprop"] += 1
@@ -341,6 +349,10 @@ class ParamGemms:
         rec = self._packed.get(id(partner))
         if rec is not None and rec.role is None:
             rec.site, rec.role, rec.bcast = engine.site, "input", bcast
+            rec.pair = engine.pair_key()
+        rec_w = self._packed.get(id(weight)) if weight is not None else None
+        if rec_w is not None and rec_w.role == "weight":
+            rec_w.pair = engine.pair_key()
 
     # --- attached to the model's forward ----------------------------------------------------
     def _enter(self, module, args) -> None:  # a pre-hook's return value would replace the inputs
@@ -350,9 +362,9 @@ class ParamGemms:
     def _leave(self, module, args, out) -> None:
         self._route.__exit__(None, None, None)
 
-    def attach(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(self._enter)
-        model.register_forward_hook(self._leave, always_call=True)
+    def attach(self, model: nn.Module) -> list:
+        """Route during ``model``'s forwards; returns the hooks' handles."""
+        return [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._leave, always_call=True)]
 
 
 __all__ = ["ParamEngine", "ParamGemms", "run_mm"]

@@ -189,7 +189,7 @@ class Probe:
         self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
         self._matmul_mode = install_matmul(self.root, self._capture, self._active_matmuls())
         if self._census is None:
-            self._census = CensusHooks(self.root, probed=set(self.modules) | set(self._matmul_params.values()))
+            self._census = CensusHooks(self.root)
         return _StepScope(self, True)
 
     @property
