@@ -132,3 +132,38 @@ def test_every_parameter_gemm_runs_fp8(form, autocast):
     assert max(_rel(hp_grads[n].grad, p.grad) for n, p in oracle_model.named_parameters()) > 2 * tol
     if needs_dx:
         assert _rel(x_grad.grad, x_oracle.grad) < tol
+
+
+_PROBE_SITES = {"shared_param": {"W", "W#1"}, "dcn_m_matmul": {"kernels", "kernels#1"},
+                "stack_bmm": {"kernels", "kernels#1"}}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_probe_measures_every_parameter_gemm(form, autocast):
+    """The probe has a site, with errors of its three GEMMs, for every parameter GEMM that ran; its
+    coverage line equals the independent count's FP8 share after convert."""
+    from loka.probe import Probe, ProbeConfig, SamplingSchedule
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    make, shape, sites = FORMS[form]
+    model = make()
+    fp8_model = copy.deepcopy(model)
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=2), candidates=("rowwise",),
+                                     stop_when_decided=False, background=False))
+    for step in range(2):
+        with probe.step(step):
+            with _autocast(autocast):
+                out = model(torch.randn(*shape))
+            out.float().square().mean().backward()
+        model.zero_grad()
+    report = probe.report()
+    expect = _PROBE_SITES.get(form, sites)
+    assert {s["fqn"] for s in report.sites} == expect
+    for s in report.sites:
+        assert all(s["errors"]["rowwise"][g]["n"] == 2 for g in ("fprop", "dgrad", "wgrad")), (s["fqn"], s["errors"])
+    loka.convert(fp8_model, "rowwise")
+    _, count = _step(fp8_model, torch.randn(*shape), torch.randn_like(out.float()), autocast)
+    cov = report.doc["coverage"]
+    assert cov["probed_share"] == pytest.approx(count.fp8 / (count.fp8 + count.hp), rel=1e-9)
+    assert cov["convertible_share"] == pytest.approx(cov["probed_share"], rel=1e-9)
