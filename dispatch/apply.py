@@ -46,17 +46,22 @@ class PlanMismatchError(PlanError):
 
 
 def _features(module) -> tuple[int, int] | None:
-    """(K, N) of a Linear, a 1x1 conv or an ``x @ W`` parameter W[K, N]; None for any other parameter
-    (its GEMMs' shapes depend on how the model uses it)."""
+    """(K, N) of a Linear or a 1x1 conv; None for a parameter site (its GEMMs' K and N depend on the
+    view the model's code takes of it: ``x @ W``, ``einsum("bk,nk->bn")``, ``W[i]``)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.in_channels, module.out_channels
     if isinstance(module, nn.Parameter):
-        return tuple(module.shape) if module.dim() == 2 else None
+        return None
     return module.in_features, module.out_features
 
 
 def _weight(site) -> torch.Tensor:
     return site if isinstance(site, nn.Parameter) else site.weight
+
+
+def base_site(fqn: str) -> str:
+    """The parameter site of a probe key: ``"W#1"`` (W's second GEMM in a forward) is ``W``'s."""
+    return fqn.split("#", 1)[0]
 
 
 def _param_site_objects(model: nn.Module) -> dict[str, object]:
@@ -109,7 +114,8 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
     planned = {s.fqn: s for s in plan.sites}
-    convs = {s: o for s, o in _param_site_objects(model).items() if s in planned}
+    objs = _param_site_objects(model)
+    convs = {s: objs[base_site(s)] for s in planned if base_site(s) in objs}
     out: dict[str, list[str]] = {}
     for fqn in sorted(set(planned) - set(linears) - set(convs)):
         out[fqn] = [f"{fqn}: in the plan but not a Linear, convolution or parameter of the model"]
@@ -178,8 +184,10 @@ def apply_plan(
         if hp:
             result.hp_gemms[fqn] = hp
     _apply_params(model, planned, diffs, fallback, result)
-    for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
-        result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
+    done = set(result.converted) | set(result.skipped)
+    for fqn in sorted(set(planned) - {f for f, *_ in sites} - done):
+        if base_site(fqn) not in done:
+            result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
     verify(result, model, example)
     return result
 
@@ -199,11 +207,14 @@ def _apply_params(model, planned, diffs, fallback, result) -> None:
     """Planned parameter sites (convolutions, any parameter a GEMM uses): a ParamEngine each."""
     engines = {}
     for site, _, param in parameter_sites(model, result):
-        sp = planned.get(site)
-        if sp is None:
+        # one engine per parameter: its first GEMM's plan (the probe keys further GEMMs "site#i")
+        keys = sorted((k for k in planned if base_site(k) == site), key=lambda k: (k != site, k))
+        if not keys:
             continue
-        if site in diffs:
-            result.skipped[site] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[site])
+        sp = planned[keys[0]]
+        bad = [d for k in keys for d in diffs.get(k, [])]
+        if bad:
+            result.skipped[site] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in bad)
         elif not sp.is_fp8:
             result.skipped[site] = "plan keeps bf16: " + sp.summary_reason()
         else:

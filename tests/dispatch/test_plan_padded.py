@@ -83,3 +83,18 @@ def test_plan_with_matmul_sites_applies_to_a_cross_network():
     model(x).sum().backward()
     assert all(p is q for p, q in zip(params, model.parameters())) and model.kernels[0].grad is not None
     assert ref.shape == (8, 1)
+
+
+def test_plan_keyed_by_gemm_index_applies_to_a_parameter_used_twice():
+    """A probe names a parameter's second GEMM of a forward ``W#1``; the plan applies to the same model."""
+    from ctr_forms import TiedProjection, CrossNetMix
+    from loka.convert import gemm_counts
+
+    for model, sites, x in ((TiedProjection(), [_site("W", 32, 48), _site("W#1", 48, 32)], torch.randn(32, 32)),
+                            (CrossNetMix(), [_site("kernels", 32, 32), _site("kernels#1", 32, 32)], torch.randn(32, 32))):
+        p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+        res = convert(model, plan=p, example=(x,))
+        site = sites[0]["fqn"]
+        assert res.converted == [site] and res.verified, res.table()
+        counts = gemm_counts(model)[site]
+        assert counts["fp8_gemms_observed"] == counts["expected"] and counts["expected"]["fprop"] == 2, counts
