@@ -28,6 +28,7 @@ observers (:mod:`loka.aten_gemms`), so what is claimed converted is what ran in 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Mapping
 
 import torch
@@ -288,6 +289,13 @@ class _Route(TorchFunctionMode):
             return func(*args, **kwargs)
 
 
+@torch.compiler.disable
+def _warn_compiled(sites: list[str]) -> None:
+    warnings.warn(f"loka: the parameter GEMM sites {sites} run in hp inside torch.compile (their ATen-level "
+                  "routing runs eagerly only; Float8Linear sites compile in FP8); their counts do not grow, so "
+                  "loka.convert's gemm_counts shows it. Run them eagerly for FP8.", UserWarning, stacklevel=2)
+
+
 class ParamGemms:
     """The converted parameter sites of a model, ``{site: ParamEngine}``, and their routing."""
 
@@ -356,11 +364,15 @@ class ParamGemms:
 
     # --- attached to the model's forward ----------------------------------------------------
     def _enter(self, module, args) -> None:  # a pre-hook's return value would replace the inputs
+        if torch.compiler.is_compiling():
+            _warn_compiled(sorted(self.engines))
+            return
         self.index.refresh()
         self._route.__enter__()
 
     def _leave(self, module, args, out) -> None:
-        self._route.__exit__(None, None, None)
+        if not torch.compiler.is_compiling():
+            self._route.__exit__(None, None, None)
 
     def attach(self, model: nn.Module) -> list:
         """Route during ``model``'s forwards; returns the hooks' handles."""

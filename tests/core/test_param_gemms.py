@@ -167,3 +167,16 @@ def test_probe_measures_every_parameter_gemm(form, autocast):
     cov = report.doc["coverage"]
     assert cov["probed_share"] == pytest.approx(count.fp8 / (count.fp8 + count.hp), rel=1e-9)
     assert cov["convertible_share"] == pytest.approx(cov["probed_share"], rel=1e-9)
+
+
+def test_compiled_parameter_sites_say_they_run_in_hp():
+    """Under torch.compile the ATen-level routing does not run: a warning names the sites, their counts
+    stay put, and nothing is claimed in FP8 for the compiled steps (Float8Linear sites compile in FP8)."""
+    make, shape, sites = FORMS["tensordot"]
+    model = make()
+    loka.convert(model, "rowwise", example=(torch.randn(*shape),))
+    before = gemm_counts(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.warns(UserWarning, match="run in hp inside torch.compile"):
+        compiled(torch.randn(*shape)).sum().backward()
+    assert gemm_counts(model) == before
