@@ -284,6 +284,12 @@ class GemmObserver(TorchDispatchMode):
         ops = (args[0], args[1]) if func is CONV else tuple(args[i] for i in MM_OPS[func])
         sites = [self.index.site_of(t) for t in ops]
         site = sites[1] or sites[0]
+        node = torch._C._current_autograd_node() if torch._C._current_graph_task_id() != -1 else None
+        hit = self._nodes.get(id(node)) if node is not None else None
+        if hit is not None:  # a backward GEMM of a forward parameter GEMM: named by that GEMM's node
+            gemm = "dgrad" if hit[0] in sites else "wgrad"
+            self.add(hit[0], gemm, flops, False, form, "ran in hp (no loka engine took it)", problem=hit[2])
+            return
         if site is not None:
             problem = self.form_problem(func, args, ops, sites)
             gemm = "fprop" if torch._C._current_graph_task_id() == -1 else "dgrad"
@@ -292,12 +298,7 @@ class GemmObserver(TorchDispatchMode):
             if gemm == "fprop":
                 self._pending.append((out, site, problem))
             return
-        node = torch._C._current_autograd_node()
-        hit = self._nodes.get(id(node)) if node is not None else None
-        if hit is not None:  # the backward of a parameter GEMM whose operands are no parameter: wgrad
-            self.add(hit[0], "wgrad", flops, False, form, "ran in hp (no loka engine took it)", problem=hit[2])
-        else:
-            self.add(NO_PARAM, "fprop", flops, False, form)
+        self.add(NO_PARAM, "fprop", flops, False, form)
 
     def _hp_conv_backward(self, args) -> None:
         dy, w, mask = args[0], args[2], args[10]

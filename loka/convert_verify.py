@@ -55,7 +55,11 @@ def finalize(result, model: nn.Module, observer: GemmObserver | None, backward: 
         gemms = GEMMS if backward else ("fprop",)
         short = [g for g in gemms if obj.ran[g]["fp8"] < obj.expected[g] and g not in result.hp_gemms.get(site, {})]
         form = ", ".join(result.counts[site]["forms"])
-        if obj.expected["fprop"] == 0 and not hasattr(obj, "in_features"):
+        seen = observer.counts.get(site) if observer is not None else None
+        if obj.expected["fprop"] == 0 and seen is not None and seen.hp_flops:
+            why = "; ".join(seen.why_not) or "; ".join(seen.why_hp)
+            _demote(result, site, f"not converted: its GEMMs ran in hp ({', '.join(sorted(seen.forms))}): {why}")
+        elif obj.expected["fprop"] == 0 and not hasattr(obj, "in_features"):
             result.converted.remove(site)  # a parameter no GEMM used (a bias, a scale): not a GEMM site
             result.hp_gemms.pop(site, None)
             result.skipped[site] = "not a GEMM operand in the verified step"

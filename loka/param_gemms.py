@@ -264,11 +264,13 @@ class _Fprop(TorchDispatchMode):
                 out = run_mm(engine, "fprop", args[ia], args[ib], side, func.overloadpacket.__name__,
                              side_bcast=bcast or None)
                 return _with_bias(func, args, kwargs, out)
+            r.unmark(args[ia], args[ib])  # an hp GEMM (two parameters): its backward stays hp too
         elif func is CONV:
             site = r.engine_site(args[1])
             if site is not None and conv_gemm_problem(args) is None:
                 r.fprop_seen(r.engines[site], args[0], weight=args[1])
                 return conv_fprop(r.engines[site], args)
+            r.unmark(args[1])
         out = func(*args, **kwargs)
         r.index.note(func, args, out)
         return out
@@ -345,6 +347,13 @@ class ParamGemms:
                 _push_mode(mode)  # popped when autograd restores the stack after this node
             mode.saved[rec.t.untyped_storage().data_ptr()] = rec
         return rec.t
+
+    def unmark(self, *tensors) -> None:
+        """Saved operands of a GEMM that runs in hp: their backward is not routed."""
+        for t in tensors:
+            rec = self._packed.get(id(t))
+            if rec is not None:
+                rec.role = None
 
     def fprop_seen(self, engine: ParamEngine, partner: torch.Tensor, bcast: bool = False,
                    weight: torch.Tensor | None = None) -> None:

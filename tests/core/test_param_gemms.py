@@ -180,3 +180,38 @@ def test_compiled_parameter_sites_say_they_run_in_hp():
     with pytest.warns(UserWarning, match="run in hp inside torch.compile"):
         compiled(torch.randn(*shape)).sum().backward()
     assert gemm_counts(model) == before
+
+
+class _Unconvertible(torch.nn.Module):
+    """GEMMs on parameters that cannot run in FP8 here: a product of two parameters, a K=20 GEMM
+    (not a multiple of 16 for _scaled_mm), a 3x3 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A, self.B = torch.nn.Parameter(torch.randn(32, 32)), torch.nn.Parameter(torch.randn(32, 32))
+        self.odd = torch.nn.Parameter(torch.randn(20, 32))
+        self.conv = torch.nn.Conv2d(2, 16, 3)
+        self.W = torch.nn.Parameter(torch.randn(32, 32))
+
+    def forward(self, x):  # x [32, 32]
+        y = x @ (self.A @ self.B) + x[:, :20] @ self.odd + x @ self.W
+        return y.sum() + self.conv(x.reshape(32, 2, 4, 4)).sum()
+
+
+def test_what_cannot_run_in_fp8_is_named_never_counted():
+    model = _Unconvertible()
+    census = gemm_census(copy.deepcopy(model), torch.randn(32, 32), backward=True)
+    rows = {r["site"]: r for r in census.summary()["sites"]}
+    assert not rows["B"]["convertible"] and "both operands are parameters" in rows["B"]["reason"]  # A @ B, once
+    assert not rows["conv"]["convertible"] and "wider than 1x1" in rows["conv"]["reason"]
+    assert rows["W"]["convertible"] and rows["odd"]["convertible"]  # its form is; the kernel decides at run time
+    with pytest.warns(UserWarning, match="not converted"):
+        res = loka.convert(model, "rowwise", example=(torch.randn(32, 32),))
+    assert res.converted == ["W"], res.table()
+    assert "A" in res.skipped and "both operands are parameters" in res.skipped["B"]
+    assert "K=20 is not a multiple of 16" in res.skipped["odd"] and "wider than 1x1" in res.skipped["conv"]
+    count = FlopCount()
+    with count:
+        model(torch.randn(32, 32)).backward()
+    w_flops = 2 * 2.0 * 32 * 32 * 32  # fprop and wgrad (x needs no gradient)
+    assert count.fp8 == pytest.approx(w_flops, rel=1e-12)  # only W's GEMMs, as converted says
