@@ -114,24 +114,37 @@ def verify_now(result, model: nn.Module, example) -> None:
 
 
 def verify_on_first_forward(result, model: nn.Module) -> None:
-    """Observe the model's own first forward; backward GEMMs are counted as they run."""
-    state = {}
+    """Observe the model's own first forward (fprop and hp GEMMs, finalized when it ends); at the next
+    forward after a backward ran, check the backward GEMMs counted meanwhile (dgrad, wgrad)."""
+    state = {"phase": "first"}
 
     def enter(module, args) -> None:
         if torch.compiler.is_compiling():
             return  # a traced forward runs no Python mode: verify on an eager step (example=) instead
-        state["observer"] = _observer(model)
-        state["observer"].__enter__()
+        if state["phase"] == "first":
+            state["observer"] = _observer(model)
+            state["observer"].__enter__()
+        elif state["phase"] == "backward" and _backward_ran(model):
+            finalize(result, model, state.get("seen"), backward=True)
+            state["phase"] = "done"
 
     def leave(module, args, out) -> None:
         observer = state.pop("observer", None)
-        if observer is None:
-            return
-        observer.__exit__(None, None, None)
-        handles[0].remove()  # the pre-hook; this hook stays, a no-op (forward is iterating the hooks)
-        finalize(result, model, observer, backward=False)
+        if observer is not None:
+            observer.__exit__(None, None, None)
+            finalize(result, model, observer, backward=False)
+            state["phase"], state["seen"] = "backward", observer
+        elif state["phase"] == "done":
+            for h in handles:  # safe here: forward iterates the forward hooks, not the pre-hooks ...
+                h.remove()  # ... and a dict mutated after its iteration ended is fine for this one
+            state["phase"] = "removed"
 
     handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+
+
+def _backward_ran(model: nn.Module) -> bool:
+    return any(c["fp8_gemms_observed"]["wgrad"] + c["hp_gemms_observed"]["wgrad"] + c["fp8_gemms_observed"]["dgrad"]
+               + c["hp_gemms_observed"]["dgrad"] for c in gemm_counts(model).values())
 
 
 __all__ = ["finalize", "gemm_counts", "verify_now", "verify_on_first_forward"]

@@ -215,3 +215,17 @@ def test_what_cannot_run_in_fp8_is_named_never_counted():
         model(torch.randn(32, 32)).backward()
     w_flops = 2 * 2.0 * 32 * 32 * 32  # fprop and wgrad (x needs no gradient)
     assert count.fp8 == pytest.approx(w_flops, rel=1e-12)  # only W's GEMMs, as converted says
+
+
+def test_backward_gemms_that_fall_back_are_named_after_the_first_step():
+    """Without example=, the first forward is observed and the backward counted; at the next forward a
+    wgrad that ran in hp (K = batch 24, not a multiple of 16) is named with its site and form."""
+    make, _, _ = FORMS["einsum_transposed"]
+    model = make()
+    res = loka.convert(model, "rowwise")
+    model(torch.randn(24, 32)).sum().backward()
+    assert res.verified and res.converted == ["weight"] and "weight" not in res.hp_gemms
+    with pytest.warns(UserWarning, match=r"weight \(bmm\): wgrad ran in hp"):
+        model(torch.randn(24, 32))
+    assert "K=24 is not a multiple of 16" in res.hp_gemms["weight"]["wgrad"]
+    assert res.fp8_gemms("weight") == ["fprop", "dgrad"]
