@@ -27,6 +27,7 @@ from typing import Literal, Mapping
 import torch
 from torch import nn
 
+from loka.aten_gemms import engine_scope, observing, report
 from loka.kernels import KERNELS
 from loka.kernels.kernel import GemmKernel, Quantized, auto_preference
 from loka.kernels.padded import kernel_by_name
@@ -103,6 +104,9 @@ class Float8Linear(nn.Linear):
         self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, device)
         self.fallback = fallback
         self.fallbacks: dict[str, str] = {}  # gemm -> why it ran in hp
+        self.ran = {g: {"fp8": 0, "hp": 0} for g in GEMMS}  # GEMMs run, by how (loka.aten_gemms)
+        self.expected = {g: 0 for g in GEMMS}  # GEMMs the forwards so far imply
+        self.loka_site = getattr(self, "loka_site", None)  # the fqn, set by loka.convert
         self.scale_state = ScaleState(self.recipe)
         self.weight_cache = WeightCache()
 
@@ -155,6 +159,18 @@ class Float8Linear(nn.Linear):
                     )
                 self.fallbacks[gemm] = f"{kernel.name}: {why}"
                 kernel, g = self.kernels_hp(), HP_GEMM
+        if torch.compiler.is_compiling():  # counts are Python state a traced graph cannot update
+            return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        self.ran[gemm]["hp" if kernel.hp else "fp8"] += 1
+        if not observing():
+            return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        with engine_scope():  # the kernel's own ops are not the model's GEMMs
+            out = self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        report(self.loka_site, gemm, 2.0 * shape[0] * shape[1] * shape[2], not kernel.hp, "Float8Linear",
+               self.fallbacks.get(gemm, "") if kernel.hp else "", shape, param=self.weight)
+        return out
+
+    def _mm(self, gemm, kernel, g, a, b, out_dtype, weight):
         if kernel.hp:
             return kernel.mm(a.to(out_dtype), b.to(out_dtype), g, out_dtype=out_dtype)
         a_role, b_role = GEMM_ROLES[gemm]
@@ -194,6 +210,10 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.module, ctx.compute_dtype = module, compute_dtype
         ctx.weight_is_param = weight is module.weight  # then backward may use the weight cache
         ctx.save_for_backward(x2d, weight)
+        if not torch.compiler.is_compiling():
+            module.expected["fprop"] += 1
+            module.expected["dgrad"] += int(ctx.needs_input_grad[0])
+            module.expected["wgrad"] += int(ctx.needs_input_grad[1])
         # [M, K] · [N, K]ᵀ -> [M, N]
         return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
 

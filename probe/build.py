@@ -198,5 +198,5 @@ def build_report(probe, **meta):
         "sites": [site_entry(probe, fqn) for fqn in probe.state],
     }
     if probe.census is not None:
-        doc["coverage"] = probe.census.summary()  # every GEMM of a forward, its share, what loka converts
+        doc["coverage"] = probe.census.summary()  # every GEMM of a step, its share, what loka converts
     return ProbeReport(doc)

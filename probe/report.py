@@ -113,7 +113,8 @@ class ProbeReport:
                          "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
         cov = self.doc.get("coverage")
         if cov:
-            lines.append(f"GEMM coverage (one forward, x3 for a step): the probed sites hold {cov['probed_share']:.1%} of "
+            lines.append(f"GEMM coverage (the first sampled step's GEMMs as they ran): the probed sites hold "
+                         f"{cov['probed_share']:.1%} of "
                          f"the step's GEMM FLOPs; loka can convert {cov['convertible_share']:.1%}, "
                          f"{cov['worth_share']:.1%} worth converting. Sites the probe does not measure: "
                          + (", ".join(f"`{r['site']}` {r['kind']} {r['share']:.1%}" for r in cov["sites"] if not r["probed"]) or "none"))
