@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loka.aten_gemms import param_sites
-from loka.convert import ConvertResult, _linears_post_order, attach_param_gemms, parameter_sites, verify
+from loka.convert import ConvertResult, linears_post_order, attach_param_gemms, parameter_sites, verify
 from loka.devices import Target, detect_target, get_target, plan_target_problem
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
@@ -74,7 +74,7 @@ def base_site(fqn: str) -> str:
 def _param_site_objects(model: nn.Module) -> dict[str, object]:
     """Every parameter GEMM site that is not a Linear: a conv module, or the parameter itself."""
     owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
-    linears = {fqn for fqn, *_ in _linears_post_order(model)}
+    linears = {fqn for fqn, *_ in linears_post_order(model)}
     out = {}
     for site, p in param_sites(model).values():
         mod = owners[id(p)]
@@ -119,7 +119,7 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
     """Every difference between ``plan`` and ``model`` on this machine, grouped by fqn."""
     # loka.convert / loka.nn import loka.dispatch, so they are imported here, not at the top.
 
-    linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
+    linears = {fqn: mod for fqn, mod, _, _ in linears_post_order(model)}
     planned = {s.fqn: s for s in plan.sites}
     objs = _param_site_objects(model)
     convs = {s: objs[base_site(s)] for s in planned if base_site(s) in objs}
@@ -176,7 +176,7 @@ def apply_plan(
         raise PlanMismatchError([p for fqn in sorted(diffs) for p in diffs[fqn]])
     planned = {s.fqn: s for s in plan.sites}
     result = ConvertResult()
-    sites = _linears_post_order(model)
+    sites = linears_post_order(model)
     for fqn, module, parent, child_name in sites:
         sp = planned.get(fqn)
         if fqn in diffs:

@@ -50,8 +50,8 @@ import numpy as np
 from loka.gate.budget import GateBudget
 from loka.gate.outputs import EvalOutputs
 from loka.gate.result import INCONCLUSIVE, Check, GateResult, classify_upper
-from loka.gate.stats import _as_labels, _as_probs, _as_weights, _check_probs_range, _group_units, _log_loss
-from loka.gate.stats import _resampled_sums
+from loka.gate.stats import as_labels, as_probs, as_weights, check_probs_range, group_units, log_loss
+from loka.gate.stats import resampled_sums
 from loka.gate.stats import clip_eps, normalized_entropy
 
 
@@ -69,11 +69,11 @@ def replicate_ne(labels: object, runs_a: list, runs_b: list, *, paired: bool = F
     (relative quantities are fractions of the baseline NE).
     """
     _check_counts(len(runs_a), len(runs_b), paired)
-    y = _as_labels(labels)
-    w = _as_weights(weights, y.size)
-    probs = [_as_probs(p, y.size, f"run {k}") for k, p in enumerate(list(runs_a) + list(runs_b))]
+    y = as_labels(labels)
+    w = as_weights(weights, y.size)
+    probs = [as_probs(p, y.size, f"run {k}") for k, p in enumerate(list(runs_a) + list(runs_b))]
     for p in probs:
-        _check_probs_range(p)
+        check_probs_range(p)
     eps = [clip_eps(p) for p in list(runs_a) + list(runs_b)]
     ne = np.array([normalized_entropy(y, p, e, w) for p, e in zip(probs, eps)])
     ne_a, ne_b = ne[: len(runs_a)], ne[len(runs_a):]
@@ -89,7 +89,7 @@ def replicate_ne(labels: object, runs_a: list, runs_b: list, *, paired: bool = F
     se_eval = _eval_se(y, w, probs, eps, len(runs_a), paired, n_boot, seed, max_units)
     se = math.hypot(se_runs, se_eval)
     df = _combined_df(se_runs, df_runs, se_eval)
-    half = _t_quantile(confidence, df) * se
+    half = t_quantile(confidence, df) * se
     return {"estimate": estimate, "ci_lo": estimate - half, "ci_hi": estimate + half, "se": se,
             "se_runs": se_runs, "se_eval": se_eval, "df": df, "df_runs": df_runs, "ne_a": ne_a.tolist(), "ne_b": ne_b.tolist(),
             "paired": paired}
@@ -102,7 +102,7 @@ def _combined_df(se_runs: float, df_runs: float, se_eval: float) -> float:
     return min(df_runs * (1.0 + (se_eval / se_runs) ** 2) ** 2, 1e6)
 
 
-def _t_quantile(confidence: float, df: float) -> float:
+def t_quantile(confidence: float, df: float) -> float:
     from scipy import stats as sps  # heavy: scipy.stats takes about a second to import; `import loka.gate` stays fast
 
     return float(sps.t.ppf(0.5 + confidence / 2, df))
@@ -117,14 +117,14 @@ def runs_needed(r: dict, bound: float, confidence: float, max_runs: int = 10_000
     """
     gap = abs(bound - r["estimate"])
     k_now = len(r["ne_a"])
-    if gap == 0.0 or _t_quantile(confidence, 1e6) * r["se_eval"] >= gap:
+    if gap == 0.0 or t_quantile(confidence, 1e6) * r["se_eval"] >= gap:
         return None
     var_unit = r["se_runs"] ** 2 * k_now  # between-run variance of one run a side (or one pair)
     df_per_run = r["df_runs"] / max(k_now - 1, 1)
     for k in range(2, max_runs + 1):
         se_runs = math.sqrt(var_unit / k)
         df = _combined_df(se_runs, max(df_per_run * (k - 1), 1.0), r["se_eval"])
-        if _t_quantile(confidence, df) * math.hypot(se_runs, r["se_eval"]) < gap:
+        if t_quantile(confidence, df) * math.hypot(se_runs, r["se_eval"]) < gap:
             return k
     return None
 
@@ -152,8 +152,8 @@ def _welch_df(var_a: float, var_b: float, n_a: int, n_b: int) -> float:
 def _eval_se(y, w, probs, eps, n_a: int, paired: bool, n_boot: int, seed, max_units: int) -> float:
     """Bootstrap sd of the relative change over resamples of the examples (every run on the same resample)."""
     rng = np.random.default_rng(seed)
-    cols = w[:, None] * np.stack([np.ones_like(y), y] + [_log_loss(y, p, e) for p, e in zip(probs, eps)], axis=1)
-    sums = _resampled_sums(_group_units(cols, max_units, rng), n_boot, rng)
+    cols = w[:, None] * np.stack([np.ones_like(y), y] + [log_loss(y, p, e) for p, e in zip(probs, eps)], axis=1)
+    sums = resampled_sums(group_units(cols, max_units, rng), n_boot, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = sums[:, 1] / sums[:, 0]
         h = -(rate * np.log(rate) + (1.0 - rate) * np.log1p(-rate))

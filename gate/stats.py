@@ -48,7 +48,7 @@ _CHUNK_ELEMS = 4_000_000  # resample counts generated per chunk (bounds memory)
 # ----------------------------------------------------------------- validation
 
 
-def _as_labels(labels: object) -> np.ndarray:
+def as_labels(labels: object) -> np.ndarray:
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
     if y.size == 0:
         raise ValueError("labels are empty; evaluate on at least one example")
@@ -57,7 +57,7 @@ def _as_labels(labels: object) -> np.ndarray:
     return y
 
 
-def _as_probs(probs: object, n: int, name: str = "probs") -> np.ndarray:
+def as_probs(probs: object, n: int, name: str = "probs") -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     if p.shape[0] != n:
         raise ValueError(f"{name} has {p.shape[0]} values but labels have {n}; score the same examples")
@@ -66,7 +66,7 @@ def _as_probs(probs: object, n: int, name: str = "probs") -> np.ndarray:
     return p
 
 
-def _as_weights(weights: object, n: int) -> np.ndarray:
+def as_weights(weights: object, n: int) -> np.ndarray:
     """Sample weights [n] (ones when None): finite, >= 0, not all zero."""
     if weights is None:
         return np.ones(n)
@@ -78,7 +78,7 @@ def _as_weights(weights: object, n: int) -> np.ndarray:
     return w
 
 
-def _check_probs_range(p: np.ndarray, name: str = "probs") -> None:
+def check_probs_range(p: np.ndarray, name: str = "probs") -> None:
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError(f"{name} must be probabilities in [0, 1]; apply a sigmoid to logits first")
 
@@ -97,7 +97,7 @@ def _binary_entropy(rate: np.ndarray | float) -> np.ndarray | float:
     return np.where((r > 0.0) & (r < 1.0), h, np.nan)
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+def log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
     p = np.clip(p, eps, 1.0 - eps)
     return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
@@ -112,22 +112,22 @@ def normalized_entropy(labels: object, probs: object, eps: float | None = None, 
     ``weights``: per-example weights (means and the base rate become weighted).
     """
     eps = clip_eps(probs) if eps is None else eps
-    y = _as_labels(labels)
-    p = _as_probs(probs, y.size)
-    w = _as_weights(weights, y.size)
-    _check_probs_range(p)
+    y = as_labels(labels)
+    p = as_probs(probs, y.size)
+    w = as_weights(weights, y.size)
+    check_probs_range(p)
     base_rate = (w * y).sum() / w.sum()
     if (w * y).sum() == 0.0 or (w * (1.0 - y)).sum() == 0.0:
         raise ValueError("NE needs both positive and negative labels; the eval set has only one class")
-    return float((w * _log_loss(y, p, eps)).sum() / w.sum() / _binary_entropy(base_rate))
+    return float((w * log_loss(y, p, eps)).sum() / w.sum() / _binary_entropy(base_rate))
 
 
 def calibration(labels: object, probs: object, weights: object = None) -> float:
     """sum(w p) / sum(w y): 1.0 is calibrated, > 1 over-predicts. labels, probs, weights: [n]."""
-    y = _as_labels(labels)
-    p = _as_probs(probs, y.size)
-    w = _as_weights(weights, y.size)
-    _check_probs_range(p)
+    y = as_labels(labels)
+    p = as_probs(probs, y.size)
+    w = as_weights(weights, y.size)
+    check_probs_range(p)
     if (w * y).sum() == 0:
         raise ValueError("calibration needs at least one positive label")
     return float((w * p).sum() / (w * y).sum())
@@ -161,9 +161,9 @@ def _placements(y: np.ndarray, scores: np.ndarray, w: np.ndarray) -> tuple[np.nd
 
 def auc(labels: object, scores: object, weights: object = None) -> float:
     """Area under the ROC curve from ranks (ties count 1/2). labels, scores, weights: [n]."""
-    y = _as_labels(labels)
-    s = _as_probs(scores, y.size, "scores")
-    return _placements(y, s, _as_weights(weights, y.size))[1]
+    y = as_labels(labels)
+    s = as_probs(scores, y.size, "scores")
+    return _placements(y, s, as_weights(weights, y.size))[1]
 
 
 # ----------------------------------------------------------------- paired bootstrap
@@ -201,7 +201,7 @@ class BootstrapResult:
 
 
 def _ne_columns(y, w, pa, pb, eps_a, eps_b):
-    cols = w[:, None] * np.stack([np.ones_like(y), y, _log_loss(y, pa, eps_a), _log_loss(y, pb, eps_b)], axis=1)
+    cols = w[:, None] * np.stack([np.ones_like(y), y, log_loss(y, pa, eps_a), log_loss(y, pb, eps_b)], axis=1)
 
     def values(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h = _binary_entropy(s[:, 1] / s[:, 0])
@@ -234,7 +234,7 @@ _COLUMNS: dict[str, Callable] = {"ne": _ne_columns, "auc": _auc_columns, "calibr
 _POINT: dict[str, Callable] = {"ne": normalized_entropy, "auc": auc, "calibration": calibration}
 
 
-def _group_units(cols: np.ndarray, max_units: int, rng: np.random.Generator) -> np.ndarray:
+def group_units(cols: np.ndarray, max_units: int, rng: np.random.Generator) -> np.ndarray:
     """Per-unit column sums [G, k]: one unit per example, or max_units random groups."""
     n = cols.shape[0]
     if n <= max_units:
@@ -243,7 +243,7 @@ def _group_units(cols: np.ndarray, max_units: int, rng: np.random.Generator) -> 
     return np.stack([np.bincount(group, weights=c, minlength=max_units) for c in cols.T], axis=1)
 
 
-def _resampled_sums(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def resampled_sums(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """[n_boot, k] column sums of n_boot resamples (with replacement) of the G units."""
     g = units.shape[0]
     chunk = max(1, min(n_boot, _CHUNK_ELEMS // g))
@@ -291,23 +291,23 @@ def paired_bootstrap(
     example is resampled whole, with its weight.
     """
     _check_bootstrap_args(metric, n_boot, confidence, max_units)
-    y = _as_labels(labels)
+    y = as_labels(labels)
     eps_a, eps_b = clip_eps(probs_a), clip_eps(probs_b)
-    pa = _as_probs(probs_a, y.size, "probs_a")
-    pb = _as_probs(probs_b, y.size, "probs_b")
-    w = _as_weights(weights, y.size)
+    pa = as_probs(probs_a, y.size, "probs_a")
+    pb = as_probs(probs_b, y.size, "probs_b")
+    w = as_weights(weights, y.size)
     if metric != "auc":
-        _check_probs_range(pa, "probs_a")
-        _check_probs_range(pb, "probs_b")
+        check_probs_range(pa, "probs_a")
+        check_probs_range(pb, "probs_b")
     if metric == "ne":
         value_a, value_b = normalized_entropy(y, pa, eps_a, w), normalized_entropy(y, pb, eps_b, w)
     else:
         value_a, value_b = _POINT[metric](y, pa, w), _POINT[metric](y, pb, w)
     rng = np.random.default_rng(seed)
     cols, values = _COLUMNS[metric](y, w, pa, pb, eps_a, eps_b)
-    units = _group_units(cols, max_units, rng)
+    units = group_units(cols, max_units, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
-        boot_a, boot_b = values(_resampled_sums(units, n_boot, rng))
+        boot_a, boot_b = values(resampled_sums(units, n_boot, rng))
         diff = boot_b - boot_a
         rel = diff / boot_a
     # a resample with no positive (or no negative) has no NE/AUC: the interval is conditional

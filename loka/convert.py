@@ -134,7 +134,7 @@ def convert(
     fallback = fallback or "error"
     recipe = as_recipe(recipe)
     result = ConvertResult()
-    for fqn, module, parent, child_name in _linears_post_order(model):
+    for fqn, module, parent, child_name in linears_post_order(model):
         if isinstance(module, Float8Linear):
             result.skipped[fqn] = "already a Float8Linear"
             continue
@@ -237,7 +237,7 @@ def is_plan(obj) -> bool:
     return type(obj).__name__ == "Plan" and hasattr(obj, "sites")
 
 
-def _linears_post_order(model: nn.Module):
+def linears_post_order(model: nn.Module):
     """(fqn, linear, parent, attribute name) for every nn.Linear the model calls, children before parents."""
     found = []
 

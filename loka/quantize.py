@@ -60,7 +60,7 @@ class NonFiniteError(ValueError):
     """Raised when a tensor with NaN/Inf is quantized under ``nonfinite="raise"``."""
 
 
-def _group_shape(shape: torch.Size, granularity: str, block: tuple[int, int] | None) -> tuple[int, int] | None:
+def group_shape(shape: torch.Size, granularity: str, block: tuple[int, int] | None) -> tuple[int, int] | None:
     if granularity not in ALL_GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not valid; use one of {list(ALL_GRANULARITIES)}")
     if granularity == "tensorwise":
@@ -94,7 +94,7 @@ def group_amax(x: torch.Tensor, granularity: str, block: tuple[int, int] | None 
     ax = x.detach().abs().float()
     if finite_only:
         ax = torch.nan_to_num(ax, nan=0.0, posinf=0.0)  # |x| >= 0: NaN and +Inf are the non-finite values
-    group = _group_shape(x.shape, granularity, block)
+    group = group_shape(x.shape, granularity, block)
     if group is None:
         return ax.amax() if ax.numel() else torch.zeros((), device=ax.device)
     br, bc = group
@@ -235,7 +235,7 @@ def _scale_for(x, f: Float8Format, granularity: str, block, scale, pow2_scale: b
                mx_scale_rule: str = DEFAULT_MX_SCALE_RULE):
     """``(scale, group shape)`` of a quantization of ``x``, after checking the arguments."""
     _check_input(x, nonfinite)
-    group = _group_shape(x.shape, granularity, block)
+    group = group_shape(x.shape, granularity, block)
     pow2_scale = pow2_scale or granularity == "mx"  # e8m0 scales are powers of two
     if scale is None and granularity == "mx":
         scale = mx_scale(group_amax(x, granularity, group), f, mx_scale_rule)
@@ -283,7 +283,7 @@ def quantize_operand(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | N
 
 def operand_block(op: OperandRecipe, shape: torch.Size) -> tuple[int, int] | None:
     """The group shape ``expand_scale`` needs for a scale made by ``quantize_operand``."""
-    return _group_shape(shape, op.granularity, op.block)
+    return group_shape(shape, op.granularity, op.block)
 
 
 def fake_quantize(x: torch.Tensor, op: OperandRecipe, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -220,7 +220,7 @@ def _count_flops(cfg: RankerConfig, batch: Batch, layout) -> tuple[dict, list]:
         for h in hooks:
             h.remove()
     step, again = _per_arch(counter.step), _recomputed(cfg, counter.forward)
-    attention = _attention_flops(cfg, layout)
+    attention = attention_flops(cfg, layout)
     b, out = batch.size, {}
     for arch in ARCHES:
         useful, executed = step[arch], step[arch] + again[arch]
@@ -283,7 +283,7 @@ def _recomputed(cfg: RankerConfig, forward: dict[str, float]) -> dict[str, float
     return out
 
 
-def _attention_flops(cfg: RankerConfig, layout: HistoryLayout | None) -> float:
+def attention_flops(cfg: RankerConfig, layout: HistoryLayout | None) -> float:
     """Forward FLOPs of QKᵀ and AV over every example's own tokens, all layers: 4·s²·d each."""
     if layout is None:
         return 0.0

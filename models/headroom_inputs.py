@@ -18,7 +18,7 @@ from loka.dispatch.headroom_census import StepCensus, record_gemms
 from loka.dispatch.producers import producer_sites
 
 from .config import RankerConfig
-from .estimate import _attention_flops, shape_batch
+from .estimate import attention_flops, shape_batch
 from .history_layout import HistoryLayout
 from .ranker import Ranker
 
@@ -40,7 +40,7 @@ def ranker_census(cfg: RankerConfig, batch_size: int, seed: int = 0) -> tuple[St
                 model(batch, layout)
 
         rec = record_gemms(model, forward, lambda fqn: cfg.checkpoint_blocks and bool(CHECKPOINTED.match(fqn + ".")))
-    rec["attention_fwd_flops"] = _attention_flops(cfg, layout)  # over each example's own tokens, not padded ones
+    rec["attention_fwd_flops"] = attention_flops(cfg, layout)  # over each example's own tokens, not padded ones
     census = StepCensus(label=f"ranker {cfg.size}, batch {batch_size} (fake tensors)",
                         attention_recomputed=bool(cfg.checkpoint_blocks and cfg.history_len),
                         dense_params=dense_params, **rec)

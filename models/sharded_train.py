@@ -42,7 +42,7 @@ from .sharding import (ShardingConfig, build_dense_optimizer, plan_text, shard_t
                        wrap_dense)
 from .synthetic import SyntheticStream
 from .torchrec_sparse import table_configs, use_torchrec_sparse
-from .train import TrainConfig, TrainResult, _lr_scale, resolve_task_weights
+from .train import TrainConfig, TrainResult, lr_scale, resolve_task_weights
 
 
 @dataclass
@@ -170,9 +170,9 @@ def run_steps(config: TrainConfig, runner, model: nn.Module, data, dense_opt, re
             break
         batch = next(data).to(ctx.device)
         for g in dense_opt.param_groups:
-            g["lr"] = config.lr_dense * _lr_scale(result.step, config, "dense")
+            g["lr"] = config.lr_dense * lr_scale(result.step, config, "dense")
         for g in sparse_opt.param_groups:
-            g["lr"] = config.lr_sparse * _lr_scale(result.step, config, "sparse")
+            g["lr"] = config.lr_sparse * lr_scale(result.step, config, "sparse")
         sparse_opt.zero_grad()  # hands the lr to the fused kernel before this step's backward
         local, reported = global_task_losses(runner(batch), batch, ctx.world_size)
         total = float(sum(weights[t] * v for t, v in reported.items()))

@@ -216,7 +216,7 @@ def _autocast_enabled(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _lr_scale(step: int, config: "TrainConfig", optimizer: str = "dense") -> float:
+def lr_scale(step: int, config: "TrainConfig", optimizer: str = "dense") -> float:
     """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at ``config.steps``.
 
     The sparse optimizer decays only if ``config.decay_sparse``: row-wise Adagrad already shrinks
@@ -351,7 +351,7 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             result.nonfinite_dense += bad_dense
         for name, opt in optimizers.items():
             for g in opt.param_groups:
-                g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
+                g["lr"] = base_lrs[name] * lr_scale(result.step, config, name)
         losses = task_losses(_forward(runner, batch, ctx.device.type, autocast), batch)
         loss = total_loss(losses, config.task_weights)
         loss.backward()

@@ -172,12 +172,12 @@ def t_interval(values: list[float], confidence: float) -> tuple[float, float, fl
     if n < 2:
         return mean, -math.inf, math.inf
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = _t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
 @functools.lru_cache(maxsize=1024)
-def _t_quantile(q: float, df: int) -> float:
+def t_quantile(q: float, df: int) -> float:
     """Student-t quantile (cached: a probe asks for the same few (q, df) thousands of times)."""
     from scipy import stats as sps  # heavy: scipy, on first use
 

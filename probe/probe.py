@@ -56,18 +56,18 @@ from loka.probe.config import ProbeConfig
 from loka.probe.capture_matmul import install_matmul, matmul_params
 from loka.probe.census import CensusHooks
 from loka.probe.distributed import reduce_probe
-from loka.probe.error import _t_quantile
+from loka.probe.error import t_quantile
 from loka.probe.fit import fit_values
 from loka.probe.overhead import OverheadClock
 from loka.probe.sensitivity import site_sensitivity
 from loka.probe.site_state import SiteState
-from loka.probe.sites import Site, _matches, find_sites, unwrap_compiled
+from loka.probe.sites import Site, fqn_matches, find_sites, unwrap_compiled
 from loka.probe.timing import time_site
 from loka.recipe import Recipe
 
 
 def _kept(fqn: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return (not include or _matches(fqn, include)) and not (exclude and _matches(fqn, exclude))
+    return (not include or fqn_matches(fqn, include)) and not (exclude and fqn_matches(fqn, exclude))
 
 
 class _StepScope:
@@ -124,7 +124,7 @@ class Probe:
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
 
-        _t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
+        t_quantile(0.5 + self.config.confidence / 2, max(self.config.min_samples - 1, 1))
 
     @property
     def state(self) -> dict[str, SiteState]:

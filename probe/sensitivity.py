@@ -56,7 +56,7 @@ def _inject_hook(recipe: GemmRecipe):
 
 
 def _loss(loss_fn: Callable[[], torch.Tensor], seed: int) -> float:
-    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices()), torch.no_grad():
         torch.manual_seed(seed)
         return float(loss_fn())
 
@@ -102,6 +102,6 @@ def site_sensitivity(
     return out
 
 
-def _rng_devices() -> list[int]:
+def rng_devices() -> list[int]:
     """CUDA devices whose RNG state is saved and restored around a loss evaluation."""
     return [torch.cuda.current_device()] if torch.cuda.is_initialized() else []

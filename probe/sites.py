@@ -55,7 +55,7 @@ class Site:
     out_features: int  # N
 
 
-def _matches(fqn: str, patterns: tuple[str, ...]) -> bool:
+def fqn_matches(fqn: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
 
@@ -76,9 +76,9 @@ def find_sites(
         if id(module) in seen or id(module) in unused or not is_gemm_module(module):
             continue
         name = fqn or "<root>"
-        if include and not _matches(name, include):
+        if include and not fqn_matches(name, include):
             continue
-        if exclude and _matches(name, exclude):
+        if exclude and fqn_matches(name, exclude):
             continue
         seen.add(id(module))
         n, k = module.weight.shape[:2]  # a 1x1 conv's weight is [N, K, 1]

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from loka.formats import get_format
-from loka.quantize import _group_shape, group_amax, scale_from_amax
+from loka.quantize import group_shape, group_amax, scale_from_amax
 from loka.recipe import GRANULARITIES, Recipe
 
 # log2-magnitude histogram: bin i counts nonzero finite values with floor(log2|x|) == LOG2_MIN + i,
@@ -185,7 +185,7 @@ def _range_fractions(p: Prepared, role: str) -> State:
     out: State = {"range_n": _f64(int(pos.sum()))}
     for g in GRANULARITIES:
         op = _check_operand(role, g, "e4m3")
-        group = _group_shape(ax.shape, g, op.block)
+        group = group_shape(ax.shape, g, op.block)
         if group is not None and group[0] > 1:
             # 2-D blocks span several rows: take each block's amax over the whole operand and
             # give every sampled row (all rows when none are dropped) the amax of its block, so

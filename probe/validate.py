@@ -18,7 +18,7 @@ from torch import nn
 
 from loka.convert import convert
 from loka.metrics import rel_error
-from loka.probe.sensitivity import _rng_devices
+from loka.probe.sensitivity import rng_devices
 
 
 def _site(model: nn.Module, fqn: str) -> nn.Module:
@@ -80,7 +80,7 @@ def conversion_loss_delta(
     """
 
     def loss(m: nn.Module) -> float:
-        with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+        with torch.random.fork_rng(devices=rng_devices()), torch.no_grad():
             torch.manual_seed(seed)
             return float(loss_fn(m))
 

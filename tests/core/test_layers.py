@@ -245,3 +245,37 @@ def test_nothing_imports_bench():
             offenders += [f"{module}: {n}" for n in names if n == "bench" or n.startswith("bench.")]
     assert not offenders, offenders
     assert list((ROOT / "bench").glob("*.py")), "bench/ moved: update this test"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_private_name_crosses_a_module():
+    """A module's ``_name`` is its own: no other library module (or bench script) imports it or reads it
+    off the module. What another module needs is public, with a name that says what it is."""
+    crossing = []
+    sources = [(m, p) for m, p in MODULES.items()] + [(f"bench.{p.stem}", p) for p in (ROOT / "bench").glob("*.py")]
+    for module, path in sources:
+        tree = ast.parse(path.read_text())
+        module_aliases = {}  # local name -> loka module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = _targets(node, module, path.name == "__init__.py") if module in MODULES else []
+                base = targets[0] if targets else (node.module if node.module.startswith("loka") else None)
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if full in MODULES:
+                        module_aliases[alias.asname or alias.name] = full
+                    elif base and _private(alias.name) and base != module:
+                        crossing.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {alias.name} from {base}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in MODULES and alias.asname:
+                        module_aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _private(node.attr)
+                    and module_aliases.get(node.value.id, module) != module):
+                crossing.append(f"{path.relative_to(ROOT)}:{node.lineno}: reads {node.value.id}.{node.attr} "
+                                f"of {module_aliases[node.value.id]}")
+    assert not crossing, "private names used outside their module (make them public):\n" + "\n".join(crossing)

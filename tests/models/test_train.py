@@ -152,10 +152,10 @@ def test_plan_file_precision_converts_the_planned_sites(tmp_path):
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
-    from loka.models.train import _lr_scale
+    from loka.models.train import lr_scale
 
     cfg = TrainConfig(size="tiny", steps=110, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
-    scales = [_lr_scale(s, cfg) for s in range(110)]
+    scales = [lr_scale(s, cfg) for s in range(110)]
     assert scales[0] == pytest.approx(0.1) and scales[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(scales[10:], scales[11:]))
     assert scales[60] == pytest.approx(0.55, abs=0.01) and scales[-1] == pytest.approx(0.1, abs=0.001)

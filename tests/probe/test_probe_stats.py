@@ -66,10 +66,10 @@ def test_range_fractions_match_loka_quantize(rows, role):
 def _underflow_on_rows(x, op, kept):
     """Reference: scales from the whole operand (fp64), underflow counted on the ``kept`` rows only."""
     from loka.formats import get_format
-    from loka.quantize import _group_shape, expand_scale, group_amax, scale_from_amax
+    from loka.quantize import group_shape, expand_scale, group_amax, scale_from_amax
 
     f = get_format(op.format)
-    group = _group_shape(x.shape, op.granularity, op.block)
+    group = group_shape(x.shape, op.granularity, op.block)
     scale = expand_scale(scale_from_amax(group_amax(x, op.granularity, op.block), f, op.pow2), x.shape, group)
     y = (x.double() / scale.double()).abs()[kept]
     nz = x[kept] != 0
