@@ -33,6 +33,7 @@ from loka.probe.fit import Fit
 from loka.probe.reader import report_sites
 from loka.timer import device_name, time_fn
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe, gemm_shape
+from loka.recipe_json import needs_fields, recipe_to_dict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loka" / "microbench"
 
@@ -114,8 +115,8 @@ def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
     for gemm in gemms:
         gshape = gemm_shape(gemm, *shape)
         jobs.append((gemm, KERNELS.get("bf16"), None))
-        for rname in recipes:
-            g = as_recipe(rname).gemm(gemm)
+        for rname, r in recipes.items():
+            g = r.gemm(gemm)
             if g.is_hp:
                 continue
             for name in names:
@@ -136,7 +137,7 @@ def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
 
 def time_site_cached(
     shape: tuple[int, int, int],
-    recipes: list[str],
+    recipes: list,
     *,
     kernels: list[str] | None = None,
     gemms: tuple[str, ...] = GEMMS,
@@ -157,15 +158,17 @@ def time_site_cached(
     device = torch.device(device or "cpu")
     cache = MicrobenchCache(cache_dir, device)
     skipped: dict[str, str] = {}
-    jobs = _jobs(shape, [as_recipe(r).name for r in recipes], kernels, gemms, dtype, device, skipped)
+    by_name = {r.name: r for r in map(as_recipe, recipes)}  # names or Recipe objects (hand-built ones too)
+    jobs = _jobs(shape, by_name, kernels, gemms, dtype, device, skipped)
     out = {"device_name": cache.device_info["device"], "representative": device.type == "cuda", "m": int(shape[0]),
            "bf16_ms": {}, "entries": [], "skipped": skipped}
     operands: dict[str, tuple] = {}
     bar = tqdm(jobs, desc=f"microbench M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
     for gemm, kernel, rname in bar:
         gshape = gemm_shape(gemm, *shape)
-        recipe = as_recipe(rname).gemm(gemm) if rname else HP_GEMM
-        key = cache.key(kernel, gemm, gshape, dtype, rname or "hp", _dist_name(fits, gemm))
+        recipe = by_name[rname].gemm(gemm) if rname else HP_GEMM
+        cache_name = json.dumps(recipe_to_dict(by_name[rname])) if rname and needs_fields(by_name[rname]) else rname
+        key = cache.key(kernel, gemm, gshape, dtype, cache_name or "hp", _dist_name(fits, gemm))
         timing = None if refresh else cache.get(key)
         cached = timing is not None
         if timing is None:

@@ -16,6 +16,7 @@ from loka.probe.reader import speedup
 from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
 from loka.recipe import GEMMS, as_recipe, gemm_shape
+from loka.recipe_json import needs_fields, recipe_to_dict
 
 
 def _config_dict(cfg) -> dict:
@@ -193,6 +194,10 @@ def build_report(probe, **meta):
         "sampled_steps": sorted(probe.sampled_steps),
         "sites": [site_entry(probe, fqn) for fqn in probe.state],
     }
+    hand_built = {r.name: recipe_to_dict(r) for r in map(as_recipe, (*probe.config.candidates, *probe.config.predict))
+                  if needs_fields(r)}
+    if hand_built:  # absent when every candidate is a named recipe (reports stay as they were)
+        doc["recipes"] = hand_built
     if probe.census is not None:
         doc["coverage"] = probe.census.summary()  # every GEMM of a forward, its share, what loka converts
     return ProbeReport(doc)
