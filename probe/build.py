@@ -50,7 +50,7 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
     out = {}
     for name in predict:
-        recipe = as_recipe(name)
+        recipe = as_recipe(name)  # a name or a Recipe (hand-built)
         per_gemm = {}
         for gemm in GEMMS:
             pair = gemm_fits(best, gemm)
@@ -143,7 +143,8 @@ def site_entry(probe, fqn: str) -> dict:
     fits = _fits(st)
     timings = probe.timings.get(fqn)
     measured = timings if timings and timings["representative"] else None
-    modeled = None if measured else modeled_timings(st, list(errors), cfg.target)
+    by_name = {r.name: r for r in probe.recipes}  # Recipe objects: hand-built ones have no name to resolve
+    modeled = None if measured else modeled_timings(st, [by_name.get(n, n) for n in errors], cfg.target)
     verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, measured or modeled)
     return {
         "fqn": fqn,
