@@ -318,7 +318,8 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Ta
     passing: dict[str, tuple[Recipe, GemmError]] = {}
     failing: list[tuple[str, float, str]] = []
     for recipe in sorted(site.errors):
-        if target is not None and not target.caps.runs(recipe):
+        if target is not None and not (target.caps.runs_recipe(recipes[recipe]) if recipe in recipes
+                                       else target.caps.runs(recipe)):
             failing.append((recipe, math.inf, f"{recipe} does not run on {target.describe()}"))
             continue
         e = site.errors[recipe].get(gemm)

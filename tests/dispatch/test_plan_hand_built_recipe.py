@@ -163,3 +163,14 @@ def test_keys_are_typed_and_ordered():
     assert str(ChoiceKey("scaled_mm", NAME)) == f"scaled_mm/{NAME}"
     with pytest.raises(ValueError, match="is not a GEMM"):
         GemmKey("a", "bprop")
+
+
+def test_a_target_runs_a_hand_built_recipe_by_its_fields():
+    from loka.devices import get_target
+
+    h100, mi300 = get_target("h100").caps, get_target("mi300x").caps
+    assert h100.runs_recipe(_hand_built())  # e4m3/e5m2 tensorwise: Hopper's table
+    assert not mi300.runs_recipe(_hand_built())  # MI300 runs the fnuz encodings only
+    nvfp4_by_hand = Recipe.from_name("nvfp4").with_gemm("wgrad", Recipe.from_name("nvfp4").wgrad, name="my_fp4")
+    assert not h100.runs_recipe(nvfp4_by_hand) and get_target("b200").caps.runs_recipe(nvfp4_by_hand)
+    assert h100.runs_recipe(Recipe.from_name("rowwise")) and not mi300.runs_recipe(Recipe.from_name("rowwise"))
