@@ -30,7 +30,7 @@ from loka.kernels import KERNELS
 from loka.kernels.kernel import default_candidates
 from loka.kernels.costmodel import H100_SXM, DeviceModel, model_site_timings
 from loka.probe.fit import Fit
-from loka.probe.reader import report_sites
+from loka.probe.reader import report_recipes, report_sites
 from loka.timer import device_name, time_fn
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, as_recipe, gemm_shape
 from loka.recipe_json import needs_fields, recipe_to_dict
@@ -229,8 +229,8 @@ def model_timings(report, kernels: list[str], dev: DeviceModel = H100_SXM) -> di
     ``kernels`` are the FP8 kernels to predict (those the plan may choose on the
     machine that will run it); the planner still checks each one's ``supports``.
     """
-    out = {}
+    out, known = {}, report_recipes(report)  # Recipe objects: hand-built ones from the report's fields
     for site in report_sites(report):
-        recipes = sorted(site.errors) or ["tensorwise", "rowwise"]
+        recipes = [known[r] for r in sorted(site.errors) if r in known] or ["tensorwise", "rowwise"]
         out[site.fqn] = model_site_timings((site.m, site.in_features, site.out_features), recipes, kernels, dev)
     return out

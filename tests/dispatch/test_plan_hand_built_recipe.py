@@ -174,3 +174,13 @@ def test_a_target_runs_a_hand_built_recipe_by_its_fields():
     nvfp4_by_hand = Recipe.from_name("nvfp4").with_gemm("wgrad", Recipe.from_name("nvfp4").wgrad, name="my_fp4")
     assert not h100.runs_recipe(nvfp4_by_hand) and get_target("b200").caps.runs_recipe(nvfp4_by_hand)
     assert h100.runs_recipe(Recipe.from_name("rowwise")) and not mi300.runs_recipe(Recipe.from_name("rowwise"))
+
+
+def test_hand_built_recipe_is_planned_for_a_remote_target_by_its_speed_model(report):
+    p = plan(report, Budget(max_rel_error={g: 1.0 for g in GEMMS}, max_model_ne_delta=1.0), target="h100",
+             progress=False)
+    assert p.device["target"] == "h100"
+    reasons = [s.gemms[g].reason for s in p.sites for g in GEMMS]
+    assert not any("not a named loka recipe" in r or "does not run on" in r for r in reasons), reasons
+    # the H100 speed model priced the hand-built recipe (too slow at these tiny shapes, said so)
+    assert all(s.gemms[g].is_fp8 or f"scaled_mm/{NAME}" in s.gemms[g].reason for s in p.sites for g in GEMMS), reasons
