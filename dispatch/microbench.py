@@ -115,8 +115,8 @@ def _jobs(shape, recipes, kernels, gemms, dtype, device, skipped):
     for gemm in gemms:
         gshape = gemm_shape(gemm, *shape)
         jobs.append((gemm, KERNELS.get("bf16"), None))
-        for rname, r in recipes.items():
-            g = r.gemm(gemm)
+        for r in map(as_recipe, recipes):  # names or Recipe objects
+            rname, g = r.name, r.gemm(gemm)
             if g.is_hp:
                 continue
             for name in names:
@@ -159,7 +159,7 @@ def time_site_cached(
     cache = MicrobenchCache(cache_dir, device)
     skipped: dict[str, str] = {}
     by_name = {r.name: r for r in map(as_recipe, recipes)}  # names or Recipe objects (hand-built ones too)
-    jobs = _jobs(shape, by_name, kernels, gemms, dtype, device, skipped)
+    jobs = _jobs(shape, list(by_name.values()), kernels, gemms, dtype, device, skipped)
     out = {"device_name": cache.device_info["device"], "representative": device.type == "cuda", "m": int(shape[0]),
            "bf16_ms": {}, "entries": [], "skipped": skipped}
     operands: dict[str, tuple] = {}

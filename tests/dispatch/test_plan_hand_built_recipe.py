@@ -184,3 +184,15 @@ def test_hand_built_recipe_is_planned_for_a_remote_target_by_its_speed_model(rep
     assert not any("not a named loka recipe" in r or "does not run on" in r for r in reasons), reasons
     # the H100 speed model priced the hand-built recipe (too slow at these tiny shapes, said so)
     assert all(s.gemms[g].is_fp8 or f"scaled_mm/{NAME}" in s.gemms[g].reason for s in p.sites for g in GEMMS), reasons
+
+
+def test_microbench_cache_tells_a_hand_built_recipe_from_its_namesake(tmp_path):
+    from loka.dispatch.microbench import time_site_cached
+
+    kw = dict(kernels=["scaled_mm"], gemms=("fprop",), dtype=torch.float32, warmup=0, iters=1, cache_dir=tmp_path,
+              progress=False)
+    first = time_site_cached((32, 64, 32), ["tensorwise"], **kw)
+    again = time_site_cached((32, 64, 32), [Recipe.from_name("tensorwise")], **kw)
+    pow2 = time_site_cached((32, 64, 32), [Recipe.from_name("tensorwise", pow2_scale=True)], **kw)
+    assert [e["cached"] for e in first["entries"]] == [False] and [e["cached"] for e in again["entries"]] == [True]
+    assert [(e["recipe"], e["cached"]) for e in pow2["entries"]] == [("tensorwise", False)]
