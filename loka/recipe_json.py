@@ -45,7 +45,11 @@ def recipe_from_dict(doc) -> Recipe:
 def _gemm(doc, where: str) -> GemmRecipe:
     if not isinstance(doc, dict) or set(doc) != {"a", "b"}:
         raise ValueError(f"{where}: a GEMM recipe is an object with the keys 'a' and 'b'")
-    return GemmRecipe(_operand(doc["a"], f"{where}.a"), _operand(doc["b"], f"{where}.b"))
+    a, b = _operand(doc["a"], f"{where}.a"), _operand(doc["b"], f"{where}.b")
+    try:
+        return GemmRecipe(a, b)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _operand(doc, where: str) -> OperandRecipe:
