@@ -196,3 +196,25 @@ def test_microbench_cache_tells_a_hand_built_recipe_from_its_namesake(tmp_path):
     pow2 = time_site_cached((32, 64, 32), [Recipe.from_name("tensorwise", pow2_scale=True)], **kw)
     assert [e["cached"] for e in first["entries"]] == [False] and [e["cached"] for e in again["entries"]] == [True]
     assert [(e["recipe"], e["cached"]) for e in pow2["entries"]] == [("tensorwise", False)]
+
+
+def test_report_recipe_fields_are_checked_in_one_line(report):
+    from loka.probe.schema import ReportSchemaError
+
+    doc = copy.deepcopy(report.doc)
+    doc["recipes"][NAME]["fprop"]["a"]["format"] = "e9m9"
+    with pytest.raises(ReportSchemaError) as exc:
+        _plan(report, doc)
+    assert f"recipes.{NAME}: fprop.a: format='e9m9'" in str(exc.value) and "\n" not in str(exc.value)
+    doc["recipes"] = [1]
+    with pytest.raises(ReportSchemaError, match="recipes: expected an object"):
+        _plan(report, doc)
+
+
+def test_a_report_without_the_fields_keeps_bf16_and_says_why(report):
+    doc = copy.deepcopy(report.doc)
+    del doc["recipes"]  # as a report written before loka recorded hand-built recipes
+    p = _plan(report, doc)
+    assert not any(s.is_fp8 for s in p.sites)
+    assert all("not a named loka recipe and the report does not record its fields" in s.gemms[g].reason
+               for s in p.sites for g in GEMMS)
