@@ -34,6 +34,7 @@ from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.reader import GemmError, SiteInfo, report_recipes, report_sites
 from loka.recipe import GEMMS, Recipe, gemm_shape
+from loka.recipe_json import needs_fields
 
 
 @dataclass(frozen=True)
@@ -397,7 +398,8 @@ def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budge
             takes_producer = True
             reason += f"; input in FP8 from its producer ({producer}), its cast ({cand.cast_saved_ms:.3g} ms) not paid"
         gemms[gemm] = GemmChoice(cand.kernel, cand.recipe.name, reason, cand.err.ci_hi, cand.err.sqnr_db, go.bf16_ms,
-                                 cand.ms, _error_cost(coef, cand.err, gemm, budget), spec=cand.recipe)
+                                 cand.ms, _error_cost(coef, cand.err, gemm, budget),
+                                 spec=cand.recipe if needs_fields(cand.recipe) else None)
     return SitePlan(site.fqn, site.in_features, site.out_features, site.m, gemms, coef,
                     producer if takes_producer else None)
 

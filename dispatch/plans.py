@@ -38,9 +38,10 @@ class PlanError(ValueError):
 class GemmChoice:
     """What one GEMM of a site runs: ``kernel`` + ``recipe`` (both ``"bf16"`` when kept in hp).
 
-    ``recipe`` is the recipe's name (as the file stores it); ``spec`` the Recipe itself (None:
-    resolved from the name, which then must be a named loka recipe). A plan file records the
-    fields of every hand-built recipe in its top-level ``recipes``, so any Recipe round-trips.
+    ``recipe`` is the recipe's name (as the file stores it); ``spec`` the Recipe when its name
+    does not say it (hand-built, or a name with overrides; None: the named recipe), so a choice
+    equals its own file round trip. :meth:`recipe_object` is the Recipe either way. A plan file
+    records the fields of every hand-built recipe in its top-level ``recipes``.
     """
 
     kernel: str = BF16
@@ -54,8 +55,9 @@ class GemmChoice:
     spec: Recipe | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.spec is not None and self.spec.name != self.recipe:
-            raise PlanError(f"GemmChoice: recipe name {self.recipe!r} differs from its spec's {self.spec.name!r}")
+        if self.spec is not None and (self.spec.name != self.recipe or not needs_fields(self.spec)):
+            raise PlanError(f"GemmChoice: spec is for a recipe its name {self.recipe!r} does not say (got "
+                            f"{self.spec.name!r}); leave spec None for a named recipe")
 
     @property
     def is_fp8(self) -> bool:
@@ -144,7 +146,7 @@ class Plan:
         out: dict[str, Recipe] = {}
         for s in self.sites:
             for g, c in s.gemms.items():
-                if not c.is_fp8 or c.spec is None or not needs_fields(c.spec):
+                if not c.is_fp8 or c.spec is None:
                     continue
                 if out.setdefault(c.recipe, c.spec) != c.spec:
                     raise PlanError(f"two different recipes are both named {c.recipe!r} ({s.fqn} {g}); "
@@ -246,8 +248,7 @@ def _site_from(d: dict, defs: dict) -> SitePlan:
 
 
 def _choice_from(c: dict, defs: dict) -> GemmChoice:
-    spec = resolve_recipe(c["recipe"], defs) if c["kernel"] != BF16 else None
-    return GemmChoice(**c, spec=spec)
+    return GemmChoice(**c, spec=defs.get(c["recipe"]) if c["kernel"] != BF16 else None)
 
 
 _GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__ if f != "spec"}

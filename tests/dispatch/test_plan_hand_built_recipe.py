@@ -106,6 +106,7 @@ def test_plan_json_round_trips_the_recipe_fields(report, tmp_path):
     assert recipe_from_dict(doc["recipes"][NAME]) == _hand_built()
     back = load_plan(p.save(tmp_path / "plan.json"))
     assert back.to_json() == p.to_json()
+    assert back.site("0").gemms["fprop"] == p.site("0").gemms["fprop"]
     assert back.site("0").gemms["fprop"].spec == _hand_built()
     assert back.site("2").recipe().fprop == _hand_built().fprop
 
@@ -114,7 +115,12 @@ def test_named_recipes_write_no_recipes_entry():
     fp8 = GemmChoice("scaled_mm", "rowwise", reason="test")
     p = Plan(sites=[SitePlan("0", 64, 32, 16, {g: fp8 for g in GEMMS})], budget={})
     assert "recipes" not in p.to_dict()
-    assert Plan.from_json(p.to_json()).site("0").gemms["fprop"].recipe_object() == Recipe.from_name("rowwise")
+    back = Plan.from_json(p.to_json()).site("0").gemms["fprop"]
+    assert back == fp8 and back.recipe_object() == Recipe.from_name("rowwise")
+    with pytest.raises(PlanError, match="leave spec None for a named recipe"):
+        GemmChoice("scaled_mm", "rowwise", spec=Recipe.from_name("rowwise"))
+    with pytest.raises(PlanError, match="does not say"):
+        GemmChoice("scaled_mm", "other", spec=_hand_built())
 
 
 def test_a_named_recipe_with_overrides_records_its_fields():
