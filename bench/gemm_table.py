@@ -71,7 +71,7 @@ def time_gemm(shape, dtype, device, iters: int, warmup: int) -> list[dict]:
                    device=device)
     rows = [{"what": "bf16", "t": bf16}]
     for kernel in KERNELS:
-        if kernel.hp or kernel.name == "emulated" or not kernel.available(device):
+        if kernel.hp or kernel.reference or not kernel.available(device):
             continue
         for rname in RECIPES:
             g = as_recipe(rname).fprop  # fprop's e4m3 x e4m3: the same cast cost for every GEMM's shape

@@ -55,6 +55,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling bench modules
 
 import gpu_check_report as report  # noqa: E402
+import gpu_check_sharded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 420.0  # 7 minutes, the whole run, compile included
@@ -100,6 +101,7 @@ def gpu_stages(args, work: Path, out: Path) -> list[Stage]:
               _py("bench/probe_overhead.py", "--size", "base", "--steps", "20", "--every", "5", "--batch-size",
                   "4096", "--device", "cuda", "--out", str(work / "probe_overhead.json")),
               40, lambda: report.collect_probe_overhead(work)),
+        _sharded_stage(work, "cuda", 40),
         Stage("ranker_large", "ranker `large` at batch 1024 (bf16, loka plan, then torchao tensorwise if time is "
               "left), with what is left",
               _py(*ranker, "--size", "large", "--batch-size", "1024", "--variants", "bf16,loka-plan,torchao-tensorwise",
@@ -132,9 +134,17 @@ def smoke_stages(args, work: Path, out: Path) -> list[Stage]:
               _py("bench/probe_overhead.py", "--size", "tiny", "--steps", "4", "--every", "2", "--batch-size", "16",
                   "--device", "cpu", "--out", str(work / "probe_overhead.json")),
               40, lambda: report.collect_probe_overhead(work)),
+        _sharded_stage(work, "cpu", 40),
         Stage("ranker_large", "ranker `tiny` again, bf16 only (stands in for `large`)",
               _py(*tiny, "--variants", "bf16", "--out", str(rl)), 40, lambda: report.collect_ranker(rl)),
     ]
+
+
+def _sharded_stage(work: Path, device: str, limit_s: float) -> Stage:
+    """TorchRec-sharded tables + FSDP2 on one process, where torchrec is installed (else the row says why)."""
+    return Stage("sharded", "ranker `tiny`, TorchRec row-wise tables + FSDP2, one process",
+                 _py("bench/gpu_check_sharded.py", "--device", device, "--json", str(work / "sharded.json")),
+                 limit_s, lambda: gpu_check_sharded.collect(work))
 
 
 def _pytest(tests: str, out: Path) -> tuple[str, ...]:

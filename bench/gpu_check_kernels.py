@@ -101,7 +101,7 @@ def candidates(a, b, shape, dtype, device, only: set[str] | None = None) -> tupl
     fns = {"bf16": lambda: bf16.mm(a, b, HP_GEMM, out_dtype=dtype)}
     skipped = {}
     for kernel in KERNELS:
-        if kernel.hp or kernel.name == "emulated":  # emulated is the reference, not a kernel to deploy
+        if kernel.hp or kernel.reference:  # the numerical reference, not a kernel to deploy
             continue
         if only is not None and kernel.name not in only:
             skipped[kernel.name] = "not in --kernels"

@@ -1,8 +1,10 @@
 """``apply_plan``: swap a model's Linear sites for ``Float8Linear`` with the planned kernels.
 
-Planned 1x1 ``Conv1d`` sites (the probe measures them too) become ``Float8Conv1x1``,
-and planned ``x @ W`` sites (named by the 2-D parameter) get a ``ParamMatmul``; a conv
-or parameter the plan does not mention is left as it is.
+Planned sites that are not Linear modules (a 1x1 convolution, named by its module; any
+other parameter, named by its fqn, whatever GEMM form the model writes with it) get a
+``loka.param_gemms.ParamEngine`` with the planned kernels; a parameter the plan does not
+mention is left as it is. The result is verified like ``loka.convert``'s: a site is
+converted once its GEMMs were seen running in FP8 (``example=``, or the first forward).
 
 Before touching the model the plan is matched against it, and *every*
 difference is collected: a planned site missing from the model, a Linear of the
@@ -22,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loka.convert import ConvertResult, _linears_post_order
-from loka.convert_gemms import Float8Conv1x1, ParamMatmul, attach_matmuls, conv1x1_sites
+from loka.aten_gemms import param_sites
+from loka.convert import ConvertResult, _linears_post_order, attach_param_gemms, parameter_sites, verify
 from loka.devices import Target, detect_target, get_target, plan_target_problem
 from loka.dispatch.plans import Plan, PlanError, SitePlan, load_plan
 from loka.kernels import KERNELS
 from loka.nn import Float8Linear
+from loka.param_gemms import ParamEngine
 from loka.recipe import GEMMS, gemm_shape
 
 
@@ -42,13 +45,20 @@ class PlanMismatchError(PlanError):
             "re-plan for this model and machine, or pass on_mismatch='bf16' to keep those sites in bf16"
         )
 
+    def summary(self) -> str:
+        """The message in one line: the count, the first difference, and the fix."""
+        more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
+        return (f"the plan does not match this model/machine: {self.differences[0]}{more}; re-plan for this "
+                "model and machine (loka plan), or keep the mismatched sites in bf16 (on_mismatch='bf16')")
 
-def _features(module) -> tuple[int, int]:
-    """(K, N) of a Linear, a 1x1 conv or an ``x @ W`` parameter W[K, N]."""
-    if isinstance(module, nn.Conv1d):
+
+def _features(module) -> tuple[int, int] | None:
+    """(K, N) of a Linear or a 1x1 conv; None for a parameter site (its GEMMs' K and N depend on the
+    view the model's code takes of it: ``x @ W``, ``einsum("bk,nk->bn")``, ``W[i]``)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
         return module.in_channels, module.out_channels
     if isinstance(module, nn.Parameter):
-        return tuple(module.shape)
+        return None
     return module.in_features, module.out_features
 
 
@@ -56,14 +66,27 @@ def _weight(site) -> torch.Tensor:
     return site if isinstance(site, nn.Parameter) else site.weight
 
 
-def _matmul_params(model: nn.Module, planned) -> dict[str, nn.Parameter]:
-    """The planned sites that are 2-D parameters of the model (``x @ W`` sites)."""
-    return {n: p for n, p in model.named_parameters() if n in planned and p.dim() == 2}
+def base_site(fqn: str) -> str:
+    """The parameter site of a probe key: ``"W#1"`` (W's second GEMM in a forward) is ``W``'s."""
+    return fqn.split("#", 1)[0]
+
+
+def _param_site_objects(model: nn.Module) -> dict[str, object]:
+    """Every parameter GEMM site that is not a Linear: a conv module, or the parameter itself."""
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
+    linears = {fqn for fqn, *_ in _linears_post_order(model)}
+    out = {}
+    for site, p in param_sites(model).values():
+        mod = owners[id(p)]
+        if site in linears or isinstance(mod, (Float8Linear, nn.Embedding, nn.EmbeddingBag)) or site in out:
+            continue
+        out[site] = mod if isinstance(mod, nn.modules.conv._ConvNd) else p
+    return out
 
 
 def _site_problems(sp: SitePlan, linear: nn.Module, device: torch.device) -> list[str]:
     problems = []
-    k, n = _features(linear)
+    k, n = _features(linear) or (sp.in_features, sp.out_features)
     if (k, n) != (sp.in_features, sp.out_features):
         problems.append(
             f"{sp.fqn}: shape mismatch, plan has in={sp.in_features} out={sp.out_features}, model has in={k} out={n}"
@@ -98,10 +121,11 @@ def plan_differences(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
 
     linears = {fqn: mod for fqn, mod, _, _ in _linears_post_order(model)}
     planned = {s.fqn: s for s in plan.sites}
-    convs = {fqn: mod for fqn, mod, _, _ in conv1x1_sites(model)} | _matmul_params(model, planned)
+    objs = _param_site_objects(model)
+    convs = {s: objs[base_site(s)] for s in planned if base_site(s) in objs}
     out: dict[str, list[str]] = {}
     for fqn in sorted(set(planned) - set(linears) - set(convs)):
-        out[fqn] = [f"{fqn}: in the plan but not a Linear, 1x1 Conv1d or 2-D parameter of the model"]
+        out[fqn] = [f"{fqn}: in the plan but not a Linear, convolution or parameter of the model"]
     for fqn in sorted(set(linears) - set(planned)):
         if not isinstance(linears[fqn], Float8Linear):
             out[fqn] = [f"{fqn}: a Linear of the model that the plan does not cover"]
@@ -121,6 +145,7 @@ def apply_plan(
     fallback: str = "hp",
     compile: bool | None = None,
     target: Target | str | None = None,
+    example=None,
 ) -> ConvertResult:
     """Apply ``plan`` (a Plan or a plan JSON path) to ``model`` in place.
 
@@ -134,6 +159,7 @@ def apply_plan(
     ``compile``: whether the caller runs the model under torch.compile; ``False`` with
     ``compiled_cast`` sites in the plan warns once, naming them (their casts then run as
     passes of their own, which the plan did not count). ``None``: not said, no warning.
+    ``example``: inputs to verify the result on now (else the model's first forward is observed).
     """
 
     if on_mismatch not in ("error", "bf16"):
@@ -150,32 +176,33 @@ def apply_plan(
         raise PlanMismatchError([p for fqn in sorted(diffs) for p in diffs[fqn]])
     planned = {s.fqn: s for s in plan.sites}
     result = ConvertResult()
-    sites = _linears_post_order(model) + conv1x1_sites(model)
+    sites = _linears_post_order(model)
     for fqn, module, parent, child_name in sites:
         sp = planned.get(fqn)
         if fqn in diffs:
             result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
             continue
-        if isinstance(module, (Float8Linear, Float8Conv1x1)):
+        if isinstance(module, Float8Linear):
             result.skipped[fqn] = f"already a {type(module).__name__}"
             continue
         if sp is None:
-            if isinstance(module, nn.Conv1d):
-                result.skipped[fqn] = "1x1 Conv1d not in the plan (kept as it is)"
             continue
         if not sp.is_fp8:
             result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
             continue
-        swap = Float8Conv1x1.from_conv if isinstance(module, nn.Conv1d) else Float8Linear.from_linear
-        new = swap(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
+        new = Float8Linear.from_linear(module, recipe=sp.recipe(), kernels=sp.kernels(), fallback=fallback)
+        new.loka_site = fqn
         setattr(parent, child_name, new)
         result.converted.append(fqn)
         hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
         if hp:
             result.hp_gemms[fqn] = hp
-    _apply_matmuls(model, planned, diffs, fallback, result)
-    for fqn in sorted(set(planned) - {f for f, *_ in sites} - set(result.converted) - set(result.skipped)):
-        result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
+    _apply_params(model, planned, diffs, fallback, result)
+    done = set(result.converted) | set(result.skipped)
+    for fqn in sorted(set(planned) - {f for f, *_ in sites} - done):
+        if base_site(fqn) not in done:
+            result.skipped.setdefault(fqn, diffs.get(fqn, ["not in the model"])[0])
+    verify(result, model, example)
     return result
 
 
@@ -199,19 +226,24 @@ def warn_uncompiled_casts(plan: Plan) -> list[str]:
     return sites
 
 
-def _apply_matmuls(model, planned, diffs, fallback, result) -> None:
-    """Planned ``x @ W`` sites: a ParamMatmul per parameter, routed during the model's forwards."""
+def _apply_params(model, planned, diffs, fallback, result) -> None:
+    """Planned parameter sites (convolutions, any parameter a GEMM uses): a ParamEngine each."""
     engines = {}
-    for fqn, param in _matmul_params(model, planned).items():
-        sp = planned[fqn]
-        if fqn in diffs:
-            result.skipped[fqn] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in diffs[fqn])
+    for site, _, param in parameter_sites(model, result):
+        # one engine per parameter: its first GEMM's plan (the probe keys further GEMMs "site#i")
+        keys = sorted((k for k in planned if base_site(k) == site), key=lambda k: (k != site, k))
+        if not keys:
+            continue
+        sp = planned[keys[0]]
+        bad = [d for k in keys for d in diffs.get(k, [])]
+        if bad:
+            result.skipped[site] = "kept bf16 (plan mismatch): " + "; ".join(d.split(": ", 1)[1] for d in bad)
         elif not sp.is_fp8:
-            result.skipped[fqn] = "plan keeps bf16: " + sp.summary_reason()
+            result.skipped[site] = "plan keeps bf16: " + sp.summary_reason()
         else:
-            engines[fqn] = ParamMatmul(param, sp.recipe(), sp.kernels(), fallback)
-            result.converted.append(fqn)
+            engines[site] = ParamEngine(site, param, sp.recipe(), sp.kernels(), fallback)
+            result.converted.append(site)
             hp = {g: f"plan keeps hp: {c.reason}" for g, c in sp.gemms.items() if not c.is_fp8}
             if hp:
-                result.hp_gemms[fqn] = hp
-    attach_matmuls(model, engines)
+                result.hp_gemms[site] = hp
+    attach_param_gemms(model, engines)

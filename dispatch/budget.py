@@ -70,7 +70,9 @@ class Budget:
         if not (self.backward_weight >= 0 and math.isfinite(self.backward_weight)):
             raise ValueError(f"backward_weight={self.backward_weight} must be a finite number >= 0")
         if not (self.min_speedup >= 1.0):
-            raise ValueError(f"min_speedup={self.min_speedup} must be >= 1.0 (1.0: any gain counts)")
+            raise ValueError(f"min_speedup={self.min_speedup} must be >= 1.0 (1.0: any gain counts); to convert every "
+                             "GEMM the accuracy budget allows whatever its speed, plan with objective='accuracy' "
+                             "(loka plan --objective accuracy)")
 
     def gemm_check(self, gemm: str, rel_error_hi: float, sqnr_db: float | None) -> str | None:
         """Why ``gemm`` with this error breaks the per-GEMM budget, or None if it fits."""

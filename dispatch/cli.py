@@ -1,7 +1,8 @@
 """``loka plan``, ``loka doctor`` and ``loka bench-kernels``: thin CLI over loka.dispatch.
 
     loka doctor [--device cuda]
-    loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out plan.json [--measure] [--refresh]
+    loka plan --report probe.json [--budget "wgrad=0.05,ne=2e-4"] --out runs/plan [--measure] [--refresh]
+              [--objective speed|accuracy]   (accuracy: every GEMM the budget allows, fast or not)
               [--speed-model h100|h200|b200|mi300x|mi350x|measured] [--keep-bf16 keep_bf16.json]
               [--producers producers.json] [--device b200|mi300x|h100|...|cuda|cpu]
               [--bf16-step-ms 41.5]   (the plan then states its predicted step speed-up)
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import torch
 
+from loka.cli_vocab import add_device, add_json, out_file, resolve_device, write_json
 from loka.dispatch import Budget, plan
-from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.microbench import open_cache
 from loka.dispatch.headroom_estimate import plan_headroom
-from loka.dispatch.planner import library_versions
+from loka.dispatch.planner import OBJECTIVES, library_versions
+from loka.probe.timing import time_site
 from loka.dispatch.predict import with_predicted_step
 from loka.jsonio import encode_floats
-from loka.devices import detect_target, resolve_device, target_names
+from loka.devices import detect_target, device_and_target, target_names
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.headroom_section import headroom_summary
@@ -34,7 +37,7 @@ from loka.recipe import RECIPE_NAMES, as_recipe
 
 def register(subparsers) -> None:
     doctor = subparsers.add_parser("doctor", help="list every FP8 kernel and whether it runs on this machine")
-    doctor.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
+    add_device(doctor, "device to check")
     doctor.set_defaults(func=_doctor)
 
     p = subparsers.add_parser(
@@ -44,7 +47,7 @@ def register(subparsers) -> None:
                "model, sample, train=...) and fused norm+quantize with loka.dispatch.producers.with_producers, in Python.")
     p.add_argument("--report", required=True, help="probe report JSON (loka probe ... --out)")
     p.add_argument("--budget", default="", help="e.g. 'fprop=0.08,dgrad=0.12,wgrad=0.05,ne=2e-4,sqnr_fprop=25', or a budget JSON file")
-    p.add_argument("--out", required=True, help="where to write plan.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write plan.json into")
     p.add_argument("--measure", action="store_true", help="micro-benchmark sites the report has no timings for")
     p.add_argument("--speed-model", choices=(*DEVICE_MODELS, "measured"), default=None,
                    help="rank kernels by that GPU's speed model at every site (plan for a GPU not at hand, e.g. on "
@@ -59,29 +62,30 @@ def register(subparsers) -> None:
                    help="JSON file {site: norm_quant|compiled_cast} of sites whose fprop input arrives in FP8 from "
                         "its producer (loka.dispatch.producers.producer_sites writes it); priced without that cast")
     p.add_argument("--refresh", action="store_true", help="re-measure instead of using cached micro-benchmarks")
-    p.add_argument("--device", default=None,
-                   help="the device the plan is for: a GPU name (" + ", ".join(target_names()) + "), whose recipes "
-                        "and kernels alone are planned, or a torch device (default: cuda if available, its GPU "
-                        "detected)")
+    add_device(p, "the device the plan is for: a GPU name (" + ", ".join(target_names()) + "), whose recipes and "
+                  "kernels alone are planned, or a torch device (its GPU detected)")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names to consider (default: all)")
     p.add_argument("--solver", default="auto", choices=("auto", "exact", "greedy"))
+    p.add_argument("--objective", default="speed", choices=OBJECTIVES,
+                   help="speed (default): FP8 only where it is faster; accuracy: every GEMM the accuracy budget allows, "
+                        "with its lowest-error recipe, fast or not (to check FP8's quality on your model with "
+                        "`loka gate` when the speed plan keeps everything in bf16)")
     p.add_argument("--m-buckets", default=None, help="serving plan: comma-separated batch sizes, e.g. 1,64,512")
+    add_json(p, "the plan")
     p.set_defaults(func=_plan)
 
     b = subparsers.add_parser("bench-kernels", help="time every kernel for one site shape (cached)")
     b.add_argument("--shape", required=True, help="M,K,N of the site y[M,N] = x[M,K] W[N,K]^T")
     b.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated recipe names")
-    b.add_argument("--device", default=None, help="device to time on (default: cuda if available, else cpu)")
+    add_device(b, "device to time on")
     b.add_argument("--iters", type=int, default=20, help="timed calls per kernel (default 20)")
     b.add_argument("--refresh", action="store_true", help="re-measure instead of using cached timings")
-    b.add_argument("--json", default=None, metavar="PATH", help="also write the timings as JSON to PATH")
+    add_json(b, "the timings")
     b.set_defaults(func=_bench)
 
 
 def _device(arg: str | None) -> torch.device:
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(resolve_device(arg))
 
 
 def doctor_text(device: torch.device) -> str:
@@ -142,10 +146,10 @@ def _plan(args) -> int:
         buckets = [int(m) for m in args.m_buckets.split(",")] if args.m_buckets else None
         keep = _keep_bf16(args.keep_bf16) if args.keep_bf16 else None
         producers = read_site_map(args.producers, "--producers", "norm_quant") if args.producers else None
-        device, target = resolve_device(args.device)
+        device, target = device_and_target(args.device)
         p = plan(args.report, budget, measure=args.measure, refresh=args.refresh, device=device,
                  kernels=kernels, method=args.solver, m_buckets=buckets, keep_bf16=keep, speed_model=args.speed_model,
-                 producers=producers, target=target)
+                 producers=producers, target=target, objective=args.objective)
         if args.bf16_step_ms is not None:
             p = with_predicted_step(p, args.bf16_step_ms, "given on the command line (--bf16-step-ms)")
     except (ValueError, TypeError) as exc:
@@ -153,10 +157,13 @@ def _plan(args) -> int:
             raise  # --debug: the traceback
         print(f"loka plan: {exc}", file=sys.stderr)
         return 2
-    p.save(args.out)
+    path = out_file(args.out, "plan.json")
+    p.save(path)
     print(p.summary())
     print(_headroom_line(p, args))
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, p.to_json())
     return 0
 
 
@@ -202,7 +209,8 @@ def _bench(args) -> int:
     device = _device(args.device)
     dtype = torch.bfloat16
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    t = time_site_cached((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh)
+    t = time_site((m, k, n), recipes, device=device, dtype=dtype, iters=args.iters, refresh=args.refresh,
+                  cache=open_cache(None, device), progress=True).to_dict()
     print(f"device: {t['device_name']}" + ("" if t["representative"] else " (CPU: not representative of GPU speed)"))
     print(f"{'gemm':<6} {'kernel':<22} {'recipe':<12} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs bf16':>8}")
     for gemm, ms in t["bf16_ms"].items():
@@ -213,7 +221,7 @@ def _bench(args) -> int:
     for what, why in sorted(t["skipped"].items()):
         print(f"skipped {what}: {why}")
     if args.json:
-        Path(args.json).write_text(json.dumps(encode_floats(t), indent=1, allow_nan=False))
+        write_json(args.json, t)
     return 0
 
 

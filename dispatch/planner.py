@@ -10,6 +10,13 @@ model-level budget. An exact multiple-choice knapsack (loka.dispatch.solver)
 picks at most one option per GEMM to maximize the time saved; every GEMM left
 in bf16 gets the reason it was left there.
 
+``objective="accuracy"`` drops the speed test: every GEMM whose error passes the
+budget and that a kernel here takes gets its lowest-error recipe, fast or not, and
+the solver maximizes the number of GEMMs converted under the model-level budget.
+That plan answers "what does FP8 do to my model's quality?" (convert, train or
+evaluate with it, then ``loka gate``) where the speed plan keeps everything in bf16;
+it is not a plan to ship for speed (its expected speedup is usually below 1).
+
 The result is a ``loka.dispatch.plans.Plan`` (the file format); ``plan_table`` renders it.
 """
 
@@ -25,16 +32,20 @@ import torch
 
 from loka.dispatch.budget import Budget
 from loka.dispatch.keys import ChoiceKey, GemmKey
-from loka.dispatch.microbench import combine_buckets, model_timings, time_serving_buckets, time_site_cached
+from loka.dispatch.microbench import combine_buckets, model_timings, open_cache, time_serving_buckets
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producer_pricing import CastPricer, check_producers, producer_feeds
 from loka.dispatch.solver import Option, solve
 from loka.devices import Target, detect_target, get_target
 from loka.kernels import KERNELS
+from loka.probe.timing import time_site
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.reader import GemmError, SiteInfo, report_recipes, report_sites
 from loka.recipe import GEMMS, Recipe, gemm_shape
 from loka.recipe_json import needs_fields
+
+
+OBJECTIVES = ("speed", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ def plan(
     speed_model: str | None = None,
     producers: dict[str, str] | None = None,
     target: Target | str | None = None,
+    objective: str = "speed",
 ) -> Plan:
     """Plan every site of ``report`` (a ProbeReport, its dict, or a JSON path) under ``budget``.
 
@@ -100,7 +112,11 @@ def plan(
     planned, and the plan records it. A target that is not ``device`` (planning for a B200 on a
     CPU) is priced by its speed model unless timings are given, and its kernels are not asked
     whether they run here.
+    ``objective``: ``"speed"`` (default) or ``"accuracy"`` (every GEMM the accuracy budget
+    allows, fast or not; see the module docstring).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not known; use one of {', '.join(OBJECTIVES)}")
     budget = budget or Budget()
     target = get_target(target) if isinstance(target, str) else (target or detect_target(device))
     here = detect_target(device)
@@ -123,7 +139,7 @@ def plan(
     producers = check_producers(producers, {s.fqn for s in sites})
     pricer = CastPricer(device, dtype)
     notes: list[str] = []
-    bench = dict(bench or {}, refresh=refresh, cache_dir=cache_dir, progress=progress)
+    bench = dict(bench or {}, refresh=refresh, cache=open_cache(cache_dir, device), progress=progress)
     if m_buckets:
         site_timings = _serving_timings(sites, m_buckets, device, dtype, kernels, bench, notes, recipes)
     else:
@@ -138,15 +154,19 @@ def plan(
                 go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
             else:
                 go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype,
-                                   (producers.get(site.fqn), pricer), target, remote, recipes)
+                                   (producers.get(site.fqn), pricer), target, remote, objective, recipes)
             per_gemm[key] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
-                options.append(Option(key, c.key, go.bf16_ms - c.ms, weight))
+                value = 1.0 if objective == "accuracy" else go.bf16_ms - c.ms  # GEMMs converted, or ms saved
+                options.append(Option(key, c.key, value, weight))
     # Without sensitivities every weight is 0, so the cap binds nothing (a note says so).
     solution = solve(options, budget.max_model_ne_delta, method)
     if solution.note:
         notes.append(solution.note)
+    if objective == "accuracy":
+        notes.append("objective accuracy: every GEMM within the accuracy budget is converted with its lowest-error "
+                     "recipe, fast or not; a plan to check FP8's quality (loka gate), not one to ship for speed")
     unchosen = _unchosen_reasons(options, solution, budget.max_model_ne_delta)
     for key, reason in unchosen.items():
         per_gemm[key].reason = reason
@@ -174,7 +194,7 @@ def _speed_model_timings(report, speed_model: str, timings, measure: bool, devic
     if speed_model == "measured":
         return None, True
     here = torch.device(device or "cpu")
-    names = [k.name for k in KERNELS if not k.hp and k.name != "emulated" and (remote or k.available(here))
+    names = [k.name for k in KERNELS if not k.hp and not k.reference and (remote or k.available(here))
              and (kernels is None or k.name in kernels)]
     return model_timings(report, names, DEVICE_MODELS[speed_model]), False
 
@@ -214,8 +234,8 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
     if missing and measure:
         timed = [recipes[r] for r in sorted({r for s in missing for r in s.errors}) if r in recipes]
         for s in missing:
-            out[s.fqn] = time_site_cached((s.m, s.in_features, s.out_features), timed, kernels=kernels, dtype=dtype,
-                                          device=device, fits=s.fits, **bench)
+            out[s.fqn] = time_site((s.m, s.in_features, s.out_features), timed, kernels=kernels, dtype=dtype,
+                                   device=device, fits=s.fits, **bench).to_dict()
     elif missing:
         notes.append(f"{len(missing)} sites have no timings; they stay in bf16 (plan with measure=True to time them)")
     return out
@@ -228,7 +248,7 @@ def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, note
     for s in sites:
         per_bucket = time_serving_buckets(s.in_features, s.out_features, list(m_buckets), timed, kernels=kernels,
                                           dtype=dtype, device=device, fits=s.fits, **bench)
-        out[s.fqn] = combine_buckets(per_bucket)
+        out[s.fqn] = combine_buckets(per_bucket).to_dict()
         s.m = out[s.fqn]["m"]
     return out
 
@@ -258,7 +278,7 @@ def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -
 
 def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype,
                   producer=(None, None), target: Target | None = None, remote: bool = False,
-                  recipes: dict | None = None) -> _GemmOptions:
+                  objective: str = "speed", recipes: dict | None = None) -> _GemmOptions:
     shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
     passing, failing = _recipes_within_budget(site, gemm, budget, target, recipes or {})
@@ -290,6 +310,9 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
         detail = f" ({'; '.join(why[:3])})" if why else ""
         return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available here takes {'/'.join(sorted(passing))} "
                                          f"at [M={shape[0]}, K={shape[1]}, N={shape[2]}]{detail}")
+    if objective == "accuracy":  # the lowest error bound, the faster kernel on a tie
+        best = min(best_per_recipe.values(), key=lambda c: (c.err.ci_hi, c.ms, c.key))
+        return _GemmOptions(bf16_ms, [best], "kept bf16: not chosen within the model-level NE budget")
     fast = [c for c in best_per_recipe.values() if c.ms > 0 and bf16_ms / c.ms >= budget.min_speedup]
     if not fast:
         top = min(best_per_recipe.values(), key=lambda c: c.ms)
@@ -345,11 +368,11 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Ta
 def _kernel_problem(name: str, recipe: Recipe, gemm: str, shape, dtype, device, allowed, remote: bool = False) -> str | None:
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
-    if name == "emulated":
-        return "emulated is the numerical reference, never planned"
     if name not in KERNELS:
         return "not a registered kernel"
     kernel = KERNELS.get(name)
+    if kernel.reference:
+        return f"{name} is the numerical reference, never planned"
     if allowed is None and kernel.not_default:
         return f"not a default candidate: {kernel.not_default}"
     if gemm not in kernel.gemms:
@@ -366,7 +389,7 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote: bool = 
 
     reasons = []
     for kernel in KERNELS:
-        if kernel.hp or kernel.name == "emulated" or (allowed is not None and kernel.name not in allowed):
+        if kernel.hp or kernel.reference or (allowed is not None and kernel.name not in allowed):
             continue
         if allowed is None and kernel.not_default:
             continue

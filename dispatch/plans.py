@@ -224,7 +224,8 @@ def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan JSON file; raises :class:`PlanError` listing every problem."""
     path = Path(path)
     if not path.exists():
-        raise PlanError(f"plan file {path} does not exist; write one with `loka plan --report ... --out {path}`")
+        raise PlanError(f"plan file {path} does not exist; write one with `loka plan --report ... --out "
+                        f"{path.parent if path.name == 'plan.json' else path}`")
     doc = read_json(path, "plan", PlanError)
     try:
         return Plan.from_dict(doc)

@@ -36,6 +36,7 @@ import torch
 from loka.dispatch.plans import PRODUCERS
 from loka.kernels.costmodel import DEVICE_MODELS, quantize_us
 from loka.kernels.kernel import OCP_FP8
+from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import OperandRecipe, as_recipe
 from loka.timer import device_name, time_fn
@@ -62,7 +63,7 @@ def check_producers(producers: Mapping[str, str] | None, site_fqns: set[str]) ->
 
 def producer_feeds(producer: str, recipe: str, gemm: str, kernel: str) -> bool:
     """Whether ``producer`` can hand ``kernel`` the FP8 ``a`` operand of ``gemm`` under ``recipe``."""
-    if gemm not in PRODUCER_GEMMS.get(producer, ()) or kernel.startswith("triton"):
+    if gemm not in PRODUCER_GEMMS.get(producer, ()) or kernel_by_name(kernel).fuses_a_cast:
         return False
     g = as_recipe(recipe).gemm(gemm)
     if g.is_hp or g.a.scaling != "dynamic":

@@ -22,6 +22,7 @@ import sys
 from dataclasses import replace
 from typing import Callable
 
+from loka.cli_vocab import add_alias
 from loka.gate.budget import DEFAULT_NE_BUDGET, GateBudget
 from loka.gate.compare import GateInputError, gate, load_input
 from loka.gate.replicates import gate_replicates
@@ -58,12 +59,13 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--candidate-plan", dest="candidate_precision", default=None,
                    help="checkpoint only: bf16, fp32, fp8 or a plan JSON (default: as trained)")  # fmt: skip
     for side in ("baseline", "candidate"):  # the old names of --baseline-plan / --candidate-plan
-        p.add_argument(f"--{side}-precision", dest=f"{side}_precision", help=argparse.SUPPRESS)
+        add_alias(p, f"--{side}-precision", f"--{side}-plan")
     p.add_argument("--eval-examples", type=int, default=50_000,
                    help="checkpoint only: held-out examples to score (default 50000)")  # fmt: skip
     p.add_argument("--eval-seed", type=int, default=None,
                    help="checkpoint only: held-out stream seed (default: the checkpoint's eval_seed)")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="checkpoint only: device to evaluate on (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="checkpoint only: device to evaluate on (default auto: cuda if available, else cpu)")
     p.add_argument("--budget-ne", type=float, default=DEFAULT_NE_BUDGET,
                    help="max relative NE increase (default 0.0002 = 0.02%%)")  # fmt: skip
     p.add_argument("--budget-auc", type=float, default=None, help="max absolute AUC drop (default: report only)")
@@ -80,16 +82,17 @@ def register(subparsers, *, checkpoint_loader: CheckpointLoader | None = None) -
     p.add_argument("--allow-inconclusive", action="store_true", help="exit 0 when an interval straddles a budget")
     p.add_argument("--allow-different-models", action="store_true",
                    help="compare outputs whose meta 'model' differs")  # fmt: skip
-    p.add_argument("--json", default=None, help="also write the result as JSON to this path")
-    p.add_argument("--save-outputs", dest="save_outputs", help=argparse.SUPPRESS)  # the old name of --out
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
     p.add_argument("--out", dest="save_outputs", default=None, metavar="DIR",
                    help="write both sides' EvalOutputs to DIR/baseline.npz and DIR/candidate.npz "
                         "(reuse an evaluated checkpoint as --baseline next time)")  # fmt: skip
+    add_alias(p, "--save-outputs", "--out")
     p.set_defaults(func=run, checkpoint_loader=checkpoint_loader)
 
 
 def _error(message: str) -> int:
-    print(f"loka gate: could not evaluate: {message}", file=sys.stderr)
+    one_line = " ".join(message.split())  # a multi-line reason (a plan's differences) stays one line
+    print(f"loka gate: could not evaluate: {one_line}", file=sys.stderr)
     return EXIT_ERROR
 
 

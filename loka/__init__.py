@@ -53,13 +53,15 @@ def __getattr__(name: str):
 
 
 def _convert(model, recipe="tensorwise", *, plan=None, **options):
-    """Swap a model's Linear sites for ``Float8Linear``, by a recipe or by a plan.
+    """Put every GEMM on a parameter of ``model`` in FP8, by a recipe or by a plan.
 
-    ``loka.convert(model, "rowwise")``: every Linear (``module_filter_fn``, ``kernels``,
-    ``fallback`` narrow it; see :func:`loka.convert.convert`). ``loka.convert(model,
+    ``loka.convert(model, "rowwise")``: Linears become ``Float8Linear``; every other parameter
+    GEMM (``F.linear``, ``x @ W``, ``tensordot``, ``einsum``, 3-D stacks, MHA, 1x1 convolutions)
+    is taken at the ATen level (``module_filter_fn``, ``kernels``, ``fallback``, ``example``;
+    see :func:`loka.convert.convert`). ``loka.convert(model,
     plan)`` or ``plan=``: a ``loka.dispatch.Plan`` or a plan JSON path, applied by
     ``loka.dispatch.apply_plan`` (``fallback`` defaults to ``"hp"``, other options go there).
-    Returns a ``ConvertResult`` of converted and skipped sites with the reason.
+    Returns a ``ConvertResult``: sites seen running in FP8 (verified on one step), the rest with the reason.
     """
     if plan is None and _convert_module.is_plan(recipe):
         plan, recipe = recipe, None

@@ -14,8 +14,9 @@ for a B200 means nothing on an H100; MI300's FP8 is the fnuz encoding, which NVI
 Sources: NVIDIA's Hopper/Blackwell architecture documents (sm100 adds block-scaled MXFP8, MXFP4
 and NVFP4 tensor-core MMA), AMD's CDNA3 ISA (gfx942: FP8/BF8 in the fnuz encoding) and CDNA4
 (gfx950: OCP FP8 and MXFP8/MXFP6/MXFP4; no NVFP4). ``kernels`` names loka's registered kernels
-that run each device's recipes natively (loka/kernels/registry.py); whether one is installed on
-this machine is still asked of the kernel (``available``). ``emulated`` runs everything everywhere.
+that run each device's recipes natively: each kernel says so itself (``GemmKernel.archs``);
+whether one is installed on this machine is still asked of the kernel (``available``).
+``emulated`` runs everything everywhere.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loka.kernels.kernel import arch_kernels
 from loka.recipe import GEMMS, RECIPE_NAMES, Recipe
 from loka.recipe_json import needs_fields
 
@@ -37,13 +39,17 @@ class DeviceCaps:
     formats: tuple[str, ...]
     granularities: tuple[str, ...]
     recipes: tuple[str, ...]  # named recipes (loka.recipe.RECIPE_NAMES) the probe measures and plans
-    kernels: tuple[str, ...]  # registered kernel names that run them natively
     speed_model: str  # key of loka.kernels.costmodel.DEVICE_MODELS used when planning away from the device
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.recipes if r not in RECIPE_NAMES]
         if unknown:
             raise ValueError(f"DeviceCaps({self.arch}): unknown recipes {unknown}; use names from {list(RECIPE_NAMES)}")
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Registered kernel names that run this arch's recipes natively (``GemmKernel.archs``)."""
+        return arch_kernels(self.arch)
 
     def runs(self, recipe_name: str) -> bool:
         """Whether the named recipe (``"rowwise"``, ``"rowwise-delayed"``) runs natively here."""
@@ -58,23 +64,20 @@ class DeviceCaps:
         return all(op.format in self.formats and op.granularity in self.granularities for op in ops)
 
 
-_NV_FP8 = ("scaled_mm", "scaled_mm_fast_accum", "scaled_mm+pad", "scaled_mm_fast_accum+pad", "torchao",
-           "torchao_fast_accum", "te", "triton", "triton_fast_accum")
-
 DEVICES: tuple[DeviceCaps, ...] = (
     DeviceCaps("sm89", ("l40s", "l4", "rtx4090", "sm89"), ("e4m3", "e5m2"), ("tensorwise", "rowwise"),
-               ("tensorwise", "rowwise", "rowwise_with_gw_hp"), _NV_FP8, "h100"),
+               ("tensorwise", "rowwise", "rowwise_with_gw_hp"), "h100"),
     DeviceCaps("sm90", ("h100", "h200", "gh200", "sm90"), ("e4m3", "e5m2"), ("tensorwise", "rowwise", "blockwise"),
-               ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"), (*_NV_FP8, "torchao_blockwise"), "h100"),
+               ("tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"), "h100"),
     DeviceCaps("sm100", ("b200", "gb200", "b100", "sm100"), ("e4m3", "e5m2", "e2m1"),
                ("tensorwise", "rowwise", "mx", "nvfp4"),
                ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mx", "mxfp8", "mxfp8_floor", "nvfp4", "nvfp4_sr"),
-               (*_NV_FP8, "torchao_mx", "scaled_mm_mx", "scaled_mm_nvfp4"), "b200"),
+               "b200"),
     DeviceCaps("gfx942", ("mi300x", "mi300a", "mi325x", "gfx942"), ("e4m3fnuz", "e5m2fnuz"), ("tensorwise", "rowwise"),
-               ("tensorwise_fnuz", "rowwise_fnuz"), ("scaled_mm", "scaled_mm+pad"), "mi300x"),
+               ("tensorwise_fnuz", "rowwise_fnuz"), "mi300x"),
     DeviceCaps("gfx950", ("mi350x", "mi355x", "gfx950"), ("e4m3", "e5m2", "e2m1"), ("tensorwise", "rowwise", "mx"),
                ("tensorwise", "rowwise", "rowwise_with_gw_hp", "mx", "mxfp8", "mxfp8_floor"),
-               ("scaled_mm", "scaled_mm+pad", "scaled_mm_mx"), "mi350x"),
+               "mi350x"),
 )
 _BY_NAME = {n: d for d in DEVICES for n in d.names}
 
@@ -123,8 +126,8 @@ def detect_target(device: torch.device | str | None) -> Target | None:
     return get_target(arch) if arch in _BY_NAME else None
 
 
-def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
-    """``--device`` of the CLI: a torch device (``cpu``, ``cuda``: its target detected) or a target
+def device_and_target(arg: str | None) -> tuple[torch.device, Target | None]:
+    """``--device`` of the CLI: ``auto`` (cuda if present, else cpu), a torch device (``cpu``, ``cuda``: its target detected) or a target
     name (``b200``): then the torch device is this machine's GPU if it is that target, else the CPU,
     where the target's recipes are emulated."""
     if is_target_name(arg):
@@ -132,7 +135,8 @@ def resolve_device(arg: str | None) -> tuple[torch.device, Target | None]:
         here = detect_target("cuda") if torch.cuda.is_available() else None
         on_it = here is not None and here.arch == target.arch
         return torch.device("cuda" if on_it else "cpu"), target
-    device = torch.device(arg) if arg else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = arg in (None, "", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(arg)
     return device, detect_target(device)
 
 

@@ -27,8 +27,9 @@ from typing import Literal, Mapping
 import torch
 from torch import nn
 
+from loka.aten_gemms import engine_scope, observing, report
 from loka.kernels import KERNELS
-from loka.kernels.kernel import GemmKernel, Quantized
+from loka.kernels.kernel import GemmKernel, Quantized, auto_preference
 from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
@@ -36,14 +37,13 @@ from loka.scaling import ScaleState
 from loka.weight_cache import WeightCache
 
 Fallback = Literal["error", "hp"]
-AUTO_PREFERENCE = ("scaled_mm", "emulated")
 
 
 def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: torch.device | str = "cpu") -> tuple[Recipe, dict[str, GemmKernel]]:
     """Kernel per GEMM from a name, ``"auto"`` or a ``{gemm: name}`` map.
 
     A GEMM given the ``bf16`` kernel runs in hp, so its recipe becomes hp.
-    ``"auto"`` takes the first of ``AUTO_PREFERENCE`` that is available and
+    ``"auto"`` takes the first kernel by ``auto_rank`` that is available and
     takes the recipe (``emulated`` always does).
     """
 
@@ -55,12 +55,12 @@ def resolve_kernels(recipe: Recipe, kernels: str | Mapping[str, str], device: to
     for gemm in GEMMS:
         g = recipe.gemm(gemm)
         name = names.get(gemm, "auto")
-        if g.is_hp or name == "bf16":
+        if g.is_hp or (name != "auto" and kernel_by_name(name).hp):
             recipe = recipe.with_gemm(gemm, HP_GEMM)
             chosen[gemm] = KERNELS.get("bf16")
             continue
         if name == "auto":
-            name = next(n for n in AUTO_PREFERENCE if _fits_recipe(KERNELS.get(n), g, device))
+            name = next(n for n in auto_preference() if _fits_recipe(KERNELS.get(n), g, device))
         kernel = kernel_by_name(name)  # "<kernel>+pad" pads K and N inside the call (loka.kernels.padded)
         ok, why = kernel.available(device)
         if not ok:
@@ -104,6 +104,9 @@ class Float8Linear(nn.Linear):
         self.recipe, self.kernels = resolve_kernels(as_recipe(recipe), kernels, device)
         self.fallback = fallback
         self.fallbacks: dict[str, str] = {}  # gemm -> why it ran in hp
+        self.ran = {g: {"fp8": 0, "hp": 0} for g in GEMMS}  # GEMMs run, by how (loka.aten_gemms)
+        self.expected = {g: 0 for g in GEMMS}  # GEMMs the forwards so far imply
+        self.loka_site = getattr(self, "loka_site", None)  # the fqn, set by loka.convert
         self.scale_state = ScaleState(self.recipe)
         self.weight_cache = WeightCache()
 
@@ -156,6 +159,18 @@ class Float8Linear(nn.Linear):
                     )
                 self.fallbacks[gemm] = f"{kernel.name}: {why}"
                 kernel, g = self.kernels_hp(), HP_GEMM
+        if torch.compiler.is_compiling():  # counts are Python state a traced graph cannot update
+            return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        self.ran[gemm]["hp" if kernel.hp else "fp8"] += 1
+        if not observing():
+            return self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        with engine_scope():  # the kernel's own ops are not the model's GEMMs
+            out = self._mm(gemm, kernel, g, a, b, out_dtype, weight)
+        report(self.loka_site, gemm, 2.0 * shape[0] * shape[1] * shape[2], not kernel.hp, "Float8Linear",
+               self.fallbacks.get(gemm, "") if kernel.hp else "", shape, param=self.weight)
+        return out
+
+    def _mm(self, gemm, kernel, g, a, b, out_dtype, weight):
         if kernel.hp:
             return kernel.mm(a.to(out_dtype), b.to(out_dtype), g, out_dtype=out_dtype)
         a_role, b_role = GEMM_ROLES[gemm]
@@ -195,6 +210,10 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.module, ctx.compute_dtype = module, compute_dtype
         ctx.weight_is_param = weight is module.weight  # then backward may use the weight cache
         ctx.save_for_backward(x2d, weight)
+        if not torch.compiler.is_compiling():
+            module.expected["fprop"] += 1
+            module.expected["dgrad"] += int(ctx.needs_input_grad[0])
+            module.expected["wgrad"] += int(ctx.needs_input_grad[1])
         # [M, K] · [N, K]ᵀ -> [M, N]
         return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
 

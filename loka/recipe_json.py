@@ -14,6 +14,7 @@ of exactly those recipes, so files of named recipes stay as they were.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, fields
 
 from loka.recipe import GEMMS, GemmRecipe, OperandRecipe, Recipe, as_recipe
@@ -81,6 +82,11 @@ def needs_fields(recipe: Recipe) -> bool:
         return as_recipe(recipe.name) != recipe
     except ValueError:
         return True
+
+
+def recipe_key(recipe: Recipe) -> str:
+    """A string naming exactly ``recipe``'s fields (e.g. for a cache): its name when that says it all."""
+    return json.dumps(recipe_to_dict(recipe), sort_keys=True) if needs_fields(recipe) else recipe.name
 
 
 def resolve_recipe(name: str, defined: dict) -> Recipe:

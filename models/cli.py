@@ -8,9 +8,10 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 import torch
+
+from loka.cli_vocab import DEVICE_HELP, add_alias, add_json, out_file, resolve_device, write_json
 
 from .checkpoint import load_checkpoint, load_model
 from .config import RankerConfig
@@ -22,7 +23,9 @@ from .evaluate import compare, evaluate
 from .guards import NonFiniteError
 from .precision import apply_precision
 from .ranker import Ranker
+from .run_dir import ForcedStop
 from .serve import ScoringServer, ServeConfig
+from .sharded_cli import add_sharding_args, launch, run_sharded
 from .synthetic import SyntheticStream
 from .train import TrainConfig, train
 
@@ -50,12 +53,12 @@ def _add_train(sub) -> None:
                                    "loka train --size small --steps 1000 --plan bf16 --out runs/small")
     p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=512, help="examples per step (default 512)")
     p.add_argument("--plan", dest="precision", default=None,
                    help="bf16 | fp32 | fp8 | path to a loka plan JSON (default: bf16; on --resume the "
                         "checkpoint's own precision)")
-    p.add_argument("--precision", dest="precision", help=argparse.SUPPRESS)  # the old name of --plan
-    p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, eval results")
+    add_alias(p, "--precision", "--plan")
+    p.add_argument("--out", default=None, metavar="DIR", help="directory for metrics.jsonl, checkpoint.pt, eval results")
     p.add_argument("--lr-dense", type=float, default=None, help="AdamW lr (default: TrainConfig's)")
     p.add_argument("--lr-sparse", type=float, default=None, help="row-wise Adagrad lr (default: TrainConfig's)")
     p.add_argument("--schedule", default=None, choices=("constant", "cosine"),
@@ -64,7 +67,7 @@ def _add_train(sub) -> None:
                    help="loss weight per task, e.g. cvr=0.1 (default: TrainConfig's, CVR 0.1)")
     p.add_argument("--seed", type=int, default=0, help="model init seed")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--eval-examples", type=int, default=50_000, help="held-out examples at the end (0: none)")
@@ -80,8 +83,12 @@ def _add_train(sub) -> None:
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default=None,
                    help="a NaN/Inf loss or gradient: stop with an error naming where (default), "
                         "or skip that step's update")
+    p.add_argument("--on-nonfinite-dense", choices=("warn", "stop"), default=None,
+                   help="NaN/Inf dense feature values: replace them and warn once with the count "
+                        "(default), or stop with an error naming the step")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="SEC",
-                   help="data-parallel: fail after SEC seconds without an answer from a rank (default 300)")
+                   help="data-parallel: fail after SEC seconds without an answer from a rank, naming it "
+                        "within about 5 s more (default 300)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--criteo", nargs="+", default=None, metavar="TSV",
                    help="train on Criteo-format files instead of synthetic data")
@@ -90,11 +97,16 @@ def _add_train(sub) -> None:
                    help="malformed Criteo lines: fail, or skip and count them")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--no-progress", action="store_true")
+    add_json(p, "the result (steps, speed, evaluation, checkpoint)")
+    add_sharding_args(p)
     p.set_defaults(func=_run_train)
 
 
 @_clear_errors("train")
 def _run_train(args) -> int:
+    launched = launch(args)
+    if launched is not None:
+        return launched
     if args.threads:
         torch.set_num_threads(args.threads)
     model = data = None
@@ -110,6 +122,7 @@ def _run_train(args) -> int:
                                 ("checkpoint_minutes", args.checkpoint_minutes),
                                 ("keep_checkpoints", args.keep_checkpoints),
                                 ("nonfinite", args.on_nonfinite),
+                                ("nonfinite_dense", args.on_nonfinite_dense),
                                 ("dist_timeout_s", args.dist_timeout)) if v is not None}
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          precision=args.precision, out_dir=args.out, **recipe,
@@ -117,16 +130,25 @@ def _run_train(args) -> int:
                          device=args.device, compile=args.compile, eval_examples=eval_examples,
                          max_seconds=args.max_seconds, overwrite=args.overwrite,
                          log_every=args.log_every, progress=not args.no_progress)
+    if args.tables:
+        return run_sharded(args, config)
     try:
         result = train(config, model=model, data=data, resume=args.resume)
     except (NonFiniteError, RankTimeoutError) as exc:
         print(f"loka train: {exc}", file=sys.stderr)
+        if isinstance(exc, RankTimeoutError):
+            _exit_now(1)
         return 1
+    except ForcedStop as exc:
+        print(f"loka train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
     print(f"trained {result.step} steps, {result.examples_per_s:,.0f} examples/s")
     if args.criteo:
         print(f"skipped malformed lines: {data.skipped}")
+    if result.nonfinite_dense:
+        print(f"NaN/Inf dense feature values replaced: {result.nonfinite_dense}", file=sys.stderr)
     if result.evaluation is not None:
         print(result.evaluation.table())
     if result.checkpoint:
@@ -135,7 +157,20 @@ def _run_train(args) -> int:
         print(f"stopped by {result.stopped_by} at step {result.step}; continue with --resume "
               f"{result.checkpoint or '(no --out: nothing saved)'}", file=sys.stderr)
         return 128 + getattr(signal, result.stopped_by)  # the shell's convention for a signal
+    if args.json:
+        write_json(args.json, {"steps": result.step, "examples_per_s": result.examples_per_s,
+                               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                               "evaluation": result.evaluation.to_dict() if result.evaluation is not None else None})
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process without interpreter teardown: a process group whose peer is frozen takes
+    seconds to destroy in C++ (2-3 s measured on gloo), after the error is already said and
+    every file is closed, so the survivor exits within --dist-timeout plus a few seconds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parse_task_weights(text: str | None) -> tuple[tuple[str, float], ...] | None:
@@ -162,37 +197,40 @@ def _add_eval(sub) -> None:
     p.add_argument("--plan", default=None, help="fp8 or a plan file to convert the model with")
     p.add_argument("--eval-examples", dest="examples", type=int, default=50_000,
                    help="held-out examples (default 50000)")
-    p.add_argument("--examples", dest="examples", type=int, help=argparse.SUPPRESS)  # old name
-    p.add_argument("--seed", type=int, default=1_000_003, help="held-out stream seed")
-    p.add_argument("--out", dest="outputs", default=None, metavar="NPZ",
-                   help="write EvalOutputs (.npz) for `loka gate`")
-    p.add_argument("--outputs", dest="outputs", help=argparse.SUPPRESS)  # old name of --out
+    add_alias(p, "--examples", "--eval-examples")
+    p.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out stream seed (default 1000003)")
+    add_alias(p, "--seed", "--eval-seed")
+    p.add_argument("--out", dest="outputs", default=None, metavar="DIR",
+                   help="directory to write eval_outputs.npz (EvalOutputs) into, for `loka gate`")
+    add_alias(p, "--outputs", "--out")
     p.add_argument("--compare", default=None, metavar="CHECKPOINT_B", help="paired NE comparison b - a")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write the results as JSON to PATH (no PATH: print JSON instead of the table)")
-    p.add_argument("--device", default="cpu", help="torch device to evaluate on (default cpu)")
+                   help="also write the results as JSON to PATH (-: print the JSON instead of the table; "
+                        "a bare --json, deprecated, does the same)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_eval)
 
 
 @_clear_errors("eval")
 def _run_eval(args) -> int:
-    model = load_model(args.checkpoint).to(args.device)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint).to(device)
     if args.plan:
         apply_precision(model, args.plan)
     teacher = load_checkpoint(args.checkpoint)["train_config"].get("teacher_seed", 0)
-    stream = SyntheticStream(model.config, min(4096, args.examples), seed=args.seed, teacher_seed=teacher,
-                             device=args.device)
+    stream = SyntheticStream(model.config, min(4096, args.examples), seed=args.eval_seed, teacher_seed=teacher,
+                             device=device)
     if args.compare:
-        other = load_model(args.compare).to(args.device)
+        other = load_model(args.compare).to(device)
         results = compare(model, other, stream, n_examples=args.examples)
         out = {t: r.to_dict() for t, r in results.items()}
         print(json.dumps(out, indent=2))
         return 0
     report = evaluate(model, stream, n_examples=args.examples, progress=True)
     if args.outputs:
-        report.outputs.save(args.outputs)
+        report.outputs.save(out_file(args.outputs, "eval_outputs.npz"))
     if args.json and args.json != "-":
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        write_json(args.json, report.to_dict())
     print(json.dumps(report.to_dict(), indent=2) if args.json == "-" else report.table())
     return 0
 
@@ -200,22 +238,25 @@ def _run_eval(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a ranker checkpoint over HTTP on loopback",
                        description="POST /score with one user and N candidates -> N scores per task; "
-                                   "GET /health, GET /metrics. Limits: see models/README.md.")
+                                   "GET /health, GET /metrics. Limits: see models/README.md. SIGTERM "
+                                   "or Ctrl-C stops gracefully and exits 128 + the signal (143, 130).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--plan", default=None, help="fp8 or a loka plan file (default: bf16)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--max-batch", type=int, default=1024, help="most examples per batched forward")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long to gather requests")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--max-inflight", type=int, default=4,
-                   help="requests read, parsed and scored at once (bounds memory); others wait")
+                   help="requests parsed and scored at once (bodies are read before, so a slow "
+                        "client holds no slot); others wait")
     p.add_argument("--max-connections", type=int, default=1024, help="past this, requests get 503")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds for a request head, and for its body")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds a request may wait for a slot, and for its scores, before 503")
+    add_json(p, "where it serves ({url, size, precision}) once listening")
     p.set_defaults(func=_run_serve)
 
 
@@ -229,12 +270,27 @@ def _run_serve(args) -> int:
                                              device=args.device)
     engine.warmup()
     server = ScoringServer(engine, config)
+    received: list[int] = []
+
+    def record(signum, frame) -> None:
+        received.append(signum)
+        server.ask_stop()  # a signal before uvicorn installs its own handlers stops it as well
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handlers
+    # it found: these record it, so both signals exit alike, 128 + signal (143, 130), as `train` does
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
     print(f"serving {engine.config.size} ranker ({engine.precision}) at {server.url}/score", flush=True)
+    if args.json:
+        write_json(args.json, {"url": server.url, "size": engine.config.size, "precision": str(engine.precision)})
     try:
-        server.serve_forever()  # SIGINT/SIGTERM: graceful shutdown
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    return 0
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not received:
+        return 0
+    print(f"stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
+    return 128 + received[0]
 
 
 def _add_info(sub) -> None:
@@ -242,36 +298,32 @@ def _add_info(sub) -> None:
                        description="Estimate one bf16 training step of a ranker size on fake CPU "
                                    "tensors (no GPU, no real allocation): parameters, GEMM FLOPs per "
                                    "example per arch (useful and executed) and peak GPU memory. "
-                                   "Example: loka info --size large --batch 8192")
+                                   "Example: loka info --size large --batch-size 8192")
     p.add_argument("--size", default="small", help="tiny | small | base | large (default small)")
-    p.add_argument("--batch", type=int, default=8192, help="examples per step (default 8192)")
+    p.add_argument("--batch-size", type=int, default=8192, help="examples per step (default 8192)")
+    add_alias(p, "--batch", "--batch-size")
     p.add_argument("--checkpoint-blocks", choices=("on", "off"), default=None,
                    help="override the size's activation checkpointing")
     p.add_argument("--embedding-dtype", choices=("float32", "bfloat16"), default=None,
                    help="override the size's embedding table dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the history lengths")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the estimate as JSON")
+    add_json(p, "the estimate")
     p.set_defaults(func=_run_info)
 
 
 def _run_info(args) -> int:
-    if args.batch < 1:
-        raise SystemExit(f"loka info: --batch must be >= 1, got {args.batch}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     overrides = {}
     if args.checkpoint_blocks:
         overrides["checkpoint_blocks"] = args.checkpoint_blocks == "on"
     if args.embedding_dtype:
         overrides["embedding_dtype"] = args.embedding_dtype
-    try:
-        cfg = RankerConfig.from_size(args.size, **overrides)
-    except ValueError as exc:
-        raise SystemExit(f"loka info: {exc}") from exc
-    estimate = estimate_step(cfg, args.batch, seed=args.seed)
+    cfg = RankerConfig.from_size(args.size, **overrides)
+    estimate = estimate_step(cfg, args.batch_size, seed=args.seed)
     print(estimate.table())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(estimate.to_dict(), indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, estimate.to_dict())
     return 0
 
 

@@ -159,6 +159,16 @@ class RankerConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+INPUT_FIELDS = ("sparse_cardinalities", "multi_hot_cardinalities", "multi_hot_len", "n_dense", "history_len",
+                "history_item_feature", "n_actions", "n_gap_buckets", "tasks")
+"""The fields that fix a batch's shapes, id ranges and tasks: rankers equal on these score the same batches."""
+
+
+def input_mismatch(a: RankerConfig, b: RankerConfig) -> list[str]:
+    """Names of the `INPUT_FIELDS` in which ``a`` and ``b`` differ (empty: same inputs)."""
+    return [name for name in INPUT_FIELDS if getattr(a, name) != getattr(b, name)]
+
+
 def criteo_config(size: str = "small", hash_buckets: int = 100_000) -> RankerConfig:
     """A config for Criteo-format data: 13 dense, 26 hashed categorical features, CTR only."""
     if size not in SIZES:
@@ -181,7 +191,7 @@ SIZES: dict[str, RankerConfig] = {
         fm_rank=8, fm_hidden=128, over_hidden=(128, 64), size="small"),
     # base / large (architecture 2): the dense interaction arch dominates, as in Wukong: at
     # large, interaction + over hold about 65% of a training step's GEMM FLOPs, 98% of those at
-    # K, N >= 2048 (`loka info --size large --batch 8192`); large recomputes its blocks.
+    # K, N >= 2048 (`loka info --size large --batch-size 8192`); large recomputes its blocks.
     "base": RankerConfig(
         embed_dim=64,
         sparse_cardinalities=(2_000_000, 500_000, 20_000, 256, 8, 200, 8, 24)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
-from pathlib import Path
 
 import torch
 
+from loka.cli_vocab import add_device, add_json, resolve_device, write_json
 from loka.models.checkpoint import load_model
 from loka.models.precision import apply_precision
 from loka.models.synthetic import SyntheticStream
@@ -32,8 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--plan", required=True, help="a plan JSON written by `loka plan`, or fp8 (every Linear tensorwise)")
     p.add_argument("--batch-size", type=int, default=256, help="examples in the check batch (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the check batch (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device to run the check on (default cpu)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
+    add_device(p, "device to run the check on")
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -46,12 +44,13 @@ def _rel_change(ref, new) -> float:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-    model = load_model(args.checkpoint).to(args.device).eval()
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint).to(device).eval()
     reference = copy.deepcopy(model)
     result = apply_precision(model, args.plan)
     if result is None:
         raise ValueError(f"--plan {args.plan!r} converts nothing; pass a plan JSON from `loka plan`, or fp8")
-    batch = SyntheticStream(model.config, args.batch_size, seed=args.seed, device=args.device).batch(0)
+    batch = SyntheticStream(model.config, args.batch_size, seed=args.seed, device=device).batch(0)
     with torch.no_grad():
         ref, new = reference(batch), model(batch)
     change = {task: _rel_change(ref[task], new[task]) for task in ref}
@@ -64,6 +63,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"checkpoint": str(args.checkpoint), "plan": str(args.plan), "converted": result.converted,
                "skipped": result.skipped, "logit_rel_change": change, "batch_size": args.batch_size}
-        Path(args.json).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, doc)
     return 0

@@ -3,6 +3,8 @@
 Real dense features (counts, prices, dwell times) are log-normal or Student-t with outliers
 many orders of magnitude out; a signed log1p first keeps one outlier from dominating the
 GEMMs and their FP8 scales. The output joins the sparse embeddings in the interaction arch.
+NaN/Inf inputs are replaced here (NaN -> 0, +-Inf -> +-1e30) so one bad value cannot poison a
+batch; the trainer counts them and warns once per run, or stops (``nonfinite_dense``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 DEFAULT_TIMEOUT_S = 300.0
+MONITOR_TIMEOUT_S = 5.0  # the check for who stopped: the live ranks reach it together, within seconds
 _COMM_FAILURE = re.compile(r"timed? ?out|timeout|connection|peer|gloo|nccl|socket", re.IGNORECASE)
 
 
@@ -73,7 +74,7 @@ class DistContext:
     def _who_stopped(self, exc: BaseException) -> str:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         try:
-            dist.monitored_barrier(group=self.monitor, timeout=timedelta(seconds=min(self.timeout_s, 30.0)),
+            dist.monitored_barrier(group=self.monitor, timeout=timedelta(seconds=min(self.timeout_s, MONITOR_TIMEOUT_S)),
                                    wait_all_ranks=True)
             who = "every rank answered a check afterwards (a lost connection, not a frozen rank)"
         except RuntimeError as check:
@@ -121,7 +122,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
                 torch.cuda.set_device(dev)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
         # monitored_barrier exists on gloo only; a side group also survives the main one failing
-        monitor = dist.new_group(backend="gloo", timeout=timeout)
+        monitor = dist.new_group(backend="gloo", timeout=timedelta(seconds=min(timeout_s, MONITOR_TIMEOUT_S)))
     return DistContext(rank, world, local_rank, dev, timeout_s, monitor)
 
 

@@ -24,7 +24,7 @@ from loka.mods import fused_norm_quant
 from loka.weight_cache import freeze_fp8_weights
 
 from .batch import Batch
-from .checkpoint import load_checkpoint
+from .checkpoint import load_model
 from .config import RankerConfig
 from .distributed import resolve_device
 from .precision import Precision, apply_plan_producers, apply_precision
@@ -75,10 +75,7 @@ class InferenceEngine:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, plan: str | None = None, **kwargs) -> "InferenceEngine":
         """Engine from a training checkpoint; ``plan`` is "fp8" or a plan file (default: bf16)."""
-        state = load_checkpoint(path)
-        model = Ranker(RankerConfig.from_dict(state["ranker_config"]))
-        model.load_state_dict(state["model"])
-        return cls(model, precision=plan or "bf16", **kwargs)
+        return cls(load_model(path), precision=plan or "bf16", **kwargs)
 
     @torch.inference_mode()
     def score(self, batch: Batch) -> dict[str, Tensor]:

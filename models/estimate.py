@@ -89,10 +89,24 @@ class StepEstimate:
         lines += ["", f"training step GEMM FLOPs (forward + backward); interaction + over: "
                       f"{self.interaction_share:.1%}, {self.big_gemm_share:.1%} of it at K, N >= {BIG_GEMM}",
                   f"sequence tokens: {t['real']:,} real, {t['executed']:,} executed, {t['padded']:,} padded",
-                  f"estimated peak memory: {self.peak_memory_gib:.2f} GiB ("
-                  + ", ".join(f"{k} {v:.2f}" for k, v in self.memory_gib.items()) + ")",
+                  self.peak_line(),
                   "(fake tensors on CPU; GPU step time and MFU are measured by bench/ranker.py)"]
         return "\n".join(lines)
+
+    def peak_line(self) -> str:
+        """The peak and what holds memory at that moment (MemTracker's snapshot at the overall peak),
+        in MiB below 1 GiB so that a small model shows no row of 0.00."""
+        scale, unit = (1.0, "GiB") if self.peak_memory_gib >= 1 else (1024.0, "MiB")
+        held = {k: v * scale for k, v in self.memory_gib.items() if v * scale >= 0.005}
+        empty = [k for k in self.memory_gib if k not in held]
+        line = (f"estimated peak memory: {self.peak_memory_gib * scale:.2f} {unit} ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in held.items()) + ")")
+        if "grad" in empty:  # the usual case: activations peak at the end of the forward
+            line += (f"; at that moment (in the forward, before backward allocates gradients) "
+                     f"{', '.join(empty)} hold nothing")
+        elif empty:
+            line += f"; {', '.join(empty)} hold nothing at that moment"
+        return line
 
 
 def _mem_tracker():

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from loka.gate import EvalOutputs, auc, calibration, fingerprint, normalized_entropy, paired_bootstrap
 
 from .batch import Batch
+from .config import input_mismatch
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,11 @@ def compare(model_a, model_b, data, n_examples: int = 50_000, metric: str = "ne"
     Both models score exactly the same examples, so example-level noise cancels and the
     interval is much tighter than comparing two separate NE numbers.
     """
+    differ = input_mismatch(model_a.config, model_b.config)
+    if differ:
+        raise ValueError(f"cannot compare a {model_a.config.size!r} ranker with a {model_b.config.size!r} "
+                         f"ranker: their inputs differ ({', '.join(differ)}), so no example feeds both; "
+                         "compare two checkpoints of the same size and features.")
     pa, pb = predict(model_a, data, n_examples), predict(model_b, data, n_examples)
     if not np.array_equal(pa["ids"], pb["ids"]):
         raise ValueError("the two models did not score the same examples; pass a reproducible stream.")

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from loka.cli_vocab import resolve_device
+from loka.dispatch import PlanMismatchError
 from loka.gate import GateResult, gate
 from loka.gate.compare import GateInputError, read_outputs
 from loka.gate.outputs import EvalOutputs, EvalOutputsError, fingerprint, is_eval_outputs_file
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .config import RankerConfig
 from .evaluate import evaluate
 from .precision import apply_precision
@@ -80,10 +82,11 @@ def evaluate_checkpoint(path: str | os.PathLike, precision: str | None, how: Che
     train_cfg = state.get("train_config") or {}
     try:
         model = Ranker(RankerConfig.from_dict(state["ranker_config"]))
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, path)
         apply_precision(model, precision)
     except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
-        raise EvalOutputsError(f"{path}: cannot build the model for precision {precision!r}: {exc}") from None
+        reason = exc.summary() if isinstance(exc, PlanMismatchError) else " ".join(str(exc).split())
+        raise EvalOutputsError(f"{path}: cannot build the model for precision {precision!r}: {reason}") from None
     model.to(torch.device(how.device))
     seed = how.eval_seed if how.eval_seed is not None else train_cfg.get("eval_seed", 1_000_003)
     stream = SyntheticStream(model.config, min(how.batch_size, how.eval_examples), seed=seed,
@@ -126,4 +129,4 @@ def checkpoint_loader(side: str, path: str, precision: str | None, *, eval_examp
                       device: str) -> EvalOutputs:
     """The ``loka gate`` command's loader of a ``.pt`` side (wired by ``loka.app.cli``)."""
     return load_side(side, path, precision, CheckpointEval(eval_examples=eval_examples, eval_seed=eval_seed,
-                                                          device=device))
+                                                          device=resolve_device(device)))

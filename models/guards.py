@@ -1,5 +1,6 @@
 """Training guards: a non-finite value stops the run (or skips its step) before it reaches a
-checkpoint, and says where it first appeared; labels are checked before they train anything.
+checkpoint, and says where it first appeared; labels are checked before they train anything,
+and NaN/Inf dense features are counted (warned about once per run, or refused).
 
 Why: one NaN or Inf in a loss, a gradient or a learning rate spreads to every weight within a
 step, and a run that goes on writes an all-NaN checkpoint over the last good one and exits 0.
@@ -18,6 +19,7 @@ from .batch import Batch
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_DENSE_POLICIES = ("warn", "stop")  # NaN/Inf dense features: replaced with a warning, or refused
 MAX_CONSECUTIVE_SKIPS = 10  # a run that cannot take a finite step for this long has diverged
 
 
@@ -25,8 +27,10 @@ class NonFiniteError(RuntimeError):
     """Training met NaN/Inf; the message says where (loss, parameter, gradient or input)."""
 
 
-def check_labels(batch: Batch, tasks: tuple[str, ...]) -> None:
-    """ValueError unless labels are 0/1 and label weights finite and >= 0, shaped [B, n_tasks]."""
+def check_batch(batch: Batch, tasks: tuple[str, ...]) -> int:
+    """ValueError unless labels are 0/1 and label weights finite and >= 0, shaped [B, n_tasks];
+    returns how many dense feature values are NaN/Inf (the dense arch replaces them, the
+    trainer counts them: a data bug made visible). One host sync for all of it."""
     labels, weights = batch.labels, batch.label_weights
     if labels is None or weights is None:
         raise ValueError("training batches need labels and label_weights ([B, n_tasks] each).")
@@ -36,7 +40,8 @@ def check_labels(batch: Batch, tasks: tuple[str, ...]) -> None:
                          f"must both be [B, n_tasks] = {want} for tasks {list(tasks)}.")
     bad_label = (labels != 0) & (labels != 1)  # NaN compares unequal to both
     bad_weight = ~torch.isfinite(weights) | (weights < 0)
-    flags = torch.stack([bad_label.any(), bad_weight.any()]).tolist()
+    bad_dense = (~torch.isfinite(batch.dense)).sum() if batch.dense.is_floating_point() else labels.new_zeros(())
+    flags = torch.stack([bad_label.any().long(), bad_weight.any().long(), bad_dense.long()]).tolist()
     if flags[0]:
         i, t = bad_label.nonzero()[0].tolist()
         raise ValueError(f"labels must be 0 or 1; example {i} has {labels[i, t].item()!r} for task "
@@ -46,6 +51,19 @@ def check_labels(batch: Batch, tasks: tuple[str, ...]) -> None:
         i, t = bad_weight.nonzero()[0].tolist()
         raise ValueError(f"label_weights must be finite and >= 0; example {i} has "
                          f"{weights[i, t].item()!r} for task {tasks[t]!r}.")
+    return int(flags[2])
+
+
+def report_nonfinite_dense(policy: str, count: int, step: int, *, first: bool, write) -> None:
+    """``count`` NaN/Inf dense values in step ``step``'s batch: ValueError under policy "stop";
+    under "warn", one line through ``write`` if this is the run's ``first`` such batch."""
+    where = f"step {step}'s batch has {count} NaN/Inf dense feature values"
+    if policy == "stop":
+        raise ValueError(f"{where}; fix the data source, or let the model replace them (NaN -> 0, "
+                         "+-Inf -> +-1e30) with nonfinite_dense='warn' (--on-nonfinite-dense warn).")
+    if first:
+        write(f"warning: {where}; the model replaces them (NaN -> 0, +-Inf -> +-1e30). Said once per run: "
+              "the run's total is in metrics.jsonl (nonfinite_dense); stop on them with --on-nonfinite-dense stop.")
 
 
 def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
@@ -124,9 +142,21 @@ def _tensors(value) -> list[Tensor]:
     return []
 
 
-def check_before_save(model: nn.Module, optimizers: dict, step: int) -> None:
-    """NonFiniteError instead of writing a checkpoint that holds NaN/Inf anywhere."""
+def last_good(last) -> str:
+    """'the last good checkpoint is X' / 'no checkpoint was written', for error messages."""
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+
+
+def check_before_save(model: nn.Module, optimizers: dict, step: int, last=None, rerun=None) -> None:
+    """NonFiniteError instead of writing a checkpoint that holds NaN/Inf anywhere, or whose
+    weights, finite but blown up, give NaN/Inf when ``rerun()`` repeats the forward of the step
+    that produced them (one extra forward per checkpoint). ``last``: the newest good checkpoint."""
     bad = first_nonfinite([*model.state_dict().items(), *optimizer_tensors(optimizers)])
     if bad is not None:
-        raise NonFiniteError(f"not writing a checkpoint at step {step}: {bad} holds NaN/Inf; "
-                             "the last checkpoint written is still the good one.")
+        raise NonFiniteError(f"not writing a checkpoint at step {step}: {bad} holds NaN/Inf; {last_good(last)}.")
+    module = first_nonfinite_output(model, rerun) if rerun is not None else None
+    if module is not None:
+        raise NonFiniteError(
+            f"not writing a checkpoint at step {step}: its weights are finite but the forward on that step's "
+            f"batch gives NaN/Inf (first in {module}): the update blew them up (too high a learning rate?); "
+            f"{last_good(last)}. Lower the learning rate{' and resume from it' if last else ''}.")

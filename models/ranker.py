@@ -74,8 +74,8 @@ class Ranker(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the fused embedding table (trained by row-wise Adagrad)."""
-        return [self.sparse.table.weight]
+        """Parameters of the embedding tables (trained by row-wise Adagrad)."""
+        return self.sparse.embedding_parameters()
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every other parameter (trained by AdamW)."""

@@ -1,5 +1,6 @@
-"""What an exact resume needs beyond weights and optimizer state: the RNG streams and the
-precision the run trained in (with the plan's own text, since a plan file can move or change).
+"""What an exact resume needs beyond weights: the optimizers' state (refused in one line when it
+is missing or does not fit), the RNG streams and the precision the run trained in (with the
+plan's own text, since a plan file can move or change).
 
 Why: a resume must continue the run that was checkpointed, not a neighbour of it. An FP8 run
 resumed without naming its precision used to continue silently in bf16; now it resumes in
@@ -62,3 +63,18 @@ def resume_precision(requested: str | None, state: dict | None, resume=None) -> 
         raise ValueError(f"the plan {recorded} changed since {resume} was written; pass "
                          "--precision PLAN explicitly to resume with a (new) plan on purpose.")
     return recorded
+
+
+def load_optimizers(optimizers: dict, state: dict, resume) -> None:
+    """Each optimizer's state from the checkpoint; ValueError (one line) when it is missing or
+    does not fit this model's parameters."""
+    saved = state.get("optimizers")
+    for name, opt in optimizers.items():
+        if not isinstance(saved, dict) or not isinstance(saved.get(name), dict):
+            raise ValueError(f"{resume} has no state for the {name!r} optimizer, so it cannot resume a run "
+                             "exactly; use a checkpoint written by `loka train`.")
+        try:
+            opt.load_state_dict(saved[name])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"{resume}: the {name!r} optimizer state does not fit this model "
+                             f"({' '.join(str(exc).split())[:200]}); use a checkpoint written by `loka train`.") from None

@@ -1,7 +1,7 @@
 """Scoring service: `loka serve --checkpoint ...` - an ASGI app served by uvicorn on loopback.
 
 POST /score with the JSON of `serving_schema` -> ``{"scores": {"ctr": [...], "cvr": [...]}, "n": N}``;
-GET /health -> ``{"status": "ok", ...}``; GET /metrics -> Prometheus text. Requests from
+GET (or HEAD) /health -> ``{"status": "ok", ...}``; GET /metrics -> Prometheus text. Requests from
 concurrent clients share forwards through the `Batcher`.
 
 Why not a hand-rolled server: the previous `http.server` one had a listen backlog of 5 (bursts
@@ -10,13 +10,15 @@ threads), and no bound on memory. Here uvicorn's HTTP/1.1 (keep-alive, backlog 2
 loop) carries an app that bounds everything a client controls (`ServeConfig`):
 
 - a request head must arrive within ``read_timeout_s`` (uvicorn itself only times out idle
-  keep-alive connections) and so must the body, else the connection is closed / 408;
+  keep-alive connections) and so must the body, else the connection is closed / 408; a head
+  over 16 KiB (`MAX_HEAD_BYTES`) gets 400, whether it arrives in pieces (h11) or at once;
+- the body is read before the request takes an in-flight slot, so a slow client holds none;
 - a body over ``max_body_bytes`` gets 413 (one up to twice the limit is read and dropped first,
   so that the answer is not lost to a TCP reset; a larger declared one is refused unread);
-- at most ``max_inflight`` requests are read, parsed and scored at once (others wait for a
-  slot, at most ``request_timeout_s``, then 503), so memory is bounded by about
-  ``max_inflight * max_body_bytes`` plus the parsed batches; past ``max_connections`` open
-  connections a request gets 503 at once;
+- at most ``max_inflight`` requests are parsed and scored at once (others wait for a slot, at
+  most ``request_timeout_s``, then 503); bodies still arriving take at most
+  ``max_body_bytes`` each, on at most ``max_connections`` connections; past
+  ``max_connections`` open connections a request gets 503 at once;
 - every answer is JSON (``allow_nan=False``): bad input 4xx naming the field, a malformed HTTP
   head 400, non-finite model scores 500 (`NonFiniteScores`), an internal error 500 with its type.
 
@@ -82,6 +84,16 @@ class ServeConfig:
                              f"got {', '.join(f'{n}={getattr(self, n)}' for n in bad)}")
 
 
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; h11's own bound on a head still arriving
+
+
+def _head_bytes(scope) -> int:
+    """The size of the request head as sent: request line, ``name: value`` lines, blank line."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string") or b"")
+    line = len(scope["method"]) + 1 + target + (1 if scope.get("query_string") else 0) + 11  # " HTTP/1.1\r\n"
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
+
+
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -120,7 +132,7 @@ class ScoringApp:
         start, path = time.perf_counter(), scope["path"]
         close = False
         try:
-            if path == "/metrics" and scope["method"] == "GET":
+            if path == "/metrics" and scope["method"] == "GET" and _head_bytes(scope) <= MAX_HEAD_BYTES:
                 text = self.metrics.render(self.batcher.batches_run, self.batcher.examples_scored, self._connections())
                 await _send(send, 200, text.encode(), b"text/plain; version=0.0.4")
                 self.metrics.observe(path, 200, time.perf_counter() - start)
@@ -128,7 +140,7 @@ class ScoringApp:
             status, payload = 200, await self._route(scope, receive)
         except _HTTPError as err:  # unless the body was read, the connection cannot carry another request
             status, payload = err.status, {"error": str(err)}
-            close = err.status in (408, 413, 503) and not isinstance(err.__cause__, _BodyDrained)
+            close = err.status in (400, 408, 413, 503) and not isinstance(err.__cause__, _BodyDrained)
         except _ClientGone:
             return
         except Exception as exc:  # the service answers JSON even for its own bugs
@@ -143,11 +155,15 @@ class ScoringApp:
 
     async def _route(self, scope, receive) -> dict:
         path, method = scope["path"], scope["method"]
-        routes = {"/score": "POST", "/health": "GET", "/metrics": "GET"}
+        head = _head_bytes(scope)
+        if head > MAX_HEAD_BYTES:  # h11 bounds only a head that arrives in pieces; this, one in one piece
+            raise _HTTPError(400, f"the request head is {head} bytes, over the limit of {MAX_HEAD_BYTES} "
+                                  "(request line and headers)")
+        routes = {"/score": ("POST",), "/health": ("GET", "HEAD"), "/metrics": ("GET",)}
         if path not in routes:
             raise _HTTPError(404, f"no such path {path}; use POST /score, GET /health or GET /metrics")
-        if method != routes[path]:
-            raise _HTTPError(405, f"{path} takes {routes[path]}, not {method}")
+        if method not in routes[path]:
+            raise _HTTPError(405, f"{path} takes {' or '.join(routes[path])}, not {method}")
         if path == "/health":
             cfg = self.engine.config
             return {"status": "ok", "size": cfg.size, "tasks": list(cfg.tasks), "precision": str(self.engine.precision),
@@ -165,6 +181,7 @@ class ScoringApp:
             await self._refuse_body(receive, 0, declared=int(declared))
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_inflight)
+        body = await self._read_body(receive)  # before a slot: a slow client holds none
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.request_timeout_s)
         except asyncio.TimeoutError:
@@ -172,7 +189,6 @@ class ScoringApp:
                                   f"{self.config.request_timeout_s:.0f}s); retry later") from None
         self.metrics.enter()
         try:
-            body = await self._read_body(receive)
             loop = asyncio.get_running_loop()
             try:
                 batch = await loop.run_in_executor(self._parse_pool, parse_request, self.engine.config, body)
@@ -361,6 +377,10 @@ class ScoringServer:
             self._server.run(sockets=[self._socket])
         finally:
             self._close()
+
+    def ask_stop(self) -> None:
+        """Ask a running (or about to run) server to stop gracefully; returns at once (signal-safe)."""
+        self._server.should_exit = True
 
     def stop(self) -> None:
         """Graceful: stop accepting, let requests in flight finish, then stop the batcher."""

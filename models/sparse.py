@@ -71,6 +71,10 @@ class SparseArch(nn.Module):
             nn.init.normal_(w[:self.n_feature_rows], std=0.05)
             nn.init.normal_(w[self.n_feature_rows:])
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The fused table (trained by row-wise Adagrad)."""
+        return [self.table.weight]
+
     def forward(self, sparse: Tensor, multi_hot: Tensor, multi_hot_mask: Tensor,
                 history: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         b, n_s, n_m = sparse.shape[0], self.n_sparse, self.n_multi_hot

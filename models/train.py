@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +27,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .batch import Batch
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
-from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, NonFiniteError, check_labels, diagnose,
-                     grads_finite)
+from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_DENSE_POLICIES, NONFINITE_POLICIES, NonFiniteError,
+                     check_batch, diagnose, grads_finite, last_good, report_nonfinite_dense)
 from .evaluate import evaluate
 from .optim import build_optimizers
 from .precision import Precision, apply_plan_producers, apply_precision, check_precision
-from .resume import restore_rng, resume_precision
+from .resume import load_optimizers, restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
 from .serving_schema import example_batch
@@ -68,9 +69,13 @@ class TrainConfig:
     nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise `NonFiniteError` naming
     where it appeared; no checkpoint is written) or "skip" (drop that step's update and go
     on; a parameter already NaN/Inf still stops). See `guards.py`.
+    nonfinite_dense: NaN/Inf dense feature values: "warn" (the dense arch replaces them, NaN -> 0,
+    +-Inf -> +-1e30; the first batch with any is warned about once, the run's count is
+    ``TrainResult.nonfinite_dense`` and in metrics.jsonl) or "stop" (ValueError naming the step).
     max_seconds: stop early once training has run this long (the step reached is reported).
     dist_timeout_s: how long a collective may wait for another rank before the run fails
-    naming the rank that stopped answering (data-parallel runs only).
+    naming the rank that stopped answering (data-parallel runs only); the check that names it
+    adds at most 5 s (`distributed.MONITOR_TIMEOUT_S`).
     """
 
     size: str = "small"
@@ -98,6 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     overwrite: bool = False
     nonfinite: str = "stop"
+    nonfinite_dense: str = "warn"
     eval_examples: int = 0
     eval_seed: int = 1_000_003
     max_seconds: float | None = None
@@ -136,6 +142,8 @@ class TrainConfig:
             raise ValueError("checkpoint_minutes must be >= 0 (0: off) and keep_checkpoints >= 1.")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={self.nonfinite!r}: choose one of {NONFINITE_POLICIES}.")
+        if self.nonfinite_dense not in NONFINITE_DENSE_POLICIES:
+            raise ValueError(f"nonfinite_dense={self.nonfinite_dense!r}: choose one of {NONFINITE_DENSE_POLICIES}.")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds={self.max_seconds} must be > 0 (None: no time limit).")
         if not 0 < self.dist_timeout_s < math.inf:
@@ -160,6 +168,7 @@ class TrainResult:
     convert_result: object | None = None
     producers: object | None = None  # loka ModResult of the plan's norm_quant sites, None without
     skipped_steps: int = 0
+    nonfinite_dense: int = 0  # NaN/Inf dense feature values seen (and replaced) by this run
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
@@ -242,7 +251,7 @@ class _Logger:
             self.file.close()
 
 
-def _build(config: TrainConfig, model, data, state, ctx: DistContext):
+def _build(config: TrainConfig, model, data, state, ctx: DistContext, resume=None):
     cfg = model.config if model is not None else RankerConfig.from_size(config.size)
     if model is None:
         with torch.random.fork_rng(devices=[]):  # seed the init without resetting the caller's RNG
@@ -253,7 +262,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
                                teacher_seed=config.teacher_seed, device=ctx.device,
                                rank=ctx.rank, world_size=ctx.world_size)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, resume)
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
     precision = Precision.parse(config.precision)  # a plan file is loaded here, once
@@ -265,8 +274,7 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext):
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
     if state is not None:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+        load_optimizers(optimizers, state, resume)
         if state.get("stream") is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(state["stream"])
         restore_rng(state)
@@ -289,7 +297,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     state = load_checkpoint(resume) if resume else None
     config = config.replace(precision=resume_precision(config.precision, state, resume))
     ctx = init_distributed(config.device, config.dist_timeout_s)
-    model, data, optimizers, step, (convert_result, producers) = _build(config, model, data, state, ctx)
+    model, data, optimizers, step, (convert_result, producers) = _build(config, model, data, state, ctx, resume)
     resolve_task_weights(config.task_weights, model.config.tasks)  # unknown task names fail here
     run_id = (state or {}).get("run_id") or new_run_id()
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -304,10 +312,10 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
     result = TrainResult(model=model, step=step, first_step=step, out_dir=out_dir,
                          convert_result=convert_result, producers=producers)
     saver = RunSaver(config, model, optimizers, data, run_id, ctx.is_main, last=resume)
-    with StopSignals() as signals, ctx.watch():
+    with StopSignals() as signals, ctx.watch():  # held until checkpoint.pt is written
         _loop(config, runner, data, optimizers, result, ctx, saver, signals)
-    result.stopped_by = signals.name
-    result.checkpoint = saver.save("checkpoint.pt", result.step)
+        result.stopped_by = signals.name
+        result.checkpoint = saver.save("checkpoint.pt", result.step)
     if config.eval_examples and ctx.is_main and not result.stopped_by:
         result.evaluation = _final_eval(config, model, ctx, out_dir)
     ctx.barrier()
@@ -337,7 +345,11 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
         except StopIteration:
             bar.write(f"data ended after step {result.step}; stopping")
             break
-        check_labels(batch, result.model.config.tasks)
+        bad_dense = check_batch(batch, result.model.config.tasks)
+        if bad_dense:
+            report_nonfinite_dense(config.nonfinite_dense, bad_dense, result.step + 1,
+                                   first=not result.nonfinite_dense, write=functools.partial(bar.write, file=sys.stderr))
+            result.nonfinite_dense += bad_dense
         for name, opt in optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = base_lrs[name] * _lr_scale(result.step, config, name)
@@ -350,6 +362,7 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             for opt in optimizers.values():
                 opt.step()
             skips_in_a_row = 0
+            saver.rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
         else:
             rerun = functools.partial(_forward, result.model, batch, ctx.device.type, autocast)
             skips_in_a_row = _nonfinite(config, result, rerun, losses, saver, skips_in_a_row)
@@ -366,6 +379,7 @@ def _steps(config, runner, data, optimizers, result: TrainResult, ctx: DistConte
             logger.log({"step": result.step, "loss": result.losses[-1],
                         **{f"loss_{k}": float(v.detach()) for k, v in losses.items()},
                         "examples_per_s": result.examples_per_s, "skipped_steps": result.skipped_steps,
+                        "nonfinite_dense": result.nonfinite_dense,
                         "elapsed_s": time.perf_counter() - start})
         saver.periodic(result.step)
 
@@ -378,7 +392,7 @@ def _forward(runner, batch: Batch, device_type: str, autocast: bool) -> dict[str
 def _nonfinite(config, result: TrainResult, rerun, losses, saver: RunSaver, skips_in_a_row: int) -> int:
     """Stop (NonFiniteError) or count a skipped step; returns the new run of skips."""
     where, fatal = diagnose(result.model, losses, rerun)
-    last = f"the last checkpoint is {saver.last}" if saver.last else "no checkpoint was written"
+    last = last_good(saver.last)
     if config.nonfinite == "stop" or fatal or skips_in_a_row + 1 >= MAX_CONSECUTIVE_SKIPS:
         raise NonFiniteError(
             f"training stopped at step {result.step + 1}: {where}; {last}. Lower the learning "

@@ -1,7 +1,7 @@
 """``loka mods``: list the mods, and show what each would change on the bundled ranker.
 
     loka mods list
-    loka mods show --size tiny [--batch 64] [--mod padding --mod horizontal_fusion]
+    loka mods show --size tiny [--batch-size 64] [--mod padding --mod horizontal_fusion]
 
 ``show`` applies each mod to its own fresh copy of the ranker (nothing is
 saved) and prints the ModResult tables: the sites found by pattern, before ->
@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Mapping
 
+from loka.cli_vocab import add_alias
 from loka.mods.pipeline import MODS, SPECS
 from loka.probe.workload import NamedWorkload
 
@@ -27,7 +28,8 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     lst.set_defaults(func=_list)
     show = sub.add_parser("show", help="apply mods to a fresh bundled ranker and print what changed")
     show.add_argument("--size", default="tiny", help="ranker size (tiny, small, ...)")
-    show.add_argument("--batch", type=int, default=64, help="sample batch size for pattern discovery")
+    show.add_argument("--batch-size", type=int, default=64, help="sample batch size for pattern discovery (default 64)")
+    add_alias(show, "--batch", "--batch-size")
     show.add_argument("--mod", action="append", default=None, help="mod name (repeatable; default: all)")
     show.set_defaults(func=_show, named_workloads=dict(named_workloads or {}))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -50,10 +52,10 @@ def _show(args: argparse.Namespace) -> int:
     if args.size not in named:
         print(f"loka mods show: unknown model size {args.size!r}; choose from {sorted(named)}", file=sys.stderr)
         return 2
-    sample = named[args.size](batch_size=args.batch).make_batch(0)
+    sample = named[args.size](batch_size=args.batch_size).make_batch(0)
     for name in names:
         options = dict(SPECS[name].show_options)
-        model = named[args.size](batch_size=args.batch).model  # a fresh copy for each mod
+        model = named[args.size](batch_size=args.batch_size).model  # a fresh copy for each mod
         print(MODS[name](model, sample=sample, **options).table())
         print()
     return 0

@@ -40,8 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loka.kernels import KERNELS
-from loka.kernels.kernel import Quantized
+from loka.kernels.kernel import Quantized, reference_kernel
 from loka.kernels.triton_gemm import triton_available
 from loka.kernels.triton_norm_quant import fused_norm_quant, fused_norm_quant_op, norm_quant_reference
 from loka.mods.graph import Dataflow, record, run_sample
@@ -200,7 +199,7 @@ class NormQuantFloat8Linear(Float8Linear):
             q = self.weight_cache.get("fprop", weight_param, g.b, transpose=False)
         if q is None:
             q = Quantized(*quantize_operand(weight.contiguous(), g.b, self.scale_state.scale_for("fprop", "weight", weight)))
-        run = kernel if kernel.takes_quantized_a else KERNELS.get("emulated")
+        run = kernel if kernel.takes_quantized_a else reference_kernel()
         return run.mm(Quantized(a_fp8, scale_a), q, g, out_dtype=out_dtype)
 
 

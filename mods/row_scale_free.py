@@ -86,7 +86,7 @@ class RowScaleInvariantLinear(Float8Linear):
         x_fp8, s_a = quantize_operand(x2d, g.a, self.scale_state.scale_for("fprop", "input", x2d))
         w_fp8, s_w = quantize_operand(weight, g.b, self.scale_state.scale_for("fprop", "weight", weight))
         kernel = self.kernels["fprop"]
-        if kernel.backend == "scaled_mm" and x2d.is_cuda:
+        if kernel.torch_scaled_mm and x2d.is_cuda:
             m, n = x2d.shape[0], weight.shape[0]
             rowwise = g.a.granularity == "rowwise"
             one = torch.ones((m, 1) if rowwise else (), device=x2d.device)

@@ -14,6 +14,7 @@ from loka.probe.probe import Probe
 from loka.probe.report import ProbeReport
 from loka.probe.schema import SCHEMA_VERSION, ReportSchemaError
 from loka.probe.sites import Site, find_sites
+from loka.probe.site_timing import SiteTiming
 from loka.probe.timing import Timing, time_fn, time_site
 from loka.probe.workload import Workload
 
@@ -29,6 +30,7 @@ __all__ = [
     "ReportSchemaError",
     "SamplingSchedule",
     "Site",
+    "SiteTiming",
     "Timing",
     "Workload",
     "find_sites",

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 from importlib.metadata import version
 
 import torch
 
 from loka.devices import get_target
-from loka.kernels.costmodel import DEVICE_MODELS, model_site_timings
+from loka.kernels.costmodel import DEVICE_MODELS, H100_SXM
+from loka.kernels.kernel import modelled_kernels
 from loka.probe.error import SAFE, UNDECIDED, UNSAFE
 from loka.probe.fit import Fit, fit_values, gemm_fits, predict_gemm_error
 from loka.probe.reader import speedup
 from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
+from loka.probe.timing import time_site
 from loka.recipe import GEMMS, as_recipe, gemm_shape
 from loka.recipe_json import needs_fields, recipe_to_dict
 
@@ -63,24 +66,21 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
 
 
 
-# Kernels the speed model predicts when a site has no representative timing: cuBLAS with a
-# separate quantization pass, and the Triton kernel that fuses the activation's quantization.
-MODELED_KERNELS = ("scaled_mm", "triton")
-
-
 def modeled_timings(st, recipes, target: str | None = None) -> dict | None:
     """The speed model's timings of ``recipes`` at the site's median M (None if it never ran): the
-    ``target`` GPU's model and kernels (loka/devices.py), else the H100's."""
+    ``target`` GPU's model and kernels (loka/devices.py), else the H100's. The kernels are those the
+    speed model prices (``GemmKernel.modelled``: cuBLAS after separate casts, the Triton kernel that
+    fuses the activation's cast)."""
 
     if not st.m_values or not recipes:
         return None
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
     shape = (m, st.site.in_features, st.site.out_features)
     if target is None:
-        return model_site_timings(shape, list(recipes), list(MODELED_KERNELS))
+        return time_site(shape, list(recipes), model=H100_SXM, kernels=modelled_kernels()).to_dict()
     caps = get_target(target).caps
-    kernels = [k for k in MODELED_KERNELS if k in caps.kernels]
-    return model_site_timings(shape, list(recipes), kernels, DEVICE_MODELS[caps.speed_model])
+    return time_site(shape, list(recipes), model=DEVICE_MODELS[caps.speed_model],
+                     kernels=modelled_kernels(caps.arch)).to_dict()
 
 
 
@@ -89,6 +89,9 @@ def _speed_phrase(timings: dict, best: str, sp: float) -> str:
         return (f"; but {best} is predicted slower than bf16 at this shape: {sp:.2f}x incl. quantization by the "
                 f"{timings['device_name']} (measure on the GPU with Probe.time_sites)")
     return f"; but {best} is slower than bf16 here (speedup {sp:.2f}x)"
+
+
+SPEED_TIE = 0.02  # speedups within 2% of the best count as equal: error decides among them
 
 
 def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> tuple[str, str | None, float | None, str, str]:
@@ -100,10 +103,11 @@ def _site_verdict(recipe_verdicts: dict, errors: dict, timings: dict | None) -> 
     if safe:
         speedups = {r: speedup(timings, r) for r in safe}
         timed = {r: s for r, s in speedups.items() if s is not None}
-        if timed:
-            best = max(timed, key=timed.get)
-        else:
-            best = min(safe, key=lambda r: max(s["mean"] for s in errors[r].values() if s["n"]))
+        # The fastest; among recipes within SPEED_TIE of it (or all, untimed) the lowest error bound,
+        # the recipe loka.app.demo.fp8 and the accuracy-objective plan choose too.
+        top = max(timed.values()) if timed else None
+        tied = [r for r in safe if top is None or (r in timed and timed[r] >= top * (1 - SPEED_TIE))]
+        best = min(tied, key=lambda r: (max([s["ci_hi"] for s in errors[r].values() if s["n"]], default=math.inf), r))
         sp = speedups[best]
         speed = "unknown" if sp is None else ("fast" if sp > 1.0 else "slow")
         reason = f"{best} safe: {recipe_verdicts[best]['reason']}"
@@ -200,5 +204,5 @@ def build_report(probe, **meta):
     if hand_built:  # absent when every candidate is a named recipe (reports stay as they were)
         doc["recipes"] = hand_built
     if probe.census is not None:
-        doc["coverage"] = probe.census.summary()  # every GEMM of a forward, its share, what loka converts
+        doc["coverage"] = probe.census.summary()  # every GEMM of a step, its share, what loka converts
     return ProbeReport(doc)

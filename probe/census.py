@@ -1,53 +1,47 @@
-"""GEMM census: every GEMM a model's forward runs, its owner, its FLOPs and whether loka converts it.
+"""GEMM census: every GEMM a model's step runs, its owner, its FLOPs and whether loka converts it.
 
-The probe's error hooks sit on ``nn.Linear`` sites. Models written by others also run
-GEMMs as ``x @ self.W``, ``torch.einsum(..., self.W)``, ``torch.bmm`` and 1x1
-``Conv1d``: on a DCN-style cross network with matrix weights the Linears were 28% of
-the forward GEMM FLOPs, on a CIN model 8%, and nothing said so. The census watches a
-forward at the ATen level (a ``TorchDispatchMode``), where every one of those reaches
-``mm``/``addmm``/``bmm``/``baddbmm``/``convolution`` (or a fused attention kernel),
-and maps an operand back to the ``nn.Parameter`` whose storage it views, so a GEMM is
-named by the parameter's owner (the design's *site*) however the model's code wrote it.
+Models written by others run GEMMs as ``x @ self.W``, ``torch.tensordot``, ``einsum``,
+``torch.matmul(self.kernels[i], x)``, ``F.linear``, ``nn.MultiheadAttention`` and 1x1
+convolutions, not only as Linears. The census is what :class:`loka.aten_gemms.GemmObserver`
+sees at the ATen level, the same observation ``loka.convert`` verifies with: every
+``mm``/``addmm``/``bmm``/``baddbmm``/``convolution`` (and a fused attention kernel), named by
+the parameter one of its operands views or copies (autocast's bf16 weight counts as the
+parameter), backward GEMMs included when the census spans the backward (the probe's step,
+``gemm_census(..., backward=True)``). Without a backward the step is estimated as 3x the
+forward (fprop, dgrad and wgrad have the same FLOPs).
 
-FLOPs of a training step are counted as 3x the forward's (fprop, dgrad, wgrad have the
-same FLOPs; a GEMM with no parameter operand, e.g. attention scores, also runs two
-backward GEMMs when both operands need gradients). Shares are of that total.
-
-Convertible (``loka.convert`` / ``loka.convert_gemms``): Linears, 1x1 convolutions, and
-``x @ W`` with a 2-D parameter ``W[K, N]`` on the right. Sites that are convertible but
-hold less than ``min_share`` of the step (an ``N=1`` head is typically 0.01-0.5%) are
-reported as not worth converting: FP8 cannot win time back on them.
+A GEMM is *convertible* when its form is one loka's engines run in FP8 (a Linear, a 1x1
+convolution, any product with one parameter operand that is one matrix after its view, or a
+stack of at most ``MAX_BATCH_LOOP`` matrices); otherwise the census names why. Sites that are
+convertible but hold less than ``min_share`` of the step (an ``N=1`` head is typically
+0.01-0.5%) are reported as not worth converting: FP8 cannot win time back on them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-NO_PARAM = "(no parameter operand)"
+from loka.aten_gemms import NO_PARAM, GemmObserver, ParamIndex, SiteCount, param_sites
+
 DEFAULT_MIN_SHARE = 0.01
-_aten = torch.ops.aten
-_MM = {_aten.mm.default: (0, 1), _aten.addmm.default: (1, 2), _aten.bmm.default: (0, 1), _aten.baddbmm.default: (1, 2)}
-_SDPA = {getattr(_aten, n, None) for n in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                                           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                                           "_scaled_dot_product_attention_math")} - {None}
 
 
 @dataclass
 class CensusSite:
-    """One site of the census: a parameter (or none) and the GEMMs that used it in one forward."""
+    """One site of the census: a parameter (or none) and the GEMMs that used it in one step."""
 
     site: str
-    kind: str  # linear | conv1x1 | conv | matmul | attention | activation
+    kind: str  # linear | conv1x1 | conv | matmul | activation
     param: str | None
-    calls: int = 0
+    calls: int = 0  # forward GEMM calls
     forward_flops: float = 0.0
-    shapes: list = field(default_factory=list)  # [(M, K, N)] per call (first few)
-    right_operand: bool = True  # the parameter was always the right operand [K, N] of a 2-D product
+    step_flops: float = 0.0  # forward and backward, as observed (3x forward when no backward was seen)
+    convertible_flops: float = 0.0
+    why_not: dict = field(default_factory=dict)  # why some of its GEMMs are not convertible -> count
+    shapes: list = field(default_factory=list)  # [(M, K, N)] per forward call (first few)
 
     @property
     def n(self) -> int | None:
@@ -58,111 +52,65 @@ class CensusSite:
         return self.shapes[0][1] if self.shapes else None
 
 
-def _param_owners(model: nn.Module) -> dict[int, tuple[str, str, nn.Module]]:
-    """storage pointer -> (param fqn, site name, owner module); shared parameters keep the first name."""
-    owners = {}
-    for mod_fqn, mod in model.named_modules():
-        for name, p in mod.named_parameters(recurse=False):
-            full = f"{mod_fqn}.{name}" if mod_fqn else name
-            site = mod_fqn if name == "weight" and isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) else full
-            owners.setdefault(p.untyped_storage().data_ptr(), (full, site, mod))
-    return owners
-
-
-def _kind(owner: nn.Module | None, func) -> str:
-    if isinstance(owner, nn.Linear):
-        return "linear"
-    if isinstance(owner, nn.modules.conv._ConvNd):
-        return "conv1x1" if all(k == 1 for k in owner.kernel_size) and owner.groups == 1 else "conv"
-    return "matmul"
-
-
-class _CensusMode(TorchDispatchMode):
-    def __init__(self, owners: dict) -> None:
-        super().__init__()
-        self.owners, self.sites = owners, {}
-
-    def _site(self, key: str, kind: str, param: str | None) -> CensusSite:
-        if key not in self.sites:
-            self.sites[key] = CensusSite(key, kind, param)
-        return self.sites[key]
-
-    def _owner(self, t) -> tuple | None:
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            return None
-        return self.owners.get(t.untyped_storage().data_ptr())
-
-    def _record_mm(self, func, args, out) -> None:
-        ia, ib = _MM[func]
-        a, b = args[ia], args[ib]
-        k = a.shape[-1]
-        flops = 2.0 * out.numel() * k
-        hit_b, hit_a = self._owner(b), self._owner(a)
-        hit = hit_b or hit_a
-        if hit is None:
-            s = self._site(NO_PARAM, "activation", None)
+def _kinds(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """site -> (kind, parameter fqn) for every parameter site of ``model``."""
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    out = {}
+    for full, (site, p) in param_sites(model).items():
+        mod = owners[id(p)]
+        if isinstance(mod, nn.Linear):
+            kind = "linear"
+        elif isinstance(mod, nn.modules.conv._ConvNd) and full.endswith("weight"):
+            kind = "conv1x1" if all(k == 1 for k in mod.kernel_size) and mod.groups == 1 else "conv"
         else:
-            s = self._site(hit[1], _kind(hit[2], func), hit[0])
-            # x @ W and einsum("...k,kn->...n") reach mm, or bmm on W broadcast over the batch
-            flat_b = b.dim() == 2 or b.shape[0] == 1 or b.stride(0) == 0
-            s.right_operand = s.right_operand and hit_b is not None and flat_b
-        m = out.numel() // out.shape[-1]
-        s.calls, s.forward_flops = s.calls + 1, s.forward_flops + flops
-        if len(s.shapes) < 4:
-            s.shapes.append((int(m), int(k), int(out.shape[-1])))
+            kind = "matmul"
+        out.setdefault(site, (kind, full))
+    return out
 
-    def _record_conv(self, args, out) -> None:
-        x, w = args[0], args[1]
-        groups = args[8] if len(args) > 8 else 1
-        per_out = (x.shape[1] // groups) * math.prod(w.shape[2:])
-        hit = self._owner(w)
-        s = self._site(hit[1], _kind(hit[2], None), hit[0]) if hit else self._site(NO_PARAM, "activation", None)
-        s.calls, s.forward_flops = s.calls + 1, s.forward_flops + 2.0 * out.numel() * per_out
-        if len(s.shapes) < 4:
-            s.shapes.append((int(out.numel() // out.shape[1]), int(per_out), int(out.shape[1])))
 
-    def _record_sdpa(self, args) -> None:
-        q, k_, v = args[0], args[1], args[2]  # [B, H, L, E], [B, H, S, E], [B, H, S, Ev]
-        flops = 2.0 * math.prod(q.shape[:-1]) * k_.shape[-2] * (q.shape[-1] + v.shape[-1])
-        s = self._site("(attention kernel)", "attention", None)
-        s.calls, s.forward_flops = s.calls + 1, s.forward_flops + flops
+def _site(name: str, count: SiteCount, kinds: dict, backward: bool) -> CensusSite:
+    kind, param = kinds.get(name, ("matmul", None)) if name != NO_PARAM else ("activation", None)
+    scale = 1.0 if backward else 3.0  # without a backward: fprop, dgrad and wgrad have the same FLOPs
+    return CensusSite(name, kind, param, calls=count.fp8["fprop"] + count.hp["fprop"], forward_flops=count.fprop_flops,
+                      step_flops=scale * count.flops, convertible_flops=scale * count.convertible_flops,
+                      why_not=dict(count.why_not), shapes=list(count.fprop_shapes))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in _MM:
-            self._record_mm(func, args, out)
-        elif func is _aten.convolution.default:
-            self._record_conv(args, out)
-        elif func.overloadpacket in _SDPA:
-            self._record_sdpa(args)
-        return out
+
+def census_of(observer: GemmObserver, model: nn.Module, *, backward: bool, probed=(),
+              min_share: float = DEFAULT_MIN_SHARE) -> "GemmCensus":
+    """The census of what ``observer`` saw on ``model`` (``backward``: it spanned a backward too)."""
+    kinds = _kinds(model)
+    sites = {name: _site(name, c, kinds, backward) for name, c in observer.counts.items()}
+    return GemmCensus(sites, frozenset(probed), min_share)
+
+
+def census_observer(model: nn.Module) -> GemmObserver:
+    return GemmObserver(ParamIndex({site: p for site, p in param_sites(model).values()}))
 
 
 @dataclass
 class GemmCensus:
-    """The census of one forward: sites by name, and what loka probes and converts of them."""
+    """The census of one step: sites by name, and what loka probes and converts of them."""
 
     sites: dict[str, CensusSite]
-    probed: frozenset = frozenset()  # sites the probe measures errors at (its Linear sites)
+    probed: frozenset = frozenset()  # sites the probe measured (captured records at)
     min_share: float = DEFAULT_MIN_SHARE
 
     @property
     def step_flops(self) -> float:
-        return 3.0 * sum(s.forward_flops for s in self.sites.values())
+        return sum(s.step_flops for s in self.sites.values())
 
     def share(self, site: str) -> float:
         total = self.step_flops
-        return 3.0 * self.sites[site].forward_flops / total if total else 0.0
+        return self.sites[site].step_flops / total if total else 0.0
 
     def convertible(self, s: CensusSite) -> tuple[bool, str]:
-        """Whether loka converts the site, and why not."""
-        if s.kind in ("linear", "conv1x1"):
+        """Whether loka converts all of the site's GEMMs, and why not."""
+        if s.kind == "activation":
+            return False, "no parameter operand (activation x activation GEMM)"
+        if s.convertible_flops >= s.step_flops:
             return True, ""
-        if s.kind == "matmul":
-            return (True, "") if s.right_operand else (False, "parameter is not the right operand [K, N] of a 2-D product")
-        if s.kind == "conv":
-            return False, "convolution wider than 1x1 (not a plain GEMM)"
-        return False, "no parameter operand (activation x activation GEMM)"
+        return False, "; ".join(s.why_not) or "not a GEMM form loka converts"
 
     def worth(self, s: CensusSite) -> tuple[bool, str]:
         share = self.share(s.site)
@@ -173,18 +121,20 @@ class GemmCensus:
 
     def summary(self) -> dict:
         """JSON-ready: per site kind, share, shapes, probed / convertible / worth; and the shares in total."""
-        rows, conv_share, worth_share, probed_share = [], 0.0, 0.0, 0.0
-        for name in sorted(self.sites, key=lambda n: -self.sites[n].forward_flops):
+        total = self.step_flops or 1.0
+        rows, worth_share, probed_share = [], 0.0, 0.0
+        conv_share = sum(s.convertible_flops for s in self.sites.values() if s.kind != "activation") / total
+        for name in sorted(self.sites, key=lambda n: -self.sites[n].step_flops):
             s = self.sites[name]
             share = self.share(name)
             ok, why = self.convertible(s)
             good, why_not = self.worth(s) if ok else (False, why)
-            conv_share += share if ok else 0.0
             worth_share += share if good else 0.0
             probed_share += share if name in self.probed else 0.0
             rows.append({"site": name, "kind": s.kind, "param": s.param, "calls": s.calls, "share": share,
-                         "shapes": [list(x) for x in s.shapes], "probed": name in self.probed,
-                         "convertible": ok, "worth_converting": good, "reason": why_not if not good else ""})
+                         "convertible_share": s.convertible_flops / total, "shapes": [list(x) for x in s.shapes],
+                         "probed": name in self.probed, "convertible": ok, "worth_converting": good,
+                         "reason": why_not if not good else ""})
         return {"step_gemm_flops": self.step_flops, "probed_share": probed_share, "convertible_share": conv_share,
                 "worth_share": worth_share, "min_share": self.min_share, "sites": rows}
 
@@ -199,36 +149,67 @@ class GemmCensus:
 
 
 class CensusHooks:
-    """Takes the census of the next forward of ``model`` (forward pre-hook enters, forward hook leaves).
+    """Takes the census of the next step of ``model``: from its forward (a pre-hook enters the
+    observer) to :meth:`close` (the probe's step end), so the backward is counted as it ran.
 
-    The probe installs it on its first sampled step, so the census costs one forward.
+    The probe installs it on its first sampled step, so the census costs one step.
     """
 
     def __init__(self, model: nn.Module, probed=(), min_share: float = DEFAULT_MIN_SHARE) -> None:
-        self._mode = _CensusMode(_param_owners(model))
+        self._model, self._observer = model, census_observer(model)
         self._probed, self._min_share = frozenset(probed), min_share
+        self._active = False
         self.result: GemmCensus | None = None
-        self._handles = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._leave)]
+        self._handles = [model.register_forward_pre_hook(self._enter)]
 
     def _enter(self, module, args) -> None:
-        self._mode.__enter__()
-
-    def _leave(self, module, args, out) -> None:
-        self._mode.__exit__(None, None, None)
-        self.result = GemmCensus(self._mode.sites, self._probed, self._min_share)
-        self.remove()
-
-    def remove(self) -> None:
+        if torch.compiler.is_compiling():
+            return  # a traced forward runs no Python mode
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._observer.__enter__()
+        self._active = True
+
+    def close(self, probed=None) -> None:
+        """End the census (after the step's backward); ``probed``: the sites the probe really captured."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if not self._active:
+            return
+        self._active = False
+        self._observer.__exit__(None, None, None)
+        backward = any(c.fp8["wgrad"] + c.hp["wgrad"] + c.fp8["dgrad"] + c.hp["dgrad"]
+                       for c in self._observer.counts.values())
+        self.result = census_of(self._observer, self._model, backward=backward,
+                                probed=self._probed if probed is None else probed, min_share=self._min_share)
+
+    def remove(self) -> None:
+        self.close()
 
 
-def gemm_census(model: nn.Module, *args, probed=(), min_share: float = DEFAULT_MIN_SHARE, **kwargs) -> GemmCensus:
-    """Run ``model(*args, **kwargs)`` once (no grad) and return the census of its GEMMs."""
+def gemm_census(model: nn.Module, *args, probed=(), min_share: float = DEFAULT_MIN_SHARE, backward: bool = False,
+                **kwargs) -> GemmCensus:
+    """Run ``model(*args, **kwargs)`` once and return the census of its GEMMs.
+
+    ``backward=False``: no grad, the step estimated as 3x the forward. ``backward=True``: one
+    forward and backward of the sum of its floating outputs, counted as they ran (parameter
+    gradients are put back as they were).
+    """
     if not 0.0 <= min_share < 1.0:
         raise ValueError(f"min_share={min_share} must be in [0, 1), e.g. 0.01 (1% of the step's GEMM FLOPs)")
-    mode = _CensusMode(_param_owners(model))
-    with torch.no_grad(), mode:
-        model(*args, **kwargs)
-    return GemmCensus(mode.sites, frozenset(probed), min_share)
+    observer = census_observer(model)
+    grads = {p: p.grad for p in model.parameters()}
+    try:
+        with observer, torch.set_grad_enabled(backward):
+            out = model(*args, **kwargs)
+            if backward:
+                outs = [t for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+                if outs:
+                    sum(t.float().sum() for t in outs).backward()
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+    return census_of(observer, model, backward=backward, probed=probed, min_share=min_share)

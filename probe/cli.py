@@ -5,7 +5,9 @@
     loka probe --size tiny --device b200 --out runs/probe-b200   (B200's recipes, emulated here)
 
 Writes ``probe_report.json`` (the planner's input), ``probe_report.md`` and
-``probe_report.html`` into ``--out`` and prints the summary table.
+``probe_report.html`` into ``--out`` and prints the summary table. On CPU the kernels
+are not timed (a CPU timing decides nothing about a GPU plan; ``loka plan
+--speed-model h100`` ranks them instead): ``--timing`` times them anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from loka.devices import Target, resolve_device, target_names
+from loka.cli_vocab import add_device, add_json, write_json
+from loka.devices import Target, device_and_target, target_names
 from loka.kernels.costmodel import DEVICE_MODELS
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.headroom_section import with_headroom
@@ -33,10 +36,11 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     shows as a section (``loka.app.cli`` gives the ranker's; the probe layer knows no speed-model pricing)."""
     p = subparsers.add_parser("probe", help="learn per-site FP8 error and statistics during training; write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", help="ranker size (tiny/small/base/large) or module:factory (default small)")
-    p.add_argument("--size", dest="model", help="ranker size: tiny, small, base or large (as --model SIZE)")
+    p.add_argument("--size", default="small", help="ranker size: tiny, small, base or large (default small)")
+    p.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own model instead of the ranker: module:factory or file.py:factory (see loka.probe.workload)")
     p.add_argument("--steps", type=int, default=100, help="training steps to run (default 100)")
-    p.add_argument("--out", required=True, help="directory for the report files")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the report files")
     p.add_argument("--every", type=int, default=10, help="sample every N steps (default 10)")
     p.add_argument("--warmup", type=int, default=0, help="steps to skip before sampling (default 0)")
     p.add_argument("--max-samples", type=int, default=20, help="at most this many sampled steps (default 20)")
@@ -53,15 +57,17 @@ def register(subparsers, *, named_workloads: Mapping[str, NamedWorkload] | None 
     p.add_argument("--include", action="append", default=[], help="fqn glob of sites to probe (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="fqn glob of sites to skip (repeatable)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--device", default="cpu",
-                   help="torch device (default cpu), or a GPU to probe for (" + ", ".join(target_names()) + "): its "
-                        "recipes are measured, emulated on the CPU unless this machine is that GPU")
+    add_device(p, "a torch device, or a GPU to probe for (" + ", ".join(target_names()) + "): its recipes are "
+               "measured, emulated on the CPU unless this machine is that GPU")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
     p.add_argument("--kernels", default="", help="kernels to time, comma-separated (default: every available one)")
-    p.add_argument("--no-timing", action="store_true", help="skip kernel timing")
+    p.add_argument("--timing", dest="timing", action="store_true", default=None,
+                   help="time the kernels at each site's shape, on CPU too (default: on a GPU only)")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="skip kernel timing")
     p.add_argument("--sensitivity-batches", type=int, default=4, help="batches for the loss sensitivity (default 4)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-site loss sensitivity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed (default 0)")
+    add_json(p, "the report")
     if headroom is not None:
         p.add_argument("--headroom", default="h200", choices=(*sorted(DEVICE_MODELS), "none"),
                        help="add the FP8 headroom section for that GPU's speed model (default h200; none: leave it out)")
@@ -123,10 +129,17 @@ def run(args) -> int:
     if args.steps < 1:
         print("loka probe: --steps must be >= 1", file=sys.stderr)
         return 2
+    device, target = device_and_target(args.device)
+    named = getattr(args, "named_workloads", None) or {}
+    if args.model in named:  # the old spelling of --size
+        print(f"loka probe: --model {args.model} is deprecated; use --size {args.model}", file=sys.stderr)
+    if args.model is None and args.size not in named:
+        print(f"loka probe: --size {args.size!r} is not a ranker size; use one of {sorted(named)}, or --model "
+              "MODULE:FACTORY for your own model", file=sys.stderr)
+        return 2
     try:
-        device, target = resolve_device(args.device)
         cfg = config_from_args(args, target)
-        workload = load_workload(args.model, named=getattr(args, "named_workloads", None), batch_size=args.batch_size,
+        workload = load_workload(args.model or args.size, named=named, batch_size=args.batch_size,
                                  seed=args.seed, device=str(device))
         probe = Probe(workload.model, cfg)
     except ValueError as exc:
@@ -143,10 +156,11 @@ def run(args) -> int:
         batches = [workload.make_batch(args.steps + i) for i in range(max(args.sensitivity_batches, 1))]
         probe.measure_sensitivity(lambda b: workload.loss_fn(workload.model, b), batches=batches, progress=True)
     away = target is not None and device.type == "cpu"  # the target's kernels do not run here
-    if away and not args.no_timing:
+    timing = args.timing if args.timing is not None else device.type != "cpu"
+    if away and timing:
         print(f"loka probe: not timing kernels: {target.describe()} is not this machine; `loka plan --device "
               f"{target.name}` prices its kernels with its speed model", file=sys.stderr)
-    elif not args.no_timing:
+    elif timing:
         probe.time_sites(device=str(device), progress=True, kernels=list(_split(args.kernels)) or None, warmup=2,
                          iters=5 if device.type == "cpu" else 20)
     report = probe.report(model=workload.name, steps=args.steps, device=str(device))
@@ -156,5 +170,10 @@ def run(args) -> int:
         report = with_headroom(report, doc) if doc else report
     paths = report.save(Path(args.out))
     print(report.to_markdown(paths["json"]))
+    if args.timing is None and not timing:
+        print("kernel timing skipped on CPU: CPU timings decide nothing for a GPU plan (`loka plan --speed-model "
+              "h100` ranks the kernels); --timing times them here anyway")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.json:
+        write_json(args.json, report.to_json())
     return 0

@@ -61,11 +61,25 @@ def _log_range(values: list[float]) -> tuple[float, float]:
     return min(pos) / 2, max(pos) * 2
 
 
+# The error-vs-speed scatter is drawn only when the speedups spread wider than this (max / min):
+# at one shape class (every site predicted 0.20x) it would be one column that says nothing.
+MIN_SPEED_SPREAD = 1.1
+
+
 def error_vs_speedup(report) -> tuple[str, str]:
-    """Scatter of error/threshold vs speedup per site and recipe over shaded safe/fast regions."""
-    plt = _pyplot()
+    """Scatter of error/threshold vs speedup per site and recipe over shaded safe/fast regions;
+    ("", why) when the speedups do not spread (untimed, or all alike)."""
     points = {r: [(_speedup_of(s, r), _worst_ratio(s, r)) for s in report.sites] for r in report.recipes()}
     points = {r: [(sp, w[0]) for sp, w in pts if w is not None] for r, pts in points.items()}
+    speeds = [sp for pts in points.values() for sp, _ in pts if sp is not None and sp > 0]
+    if not speeds:
+        return "", ("No error-vs-speed plot: no site has a timing or a speed-model prediction "
+                    "(time the sites on the GPU, or plan with --speed-model h100).")
+    if max(speeds) / min(speeds) < MIN_SPEED_SPREAD:
+        return "", (f"No error-vs-speed plot: every site x recipe has the same speedup "
+                    f"({min(speeds):.2f}x-{max(speeds):.2f}x), so it would be one column; the table's speedup column "
+                    "and the error plot below carry the information.")
+    plt = _pyplot()
     ys = [y for pts in points.values() for _, y in pts]
     lo, hi = _log_range(ys)
     timed = any(sp is not None for pts in points.values() for sp, _ in pts)

@@ -119,7 +119,7 @@ class Probe:
         self._pending: Future | None = None
         self.sensitivity: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
-        self._census: CensusHooks | None = None  # every GEMM of one forward (see loka.probe.census)
+        self._census: CensusHooks | None = None  # every GEMM of one step (see loka.probe.census)
         self._matmul_mode = None
         # Import scipy's t distribution now (about a second, once) rather than inside the
         # training loop at the second sampled step, where it would count as probe overhead.
@@ -189,12 +189,12 @@ class Probe:
         self._capture = install(self.active_sites(), step, self.config.capture_rows, self.config.seed)
         self._matmul_mode = install_matmul(self.root, self._capture, self._active_matmuls())
         if self._census is None:
-            self._census = CensusHooks(self.root, probed=set(self.modules) | set(self._matmul_params.values()))
+            self._census = CensusHooks(self.root)
         return _StepScope(self, True)
 
     @property
     def census(self):
-        """The :class:`~loka.probe.census.GemmCensus` of the first sampled step's forward (None before)."""
+        """The :class:`~loka.probe.census.GemmCensus` of the first sampled step (None before it ends)."""
         return None if self._census is None else self._census.result
 
     def finish(self) -> None:
@@ -206,6 +206,8 @@ class Probe:
         if capture is None:
             return
         capture.remove_hooks()
+        if self._census is not None and self._census.result is None:
+            self._census.close(probed=set(capture.records))  # probed: what was captured, not what was hoped
         if not capture.records:
             return
         self.sampled_steps.append(capture.step)
@@ -307,8 +309,8 @@ class Probe:
             fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
             m = sorted(st.m_values)[len(st.m_values) // 2]
             self.timings[fqn] = time_site((m, st.site.in_features, st.site.out_features), self.recipes,
-                                          kernels=kernels, dtype=dtype, device=dev, fits=fits,
-                                          warmup=warmup, iters=iters)
+                                          kernels=kernels, with_reference=True, dtype=dtype, device=dev, fits=fits,
+                                          warmup=warmup, iters=iters).to_dict()
         return self.timings
 
     def reduce(self, group=None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +82,17 @@ class ProbeReport:
         return seen
 
     def to_markdown(self, json_path: str | Path | None = None) -> str:
-        """Counts per verdict, the next steps, then a table: site, shape, stats, error per recipe
-        with CI, speedup, verdict, reason. ``json_path``: where this report's JSON is (for the
-        commands the next steps print; default ``probe_report.json``)."""
+        """The bottom line, counts per verdict, the next steps, then a table: site, shape, stats, error
+        per recipe with CI, speedup, verdict, reason (a reason several sites share: a label, spelled
+        out once under the table). ``json_path``: where this report's JSON is (for the commands the
+        next steps print; default ``probe_report.json``)."""
         recipes = self.recipes()
         cfg = self.doc["config"]
+        labels, shared = reason_groups(self.sites)
         lines = [
             "# loka probe report",
+            "",
+            bottom_line(self.sites),
             "",
             f"Sampled steps: {len(self.doc['sampled_steps'])} · confidence {cfg['confidence']:.0%} · "
             f"thresholds (relative GEMM error) {', '.join(f'{g} {t:g}' for g, t in cfg['thresholds'].items())}",
@@ -107,17 +113,20 @@ class ProbeReport:
                          "(FP8 kernel incl. quantization vs bf16), not measured; time the sites on the GPU to replace them.")
         cov = self.doc.get("coverage")
         if cov:
-            lines.append(f"GEMM coverage (one forward, x3 for a step): the probed sites hold {cov['probed_share']:.1%} of "
+            lines.append(f"GEMM coverage (the first sampled step's GEMMs as they ran): the probed sites hold "
+                         f"{cov['probed_share']:.1%} of "
                          f"the step's GEMM FLOPs; loka can convert {cov['convertible_share']:.1%}, "
                          f"{cov['worth_share']:.1%} worth converting. Sites the probe does not measure: "
                          + (", ".join(f"`{r['site']}` {r['kind']} {r['share']:.1%}" for r in cov["sites"] if not r["probed"]) or "none"))
         lines += ["", "| site | M×K×N | input amax / crest / kurt | " + " | ".join(recipes) + " | speedup | verdict | reason |",
                   "|" + "---|" * (len(recipes) + 6)]
         for s in self.sites:
-            lines.append(_md_row(s, recipes))
+            lines.append(_md_row(s, recipes, labels.get(s["fqn"])))
+        for note in shared + alignment_note(self.sites):
+            lines += ["", note]
         if self.doc.get("headroom"):  # attached from above (loka.probe.headroom_section.with_headroom)
             lines += ["", *headroom_markdown(self.doc["headroom"])]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines).rstrip("\n") + "\n"
 
     def to_html(self, json_path: str | Path | None = None) -> str:
         return render_html(self, json_path)
@@ -142,6 +151,83 @@ def alignment_issue(site: dict) -> str | None:
             f"the padding mod (loka.mods.padding) pads it exactly to K={_round_up(k)}, N={_round_up(n)}")
 
 
+def _speed_source(sites: list[dict]) -> str:
+    """Where the sites' speedups come from, in words."""
+    measured = {s["timings"]["device_name"] for s in sites if s.get("speed_source") == "measured"}
+    modeled = {s["modeled_timings"]["device_name"] for s in sites if s.get("speed_source") == "model"}
+    parts = ([f"timed on {', '.join(sorted(measured))}"] if measured else []) + \
+            ([f"predicted by the {', '.join(sorted(modeled))}"] if modeled else [])
+    return " and ".join(parts) or "no timing"
+
+
+def _sites(n: int, be: bool = False) -> str:
+    """"1 site", "3 sites" (``be``: "1 site is", "3 sites are")."""
+    return f"{n} site" + ("" if n == 1 else "s") + ((" is" if n == 1 else " are") if be else "")
+
+
+def bottom_line(sites: list[dict]) -> str:
+    """One bold line a model owner reads first: will the plan put anything in FP8 at these shapes?"""
+    safe = [s for s in sites if s["verdict"] == "safe"]
+    fast = [s for s in safe if s["speed"] == "fast"]
+    unknown = [s for s in safe if s["speed"] == "unknown"]
+    if fast:
+        top = max(fast, key=lambda s: s["speedup"])
+        text = (f"{len(fast)} of {_sites(len(sites))} are accuracy-safe and faster than bf16 ({_speed_source(fast)}; "
+                f"best `{top['fqn']}` {top['speedup']:.2f}x): the plan can put them in FP8")
+    elif unknown:
+        text = (f"{_sites(len(safe), be=True)} accuracy-safe, {len(unknown)} of them with no timing: plan with `--speed-model "
+                "h100` (or time them on the GPU) to learn whether FP8 is faster there")
+    elif safe:
+        best = max(s["speedup"] for s in safe)
+        text = (f"at these shapes the plan will keep everything in bf16: {_sites(len(safe), be=True)} accuracy-safe but "
+                f"none is faster than bf16 ({_speed_source(safe)}; the best {best:.2f}x). To see what FP8 does to "
+                "your model's quality anyway, plan with --objective accuracy (next steps)")
+    else:
+        n = Counter(s["verdict"] for s in sites)
+        text = (f"the plan will keep everything in bf16: no site is accuracy-safe yet ({n['unsafe']} unsafe, "
+                f"{n['undecided']} undecided)")
+    return f"**Bottom line: {text}.**"
+
+
+# A reason shared by at least this many sites is spelled out once under the table.
+SHARED_REASON_SITES = 3
+_FIGURES = re.compile(r"[-+]?\d+(\.\d+)?([eE][-+]?\d+)?|\b(fprop|dgrad|wgrad)\b")
+
+
+def reason_groups(sites: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """({fqn: label}, lines): reasons that differ only in their figures (and the GEMM named), shared by
+    several sites, get a label (R1, R2, ...) in the table and one line under it with an example; each
+    row keeps its own figures in the error and speedup columns."""
+    keys = {s["fqn"]: _FIGURES.sub("#", s["reason"]) for s in sites}
+    counts = Counter(keys.values())
+    names: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    lines: list[str] = []
+    for s in sites:
+        key = keys[s["fqn"]]
+        if counts[key] < SHARED_REASON_SITES:
+            continue
+        if key not in names:
+            names[key] = f"R{len(names) + 1}"
+            lines.append(f"**{names[key]}** ({_sites(counts[key])}; figures per site in the table), e.g. "
+                         f"`{s['fqn']}`: {s['reason']}")
+        labels[s["fqn"]] = names[key]
+    return labels, ["Reasons shared by several sites:"] + lines if lines else []
+
+
+def alignment_note(sites: list[dict]) -> list[str]:
+    """One line for every ⚠ in the table: what the shape rule is and what fixes it."""
+    n = sum(alignment_issue(s) is not None for s in sites)
+    if not n:
+        return []
+    return [f"⚠ ({_sites(n)}): K or N not a multiple of {FP8_ALIGN}; cuBLAS FP8 GEMMs (scaled_mm) refuse the shape, "
+            "the padding mod (loka.mods.padding) pads it exactly to the shape the row names."]
+
+
+def _pad_to(site: dict) -> str:
+    return f"⚠ pad to K={_round_up(site['in_features'])}, N={_round_up(site['out_features'])}"
+
+
 def verdict_counts(sites: list[dict]) -> str:
     """One line: how many sites are safe (and how fast), unsafe, undecided, and unaligned."""
     count = {v: sum(s["verdict"] == v for s in sites) for v in ("safe", "unsafe", "undecided")}
@@ -161,7 +247,8 @@ def target_line(meta: dict, recipes: list[str]) -> list[str]:
 
 
 def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
-    """What a model owner runs next, most useful first; the last step is always the plan."""
+    """What a model owner runs next, most useful first; it ends with the plan (and, when no site is
+    fast, the accuracy-objective plan that still shows FP8's effect on quality)."""
     sites = report.sites
     steps = []
     undecided = [s["fqn"] for s in sites if s["verdict"] == "undecided"]
@@ -174,23 +261,29 @@ def next_steps(report: "ProbeReport", json_path: str | Path) -> list[str]:
             more = f" (train more steps: {taken} sampled steps were taken{f' of the {cap} allowed' if cap else ''})"
         steps.append(f"{len(undecided)} undecided site(s) need more sampled steps to decide{more}; "
                      "the plan keeps them in bf16 meanwhile.")
-    unaligned = [s["fqn"] for s in sites if alignment_issue(s) is not None]
-    if unaligned:
-        steps.append(f"{len(unaligned)} site(s) have K or N not a multiple of {FP8_ALIGN} (⚠): "
-                     "`loka.mods.padding.apply(model)` pads them (exact; `loka mods list` describes every mod), "
-                     "then probe the padded model again.")
+    # Padding pays only where FP8 can then win: an unaligned site that is safe and not slower than bf16
+    # (a slow one stays bf16 padded or not, as the keep-in-hp policy's tiny GEMMs do).
+    worth = [s["fqn"] for s in sites if alignment_issue(s) is not None and s["verdict"] == "safe" and s["speed"] != "slow"]
+    if worth:
+        steps.append(f"{len(worth)} accuracy-safe site(s) not slower than bf16 have K or N not a multiple of "
+                     f"{FP8_ALIGN} (⚠): `loka.mods.padding.apply(model)` pads them (exact; `loka mods list` "
+                     "describes every mod), then probe the padded model again.")
     timed = any(s["timings"] and s["timings"]["representative"] for s in sites)
     target = report.doc["meta"].get("target")
     if target:
-        steps.append(f"`loka plan --report {json_path} --device {target} --out plan.json` chooses a kernel or bf16 "
+        steps.append(f"`loka plan --report {json_path} --device {target} --out runs/plan` chooses a kernel or bf16 "
                      f"per GEMM among the recipes and kernels {target} runs"
                      + ("." if timed else f", ranked by its speed model where this report has no {target} timings."))
     elif timed:
-        steps.append(f"`loka plan --report {json_path} --out plan.json` chooses a kernel or bf16 per GEMM.")
+        steps.append(f"`loka plan --report {json_path} --out runs/plan` chooses a kernel or bf16 per GEMM.")
     else:
-        steps.append(f"`loka plan --report {json_path} --speed-model h100 --out plan.json` chooses a kernel or "
-                     "bf16 per GEMM; this report has no GPU timings, so kernels are ranked by the H100 speed model "
-                     "(on the GPU, `--speed-model measured` times them).")
+        plan = f"`loka plan --report {json_path} --speed-model h100 --out runs/plan`"
+        steps.append(f"{plan} chooses a kernel or bf16 per GEMM; this report has no GPU timings, so kernels are "
+                     "ranked by the H100 speed model (on the GPU, `--speed-model measured` times them).")
+    if not any(s["verdict"] == "safe" and s["speed"] == "fast" for s in sites):
+        steps.append(f"`loka plan --report {json_path}{'' if timed else ' --speed-model h100'} --objective accuracy "
+                     "--out runs/plan_accuracy` converts every accuracy-safe GEMM, fast or not: convert, train "
+                     "or gate with that plan to see what FP8 does to your model's quality (not a plan for speed).")
     return [f"Next step{'s' if len(steps) > 1 else ''}:"] + [f"{i}. {t}" for i, t in enumerate(steps, 1)]
 
 
@@ -202,7 +295,7 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _md_row(s: dict, recipes: list[str]) -> str:
+def _md_row(s: dict, recipes: list[str], label: str | None = None) -> str:
     m = s["m_values"]
     m_str = "?" if not m else (str(m[0]) if len(m) == 1 else f"{m[0]}-{m[-1]}")
     issue = alignment_issue(s)
@@ -222,5 +315,5 @@ def _md_row(s: dict, recipes: list[str]) -> str:
     sp = s["speedup"]
     speed = "–" if sp is None else f"{sp:.2f}x" + (" (model)" if s.get("speed_source") == "model" else "")
     verdict = s["verdict"] + (f", {s['speed']}" if s["speed"] != "unknown" else "")
-    reason = (s["reason"] + (f"; ⚠ {issue}" if issue else "")).replace("|", "/")
+    reason = ((label or s["reason"]) + (f"; {_pad_to(s)}" if issue else "")).replace("|", "/")
     return f"| `{s['fqn']}` | {shape} | {stats} | " + " | ".join(cells) + f" | {speed} | {verdict} | {reason} |"

@@ -69,8 +69,11 @@ def find_sites(
     """
     out: dict[str, tuple[Site, nn.Module]] = {}
     seen: set[int] = set()
+    # MultiheadAttention passes out_proj's weight to its functional form and never calls out_proj:
+    # that weight is captured as a parameter GEMM (loka.probe.capture_matmul), not by a module hook.
+    unused = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
     for fqn, module in model.named_modules():
-        if id(module) in seen or not is_gemm_module(module):
+        if id(module) in seen or id(module) in unused or not is_gemm_module(module):
             continue
         name = fqn or "<root>"
         if include and not _matches(name, include):

@@ -16,6 +16,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "im
 else
     .venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel
     .venv/bin/python -m pip install --quiet -c requirements/pins.txt -e ".[dev]"
+    # TorchRec (extra `torchrec`, the sharded ranker): its metadata asks for the CUDA fbgemm_gpu,
+    # so torchrec and the CPU build fbgemm-gpu-cpu go in without dependencies, then the rest.
+    .venv/bin/python -m pip install --quiet --no-deps -c requirements/pins.txt torchrec fbgemm-gpu-cpu
+    .venv/bin/python -m pip install --quiet -c requirements/pins.txt tensordict torchmetrics pyre-extensions
     echo "$WANT" > "$STAMP"
 fi
 echo "loka setup: $(.venv/bin/python -c 'import torch, loka; print("loka", loka.__version__, "torch", torch.__version__)')"

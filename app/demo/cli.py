@@ -6,6 +6,7 @@ import argparse
 
 from loka.app.demo import mlp as demo_mlp
 from loka.app.demo.ranker import DemoConfig, run
+from loka.cli_vocab import add_json, write_json
 from loka.devices import target_names
 
 
@@ -13,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the end-to-end demo on the bundled ranker")
     p.add_argument("--mlp", action="store_true", help="only the per-layer FP8 error table of a small MLP")
     p.add_argument("--size", default="auto", help="ranker size (default: small on CPU, base on CUDA)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default="runs/demo", help="where reports, plan and checkpoints go")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="torch device (default auto: cuda if available, else cpu)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="directory for reports, plan and checkpoints")
     p.add_argument("--warm-steps", type=int, default=None, help="bf16 steps before probing (CPU 150, CUDA 300)")
     p.add_argument("--probe-steps", type=int, default=None, help="training steps each probe watches (CPU 24, CUDA 40)")
     p.add_argument("--continue-steps", type=int, default=None,
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, choices=target_names(),
                    help="a GPU to probe and plan for (every recipe it runs, FP8 and FP4 side by side; emulated "
                         "off that GPU); default: this device's recipes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed (default 0)")
+    add_json(p, "the summary (also in DIR/summary.json)")
     p.set_defaults(func=_run)
 
 
@@ -54,5 +57,7 @@ def _run_ranker(args: argparse.Namespace) -> int:
             raise  # --debug: the traceback
         print(f"loka demo: {exc}")
         return 2
-    run(cfg)
+    summary = run(cfg)
+    if args.json:
+        write_json(args.json, summary)
     return 0

@@ -22,8 +22,8 @@ from loka.devices import get_target
 from loka.dispatch import apply_plan
 from loka.kernels import KERNELS
 from loka.dispatch.producers import apply_producers
-from loka.kernels.costmodel import H100_SXM, bf16_us, kernel_us
-from loka.recipe import gemm_shape
+from loka.kernels.costmodel import H100_SXM
+from loka.probe.timing import time_site
 
 WHATIF_RECIPES = ("tensorwise", "rowwise")  # what torch._scaled_mm runs on H100
 
@@ -86,11 +86,12 @@ def modelled_speedup(plan, recipes: dict[str, str], kernel: str = "scaled_mm") -
 
     bf16 = fp8 = 0.0
     for sp in plan.sites:
-        for gemm in sp.gemms:
-            shape = gemm_shape(gemm, sp.m, sp.in_features, sp.out_features)
-            t_bf16 = bf16_us(*shape, H100_SXM)
-            bf16 += t_bf16
-            fp8 += kernel_us(kernel, recipes[sp.fqn], gemm, *shape, H100_SXM) if sp.fqn in recipes else t_bf16
+        recipe = recipes.get(sp.fqn)
+        t = time_site((sp.m, sp.in_features, sp.out_features), [recipe] if recipe else [], model=H100_SXM,
+                      kernels=[kernel], gemms=tuple(sp.gemms))
+        timed = {e.gemm: e.median_ms for e in t.entries}
+        bf16 += sum(t.bf16_ms.values())
+        fp8 += sum(timed.get(gemm, ms) for gemm, ms in t.bf16_ms.items())
     return bf16 / fp8 if fp8 > 0 else None
 
 

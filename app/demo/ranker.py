@@ -37,7 +37,7 @@ from loka.app.demo.summary import print_summary
 from loka.dispatch import Budget, plan
 from loka.gate import gate
 from loka.kernels.costmodel import DEVICE_MODELS
-from loka.models import SyntheticStream, TrainConfig, evaluate, train
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
 from loka.models.headroom_cli import ranker_headroom
 from loka.models.serve import ScoringServer
@@ -250,7 +250,7 @@ def make_plan(report, cfg: DemoConfig, keep: dict, out: Path, report_json: Path,
           f"{sum(s.producer is not None for s in p.sites)} of them are in FP8 in this plan")
     print(p.summary())
     print(f"same as: loka plan --report {report_json} --speed-model {speed} --keep-bf16 {keep_path} "
-          f"--producers {prod_path} --device {cfg.target or cfg.device} --out {path}")
+          f"--producers {prod_path} --device {cfg.target or cfg.device} --out {out}")
     if p.totals()["fp8_gemms"] == 0:
         print(_all_bf16_explanation(report, cfg))
     return p, path
@@ -273,8 +273,8 @@ def _all_bf16_explanation(report, cfg: DemoConfig) -> str:
             f"{where}, quantizing the operands costs more than the FP8 GEMM saves (measured on an H100, "
             "bench/results/h100_2026-11-22_gemm.md: FP8 GEMMs beat bf16 from K, N = 1024, and with the "
             "quantization counted only from K, N = 2048 at M = 32768). That is the plan doing its job, not a failure. "
-            + ("On a CUDA device the demo uses the base ranker, whose interaction MLPs (K ~1000-1150, "
-               "N 1024-1536) are where FP8 can win, and times the kernels there." if cfg.device == "cpu" else
+            + (f"On a CUDA device the demo uses the base ranker, whose {wide_linears('base')} are where FP8 can "
+               "win, and times the kernels there." if cfg.device == "cpu" else
                "Try a larger ranker (--size large) or batch."))
 
 
@@ -288,6 +288,18 @@ def pace_line(cfg: DemoConfig, warm_seconds: float) -> str:
     return (f"(at this machine's pace in stage 1, {per_step:.2f} s a step, these {2 * cfg.continue_steps} steps take "
             f"at least {at_least / 60:.1f} min, then the gate scores {cfg.eval_examples:,} examples twice; "
             f"a shorter run: {shorter})")
+
+
+def wide_linears(size: str, at_least: int = 1024) -> str:
+    """Where FP8 can win in a ranker size, read from its config: its Linears with K and N >= ``at_least``."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = Ranker(RankerConfig.from_size(size))
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= at_least]
+    if not shapes:
+        return f"Linears (none with K, N >= {at_least})"
+    k, n = (f"{min(v)}-{max(v)}" if min(v) < max(v) else str(v[0]) for v in zip(*shapes))
+    return f"{len(shapes)} Linears with K, N >= {at_least} (K {k}, N {n})"
 
 
 def continue_training(model: nn.Module, cfg: DemoConfig, label: str):

@@ -62,6 +62,7 @@ def swizzle_scales(scale: torch.Tensor) -> torch.Tensor:
 class _BlockScaledBase(GemmKernel):
     backend = "scaled_mm"
     takes_quantized_b = False
+    torch_scaled_mm = True
     untested = True
     exact_quantization = True
     granularity: str
@@ -119,6 +120,7 @@ class ScaledMMMXKernel(_BlockScaledBase):
     """MXFP8 GEMM: e4m3/e5m2 elements, 1x32 blocks, e8m0 scales (sm100, gfx950)."""
 
     name = "scaled_mm_mx"
+    archs = frozenset({"sm100", "gfx950"})
     granularity = "mx"
     block = "BlockWise1x32"
     archs = ("sm100", "sm103", "gfx950")
@@ -152,6 +154,7 @@ class ScaledMMNVFP4Kernel(_BlockScaledBase):
     """NVFP4 GEMM: e2m1 elements, 1x16 blocks with e4m3 scales, fp32 tensor scales (sm100)."""
 
     name = "scaled_mm_nvfp4"
+    archs = frozenset({"sm100"})
     granularity = "nvfp4"
     block = "BlockWise1x16"
     archs = ("sm100", "sm103")

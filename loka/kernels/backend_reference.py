@@ -44,6 +44,8 @@ class EmulatedKernel(GemmKernel):
     name = "emulated"
     backend = "emulated"
     takes_quantized_a = True
+    reference = True
+    auto_rank = 1
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
         return YES

@@ -18,6 +18,7 @@ from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
 from loka.kernels.kernel import (
+    NVIDIA_FP8_ARCHS,
     OCP_FP8,
     YES,
     GemmKernel,
@@ -96,6 +97,10 @@ class ScaledMMKernel(GemmKernel):
 
     name = "scaled_mm"
     backend = "scaled_mm"
+    modelled = True
+    auto_rank = 0
+    torch_scaled_mm = True
+    archs = NVIDIA_FP8_ARCHS | {"gfx942", "gfx950"}
     fast_accum = False
     takes_quantized_a = True
 
@@ -152,4 +157,7 @@ class ScaledMMFastAccumKernel(ScaledMMKernel):
     """scaled_mm with cuBLASLt fast accumulation (faster on Hopper, less precise)."""
 
     name = "scaled_mm_fast_accum"
+    modelled = False  # priced as scaled_mm
+    auto_rank = None
+    archs = NVIDIA_FP8_ARCHS
     fast_accum = True

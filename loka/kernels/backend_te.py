@@ -36,7 +36,9 @@ import torch
 
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no
+from loka.kernels.kernel import (
+    NVIDIA_FP8_ARCHS, OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no,
+)
 
 ALIGN = 16
 _MIN_CAPABILITY = {"tensorwise": (8, 9), "blockwise": (9, 0), "mx": (10, 0)}
@@ -81,6 +83,7 @@ class TEKernel(GemmKernel):
     """Transformer Engine cast + cuBLASLt GEMM for tensorwise, blockwise and MXFP8 recipes."""
 
     name = "te"
+    archs = NVIDIA_FP8_ARCHS
     takes_quantized_b = False  # quantizes b itself
     backend = "te"
     exact_quantization = False

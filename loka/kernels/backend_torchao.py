@@ -35,7 +35,7 @@ import torch
 
 from loka.formats import get_format
 from loka.kernels.backend_scaled_mm import ScaledMMKernel, scaled_mm_recipe_problem
-from loka.kernels.kernel import YES, GemmKernel, Quantized, Shape, Support, check_operands, no
+from loka.kernels.kernel import NVIDIA_FP8_ARCHS, YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 from loka.quantize import MIN_SCALE, round_up_pow2
 from loka.recipe import GemmRecipe
 
@@ -76,6 +76,7 @@ class TorchaoKernel(_TorchaoBase):
     """torchao float8 training's tensorwise / rowwise GEMM (cast + ``torch._scaled_mm``)."""
 
     name = "torchao"
+    archs = NVIDIA_FP8_ARCHS
     backend = "torchao"
     fast_accum = False
     nonfinite_amax = "poison"
@@ -165,6 +166,7 @@ class TorchaoBlockwiseKernel(_TorchaoBase):
     """torchao's blockwise FP8 (DeepSeek-style) Triton GEMMs. Untested here (needs sm_90)."""
 
     name = "torchao_blockwise"
+    archs = frozenset({"sm90"})
     takes_quantized_b = False  # quantizes b itself
     backend = "torchao"
     nonfinite_amax = "poison"
@@ -222,6 +224,7 @@ class TorchaoMXKernel(_TorchaoBase):
     """torchao's MXFP8 GEMM (``MXTensor`` + cuBLAS MX). Untested here (needs sm_100)."""
 
     name = "torchao_mx"
+    archs = frozenset({"sm100"})
     takes_quantized_b = False  # quantizes b itself
     backend = "torchao"
     nonfinite_amax = "poison"

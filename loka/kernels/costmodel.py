@@ -16,7 +16,7 @@ cores reach their peak only over a long reduction: efficiency ``K/(K + k_half)``
 with a larger ``k_half`` for FP8 (its K tile is twice as deep), which is why the
 pre-quantized FP8/bf16 ratio is flat at 1.0x for K,N <= 512 and climbs to 1.3x at
 1024 and 1.5-1.6x at >= 2048 for every M (the H100 record), instead of depending
-on M as a FLOPs-plus-latency sum did. ``triton`` (loka's fused-quantization GEMM)
+on M as a FLOPs-plus-latency sum did. A kernel that ``fuses_a_cast`` (``triton``, loka's fused-quantization GEMM)
 reads ``a`` in hp and re-quantizes it in every N tile: ``M·K·ceil(N/block_n)``
 elements at ``triton_requant_gelems`` G elements/s, plus its launch overhead, plus
 ``b`` cast eagerly.
@@ -43,8 +43,8 @@ PFLOP/s, 8 TB/s), the other constants the H100's. Their names say "spec, not mea
 every table that shows them, until a measured calibration replaces them. FP4 GEMMs (``e2m1``
 operands) run at ``fp4_tflops`` and read half a byte per element.
 
-Everything it returns is labelled ``source: model`` and ``representative:
-false``: it ranks kernels sensibly, it does not replace measuring on the GPU.
+A site's timings from this model come from ``loka.probe.timing.time_site(..., model=dev)``,
+labelled ``source: model`` and ``representative: false``: it ranks kernels sensibly, it does not replace measuring on the GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loka.recipe import GEMMS, as_recipe, gemm_shape
+from loka.kernels.padded import kernel_by_name
+from loka.recipe import as_recipe
 
 
 @dataclass(frozen=True)
@@ -166,32 +167,13 @@ def kernel_us(kernel: str, recipe, gemm: str, m: int, k: int, n: int, dev: Devic
     g = as_recipe(recipe).gemm(gemm)
     if g.is_hp:
         return bf16_us(m, k, n, dev)
-    if kernel.startswith("triton"):
+    if kernel_by_name(kernel).fuses_a_cast:
         return triton_us(m, k, n, dev) + quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=False)
     quant_a = 0.0 if a_in_producer else quantize_us(m, k, dev, amax_pass=g.a.scaling == "dynamic", compiled=compiled)
     quant_b = 0.0 if b_cached else quantize_us(n, k, dev, amax_pass=g.b.scaling == "dynamic", compiled=compiled)
     fp4 = g.a.format == "e2m1" and g.b.format == "e2m1"
     gemm_us = fp8_gemm_us(m, k, n, dev, a_bytes=FP8_BYTES / 2, fp4=True) if fp4 else fp8_gemm_us(m, k, n, dev)
     return gemm_us + quant_a + quant_b
-
-
-def model_site_timings(shape: tuple[int, int, int], recipes, kernels: list[str], dev: DeviceModel = H100_SXM) -> dict:
-    """A probe-report ``timings`` entry for site ``(M, K, N)`` from the model (see probe/timing.py)."""
-    m, k, n = shape
-    out = {"device_name": dev.name, "representative": False, "source": "model", "m": int(m), "dtype": "bfloat16",
-           "bf16_ms": {}, "entries": [], "skipped": {}}
-    for gemm in GEMMS:
-        gm, gk, gn = gemm_shape(gemm, m, k, n)
-        out["bf16_ms"][gemm] = bf16_us(gm, gk, gn, dev) / 1e3
-        for recipe in recipes:
-            for name in kernels:
-                t = kernel_us(name, recipe, gemm, gm, gk, gn, dev) / 1e3
-                out["entries"].append({"gemm": gemm, "kernel": name, "recipe": as_recipe(recipe).name,
-                                       "median_ms": t, "p10_ms": t, "p90_ms": t, "iters": 0,
-                                       "extrapolated": is_extrapolated(dev, name, gm, gk, gn)
-                                       or is_extrapolated(dev, "bf16", gm, gk, gn)})
-    return out
-
 
 
 # --- Where the model is calibrated: the measured extent of each (device, kernel) region ----------
@@ -241,7 +223,8 @@ CALIBRATED_REGIONS = {
 
 def calibrated_region(dev: DeviceModel, kernel: str, m: int, k: int, n: int) -> CalibratedRegion | None:
     """The region of ``dev`` that covers ``kernel`` at (M, K, N), or None: the prediction is extrapolated."""
-    family = "triton" if kernel.startswith("triton") else ("bf16" if kernel == "bf16" else "scaled_mm")
+    k_ = kernel_by_name(kernel)
+    family = "triton" if k_.fuses_a_cast else ("bf16" if k_.hp else "scaled_mm")  # the calibrated cost classes
     return next((r for r in CALIBRATED_REGIONS.get(dev.name, ()) if r.kernel == family and r.contains(m, k, n)), None)
 
 

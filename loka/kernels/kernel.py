@@ -75,6 +75,24 @@ class GemmKernel(ABC):
     # Why the planner, the probe and the micro-benchmarks leave this kernel out unless it is
     # named explicitly (``kernels=[...]``); empty: it is a default candidate.
     not_default: ClassVar[str] = ""
+    # --- capabilities the probe, the speed model, the planner and the mods read (never the name) ---
+    # The numerical reference (quantize -> dequantize -> hp matmul): timed and tested, never planned.
+    reference: ClassVar[bool] = False
+    # Quantizes ``a`` inside the GEMM (reads it in hp): the speed model prices that fused cast, and
+    # no producer can hand it an FP8 ``a``.
+    fuses_a_cast: ClassVar[bool] = False
+    # Priced by the speed model when a site has no representative timing (one kernel per cost class:
+    # a GEMM after separate casts, a GEMM with the fused ``a`` cast).
+    modelled: ClassVar[bool] = False
+    # Rank in ``Float8Linear(kernels="auto")``: the lowest available one that takes the recipe wins;
+    # None: never chosen by "auto".
+    auto_rank: ClassVar[int | None] = None
+    # Runs ``torch._scaled_mm`` on its FP8 operands as they are (a mod may call it with its own scales).
+    torch_scaled_mm: ClassVar[bool] = False
+    # GPU architectures (loka/devices.py) whose recipes it runs natively; ``emulated`` runs anywhere.
+    archs: ClassVar[frozenset[str]] = frozenset()
+    # The unpadded kernel this one wraps (loka/kernels/padded.py): None when it pads nothing.
+    inner: "GemmKernel | None" = None
 
     def library_version(self) -> str:
         """Version of the library behind this kernel (part of benchmark cache keys)."""
@@ -107,6 +125,7 @@ class GemmKernel(ABC):
         return f"<{type(self).__name__} {self.name} ({self.backend})>"
 
 
+NVIDIA_FP8_ARCHS = frozenset({"sm89", "sm90", "sm100"})  # loka/devices.py names
 OCP_FP8 = ("e4m3", "e5m2")  # the encodings NVIDIA GPUs (and MI350) multiply; MI300's are the fnuz ones
 
 
@@ -158,6 +177,13 @@ class KernelRegistry:
         except KeyError:
             raise ValueError(f"unknown kernel {name!r}; registered kernels: {sorted(self._kernels)}") from None
 
+    def unregister(self, name: str) -> GemmKernel:
+        """Remove ``name`` (and its padded variant, if one was made); returns the kernel."""
+        kernel = self.get(name)
+        for other in [k for k in self._kernels.values() if k.inner is kernel]:
+            del self._kernels[other.name]
+        return self._kernels.pop(name)
+
     def names(self) -> list[str]:
         return list(self._kernels)
 
@@ -172,7 +198,28 @@ def default_candidates(registry: "KernelRegistry | None" = None) -> list[str]:
     """Names of the FP8 kernels considered when the caller names none (not hp, not ``emulated``,
     not marked ``not_default``)."""
     reg = KERNELS if registry is None else registry
-    return [k.name for k in reg if not k.hp and k.name != "emulated" and not k.not_default]
+    return [k.name for k in reg if not k.hp and not k.reference and not k.not_default]
+
+
+def reference_kernel() -> GemmKernel:
+    """The numerical reference every kernel is tested against (``reference``: ``emulated``)."""
+    return next(k for k in KERNELS if k.reference)
+
+
+def modelled_kernels(arch: str | None = None) -> list[str]:
+    """Names of the kernels the speed model prices (``modelled``), of those running on ``arch`` if given."""
+    return [k.name for k in KERNELS if k.modelled and (arch is None or arch in k.archs)]
+
+
+def auto_preference() -> list[str]:
+    """Kernel names ``kernels="auto"`` tries, in order (``auto_rank``)."""
+    ranked = [k for k in KERNELS if k.auto_rank is not None]
+    return [k.name for k in sorted(ranked, key=lambda k: k.auto_rank)]
+
+
+def arch_kernels(arch: str) -> tuple[str, ...]:
+    """Names of the registered kernels that run ``arch``'s recipes natively (``archs``), in registry order."""
+    return tuple(k.name for k in KERNELS if arch in k.archs)
 
 
 KERNELS = KernelRegistry()

@@ -45,6 +45,8 @@ class PaddedKernel(GemmKernel):
         self.name = inner.name + PAD_SUFFIX
         self.backend = getattr(inner, "backend", inner.name)
         self.gemms = inner.gemms
+        # what it runs and how it casts are the inner kernel's; it is never the reference or modelled
+        self.archs, self.fuses_a_cast, self.torch_scaled_mm = inner.archs, inner.fuses_a_cast, inner.torch_scaled_mm
 
     def library_version(self) -> str:
         return self.inner.library_version()
@@ -90,8 +92,7 @@ def _pad_b(b, scale_b, pad_k: int, pad_n: int, row_scaled: bool):
 
 def needs_padding(kernel: GemmKernel, recipe, shape, dtype, device) -> bool:
     """False for a padded kernel at a shape its inner kernel takes as it is (timing it would add nothing)."""
-    inner = getattr(kernel, "inner", None)
-    return inner is None or not inner.supports(recipe, shape, dtype, device)
+    return kernel.inner is None or not kernel.inner.supports(recipe, shape, dtype, device)
 
 
 def kernel_by_name(name: str) -> GemmKernel:

@@ -21,23 +21,21 @@ from loka.kernels.kernel import KERNELS
 from loka.kernels.padded import PaddedKernel
 from loka.kernels.triton_backend import TritonFusedQuantFastAccumKernel, TritonFusedQuantKernel
 
-for _kernel in (
-    Bf16Kernel(),
-    EmulatedKernel(),
-    ScaledMMKernel(),
-    ScaledMMFastAccumKernel(),
-    ScaledMMMXKernel(),
-    ScaledMMNVFP4Kernel(),
-    TorchaoKernel(),
-    TorchaoFastAccumKernel(),
-    TorchaoBlockwiseKernel(),
-    TorchaoMXKernel(),
-    TEKernel(),
-    TritonFusedQuantKernel(),
-    TritonFusedQuantFastAccumKernel(),
-):
-    KERNELS.register(_kernel)
-
+# One line per kernel. The order is the order of preference among equally fast kernels (the planner
+# keeps the first of a tie), and of each device's kernels (loka.devices.DeviceCaps.kernels).
+KERNELS.register(Bf16Kernel())
+KERNELS.register(EmulatedKernel())
+KERNELS.register(ScaledMMKernel())
+KERNELS.register(ScaledMMFastAccumKernel())
 # K and N zero-padded to multiples of 16 inside the call (loka.kernels.padded): odd widths such as 429
-for _name in ("scaled_mm", "scaled_mm_fast_accum"):
-    KERNELS.register(PaddedKernel(KERNELS.get(_name)))
+KERNELS.register(PaddedKernel(KERNELS.get("scaled_mm")))
+KERNELS.register(PaddedKernel(KERNELS.get("scaled_mm_fast_accum")))
+KERNELS.register(TorchaoKernel())
+KERNELS.register(TorchaoFastAccumKernel())
+KERNELS.register(TEKernel())
+KERNELS.register(TritonFusedQuantKernel())
+KERNELS.register(TritonFusedQuantFastAccumKernel())
+KERNELS.register(TorchaoBlockwiseKernel())
+KERNELS.register(TorchaoMXKernel())
+KERNELS.register(ScaledMMMXKernel())
+KERNELS.register(ScaledMMNVFP4Kernel())

@@ -35,7 +35,9 @@ import torch
 from loka.quantize import quantize_operand
 from loka.recipe import GemmRecipe
 
-from loka.kernels.kernel import OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no
+from loka.kernels.kernel import (
+    NVIDIA_FP8_ARCHS, OCP_FP8, YES, GemmKernel, Quantized, Shape, Support, check_operands, formats_problem, no,
+)
 from loka.kernels.triton_gemm import fp8_mm_fused_quant, triton_available
 
 GRANULARITIES = ("tensorwise", "rowwise")
@@ -47,6 +49,9 @@ class TritonFusedQuantKernel(GemmKernel):
 
     name = "triton"
     backend = "triton"
+    fuses_a_cast = True
+    modelled = True
+    archs = NVIDIA_FP8_ARCHS
     fast_accum = False
     not_default = ("measured 0.21-0.25x of bf16 on an H200 (bench/results/h200_2026-11-30_gemm_triton.md); "
                    "considered only when named, e.g. kernels=['triton']")
@@ -93,4 +98,5 @@ class TritonFusedQuantFastAccumKernel(TritonFusedQuantKernel):
     """The Triton kernel with Hopper's fast (reduced-precision) FP8 accumulation."""
 
     name = "triton_fast_accum"
+    modelled = False  # priced as triton
     fast_accum = True

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["doctor", "gpu_tests", "ranker_base", "kernels", "probe_overhead", "ranker_large"]
+STAGES = ["doctor", "gpu_tests", "ranker_base", "kernels", "probe_overhead", "sharded", "ranker_large"]
 STATUSES = {"ok", "failed", "timed out", "skipped"}
 UNLIMITED = 10**6  # seconds: a stage limit / budget no run reaches
 NO_LIMITS = ("--budget-s", str(UNLIMITED), *(a for name in STAGES for a in ("--limit", f"{name}={UNLIMITED}")))
@@ -30,6 +30,10 @@ def _run(tmp_path: Path, *extra: str, timeout: float = HANG_GUARD_S) -> tuple[su
     doc = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     md = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
     return proc, doc, md
+
+
+def _has_torchrec() -> bool:
+    return subprocess.run([sys.executable, "-c", "import torchrec"], capture_output=True).returncode == 0
 
 
 def _md_rows(md: str) -> dict[str, list[str]]:
@@ -67,6 +71,9 @@ def test_cpu_smoke_every_stage_has_a_status_and_a_failing_or_hanging_stage_is_a_
         assert labels[:2] == ["bf16 (per call)", "bf16"] and any(w.startswith("ceiling") for w in labels)
         assert all(e["median_ms"] > 0 and not e["representative"] for e in row["entries"] if "error" not in e)
     assert stages["probe_overhead"]["figures"]["steps"] == 4
+    sharded = stages["sharded"]["figures"]
+    assert sharded["ran"] == _has_torchrec(), sharded  # where torchrec is missing the row says why
+    assert sharded["steps"] == 5 if sharded["ran"] else sharded["reason"].startswith("not run: torchrec")
     # The Markdown has the same rows, each with its status and reason.
     rows = _md_rows(md)
     assert list(rows) == list(stages)
@@ -84,7 +91,7 @@ def test_failing_gpu_tests_are_counted_and_named_from_junit(tmp_path):
     proc, doc, md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake), *NO_LIMITS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = {s["name"]: s for s in doc["stages"]}
-    assert [stages[n]["status"] for n in STAGES] == ["skipped", "failed"] + ["skipped"] * 4
+    assert [stages[n]["status"] for n in STAGES] == ["skipped", "failed"] + ["skipped"] * 5
     assert stages["doctor"]["reason"] == "not in --only"
     figures = stages["gpu_tests"]["figures"]
     # The unmarked test is deselected by -m; of the two marked ones one fails.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loka.kernels.costmodel import H100_SXM, H200_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, model_site_timings, quantize_us
+from loka.probe.timing import time_site
+from loka.kernels.costmodel import H100_SXM, H200_SXM, DeviceModel, bf16_us, fp8_gemm_us, kernel_us, quantize_us
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "bench" / "results" / "gemm_calibration.json"
 CAL = json.loads(CALIBRATION.read_text())
@@ -187,7 +188,8 @@ def test_delayed_scaling_skips_the_amax_pass():
 
 
 def test_timings_entry_shape_and_labels():
-    t = model_site_timings((4096, 256, 512), ["rowwise", "rowwise_with_gw_hp"], ["scaled_mm", "triton"])
+    t = time_site((4096, 256, 512), ["rowwise", "rowwise_with_gw_hp"], model=H100_SXM,
+                  kernels=["scaled_mm", "triton"]).to_dict()
     assert t["source"] == "model" and t["representative"] is False
     assert set(t["bf16_ms"]) == {"fprop", "dgrad", "wgrad"}
     wgrad_hp = [e for e in t["entries"] if e["gemm"] == "wgrad" and e["recipe"] == "rowwise_with_gw_hp"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from loka.kernels.costmodel import DEVICE_MODELS, DeviceModel, kernel_us, model_site_timings
+from loka.kernels.costmodel import DEVICE_MODELS, DeviceModel, kernel_us
+from loka.probe.timing import time_site
 
 
 @pytest.mark.parametrize("name", ["b200", "mi300x", "mi350x"])
 def test_spec_entries_say_so_in_every_table(name):
     dev = DEVICE_MODELS[name]
     assert "spec, not measured" in dev.name
-    t = model_site_timings((8192, 4096, 4096), ["tensorwise"], ["scaled_mm"], dev)
+    t = time_site((8192, 4096, 4096), ["tensorwise"], model=dev, kernels=["scaled_mm"]).to_dict()
     assert "spec, not measured" in t["device_name"] and t["source"] == "model" and not t["representative"]
 
 

@@ -9,9 +9,9 @@ import torch
 from dispatch_report_fixtures import report, site
 
 from loka.dispatch import plan
-from loka.dispatch.microbench import _jobs
 from loka.kernels import KERNELS
 from loka.kernels.kernel import default_candidates
+from loka.probe.timing import time_site
 
 ROOT = Path(__file__).resolve().parents[2]
 CAL = json.loads((ROOT / "bench" / "results" / "gemm_calibration.json").read_text())["h200_2026-11-30"]
@@ -32,9 +32,8 @@ def test_default_candidates_leave_triton_out():
     names = default_candidates()
     assert "scaled_mm" in names and "triton" not in names and "triton_fast_accum" not in names
     assert "emulated" not in names and "bf16" not in names
-    skipped: dict = {}
-    jobs = _jobs((256, 64, 64), ["rowwise"], None, ("fprop",), torch.float32, torch.device("cpu"), skipped)
-    assert not any(k.name.startswith("triton") for _, k, _ in jobs)
+    t = time_site((256, 64, 64), ["rowwise"], gemms=("fprop",), dtype=torch.float32, warmup=0, iters=1)
+    assert not any(e.kernel.startswith("triton") for e in t.entries) and "fprop" in t.bf16_ms
 
 
 def test_plan_never_picks_triton_unless_named():

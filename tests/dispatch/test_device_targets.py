@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from loka.devices import DEVICES, get_target, plan_target_problem, resolve_device
+from loka.devices import DEVICES, get_target, plan_target_problem, device_and_target
 from loka.dispatch import apply_plan, plan
 from loka.dispatch.plans import Plan, PlanError
 from loka.kernels import KERNELS
@@ -85,8 +85,8 @@ def test_plans_without_a_target_still_load_and_apply_anywhere():
 
 
 def test_resolve_device():
-    assert resolve_device("cpu") == (torch.device("cpu"), None)
-    device, target = resolve_device("MI300X")
+    assert device_and_target("cpu") == (torch.device("cpu"), None)
+    device, target = device_and_target("MI300X")
     assert target.arch == "gfx942" and (device.type == "cpu" or torch.cuda.is_available())
 
 

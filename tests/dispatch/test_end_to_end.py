@@ -17,7 +17,8 @@ import torch
 
 import loka
 from loka.dispatch import Budget, plan
-from loka.dispatch.microbench import time_site_cached
+from loka.dispatch.microbench import open_cache
+from loka.probe.timing import time_site
 from loka.nn import Float8Linear
 from loka.probe.cli import train_with_probe
 from loka.probe.config import ProbeConfig, SamplingSchedule
@@ -46,9 +47,9 @@ def _cpu_timings(report, cache_dir) -> dict:
     for s in report.sites:
         m = max(s["m_values"])
         fits = {role: fl[0] for role, fl in s["fits"].items() if fl}
-        out[s["fqn"]] = time_site_cached((m, s["in_features"], s["out_features"]), ["tensorwise", "rowwise"],
-                                         kernels=KERNELS, dtype=torch.float32, fits=fits, warmup=0, iters=2,
-                                         cache_dir=cache_dir, progress=False)
+        out[s["fqn"]] = time_site((m, s["in_features"], s["out_features"]), ["tensorwise", "rowwise"],
+                                  kernels=KERNELS, dtype=torch.float32, fits=fits, warmup=0, iters=2,
+                                  cache=open_cache(cache_dir, "cpu")).to_dict()
     return out
 
 

@@ -175,10 +175,10 @@ def test_plan_reason_says_when_a_modelled_win_is_extrapolated():
     from dispatch_report_fixtures import report, site
 
     from loka.dispatch.planner import plan
-    from loka.kernels.costmodel import model_site_timings
+    from loka.probe.timing import time_site
 
-    far = model_site_timings((2**20, 1024, 1024), ["rowwise"], ["scaled_mm"], H200_SXM)  # a million rows
-    near = model_site_timings((8192, 8192, 8192), ["rowwise"], ["scaled_mm"], H200_SXM)
+    far = time_site((2**20, 1024, 1024), ["rowwise"], model=H200_SXM, kernels=["scaled_mm"]).to_dict()  # a million rows
+    near = time_site((8192, 8192, 8192), ["rowwise"], model=H200_SXM, kernels=["scaled_mm"]).to_dict()
     assert all(e["extrapolated"] for e in far["entries"]) and not any(e["extrapolated"] for e in near["entries"])
     doc = report(site("far", 1024, 1024, m=2**20), site("near", 8192, 8192, m=8192))
     p = plan(doc, timings={"far": far, "near": near}, device="cpu", progress=False,

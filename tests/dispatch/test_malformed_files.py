@@ -91,7 +91,7 @@ def test_malformed_report_is_one_line_and_loka_plan_exits_2(tmp_path, capsys, ca
         report_sites(doc)
     path = tmp_path / "report.json"
     path.write_text(json.dumps(doc))
-    assert main(["plan", "--report", str(path), "--out", str(tmp_path / "plan.json")]) == 2
+    assert main(["plan", "--report", str(path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(path) in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "plan.json").exists()
@@ -100,7 +100,7 @@ def test_malformed_report_is_one_line_and_loka_plan_exits_2(tmp_path, capsys, ca
 def test_deeply_nested_report_file_exits_2(tmp_path, capsys):
     path = tmp_path / "report.json"
     path.write_text('{"kind": "loka.probe.report", "schema_version": 1, "sites": ' + DEEP + "}")
-    assert main(["plan", "--report", str(path), "--out", str(tmp_path / "plan.json")]) == 2
+    assert main(["plan", "--report", str(path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
 
@@ -108,5 +108,5 @@ def test_deeply_nested_report_file_exits_2(tmp_path, capsys):
 def test_a_good_report_of_the_malformed_cases_plans(tmp_path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report(GOOD_SITE)))
-    assert main(["plan", "--report", str(path), "--out", str(tmp_path / "plan.json")]) == 0
+    assert main(["plan", "--report", str(path), "--out", str(tmp_path)]) == 0
     assert load_plan(tmp_path / "plan.json").site("0").in_features == 32

@@ -192,16 +192,20 @@ def test_hand_built_recipe_is_planned_for_a_remote_target_by_its_speed_model(rep
     assert all(s.gemms[g].is_fp8 or f"scaled_mm/{NAME}" in s.gemms[g].reason for s in p.sites for g in GEMMS), reasons
 
 
-def test_microbench_cache_tells_a_hand_built_recipe_from_its_namesake(tmp_path):
-    from loka.dispatch.microbench import time_site_cached
+def test_timing_cache_tells_a_hand_built_recipe_from_its_namesake(tmp_path):
+    from loka.dispatch.microbench import open_cache
+    from loka.probe.timing import time_site
 
-    kw = dict(kernels=["scaled_mm"], gemms=("fprop",), dtype=torch.float32, warmup=0, iters=1, cache_dir=tmp_path,
-              progress=False)
-    first = time_site_cached((32, 64, 32), ["tensorwise"], **kw)
-    again = time_site_cached((32, 64, 32), [Recipe.from_name("tensorwise")], **kw)
-    pow2 = time_site_cached((32, 64, 32), [Recipe.from_name("tensorwise", pow2_scale=True)], **kw)
-    assert [e["cached"] for e in first["entries"]] == [False] and [e["cached"] for e in again["entries"]] == [True]
-    assert [(e["recipe"], e["cached"]) for e in pow2["entries"]] == [("tensorwise", False)]
+    def run(recipe):
+        cache = open_cache(tmp_path, "cpu")
+        t = time_site((32, 64, 32), [recipe], kernels=["scaled_mm"], gemms=("fprop",), dtype=torch.float32, warmup=0,
+                      iters=1, cache=cache, progress=False)
+        cache.save()
+        return [(e.recipe, e.cached) for e in t.entries]
+
+    assert run("tensorwise") == [("tensorwise", False)]
+    assert run(Recipe.from_name("tensorwise")) == [("tensorwise", True)]
+    assert run(Recipe.from_name("tensorwise", pow2_scale=True)) == [("tensorwise", False)]
 
 
 def test_report_recipe_fields_are_checked_in_one_line(report):

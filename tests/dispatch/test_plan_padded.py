@@ -17,11 +17,11 @@ pytestmark = pytest.mark.skipif(not KERNELS.get("scaled_mm").available("cpu"),
 
 def test_probe_times_padded_kernels_only_where_padding_is_needed():
     odd = time_site((32, 429, 557), ["rowwise"], kernels=["scaled_mm", "scaled_mm+pad"], dtype=torch.float32,
-                    warmup=1, iters=2)
+                    warmup=1, iters=2).to_dict()
     kernels = {(e["gemm"], e["kernel"]) for e in odd["entries"]}
     assert ("fprop", "scaled_mm+pad") in kernels and ("fprop", "scaled_mm") not in kernels
     aligned = time_site((32, 64, 48), ["rowwise"], kernels=["scaled_mm", "scaled_mm+pad"], dtype=torch.float32,
-                        warmup=1, iters=2)
+                        warmup=1, iters=2).to_dict()
     assert {e["kernel"] for e in aligned["entries"]} == {"scaled_mm"}
     assert "aligned shape" in aligned["skipped"]["fprop/scaled_mm+pad/rowwise"]
 
@@ -52,7 +52,7 @@ def test_plan_chooses_padded_kernel_for_429_wide_layers_and_convert_applies_it()
 
 def test_plan_with_conv1x1_sites_applies_to_cin():
     from ctr_zoo import CIN
-    from loka.convert_gemms import Float8Conv1x1
+    from loka.convert import gemm_counts
 
     model = CIN()
     sites = [_site(f"convs.{i}", c.in_channels, c.out_channels) for i, c in enumerate(model.convs)]
@@ -61,9 +61,11 @@ def test_plan_with_conv1x1_sites_applies_to_cin():
     params = list(model.parameters())
     res = convert(model, plan=p)
     assert sorted(res.converted) == ["convs.0", "convs.1", "head"] and not res.hp_gemms, res.table()
-    assert isinstance(model.convs[0], Float8Conv1x1) and model.convs[0].kernels["fprop"].name == "scaled_mm+pad"
+    assert model.loka_param_gemms.engines["convs.0"].kernels["fprop"].name == "scaled_mm+pad"
     model(torch.randn(16, 8, 16)).sum().backward()
     assert all(p is q for p, q in zip(params, model.parameters())) and model.convs[1].weight.grad is not None
+    counts = gemm_counts(model)["convs.1"]
+    assert counts["fp8_gemms_observed"] == counts["expected"] == {"fprop": 1, "dgrad": 1, "wgrad": 1}, counts
 
 
 def test_plan_with_matmul_sites_applies_to_a_cross_network():
@@ -81,3 +83,18 @@ def test_plan_with_matmul_sites_applies_to_a_cross_network():
     model(x).sum().backward()
     assert all(p is q for p, q in zip(params, model.parameters())) and model.kernels[0].grad is not None
     assert ref.shape == (8, 1)
+
+
+def test_plan_keyed_by_gemm_index_applies_to_a_parameter_used_twice():
+    """A probe names a parameter's second GEMM of a forward ``W#1``; the plan applies to the same model."""
+    from ctr_forms import TiedProjection, CrossNetMix
+    from loka.convert import gemm_counts
+
+    for model, sites, x in ((TiedProjection(), [_site("W", 32, 48), _site("W#1", 48, 32)], torch.randn(32, 32)),
+                            (CrossNetMix(), [_site("kernels", 32, 32), _site("kernels#1", 32, 32)], torch.randn(32, 32))):
+        p = plan({"kind": "loka.probe.report", "schema_version": 1, "sites": sites}, Budget(), progress=False)
+        res = convert(model, plan=p, example=(x,))
+        site = sites[0]["fqn"]
+        assert res.converted == [site] and res.verified, res.table()
+        counts = gemm_counts(model)[site]
+        assert counts["fp8_gemms_observed"] == counts["expected"] and counts["expected"]["fprop"] == 2, counts

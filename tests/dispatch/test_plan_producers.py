@@ -135,12 +135,12 @@ def test_cli_producers_file(tmp_path, capsys):
     prod.write_text(json.dumps({_fqn(r): "norm_quant" for r in rows}))
     out = tmp_path / "plan.json"
     assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--kernels", "scaled_mm",
-                      "--producers", str(prod), "--out", str(out), "--device", "cpu"]) == 0
+                      "--producers", str(prod), "--out", str(out.parent), "--device", "cpu"]) == 0
     doc = json.loads(out.read_text())
     assert any(s.get("producer") == "norm_quant" for s in doc["sites"])
     prod.write_text("[1, 2]")
     assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--producers", str(prod),
-                      "--out", str(out), "--device", "cpu"]) == 2
+                      "--out", str(out.parent), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--producers" in err and "expected a JSON object" in err and len(err.splitlines()) == 1
 
@@ -191,11 +191,11 @@ def test_cli_bf16_step_ms(tmp_path, capsys):
     rep.write_text(json.dumps(_calibration_report()))
     out = tmp_path / "plan.json"
     assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--kernels", "scaled_mm",
-                      "--bf16-step-ms", "50", "--out", str(out), "--device", "cpu"]) == 0
+                      "--bf16-step-ms", "50", "--out", str(out.parent), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["step"]["bf16_step_ms"] == 50.0
     assert "Predicted training step: bf16 50 ms" in capsys.readouterr().out
     assert plan_main(["plan", "--report", str(rep), "--speed-model", "h200", "--bf16-step-ms", "-1",
-                      "--out", str(out), "--device", "cpu"]) == 2
+                      "--out", str(out.parent), "--device", "cpu"]) == 2
     assert "bf16_step_ms" in capsys.readouterr().err
 
 

@@ -89,7 +89,7 @@ def _fp8_kernels_here() -> list[str]:
 def test_cli_speed_model_plans_like_the_api_with_that_model(toy_report, tmp_path, name, dev):
     out = tmp_path / "plan.json"
     assert plan_main(["plan", "--report", str(toy_report), "--speed-model", name, "--device", "cpu",
-                      "--out", str(out)]) == 0
+                      "--out", str(out.parent)]) == 0
     doc = json.loads(out.read_text())
     expected = plan(str(toy_report), Budget(), timings=model_timings(str(toy_report), _fp8_kernels_here(), dev),
                     device="cpu", progress=False)
@@ -104,7 +104,7 @@ def test_cli_keep_bf16_file_keeps_the_site_with_its_reason(toy_report, tmp_path)
     keep.write_text(json.dumps({"hidden": "final task head (policy)"}))
     out = tmp_path / "plan.json"
     assert plan_main(["plan", "--report", str(toy_report), "--speed-model", "h100", "--keep-bf16", str(keep),
-                      "--device", "cpu", "--out", str(out)]) == 0
+                      "--device", "cpu", "--out", str(out.parent)]) == 0
     hidden = next(s for s in json.loads(out.read_text())["sites"] if s["fqn"] == "hidden")
     assert all(c["reason"] == "kept bf16 by policy: final task head (policy)" for c in hidden["gemms"].values())
 

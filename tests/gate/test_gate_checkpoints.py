@@ -88,3 +88,27 @@ def test_the_gate_itself_reads_only_saved_outputs(tmp_path, capsys):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "only through loka.models" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fault, named", [("site", "no.such.site"), ("kernel", "kernel 'no_such_kernel'")])
+def test_a_plan_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, fault, named):
+    from torch import nn
+
+    from loka.dispatch.plans import GemmChoice, Plan, SitePlan
+
+    ckpt = _checkpoint(tmp_path / "a.pt")
+    kernel = "no_such_kernel" if fault == "kernel" else "emulated"
+    linears = [(fqn, m) for fqn, m in Ranker(RankerConfig.from_size("tiny")).named_modules() if isinstance(m, nn.Linear)]
+    if fault == "site":
+        linears.append(("no.such.site", linears[0][1]))
+    sites = [SitePlan(fqn, m.in_features, m.out_features, 64,
+                      {g: GemmChoice(kernel, "rowwise", "test plan", 0.03, 25.0) for g in ("fprop", "dgrad", "wgrad")})
+             for fqn, m in linears]
+    plan = Plan(sites=sites, budget={}).save(tmp_path / "plan.json")
+    parser = argparse.ArgumentParser(prog="loka")
+    register(parser.add_subparsers(), checkpoint_loader=checkpoint_loader)
+    args = parser.parse_args(["gate", "--baseline", ckpt, "--candidate", ckpt, "--candidate-plan", str(plan),
+                              "--eval-examples", "256"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "re-plan" in err, err

@@ -60,7 +60,7 @@ def test_api_loaders_refuse_a_code_carrying_pickle(tmp_path, loader):
 
 
 @pytest.mark.parametrize("argv", [
-    ["eval", "--checkpoint", "{path}", "--examples", "64"],
+    ["eval", "--checkpoint", "{path}", "--eval-examples", "64"],
     ["train", "--size", "tiny", "--steps", "2", "--batch-size", "16", "--eval-examples", "0",
      "--no-progress", "--resume", "{path}"],
     ["serve", "--checkpoint", "{path}", "--port", "0"],
@@ -90,3 +90,51 @@ def test_real_checkpoints_still_load_and_garbage_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         load_checkpoint(junk)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _saved(tmp_path, size: str, name: str):
+    model = Ranker(RankerConfig.from_size(size))
+    return save_checkpoint(tmp_path / name, model, step=1), model
+
+
+def test_a_checkpoint_of_another_size_is_one_line_naming_both_sizes(tmp_path, capsys):
+    small, _ = _saved(tmp_path, "small", "small.pt")
+    tiny, _ = _saved(tmp_path, "tiny", "tiny.pt")
+    train_argv = ["train", "--size", "tiny", "--steps", "2", "--batch-size", "16", "--eval-examples", "0",
+                  "--no-progress", "--resume", str(small), "--out", str(tmp_path / "run")]
+    for argv in (train_argv, ["eval", "--checkpoint", str(tiny), "--compare", str(small), "--eval-examples", "64"]):
+        assert _cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "'small'" in err and "'tiny'" in err, err
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run started
+
+
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_an_incomplete_model_state_is_one_line_on_resume(tmp_path, capsys, keep):
+    good = Ranker(RankerConfig.from_size("tiny"))
+    names = list(good.state_dict())
+    kept = int(keep * len(names))
+    model = dict(list(good.state_dict().items())[:kept])
+    path = tmp_path / "partial.pt"
+    torch.save({"format": FORMAT, "ranker_config": good.config.to_dict(), "model": model, "optimizers": {},
+                "stream": None, "step": 1, "train_config": {}, "precision": "bf16"}, path)
+    argv = ["train", "--size", "tiny", "--steps", "2", "--batch-size", "16", "--eval-examples", "0",
+            "--no-progress", "--resume", str(path)]
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{len(names) - kept} of {len(names)} model tensors missing" in err, err
+
+
+def test_a_flipped_byte_inside_a_tensor_is_refused_naming_it(tmp_path, capsys):
+    path, model = _saved(tmp_path, "tiny", "ok.pt")
+    load_checkpoint(path)  # intact: loads
+    table = model.sparse.table.weight.detach()
+    raw = path.read_bytes()
+    needle = table.contiguous().view(torch.uint8).flatten()[:64].numpy().tobytes()  # random init: unique
+    at = raw.index(needle) + int(torch.randint(0, 64, ()))
+    path.write_bytes(raw[:at] + bytes([raw[at] ^ 0x10]) + raw[at + 1:])
+    with pytest.raises(ValueError, match="sparse.table.weight fails its checksum"):
+        load_checkpoint(path)
+    assert _cli(["eval", "--checkpoint", str(path), "--eval-examples", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checksum" in err

@@ -42,10 +42,10 @@ def test_train_writes_checkpoint_metrics_and_eval(trained):
 
 def test_eval_outputs_and_compare(trained, tmp_path, capsys):
     ckpt = str(trained / "checkpoint.pt")
-    assert _run(["eval", "--checkpoint", ckpt, "--examples", "1024", "--outputs", str(tmp_path / "o.npz")]) == 0
+    assert _run(["eval", "--checkpoint", ckpt, "--eval-examples", "1024", "--out", str(tmp_path)]) == 0
     assert "Bayes NE" in capsys.readouterr().out
-    assert EvalOutputs.load(tmp_path / "o.npz").n == 1024
-    assert _run(["eval", "--checkpoint", ckpt, "--examples", "4096", "--compare", ckpt]) == 0
+    assert EvalOutputs.load(tmp_path / "eval_outputs.npz").n == 1024
+    assert _run(["eval", "--checkpoint", ckpt, "--eval-examples", "4096", "--compare", ckpt]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ctr"]["diff"] == 0.0  # a model against itself
 

@@ -97,13 +97,13 @@ def test_named_sizes_fit_one_80gb_gpu_at_batch_8192_and_interaction_dominates(si
 
 def test_loka_info_prints_and_writes_json(tmp_path, capsys):
     path = tmp_path / "info.json"
-    assert loka_main(["info", "--size", "tiny", "--batch", "64", "--json", str(path)]) == 0
+    assert loka_main(["info", "--size", "tiny", "--batch-size", "64", "--json", str(path)]) == 0
     assert "estimated peak memory" in capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data["params"] == Ranker(RankerConfig.from_size("tiny")).num_parameters()
     assert set(data["flops_per_example"]) == set(ARCHES) and data["peak_memory_gib"] > 0
-    with pytest.raises(SystemExit, match="batch"):
-        loka_main(["info", "--size", "tiny", "--batch", "0"])
+    assert loka_main(["info", "--size", "tiny", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_count_step_flops_of_real_batches_matches_the_hand_count():
@@ -118,3 +118,15 @@ def test_count_step_flops_of_real_batches_matches_the_hand_count():
     step = count_step_flops(cfg, batches)
     assert step["useful"] == pytest.approx((50 * refs[0] + 30 * refs[1]) / 80, rel=1e-9)
     assert step["executed"] >= step["useful"]
+
+
+def test_peak_line_shows_what_holds_memory_at_the_peak_and_says_why_gradients_are_zero():
+    """`loka info` showed "grad 0.00 temp 0.00": true at the peak (the forward, before gradients exist),
+    but unexplained, and a small model's every part read 0.00 GiB (issue 29, item 21)."""
+    est = estimate_step(RankerConfig.from_size("tiny"), 64)
+    line = est.peak_line()
+    assert " 0.00" not in line and "MiB" in line  # tiny: below 1 GiB, in MiB
+    held = [k for k, v in est.memory_gib.items() if v * 1024 >= 0.005]
+    assert all(f"{k} " in line for k in held)
+    assert est.memory_gib["grad"] == 0.0  # the peak is in the forward: no gradient allocated yet
+    assert "before backward allocates gradients" in line and "grad" in line.split("gradients)")[1]

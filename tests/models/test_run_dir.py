@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from loka.models import TrainConfig, load_checkpoint, train
+from loka.models import RankerConfig, SyntheticStream, TrainConfig, load_checkpoint, train
 from loka.models.checkpoint import write_atomic
 from loka.models.cli import register
 
@@ -107,30 +109,81 @@ def test_writes_are_fsynced_file_and_directory(tmp_path, monkeypatch):
         assert synced[0].endswith("a.bin.tmp") and synced[1] == os.path.realpath(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
-    out = tmp_path / "run"
+def _signalled_run(out, signals: list[int]) -> tuple[int, str]:
+    """(exit status, stderr) of `loka train` sent ``signals`` 0.05 s apart once it logged a step."""
     cmd = [sys.executable, "-m", "loka.app.cli", "train", "--size", "tiny", "--steps", "10000000",
            "--batch-size", "16", "--out", str(out), "--eval-examples", "0", "--no-progress",
            "--log-every", "1", "--checkpoint-every", "0", "--checkpoint-minutes", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        metrics = out / "metrics.jsonl"
+        deadline, metrics = time.monotonic() + 900, out / "metrics.jsonl"  # hang guard only
         while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=30)
+        for i, sig in enumerate(signals):
+            time.sleep(0.05 if i else 0.0)
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=900)  # hang guard only
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + sig, err
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_run_with_a_checkpoint(tmp_path, sig):
+    out = tmp_path / "run"
+    code, err = _signalled_run(out, [sig])
+    assert code == 128 + sig, err
     assert f"stopped by {signal.Signals(sig).name}" in err
     state = load_checkpoint(out / "checkpoint.pt")
-    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert state["step"] == logged[-1] >= 1
     resumed = train(TrainConfig(steps=state["step"] + 1, out_dir=str(out), **FAST), resume=out / "checkpoint.pt")
     assert resumed.first_step == state["step"] and torch.isfinite(torch.tensor(resumed.losses)).all()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_path):
+    """Schedulers often signal twice: the second waits for checkpoint.pt (a third would force)."""
+    out = tmp_path / "run"
+    code, err = _signalled_run(out, [signal.SIGTERM, signal.SIGTERM])
+    assert code == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "SIGTERM again" in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
+
+
+def _resume_hint(message: str):
+    found = re.search(r"--resume (\S+\.pt)", message)
+    return Path(found.group(1)) if found else None
+
+
+def test_a_refused_out_is_left_untouched_and_its_hint_names_a_real_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(steps=2, checkpoint_every=1, out_dir=str(out), **FAST))
+    (out / "checkpoint.pt").unlink()  # killed after its periodic checkpoints: no checkpoint.pt
+    (out / "checkpoint.pt.tmp").write_bytes(os.urandom(64))
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(ValueError, match="already holds another run") as info:
+        train(TrainConfig(steps=1, out_dir=str(out), **FAST))
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before  # nothing touched
+    hint = _resume_hint(str(info.value))
+    assert hint is not None and hint.exists() and load_checkpoint(hint)["step"] == 2
+    for periodic in out.glob("checkpoint_*.pt"):
+        periodic.unlink()
+    with pytest.raises(ValueError, match="already holds another run") as info:  # metrics, no checkpoint
+        train(TrainConfig(steps=1, out_dir=str(out), **FAST))
+    assert _resume_hint(str(info.value)) is None and "no checkpoint" in str(info.value)
+
+
+def test_a_first_run_that_failed_on_bad_data_does_not_block_its_out(tmp_path):
+    out = tmp_path / "run"
+    batch = SyntheticStream(RankerConfig.from_size("tiny"), FAST["batch_size"], seed=0).batch(0)
+    batch.labels[0, 0] = 2.0
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        train(TrainConfig(steps=2, out_dir=str(out), **FAST), data=iter([batch]))
+    assert (out / "config.json").exists()
+    result = train(TrainConfig(steps=1, out_dir=str(out), **FAST))  # the fixed data, the same --out
+    assert load_checkpoint(result.checkpoint)["step"] == 1

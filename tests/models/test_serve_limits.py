@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from loka.models import Ranker, RankerConfig, SyntheticStream
+from loka.models.checkpoint import save_checkpoint
 from loka.models.engine import InferenceEngine
 from loka.models.serve import ScoringServer, ServeConfig
 from loka.models.serving_schema import batch_to_request
@@ -98,9 +103,8 @@ def test_a_silent_or_slow_client_is_dropped_after_the_read_timeout(server):
     """The old server had no socket timeout: each slow client held a thread forever."""
     silent, slow_head = _raw_connect(server), _raw_connect(server)
     slow_head.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # the head never completes
-    start = time.monotonic()
+    # read_timeout_s=0.5: both are closed by the server (the helper's own recv timeout would raise otherwise)
     assert _read_until_closed(silent) == b"" and _read_until_closed(slow_head) == b""
-    assert time.monotonic() - start < 3.0  # read_timeout_s=0.5 (a 5 s recv timeout would raise)
     slow_body = _raw_connect(server)
     slow_body.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"user\": ")
     reply = _read_until_closed(slow_body)
@@ -243,7 +247,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, engine):
         assert resp.status == 200 and _strict_json(resp.read())["n"] == n
         ports.add(conn.sock.getsockname()[1])
     times = []
-    for _ in range(7):
+    for _ in range(15):
         start = time.perf_counter()
         conn.request("GET", "/health")
         assert conn.getresponse().read()
@@ -251,8 +255,9 @@ def test_keep_alive_serves_several_requests_on_one_connection(server, engine):
     conn.close()
     assert len(ports) == 1
     # Nagle's algorithm held each answer's body for the client's delayed ACK (40 ms) until
-    # the server set TCP_NODELAY; the round trip itself is well under a millisecond
-    assert sorted(times)[3] < 0.030, times
+    # the server set TCP_NODELAY; the round trip itself is well under a millisecond. The fastest of
+    # 15 is the check: a busy machine only adds delay, while the stall hit every answer
+    assert min(times) < 0.030, times
 
 
 def test_every_answer_is_json_and_metrics_count_them(server):
@@ -260,11 +265,12 @@ def test_every_answer_is_json_and_metrics_count_them(server):
         got, raw = _request(server, method, path, b"{}" if method == "POST" else None)
         assert got == status and path in _strict_json(raw)["error"]
     for head in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n"):
-        sock = _raw_connect(server)  # malformed or oversized (> 16 KiB) heads: uvicorn's 400, as JSON
+        sock = _raw_connect(server)  # malformed or oversized (> 16 KiB) heads: 400, as JSON
         sock.sendall(head)
         reply = _read_until_closed(sock)
         sock.close()
-        assert reply.startswith(b"HTTP/1.1 400") and "malformed" in _strict_json(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        error = _strict_json(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert reply.startswith(b"HTTP/1.1 400") and ("malformed" in error or "over the limit" in error), error
     metrics = _request(server, "GET", "/metrics")[1].decode()
     assert 'loka_serve_responses_total{path="other",status="404"}' in metrics
     assert "loka_serve_score_seconds_count" in metrics and "process_resident_memory_bytes" in metrics
@@ -302,3 +308,66 @@ def test_the_readme_curl_example_is_a_valid_tiny_request(server):
     status, raw = _request(server, "POST", "/score", example.group(1).encode())
     scores = _strict_json(raw)["scores"]
     assert status == 200 and len(scores["ctr"]) == 2 == len(scores["cvr"])
+
+
+@pytest.mark.parametrize("head_kib, status", [(15, 200), (17, 400), (100, 400)])
+def test_the_16_kib_head_limit_holds_for_a_head_sent_in_one_piece(server, head_kib, status):
+    """models/README.md: a request head (line + headers) over 16 KiB gets 400, however it arrives."""
+    start = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: "
+    head = start + b"a" * (head_kib * 1024 - len(start) - 4) + b"\r\n\r\n"
+    assert len(head) == head_kib * 1024
+    sock = _raw_connect(server, timeout=30)
+    sock.sendall(head)
+    reply = _read_until_closed(sock)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 %d" % status), reply[:200]
+    if status == 400:
+        error = _strict_json(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert "over the limit of 16384" in error or "malformed" in error, error
+
+
+def test_head_health_is_allowed(server):
+    status, raw = _request(server, "HEAD", "/health")
+    assert status == 200 and raw == b""
+
+
+def test_a_slow_body_holds_no_inflight_slot(engine):
+    """Slow clients used to hold the --max-inflight slots while their bodies trickled in, so
+    normal requests waited for them: here the only slot stays free for the normal request."""
+    body = _body(engine.config, 2)
+    with ScoringServer(engine, port=0, max_inflight=1, read_timeout_s=120, request_timeout_s=120) as srv:
+        slow = _raw_connect(srv, timeout=60)
+        slow.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body[:10])
+        time.sleep(0.5)  # ordering, not speed: the slow request is in before the normal one
+        status, raw = _request(srv, "POST", "/score", body, timeout=60)
+        assert status == 200 and _strict_json(raw)["n"] == 2
+        slow.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            slow.recv(1)  # still unanswered: its body has not all arrived
+        slow.settimeout(60)
+        slow.sendall(body[10:])
+        reply = _read_until_closed(slow)
+        slow.close()
+        assert reply.startswith(b"HTTP/1.1 200") and _strict_json(reply.split(b"\r\n\r\n", 1)[1])["n"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_exits_128_plus_the_signal_after_a_graceful_stop(tmp_path, sig):
+    """SIGTERM used to end `loka serve` by the signal itself (-15) and SIGINT with 0: both are
+    graceful stops, and both exit 128 + signal as `loka train` does (models/README.md)."""
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", Ranker(RankerConfig.from_size("tiny")))
+    cmd = [sys.executable, "-m", "loka.app.cli", "serve", "--checkpoint", str(ckpt), "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()  # "serving tiny ranker (bf16) at http://127.0.0.1:PORT/score"
+        assert "serving" in line, line
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+    err = proc.stderr.read()
+    assert code == 128 + sig and f"stopped by {signal.Signals(sig).name}" in err, (code, err)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, train
+from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, load_checkpoint, load_model, train
 from loka.models.cli import register
 from loka.models.guards import NonFiniteError, check_before_save
 
@@ -32,18 +34,18 @@ def _cli(argv: list[str]) -> int:
 
 
 class _Poisoned:
-    """The synthetic stream with batch ``at`` (0-based) edited by ``edit(batch)``."""
+    """The synthetic stream with batch ``at`` (0-based; or each of a tuple) edited by ``edit(batch)``."""
 
-    def __init__(self, seed: int, at: int, edit) -> None:
+    def __init__(self, seed: int, at: int | tuple[int, ...], edit) -> None:
         self.stream = SyntheticStream(RankerConfig.from_size("tiny"), 32, seed=seed)
-        self.at, self.edit = at, edit
+        self.at, self.edit = ((at,) if isinstance(at, int) else at), edit
 
     def __iter__(self):
         return self
 
     def __next__(self):
         i, batch = self.stream.position, next(self.stream)
-        if i == self.at:
+        if i in self.at:
             self.edit(batch)
         return batch
 
@@ -178,3 +180,40 @@ def test_no_checkpoint_is_written_with_nan_in_optimizer_state():
     next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = math.inf
     with pytest.raises(NonFiniteError, match=r"dense\.state\[0\]\.exp_avg_sq holds NaN/Inf"):
         check_before_save(model, {"dense": opt}, 1)
+
+
+def _forward_finite(path) -> bool:
+    """The checkpoint's model, forward on the batch of the step that wrote it (data_seed 0)."""
+    state = load_checkpoint(path)
+    model = load_model(path)
+    batch = SyntheticStream(model.config, FAST["batch_size"], seed=0).batch(state["step"] - 1)
+    with torch.no_grad():
+        return all(torch.isfinite(v).all() for v in model(batch).values())
+
+
+def test_a_checkpoint_whose_forward_is_nan_is_not_written_and_the_good_one_is_named(good_run):
+    """A huge learning rate leaves finite weights whose forward overflows: no checkpoint of them."""
+    out, _ = good_run
+    with pytest.raises(NonFiniteError) as info:
+        train(TrainConfig(steps=8, out_dir=str(out), **FAST).replace(lr_dense=1e6, checkpoint_every=1),
+              resume=out / "checkpoint.pt")
+    written = sorted(out.glob("checkpoint*.pt"))
+    assert all(_forward_finite(p) for p in written), [p.name for p in written]
+    named = re.search(r"the last good checkpoint is (\S+\.pt)", str(info.value))
+    assert named and Path(named.group(1)) in written, str(info.value)
+
+
+def test_non_finite_dense_features_are_counted_warned_once_or_refused(capsys):
+    seed = _seed()
+
+    def edit(batch):
+        batch.dense[3, 0], batch.dense[5, 1] = math.nan, -math.inf
+
+    result = train(TrainConfig(steps=5, **FAST), data=_Poisoned(seed, (1, 3), edit))
+    assert result.nonfinite_dense == 4 and result.step == 5
+    err = capsys.readouterr().err
+    assert err.count("NaN/Inf dense feature values") == 1 and "step 2's batch has 2 NaN/Inf dense" in err, err
+    with pytest.raises(ValueError, match="step 2's batch has 2 NaN/Inf dense feature values; fix the data"):
+        train(TrainConfig(steps=5, nonfinite_dense="stop", **FAST), data=_Poisoned(seed, (1, 3), edit))
+    with pytest.raises(ValueError, match="nonfinite_dense"):
+        TrainConfig(nonfinite_dense="ignore")

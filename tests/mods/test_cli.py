@@ -20,7 +20,7 @@ def test_list(capsys):
 
 
 def test_show_padding_on_tiny_ranker(capsys):
-    assert _run(["mods", "show", "--size", "tiny", "--batch", "8", "--mod", "padding"]) == 0
+    assert _run(["mods", "show", "--size", "tiny", "--batch-size", "8", "--mod", "padding"]) == 0
     assert "over.heads.ctr.linear" in capsys.readouterr().out
 
 

@@ -39,3 +39,17 @@ def factory():
     """The CLI's ``module:factory`` contract: (model, make_batch(step), loss_fn(model, batch))."""
     torch.manual_seed(0)
     return ToyMLP(), make_batch, loss_fn
+
+
+def toy_report(steps: int = 4):
+    """A ProbeReport of the toy (tensorwise and rowwise, every step sampled): the report tests' fixture."""
+    from loka.probe import Probe, ProbeConfig, SamplingSchedule
+
+    torch.manual_seed(0)
+    model = ToyMLP()
+    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=steps),
+                                     candidates=("tensorwise", "rowwise"), stop_when_decided=False))
+    for step in range(steps):
+        with probe.step(step):
+            loss_fn(model, make_batch(step)).backward()
+    return probe.report(model="toy")

@@ -20,7 +20,7 @@ def _parse(argv, named_workloads=None):
 
 def test_cli_writes_all_three_report_forms(tmp_path, capsys):
     args = _parse(["probe", "--model", TOY, "--steps", "6", "--every", "2", "--out", str(tmp_path),
-                   "--recipes", "tensorwise,rowwise", "--predict", "mx", "--kernels", "emulated"])
+                   "--recipes", "tensorwise,rowwise", "--predict", "mx", "--kernels", "emulated", "--timing"])
     assert args.func(args) == 0
     report = ProbeReport.load(tmp_path / "probe_report.json")
     assert report.doc["sampled_steps"] == [0, 2, 4]
@@ -53,6 +53,18 @@ def test_cli_named_workload_is_offered_by_the_caller(tmp_path, capsys):
                    "--no-sensitivity", "--batch-size", "7", "--seed", "3"], named_workloads={"toy": toy})
     assert args.func(args) == 0
     assert seen == [(7, 3, "cpu")]
+
+
+def test_cli_skips_kernel_timing_on_cpu_and_says_how_to_force_it(tmp_path, capsys):
+    """Timings on CPU decide nothing for a GPU plan: not taken unless --timing (issue 29, item 20)."""
+    args = _parse(["probe", "--model", TOY, "--steps", "2", "--every", "1", "--out", str(tmp_path),
+                   "--no-sensitivity", "--device", "cpu", "--json", str(tmp_path / "copy.json")])
+    assert args.func(args) == 0
+    report = ProbeReport.load(tmp_path / "probe_report.json")
+    assert report.sites and not any(s["timings"] for s in report.sites)
+    out = capsys.readouterr().out
+    assert "kernel timing skipped on CPU" in out and "--timing" in out
+    assert ProbeReport.load(tmp_path / "copy.json").sites == report.sites  # --json PATH: the report
 
 
 def test_cli_no_sampled_step(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ctr_zoo import CIN
-from loka.convert_gemms import Float8Conv1x1
+import loka
 from loka.metrics import rel_error
 from loka.probe import Probe, ProbeConfig, SamplingSchedule, find_sites
 from loka.probe.capture import install
@@ -43,9 +43,11 @@ def test_emulated_fprop_of_a_conv_matches_the_converted_module():
     x = torch.randn(4, 24, 9)
     recipe = as_recipe("rowwise")
     ref = emulated_fprop(conv, x, recipe.fprop)
-    fp8 = Float8Conv1x1.from_conv(conv, recipe=recipe, kernels="emulated")
+    fp8 = nn.Sequential(conv)
+    res = loka.convert(fp8, recipe, kernels="emulated")
     with torch.no_grad():
         out = fp8(x)
+    assert res.converted == ["0"] and res.verified
     assert out.shape == (4, 16, 9) and rel_error(ref, out) < 1e-6
 
 

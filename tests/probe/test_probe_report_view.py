@@ -8,27 +8,18 @@ import random
 import subprocess
 
 import pytest
-import torch
 from scipy import stats as sps
 
-from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.error import ErrorTrack, deciding_gemm
 from loka.probe.report import ProbeReport
 from loka.probe.site_state import combine_verdict
 from browser import FLAGS, check_page, chromium
-from probe_toy import ToyMLP, loss_fn, make_batch
+from probe_toy import toy_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    torch.manual_seed(0)
-    model = ToyMLP()
-    probe = Probe(model, ProbeConfig(schedule=SamplingSchedule(every=1, max_samples=4), candidates=("tensorwise", "rowwise"),
-                                     stop_when_decided=False))
-    for step in range(4):
-        with probe.step(step):
-            loss_fn(model, make_batch(step)).backward()
-    return probe.report(model="toy")
+    return toy_report()
 
 
 def _with_sites(report, sites) -> ProbeReport:
@@ -96,10 +87,11 @@ def test_markdown_counts_next_steps_and_flags_unaligned_shapes(report):
     unaligned = [s for s in sites if s["in_features"] % 16 or s["out_features"] % 16]
     assert f"{len(unaligned)} with a shape cuBLAS FP8 GEMMs refuse" in md
     # no GPU timings in the report: the plan command ranks kernels by a speed model
-    assert "`loka plan --report runs/p/probe_report.json --speed-model h100 --out plan.json`" in md
+    assert "`loka plan --report runs/p/probe_report.json --speed-model h100 --out runs/plan`" in md
     assert "undecided site(s) need more sampled steps" in md and "max_samples, now 4, e.g. to 8" in md
     row = next(line for line in md.splitlines() if line.startswith("| `odd_k`"))
-    assert "×141×32 ⚠" in row and "K=141 not a multiple of 16" in row and "padding" in row and "K=144" in row
+    assert "×141×32 ⚠" in row and "pad to K=144, N=32" in row
+    assert f"⚠ ({len(unaligned)} sites): K or N not a multiple of 16" in md and "loka.mods.padding" in md
     aligned = next(line for line in md.splitlines() if line.startswith("| `hidden`"))
     assert "⚠" not in aligned  # 32 x 32 is aligned
 
@@ -109,7 +101,7 @@ def test_markdown_next_step_is_only_the_plan_when_all_is_decided_and_aligned(rep
     sites[0].update(verdict="safe", timings={"device_name": "a GPU", "representative": True, "m": 64,
                                              "bf16_ms": {"fprop": 1.0}, "entries": []})
     md = _with_sites(report, sites).to_markdown()
-    assert "Next step:\n1. `loka plan --report probe_report.json --out plan.json`" in md  # timed: no speed model
+    assert "Next steps:\n1. `loka plan --report probe_report.json --out runs/plan`" in md  # timed: no speed model
     assert "0 with a shape" in md
 
 
@@ -154,7 +146,7 @@ def test_html_renders_in_a_real_browser(report, tmp_path):
     page = paths["html"].read_text()
     result, run = check_page(page, _CHECK, tmp_path)
     flags = FLAGS
-    assert len(result["imgs"]) == page.count("data:image/png;base64,") == 3
+    assert len(result["imgs"]) == page.count("data:image/png;base64,") == 2  # error-vs-speed: one column, dropped
     assert all(i["ok"] and i["w"] > 200 for i in result["imgs"]), result
     assert result["errors"] == []
     console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]

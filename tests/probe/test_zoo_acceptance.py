@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ctr_zoo import CIN, CrossNet, OddTower
-from loka.convert_gemms import convert_gemms
+import loka
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 
 
@@ -48,8 +48,9 @@ def test_probe_convert_train(make, shape):
         wgrad = s["errors"]["rowwise"]["wgrad"]
         assert wgrad["measure"] == "scale" and wgrad["verdict"] != "undecided", (s["fqn"], wgrad)
     # conversion of everything worth converting, then training in FP8
-    res = convert_gemms(fp8, probe.census, kernels="emulated")
-    assert set(res.converted) == worth, res.table()
+    res = loka.convert(fp8, "tensorwise", kernels="emulated", fallback="hp",
+                       module_filter_fn=lambda module, fqn: fqn in worth, example=(next(_batches(shape, 1, seed))[0],))
+    assert set(res.converted) == worth and res.verified, res.table()
     opt = torch.optim.Adam(fp8.parameters(), 1e-2)
     losses = []
     for x, y in _batches(shape, 30, seed + 1):
