@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from loka.kernels.costmodel import H100_SXM, DeviceModel
-from loka.probe.reader import report_sites
+from loka.probe.reader import report_recipes, report_sites
 from loka.probe.site_timing import KernelTime, SiteTiming
 from loka.probe.timing import time_site
 from loka.timer import device_name
@@ -129,9 +129,9 @@ def model_timings(report, kernels: list[str], dev: DeviceModel = H100_SXM) -> di
     ``kernels`` are the FP8 kernels to predict (those the plan may choose on the
     machine that will run it); the planner still checks each one's ``supports``.
     """
-    out = {}
+    out, known = {}, report_recipes(report)  # Recipe objects: hand-built ones from the report's fields
     for site in report_sites(report):
-        recipes = sorted(site.errors) or ["tensorwise", "rowwise"]
+        recipes = [known[r] for r in sorted(site.errors) if r in known] or ["tensorwise", "rowwise"]
         out[site.fqn] = time_site((site.m, site.in_features, site.out_features), recipes, model=dev,
                                   kernels=kernels).to_dict()
     return out

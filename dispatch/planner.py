@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from loka.dispatch.budget import Budget
+from loka.dispatch.keys import ChoiceKey, GemmKey
 from loka.dispatch.microbench import combine_buckets, model_timings, open_cache, time_serving_buckets
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producer_pricing import CastPricer, check_producers, producer_feeds
@@ -39,8 +40,9 @@ from loka.devices import Target, detect_target, get_target
 from loka.kernels import KERNELS
 from loka.probe.timing import time_site
 from loka.kernels.costmodel import DEVICE_MODELS
-from loka.probe.reader import GemmError, SiteInfo, report_sites
-from loka.recipe import GEMMS, as_recipe, gemm_shape
+from loka.probe.reader import GemmError, SiteInfo, report_recipes, report_sites
+from loka.recipe import GEMMS, Recipe, gemm_shape
+from loka.recipe_json import needs_fields
 
 
 OBJECTIVES = ("speed", "accuracy")
@@ -49,11 +51,15 @@ OBJECTIVES = ("speed", "accuracy")
 @dataclass(frozen=True)
 class _Candidate:
     kernel: str
-    recipe: str
+    recipe: Recipe
     ms: float
     err: GemmError
     cast_saved_ms: float = 0.0  # the input's cast a producer does instead (loka.dispatch.producer_pricing)
     extrapolated: bool = False  # its time is the speed model's outside the measured region (costmodel)
+
+    @property
+    def key(self) -> ChoiceKey:
+        return ChoiceKey(self.kernel, self.recipe.name)
 
 
 @dataclass
@@ -129,29 +135,31 @@ def plan(
                          "use the fqns of the probed model (after its mods)")
     device = torch.device(device or "cpu")
     sites = report_sites(report)
+    recipes = report_recipes(report)  # name -> Recipe: hand-built ones from the report's recorded fields
     producers = check_producers(producers, {s.fqn for s in sites})
     pricer = CastPricer(device, dtype)
     notes: list[str] = []
     bench = dict(bench or {}, refresh=refresh, cache=open_cache(cache_dir, device), progress=progress)
     if m_buckets:
-        site_timings = _serving_timings(sites, m_buckets, device, dtype, kernels, bench, notes)
+        site_timings = _serving_timings(sites, m_buckets, device, dtype, kernels, bench, notes, recipes)
     else:
-        site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, bench, notes)
+        site_timings = _gather_timings(sites, timings, measure, device, dtype, kernels, bench, notes, recipes)
     coefs = _sensitivities(sites, notes)
     options, per_gemm = [], {}
     for site in sites:
         for gemm in GEMMS:
+            key = GemmKey(site.fqn, gemm)
             if site.fqn in keep_bf16:
                 bf16_ms = (site_timings.get(site.fqn) or {}).get("bf16_ms", {}).get(gemm)
                 go = _GemmOptions(bf16_ms, [], f"kept bf16 by policy: {keep_bf16[site.fqn]}")
             else:
                 go = _gemm_options(site, gemm, budget, site_timings.get(site.fqn), device, kernels, dtype,
-                                   (producers.get(site.fqn), pricer), target, remote, objective)
-            per_gemm[(site.fqn, gemm)] = go
+                                   (producers.get(site.fqn), pricer), target, remote, objective, recipes)
+            per_gemm[key] = go
             for c in go.candidates:
                 weight = _error_cost(coefs.get(site.fqn), c.err, gemm, budget)
                 value = 1.0 if objective == "accuracy" else go.bf16_ms - c.ms  # GEMMs converted, or ms saved
-                options.append(Option(f"{site.fqn}|{gemm}", f"{c.kernel}|{c.recipe}", value, weight))
+                options.append(Option(key, c.key, value, weight))
     # Without sensitivities every weight is 0, so the cap binds nothing (a note says so).
     solution = solve(options, budget.max_model_ne_delta, method)
     if solution.note:
@@ -194,7 +202,7 @@ def _speed_model_timings(report, speed_model: str, timings, measure: bool, devic
 def _unchosen_reasons(options: list[Option], solution, cap: float) -> dict:
     """Why each GEMM with a fast, accurate-enough option still stays bf16: the model-level budget,
     said as it happened (too costly alone, or outbid by GEMMs that saved more time)."""
-    groups: dict[str, list[Option]] = {}
+    groups: dict[GemmKey, list[Option]] = {}
     for o in options:
         groups.setdefault(o.group, []).append(o)
     out = {}
@@ -212,12 +220,11 @@ def _unchosen_reasons(options: list[Option], solution, cap: float) -> dict:
             why = (f"kept bf16: the model-level NE budget ({solution.weight:.2g} of {cap:.2g} used) went to "
                    f"{len(solution.chosen)} GEMM(s) that save more time per unit of error; this one would add "
                    f"{cheapest:.2g}")
-        fqn, gemm = group.rsplit("|", 1)
-        out[(fqn, gemm)] = why
+        out[group] = why
     return out
 
 
-def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict, notes) -> dict:
+def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict, notes, recipes: dict) -> dict:
     out = {}
     for s in sites:
         t = (timings or {}).get(s.fqn) or s.timings
@@ -225,21 +232,21 @@ def _gather_timings(sites, timings, measure, device, dtype, kernels, bench: dict
             out[s.fqn] = t
     missing = [s for s in sites if s.fqn not in out]
     if missing and measure:
-        recipes = sorted({r for s in missing for r in s.errors})
+        timed = [recipes[r] for r in sorted({r for s in missing for r in s.errors}) if r in recipes]
         for s in missing:
-            out[s.fqn] = time_site((s.m, s.in_features, s.out_features), recipes, kernels=kernels, dtype=dtype,
+            out[s.fqn] = time_site((s.m, s.in_features, s.out_features), timed, kernels=kernels, dtype=dtype,
                                    device=device, fits=s.fits, **bench).to_dict()
     elif missing:
         notes.append(f"{len(missing)} sites have no timings; they stay in bf16 (plan with measure=True to time them)")
     return out
 
 
-def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, notes) -> dict:
+def _serving_timings(sites, m_buckets, device, dtype, kernels, bench: dict, notes, recipes: dict) -> dict:
     notes.append(f"serving plan: fprop only, timed at M in {sorted(set(int(m) for m in m_buckets))} and summed")
-    recipes = sorted({r for s in sites for r in s.errors})
+    timed = [recipes[r] for r in sorted({r for s in sites for r in s.errors}) if r in recipes]
     out = {}
     for s in sites:
-        per_bucket = time_serving_buckets(s.in_features, s.out_features, list(m_buckets), recipes, kernels=kernels,
+        per_bucket = time_serving_buckets(s.in_features, s.out_features, list(m_buckets), timed, kernels=kernels,
                                           dtype=dtype, device=device, fits=s.fits, **bench)
         out[s.fqn] = combine_buckets(per_bucket).to_dict()
         s.m = out[s.fqn]["m"]
@@ -271,10 +278,10 @@ def _error_cost(coef: float | None, err: GemmError, gemm: str, budget: Budget) -
 
 def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | None, device, allowed, dtype,
                   producer=(None, None), target: Target | None = None, remote: bool = False,
-                  objective: str = "speed") -> _GemmOptions:
+                  objective: str = "speed", recipes: dict | None = None) -> _GemmOptions:
     shape = gemm_shape(gemm, site.m, site.in_features, site.out_features)
     bf16_ms = (timings or {}).get("bf16_ms", {}).get(gemm) if timings else None
-    passing, failing = _recipes_within_budget(site, gemm, budget, target)
+    passing, failing = _recipes_within_budget(site, gemm, budget, target, recipes or {})
     if bf16_ms is None:
         if timings and "m_buckets" in timings:
             return _GemmOptions(None, [], f"kept bf16: serving plan, {gemm} does not run")
@@ -289,29 +296,30 @@ def _gemm_options(site: SiteInfo, gemm: str, budget: Budget, timings: dict | Non
     for e in (timings or {}).get("entries", []):
         if e.get("gemm") != gemm or e.get("recipe") not in passing:
             continue
-        why = _kernel_problem(e["kernel"], e["recipe"], gemm, shape, dtype, device, allowed, remote)
+        recipe, err = passing[e["recipe"]]
+        why = _kernel_problem(e["kernel"], recipe, gemm, shape, dtype, device, allowed, remote)
         if why:
             unsupported.append(f"{e['kernel']}: {why}")
             continue
-        c = _producer_priced(_Candidate(e["kernel"], e["recipe"], float(e["median_ms"]), passing[e["recipe"]],
+        c = _producer_priced(_Candidate(e["kernel"], recipe, float(e["median_ms"]), err,
                                         extrapolated=bool(e.get("extrapolated"))), gemm, shape, timings, *producer)
-        if c.recipe not in best_per_recipe or c.ms < best_per_recipe[c.recipe].ms:
-            best_per_recipe[c.recipe] = c
+        if recipe.name not in best_per_recipe or c.ms < best_per_recipe[recipe.name].ms:
+            best_per_recipe[recipe.name] = c
     if not best_per_recipe:
         why = sorted(set(unsupported)) or _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote)
         detail = f" ({'; '.join(why[:3])})" if why else ""
         return _GemmOptions(bf16_ms, [], f"kept bf16: no FP8 kernel available here takes {'/'.join(sorted(passing))} "
                                          f"at [M={shape[0]}, K={shape[1]}, N={shape[2]}]{detail}")
     if objective == "accuracy":  # the lowest error bound, the faster kernel on a tie
-        best = min(best_per_recipe.values(), key=lambda c: (c.err.ci_hi, c.ms, c.kernel, c.recipe))
+        best = min(best_per_recipe.values(), key=lambda c: (c.err.ci_hi, c.ms, c.key))
         return _GemmOptions(bf16_ms, [best], "kept bf16: not chosen within the model-level NE budget")
     fast = [c for c in best_per_recipe.values() if c.ms > 0 and bf16_ms / c.ms >= budget.min_speedup]
     if not fast:
         top = min(best_per_recipe.values(), key=lambda c: c.ms)
         k = shape[1]
         return _GemmOptions(bf16_ms, [], f"kept bf16: K={k}, no FP8 kernel faster than bf16 at this shape "
-                                         f"(best {top.kernel}/{top.recipe} {bf16_ms / top.ms:.2f}x)")
-    fast.sort(key=lambda c: (c.ms, c.kernel, c.recipe))
+                                         f"(best {top.key} {bf16_ms / top.ms:.2f}x)")
+    fast.sort(key=lambda c: (c.ms, c.key))
     return _GemmOptions(bf16_ms, fast, "kept bf16: not chosen within the model-level NE budget")
 
 
@@ -320,7 +328,7 @@ def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: s
     """``c`` without its input's cast where ``producer`` hands that operand over in FP8."""
     if producer is None or not producer_feeds(producer, c.recipe, gemm, c.kernel):
         return c
-    op = as_recipe(c.recipe).gemm(gemm).a
+    op = c.recipe.gemm(gemm).a
     casts = [pricer.cast_ms(timings, m, shape[1], op) for m in timings.get("m_buckets") or [shape[0]]]
     if any(t is None for t in casts):
         return c
@@ -329,19 +337,21 @@ def _producer_priced(c: _Candidate, gemm: str, shape, timings: dict, producer: s
     return _Candidate(c.kernel, c.recipe, c.ms - cast, c.err, cast, c.extrapolated)
 
 
-def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Target | None = None):
-    passing: dict[str, GemmError] = {}
+def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Target | None, recipes: dict):
+    """``(passing, failing)``: name -> (Recipe, GemmError) within the budget; (name, error, why) of the others."""
+    passing: dict[str, tuple[Recipe, GemmError]] = {}
     failing: list[tuple[str, float, str]] = []
     for recipe in sorted(site.errors):
-        if target is not None and not target.caps.runs(recipe):
+        if target is not None and not (target.caps.runs_recipe(recipes[recipe]) if recipe in recipes
+                                       else target.caps.runs(recipe)):
             failing.append((recipe, math.inf, f"{recipe} does not run on {target.describe()}"))
             continue
         e = site.errors[recipe].get(gemm)
-        try:
-            g = as_recipe(recipe).gemm(gemm)
-        except ValueError:
-            failing.append((recipe, math.inf, f"recipe {recipe!r} is not a named loka recipe"))
+        if recipe not in recipes:
+            failing.append((recipe, math.inf, f"recipe {recipe!r} is not a named loka recipe and the report does "
+                                              "not record its fields (re-probe with this loka version)"))
             continue
+        g = recipes[recipe].gemm(gemm)
         if g.is_hp:
             continue
         if e is None or e.n == 0:
@@ -351,11 +361,11 @@ def _recipes_within_budget(site: SiteInfo, gemm: str, budget: Budget, target: Ta
         if why:
             failing.append((recipe, e.ci_hi, why))
         else:
-            passing[recipe] = e
+            passing[recipe] = (recipes[recipe], e)
     return passing, failing
 
 
-def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, allowed, remote: bool = False) -> str | None:
+def _kernel_problem(name: str, recipe: Recipe, gemm: str, shape, dtype, device, allowed, remote: bool = False) -> str | None:
     if allowed is not None and name not in allowed:
         return "not in the kernels allowed"
     if name not in KERNELS:
@@ -370,7 +380,7 @@ def _kernel_problem(name: str, recipe: str, gemm: str, shape, dtype, device, all
     ok, why = (True, "") if remote else kernel.available(device)  # remote: the target's table says it runs there
     if not ok:
         return why
-    ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
+    ok, why = kernel.supports(recipe.gemm(gemm), shape, dtype, device)
     return None if ok else why
 
 
@@ -385,8 +395,8 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote: bool = 
             continue
         if not remote and not kernel.available(device):
             continue
-        for recipe in sorted(passing):
-            ok, why = kernel.supports(as_recipe(recipe).gemm(gemm), shape, dtype, device)
+        for name in sorted(passing):
+            ok, why = kernel.supports(passing[name][0].gemm(gemm), shape, dtype, device)
             if not ok:
                 reasons.append(f"{kernel.name}: {why}")
     return sorted(set(reasons))
@@ -395,14 +405,14 @@ def _why_no_kernel(passing, gemm, shape, dtype, device, allowed, remote: bool = 
 def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budget, producer: str | None) -> SitePlan:
     gemms, takes_producer = {}, False
     for gemm in GEMMS:
-        go: _GemmOptions = per_gemm[(site.fqn, gemm)]
-        pick = chosen.get(f"{site.fqn}|{gemm}")
-        cand = next((c for c in go.candidates if f"{c.kernel}|{c.recipe}" == pick), None)
+        go: _GemmOptions = per_gemm[GemmKey(site.fqn, gemm)]
+        pick = chosen.get(GemmKey(site.fqn, gemm))
+        cand = next((c for c in go.candidates if c.key == pick), None)
         if cand is None:
             gemms[gemm] = GemmChoice(reason=go.reason, bf16_ms=go.bf16_ms)
             continue
         limit = budget.max_rel_error[gemm]
-        reason = (f"{cand.kernel}/{cand.recipe}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
+        reason = (f"{cand.key}: {go.bf16_ms / cand.ms:.2f}x vs bf16, rel. error <= "
                   f"{cand.err.ci_hi:.1e} (budget {limit:.1e})")
         if cand.extrapolated:
             reason += ("; speed-model time extrapolated outside its measured range (M, K, N): "
@@ -410,8 +420,9 @@ def _site_plan(site: SiteInfo, per_gemm: dict, chosen: dict, coef, budget: Budge
         if cand.cast_saved_ms:
             takes_producer = True
             reason += f"; input in FP8 from its producer ({producer}), its cast ({cand.cast_saved_ms:.3g} ms) not paid"
-        gemms[gemm] = GemmChoice(cand.kernel, cand.recipe, reason, cand.err.ci_hi, cand.err.sqnr_db, go.bf16_ms,
-                                 cand.ms, _error_cost(coef, cand.err, gemm, budget))
+        gemms[gemm] = GemmChoice(cand.kernel, cand.recipe.name, reason, cand.err.ci_hi, cand.err.sqnr_db, go.bf16_ms,
+                                 cand.ms, _error_cost(coef, cand.err, gemm, budget),
+                                 spec=cand.recipe if needs_fields(cand.recipe) else None)
     return SitePlan(site.fqn, site.in_features, site.out_features, site.m, gemms, coef,
                     producer if takes_producer else None)
 

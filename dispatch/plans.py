@@ -22,7 +22,8 @@ from pathlib import Path
 
 from loka.dispatch.plan_table import plan_table
 from loka.jsonio import decode_floats, dumps, loads, read_json
-from loka.recipe import GEMMS, HP_GEMM, GemmRecipe, Recipe, as_recipe
+from loka.recipe import GEMMS, HP_GEMM, GemmRecipe, Recipe
+from loka.recipe_json import needs_fields, recipe_from_dict, recipe_to_dict, resolve_recipe
 
 PLAN_KIND = "loka.dispatch.plan"
 PLAN_SCHEMA_VERSION = 1
@@ -35,7 +36,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """What one GEMM of a site runs: ``kernel`` + ``recipe`` (both ``"bf16"`` when kept in hp)."""
+    """What one GEMM of a site runs: ``kernel`` + ``recipe`` (both ``"bf16"`` when kept in hp).
+
+    ``recipe`` is the recipe's name (as the file stores it); ``spec`` the Recipe when its name
+    does not say it (hand-built, or a name with overrides; None: the named recipe), so a choice
+    equals its own file round trip. :meth:`recipe_object` is the Recipe either way. A plan file
+    records the fields of every hand-built recipe in its top-level ``recipes``.
+    """
 
     kernel: str = BF16
     recipe: str = BF16
@@ -45,13 +52,27 @@ class GemmChoice:
     bf16_ms: float | None = None
     planned_ms: float | None = None
     error_cost: float = 0.0
+    spec: Recipe | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spec is not None and (self.spec.name != self.recipe or not needs_fields(self.spec)):
+            raise PlanError(f"GemmChoice: spec is for a recipe its name {self.recipe!r} does not say (got "
+                            f"{self.spec.name!r}); leave spec None for a named recipe")
 
     @property
     def is_fp8(self) -> bool:
         return self.kernel != BF16
 
+    def recipe_object(self) -> Recipe:
+        """The Recipe this GEMM runs (its spec, else the named recipe)."""
+        return self.spec if self.spec is not None else resolve_recipe(self.recipe, {})
+
     def gemm_recipe(self, gemm: str) -> GemmRecipe:
-        return HP_GEMM if not self.is_fp8 else as_recipe(self.recipe).gemm(gemm)
+        return HP_GEMM if not self.is_fp8 else self.recipe_object().gemm(gemm)
+
+    def to_dict(self) -> dict:
+        """The file's fields (the spec goes to the plan's top-level ``recipes``)."""
+        return {k: v for k, v in asdict(self).items() if k != "spec"}
 
 
 PRODUCERS = ("norm_quant", "compiled_cast")
@@ -118,6 +139,19 @@ class Plan:
         dup = sorted({f for f in fqns if fqns.count(f) > 1})
         if dup:
             raise PlanError(f"plan lists sites more than once: {dup}")
+        self.recipe_defs()  # two different recipes under one name are refused here
+
+    def recipe_defs(self) -> dict[str, Recipe]:
+        """name -> Recipe of every hand-built recipe the plan runs (what its file's ``recipes`` records)."""
+        out: dict[str, Recipe] = {}
+        for s in self.sites:
+            for g, c in s.gemms.items():
+                if not c.is_fp8 or c.spec is None:
+                    continue
+                if out.setdefault(c.recipe, c.spec) != c.spec:
+                    raise PlanError(f"two different recipes are both named {c.recipe!r} ({s.fqn} {g}); "
+                                    "give hand-built recipes distinct names")
+        return out
 
     def site(self, fqn: str) -> SitePlan:
         for s in self.sites:
@@ -153,6 +187,8 @@ class Plan:
             "totals": self.totals(),
             "sites": [_site_dict(s) for s in self.sites],
             **({"step": dict(self.step)} if self.step else {}),  # absent until predicted (files stay as they were)
+            # absent when every recipe is a named one (files stay as they were)
+            **({"recipes": {n: recipe_to_dict(r) for n, r in sorted(defs.items())}} if (defs := self.recipe_defs()) else {}),
         }
 
     def to_json(self) -> str:
@@ -170,7 +206,8 @@ class Plan:
         if problems:
             raise PlanError("invalid plan file: " + "; ".join(problems))
         doc = decode_floats(doc)
-        sites = [_site_from(d) for d in doc["sites"]]
+        defs = {n: recipe_from_dict(d) for n, d in (doc.get("recipes") or {}).items()}
+        sites = [_site_from(d, defs) for d in doc["sites"]]
         return cls(sites=sites, budget=doc["budget"], device=doc["device"], versions=doc["versions"],
                    solver=doc["solver"], notes=list(doc["notes"]), created_utc=doc["created_utc"],
                    step=dict(doc.get("step") or {}))
@@ -199,19 +236,23 @@ def load_plan(path: str | Path) -> Plan:
 def _site_dict(s: SitePlan) -> dict:
     d = {"fqn": s.fqn, "in_features": s.in_features, "out_features": s.out_features, "m": s.m,
          "sensitivity": s.sensitivity, "expected_speedup": s.expected_speedup(),
-         "gemms": {g: asdict(c) for g, c in s.gemms.items()}}
+         "gemms": {g: c.to_dict() for g, c in s.gemms.items()}}
     if s.producer is not None:  # absent in plans without producer choices (files stay as they were)
         d["producer"] = s.producer
     return d
 
 
-def _site_from(d: dict) -> SitePlan:
-    gemms = {g: GemmChoice(**d["gemms"][g]) for g in GEMMS}
+def _site_from(d: dict, defs: dict) -> SitePlan:
+    gemms = {g: _choice_from(d["gemms"][g], defs) for g in GEMMS}
     return SitePlan(d["fqn"], d["in_features"], d["out_features"], d["m"], gemms, d.get("sensitivity"),
                     d.get("producer"))
 
 
-_GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__}
+def _choice_from(c: dict, defs: dict) -> GemmChoice:
+    return GemmChoice(**c, spec=defs.get(c["recipe"]) if c["kernel"] != BF16 else None)
+
+
+_GEMM_FIELDS = {f: None for f in GemmChoice.__dataclass_fields__ if f != "spec"}
 _TOP_TYPES = {"created_utc": str, "device": dict, "versions": dict, "budget": dict, "solver": str, "notes": list,
               "sites": list}
 _NUMBER = (int, float, str)  # "inf" / "-inf" / "nan" as loka.jsonio writes them
@@ -234,6 +275,8 @@ def validate_plan_doc(doc) -> list[str]:
         return problems
     problems += [f"notes[{i}]: expected a string" for i, n in enumerate(doc["notes"]) if not isinstance(n, str)]
     problems += _step_problems(doc.get("step"))
+    defs, recipe_problems = _recipe_defs(doc.get("recipes"))
+    problems += recipe_problems
     for i, s in enumerate(doc["sites"]):
         where = f"sites[{i}]" + (f" ({s.get('fqn')})" if isinstance(s, dict) else "")
         if not isinstance(s, dict):
@@ -252,7 +295,7 @@ def validate_plan_doc(doc) -> list[str]:
             if g not in gemms:
                 problems.append(f"{where}.gemms: missing {g!r}")
                 continue
-            problems += _gemm_problems(gemms[g], f"{where}.gemms.{g}", g)
+            problems += _gemm_problems(gemms[g], f"{where}.gemms.{g}", g, defs)
     return problems
 
 
@@ -271,7 +314,25 @@ def _step_problems(step) -> list[str]:
     return out
 
 
-def _gemm_problems(c, where: str, gemm: str) -> list[str]:
+def _recipe_defs(recipes) -> tuple[dict, list[str]]:
+    """The plan's hand-built recipes (name -> Recipe) and the problems of its ``recipes`` entry."""
+    if recipes is None:
+        return {}, []
+    if not isinstance(recipes, dict):
+        return {}, [f"recipes: expected an object of name -> recipe fields, got {type(recipes).__name__}"]
+    defs, problems = {}, []
+    for name, d in recipes.items():
+        try:
+            defs[name] = recipe_from_dict(d)
+        except ValueError as exc:
+            problems.append(f"recipes.{name}: {exc}")
+            continue
+        if defs[name].name != name:
+            problems.append(f"recipes.{name}: its name field is {defs[name].name!r}; the key must be the recipe's name")
+    return defs, problems
+
+
+def _gemm_problems(c, where: str, gemm: str, defs: dict) -> list[str]:
     if not isinstance(c, dict):
         return [f"{where}: expected an object"]
     out = [f"{where}: unknown key {k!r}" for k in c if k not in _GEMM_FIELDS]
@@ -287,7 +348,7 @@ def _gemm_problems(c, where: str, gemm: str) -> list[str]:
             out.append(f"{where}.{k}: expected a number, got {v!r}")
     if isinstance(c.get("recipe"), str) and c["recipe"] != BF16:
         try:
-            as_recipe(c["recipe"]).gemm(gemm)
+            resolve_recipe(c["recipe"], defs).gemm(gemm)
         except ValueError as exc:
             out.append(f"{where}.recipe: {exc}")
     if (c.get("kernel") == BF16) != (c.get("recipe") == BF16):

@@ -26,8 +26,8 @@ import numpy as np
 class Option:
     """One choice for one group: ``value`` to maximize, ``weight`` against the capacity."""
 
-    group: str
-    key: str
+    group: object  # hashable and ordered: loka.dispatch.keys.GemmKey in plans
+    key: object  # hashable and ordered: loka.dispatch.keys.ChoiceKey in plans
     value: float
     weight: float
 

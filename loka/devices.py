@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from loka.kernels.kernel import arch_kernels
-from loka.recipe import RECIPE_NAMES
+from loka.recipe import GEMMS, RECIPE_NAMES, Recipe
+from loka.recipe_json import needs_fields
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class DeviceCaps:
     def runs(self, recipe_name: str) -> bool:
         """Whether the named recipe (``"rowwise"``, ``"rowwise-delayed"``) runs natively here."""
         return recipe_name.partition("-")[0] in self.recipes
+
+    def runs_recipe(self, recipe: Recipe) -> bool:
+        """Whether a Recipe runs natively here: a named one as :meth:`runs`; a hand-built one when
+        every quantized operand's format and granularity is in this device's table."""
+        if not needs_fields(recipe):
+            return self.runs(recipe.name)
+        ops = [op for g in GEMMS for op in (recipe.gemm(g).a, recipe.gemm(g).b) if not op.is_hp]
+        return all(op.format in self.formats and op.granularity in self.granularities for op in ops)
 
 
 DEVICES: tuple[DeviceCaps, ...] = (

@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .config import SIZES, RankerConfig, criteo_config
 from .evaluate import EvalReport, TaskMetrics, compare, evaluate, predict
 from .optim import RowWiseAdagrad, build_optimizers
-from .precision import apply_precision
+from .precision import Precision, apply_precision
 from .ranker import Ranker
 from .synthetic import SyntheticStream
 from .train import TrainConfig, TrainResult, train
@@ -27,6 +27,7 @@ from .train import TrainConfig, TrainResult, train
 __all__ = [
     "Batch",
     "EvalReport",
+    "Precision",
     "Ranker",
     "RankerConfig",
     "RowWiseAdagrad",

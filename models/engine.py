@@ -27,7 +27,7 @@ from .batch import Batch
 from .checkpoint import load_model
 from .config import RankerConfig
 from .distributed import resolve_device
-from .precision import apply_plan_producers, apply_precision
+from .precision import Precision, apply_plan_producers, apply_precision
 from .ranker import Ranker
 from .serving_schema import example_batch
 
@@ -41,12 +41,12 @@ class InferenceEngine:
     ['ctr', 'cvr']
     """
 
-    def __init__(self, model: Ranker, precision: str = "bf16", compile: bool = False,
+    def __init__(self, model: Ranker, precision: Precision | str = "bf16", compile: bool = False,
                  device: str = "auto", autocast: bool | None = None, fuse_norm_quant: bool | None = None) -> None:
         self.device = resolve_device(device)
         self.config: RankerConfig = model.config
-        self.precision = precision
-        self.convert_result = apply_precision(model, precision, compile=compile)
+        self.precision = Precision.parse(precision)  # a plan file is loaded here, once
+        self.convert_result = apply_precision(model, self.precision, compile=compile)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -63,7 +63,7 @@ class InferenceEngine:
         """Fuse norm+quantize at the plan's producer sites (or, if requested, every eligible FP8 site)."""
         if self.convert_result is None:
             if requested:
-                raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={self.precision!r} keeps "
+                raise ValueError(f"fuse_norm_quant needs FP8 sites to feed, but precision={str(self.precision)!r} keeps "
                                  "every GEMM in high precision; pass a plan file (or 'fp8')")
             return None
         sample = example_batch(self.config, 8).to(self.device)

@@ -166,7 +166,7 @@ class ScoringApp:
             raise _HTTPError(405, f"{path} takes {' or '.join(routes[path])}, not {method}")
         if path == "/health":
             cfg = self.engine.config
-            return {"status": "ok", "size": cfg.size, "tasks": list(cfg.tasks), "precision": self.engine.precision,
+            return {"status": "ok", "size": cfg.size, "tasks": list(cfg.tasks), "precision": str(self.engine.precision),
                     "batches_run": self.batcher.batches_run}
         if self._connections() > self.config.max_connections:
             raise _HTTPError(503, f"more than {self.config.max_connections} open connections; retry later")

@@ -33,7 +33,7 @@ from .batch import Batch
 from .comm_bytes import CommBytes
 from .config import RankerConfig
 from .distributed import DistContext, init_distributed
-from .precision import HP_PRECISIONS, apply_precision, plan_producers
+from .precision import HP_PRECISIONS, Precision, apply_precision, plan_producers
 from .guards import NonFiniteError
 from .ranker import Ranker
 from .run_dir import StopSignals
@@ -102,10 +102,11 @@ def build_sharded(config: TrainConfig, sharding: ShardingConfig, ctx: DistContex
     if config.precision == "fp8":
         sites = to_float8(model, sharding.fp8_all_gather)
     elif config.precision not in (None, *HP_PRECISIONS):  # a loka plan, made on the unwrapped model
-        if plan_producers(config.precision) is not None:
+        precision = Precision.parse(config.precision)  # the plan file is loaded here, once
+        if plan_producers(precision) is not None:
             raise ValueError("a plan with norm_quant producer sites is not applied to sharded runs yet; "
                              "re-plan without --producers or train without --tables.")
-        apply_precision(model, config.precision)
+        apply_precision(model, precision)
     model.to(ctx.device)
     plan = shard_tables(model, sharding, config.lr_sparse, ctx)
     runner = wrap_dense(model, sharding, ctx, param_dtype, own_units=tuple(sites))

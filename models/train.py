@@ -34,7 +34,7 @@ from .guards import (MAX_CONSECUTIVE_SKIPS, NONFINITE_DENSE_POLICIES, NONFINITE_
                      check_batch, diagnose, grads_finite, last_good, report_nonfinite_dense)
 from .evaluate import evaluate
 from .optim import build_optimizers
-from .precision import apply_plan_producers, apply_precision, check_precision
+from .precision import Precision, apply_plan_producers, apply_precision, check_precision
 from .resume import load_optimizers, restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
@@ -265,11 +265,12 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext, resume=Non
         load_model_state(model, state, resume)
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
-    convert_result = apply_precision(model, config.precision, compile=config.compile)
+    precision = Precision.parse(config.precision)  # a plan file is loaded here, once
+    convert_result = apply_precision(model, precision, compile=config.compile)
     model.to(ctx.device)
     # The plan's norm_quant sites: a schema-valid batch (as the inference engine uses), not the
     # stream's first one, so the data position stays what resume expects.
-    producers = apply_plan_producers(model, config.precision, example_batch(cfg, 8).to(ctx.device))
+    producers = apply_plan_producers(model, precision, example_batch(cfg, 8).to(ctx.device))
     optimizers = build_optimizers(model, config.lr_dense, config.lr_sparse, config.weight_decay)
     step = 0
     if state is not None:

@@ -19,6 +19,7 @@ from loka.probe.report import ProbeReport
 from loka.probe.schema import KIND, SCHEMA_VERSION
 from loka.probe.timing import time_site
 from loka.recipe import GEMMS, as_recipe, gemm_shape
+from loka.recipe_json import needs_fields, recipe_to_dict
 
 
 def _config_dict(cfg) -> dict:
@@ -52,7 +53,7 @@ def _predicted(st, fits: dict, predict: tuple) -> dict:
     m = int(sorted(st.m_values)[len(st.m_values) // 2])
     out = {}
     for name in predict:
-        recipe = as_recipe(name)
+        recipe = as_recipe(name)  # a name or a Recipe (hand-built)
         per_gemm = {}
         for gemm in GEMMS:
             pair = gemm_fits(best, gemm)
@@ -146,7 +147,8 @@ def site_entry(probe, fqn: str) -> dict:
     fits = _fits(st)
     timings = probe.timings.get(fqn)
     measured = timings if timings and timings["representative"] else None
-    modeled = None if measured else modeled_timings(st, list(errors), cfg.target)
+    by_name = {r.name: r for r in probe.recipes}  # Recipe objects: hand-built ones have no name to resolve
+    modeled = None if measured else modeled_timings(st, [by_name.get(n, n) for n in errors], cfg.target)
     verdict, best, speedup, speed, reason = _site_verdict(recipe_verdicts, errors, measured or modeled)
     return {
         "fqn": fqn,
@@ -197,6 +199,10 @@ def build_report(probe, **meta):
         "sampled_steps": sorted(probe.sampled_steps),
         "sites": [site_entry(probe, fqn) for fqn in probe.state],
     }
+    hand_built = {r.name: recipe_to_dict(r) for r in map(as_recipe, (*probe.config.candidates, *probe.config.predict))
+                  if needs_fields(r)}
+    if hand_built:  # absent when every candidate is a named recipe (reports stay as they were)
+        doc["recipes"] = hand_built
     if probe.census is not None:
         doc["coverage"] = probe.census.summary()  # every GEMM of a step, its share, what loka converts
     return ProbeReport(doc)

@@ -14,6 +14,9 @@ problem, never a traceback), and returns the document with non-finite floats dec
                         bf16_ms: {gemm: ms},
                         entries: [{gemm, kernel, recipe, median_ms}]}   (optional)
     sites[*].fits[role] = [{family, params, ...}, ...]       (optional, best first)
+    recipes[name] = {name, fprop, dgrad, wgrad}              (optional: hand-built candidates' fields)
+
+:func:`report_recipes` gives every recipe the report measured as a Recipe object.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from dataclasses import dataclass, field
 
 from loka.jsonio import decode_floats, read_json
 from loka.probe.schema import NUM, OPT_NUM, ReportSchemaError, validate
-from loka.recipe import GEMMS
+from loka.recipe import GEMMS, Recipe
+from loka.recipe_json import recipe_from_dict, resolve_recipe
 
 # The part of the schema a consumer reads ("key?": optional); the probe writes all of REPORT.
 READ_GEMM_ERROR = {"mean": NUM, "ci_lo": NUM, "ci_hi": NUM, "n": int, "sqnr_db?": OPT_NUM, "threshold?": OPT_NUM}
@@ -39,7 +43,7 @@ READ_SITE = {
     "timings?": (READ_TIMINGS, None),
     "fits?": {"*": [dict]},
 }
-READ_REPORT = {"sites": [READ_SITE]}
+READ_REPORT = {"sites": [READ_SITE], "recipes?": {"*": dict}}
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,27 @@ def read_report(report) -> dict:
 def report_sites(report) -> list[SiteInfo]:
     """SiteInfo for every site of a ``ProbeReport``, report dict, or path to its JSON."""
     return [_site(s) for s in read_report(report)["sites"]]
+
+
+def report_recipes(report) -> dict[str, Recipe]:
+    """name -> Recipe of every recipe with errors in the report: hand-built ones from the report's
+    ``recipes`` fields, the others by name (a name that is neither is left out: its consumer says so);
+    ``ReportSchemaError`` (one line) if a recorded recipe cannot be built."""
+    doc = read_report(report)
+    defined = {}
+    for name, d in (doc.get("recipes") or {}).items():
+        try:
+            defined[name] = recipe_from_dict(d)
+        except ValueError as exc:
+            raise ReportSchemaError(f"recipes.{name}: {exc}") from None
+    names = {r for s in doc["sites"] for r in (s.get("errors") or {})}
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = resolve_recipe(name, defined)
+        except ValueError:
+            continue
+    return out
 
 
 def _num(v, default=math.nan) -> float:

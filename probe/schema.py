@@ -60,6 +60,7 @@ REPORT = {
     "config": dict,
     "sampled_steps": [int],
     "sites": [SITE],
+    "recipes?": {"*": dict},  # hand-built candidates' fields (loka.recipe_json), absent when all are named
 }
 
 

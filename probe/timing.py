@@ -41,6 +41,7 @@ from loka.kernels.padded import kernel_by_name, needs_padding
 from loka.probe.fit import Fit
 from loka.probe.site_timing import KernelTime, SiteTiming
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe, gemm_shape
+from loka.recipe_json import recipe_key
 from loka.timer import Timing, device_name, time_fn
 
 __all__ = ["SiteTiming", "Timing", "device_name", "dist_name", "time_fn", "time_site"]
@@ -172,7 +173,7 @@ def time_site(
 def _measure(gemm, kernel, recipe, shape, operands, fits, dtype, dev, warmup, iters, cache, refresh):
     """``(timing dict, cached)`` of one job, from ``cache`` unless ``refresh``; cached is None without a cache."""
     gshape = gemm_shape(gemm, *shape)
-    key = None if cache is None else cache.key(kernel, gemm, gshape, dtype, recipe.name if recipe else "hp",
+    key = None if cache is None else cache.key(kernel, gemm, gshape, dtype, recipe_key(recipe) if recipe else "hp",
                                                dist_name(fits, gemm))
     timing = None if key is None or refresh else cache.get(key)
     if timing is not None:
