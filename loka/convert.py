@@ -117,6 +117,7 @@ def convert(
     kernels: str | Mapping[str, str] = "auto",
     fallback: Fallback | None = None,
     example=None,
+    verify_run: bool = True,
 ) -> ConvertResult:
     """Put every GEMM on a parameter of ``model`` in FP8, in place; returns what ran converted and what not.
 
@@ -125,7 +126,9 @@ def convert(
     skipped with the reason, unless ``fallback="hp"``, which converts them and runs those
     GEMMs in hp; parameter sites always fall back per GEMM and say why. ``example``
     (inputs, a tensor or a tuple) verifies on one forward and backward now; without it the
-    model's first forward is observed (``ConvertResult.verified``). A plan is applied one
+    model's first forward is observed (``ConvertResult.verified``); ``verify_run=False`` observes
+    nothing (a resumed run, verified when it started: an observed step runs under a dispatch mode,
+    and the resumed step must round as the uninterrupted run's did). A plan is applied one
     layer up, by ``loka.dispatch.apply_plan`` (``loka.convert(model, plan)`` routes there).
     """
     if is_plan(recipe):
@@ -166,7 +169,8 @@ def convert(
         if hp:
             result.hp_gemms[site] = hp
     attach_param_gemms(model, engines)
-    verify(result, model, example)
+    if verify_run:
+        verify(result, model, example)
     return result
 
 

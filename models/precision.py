@@ -97,19 +97,21 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"plan file {precision!r} does not exist; write it with `loka plan` first.")
 
 
-def apply_precision(model: nn.Module, precision: "Precision | str", compile: bool | None = None):
+def apply_precision(model: nn.Module, precision: "Precision | str", compile: bool | None = None, *,
+                    verify_run: bool = True):
     """Convert ``model`` in place for ``precision``; returns loka's ConvertResult or None (hp).
 
     ``precision``: a :class:`Precision` (its plan is not loaded again) or an old spelling.
     ``compile``: whether the model will run under torch.compile (``False`` warns about a plan's
-    ``compiled_cast`` sites, whose casts then run unfused; ``None``: not said).
+    ``compiled_cast`` sites, whose casts then run unfused; ``None``: not said). ``verify_run=False``:
+    the conversion is not observed on the first step (a resumed run; see ``loka.convert.convert``).
     """
     precision = Precision.parse(precision)
     if precision.is_hp:
         return None
     if precision.kind == "fp8":
-        return convert(model, recipe="tensorwise")
-    return apply_plan(model, precision.plan, compile=compile)
+        return convert(model, recipe="tensorwise", verify_run=verify_run)
+    return apply_plan(model, precision.plan, compile=compile, verify_run=verify_run)
 
 
 def plan_producers(precision: "Precision | str"):

@@ -266,7 +266,9 @@ def _build(config: TrainConfig, model, data, state, ctx: DistContext, resume=Non
     elif hasattr(data, "base_rates"):
         model.over.init_bias(data.base_rates())
     precision = Precision.parse(config.precision)  # a plan file is loaded here, once
-    convert_result = apply_precision(model, precision, compile=config.compile)
+    # a resumed run was observed when it started; observing its first step here would round it
+    # differently from the uninterrupted run's (loka.convert.convert, verify_run)
+    convert_result = apply_precision(model, precision, compile=config.compile, verify_run=resume is None)
     model.to(ctx.device)
     # The plan's norm_quant sites: a schema-valid batch (as the inference engine uses), not the
     # stream's first one, so the data position stays what resume expects.
