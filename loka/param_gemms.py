@@ -291,7 +291,11 @@ class _Route(TorchFunctionMode):
             return func(*args, **kwargs)
 
 
-@torch.compiler.disable
+# _warn_compiled, run outside any compiled graph: torch.compiler.disable is applied when a model is
+# attached (it imports torch._dynamo, and with it triton: far too heavy for `import loka`)
+_OUTSIDE_GRAPH: dict = {}
+
+
 def _warn_compiled(sites: list[str]) -> None:
     warnings.warn(f"loka: the parameter GEMM sites {sites} run in hp inside torch.compile (their ATen-level "
                   "routing runs eagerly only; Float8Linear sites compile in FP8); their counts do not grow, so "
@@ -374,7 +378,7 @@ class ParamGemms:
     # --- attached to the model's forward ----------------------------------------------------
     def _enter(self, module, args) -> None:  # a pre-hook's return value would replace the inputs
         if torch.compiler.is_compiling():
-            _warn_compiled(sorted(self.engines))
+            _OUTSIDE_GRAPH["warn"](sorted(self.engines))
             return
         self.index.refresh()
         self._route.__enter__()
@@ -385,6 +389,8 @@ class ParamGemms:
 
     def attach(self, model: nn.Module) -> list:
         """Route during ``model``'s forwards; returns the hooks' handles."""
+        if "warn" not in _OUTSIDE_GRAPH:
+            _OUTSIDE_GRAPH["warn"] = torch.compiler.disable(_warn_compiled)
         return [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._leave, always_call=True)]
 
 

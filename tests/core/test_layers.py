@@ -279,3 +279,11 @@ def test_no_private_name_crosses_a_module():
                 crossing.append(f"{path.relative_to(ROOT)}:{node.lineno}: reads {node.value.id}.{node.attr} "
                                 f"of {module_aliases[node.value.id]}")
     assert not crossing, "private names used outside their module (make them public):\n" + "\n".join(crossing)
+
+
+def test_import_loka_loads_neither_dynamo_nor_triton():
+    """Both are heavy, and triton decides at import whether it interprets (TRITON_INTERPRET): a script
+    that picks the interpreter after ``import loka`` (bench/*.py --dry-run) needs triton not loaded yet."""
+    code = "import sys, loka; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
