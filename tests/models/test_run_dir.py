@@ -150,9 +150,11 @@ def test_a_second_sigterm_soon_after_the_first_still_gets_the_checkpoint(tmp_pat
     """Schedulers often signal twice: the second waits for checkpoint.pt (a third would force)."""
     out = tmp_path / "run"
     code, err = _signalled_run(out, [signal.SIGTERM, signal.SIGTERM])
-    assert code == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "SIGTERM again" in err
-    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1 and "stopped by SIGTERM" in err, err
+    if "SIGTERM again" in err:  # the second came while stopping: ignored, the run ends as after one
+        assert code == 128 + signal.SIGTERM, err
+    else:  # a loaded machine stretched the 0.05 s: the second came after checkpoint.pt was written,
+        assert code in (128 + signal.SIGTERM, -signal.SIGTERM), err  # when ending the process is right
 
 
 def _resume_hint(message: str):
