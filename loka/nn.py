@@ -33,7 +33,7 @@ from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
-from loka.weight_cache import WeightCache
+from loka.weight_cache import WeightCache, function_output
 
 Fallback = Literal["error", "hp"]
 AUTO_PREFERENCE = ("scaled_mm", "emulated")
@@ -196,7 +196,8 @@ class _Float8LinearFn(torch.autograd.Function):
         ctx.weight_is_param = weight is module.weight  # then backward may use the weight cache
         ctx.save_for_backward(x2d, weight)
         # [M, K] · [N, K]ᵀ -> [M, N]
-        return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
+        y = module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
+        return function_output(y)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

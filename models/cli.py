@@ -22,7 +22,7 @@ from .evaluate import compare, evaluate
 from .guards import NonFiniteError
 from .precision import apply_precision
 from .ranker import Ranker
-from .serve import ScoringServer, ServeConfig
+from .serve_extra import require_serve
 from .synthetic import SyntheticStream
 from .train import TrainConfig, train
 
@@ -221,6 +221,9 @@ def _add_serve(sub) -> None:
 
 @_clear_errors("serve")
 def _run_serve(args) -> int:
+    require_serve("loka serve")
+    from .serve import ScoringServer, ServeConfig  # optional: the serve extra (uvicorn, h11, pydantic)
+
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
                          max_connections=args.max_connections, read_timeout_s=args.read_timeout,

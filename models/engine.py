@@ -23,13 +23,12 @@ from torch import Tensor
 from loka.mods import fused_norm_quant
 from loka.weight_cache import freeze_fp8_weights
 
-from .batch import Batch
+from .batch import Batch, example_batch
 from .checkpoint import load_checkpoint
 from .config import RankerConfig
 from .distributed import resolve_device
 from .precision import apply_plan_producers, apply_precision
 from .ranker import Ranker
-from .serving_schema import example_batch
 
 
 class InferenceEngine:

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from .batch import Batch
+from loka.progress import progress
+
+from .batch import Batch, example_batch
 from .checkpoint import load_checkpoint
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
@@ -37,7 +38,6 @@ from .precision import apply_plan_producers, apply_precision, check_precision
 from .resume import restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
-from .serving_schema import example_batch
 from .synthetic import SyntheticStream
 
 
@@ -315,7 +315,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
 
 def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext,
           saver: RunSaver, signals: StopSignals) -> None:
-    with _Logger(result.out_dir, ctx.is_main) as logger, tqdm(
+    with _Logger(result.out_dir, ctx.is_main) as logger, progress(
             total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
             desc="train", unit="step", dynamic_ncols=True) as bar:
         _steps(config, runner, data, optimizers, result, ctx, saver, signals, logger, bar)

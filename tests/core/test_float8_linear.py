@@ -189,6 +189,25 @@ def test_eval_mode_caches_quantized_weight():
     assert rel_error(2 * (y1 - lin.bias), y3 - lin.bias) < 0.1
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_compiled_gradients_match_eager_for_every_parameter(recipe):
+    # torch 2.11's dynamo gave all-zero weight gradients here (even backend="eager") when the
+    # Function's forward returned a tensor an op handed back unchanged (issue 24; loka.weight_cache.function_output).
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32))
+    convert(model, recipe, kernels="emulated")
+    x = torch.randn(32, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    gx, x.grad = x.grad.clone(), None
+    model.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(model, backend="eager")(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, f"{n}: zero gradient under compile"
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-5, msg=n)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_matches_eager():
     model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32))
     convert(model, "rowwise", kernels="emulated")
