@@ -33,7 +33,7 @@ class PlainProgress:
             total = len(iterable)
         self.total = total
         self._postfix = ""
-        self._every = max(1, (total or 0) // 10)
+        self._every = max(1, -(-(total or 0) // 10))  # a tenth, rounded up: at most 10 lines and the last
         self._last = initial
 
     def __iter__(self):
