@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from loka.progress import progress
+from loka.progress import progress_bar
 from loka.kernels import KERNELS
 from loka.kernels.kernel import default_candidates
 from loka.kernels.costmodel import H100_SXM, DeviceModel, model_site_timings
@@ -161,7 +161,7 @@ def time_site_cached(
     out = {"device_name": cache.device_info["device"], "representative": device.type == "cuda", "m": int(shape[0]),
            "bf16_ms": {}, "entries": [], "skipped": skipped}
     operands: dict[str, tuple] = {}
-    bar = progress(jobs, desc=f"microbench M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
+    bar = progress_bar(jobs, desc=f"microbench M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
     for gemm, kernel, rname in bar:
         gshape = gemm_shape(gemm, *shape)
         recipe = as_recipe(rname).gemm(gemm) if rname else HP_GEMM

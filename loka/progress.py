@@ -1,7 +1,7 @@
 """Progress on long work: a tqdm bar where tqdm is installed, plain lines where it is not.
 
 loka's core needs only torch, numpy and scipy (the lent GPU machine has nothing more), so every
-progress bar goes through :func:`progress`: with tqdm it is ``tqdm.auto.tqdm``; without it a
+progress bar goes through :func:`progress_bar`: with tqdm it is ``tqdm.auto.tqdm``; without it a
 small stand-in with the same calls (iterate, ``update``, ``set_postfix``, ``write``, ``close``, a
 ``with`` block) prints one line to stderr about every tenth of the work and at the end.
 """
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              disable: bool = False, **kwargs):
     """``tqdm(iterable, total=..., desc=..., disable=..., **kwargs)``, or plain lines without tqdm."""
     if importlib.util.find_spec("tqdm") is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from loka.progress import progress
+from loka.progress import progress_bar
 
 from .batch import Batch, example_batch
 from .checkpoint import load_checkpoint
@@ -315,7 +315,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
 
 def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext,
           saver: RunSaver, signals: StopSignals) -> None:
-    with _Logger(result.out_dir, ctx.is_main) as logger, progress(
+    with _Logger(result.out_dir, ctx.is_main) as logger, progress_bar(
             total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
             desc="train", unit="step", dynamic_ncols=True) as bar:
         _steps(config, runner, data, optimizers, result, ctx, saver, signals, logger, bar)

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from loka.progress import progress
+from loka.progress import progress_bar
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.probe import Probe
 from loka.probe.workload import NamedWorkload, load_workload
@@ -76,7 +76,7 @@ def train_with_probe(workload, probe, steps: int, *, lr: float, device: str, aut
     model = workload.model
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    bar = progress(range(steps), desc="probe", disable=not progress)
+    bar = progress_bar(range(steps), desc="probe", disable=not progress)
     for step in bar:
         batch = workload.make_batch(step)
         amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()

@@ -43,8 +43,8 @@ def test_disabled_prints_nothing_and_unknown_total_counts(capsys):
 
 
 def test_without_tqdm_progress_falls_back_to_plain_lines(tmp_path):
-    code = ("from loka.progress import progress\n"
-            "bar = progress(range(20), desc='probe')\n"
+    code = ("from loka.progress import progress_bar\n"
+            "bar = progress_bar(range(20), desc='probe')\n"
             "print(type(bar).__name__, sum(bar))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=as_on_the_gpu_machine(tmp_path))
