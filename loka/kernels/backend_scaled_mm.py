@@ -37,8 +37,8 @@ def cpu_scaled_mm_support(granularity: str = "tensorwise") -> Support:
     try:
         torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return no(f"this torch build ({torch.__version__}) has no {granularity} FP8 _scaled_mm on CPU ({first})")
+        return no(f"torch {torch.__version__} runs no {granularity} FP8 _scaled_mm on CPU (tried: "
+                  f"{type(exc).__name__}); use tensorwise or the emulated kernel here")
     return YES
 
 

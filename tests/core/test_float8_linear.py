@@ -12,6 +12,8 @@ from loka.metrics import rel_error, sqnr
 from loka.quantize import fake_quantize
 from loka.recipe import RECIPE_NAMES, Recipe
 
+from kernel_support import skip_unless_runs
+
 RCP_E4M3 = torch.tensor(1 / 448, dtype=torch.float32)  # the scale rule: amax * fl32(1/fmax) (loka.quantize)
 
 FP8_RECIPES = [n for n in RECIPE_NAMES if n != "bf16"]
@@ -38,8 +40,7 @@ def reference_grads(lin: nn.Linear, recipe: Recipe, x: torch.Tensor, dy: torch.T
 def test_forward_backward_match_fp64_reference(kernel, name):
     if kernel == "scaled_mm" and name not in SCALED_MM_RECIPES:
         pytest.skip(f"scaled_mm does not take {name}")
-    if not KERNELS.get(kernel).available("cpu"):
-        pytest.skip(KERNELS.get(kernel).available("cpu").reason)
+    skip_unless_runs(kernel, name)
     recipe = Recipe.from_name(name)
     lin = Float8Linear(96, 48, bias=True, recipe=recipe, kernels=kernel)
     x = (torch.randn(2, 16, 96) * torch.exp(torch.randn(96))).requires_grad_()
@@ -57,6 +58,7 @@ def test_forward_backward_match_fp64_reference(kernel, name):
 
 @pytest.mark.parametrize("name", SCALED_MM_RECIPES)
 def test_scaled_mm_agrees_with_emulated(name):
+    skip_unless_runs("scaled_mm", name)
     a_lin = Float8Linear(64, 32, recipe=name, kernels="emulated")
     b_lin = Float8Linear.from_linear(nn.Linear(64, 32), recipe=name, kernels="scaled_mm")
     b_lin.load_state_dict(a_lin.state_dict())
@@ -121,7 +123,7 @@ def test_wgrad_batch_not_multiple_of_16_falls_back_with_reason():
 
 
 def test_per_gemm_kernels_mixed():
-    lin = Float8Linear(64, 32, recipe="rowwise", kernels={"fprop": "scaled_mm", "dgrad": "emulated", "wgrad": "bf16"})
+    lin = Float8Linear(64, 32, recipe="tensorwise", kernels={"fprop": "scaled_mm", "dgrad": "emulated", "wgrad": "bf16"})
     assert lin.recipe.wgrad.is_hp and not lin.recipe.fprop.is_hp
     x = torch.randn(16, 64, requires_grad=True)
     lin(x).sum().backward()
@@ -177,7 +179,7 @@ def test_static_scaling_requires_calibration():
 
 
 def test_eval_mode_caches_quantized_weight():
-    lin = Float8Linear(64, 32, recipe="rowwise", kernels="scaled_mm").eval()
+    lin = Float8Linear(64, 32, recipe="tensorwise", kernels="scaled_mm").eval()
     x = torch.randn(16, 64)
     with torch.no_grad():
         y1 = lin(x)
