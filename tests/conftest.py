@@ -74,6 +74,32 @@ GPU_MUST_RUN = (
 )
 
 
+# Tests that run rowwise torch._scaled_mm on CPU (plans of rowwise scaled_mm made and applied here, rowwise
+# casts compiled here). CPU _scaled_mm runs rowwise only from torch 2.13 (loka probes it per granularity:
+# loka.kernels.backend_scaled_mm.cpu_scaled_mm_support), so on an older torch they skip with that reason.
+CPU_ROWWISE_SCALED_MM = (
+    "tests/dispatch/test_compiled_casts.py::test_training_proof_covers_the_gradient_cast",
+    "tests/dispatch/test_compiled_casts.py::test_uncompiled_run_warns_once_naming_the_sites",
+    "tests/dispatch/test_compiled_casts.py::test_plan_with_compiled_casts_turns_only_the_proven_site_fp8",
+    "tests/dispatch/test_microbench_cli.py::test_plan_cli_writes_a_plan_and_prints_the_table",
+    "tests/dispatch/test_plan.py::",
+    "tests/dispatch/test_plan_keep.py::",
+    "tests/dispatch/test_plan_padded.py::",
+    "tests/dispatch/test_plan_producers.py::",
+    "tests/dispatch/test_plan_speed_model.py::",
+    "tests/dispatch/test_producer_fusion.py::test_float8_linear_input_cast_fuses_into_the_activation[rowwise]",
+    "tests/dispatch/test_producer_fusion.py::test_gradient_cast_fuses_into_the_op_producing_the_gradient",
+)
+
+
+def _cpu_rowwise_scaled_mm_skip():
+    """A skip marker with loka's reason where CPU _scaled_mm cannot run rowwise, else None."""
+    from loka.kernels.backend_scaled_mm import cpu_scaled_mm_support  # at collection, never at import
+
+    support = cpu_scaled_mm_support("rowwise")
+    return None if support else pytest.mark.skip(reason=f"needs rowwise _scaled_mm on CPU: {support.reason}")
+
+
 def is_gpu_must_run(nodeid: str) -> bool:
     """Whether the test ``nodeid`` (as pytest names it from the repo root) is in ``GPU_MUST_RUN``."""
     return any(nodeid.startswith(name) for name in GPU_MUST_RUN)
@@ -91,7 +117,10 @@ def pytest_collection_modifyitems(config, items):
     skip_sm89 = pytest.mark.skip(
         reason=f"needs an FP8 GPU (sm_89+); this machine has {'none' if cap is None else f'sm_{cap[0]}{cap[1]}'}"
     )
+    rowwise_skip = _cpu_rowwise_scaled_mm_skip()
     for item in items:
+        if rowwise_skip is not None and any(item.nodeid.startswith(n) for n in CPU_ROWWISE_SCALED_MM):
+            item.add_marker(rowwise_skip)
         if is_gpu_must_run(item.nodeid):
             item.add_marker(pytest.mark.gpu_must)
         if "requires_cuda" in item.keywords and cap is None:
