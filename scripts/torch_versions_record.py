@@ -11,26 +11,11 @@ import argparse
 import datetime
 import json
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the one JUnit reader: gpu_check_report
 
-def junit_counts(path: Path) -> tuple[dict, list[str]]:
-    """(counts {tests, passed, failed, errors, skipped, seconds}, ids of failed or erroring tests)."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {"tests": 0, "failed": 0, "errors": 0, "skipped": 0, "seconds": 0.0}
-    for s in suites:
-        counts["tests"] += int(s.get("tests", 0))
-        counts["failed"] += int(s.get("failures", 0))
-        counts["errors"] += int(s.get("errors", 0))
-        counts["skipped"] += int(s.get("skipped", 0))
-        counts["seconds"] += float(s.get("time", 0.0))
-    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
-    counts["seconds"] = round(counts["seconds"], 1)
-    bad = [f"{case.get('classname', '')}::{case.get('name', '')}" for case in root.iter("testcase")
-           if case.find("failure") is not None or case.find("error") is not None]
-    return counts, bad
+from gpu_check_report import collect_tests  # noqa: E402
 
 
 def _versions() -> dict:
@@ -57,7 +42,9 @@ def main(argv=None) -> int:
     if not args.junit.is_file() or args.junit.stat().st_size == 0:
         print(f"torch_versions_record: no JUnit report at {args.junit} (pytest did not start?)", file=sys.stderr)
         return 2
-    counts, bad = junit_counts(args.junit)
+    figures, _ = collect_tests(args.junit)
+    counts = {k: figures[k] for k in ("tests", "passed", "failures", "errors", "skipped")}
+    bad = [f["test"] for f in figures["failed"]]
     paths = [a for a in args.command.split()[2:] if not a.startswith("-")]
     entry = {**_versions(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "command": args.command, "scope": "subset: " + " ".join(paths) if paths else "whole CPU suite",
@@ -65,7 +52,7 @@ def main(argv=None) -> int:
     records = json.loads(args.out.read_text()) if args.out.is_file() else {}
     records.setdefault(args.version, {})[entry["scope"]] = entry  # the last run per version and scope
     args.out.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
-    print(f"torch {entry['torch']}: {counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+    print(f"torch {entry['torch']}: {counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
           f"{counts['skipped']} skipped ({entry['scope']}) -> {args.out}")
     return 0
 
