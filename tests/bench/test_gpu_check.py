@@ -121,7 +121,7 @@ def test_gpu_tests_past_their_limit_still_report_what_ran(tmp_path):
     for limit in (30, 120, 480, 1920):
         (tmp_path / str(limit)).mkdir()
         proc, doc, _md = _run(tmp_path / str(limit), "--cpu-smoke", "--only", "gpu_tests_rest", "--tests", str(fake),
-                              "--limit", f"gpu_tests_rest={limit}")
+                              "--limit", f"gpu_tests_rest={limit}", "--budget-s", str(4 * limit))
         assert proc.returncode == 0, proc.stderr[-3000:]
         stage = next(s for s in doc["stages"] if s["name"] == "gpu_tests_rest")
         assert stage["status"] == "timed out" and f"{limit} s limit" in stage["reason"]
