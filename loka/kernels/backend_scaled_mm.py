@@ -3,7 +3,8 @@
 Takes tensorwise or rowwise recipes (both operands the same granularity),
 not e5m2 x e5m2, with K and N multiples of 16 (cuBLASLt's alignment rule; we
 apply it on CPU too so that a plan valid here is valid on a GPU). Runs on
-sm_89+ GPUs and on CPU with torch builds that implement FP8 ``_scaled_mm``.
+sm_89+ GPUs and on CPU with torch builds that implement FP8 ``_scaled_mm`` (per granularity,
+probed by running it: CPU rowwise only from torch 2.13).
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ class ScaledMMKernel(GemmKernel):
         device = torch.device(device or "cpu")
         if not hasattr(torch, "_scaled_mm"):
             return no("torch._scaled_mm is missing from this torch build")
-        return _cuda_support(device) if device.type == "cuda" else cpu_scaled_mm_support("tensorwise")
+        if device.type == "cuda":
+            return _cuda_support(device)
+        cpu_scaled_mm_support("rowwise")  # probed now, eagerly, never first inside a torch.compile trace
+        return cpu_scaled_mm_support("tensorwise")
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
         problem = scaled_mm_recipe_problem(recipe, "scaled_mm")
