@@ -43,6 +43,8 @@ else
 fi
 TORCH=$("$ENV/bin/python" -c 'import torch; print(torch.__version__)')
 echo "loka test_torch: torch $TORCH in $ENV"
+# One inductor cache per torch version: runs of two versions at once must not share compiled kernels.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/loka-inductor-torch-$VERSION}
 JUNIT=$(mktemp "${TMPDIR:-/tmp}/loka-torch-$VERSION-XXXXXX.xml")
 set +e
 OMP_NUM_THREADS=1 nice "$ENV/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$JUNIT" "$@"

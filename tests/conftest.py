@@ -78,6 +78,11 @@ GPU_MUST_RUN = (
 # casts compiled here). CPU _scaled_mm runs rowwise only from torch 2.13 (loka probes it per granularity:
 # loka.kernels.backend_scaled_mm.cpu_scaled_mm_support), so on an older torch they skip with that reason.
 CPU_ROWWISE_SCALED_MM = (
+    "tests/core/test_kernel_quantized_a.py::test_prequantized_a_equals_the_cast_inside[rowwise-scaled_mm]",
+    "tests/core/test_padded_kernel.py::test_odd_tower_converts_every_gemm_and_an_earlier_optimizer_still_updates",
+    "tests/core/test_padded_kernel.py::test_scaled_mm_pad_takes_429_and_557",
+    "tests/core/test_weight_cache.py::test_cached_path_is_bit_identical_fwd_and_bwd[rowwise",
+    "tests/core/test_weight_freeze.py::test_frozen_weights_leave_the_compiled_graph_one_amax_per_gemm[scaled_mm-rowwise]",
     "tests/dispatch/test_compiled_casts.py::test_training_proof_covers_the_gradient_cast",
     "tests/dispatch/test_compiled_casts.py::test_uncompiled_run_warns_once_naming_the_sites",
     "tests/dispatch/test_compiled_casts.py::test_plan_with_compiled_casts_turns_only_the_proven_site_fp8",
