@@ -43,8 +43,8 @@ else
 fi
 TORCH=$("$ENV/bin/python" -c 'import torch; print(torch.__version__)')
 echo "loka test_torch: torch $TORCH in $ENV"
-# One inductor cache per torch version: runs of two versions at once must not share compiled kernels.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/loka-inductor-torch-$VERSION}
+# An inductor cache of this run's own: runs at once (of one torch or two) sharing one corrupted it ('file too short').
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/loka-inductor-$VERSION-XXXXXX")}
 JUNIT=$(mktemp "${TMPDIR:-/tmp}/loka-torch-$VERSION-XXXXXX.xml")
 set +e
 OMP_NUM_THREADS=1 nice "$ENV/bin/python" -m pytest -q -p no:cacheprovider --junitxml="$JUNIT" "$@"
