@@ -7,7 +7,9 @@ every stage's status, time and figures), ``gpu_check.log`` (every stage's output
 ``gpu_tests.xml`` (pytest's JUnit report) into ``--out``. Stages, in order of value:
 
 1. ``doctor``: versions, the device and ``loka doctor``;
-2. ``gpu_tests``: ``pytest -m "requires_cuda or requires_sm89"``: counts and failing tests;
+2. ``gpu_tests``: the GPU tests that must run (``gpu_must``, tests/conftest.py ``GPU_MUST_RUN``:
+   the numerics of every kernel, the scale rule, the probe on the device, compile + FP8
+   gradients): counts and failing tests;
 3. ``ranker_base``: bench/ranker.py at ``base``: bf16, torchao rowwise and tensorwise, loka's
    plan made on the device (probe + measured kernels; made last, so the other rows are saved
    even if it fails): step time, examples/s, MFU on useful and on executed FLOPs, ΔNE vs bf16
@@ -15,7 +17,8 @@ every stage's status, time and figures), ``gpu_check.log`` (every stage's output
 4. ``kernels``: bench/gpu_check_kernels.py: the ranker's own GEMM shapes (fprop, dgrad, wgrad),
    bf16 vs every FP8 kernel with its quantization vs the pre-quantized ceiling, CUDA graphs;
 5. ``probe_overhead``: bench/probe_overhead.py at ``base`` on the device;
-6. ``ranker_large``: bench/ranker.py at ``large`` at a batch that fits (bf16 and loka's plan),
+6. ``gpu_tests_rest``: the other GPU-marked tests, with what is left of the budget (at least 30 s);
+7. ``ranker_large``: bench/ranker.py at ``large`` at a batch that fits (bf16 and loka's plan),
    with whatever is left of the budget.
 
 Each stage runs in its own process (its own process group) under its own time limit: the
@@ -62,6 +65,8 @@ BUDGET_S = 420.0  # 7 minutes, the whole run, compile included
 MIN_STAGE_S = 5.0  # a stage with less than this left is skipped, not started
 STOP_GRACE_S = 15.0  # kept back from the budget: stopping a stage may take this long (SIGINT, SIGTERM, SIGKILL)
 TEST_MARKERS = "requires_cuda or requires_sm89"
+MUST_TESTS = f"({TEST_MARKERS}) and gpu_must"  # tests/conftest.py GPU_MUST_RUN: run first, must fit 120 s
+REST_TESTS = f"({TEST_MARKERS}) and not gpu_must"  # the other GPU tests, with what is left
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,15 @@ def gpu_stages(args, work: Path, out: Path) -> list[Stage]:
     return [
         Stage("doctor", "versions, device, `loka doctor`", _py(__file__, "--stage-env", str(work / "env.json")),
               30, lambda: report.collect_env(work)),
-        Stage("gpu_tests", f'pytest -m "{TEST_MARKERS}"', _pytest(args.tests, out), 120,
+        Stage("gpu_tests", f'pytest -m "{MUST_TESTS}": kernel numerics, scale rule, probe, compile + FP8 grads',
+              _pytest(args.tests, out, MUST_TESTS, "gpu_tests.xml"), 120,
               lambda: report.collect_tests(out / "gpu_tests.xml")),
         Stage("ranker_base", "ranker `base` side by side (eager unless --ranker-compile on)",
               _py(*ranker, "--size", "base", "--variants", "bf16,torchao-rowwise,torchao-tensorwise,loka-plan",
                   "--steps", "10", "--warmup", "3", "--eval-examples", "16384", "--infer-batch-sizes", "512,4096",
-                  "--infer-iters", "20", "--probe-steps", "6", "--variant-timeout", "30", "--out", str(rb)),
-              140, lambda: report.collect_ranker(rb)),
+                  "--infer-iters", "20", "--probe-steps", "6", "--variant-timeout", "25", "--plan-timeout", "30",
+                  "--out", str(rb)),
+              140, lambda: report.collect_ranker(rb)),  # 4 variants x 25 s + the plan's 30 s, inside 140
         Stage("kernels", "GEMMs at the ranker's shapes, CUDA graphs",
               _py("bench/gpu_check_kernels.py", "--size", "base", "--batch", "8192", "--max-shapes", "6",
                   "--json", str(work / "kernels.json")), 60, lambda: report.collect_kernels(work)),
@@ -102,6 +109,9 @@ def gpu_stages(args, work: Path, out: Path) -> list[Stage]:
                   "4096", "--device", "cuda", "--out", str(work / "probe_overhead.json")),
               40, lambda: report.collect_probe_overhead(work)),
         _sharded_stage(work, "cuda", 40),
+        Stage("gpu_tests_rest", f'pytest -m "{REST_TESTS}", with what is left',
+              _pytest(args.tests, out, REST_TESTS, "gpu_tests_rest.xml"), 90,
+              lambda: report.collect_tests(out / "gpu_tests_rest.xml"), min_s=30),
         Stage("ranker_large", "ranker `large` at batch 1024 (bf16, loka plan, then torchao tensorwise if time is "
               "left), with what is left",
               _py(*ranker, "--size", "large", "--batch-size", "1024", "--variants", "bf16,loka-plan,torchao-tensorwise",
@@ -121,7 +131,8 @@ def smoke_stages(args, work: Path, out: Path) -> list[Stage]:
         Stage("doctor", "versions, device, `loka doctor`",
               _py(__file__, "--stage-env", str(work / "env.json"), "--device", "cpu"), 30,
               lambda: report.collect_env(work)),
-        Stage("gpu_tests", f'pytest -m "{TEST_MARKERS}" (collects, all skip on CPU)', _pytest(args.tests, out), 40,
+        Stage("gpu_tests", f'pytest -m "{MUST_TESTS}" (collects, all skip on CPU)',
+              _pytest(args.tests, out, MUST_TESTS, "gpu_tests.xml"), 40,
               lambda: report.collect_tests(out / "gpu_tests.xml")),
         Stage("ranker_base", "ranker `tiny` side by side",
               _py(*tiny, "--variants", "bf16,torchao-tensorwise,loka-plan", "--out", str(rb)), 60,
@@ -135,6 +146,9 @@ def smoke_stages(args, work: Path, out: Path) -> list[Stage]:
                   "--device", "cpu", "--out", str(work / "probe_overhead.json")),
               40, lambda: report.collect_probe_overhead(work)),
         _sharded_stage(work, "cpu", 40),
+        Stage("gpu_tests_rest", f'pytest -m "{REST_TESTS}" (collects, all skip on CPU)',
+              _pytest(args.tests, out, REST_TESTS, "gpu_tests_rest.xml"), 40,
+              lambda: report.collect_tests(out / "gpu_tests_rest.xml")),
         Stage("ranker_large", "ranker `tiny` again, bf16 only (stands in for `large`)",
               _py(*tiny, "--variants", "bf16", "--out", str(rl)), 40, lambda: report.collect_ranker(rl)),
     ]
@@ -147,9 +161,9 @@ def _sharded_stage(work: Path, device: str, limit_s: float) -> Stage:
                  limit_s, lambda: gpu_check_sharded.collect(work))
 
 
-def _pytest(tests: str, out: Path) -> tuple[str, ...]:
-    return _py("-m", "pytest", "-m", TEST_MARKERS, *shlex.split(tests), "-q", "-p", "no:cacheprovider",
-               "-o", "junit_family=xunit1", f"--junitxml={out / 'gpu_tests.xml'}")
+def _pytest(tests: str, out: Path, markers: str, xml: str) -> tuple[str, ...]:
+    return _py("-m", "pytest", "-m", markers, *shlex.split(tests), "-q", "-p", "no:cacheprovider",
+               "-o", "junit_family=xunit1", f"--junitxml={out / xml}")
 
 
 def injected_stages(specs: list[str]) -> list[Stage]:
@@ -262,7 +276,8 @@ def parse_args(argv):
     p.add_argument("--only", default=None, help="comma-separated stage names to run (others: skipped rows)")
     p.add_argument("--inject", action="append", default=[], metavar="NAME=KIND[:SECONDS]",
                    help="add a stage, run first, that fails, times out or passes (checks the runner)")
-    p.add_argument("--tests", default=None, help="pytest paths (default: tests; --cpu-smoke: tests/core/test_timer.py)")
+    p.add_argument("--tests", default=None, help="pytest paths (default: tests; --cpu-smoke: two files with GPU tests "
+                   "of both sets, which skip on CPU)")
     p.add_argument("--ranker-compile", choices=("on", "off"), default="off", help="torch.compile the ranker variants")
     p.add_argument("--work", default=None, help="folder for the stages' own outputs (default: a temporary folder)")
     p.add_argument("--stage-env", default=None, help=argparse.SUPPRESS)
@@ -272,7 +287,7 @@ def parse_args(argv):
     if args.stage_env is None and args.stage_inject is None and not args.out:
         p.error("--out DIR is required")
     args.budget_s = args.budget_s or (240.0 if args.cpu_smoke else BUDGET_S)
-    args.tests = args.tests or ("tests/core/test_timer.py" if args.cpu_smoke else "tests")
+    args.tests = args.tests or ("tests/core/test_timer.py tests/core/test_scale_rule.py" if args.cpu_smoke else "tests")
     try:
         args.limits = {k: float(v) for k, _, v in (s.partition("=") for s in args.limit)}
     except ValueError:
@@ -343,7 +358,8 @@ def run_all(stages: list[Stage], results: list[report.StageResult], header: dict
             if only is not None and stage.name not in only:
                 result.status, result.reason = "skipped", "not in --only"
             elif left < min(stage.min_s, stage.limit_s):
-                result.status, result.reason = "skipped", f"only {max(left, 0):.0f} s of the {args.budget_s:g} s budget left"
+                result.status, result.reason = "skipped", (f"only {max(left, 0):.0f} s of the {args.budget_s:g} s budget "
+                                                           f"left; it needs at least {min(stage.min_s, stage.limit_s):g} s")
             else:
                 result.status = "running"
                 header["elapsed_s"] = time.perf_counter() - t0

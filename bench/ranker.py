@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant-timeout", type=float, default=None,
                    help="seconds one variant may take (build, compile, train, eval, serve); past it the variant is "
                         "a row with the reason and the next one runs (default: no limit; --cpu-smoke: 900)")
+    p.add_argument("--plan-timeout", type=float, default=None,
+                   help="seconds making the loka plan here may take (probe + kernels timed on the device), on top "
+                        "of the loka-plan variant's own --variant-timeout; past it that row says so (default: no limit)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (--cpu-smoke: 1; more threads than free cores make CPU steps erratic)")
     p.add_argument("--compiled-casts", action="store_true",
@@ -104,8 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batch-size, --steps, --eval-examples, --infer-iters and the batch sizes must be >= 1")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step, where torch.compile compiles, is timed on its own)")
-    if args.variant_timeout is not None and args.variant_timeout <= 0:
-        p.error("--variant-timeout must be > 0 seconds")
+    for flag, value in (("--variant-timeout", args.variant_timeout), ("--plan-timeout", args.plan_timeout)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} must be > 0 seconds")
     if args.compiled_casts and (args.compile != "on" or args.plan):
         p.error("--compiled-casts proves casts torch.compile fuses for the plan made here: it needs --compile on "
                 "and no --plan")
@@ -351,7 +355,10 @@ def run_all(args, setup: Setup, get_plan, show: bool, on_result=None, save_plan=
         if show:
             print(f"bench/ranker.py: {name} ...", file=sys.stderr)
         try:
-            plan = get_plan() if name == "loka-plan" else None
+            plan = None
+            if name == "loka-plan":  # making the plan has its own limit, so a stage's limits add up
+                with time_limit(args.plan_timeout, "making the loka plan", option="--plan-timeout"):
+                    plan = get_plan()
             with time_limit(args.variant_timeout, name):
                 r, pred = run_variant(name, setup, args, plan, infer_batches)
         except Exception as exc:  # one failing variant is a row with the error, the others still run

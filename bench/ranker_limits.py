@@ -17,8 +17,8 @@ class VariantTimeout(RuntimeError):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None, name: str):
-    """Raise :class:`VariantTimeout` in the body after ``seconds`` (None: no limit)."""
+def time_limit(seconds: float | None, name: str, option: str = "--variant-timeout"):
+    """Raise :class:`VariantTimeout` in the body after ``seconds`` (None: no limit); ``option`` names the flag."""
     if not seconds:
         yield
         return
@@ -26,7 +26,7 @@ def time_limit(seconds: float | None, name: str):
         raise RuntimeError("--variant-timeout needs POSIX signals in the main thread; run without it")
 
     def on_alarm(_signum, _frame):
-        raise VariantTimeout(f"{name} did not finish within {seconds:g} s (--variant-timeout)")
+        raise VariantTimeout(f"{name} did not finish within {seconds:g} s ({option})")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)

@@ -34,7 +34,7 @@ from loka.kernels.padded import kernel_by_name
 from loka.quantize import quantize_operand
 from loka.recipe import GEMM_ROLES, GEMMS, HP_GEMM, Recipe, as_recipe
 from loka.scaling import ScaleState
-from loka.weight_cache import WeightCache
+from loka.weight_cache import WeightCache, function_output
 
 Fallback = Literal["error", "hp"]
 
@@ -215,7 +215,8 @@ class _Float8LinearFn(torch.autograd.Function):
             module.expected["dgrad"] += int(ctx.needs_input_grad[0])
             module.expected["wgrad"] += int(ctx.needs_input_grad[1])
         # [M, K] · [N, K]ᵀ -> [M, N]
-        return module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
+        y = module.run_gemm("fprop", x2d, weight, compute_dtype, weight=weight if ctx.weight_is_param else None)
+        return function_output(y)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

@@ -10,8 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import RankerConfig
 
 
 @dataclass
@@ -79,3 +84,12 @@ class Batch:
         """History tensors for sources without histories (T = 0)."""
         z = torch.zeros(batch_size, 0, dtype=torch.int64, device=device)
         return z, z.clone(), z.float(), z.bool()
+
+
+def example_batch(cfg: "RankerConfig", n: int) -> Batch:
+    """A valid all-zero batch of n examples (warm-up, compile)."""
+    t, m, l = cfg.history_len, cfg.n_multi_hot, cfg.multi_hot_len
+    return Batch(torch.zeros(n, cfg.n_dense), torch.zeros(n, cfg.n_sparse, dtype=torch.int64),
+                 torch.zeros(n, m, l, dtype=torch.int64), torch.zeros(n, m, l, dtype=torch.bool),
+                 torch.zeros(n, t, dtype=torch.int64), torch.zeros(n, t, dtype=torch.int64),
+                 torch.zeros(n, t), torch.zeros(n, t, dtype=torch.bool))

@@ -24,7 +24,7 @@ from .guards import NonFiniteError
 from .precision import apply_precision
 from .ranker import Ranker
 from .run_dir import ForcedStop
-from .serve import ScoringServer, ServeConfig
+from .serve_extra import require_serve
 from .sharded_cli import add_sharding_args, launch, run_sharded
 from .synthetic import SyntheticStream
 from .train import TrainConfig, train
@@ -262,6 +262,9 @@ def _add_serve(sub) -> None:
 
 @_clear_errors("serve")
 def _run_serve(args) -> int:
+    require_serve("loka serve")
+    from .serve import ScoringServer, ServeConfig  # optional: the serve extra (uvicorn, h11, pydantic)
+
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=args.max_body_bytes, max_inflight=args.max_inflight,
                          max_connections=args.max_connections, read_timeout_s=args.read_timeout,

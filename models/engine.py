@@ -23,13 +23,12 @@ from torch import Tensor
 from loka.mods import fused_norm_quant
 from loka.weight_cache import freeze_fp8_weights
 
-from .batch import Batch
-from .checkpoint import load_model
+from .batch import Batch, example_batch
+from .checkpoint import load_checkpoint, load_model
 from .config import RankerConfig
 from .distributed import resolve_device
 from .precision import Precision, apply_plan_producers, apply_precision
 from .ranker import Ranker
-from .serving_schema import example_batch
 
 
 class InferenceEngine:

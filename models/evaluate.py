@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from loka.progress import progress_bar
 from loka.gate import EvalOutputs, auc, calibration, fingerprint, normalized_entropy, paired_bootstrap
 
 from .batch import Batch
@@ -77,7 +77,7 @@ def predict(model, data, n_examples: int, progress: bool = False, device=None) -
     model.eval()
     device = device or next(model.parameters()).device
     cols = {k: [] for k in ("ids", "labels", "weights", "probs", "true_probs")}
-    bar = tqdm(total=n_examples, disable=not progress, desc="eval", unit="ex")
+    bar = progress_bar(total=n_examples, disable=not progress, desc="eval", unit="ex")
     done = 0
     try:
         for batch in _batches(data):

@@ -240,12 +240,3 @@ def batch_to_request(batch: Batch, user_features: tuple[int, ...] = (0, 4, 5, 6,
                         "dense": {str(j): float(batch.dense[i, j]) for j in range(batch.dense.shape[1])}}
                        for i in range(batch.size)],
     }
-
-
-def example_batch(cfg: RankerConfig, n: int) -> Batch:
-    """A valid all-zero batch of n examples (warm-up, compile)."""
-    t, m, l = cfg.history_len, cfg.n_multi_hot, cfg.multi_hot_len
-    return Batch(torch.zeros(n, cfg.n_dense), torch.zeros(n, cfg.n_sparse, dtype=torch.int64),
-                 torch.zeros(n, m, l, dtype=torch.int64), torch.zeros(n, m, l, dtype=torch.bool),
-                 torch.zeros(n, t, dtype=torch.int64), torch.zeros(n, t, dtype=torch.int64),
-                 torch.zeros(n, t), torch.zeros(n, t, dtype=torch.bool))

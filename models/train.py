@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from .batch import Batch
+from loka.progress import progress_bar
+
+from .batch import Batch, example_batch
 from .checkpoint import load_checkpoint, load_model_state
 from .config import SIZES, RankerConfig
 from .distributed import DistContext, init_distributed, wrap_ddp
@@ -38,7 +39,6 @@ from .precision import Precision, apply_plan_producers, apply_precision, check_p
 from .resume import load_optimizers, restore_rng, resume_precision
 from .run_dir import RunSaver, StopSignals, claim_out_dir, new_run_id
 from .ranker import Ranker
-from .serving_schema import example_batch
 from .synthetic import SyntheticStream
 
 
@@ -326,7 +326,7 @@ def train(config: TrainConfig | None = None, *, model: Ranker | None = None, dat
 
 def _loop(config, runner, data, optimizers, result: TrainResult, ctx: DistContext,
           saver: RunSaver, signals: StopSignals) -> None:
-    with _Logger(result.out_dir, ctx.is_main) as logger, tqdm(
+    with _Logger(result.out_dir, ctx.is_main) as logger, progress_bar(
             total=config.steps, initial=result.step, disable=not (config.progress and ctx.is_main),
             desc="train", unit="step", dynamic_ncols=True) as bar:
         _steps(config, runner, data, optimizers, result, ctx, saver, signals, logger, bar)

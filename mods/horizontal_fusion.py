@@ -71,7 +71,7 @@ class _FusedGroup:
         if torch.is_grad_enabled() and (c.requires_grad or x.requires_grad):
             # equal values are not enough under autograd: the slice's gradient flows into c's
             # graph, which is only right when c and x are the same views of the same source.
-            return _autograd_source(c) == _autograd_source(x)
+            return _same_autograd_source(c, x)
         return True
 
     def clear(self) -> None:
@@ -99,13 +99,26 @@ def _saved_ints(fn) -> tuple:
     return tuple(out)
 
 
-def _autograd_source(t: torch.Tensor) -> tuple:
-    """(signature of the view/copy chain above ``t``, id of the node it starts from)."""
+def _autograd_source(t: torch.Tensor) -> tuple[tuple, object]:
+    """(signature of the view/copy chain above ``t``, the node it starts from, or ``t`` for a leaf).
+
+    The node itself, not its ``id()``: autograd makes a Python object for a node when asked and
+    frees it when the last reference goes, so an ``id`` taken from it can be handed to the next
+    node asked for, and two different sources would look the same. Holding the object keeps the
+    node alive, and autograd hands back that same object while it lives, so ``is`` is exact.
+    """
     fn, chain = t.grad_fn, []
     while fn is not None and type(fn).__name__ in _VIEW_GRAD_FNS and fn.next_functions:
         chain.append((type(fn).__name__, _saved_ints(fn)))
         fn = fn.next_functions[0][0]
-    return tuple(chain), id(fn) if fn is not None else id(t)
+    return tuple(chain), (fn if fn is not None else t)
+
+
+def _same_autograd_source(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same view/copy chain of the same autograd node (or leaf)."""
+    chain_a, node_a = _autograd_source(a)
+    chain_b, node_b = _autograd_source(b)
+    return chain_a == chain_b and node_a is node_b
 
 
 class FusedLinearMember(nn.Module):

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from loka.weight_cache import function_output
+
 
 def hp_norm(x, weight, bias, kind: str, shape: tuple[int, ...], eps):
     """The unfused norm's output (PyTorch's LayerNorm / RMSNorm, so the same bits and grads)."""
@@ -93,7 +95,7 @@ class NormQuantLinearFn(torch.autograd.Function):
         if out is None:  # the kernel cannot take this shape: the unfused fprop (raises or runs hp)
             y = recompute(norm, state, x2d, n_weight, n_bias)
             out = module.run_gemm("fprop", y, weight, compute_dtype, weight=w_param)
-        return out
+        return function_output(out)  # a view under compile: torch 2.11 loses the gradient otherwise
 
     @staticmethod
     def backward(ctx, dy):

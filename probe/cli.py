@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from loka.cli_vocab import add_device, add_json, write_json
 from loka.devices import Target, device_and_target, target_names
 from loka.kernels.costmodel import DEVICE_MODELS
+from loka.progress import progress_bar
 from loka.probe.config import DEFAULT_CANDIDATES, DEFAULT_THRESHOLDS, ProbeConfig, SamplingSchedule
 from loka.probe.headroom_section import with_headroom
 from loka.probe.probe import Probe
@@ -108,7 +108,7 @@ def train_with_probe(workload, probe, steps: int, *, lr: float, device: str, aut
     model = workload.model
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    bar = tqdm(range(steps), desc="probe", disable=not progress)
+    bar = progress_bar(range(steps), desc="probe", disable=not progress)
     for step in bar:
         batch = workload.make_batch(step)
         amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()

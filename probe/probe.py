@@ -48,8 +48,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from loka.progress import progress_bar
 from loka.probe.build import build_report
 from loka.probe.capture import StepCapture, install
 from loka.probe.config import ProbeConfig
@@ -304,7 +304,7 @@ class Probe:
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         items = [(f, s) for f, s in self.state.items() if s.m_values]
         if progress:
-            items = tqdm(items, desc="timing sites", leave=False)
+            items = progress_bar(items, desc="timing sites", leave=False)
         for fqn, st in items:
             fits = {role: fs[0] for role, v in st.samples.items() if (fs := fit_values(v))}
             m = sorted(st.m_values)[len(st.m_values) // 2]

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from loka.progress import progress_bar
 from loka.probe.error import t_interval
 from loka.probe.sites import channels_first
 from loka.quantize import fake_quantize
@@ -86,7 +86,7 @@ def site_sensitivity(
     out = {}
     items = list(modules.items())
     if progress:
-        items = tqdm(items, desc=f"sensitivity ({recipe.name})", leave=False)
+        items = progress_bar(items, desc=f"sensitivity ({recipe.name})", leave=False)
     for fqn, module in items:
         handle = module.register_forward_hook(_inject_hook(recipe.fprop))
         try:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install loka with its test extras at the pinned versions.
+# Create .venv (Python 3.11) and install loka with its test extras and every optional extra
+# (serve, torchao, progress, plots, triton) at the pinned versions, as CI needs them all.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "im
     echo "loka setup: already installed for this pyproject.toml and pins (delete $STAMP to force a reinstall)"
 else
     .venv/bin/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel
-    .venv/bin/python -m pip install --quiet -c requirements/pins.txt -e ".[dev]"
+    .venv/bin/python -m pip install --quiet -c requirements/pins.txt -e ".[dev,all]"
     # TorchRec (extra `torchrec`, the sharded ranker): its metadata asks for the CUDA fbgemm_gpu,
     # so torchrec and the CPU build fbgemm-gpu-cpu go in without dependencies, then the rest.
     .venv/bin/python -m pip install --quiet --no-deps -c requirements/pins.txt torchrec fbgemm-gpu-cpu

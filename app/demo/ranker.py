@@ -40,8 +40,7 @@ from loka.kernels.costmodel import DEVICE_MODELS
 from loka.models import Ranker, RankerConfig, SyntheticStream, TrainConfig, evaluate, train
 from loka.models.engine import InferenceEngine
 from loka.models.headroom_cli import ranker_headroom
-from loka.models.serve import ScoringServer
-from loka.models.serving_schema import batch_to_request
+from loka.models.serve_extra import require_serve
 from loka.models.train import task_losses, total_loss
 from loka.probe import Probe, ProbeConfig, SamplingSchedule
 from loka.probe.cli import train_with_probe
@@ -336,6 +335,9 @@ def gate_fp8(bf16_model: nn.Module, fp8_model: nn.Module, cfg: DemoConfig, out: 
 
 def serve_requests(model: nn.Module, cfg: DemoConfig) -> dict:
     """Stage 8: the FP8 model behind the HTTP scoring service on loopback, a few real requests."""
+    require_serve("loka demo's serving stage")
+    from loka.models.serve import ScoringServer  # optional: the serve extra (uvicorn, h11, pydantic)
+    from loka.models.serving_schema import batch_to_request  # optional: the serve extra (pydantic)
 
 
     engine = InferenceEngine(copy.deepcopy(model), device=cfg.device)

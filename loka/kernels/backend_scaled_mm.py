@@ -4,8 +4,9 @@ Takes tensorwise or rowwise recipes (both operands the same granularity),
 not e5m2 x e5m2, with K and N multiples of 16 (cuBLASLt's alignment rule; we
 apply it on CPU too so that a plan valid here is valid on a GPU). Runs on
 sm_89+ GPUs, on MI300/MI350 (ROCm), and on CPU with torch builds that implement FP8
-``_scaled_mm``. Element formats follow the device (loka/devices.py): OCP e4m3/e5m2 on
-NVIDIA and gfx950, the fnuz encodings on gfx942 (hipBLASLt; untested here), either on CPU.
+``_scaled_mm`` (per granularity, probed by running it: CPU rowwise only from torch 2.13).
+Element formats follow the device (loka/devices.py): OCP e4m3/e5m2 on NVIDIA and gfx950,
+the fnuz encodings on gfx942 (hipBLASLt; untested here), either on CPU.
 """
 
 from __future__ import annotations
@@ -37,16 +38,24 @@ ALIGN = 16
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_fp8_scaled_mm() -> Support:
-    """Probe once whether this torch build runs FP8 _scaled_mm on CPU."""
+def cpu_scaled_mm_support(granularity: str = "tensorwise") -> Support:
+    """Whether this torch build runs FP8 ``_scaled_mm`` on CPU with ``granularity`` scales.
+
+    Probed per granularity by running it once, not by version: tensorwise runs on CPU from
+    torch 2.11 on, rowwise only from 2.13 (2.11 raises), and a later build may add or drop either.
+    """
     if not hasattr(torch, "_scaled_mm"):
         return no("torch._scaled_mm is missing from this torch build")
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)  # [M=16, K=16]
+    if granularity == "rowwise":
+        scale_a, scale_b = torch.ones(16, 1), torch.ones(1, 16)  # [M, 1], [1, N]
+    else:
+        scale_a = scale_b = torch.ones(())
     try:
-        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-        one = torch.ones(())
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError) as exc:
-        return no(f"this torch build has no FP8 _scaled_mm on CPU ({str(exc).splitlines()[0]})")
+        return no(f"torch {torch.__version__} runs no {granularity} FP8 _scaled_mm on CPU (tried: "
+                  f"{type(exc).__name__}); use tensorwise or the emulated kernel here")
     return YES
 
 
@@ -92,6 +101,13 @@ def scaled_mm_recipe_problem(recipe: GemmRecipe, who: str, formats: tuple[str, .
     return None
 
 
+def scaled_mm_device_support(recipe: GemmRecipe, device) -> Support:
+    """Whether ``_scaled_mm`` runs ``recipe``'s granularity on ``device`` (CPU: probed per granularity)."""
+    if torch.device(device).type != "cpu":
+        return YES
+    return cpu_scaled_mm_support(recipe.a.granularity)
+
+
 class ScaledMMKernel(GemmKernel):
     """torch._scaled_mm with tensorwise or rowwise float32 scales."""
 
@@ -108,7 +124,10 @@ class ScaledMMKernel(GemmKernel):
         device = torch.device(device or "cpu")
         if not hasattr(torch, "_scaled_mm"):
             return no("torch._scaled_mm is missing from this torch build")
-        return _cuda_support(device) if device.type == "cuda" else _cpu_fp8_scaled_mm()
+        if device.type == "cuda":
+            return _cuda_support(device)
+        cpu_scaled_mm_support("rowwise")  # probed now, eagerly, never first inside a torch.compile trace
+        return cpu_scaled_mm_support("tensorwise")
 
     def supports(self, recipe: GemmRecipe, shape: Shape, dtype: torch.dtype, device) -> Support:
         problem = scaled_mm_recipe_problem(recipe, "scaled_mm", device_formats(device))
@@ -119,7 +138,7 @@ class ScaledMMKernel(GemmKernel):
             return no(f"K={k} is not a multiple of {ALIGN}")
         if n % ALIGN:
             return no(f"N={n} is not a multiple of {ALIGN}")
-        return YES
+        return scaled_mm_device_support(recipe, device)
 
     def mm(self, a, b, recipe, *, scale_a=None, scale_b=None, out_dtype=None):
         m, k, n = check_operands(a, b)

@@ -34,7 +34,7 @@ import importlib.util
 import torch
 
 from loka.formats import get_format
-from loka.kernels.backend_scaled_mm import ScaledMMKernel, scaled_mm_recipe_problem
+from loka.kernels.backend_scaled_mm import ScaledMMKernel, scaled_mm_device_support, scaled_mm_recipe_problem
 from loka.kernels.kernel import NVIDIA_FP8_ARCHS, YES, GemmKernel, Quantized, Shape, Support, check_operands, no
 from loka.quantize import MIN_SCALE, round_up_pow2
 from loka.recipe import GemmRecipe
@@ -100,7 +100,7 @@ class TorchaoKernel(_TorchaoBase):
         _, _, n = shape
         if n % ALIGN:
             return no(f"N={n} is not a multiple of {ALIGN} (torchao pads K, not N)")
-        return YES
+        return scaled_mm_device_support(recipe, device)
 
     def _mm_config(self):
         from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig  # optional: torchao, on first use

@@ -260,8 +260,10 @@ fp8_gemm_fused_quant_tuned = triton.autotune(
 
 
 @triton.jit
-def finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_m, stride_k, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tensorwise pre-pass: atomically max |x| over finite values into amax_ptr[0] (zeroed)."""
+def finite_amax_kernel(x_ptr, amax_ptr, M, K: tl.constexpr, stride_m, stride_k, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Tensorwise pre-pass: atomically max |x| over finite values into amax_ptr[0] (zeroed). K is a
+    constexpr, as in the GEMM kernels: Triton 3.6's interpreter cannot loop to a runtime int with NumPy 2.4."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     amax = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):

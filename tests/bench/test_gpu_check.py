@@ -1,22 +1,27 @@
 """bench/gpu_check.py: its CPU smoke run has every stage with a status, and a stage that fails or
 hangs is a row with the reason, never the end of the run (stages injected with --inject).
 
-No test here depends on how fast the machine is: the real stages run without their time
-limits (``--budget-s`` and ``--limit`` far above any run), only a stage that hangs by design
-meets its limit, and the subprocess timeout is a guard against a hung runner, not a speed
-check. On a loaded 2-core machine the smoke stages' planned 30-60 s limits were exceeded."""
+The smoke run sees only what the lent GPU machine has (torch, numpy, scipy, triton, pytest,
+matplotlib, ml-dtypes): every other installed package is hidden from it and its stages by a
+``sitecustomize`` on PYTHONPATH. Its time limits are set far above any CPU's time, so a loaded
+machine passes as an idle one does (only the injected hang meets its limit).
+No test here depends on how fast the machine is: only a stage that hangs by design meets its
+limit, and the subprocess timeout is a guard against a hung runner, not a speed check."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gpu_machine import as_on_the_gpu_machine
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["doctor", "gpu_tests", "ranker_base", "kernels", "probe_overhead", "sharded", "ranker_large"]
+STAGES = ["doctor", "gpu_tests", "ranker_base", "kernels", "probe_overhead", "sharded", "gpu_tests_rest", "ranker_large"]
 STATUSES = {"ok", "failed", "timed out", "skipped"}
 UNLIMITED = 10**6  # seconds: a stage limit / budget no run reaches
 NO_LIMITS = ("--budget-s", str(UNLIMITED), *(a for name in STAGES for a in ("--limit", f"{name}={UNLIMITED}")))
@@ -25,8 +30,9 @@ HANG_GUARD_S = 3600  # only a runner that never ends fails on this
 
 def _run(tmp_path: Path, *extra: str, timeout: float = HANG_GUARD_S) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "out"
+    env = as_on_the_gpu_machine(tmp_path)
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work"),
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     doc = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     md = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
     return proc, doc, md
@@ -57,11 +63,15 @@ def test_cpu_smoke_every_stage_has_a_status_and_a_failing_or_hanging_stage_is_a_
         assert stages[name]["status"] == "ok", (name, stages[name]["reason"], stages[name]["log_tail"][-10:])
     header = doc["header"]
     assert header["representative"] is False and header["versions"]["torch"] != "not installed"
+    # It ran as on the GPU machine: the hidden packages were missing, and said so.
+    assert all(stages[n]["elapsed_s"] < 3600 for n in STAGES), "a stage met the limit meant never to be met"
+    assert "torchao: not installed" in json.dumps(stages["ranker_base"]["figures"]), stages["ranker_base"]["figures"]
     assert header["commit"] and header["command"].startswith("python bench/gpu_check.py ") and "--cpu-smoke" in header["command"]
     # Figures come from each stage's own outputs.
     assert "loka doctor" in md and "bf16" in stages["doctor"]["figures"]["doctor"]
-    tests = stages["gpu_tests"]["figures"]
-    assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0 and tests["skipped"] == tests["tests"]
+    for name in ("gpu_tests", "gpu_tests_rest"):
+        tests = stages[name]["figures"]
+        assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0 and tests["skipped"] == tests["tests"]
     variants = [v["name"] for v in stages["ranker_base"]["figures"]["variants"]]
     assert variants == ["bf16", "torchao-tensorwise", "loka-plan"]
     kernels = stages["kernels"]["figures"]
@@ -88,17 +98,18 @@ def test_failing_gpu_tests_are_counted_and_named_from_junit(tmp_path):
                     "@pytest.mark.requires_cuda\ndef test_wrong_scale():\n    assert 1.0 == 2.0, 'scale off by one ulp'\n\n"
                     "@pytest.mark.requires_cuda\ndef test_right():\n    assert True\n\n"
                     "def test_not_gpu():\n    assert False\n")
-    proc, doc, md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake), *NO_LIMITS)
+    # Outside tests/, so neither is in GPU_MUST_RUN: they are the rest of the GPU tests.
+    proc, doc, md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests_rest", "--tests", str(fake), *NO_LIMITS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = {s["name"]: s for s in doc["stages"]}
-    assert [stages[n]["status"] for n in STAGES] == ["skipped", "failed"] + ["skipped"] * 5
+    assert [stages[n]["status"] for n in STAGES] == ["skipped"] * 6 + ["failed", "skipped"]
     assert stages["doctor"]["reason"] == "not in --only"
-    figures = stages["gpu_tests"]["figures"]
+    figures = stages["gpu_tests_rest"]["figures"]
     # The unmarked test is deselected by -m; of the two marked ones one fails.
     assert (figures["tests"], figures["passed"], figures["failures"]) == (2, 1, 1)
     assert [f["test"].split("::")[-1] for f in figures["failed"]] == ["test_wrong_scale"]
     assert "scale off by one ulp" in figures["failed"][0]["message"]
-    assert stages["gpu_tests"]["reason"].startswith("1 failed, 0 errors of 2")
+    assert stages["gpu_tests_rest"]["reason"].startswith("1 failed, 0 errors of 2")
     assert "test_wrong_scale" in md
 
 
@@ -121,14 +132,41 @@ def test_gpu_tests_past_their_limit_still_report_what_ran(tmp_path):
     limit = 6
     while True:
         mark.unlink(missing_ok=True)
-        proc, doc, _md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests", "--tests", str(fake),
-                              "--budget-s", str(UNLIMITED), "--limit", f"gpu_tests={limit}")
+        proc, doc, _md = _run(tmp_path, "--cpu-smoke", "--only", "gpu_tests_rest", "--tests", str(fake),
+                              "--budget-s", str(UNLIMITED), "--limit", f"gpu_tests_rest={limit}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         if mark.exists() or limit >= 768:
             break
         limit *= 2  # pytest had not reached test_quick yet: a loaded machine, not a finding
-    stage = next(s for s in doc["stages"] if s["name"] == "gpu_tests")
+    stage = next(s for s in doc["stages"] if s["name"] == "gpu_tests_rest")
     assert stage["status"] == "timed out" and stage["elapsed_s"] >= limit
     # SIGINT first: pytest wrote its JUnit report, with the test that finished before the limit.
     assert stage["figures"].get("passed", 0) >= 1, stage
     assert f"{limit} s limit" in stage["reason"]
+
+
+def test_every_must_run_name_is_a_gpu_test():
+    """Each GPU_MUST_RUN entry names GPU-marked tests that exist (a renamed test must not drop out)."""
+    spec = importlib.util.spec_from_file_location("loka_tests_conftest", ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    GPU_MUST_RUN = conftest.GPU_MUST_RUN
+    files = sorted({name.split("::")[0] for name in GPU_MUST_RUN})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "(requires_cuda or requires_sm89) and gpu_must", *files],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    for name in GPU_MUST_RUN:
+        assert any(c.startswith(name) for c in collected), f"{name} selects no GPU test"
+
+
+@pytest.mark.slow
+def test_gpu_tests_collect_without_the_extras(tmp_path):
+    """On the GPU machine the check's test stages collect all of tests/: a module that needs an extra
+    (serving, sklearn) must skip there, not stop the collection with an error."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "requires_cuda or requires_sm89", "tests"],
+                          cwd=ROOT, capture_output=True, text=True, env=as_on_the_gpu_machine(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error" not in proc.stdout.splitlines()[-1].lower(), proc.stdout[-3000:]

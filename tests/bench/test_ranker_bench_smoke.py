@@ -152,6 +152,19 @@ def test_variant_past_its_time_limit_is_a_row_with_the_reason(tmp_path):
     assert row[0] == "error: VariantTimeout: bf16 did not finish within 0.001 s (--variant-timeout)"
 
 
+def test_making_the_plan_past_its_time_limit_is_the_loka_plan_row(tmp_path):
+    # bench/gpu_check.py's ranker stage adds the plan's limit to the variants' (issue 24): making the
+    # plan must stop at --plan-timeout, not run on outside every limit.
+    bench = _load_bench()
+    out = tmp_path / "out"
+    rc = bench.main(["--size", "tiny", "--cpu-smoke", "--variants", "loka-plan", "--out", str(out), "--steps", "1",
+                     "--eval-examples", "64", "--infer-batch-sizes", "1", "--infer-iters", "1", "--no-progress",
+                     "--plan-timeout", "0.001"])
+    assert rc == 0
+    row = _rows(next(out.glob("cpu-*.md")).read_text(), "Training step")["loka-plan"]
+    assert row[0] == "error: VariantTimeout: making the loka plan did not finish within 0.001 s (--plan-timeout)"
+
+
 def test_compiled_casts_needs_compile_and_a_plan_made_here(capsys):
     bench = _load_bench()
     for argv in (["--cpu-smoke", "--compiled-casts"], ["--compile", "on", "--compiled-casts", "--plan", "p.json"]):

@@ -22,7 +22,7 @@ def mlp() -> nn.Module:
 def test_convert_all_reports_converted_and_skipped():
     model = mlp()
     params_before = {n: p for n, p in model.named_parameters()}
-    result = convert(model, "rowwise", kernels="scaled_mm")
+    result = convert(model, "tensorwise", kernels="scaled_mm")  # on CPU from torch 2.11 (rowwise from 2.13)
     assert result.converted == ["0"]
     assert "N=40 is not a multiple of 16" in result.skipped["3.0"]
     assert "K=40 is not a multiple of 16" in result.skipped["4"]
@@ -92,17 +92,18 @@ def test_bad_inputs():
 
 
 def _one_site_plan(model: nn.Module, fqn: str):
-    """A plan that puts every GEMM of ``fqn`` on scaled_mm/rowwise (hand-built report, as a probe writes it)."""
+    """A plan that puts every GEMM of ``fqn`` on scaled_mm/tensorwise (hand-built report, as a probe writes it;
+    tensorwise: the granularity CPU ``_scaled_mm`` runs on every supported torch)."""
     from loka.dispatch import Budget, plan
 
     lin = model.get_submodule(fqn)
     err = {"mean": 0.03, "ci_lo": 0.02, "ci_hi": 0.04, "sqnr_db": 30.0, "n": 5}
     timings = {"device_name": "test", "representative": False, "m": 32, "dtype": "bfloat16",
                "bf16_ms": {g: 1.0 for g in ("fprop", "dgrad", "wgrad")},
-               "entries": [{"gemm": g, "kernel": "scaled_mm", "recipe": "rowwise", "median_ms": 0.5}
+               "entries": [{"gemm": g, "kernel": "scaled_mm", "recipe": "tensorwise", "median_ms": 0.5}
                            for g in ("fprop", "dgrad", "wgrad")]}
     site = {"fqn": fqn, "in_features": lin.in_features, "out_features": lin.out_features, "m_values": [32],
-            "errors": {"rowwise": {g: dict(err) for g in ("fprop", "dgrad", "wgrad")}}, "timings": timings}
+            "errors": {"tensorwise": {g: dict(err) for g in ("fprop", "dgrad", "wgrad")}}, "timings": timings}
     return plan({"kind": "loka.probe.report", "schema_version": 1, "sites": [site]}, Budget(), progress=False)
 
 

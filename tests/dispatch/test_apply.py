@@ -15,7 +15,7 @@ def _model():
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 48)), nn.Linear(48, 1))
 
 
-def _site(fqn, k, n, kernel="scaled_mm", recipe="rowwise", wgrad_bf16=True):
+def _site(fqn, k, n, kernel="scaled_mm", recipe="tensorwise", wgrad_bf16=True):  # CPU _scaled_mm: tensorwise on every torch
     fp8 = GemmChoice(kernel, recipe, reason="test")
     gemms = {"fprop": fp8, "dgrad": fp8, "wgrad": GemmChoice(reason="kept bf16: test") if wgrad_bf16 else fp8}
     return SitePlan(fqn, k, n, 32, gemms)

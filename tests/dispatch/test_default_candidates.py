@@ -12,6 +12,7 @@ from loka.dispatch import plan
 from loka.kernels import KERNELS
 from loka.kernels.kernel import default_candidates
 from loka.probe.timing import time_site
+from loka.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CAL = json.loads((ROOT / "bench" / "results" / "gemm_calibration.json").read_text())["h200_2026-11-30"]
@@ -43,7 +44,7 @@ def test_plan_never_picks_triton_unless_named():
     for g in ("fprop", "dgrad", "wgrad"):
         c = p.site("a").gemms[g]
         assert not c.is_fp8 and "not a default candidate" in c.reason and "0.21-0.25x" in c.reason
-    if KERNELS.get("scaled_mm").available("cpu"):
+    if KERNELS.get("scaled_mm").supports(Recipe.from_name("rowwise").fprop, (256, 256, 512), torch.float32, "cpu"):
         both = fast + [(g, "scaled_mm", "rowwise", 0.5) for g in ("fprop", "dgrad", "wgrad")]
         p = plan(report(site("a", 256, 512, bf16_ms=1.0, entries=both)), progress=False)
         assert all(p.site("a").gemms[g].kernel == "scaled_mm" for g in ("fprop", "dgrad", "wgrad"))

@@ -223,3 +223,29 @@ def test_triton_kernels_match_emulated_under_interpreter():
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert "24 passed" in proc.stdout, tail
+
+
+@pytest.mark.parametrize("granularity", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("kernel_name", ["scaled_mm", "torchao"])
+def test_cpu_support_per_granularity_matches_what_runs(kernel_name, granularity):
+    # CPU rowwise _scaled_mm exists only from torch 2.13 (2.11 raises): a kernel must say it can run
+    # a granularity exactly where the op runs, found here by calling it (issue 24).
+    kernel = KERNELS.get(kernel_name)
+    if not kernel.available("cpu"):
+        pytest.skip(f"{kernel_name}: {kernel.available('cpu').reason}")
+    a = torch.randn(32, 16).to(torch.float8_e4m3fn)  # [M, K]
+    b = torch.randn(48, 16).to(torch.float8_e4m3fn)  # [N, K]
+    rowwise = granularity == "rowwise"
+    sa, sb = (torch.rand(32, 1) + 0.5, torch.rand(1, 48) + 0.5) if rowwise else (torch.tensor(0.5), torch.tensor(2.0))
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+        ref64 = (a.double() * sa.double()) @ (b.double().t() * sb.double())  # [M, N]
+        torch.testing.assert_close(out, ref64.float(), rtol=1e-5, atol=1e-4)
+        runs = True
+    except (RuntimeError, NotImplementedError):
+        runs = False
+    g = Recipe.from_name(granularity).fprop
+    support = kernel.supports(g, (32, 16, 48), torch.float32, "cpu")
+    assert bool(support) == runs, support.reason
+    if not runs:
+        assert granularity in support.reason and "_scaled_mm" in support.reason

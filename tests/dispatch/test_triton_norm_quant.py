@@ -52,7 +52,10 @@ def assert_bytes_are_quantize_of(y_fp8, scale, y_hp, fmt, pow2, seed):
     q, s = quantize(y_hp, fmt, "rowwise", pow2_scale=pow2)
     nan = q.float().isnan()
     assert torch.equal(y_fp8.float().isnan(), nan), f"seed={seed}: NaN positions"
-    assert torch.equal(y_fp8.view(torch.uint8)[~nan], q.view(torch.uint8)[~nan]), f"seed={seed}: FP8 bytes"
+    got, want = y_fp8.view(torch.uint8)[~nan], q.view(torch.uint8)[~nan]
+    if INTERPRETING:  # Triton 3.6's interpreter casts -0.0 to +0 (0x80 -> 0x00); the GPU's cast keeps the sign
+        got, want = (torch.where(b == 0x80, torch.zeros_like(b), b) for b in (got, want))
+    assert torch.equal(got, want), f"seed={seed}: FP8 bytes"
     assert torch.equal(scale, s), f"seed={seed}: scales"
 
 

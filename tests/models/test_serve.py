@@ -12,6 +12,8 @@ import torch
 
 from loka.models import Ranker, RankerConfig, SyntheticStream, save_checkpoint
 from loka.models.engine import InferenceEngine
+pytest.importorskip("uvicorn", reason="serving is the loka[serve] extra")
+pytest.importorskip("pydantic", reason="serving is the loka[serve] extra")
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import RequestError, batch_to_request, parse_request
 

@@ -19,6 +19,8 @@ from torch import nn
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.models import Ranker, RankerConfig, SyntheticStream, save_checkpoint
 from loka.models.engine import InferenceEngine
+pytest.importorskip("uvicorn", reason="serving is the loka[serve] extra")
+pytest.importorskip("pydantic", reason="serving is the loka[serve] extra")
 from loka.models.serve import ScoringServer
 from loka.models.serving_schema import batch_to_request
 from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear

@@ -23,6 +23,8 @@ import torch
 from loka.models import Ranker, RankerConfig, SyntheticStream
 from loka.models.checkpoint import save_checkpoint
 from loka.models.engine import InferenceEngine
+pytest.importorskip("uvicorn", reason="serving is the loka[serve] extra")
+pytest.importorskip("pydantic", reason="serving is the loka[serve] extra")
 from loka.models.serve import ScoringServer, ServeConfig
 from loka.models.serving_schema import batch_to_request
 

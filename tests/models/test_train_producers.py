@@ -21,7 +21,7 @@ from loka.dispatch import load_plan
 from loka.dispatch.plans import GemmChoice, Plan, SitePlan
 from loka.dispatch.producers import with_producers
 from loka.models import Ranker, RankerConfig, TrainConfig, train
-from loka.models.serving_schema import example_batch
+from loka.models.batch import example_batch
 from loka.mods.fused_norm_quant import DeferredNorm, NormQuantFloat8Linear
 
 FAST = dict(size="tiny", batch_size=64, progress=False, warmup_steps=2, lr_schedule="constant")

@@ -60,7 +60,14 @@ def test_compiled_forward_and_backward_equal_eager():
     gradient (a flipped FP8 value would be one e4m3 step, 2**-3 relative, far outside it unless
     the element is under 2e-5 of the largest). Measured: largest difference at most 3.6e-7 of the
     largest value, output and every gradient, seeds 0-11 (torch 2.13 CPU, 2026-12-01); an
-    absolute 1e-6 failed once, on an element near zero (1.2e-6 apart)."""
+    absolute 1e-6 failed once, on an element near zero (1.2e-6 apart).
+
+    The fused Linear's weight gradient is the exception: its wgrad quantizes ``y`` recomputed in
+    the backward, and where inductor's norm and eager's differ by an ulp on a value at an e4m3
+    rounding boundary, one element of ``y`` flips by one FP8 step and a whole column of dW moves
+    with it (torch 2.11 CPU, seed 0: column 22, 1.7e-4 of the largest value; never seen on 2.13
+    over seeds 0-11). Its tolerance is 2e-3 of the largest value, still far below FP8's own
+    error (about 4e-2) and far from the zero gradients torch 2.11 gave before (issue 24)."""
     m = _block()
     x = torch.randn(3, 7, 48) * 3
     x[0, 1] = 0.0  # a zero row (scale 0 guarded in the cast)
@@ -72,10 +79,12 @@ def test_compiled_forward_and_backward_equal_eager():
         xg = x.clone().requires_grad_()
         y = fn(xg)
         y.backward(g)
-        runs[name] = [y.detach(), xg.grad] + [p.grad for p in model.parameters()]
-    assert all(t is not None for t in runs["compiled"])
-    for a, b in zip(runs["compiled"], runs["eager"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * b.abs().max().item())
+        runs[name] = [("y", y.detach()), ("x", xg.grad)] + [(n, p.grad) for n, p in model.named_parameters()]
+    assert all(t is not None for _, t in runs["compiled"])
+    for (name, a), (_, b) in zip(runs["compiled"], runs["eager"]):
+        scale = 2e-3 if name == "1.weight" else 2e-6  # 1.weight: the fused Linear's wgrad (see above)
+        assert b.abs().max() > 0, f"{name}: zero in eager"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=scale * b.abs().max().item(), msg=name)
 
 
 class _Between(nn.Module):

@@ -152,3 +152,17 @@ def test_transposed_copies_share_under_autograd():
     ref(x2).square().sum().backward()
     assert m.p._group.gemm_calls == 1
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("op", ["mul", "exp", "view_of_mul"])
+def test_source_identity_is_not_an_id_that_can_be_reused(op):
+    # Two different sources must never look the same, also when autograd made the second node after
+    # the first one's Python object was freed: an id() of a freed object is handed out again (issue 24).
+    from loka.mods.horizontal_fusion import _same_autograd_source
+
+    make = {"mul": lambda t: t * 1.0, "exp": torch.exp, "view_of_mul": lambda t: (t * 1.0).view(-1).view(4, 8)}[op]
+    p, q = torch.zeros(4, 8, requires_grad=True), torch.zeros(4, 8, requires_grad=True)
+    for _ in range(20):
+        a, b = make(p), make(q)
+        assert not _same_autograd_source(a, b)
+        assert _same_autograd_source(a.t(), a.t()) and not _same_autograd_source(a.t(), b.t())
