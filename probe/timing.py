@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-from tqdm.auto import tqdm
+from loka.progress import progress_bar
 
 from loka.kernels import KERNELS
 from loka.kernels.costmodel import DeviceModel, bf16_us, is_extrapolated, kernel_us
@@ -140,7 +140,7 @@ def time_site(
     bf16_ms: dict[str, float] = {}
     entries: list[KernelTime] = []
     operands: dict[str, tuple] = {}
-    bar = tqdm(jobs, desc=f"timing M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
+    bar = progress_bar(jobs, desc=f"timing M={shape[0]} K={shape[1]} N={shape[2]}", disable=not progress, leave=False)
     for gemm, kernel, recipe in bar:
         gshape = gemm_shape(gemm, *shape)
         cached = extrapolated = None
