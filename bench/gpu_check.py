@@ -198,6 +198,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _reason(lines: list[str]) -> str:
     """The line that names the error (the last ``SomethingError: ...``), else the last line printed."""
     for line in reversed(lines):
@@ -212,8 +216,10 @@ def run_stage(stage: Stage, result: report.StageResult, limit_s: float, log: Pat
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     with open(log, "w") as f:
+        # SIGINT back to its default in the stage: started from a background job (nohup, `&`) it is
+        # ignored, and then Python installs no KeyboardInterrupt and pytest writes no JUnit when stopped.
         proc = subprocess.Popen(stage.argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
         try:
             result.returncode = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
