@@ -41,6 +41,11 @@ else
         nice "$ENV/bin/python" -m pip install -q -c "$ENV/pins-without-torch.txt" -e ".[dev,all]"
     fi
 fi
+# the environment tests this checkout: its editable loka may point at the checkout that built it
+if [ "$("$ENV/bin/python" -c 'import loka, os; print(os.path.dirname(os.path.dirname(loka.__file__)))' 2>/dev/null)" != "$REPO" ]; then
+    echo "loka test_torch: pointing $ENV's loka at $REPO"
+    PIP_CONSTRAINT=/dev/null "$ENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+fi
 TORCH=$("$ENV/bin/python" -c 'import torch; print(torch.__version__)')
 echo "loka test_torch: torch $TORCH in $ENV"
 # An inductor cache of this run's own: runs at once (of one torch or two) sharing one corrupted it ('file too short').
