@@ -42,7 +42,8 @@ else
     fi
 fi
 # the environment tests this checkout: its editable loka may point at the checkout that built it
-if [ "$("$ENV/bin/python" -c 'import loka, os; print(os.path.dirname(os.path.dirname(loka.__file__)))' 2>/dev/null)" != "$REPO" ]; then
+# (asked of a mapped subpackage: the top-level loka/ is found on the working directory anyway)
+if [ "$("$ENV/bin/python" -c 'import loka.probe, os; print(os.path.dirname(os.path.dirname(loka.probe.__file__)))' 2>/dev/null)" != "$REPO" ]; then
     echo "loka test_torch: pointing $ENV's loka at $REPO"
     PIP_CONSTRAINT=/dev/null "$ENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 fi
