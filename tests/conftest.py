@@ -78,6 +78,8 @@ GPU_MUST_RUN = (
 # casts compiled here). CPU _scaled_mm runs rowwise only from torch 2.13 (loka probes it per granularity:
 # loka.kernels.backend_scaled_mm.cpu_scaled_mm_support), so on an older torch they skip with that reason.
 CPU_ROWWISE_SCALED_MM = (
+    "tests/bench/test_ranker_bench_smoke.py::test_cpu_smoke_table_has_every_variant",
+    "tests/bench/test_ranker_bench_smoke.py::test_loka_plan_row_fuses_the_plans_norm_quant_producers",
     "tests/core/test_kernel_quantized_a.py::test_prequantized_a_equals_the_cast_inside[rowwise-scaled_mm]",
     "tests/core/test_padded_kernel.py::test_odd_tower_converts_every_gemm_and_an_earlier_optimizer_still_updates",
     "tests/core/test_padded_kernel.py::test_scaled_mm_pad_takes_429_and_557",
