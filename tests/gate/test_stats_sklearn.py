@@ -118,6 +118,7 @@ def test_gate_ne_of_saturated_torch_sigmoids_matches_sklearn():
     y = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float64)
     y[:2] = [0.0, 1.0]
     wrong = rng.choice(np.arange(2, n), 8, replace=False)
+    y[wrong] = [1.0, 0.0] * 4  # both kinds of confident error, whatever the draw (8% of draws had no label 1)
     logits[wrong] = np.where(y[wrong] == 1.0, -200.0, 60.0)  # float32 sigmoid saturates to exactly 0 / 1
     p_t = torch.sigmoid(torch.tensor(logits, dtype=torch.float32))
     assert {0.0, 1.0} <= set(p_t[wrong].tolist())
